@@ -1,0 +1,23 @@
+"""Shared fixtures: reference implementations and the real Llama 3 tokenizer, never a download."""
+
+import os
+import pathlib
+
+# Tests that shard use 8 fake CPU devices; this must be set before jax is first imported.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_path() -> pathlib.Path:
+    """The real Llama 3 `tokenizer.model` (128,000 BPE ranks) shipped by Meta's llama-models package."""
+    import llama_models
+
+    path = pathlib.Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+    assert path.is_file(), path
+    return path
