@@ -1,0 +1,260 @@
+"""The model architecture: one frozen dataclass, built from Meta's `params.json`, HF's `config.json`,
+or an ml-collections config file under `configs/`.
+
+Names follow Meta's (`dim`, `n_heads`, `n_kv_heads`, `rope_theta`, `norm_eps`) so this file reads
+beside `llama_models/llama3/args.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+# Llama 3.x vocabulary: 128,000 BPE ranks + 256 special tokens.
+LLAMA3_VOCAB_SIZE = 128_256
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's "llama3" rotary frequency scaling (Meta's `apply_scaling`, HF `rope_type="llama3"`).
+
+    `factor` is 8 for Llama 3.1/3.3 and 32 for Llama 3.2 1B/3B (HF's value; Meta's reference
+    hard-codes 8, see REFERENCE.md 1.5).
+    """
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture of a Llama decoder. Dimension letters used across the code base:
+
+    B batch, T query positions, S key positions, D `dim`, F `ffn_dim`, N `n_heads`,
+    K `n_kv_heads`, H `head_dim`, V `vocab_size`, L `n_layers`.
+    """
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    head_dim: int | None = None  # None: dim // n_heads, as Meta derives it
+    norm_eps: float = 1e-5
+    rope_theta: float = 500_000.0
+    rope_scaling: RopeScaling | None = RopeScaling()
+    max_seq_len: int = 131_072
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (GQA groups)"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+
+    @property
+    def q_per_kv(self) -> int:
+        """G: query heads sharing one KV head."""
+        return self.n_heads // self.n_kv_heads
+
+    def replace(self, **changes: Any) -> LlamaConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def num_params(self) -> int:
+        """Parameter count, computed from the shapes (tied embeddings counted once)."""
+        d, h, f = self.dim, self.head_dim, self.ffn_dim
+        attention = d * self.n_heads * h * 2 + d * self.n_kv_heads * h * 2
+        per_layer = attention + 3 * d * f + 2 * d
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.n_layers * per_layer + d + head
+
+    # ---- constructors from the formats found in the wild -------------------------------------------
+
+    @classmethod
+    def from_meta_params(
+        cls, params: Mapping[str, Any], *, source: str = "params.json", **overrides: Any
+    ) -> LlamaConfig:
+        """From Meta's `params.json` (the keys of `llama_models.llama3.args.ModelArgs`)."""
+        known = {
+            "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+            "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len",
+            "max_batch_size", "rope_scaling_factor", "tie_embeddings",
+            # Multimodal / quantisation keys Meta ships but which do not change the text decoder:
+            "vision_chunk_size", "vision_max_num_chunks", "vision_num_cross_attention_layers",
+            "quantization_args", "lora_args",
+        }  # fmt: skip
+        _reject_unknown(params, known, source)
+        _require(params, ("dim", "n_layers", "n_heads"), source)
+        n_heads = params["n_heads"]
+        scaled = params.get("use_scaled_rope", False)
+        fields: dict[str, Any] = dict(
+            vocab_size=params.get("vocab_size", LLAMA3_VOCAB_SIZE),
+            dim=params["dim"],
+            n_layers=params["n_layers"],
+            n_heads=n_heads,
+            n_kv_heads=params.get("n_kv_heads") or n_heads,
+            ffn_dim=ffn_hidden_dim(
+                params["dim"], params.get("ffn_dim_multiplier"), params.get("multiple_of", 256)
+            ),
+            norm_eps=params.get("norm_eps", 1e-5),
+            rope_theta=params.get("rope_theta", 500_000.0),
+            rope_scaling=RopeScaling(factor=params.get("rope_scaling_factor", 8.0)) if scaled else None,
+            max_seq_len=params.get("max_seq_len", 131_072 if scaled else 8192),
+            tie_embeddings=params.get("tie_embeddings", False),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any], *, source: str = "config.json") -> LlamaConfig:
+        """From a Hugging Face `LlamaConfig` dict (`config.json`)."""
+        if config.get("model_type", "llama") != "llama":
+            raise ValueError(f"{source}: model_type={config.get('model_type')!r}, expected 'llama'")
+        _require(
+            config,
+            ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+            source,
+        )
+        if config.get("attention_bias") or config.get("mlp_bias"):
+            raise ValueError(f"{source}: attention_bias/mlp_bias are not used by any Llama release")
+        if config.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act={config['hidden_act']!r}, expected 'silu'")
+        # transformers >= 5 nests rope settings under "rope_parameters"; older configs are flat.
+        rope = dict(config.get("rope_parameters") or {})
+        theta = rope.get("rope_theta", config.get("rope_theta", 10_000.0))
+        scaling = config.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
+        rope_scaling = None
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind == "default":
+                scaling = None
+            elif kind != "llama3":
+                raise ValueError(f"{source}: rope_scaling type {kind!r} is not supported (expected 'llama3')")
+        if scaling is not None:
+            rope_scaling = RopeScaling(
+                factor=float(scaling["factor"]),
+                low_freq_factor=float(scaling["low_freq_factor"]),
+                high_freq_factor=float(scaling["high_freq_factor"]),
+                original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+            )
+        n_heads = config["num_attention_heads"]
+        return cls(
+            vocab_size=config["vocab_size"],
+            dim=config["hidden_size"],
+            n_layers=config["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=config.get("num_key_value_heads") or n_heads,
+            ffn_dim=config["intermediate_size"],
+            head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
+            norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope_scaling,
+            max_seq_len=config.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The `config.json` transformers' `LlamaConfig` reads back into this architecture."""
+        hf: dict[str, Any] = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "intermediate_size": self.ffn_dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_seq_len,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "tie_word_embeddings": self.tie_embeddings,
+        }
+        if self.vocab_size == LLAMA3_VOCAB_SIZE:
+            hf.update(bos_token_id=128_000, eos_token_id=[128_001, 128_008, 128_009])
+        if self.rope_scaling is not None:
+            hf["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        return hf
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any], *, source: str = "config") -> LlamaConfig:
+        """From our own field names (what `to_dict` and the `configs/*.py` files give)."""
+        _reject_unknown(fields, {f.name for f in dataclasses.fields(cls)}, source)
+        return cls(**fields)
+
+
+def ffn_hidden_dim(dim: int, ffn_dim_multiplier: float | None, multiple_of: int) -> int:
+    """Meta's SwiGLU width (`FeedForward.__init__` with hidden_dim = 4 * dim), integer-exact."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def load_config_file(path: str | pathlib.Path) -> Any:
+    """Import a `configs/*.py` file by path and return its `get_config()` (an ml_collections ConfigDict)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_llama_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} defines no get_config()")
+    return module.get_config()
+
+
+def model_config_from_file(path: str | pathlib.Path) -> LlamaConfig:
+    """The `LlamaConfig` described by a `configs/*.py` file's `model` (or top-level) section."""
+    cfg = load_config_file(path)
+    section = cfg.model if "model" in cfg else cfg
+    return config_from_spec(dict(section), source=str(path))
+
+
+def config_from_spec(spec: Mapping[str, Any], *, source: str) -> LlamaConfig:
+    """Either our field names, or Meta's params.json names (`multiple_of`, `ffn_dim_multiplier`...)."""
+    spec = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in spec.items()}
+    if "ffn_dim" in spec:
+        return LlamaConfig.from_dict(spec, source=source)
+    return LlamaConfig.from_meta_params(spec, source=source)
+
+
+def read_json(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _reject_unknown(fields: Mapping[str, Any], known: set[str], source: str) -> None:
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown field(s) {unknown}; expected a subset of {sorted(known)}")
+
+
+def _require(fields: Mapping[str, Any], names: tuple[str, ...], source: str) -> None:
+    missing = [n for n in names if n not in fields]
+    if missing:
+        raise ValueError(f"{source}: missing required field(s) {missing}")

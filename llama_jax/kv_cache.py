@@ -1,0 +1,49 @@
+"""The KV cache: a typed pytree of two preallocated buffers, donated to the jitted decode step.
+
+Layout `[L, B, S, K, H]`: layer first so the layer scan indexes it, then one slot per batch row and
+one entry per absolute position (entry s holds position s), so masks are `s <= query position` and
+rows of different lengths need no offsets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.config import LlamaConfig
+
+CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array  # [L, B, S, K, H]
+
+    @classmethod
+    def zeros(cls, config: LlamaConfig, batch: int, length: int, dtype=jnp.bfloat16) -> KVCache:
+        shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @property
+    def length(self) -> int:
+        """S: the number of positions the cache holds."""
+        return self.k.shape[2]
+
+    def layer(self, i: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+        """Layer i's keys and values, `[B, S, K, H]` each."""
+        return self.k[i], self.v[i]
+
+    def write(self, i: jax.Array | int, k: jax.Array, v: jax.Array, start: jax.Array) -> KVCache:
+        """Write new entries `[B, T, K, H]` of layer i at positions start[b] ... start[b] + T - 1."""
+
+        def write_rows(buf, new):
+            def write_row(buf_b, new_b, start_b):  # buf_b [L, S, K, H], new_b [T, K, H]
+                return jax.lax.dynamic_update_slice(buf_b, new_b[None].astype(buf_b.dtype), (i, start_b, 0, 0))
+
+            return jax.vmap(write_row, in_axes=(1, 0, 0), out_axes=1)(buf, new, start)
+
+        return KVCache(write_rows(self.k, k), write_rows(self.v, v))
