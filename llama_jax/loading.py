@@ -90,7 +90,7 @@ def load_from(
         variable = flat[rule.path]
         names = variable.get_metadata()["out_sharding"]
         sources = [lambda n=n: source_to_ours(ckpt, rule, n) for n in layout.source_names(rule, config, ckpt.fmt)]
-        variable.value = place(variable.value.shape, dtype, names, sources, mesh, rules)
+        variable.set_value(place(variable.get_value().shape, dtype, names, sources, mesh, rules))
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     if mesh is not None:
         model.sharding = sharding_rules.ShardingSpec(mesh, tuple(rules))
@@ -161,7 +161,7 @@ def partition_specs(model: Llama, mesh: Mesh, rules: sharding_rules.Rules) -> nn
     """The PartitionSpec of every parameter of `model` under `rules` on `mesh`."""
     state = nnx.state(model)
     return jax.tree.map(
-        lambda v: sharding_rules.logical_to_spec(v.get_metadata()["out_sharding"], rules, mesh=mesh, shape=v.value.shape),
+        lambda v: sharding_rules.logical_to_spec(v.get_metadata()["out_sharding"], rules, mesh=mesh, shape=v.get_value().shape),
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )

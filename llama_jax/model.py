@@ -46,7 +46,8 @@ class RMSNorm(nnx.Module):
         # Normalise in float32, cast back, then scale in the activation dtype (Meta and HF alike).
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return y.astype(x.dtype) * self.weight[...].astype(x.dtype)
+        weight = self.weight[...].astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
+        return y.astype(x.dtype) * weight
 
 
 class Attention(nnx.Module):

@@ -56,7 +56,7 @@ def sin_cos(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.
 
     The angle `position * inv_freq` is one float32 rounding, as in Meta's `torch.outer`.
     """
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    angles = positions.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq)[None, None, :]
     return jnp.sin(angles), jnp.cos(angles)
 
 
