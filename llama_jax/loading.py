@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 
+from llama_jax import quant
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama
 from llama_jax.weights import layout
@@ -56,19 +57,28 @@ def load(
     mesh: Mesh | None = None,
     rules: sharding_rules.Rules | None = None,
     attention_impl: str | None = None,
+    fp8_matmul: str = "dequant",
 ) -> Llama:
     """Load a Llama checkpoint directory into a `Llama` module.
 
     Args:
-      path: a Hugging Face checkpoint directory or a Meta `consolidated.*.pth` directory.
+      path: a Hugging Face checkpoint directory, a Meta `consolidated.*.pth` directory, or a
+        llama-jax Orbax directory (`python -m llama_jax convert SRC DST --to orbax`).
       dtype: parameter and compute dtype ("bfloat16", "float32", ...).
       mesh: place every parameter straight into its sharded home on this mesh (None: one device).
       rules: logical-axis rules for `mesh` (default: `sharding.rules.DEFAULT_RULES`).
       attention_impl: forwarded to `jax.nn.dot_product_attention` ("cudnn" on H100).
+      fp8_matmul: for FP8 checkpoints (HF fbgemm_fp8), whose FFN weights stay FP8 on the device:
+        "dequant" upcasts inside jit (CPU), "fp8" quantizes activations per token and runs
+        fp8×fp8 dots (Hopper). See docs/CONVERT.md.
     """
+    from llama_jax.weights import orbax
+
+    if pathlib.Path(path).is_dir() and orbax.is_orbax_checkpoint(pathlib.Path(path)):
+        return orbax.load_orbax(path, dtype=dtype, mesh=mesh, rules=rules, attention_impl=attention_impl)
     ckpt = open_checkpoint(path)
     check(ckpt)
-    return load_from(ckpt, dtype=dtype, mesh=mesh, rules=rules, attention_impl=attention_impl)
+    return load_from(ckpt, dtype=dtype, mesh=mesh, rules=rules, attention_impl=attention_impl, fp8_matmul=fp8_matmul)
 
 
 def load_from(
@@ -78,15 +88,26 @@ def load_from(
     mesh: Mesh | None = None,
     rules: sharding_rules.Rules | None = None,
     attention_impl: str | None = None,
+    fp8_matmul: str = "dequant",
 ) -> Llama:
     dtype = jnp.dtype(dtype)
     config = ckpt.config
-    abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0), attention_impl=attention_impl))
+    fp8_layers = ckpt.fp8_layers() if getattr(ckpt, "quantization", None) else ()
+    fp8 = None
+    if fp8_layers:
+        ub = float(ckpt.quantization.get("activation_scale_ub", quant.ACTIVATION_SCALE_UB))
+        fp8 = quant.Fp8Spec(fp8_layers, matmul=fp8_matmul, activation_scale_ub=ub)
+    abstract = nnx.eval_shape(
+        lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0), attention_impl=attention_impl, fp8=fp8)
+    )
     graphdef, state = nnx.split(abstract)
     if mesh is not None and rules is None:
         rules = sharding_rules.DEFAULT_RULES
     flat = dict(nnx.to_flat_state(state))
     for rule in layout.rules_for(config):
+        if fp8 is not None and rule.path in _FFN:
+            _place_fp8_ffn(ckpt, rule, fp8, flat, dtype, mesh, rules)
+            continue
         variable = flat[rule.path]
         names = variable.get_metadata()["out_sharding"]
         sources = [lambda n=n: source_to_ours(ckpt, rule, n) for n in layout.source_names(rule, config, ckpt.fmt)]
@@ -95,6 +116,44 @@ def load_from(
     if mesh is not None:
         model.sharding = sharding_rules.ShardingSpec(mesh, tuple(rules))
     return model
+
+
+_FFN = {("layers", "feed_forward", w) for w in ("w1", "w3", "w2")}
+
+
+def _place_fp8_ffn(ckpt, rule, fp8, flat, dtype, mesh, rules) -> None:
+    """One FFN weight of an FP8 checkpoint: FP8 + scales for quantized layers, `dense_ffn` for the rest.
+
+    The stacked FP8 tensor has a slot for every layer (unquantized layers' slots hold zeros and are
+    never read), so the scan over layers stays uniform; the unquantized layers' weights go to
+    `dense_ffn`, stacked over those layers only, in `dtype`.
+    """
+    config = ckpt.config
+    names = layout.source_names(rule, config, ckpt.fmt)
+    w = rule.path[-1]
+
+    def put(path, sources, value_dtype):
+        variable = flat[path]
+        shape = variable.get_value().shape
+        out_names = variable.get_metadata()["out_sharding"]
+        variable.set_value(place(shape, jnp.dtype(value_dtype), out_names, sources, mesh, rules))
+
+    layer_shape = flat[rule.path].get_value().shape[1:]
+    out_dim = layer_shape[-1]
+    quantized = set(fp8.quantized_layers)
+    put(rule.path, [
+        (lambda n=n: source_to_ours(ckpt, rule, n)) if i in quantized else (lambda: np.zeros(layer_shape, quant.FP8))
+        for i, n in enumerate(names)
+    ], quant.FP8)  # fmt: skip
+    scale_name = rule.hf[: -len("weight")] + "weight_scale"
+    put(rule.path[:-1] + (w + "_scale",), [
+        (lambda i=i: ckpt.read(scale_name.format(i=i)).reshape(out_dim)) if i in quantized
+        else (lambda: np.ones((out_dim,), np.float32))
+        for i in range(config.n_layers)
+    ], jnp.float32)  # fmt: skip
+    dense = fp8.dense_layers(config.n_layers)
+    if dense:
+        put(("dense_ffn", w), [lambda n=names[i]: source_to_ours(ckpt, rule, n) for i in dense], dtype)
 
 
 def source_to_ours(ckpt: Checkpoint, rule: layout.Rule, name: str) -> np.ndarray:

@@ -15,15 +15,17 @@ K kv heads, H head dim, V vocab, L layers.
 from __future__ import annotations
 
 import contextlib
+import functools
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama_jax import rope
+from llama_jax import quant, rope
 from llama_jax.config import LlamaConfig
-from llama_jax.kv_cache import KVCache
+from llama_jax.kv_cache import CACHE_AXES, KVCache
 from sharding.rules import ShardingSpec, constrain, use_rules
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
@@ -35,6 +37,10 @@ def _param(rngs: nnx.Rngs, init: Initializer, shape, dtype, names: tuple[str, ..
 
 
 _normal = nnx.initializers.normal(stddev=0.02)
+
+
+def _zeros(key, shape, dtype):
+    return jnp.zeros(shape, dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -70,6 +76,10 @@ class Attention(nnx.Module):
 
         if cache is not None:
             cache = cache.write(layer, k_btkh, v_btkh, positions_bt[:, 0])
+            # Pin the written cache to its own sharding. Left to propagation, a cache whose head axis
+            # is replicated (fewer KV heads than the tensor axis) is re-split by the GQA attention
+            # and all-gathered back: the whole cache, every decode step.
+            cache = dataclasses.replace(cache, k=constrain(cache.k, CACHE_AXES), v=constrain(cache.v, CACHE_AXES))
         if use_cache:
             # Attend over the cache: entry s holds position s, valid when s <= the query's position.
             k_bskh, v_bskh = cache.layer(layer)
@@ -86,15 +96,30 @@ class Attention(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-    """SwiGLU: w2(silu(x w1) * (x w3))."""
+    """SwiGLU: w2(silu(x w1) * (x w3)).
 
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+    With `fp8` set, w1/w3/w2 are float8_e4m3fn with a float32 scale per output channel
+    (`w1_scale` [F], `w3_scale` [F], `w2_scale` [D]) and the matmuls run from FP8 (`quant.fp8_linear`).
+    """
+
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, fp8: quant.Fp8Spec | None = None):
         d, f = config.dim, config.ffn_dim
-        self.w1 = _param(rngs, _normal, (d, f), dtype, ("embed", "mlp"))
-        self.w3 = _param(rngs, _normal, (d, f), dtype, ("embed", "mlp"))
-        self.w2 = _param(rngs, _normal, (f, d), dtype, ("mlp", "embed"))
+        self.fp8 = fp8
+        init, wdtype = (_zeros, quant.FP8) if fp8 is not None else (_normal, dtype)
+        self.w1 = _param(rngs, init, (d, f), wdtype, ("embed", "mlp"))
+        self.w3 = _param(rngs, init, (d, f), wdtype, ("embed", "mlp"))
+        self.w2 = _param(rngs, init, (f, d), wdtype, ("mlp", "embed"))
+        if fp8 is not None:
+            self.w1_scale = _param(rngs, nnx.initializers.ones, (f,), jnp.float32, ("mlp",))
+            self.w3_scale = _param(rngs, nnx.initializers.ones, (f,), jnp.float32, ("mlp",))
+            self.w2_scale = _param(rngs, nnx.initializers.ones, (d,), jnp.float32, ("embed",))
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
+        if self.fp8 is not None:
+            linear = functools.partial(quant.fp8_linear, mode=self.fp8.matmul, scale_ub=self.fp8.activation_scale_ub)
+            gate_btf = jax.nn.silu(linear(x_btd, self.w1[...], self.w1_scale[...]))
+            h_btf = constrain(gate_btf * linear(x_btd, self.w3[...], self.w3_scale[...]), ("batch", "seq", "mlp"))
+            return linear(h_btf, self.w2[...], self.w2_scale[...])
         gate_btf = jax.nn.silu(jnp.einsum("btd,df->btf", x_btd, self.w1[...]))
         up_btf = jnp.einsum("btd,df->btf", x_btd, self.w3[...])
         h_btf = constrain(gate_btf * up_btf, ("batch", "seq", "mlp"))
@@ -102,13 +127,13 @@ class FeedForward(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, fp8: quant.Fp8Spec | None = None):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps, dtype=dtype, rngs=rngs)
         self.attention = Attention(config, dtype=dtype, rngs=rngs)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps, dtype=dtype, rngs=rngs)
-        self.feed_forward = FeedForward(config, dtype=dtype, rngs=rngs)
+        self.feed_forward = FeedForward(config, dtype=dtype, rngs=rngs, fp8=fp8)
 
-    def __call__(self, x_btd, sin, cos, positions_bt, cache, layer, *, use_cache, implementation):
+    def __call__(self, x_btd, sin, cos, positions_bt, cache, layer, *, use_cache, implementation, ffn=None):
         with jax.named_scope("attention"):
             attn, cache = self.attention(
                 self.attention_norm(x_btd), sin, cos, positions_bt, cache, layer,
@@ -116,7 +141,7 @@ class Block(nnx.Module):
             )  # fmt: skip
         h_btd = constrain(x_btd + attn, ("batch", "seq", "embed"))
         with jax.named_scope("feed_forward"):
-            out_btd = h_btd + self.feed_forward(self.ffn_norm(h_btd))
+            out_btd = h_btd + (ffn or self.feed_forward)(self.ffn_norm(h_btd))
         return constrain(out_btd, ("batch", "seq", "embed")), cache
 
 
@@ -128,6 +153,8 @@ class Llama(nnx.Module):
       dtype: parameter and activation dtype (bfloat16 by default; float32 for parity work).
       rngs: initialisation randomness (random weights; `llama_jax.load` fills real ones).
       attention_impl: passed to `jax.nn.dot_product_attention` ("cudnn" on H100, "xla", None=auto).
+      fp8: FFN weights of `fp8.quantized_layers` in rowwise FP8 (the FP8 405B release); the other
+        layers' FFNs live unquantized in `dense_ffn`, stacked over those layers only.
     """
 
     def __init__(
@@ -137,14 +164,18 @@ class Llama(nnx.Module):
         dtype=jnp.bfloat16,
         rngs: nnx.Rngs,
         attention_impl: str | None = None,
+        fp8: quant.Fp8Spec | None = None,
     ):
         self.config = config
+        self.fp8 = fp8
         self.dtype = jnp.dtype(dtype)
         self.attention_impl = attention_impl
         # Set by `load(..., mesh=...)`: activations are then pinned by the same logical rules.
         self.sharding: ShardingSpec | None = None
         self.tok_embeddings = _param(rngs, _normal, (config.vocab_size, config.dim), dtype, ("vocab", "embed"))
-        self.layers = _stacked_blocks(config, dtype, rngs)
+        self.layers = _stacked_blocks(config, dtype, rngs, fp8)
+        dense = fp8.dense_layers(config.n_layers) if fp8 is not None else ()
+        self.dense_ffn = _stacked(lambda r: FeedForward(config, dtype=dtype, rngs=r), len(dense), rngs) if dense else None
         self.norm = RMSNorm(config.dim, config.norm_eps, dtype=dtype, rngs=rngs)
         self.output = (
             None
@@ -193,14 +224,29 @@ class Llama(nnx.Module):
         inv_freq = rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         sin, cos = rope.sin_cos(positions, inv_freq)
         graphdef, layer_params = nnx.split(self.layers)
+        if self.dense_ffn is not None:
+            dense_graphdef, dense_params = nnx.split(self.dense_ffn)
+            dense_slots = jnp.asarray(self.fp8.dense_slots(config.n_layers), jnp.int32)
 
         def one_layer(carry, params):
             x_btd, cache, layer = carry
             block = nnx.merge(graphdef, params)
+            ffn = None
+            if self.dense_ffn is not None:
+                # FP8 model: the layers the release left unquantized run their FFN from `dense_ffn`.
+                slot = dense_slots[layer]
+
+                def dense(x):
+                    one = jax.tree.map(lambda a: a[jnp.maximum(slot, 0)], dense_params)
+                    return nnx.merge(dense_graphdef, one)(x)
+
+                def ffn(x):
+                    return jax.lax.cond(slot >= 0, dense, block.feed_forward, x)
+
             with jax.named_scope("block"):
                 x_btd, cache = block(
                     x_btd, sin, cos, positions, cache, layer,
-                    use_cache=use_cache, implementation=self.attention_impl,
+                    use_cache=use_cache, implementation=self.attention_impl, ffn=ffn,
                 )  # fmt: skip
             return (x_btd, cache, layer + 1), None
 
@@ -213,12 +259,17 @@ class Llama(nnx.Module):
         return constrain(logits, ("batch", "seq", "vocab")), cache
 
 
-def _stacked_blocks(config: LlamaConfig, dtype, rngs: nnx.Rngs) -> Block:
+def _stacked_blocks(config: LlamaConfig, dtype, rngs: nnx.Rngs, fp8: quant.Fp8Spec | None = None) -> Block:
     """L blocks whose parameters are stacked along a leading "layers" axis."""
+    return _stacked(lambda r: Block(config, dtype=dtype, rngs=r, fp8=fp8), config.n_layers, rngs)
 
-    @nnx.split_rngs(splits=config.n_layers)
+
+def _stacked(make_one: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
+    """n modules whose parameters are stacked along a leading "layers" axis."""
+
+    @nnx.split_rngs(splits=n)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make(rngs: nnx.Rngs) -> Block:
-        return Block(config, dtype=dtype, rngs=rngs)
+    def make(rngs: nnx.Rngs) -> nnx.Module:
+        return make_one(rngs)
 
     return make(rngs)

@@ -51,6 +51,8 @@ def check(ckpt: Checkpoint) -> None:
             dtype = ckpt.dtype(name)
             if dtype.kind not in "fV" and dtype.name not in ("bfloat16", "float8_e4m3fn"):
                 problems.append(f"tensor {name!r} in {ckpt.where(name)} has dtype {dtype}, expected a float type")
+            if dtype.name == "float8_e4m3fn":
+                problems += _check_fp8(ckpt, rule, name, want, expected)
     tied_head = {"lm_head.weight", "output.weight"} if config.tie_embeddings else set()
     unknown = sorted(n for n in names - expected - tied_head if not n.endswith(_IGNORED_SUFFIXES))
     if unknown:
@@ -58,3 +60,20 @@ def check(ckpt: Checkpoint) -> None:
         problems.append(f"{len(unknown)} unexpected tensor(s) for this config: {shown}")
     if problems:
         raise ValueError(f"{ckpt.path}: checkpoint does not match its config:\n  - " + "\n  - ".join(problems))
+
+
+_FP8_PATHS = {("layers", "feed_forward", w) for w in ("w1", "w3", "w2")}
+
+
+def _check_fp8(ckpt: Checkpoint, rule: layout.Rule, name: str, want, expected: set[str]) -> list[str]:
+    """An FP8 weight (HF fbgemm_fp8): an FFN weight, with a float32 `weight_scale` [out, 1] beside it."""
+    if ckpt.fmt != "hf" or rule.path not in _FP8_PATHS or not getattr(ckpt, "quantization", None):
+        return [f"tensor {name!r} in {ckpt.where(name)} is float8_e4m3fn; only the FFN weights of an HF "
+                f"checkpoint with quantization_config 'fbgemm_fp8' may be FP8"]  # fmt: skip
+    scale = name[: -len("weight")] + "weight_scale"
+    expected.add(scale)
+    if scale not in ckpt.names():
+        return [f"FP8 tensor {name!r} has no {scale!r}"]
+    if ckpt.shape(scale) != (want[0], 1):
+        return [f"tensor {scale!r} in {ckpt.where(scale)} has shape {list(ckpt.shape(scale))}, expected {[want[0], 1]}"]
+    return []

@@ -7,7 +7,7 @@ import pathlib
 import numpy as np
 
 from llama_jax.config import LlamaConfig, read_json
-from llama_jax.weights.safetensors_io import SafetensorsFile
+from llama_jax.weights.safetensors_io import DTYPES, SafetensorsFile
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -24,6 +24,14 @@ class HFCheckpoint:
         self.path = pathlib.Path(path)
         self.hf_config = read_json(self.path / "config.json")
         self.config = LlamaConfig.from_hf_config(self.hf_config, source=str(self.path / "config.json"))
+        quantization = self.hf_config.get("quantization_config")
+        if quantization and quantization.get("quant_method") != "fbgemm_fp8":
+            raise ValueError(
+                f"{self.path / 'config.json'}: quantization {quantization.get('quant_method')!r} is not supported "
+                f"(only the FP8 release's 'fbgemm_fp8')"
+            )
+        # FP8 405B release: rowwise float8_e4m3fn weights with a float32 `weight_scale` [out, 1].
+        self.quantization: dict | None = quantization or None
         self._files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, str] = {}  # tensor name -> file name
         if (self.path / INDEX).exists():
@@ -61,3 +69,16 @@ class HFCheckpoint:
 
     def read(self, name: str) -> np.ndarray:
         return self._file(self._where[name]).array(name)
+
+    def fp8_layers(self) -> tuple[int, ...]:
+        """Layers whose FFN weights are stored float8_e4m3fn (empty for an unquantized checkpoint)."""
+        fp8 = np.dtype(DTYPES["F8_E4M3"])
+        layers = []
+        for i in range(self.config.n_layers):
+            names = [f"model.layers.{i}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+            stored = [n in self._where and self.dtype(n) == fp8 for n in names]
+            if any(stored) and not all(stored):
+                raise ValueError(f"{self.path}: layer {i} has FP8 for only some of its FFN weights {names}")
+            if all(stored):
+                layers.append(i)
+        return tuple(layers)

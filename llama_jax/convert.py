@@ -1,0 +1,424 @@
+"""`python -m llama_jax convert SRC DST`: between HF safetensors, Meta consolidated and our Orbax format.
+
+One pipeline, tensor by tensor: reader (`open_checkpoint` / `OrbaxCheckpoint`) → our layout
+(`layout.RULES[...].to_ours`) → writer (`to_source` for HF/Meta, stacked for Orbax). The HF writer
+hands `write_safetensors` lazy tensors (shape and dtype known up front, bytes computed when that
+tensor is written), so the host holds one tensor at a time, never the model.
+
+Output goes to a hidden sibling `.DST.tmp-<pid>` and is renamed to DST only when complete, so a
+killed conversion leaves nothing `load` would accept; the next run removes temporaries whose
+process is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import pathlib
+import re
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from llama_jax.config import LlamaConfig
+from llama_jax.weights import layout
+from llama_jax.weights.safetensors_io import write_safetensors
+
+FORMATS = ("hf", "orbax", "meta")
+# Files beside an HF checkpoint's weights that a converted HF directory should keep.
+_HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+# ---- sources: every parameter of every layer, in our layout ------------------------------------------
+
+
+class _Source:
+    """A checkpoint of any supported format, read in our layout one (parameter, layer) at a time."""
+
+    def __init__(self, path: pathlib.Path):
+        from llama_jax.loading import open_checkpoint
+        from llama_jax.weights import orbax
+        from llama_jax.weights.checkpoint import check
+
+        if path.is_dir() and orbax.is_orbax_checkpoint(path):
+            self.ckpt = orbax.OrbaxCheckpoint(path)
+            self.ckpt.check()
+        else:
+            self.ckpt = open_checkpoint(path)
+            check(self.ckpt)
+        self.config: LlamaConfig = self.ckpt.config
+        self._cached: tuple[layout.Path, np.ndarray] | None = None  # one stacked Orbax parameter
+
+    def dtype(self, rule: layout.Rule) -> np.dtype:
+        if self.ckpt.fmt == "orbax":
+            return np.dtype(_np_dtype(self.ckpt.dtypes[".".join(rule.path)]))
+        dtype = self.ckpt.dtype(layout.source_names(rule, self.config, self.ckpt.fmt)[0])
+        return _np_dtype("bfloat16") if dtype == _np_dtype("float8_e4m3fn") else dtype
+
+    def read(self, rule: layout.Rule, i: int | None) -> np.ndarray:
+        """Parameter `rule.path` (layer i of it, for per-layer parameters) in our layout."""
+        if self.ckpt.fmt == "orbax":
+            if self._cached is None or self._cached[0] != rule.path:
+                self._cached = None  # drop the previous parameter before reading the next
+                self._cached = (rule.path, self.ckpt.read(rule.path))
+            stacked = self._cached[1]
+            return stacked if i is None else stacked[i]
+        from llama_jax.loading import source_to_ours
+
+        self._release()
+        name = layout.source_names(rule, self.config, self.ckpt.fmt)[0 if i is None else i]
+        return source_to_ours(self.ckpt, rule, name)
+
+
+    def _release(self) -> None:
+        """Unmap the pages of tensors already written: read-only file pages touched through a memory
+        map count in this process's resident set until unmapped, and would add up to the model."""
+        for f in getattr(self.ckpt, "_files", {}).values():
+            mapped = getattr(f, "_mmap", None)
+            if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+                mapped.madvise(mmap.MADV_DONTNEED)
+
+
+def _np_dtype(name) -> np.dtype:
+    import ml_dtypes
+
+    return np.dtype(getattr(ml_dtypes, str(name))) if str(name) in ("bfloat16", "float8_e4m3fn") else np.dtype(name)
+
+
+class _Lazy:
+    """A tensor whose shape and dtype are known now and whose bytes are computed when asked for."""
+
+    def __init__(self, shape, dtype, compute: Callable[[], np.ndarray], on_read: Callable[[], None] = lambda: None):
+        self.shape, self.dtype, self._compute, self._on_read = tuple(shape), np.dtype(dtype), compute, on_read
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def __array__(self, dtype=None, copy=None):
+        array = np.asarray(self._compute(), dtype=self.dtype)
+        if array.shape != self.shape:
+            raise ValueError(f"internal layout error: built {array.shape}, expected {self.shape}")
+        self._on_read()
+        return array
+
+
+# ---- writers ---------------------------------------------------------------------------------------
+
+
+def _fp8_layers(config: LlamaConfig) -> range:
+    """FFN layers the FP8 release quantizes: all but the first and the last (REFERENCE.md 3.1)."""
+    return range(1, config.n_layers - 1)
+
+
+_FFN = {("layers", "feed_forward", "w1"), ("layers", "feed_forward", "w3"), ("layers", "feed_forward", "w2")}
+
+
+def _hf_tensors(src: _Source, dtype, quantize: str | None, bar) -> list[tuple[str, _Lazy]]:
+    """Every HF tensor as a lazy entry, in HF's order (embeddings, layer by layer, norm, head)."""
+    from llama_jax import quant
+
+    config = src.config
+    rules = layout.rules_for(config)
+    fp8_layers = set(_fp8_layers(config)) if quantize == "fp8" else set()
+    out: list[tuple[str, _Lazy]] = []
+
+    def entry(rule: layout.Rule, i: int | None):
+        name = rule.hf if i is None else rule.hf.format(i=i)
+        shape = rule.source_shape(config)
+        tensor_dtype = np.dtype(dtype) if dtype is not None else src.dtype(rule)
+
+        def hf_layout():
+            return rule.to_source(src.read(rule, i), config)
+
+        if i in fp8_layers and rule.path in _FFN:
+            memo: dict[str, np.ndarray] = {}
+
+            def weight():
+                # weight and weight_scale come from one quantization; the scale, written next, reuses it.
+                q, memo["scale"] = quant.quantize_rowwise_np(hf_layout())
+                return q
+
+            def scale():
+                return memo.pop("scale") if "scale" in memo else quant.quantize_rowwise_np(hf_layout())[1]
+
+            out.append((name, _Lazy(shape, _np_dtype("float8_e4m3fn"), weight, bar)))
+            out.append((name[: -len(".weight")] + ".weight_scale", _Lazy((shape[0], 1), np.float32, scale, lambda: None)))
+        else:
+            out.append((name, _Lazy(shape, tensor_dtype, hf_layout, bar)))
+
+    by_path = {r.path: r for r in rules}
+    for rule in rules:
+        if not rule.per_layer and rule.path == ("tok_embeddings",):
+            entry(rule, None)
+    for i in range(config.n_layers):
+        for rule in rules:
+            if rule.per_layer:
+                entry(rule, i)
+    for path in (("norm", "weight"), ("output",)):
+        if path in by_path:
+            entry(by_path[path], None)
+    return out
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB', '500MB', '64KiB' or a byte count -> bytes."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read size {size!r}; use e.g. 5GB, 500MB or a number of bytes")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** "_KMGT".index(m.group(2).upper() or "_"))
+
+
+def _write_hf(src: _Source, out: pathlib.Path, dtype, quantize, max_shard_size: int, bar) -> None:
+    config = src.config
+    tensors = _hf_tensors(src, dtype, quantize, bar)
+    shards: list[list[tuple[str, _Lazy]]] = [[]]
+    size = 0
+    for name, t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, t))
+        size += t.nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        write_safetensors(out / "model.safetensors", shards[0], metadata=metadata)
+    else:
+        weight_map = {}
+        for k, shard in enumerate(shards, 1):
+            file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(out / file, shard, metadata=metadata)
+            weight_map.update({name: file for name, _ in shard})
+        index = {"metadata": {"total_size": sum(t.nbytes for _, t in tensors)}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    hf = config.to_hf_config()
+    stored = {t.dtype.name for _, t in tensors if t.dtype.name != "float8_e4m3fn" and t.shape[-1] != 1}
+    hf["torch_dtype"] = "bfloat16" if quantize == "fp8" or "bfloat16" in stored else sorted(stored)[0]
+    if quantize == "fp8":
+        hf["quantization_config"] = fp8_quantization_config(config)
+    # config.json last: before it exists the directory is no HF checkpoint.
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    if src.ckpt.fmt == "hf":
+        for side in _HF_SIDE_FILES:
+            if (src.ckpt.path / side).is_file():
+                shutil.copyfile(src.ckpt.path / side, out / side)
+
+
+def fp8_quantization_config(config: LlamaConfig) -> dict:
+    """HF's fbgemm_fp8 config: every linear module that stays bf16, by full module path."""
+    keep = ["lm_head"]
+    for i in range(config.n_layers):
+        keep += [f"model.layers.{i}.self_attn.{p}_proj" for p in "qkvo"]
+        if i not in _fp8_layers(config):
+            keep += [f"model.layers.{i}.mlp.{p}_proj" for p in ("gate", "up", "down")]
+    return {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0, "modules_to_not_convert": keep}
+
+
+def _write_orbax(src: _Source, out: pathlib.Path, dtype, bar) -> None:
+    from llama_jax.weights.orbax import OrbaxWriter
+
+    config = src.config
+    writer = OrbaxWriter(out, config)
+    for rule in layout.rules_for(config):
+        tensor_dtype = np.dtype(dtype) if dtype is not None else src.dtype(rule)
+        if rule.per_layer:
+            first = np.asarray(src.read(rule, 0), dtype=tensor_dtype)
+            stacked = np.empty((config.n_layers, *first.shape), tensor_dtype)
+            stacked[0] = first
+            bar()
+            for i in range(1, config.n_layers):
+                stacked[i] = src.read(rule, i)
+                bar()
+        else:
+            stacked = np.asarray(src.read(rule, None), dtype=tensor_dtype)
+            bar()
+        writer.write(rule.path, stacked)
+        del stacked
+    writer.finish()
+
+
+def _write_meta(src: _Source, out: pathlib.Path, dtype, bar) -> None:
+    """MP=1 `consolidated.00.pth` + `params.json` (torch.save holds the whole state dict)."""
+    import torch
+
+    config = src.config
+    state = {}
+    for rule in layout.rules_for(config):
+        tensor_dtype = np.dtype(dtype) if dtype is not None else src.dtype(rule)
+        for i in range(config.n_layers) if rule.per_layer else [None]:
+            w = rule.to_source(src.read(rule, i), config)
+            if rule.rotary_heads is not None:
+                w = layout.hf_to_meta_rows(w, rule.rotary_heads(config))
+            w = np.ascontiguousarray(w, dtype=tensor_dtype)
+            name = rule.meta if i is None else rule.meta.format(i=i)
+            if tensor_dtype.name == "bfloat16":
+                state[name] = torch.from_numpy(w.view(np.int16).copy()).view(torch.bfloat16)
+            else:
+                state[name] = torch.from_numpy(w)
+            bar()
+    torch.save(state, out / "consolidated.00.pth")
+    (out / "params.json").write_text(json.dumps(meta_params(config), indent=2))
+
+
+def meta_params(config: LlamaConfig) -> dict:
+    """Meta's `params.json` for `config`; the FFN width is given the way Meta derives it."""
+    from llama_jax.config import ffn_hidden_dim
+
+    if config.head_dim != config.dim // config.n_heads:
+        raise ValueError(f"Meta's params.json cannot express head_dim={config.head_dim} != dim // n_heads")
+    rope = config.rope_scaling
+    if rope is not None and (rope.low_freq_factor, rope.high_freq_factor, rope.original_max_position_embeddings) != (1.0, 4.0, 8192):
+        raise ValueError("Meta's params.json can only express llama3 rope scaling with Meta's constants")
+    hidden = int(2 * (4 * config.dim) / 3)
+    candidates = [(m, mult) for m in (1024, 256, 4096) for mult in (None, 1.3, 1.5, 1.2, 1.0)]
+    candidates.append((config.ffn_dim, config.ffn_dim / hidden))  # always exact: rounds up to ffn_dim
+    multiple_of, multiplier = next(
+        (m, x) for m, x in candidates if ffn_hidden_dim(config.dim, x, m) == config.ffn_dim
+    )
+    params = {
+        "dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
+        "vocab_size": config.vocab_size, "multiple_of": multiple_of, "ffn_dim_multiplier": multiplier,
+        "norm_eps": config.norm_eps, "rope_theta": config.rope_theta, "use_scaled_rope": rope is not None,
+        "max_seq_len": config.max_seq_len, "tie_embeddings": config.tie_embeddings,
+    }  # fmt: skip
+    if rope is not None:
+        params["rope_scaling_factor"] = rope.factor
+    return params
+
+
+# ---- atomic output ---------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temporaries(dst: pathlib.Path) -> Iterator[tuple[pathlib.Path, int]]:
+    for p in dst.parent.glob(f".{dst.name}.tmp-*"):
+        suffix = p.name.rsplit("-", 1)[-1]
+        if suffix.isdigit():
+            yield p, int(suffix)
+
+
+def _clean_stale(dst: pathlib.Path) -> None:
+    """Remove temporaries left by killed conversions into `dst` (their process no longer runs)."""
+    for p, pid in _temporaries(dst):
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    to: str = "hf",
+    dtype: str | None = None,
+    quantize: str | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> pathlib.Path:
+    """Convert checkpoint `src` (HF, Meta or our Orbax dir) into `dst` in format `to`. Returns `dst`.
+
+    dtype: None keeps every tensor's stored dtype (bit-exact); "bfloat16"/"float32" casts.
+    quantize: "fp8" writes the FFN of layers 1..L-2 as rowwise FP8 (HF fbgemm_fp8 layout; to="hf" only).
+    """
+    from tqdm import tqdm
+
+    if to not in FORMATS:
+        raise ValueError(f"--to {to!r}: expected one of {FORMATS}")
+    if quantize not in (None, "fp8"):
+        raise ValueError(f"--quantize {quantize!r}: only 'fp8' is supported")
+    if quantize and to != "hf":
+        raise ValueError("--quantize fp8 writes the Hugging Face fbgemm_fp8 layout; use --to hf")
+    if dtype is not None and dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"--dtype {dtype!r}: expected bfloat16 or float32")
+    src, dst = pathlib.Path(src).absolute(), pathlib.Path(dst).absolute()
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
+        raise FileExistsError(f"destination {dst} exists and is not empty; pass --overwrite to replace it")
+    if dst == src:
+        raise ValueError("source and destination are the same directory")
+    source = _Source(src)  # checks the whole source before anything is written
+    dtype = _np_dtype(dtype) if dtype else None
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(dst)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    config = source.config
+    total = sum(config.n_layers if r.per_layer else 1 for r in layout.rules_for(config))
+    try:
+        with tqdm(total=total, desc=f"convert → {to}", unit="tensor", disable=not progress) as pbar:
+            bar = lambda: pbar.update(1)  # noqa: E731
+            if to == "hf":
+                _write_hf(source, tmp, dtype, quantize, parse_size(max_shard_size), bar)
+            elif to == "orbax":
+                _write_orbax(source, tmp, dtype, bar)
+            else:
+                _write_meta(source, tmp, dtype, bar)
+        if dst.exists():
+            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+# ---- CLI -------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="checkpoint directory: Hugging Face, Meta consolidated or llama-jax Orbax")
+    parser.add_argument("dst", help="output directory (must not exist or be empty, unless --overwrite)")
+    parser.add_argument("--to", choices=FORMATS, default="hf", help="output format (default: hf)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                        help="cast every tensor (default: keep the stored dtype, bit-exact)")  # fmt: skip
+    parser.add_argument("--quantize", choices=("fp8",), default=None,
+                        help="rowwise FP8 FFN weights of layers 1..L-2 (HF fbgemm_fp8 layout)")  # fmt: skip
+    parser.add_argument("--max-shard-size", default="5GB", help="HF shard size (default 5GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("convert", help="convert between HF, Meta and Orbax checkpoints",
+                                   description=__doc__.split("\n\n")[0])  # fmt: skip
+    add_arguments(parser)
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        out = convert(
+            args.src, args.dst, to=args.to, dtype=args.dtype, quantize=args.quantize,
+            max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.no_progress,
+        )  # fmt: skip
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"convert: error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="python -m llama_jax.convert", description=__doc__.split("\n\n")[0])
+    add_arguments(_parser)
+    sys.exit(main(_parser.parse_args()))
