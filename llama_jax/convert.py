@@ -71,6 +71,12 @@ class _Source:
 
         self._release()
         name = layout.source_names(rule, self.config, self.ckpt.fmt)[0 if i is None else i]
+        if self.ckpt.dtype(name) == _np_dtype("float8_e4m3fn"):
+            # FP8 release weights are written dequantized (w · scale, rounded to bf16); `--quantize
+            # fp8` quantizes them again.
+            scale = self.ckpt.read(name[: -len("weight")] + "weight_scale").astype(np.float32)
+            w = (self.ckpt.read(name).astype(np.float32) * scale).astype(_np_dtype("bfloat16"))
+            return rule.to_ours(w, self.config)
         return source_to_ours(self.ckpt, rule, name)
 
 

@@ -68,7 +68,8 @@ def fp8_linear(x: jax.Array, w_q: jax.Array, scale: jax.Array, *, mode: str = "d
         raise ValueError(f"fp8 matmul mode {mode!r}: expected 'dequant' or 'fp8'")
     x_q, x_scale = quantize_rows(x, scale_ub)
     y = jax.lax.dot_general(x_q, w_q, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return (y * x_scale[..., None] * scale).astype(x.dtype)
+    w_scale = scale.reshape((1,) * (y.ndim - 1) + (-1,))
+    return (y * x_scale[..., None] * w_scale).astype(x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
