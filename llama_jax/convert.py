@@ -79,7 +79,6 @@ class _Source:
             return rule.to_ours(w, self.config)
         return source_to_ours(self.ckpt, rule, name)
 
-
     def _release(self) -> None:
         """Unmap the pages of tensors already written: read-only file pages touched through a memory
         map count in this process's resident set until unmapped, and would add up to the model."""
@@ -153,7 +152,9 @@ def _hf_tensors(src: _Source, dtype, quantize: str | None, bar) -> list[tuple[st
                 return memo.pop("scale") if "scale" in memo else quant.quantize_rowwise_np(hf_layout())[1]
 
             out.append((name, _Lazy(shape, _np_dtype("float8_e4m3fn"), weight, bar)))
-            out.append((name[: -len(".weight")] + ".weight_scale", _Lazy((shape[0], 1), np.float32, scale, lambda: None)))
+            out.append(
+                (name[: -len(".weight")] + ".weight_scale", _Lazy((shape[0], 1), np.float32, scale, lambda: None))
+            )
         else:
             out.append((name, _Lazy(shape, tensor_dtype, hf_layout, bar)))
 
@@ -280,14 +281,16 @@ def meta_params(config: LlamaConfig) -> dict:
     if config.head_dim != config.dim // config.n_heads:
         raise ValueError(f"Meta's params.json cannot express head_dim={config.head_dim} != dim // n_heads")
     rope = config.rope_scaling
-    if rope is not None and (rope.low_freq_factor, rope.high_freq_factor, rope.original_max_position_embeddings) != (1.0, 4.0, 8192):
+    if rope is not None and (rope.low_freq_factor, rope.high_freq_factor, rope.original_max_position_embeddings) != (
+        1.0,
+        4.0,
+        8192,
+    ):
         raise ValueError("Meta's params.json can only express llama3 rope scaling with Meta's constants")
     hidden = int(2 * (4 * config.dim) / 3)
     candidates = [(m, mult) for m in (1024, 256, 4096) for mult in (None, 1.3, 1.5, 1.2, 1.0)]
     candidates.append((config.ffn_dim, config.ffn_dim / hidden))  # always exact: rounds up to ffn_dim
-    multiple_of, multiplier = next(
-        (m, x) for m, x in candidates if ffn_hidden_dim(config.dim, x, m) == config.ffn_dim
-    )
+    multiple_of, multiplier = next((m, x) for m, x in candidates if ffn_hidden_dim(config.dim, x, m) == config.ffn_dim)
     params = {
         "dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
         "vocab_size": config.vocab_size, "multiple_of": multiple_of, "ffn_dim_multiplier": multiplier,

@@ -15,8 +15,8 @@ K kv heads, H head dim, V vocab, L layers.
 from __future__ import annotations
 
 import contextlib
-import functools
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -175,7 +175,9 @@ class Llama(nnx.Module):
         self.tok_embeddings = _param(rngs, _normal, (config.vocab_size, config.dim), dtype, ("vocab", "embed"))
         self.layers = _stacked_blocks(config, dtype, rngs, fp8)
         dense = fp8.dense_layers(config.n_layers) if fp8 is not None else ()
-        self.dense_ffn = _stacked(lambda r: FeedForward(config, dtype=dtype, rngs=r), len(dense), rngs) if dense else None
+        self.dense_ffn = (
+            _stacked(lambda r: FeedForward(config, dtype=dtype, rngs=r), len(dense), rngs) if dense else None
+        )
         self.norm = RMSNorm(config.dim, config.norm_eps, dtype=dtype, rngs=rngs)
         self.output = (
             None

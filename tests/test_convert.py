@@ -69,7 +69,9 @@ def test_meta_to_hf_is_bit_exact_after_the_qk_row_permutation(tmp_path):
     config = llama_jax.LlamaConfig.from_meta_params(META_PARAMS)
     want = {}
     for rule in layout.rules_for(config):
-        for meta_name, hf_name in zip(layout.source_names(rule, config, "meta"), layout.source_names(rule, config, "hf")):
+        for meta_name, hf_name in zip(
+            layout.source_names(rule, config, "meta"), layout.source_names(rule, config, "hf"), strict=True
+        ):
             w = state[meta_name].bfloat16().view(torch.int16).numpy()
             if rule.rotary_heads is not None:  # documented: HF rows are rotate-half ordered (REFERENCE.md 2.2)
                 w = layout.meta_to_hf_rows(w, rule.rotary_heads(config))
@@ -90,7 +92,7 @@ def test_orbax_restores_onto_a_mesh_and_meta_export_loads(hf_bf16, tmp_path):
     w1 = sharded.layers.feed_forward.w1[...]
     assert w1.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     assert {s.data.shape for s in w1.addressable_shards} == {(3, 32, 40)}  # each device holds only its slice
-    for got, want in zip(jax.tree.leaves(nnx.state(sharded)), jax.tree.leaves(nnx.state(reference))):
+    for got, want in zip(jax.tree.leaves(nnx.state(sharded)), jax.tree.leaves(nnx.state(reference)), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     # sharded matmuls reduce in another order: equal up to float32 rounding
     np.testing.assert_allclose(np.asarray(sharded(TOKENS)), np.asarray(reference(TOKENS)), rtol=1e-5, atol=1e-6)

@@ -7,7 +7,6 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -102,7 +101,9 @@ def test_fp8_checkpoint_loads_with_ffn_weights_kept_in_fp8(checkpoints):
     # layers 0 and L-1 were not quantized by the release: they stay bf16, exactly as stored
     assert model.dense_ffn.w1[...].dtype == jnp.bfloat16 and model.dense_ffn.w1[...].shape == (2, 128, 384)
     bf16 = llama_jax.load(checkpoints["bf16"])
-    np.testing.assert_array_equal(np.asarray(model.dense_ffn.w3[...][1]), np.asarray(bf16.layers.feed_forward.w3[...][3]))
+    np.testing.assert_array_equal(
+        np.asarray(model.dense_ffn.w3[...][1]), np.asarray(bf16.layers.feed_forward.w3[...][3])
+    )
 
     tokens = jnp.asarray([[1, 50, 300, 7, 9, 411, 2, 33]])
     reference = llama_jax.load(checkpoints["dequantized"])
@@ -118,7 +119,10 @@ def test_convert_quantize_fp8_writes_the_release_layout(checkpoints, tmp_path):
         assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape, name
         assert torch.equal(got[name].view(torch.uint8), want[name].view(torch.uint8)), name
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"] == json.loads((checkpoints["fp8"] / "config.json").read_text())["quantization_config"]
+    assert (
+        config["quantization_config"]
+        == json.loads((checkpoints["fp8"] / "config.json").read_text())["quantization_config"]
+    )
     assert "model.layers.0.mlp.down_proj" in config["quantization_config"]["modules_to_not_convert"]
     assert "model.layers.1.mlp.down_proj" not in config["quantization_config"]["modules_to_not_convert"]
 
@@ -131,7 +135,7 @@ def _greedy(model, prompt: list[int], steps: int) -> list[int]:
     buffer[0, : len(prompt)] = prompt
     for t in range(len(prompt), length):
         buffer[0, t] = int(forward(model, jnp.asarray(buffer))[t - 1])
-    return buffer[0, len(prompt):].tolist()
+    return buffer[0, len(prompt) :].tolist()
 
 
 def test_fp8_accuracy_against_bf16(checkpoints, record_property):
@@ -145,7 +149,7 @@ def test_fp8_accuracy_against_bf16(checkpoints, record_property):
         model = llama_jax.load(checkpoints["fp8"], fp8_matmul=mode)
         got = np.asarray(model(sequence))
         generated = _greedy(model, prompt, steps)
-        same_prefix = next((i for i, (a, b) in enumerate(zip(generated, reference)) if a != b), steps)
+        same_prefix = next((i for i, (a, b) in enumerate(zip(generated, reference, strict=True)) if a != b), steps)
         report[mode] = {
             "max_logit_error": float(np.max(np.abs(got - want))),
             "max_logit": float(np.max(np.abs(want))),
@@ -168,3 +172,15 @@ def test_an_fp8_checkpoint_converts_back_to_its_dequantized_bf16(checkpoints, tm
     for name in want:
         assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], want[name]), name
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+def test_fp8_checkpoint_places_onto_a_mesh(checkpoints):
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("fsdp", "tensor"))
+    sharded = llama_jax.load(checkpoints["fp8"], mesh=mesh)
+    w2, scale = sharded.layers.feed_forward.w2[...], sharded.layers.feed_forward.w2_scale[...]
+    assert w2.dtype == jnp.float8_e4m3fn and {s.data.shape for s in w2.addressable_shards} == {(N_LAYERS, 96, 64)}
+    assert {s.data.shape for s in scale.addressable_shards} == {(N_LAYERS, 64)}
+    tokens = jnp.asarray([[1, 50, 300, 7, 9, 411, 2, 33]])
+    single = llama_jax.load(checkpoints["fp8"])
+    got, want = np.asarray(sharded(tokens)), np.asarray(single(tokens))
+    assert np.max(np.abs(got - want)) <= 2e-2 * np.max(np.abs(want))

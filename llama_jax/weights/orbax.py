@@ -79,7 +79,9 @@ class OrbaxCheckpoint:
 
     def check(self) -> None:
         missing = [
-            ".".join(r.path) for r in layout.rules_for(self.config) if not (_item(self.path, r.path) / "_METADATA").exists()
+            ".".join(r.path)
+            for r in layout.rules_for(self.config)
+            if not (_item(self.path, r.path) / "_METADATA").exists()
         ]
         if missing:
             raise FileNotFoundError(f"{self.path}: Orbax item(s) missing for parameter(s) {missing}")
