@@ -207,7 +207,7 @@ def _write_hf(src: _Source, out: pathlib.Path, dtype, quantize, max_shard_size: 
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     hf = config.to_hf_config()
     stored = {t.dtype.name for _, t in tensors if t.dtype.name != "float8_e4m3fn" and t.shape[-1] != 1}
-    hf["torch_dtype"] = "bfloat16" if quantize == "fp8" or "bfloat16" in stored else sorted(stored)[0]
+    hf["torch_dtype"] = "bfloat16" if "bfloat16" in stored else sorted(stored)[0]
     if quantize == "fp8":
         hf["quantization_config"] = fp8_quantization_config(config)
     # config.json last: before it exists the directory is no HF checkpoint.

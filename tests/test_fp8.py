@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 
@@ -184,3 +185,18 @@ def test_fp8_checkpoint_places_onto_a_mesh(checkpoints):
     single = llama_jax.load(checkpoints["fp8"])
     got, want = np.asarray(sharded(tokens)), np.asarray(single(tokens))
     assert np.max(np.abs(got - want)) <= 2e-2 * np.max(np.abs(want))
+
+
+def test_compiled_forward_keeps_weights_fp8_and_the_fp8_mode_dots_in_fp8(checkpoints):
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    stacked_fp8, stacked_bf16 = f"f8e4m3fn[{N_LAYERS},128,384]", f"bf16[{N_LAYERS},128,384]"
+    for mode in ("dequant", "fp8"):
+        model = llama_jax.load(checkpoints["fp8"], fp8_matmul=mode)
+        compiled = nnx.jit(lambda m, t: m(t)).lower(model, tokens).compile().as_text()
+        assert stacked_fp8 in compiled, mode  # the weights enter the program as FP8 ...
+        assert stacked_bf16 not in compiled, mode  # ... and no bf16 copy of all layers' weights is made
+    lowered = jax.jit(functools.partial(quant.fp8_linear, mode="fp8")).lower(
+        jnp.zeros((4, 128), jnp.bfloat16), jnp.zeros((128, 384), jnp.float8_e4m3fn), jnp.ones((384,), jnp.float32)
+    )
+    dots = [line for line in lowered.as_text().splitlines() if "dot_general" in line]
+    assert dots and all("f8E4M3FN" in line for line in dots)
