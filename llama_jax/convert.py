@@ -51,7 +51,6 @@ class _Source:
             self.ckpt = open_checkpoint(path)
             check(self.ckpt)
         self.config: LlamaConfig = self.ckpt.config
-        self._cached: tuple[layout.Path, np.ndarray] | None = None  # one stacked Orbax parameter
 
     def dtype(self, rule: layout.Rule) -> np.dtype:
         if self.ckpt.fmt == "orbax":
@@ -62,11 +61,7 @@ class _Source:
     def read(self, rule: layout.Rule, i: int | None) -> np.ndarray:
         """Parameter `rule.path` (layer i of it, for per-layer parameters) in our layout."""
         if self.ckpt.fmt == "orbax":
-            if self._cached is None or self._cached[0] != rule.path:
-                self._cached = None  # drop the previous parameter before reading the next
-                self._cached = (rule.path, self.ckpt.read(rule.path))
-            stacked = self._cached[1]
-            return stacked if i is None else stacked[i]
+            return self.ckpt.read(rule.path, i)
         from llama_jax.loading import source_to_ours
 
         self._release()
@@ -235,19 +230,9 @@ def _write_orbax(src: _Source, out: pathlib.Path, dtype, bar) -> None:
     writer = OrbaxWriter(out, config)
     for rule in layout.rules_for(config):
         tensor_dtype = np.dtype(dtype) if dtype is not None else src.dtype(rule)
-        if rule.per_layer:
-            first = np.asarray(src.read(rule, 0), dtype=tensor_dtype)
-            stacked = np.empty((config.n_layers, *first.shape), tensor_dtype)
-            stacked[0] = first
+        for i in range(config.n_layers) if rule.per_layer else [None]:
+            writer.write(rule.path, i, np.asarray(src.read(rule, i), dtype=tensor_dtype))
             bar()
-            for i in range(1, config.n_layers):
-                stacked[i] = src.read(rule, i)
-                bar()
-        else:
-            stacked = np.asarray(src.read(rule, None), dtype=tensor_dtype)
-            bar()
-        writer.write(rule.path, stacked)
-        del stacked
     writer.finish()
 
 

@@ -1,13 +1,15 @@
-"""Our own checkpoint format: our parameter layout, saved with Orbax, one item per parameter.
+"""Our own checkpoint format: our parameter layout, saved with Orbax, one item per parameter and layer.
 
-    DST/llama_jax.json            {"format": "llama-jax-orbax", "version": 1, "config": {...}}
-    DST/params/layers.attention.wq/   an Orbax `StandardCheckpointer` checkpoint of one array
+    DST/llama_jax.json                      {"format": "llama-jax-orbax", "version": 2, "config": {...}}
+    DST/params/tok_embeddings/              an Orbax `StandardCheckpointer` item: {"value": [V, D]}
+    DST/params/layers.attention.wq/00000/   layer 0 of a per-layer parameter: {"value": [D, N, H]}
     ...
 
-Why one Orbax item per parameter rather than one pytree: writing streams (the host holds one
-parameter, never the model), and restoring places each parameter straight into its sharded home
-(`target_sharding` from the abstract model), so each device reads only its slice. Arrays are in our
-layout (`layout.py`: wq [L, D, N, H], w1 [L, D, F], ...), stacked over layers, in the stored dtype.
+Why not one pytree of stacked [L, ...] arrays: a stacked 405B FFN weight alone is ~220 GB. One item
+per parameter and layer keeps both directions streaming (the host holds one layer's tensor), and
+restoring places each layer straight into its sharded home (`target_sharding` from the abstract
+model), so each device reads only its slice, written into the preallocated stacked parameter.
+Arrays are in our layout (`layout.py`: wq [D, N, H], w1 [D, F], ...) in the stored dtype.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ def is_orbax_checkpoint(path: pathlib.Path) -> bool:
     return (path / MANIFEST).is_file() and (path / PARAMS).is_dir()
 
 
-def _item(path: pathlib.Path, param: layout.Path) -> pathlib.Path:
-    return (path / PARAMS / ".".join(param)).absolute()
+def _item(path: pathlib.Path, param: layout.Path, layer: int | None = None) -> pathlib.Path:
+    item = (path / PARAMS / ".".join(param)).absolute()
+    return item if layer is None else item / f"{layer:05d}"
 
 
 def _checkpointer():
@@ -51,44 +54,50 @@ class OrbaxWriter:
         self._ckpt = _checkpointer()
         self._dtypes: dict[str, str] = {}
 
-    def write(self, param: layout.Path, array: np.ndarray) -> None:
-        self._ckpt.save(_item(self.path, param), {"value": array})
+    def write(self, param: layout.Path, layer: int | None, array: np.ndarray) -> None:
+        item = _item(self.path, param, layer)
+        item.parent.mkdir(parents=True, exist_ok=True)
+        self._ckpt.save(item, {"value": np.ascontiguousarray(array)})
         self._ckpt.wait_until_finished()
         self._dtypes[".".join(param)] = np.dtype(array.dtype).name
 
     def finish(self) -> None:
         # The manifest is written last: a directory without it is never taken for a checkpoint.
-        manifest = {"format": FORMAT, "version": 1, "config": self.config.to_dict(), "dtypes": self._dtypes}
+        manifest = {"format": FORMAT, "version": 2, "config": self.config.to_dict(), "dtypes": self._dtypes}
         (self.path / MANIFEST).write_text(json.dumps(manifest, indent=2))
         self._ckpt.close()
 
 
 class OrbaxCheckpoint:
-    """Reads our Orbax format: `params()` are our parameter paths, `read(p)` the whole stacked array."""
+    """Reads our Orbax format: `read(param, layer)` is one parameter (one layer of it) in our layout."""
 
     fmt = "orbax"
 
     def __init__(self, path: str | pathlib.Path):
         self.path = pathlib.Path(path)
         manifest = json.loads((self.path / MANIFEST).read_text())
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"{self.path / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        if manifest.get("format") != FORMAT or manifest.get("version") != 2:
+            raise ValueError(
+                f"{self.path / MANIFEST}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
+                f"expected {FORMAT!r} version 2"
+            )
         self.config = LlamaConfig.from_dict(manifest["config"], source=str(self.path / MANIFEST))
         self.dtypes = manifest.get("dtypes", {})
         self._ckpt = _checkpointer()
 
     def check(self) -> None:
         missing = [
-            ".".join(r.path)
+            ".".join(r.path) + ("" if i is None else f" layer {i}")
             for r in layout.rules_for(self.config)
-            if not (_item(self.path, r.path) / "_METADATA").exists()
+            for i in (range(self.config.n_layers) if r.per_layer else [None])
+            if not (_item(self.path, r.path, i) / "_METADATA").exists()
         ]
         if missing:
             raise FileNotFoundError(f"{self.path}: Orbax item(s) missing for parameter(s) {missing}")
 
-    def read(self, param: layout.Path, target=None):
-        """The parameter as numpy (target None) or as a jax.Array placed per `target` (a ShapeDtypeStruct)."""
-        item = _item(self.path, param)
+    def read(self, param: layout.Path, layer: int | None = None, target=None):
+        """numpy (target None), or a jax.Array placed per `target` (a ShapeDtypeStruct with a sharding)."""
+        item = _item(self.path, param, layer)
         if target is None:
             return np.asarray(self._ckpt.restore(item)["value"])
         return self._ckpt.restore(item, {"value": target})["value"]
@@ -114,12 +123,23 @@ def load_orbax(path, *, dtype, mesh, rules, attention_impl):
     for rule in layout.rules_for(config):
         variable = flat[rule.path]
         shape = variable.get_value().shape
-        sharding = loading.target_sharding(variable.get_metadata()["out_sharding"], mesh, rules, shape)
+        names = variable.get_metadata()["out_sharding"]
         stored = jnp.dtype(ckpt.dtypes.get(".".join(rule.path), dtype))
-        value = ckpt.read(rule.path, jax.ShapeDtypeStruct(shape, stored, sharding=sharding))
-        if value.shape != shape:
-            raise ValueError(f"{path}: parameter {'.'.join(rule.path)} has shape {value.shape}, config needs {shape}")
-        variable.set_value(value.astype(dtype) if value.dtype != dtype else value)
+
+        def restore(layer, shape, names, rule=rule, stored=stored):
+            sharding = loading.target_sharding(names, mesh, rules, shape)
+            value = ckpt.read(rule.path, layer, jax.ShapeDtypeStruct(shape, stored, sharding=sharding))
+            if value.shape != tuple(shape):
+                raise ValueError(f"{path}: {'.'.join(rule.path)} has shape {value.shape}, config needs {shape}")
+            return value
+
+        if rule.per_layer:
+            stacked = loading._zeros(shape, dtype, loading.target_sharding(names, mesh, rules, shape))
+            for i in range(config.n_layers):
+                stacked = loading._set_layer(stacked, restore(i, shape[1:], names[1:]), i)
+        else:
+            stacked = restore(None, shape, names).astype(dtype)
+        variable.set_value(stacked)
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     if mesh is not None:
         model.sharding = sharding_rules.ShardingSpec(mesh, tuple(rules))
