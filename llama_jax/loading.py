@@ -10,6 +10,7 @@ second copy of a parameter.
 from __future__ import annotations
 
 import functools
+import mmap
 import pathlib
 from collections.abc import Sequence
 
@@ -199,7 +200,29 @@ def place(
 def _from_host(array: np.ndarray, shape, dtype, sharding: Sharding) -> jax.Array:
     if tuple(array.shape) != tuple(shape):
         raise ValueError(f"internal layout error: built {array.shape}, parameter needs {shape}")
-    return jax.make_array_from_callback(tuple(shape), sharding, lambda index: np.asarray(array[index], dtype=dtype))
+    placed = jax.make_array_from_callback(tuple(shape), sharding, lambda index: np.asarray(array[index], dtype=dtype))
+    _release_mapped_pages(array)
+    return placed
+
+
+def _release_mapped_pages(array: np.ndarray) -> None:
+    """Drop the memory-mapped checkpoint pages behind `array` from this process's resident set.
+
+    Every device has its slice by now. Left mapped, each page read stays resident until the file
+    is closed, so RSS climbs by the whole checkpoint while loading (reclaimable page cache, but
+    counted against the process: 0.9 GB peak for a 0.53 GB checkpoint in tests/test_sharding.py).
+    The mapping is read-only and shared: a page touched again faults back in from the file.
+    """
+    base = array
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    mapped = base.obj if isinstance(base, memoryview) else base
+    if not isinstance(mapped, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED") or array.size == 0:
+        return
+    start = np.frombuffer(mapped, np.uint8, count=1).ctypes.data
+    low, high = np.lib.array_utils.byte_bounds(array)
+    begin = (low - start) // mmap.PAGESIZE * mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, begin, min(high - start, len(mapped)) - begin)
 
 
 def _zeros(shape, dtype, sharding: Sharding) -> jax.Array:

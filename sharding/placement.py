@@ -1,0 +1,101 @@
+"""Put a model and its KV cache on a mesh, or describe them there without any memory (for planning).
+
+`llama_jax.load(path, mesh=..., rules=...)` streams a checkpoint straight into place; these helpers
+cover the rest: an in-memory model moved onto a mesh (`shard_model`), a KV cache created directly
+in its sharded home (`zeros_cache`), and abstract, sharded shapes of both (`abstract_state`,
+`abstract_cache`) that `jax.jit(...).lower` accepts without allocating a byte.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from llama_jax import quant
+from llama_jax.config import LlamaConfig
+from llama_jax.kv_cache import CACHE_AXES, KVCache
+from llama_jax.model import Llama
+from sharding import rules as sharding_rules
+from sharding.rules import ShardingSpec
+
+
+def sharding_spec(mesh: Mesh, rules: str | sharding_rules.Rules = "fsdp_tp") -> ShardingSpec:
+    """A `ShardingSpec` from a mesh and a strategy name or rules table (validated)."""
+    return ShardingSpec(mesh, tuple(sharding_rules.get_rules(rules)))
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def param_shardings(model: Llama, spec: ShardingSpec) -> nnx.State:
+    """The NamedSharding of every parameter of `model` (real or abstract) under `spec`."""
+    return jax.tree.map(
+        lambda v: spec.sharding(v.get_metadata()["out_sharding"], v.shape), nnx.state(model), is_leaf=_is_variable
+    )
+
+
+def shard_model(model: Llama, mesh: Mesh, rules: str | sharding_rules.Rules = "fsdp_tp") -> Llama:
+    """Move an in-memory model's parameters onto `mesh` (in place) and activate the rules in its forward."""
+    spec = sharding_spec(mesh, rules)
+    state = nnx.state(model)
+    placed = jax.tree.map(
+        lambda v: v.replace(jax.device_put(v.get_value(), spec.sharding(v.get_metadata()["out_sharding"], v.shape))),
+        state,
+        is_leaf=_is_variable,
+    )
+    nnx.update(model, placed)
+    model.sharding = spec
+    return model
+
+
+def cache_shape(config: LlamaConfig, batch: int, length: int) -> tuple[int, ...]:
+    return (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
+
+
+def cache_sharding(config: LlamaConfig, batch: int, length: int, spec: ShardingSpec) -> NamedSharding:
+    """Where the KV cache lives: batch over the batch axes, KV heads over "tensor" where they divide it.
+
+    With fewer KV heads than the tensor axis (8 heads, tensor=16) the heads are replicated across
+    "tensor"; each device then holds every head of its batch rows. Prefer meshes whose tensor axis
+    divides n_kv_heads, with the rest of the devices on "data"/"fsdp" (docs/SHARDING.md).
+    """
+    return spec.sharding(CACHE_AXES, cache_shape(config, batch, length))
+
+
+def zeros_cache(config: LlamaConfig, batch: int, length: int, spec: ShardingSpec | None, dtype=jnp.bfloat16) -> KVCache:
+    """An empty KV cache created directly in its sharded home: no device ever holds the whole cache."""
+    if spec is None:
+        return KVCache.zeros(config, batch, length, dtype)
+    sharding = cache_sharding(config, batch, length, spec)
+    make = jax.jit(lambda: KVCache.zeros(config, batch, length, dtype), out_shardings=KVCache(sharding, sharding))
+    return make()
+
+
+def abstract_model(config: LlamaConfig, dtype=jnp.bfloat16, fp8: quant.Fp8Spec | None = None) -> Llama:
+    return nnx.eval_shape(lambda: Llama(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0), fp8=fp8))
+
+
+def abstract_state(
+    config: LlamaConfig, spec: ShardingSpec, dtype=jnp.bfloat16, fp8: quant.Fp8Spec | None = None
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state) of a `Llama` whose parameters are sharded `jax.ShapeDtypeStruct`s: no memory."""
+    model = abstract_model(config, dtype, fp8)
+    model.sharding = spec
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(
+        lambda v: v.replace(
+            jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=spec.sharding(v.get_metadata()["out_sharding"], v.shape))
+        ),
+        state,
+        is_leaf=_is_variable,
+    )
+    return graphdef, state
+
+
+def abstract_cache(config: LlamaConfig, batch: int, length: int, spec: ShardingSpec, dtype=jnp.bfloat16) -> KVCache:
+    sharding = cache_sharding(config, batch, length, spec)
+    struct = jax.ShapeDtypeStruct(cache_shape(config, batch, length), jnp.dtype(dtype), sharding=sharding)
+    return KVCache(struct, struct)

@@ -1,0 +1,119 @@
+"""The memory planner: compiled per-device bytes that add up, for a small model and a real one.
+
+Each plan runs as `python -m sharding.plan ... --json` in its own process, as a user runs it: the
+planner creates its own virtual devices (this test process already has 8).
+"""
+
+import math
+import pathlib
+
+import jax.numpy as jnp
+import pytest
+
+from llama_jax import quant
+from llama_jax.config import model_config_from_file
+from sharding import mesh as mesh_lib
+from sharding import placement, plan
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GIB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+    return plan.plan_subprocess(
+        ["--config", "configs/tiny.py", "--mesh", "fsdp=2,tensor=4", "--batch", "8", "--context", "256", "--preset",
+         "cpu"]
+    )  # fmt: skip
+
+
+def test_small_plan_bytes_add_up(tiny_plan):
+    p = tiny_plan
+    config = model_config_from_file(ROOT / "configs/tiny.py")
+    assert p["devices"] == 8 and p["mesh"] == {"data": 1, "fsdp": 2, "kv_rep": 1, "tensor": 4}
+    assert p["params"] == config.num_params()
+    assert p["weights_total"] == config.num_params() * 2  # bf16
+    for key in ("weights_per_device", "kv_cache_per_device", "temp_per_device", "needed_per_device"):
+        assert p[key] > 0, key
+    for phase in ("prefill", "decode"):
+        # what the compiler was given per device = our sharded weights + cache + token ids
+        tokens = p[phase]["argument"] - p["weights_per_device"] - p["kv_cache_per_device"]
+        assert 0 < tokens <= 8 * p["prompt"] * 4 * 2, (phase, tokens)
+        assert p[phase]["alias"] == p["kv_cache_per_device"]  # the donated cache is updated in place
+        assert p[phase]["compile_seconds"] < 60
+    # tiny has 2 KV heads: not divisible by tensor=4, so the cache splits only by batch (fsdp=2)
+    assert p["kv_head_shards"] == 1 and p["kv_batch_shards"] == 2
+    assert p["kv_cache_per_device"] * 2 == p["kv_cache_total"]
+    assert p["fits"] is True and p["max_cached_tokens"] > 8 * 256
+
+
+def test_eight_b_on_eight_devices_splits_weights_eight_ways():
+    p = plan.plan_subprocess(
+        ["--config", "configs/llama3_1_8b.py", "--preset", "h100x8", "--batch", "8", "--context", "8192"]
+    )
+    assert p["mesh"]["tensor"] == 8 and p["devices"] == 8
+    assert p["weights_total"] == 16_060_522_496  # REFERENCE.md 1.3: the HF index total_size
+    # only the norms are replicated (a few hundred KB); everything else is split 8 ways
+    assert p["weights_per_device"] == pytest.approx(p["weights_total"] / 8, rel=0.001)
+    assert 0 < p["weights_replicated_per_device"] < 1 << 20
+    # 8 KV heads on tensor=8: 131,072 B per token over 8 devices
+    assert p["kv_bytes_per_token_per_device"] == 131_072 // 8
+    assert p["kv_cache_per_device"] == 8 * 8192 * 131_072 // 8
+    assert p["decode"]["argument"] > p["weights_per_device"] + p["kv_cache_per_device"]
+    # tensor parallelism in decode: two activation all-reduces per layer, no weight gathers
+    assert set(p["decode"]["collectives"]) <= {"all-reduce", "all-gather", "all-to-all", "collective-permute"}
+    assert p["decode"]["collectives"].get("all-gather", 0) < 1 << 20
+    assert p["fits"] is True and p["device_memory"] == 80 * GIB and p["budget"] == int(0.9 * 80 * GIB)
+
+
+def test_fp8_weights_follow_the_405b_release_layout():
+    """FP8 bytes from the model's own FP8 parameters, sharded over 8 devices (no compile needed)."""
+    config = model_config_from_file(ROOT / "configs/llama3_1_405b.py")
+    spec = placement.sharding_spec(mesh_lib.make_mesh("tensor=8"))
+    fp8 = quant.Fp8Spec(tuple(range(1, config.n_layers - 1)), matmul="fp8")
+    _, state = placement.abstract_state(config, spec, jnp.bfloat16, fp8)
+    got = plan.weight_bytes(state)
+    d, f, L = config.dim, config.ffn_dim, config.n_layers
+    ffn = 3 * d * f
+    bf16 = config.num_params() * 2
+    # the release: FFNs of layers 1..L-2 at 1 byte + one f32 scale per output channel (2F + D)
+    release = bf16 - (L - 2) * ffn + (L - 2) * (2 * f + d) * 4
+    # the model also keeps FP8 slots (zeros) for layers 0 and L-1, whose bf16 FFNs live in dense_ffn
+    assert got["total"] == release + 2 * ffn + 2 * (2 * f + d) * 4
+    assert release / 1e9 == pytest.approx(487.3, abs=0.1)
+    assert got["per_device"] == pytest.approx(got["total"] / 8, rel=0.001)
+
+
+def test_collective_bytes_count_the_layer_loop_per_layer():
+    hlo = "\n".join([
+        '%a = bf16[4,1024]{1,0} all-reduce(%x), metadata={op_name="jit(f)/while/body/closed_call/dot"}',
+        '%b = (f32[8,16]{1,0}, f32[8,16]{1,0}) all-to-all(%y, %z), metadata={op_name="jit(f)/gather"}',
+        '%c = f32[2,1024]{1,0} all-gather-start(%w), metadata={op_name="jit(f)/while/body/x"}',
+        '%d = f32[2,1024]{1,0} all-gather-done(%c)',
+        "%e = f32[2,1024]{1,0} add(%c, %c)",
+    ])  # fmt: skip
+    assert plan.collective_bytes(hlo, n_layers=10) == {
+        "all-reduce": 4 * 1024 * 2 * 10,
+        "all-to-all": 2 * 8 * 16 * 4,
+        "all-gather": 2 * 1024 * 4 * 10,
+    }
+    # counted at the model's bf16 width: XLA:CPU upcasts bf16 matmul operands before collectives
+    assert plan.collective_bytes(hlo, n_layers=10, float_bytes=2)["all-gather"] == 2 * 1024 * 2 * 10
+
+
+def test_report_regenerates_only_the_marked_table(tmp_path, tiny_plan):
+    doc = tmp_path / "SHARDING.md"
+    doc.write_text(f"# Title\n\nprose before\n\n{plan.TABLE_BEGIN}\nold table\n{plan.TABLE_END}\n\nprose after\n")
+    plan.write_report(doc, results=[("tiny on 8 CPUs", tiny_plan)])
+    text = doc.read_text()
+    assert text.startswith("# Title\n\nprose before\n\n") and text.endswith("\n\nprose after\n")
+    assert "old table" not in text
+    row = next(line for line in text.splitlines() if line.startswith("| tiny on 8 CPUs"))
+    assert "fsdp=2,tensor=4" in row and "| yes |" in row
+    assert (tmp_path / "SHARDING.plans.json").is_file()
+
+
+def test_planner_rejects_a_mesh_that_is_not_the_hardware():
+    with pytest.raises(RuntimeError, match="has 4 devices; h100x8 has 8"):
+        plan.plan_subprocess(["--config", "configs/tiny.py", "--preset", "h100x8", "--mesh", "tensor=4"])
+    assert math.prod(mesh_lib.preset("h100x8").mesh.values()) == 8
