@@ -41,9 +41,15 @@ class KVCache:
         """Write new entries `[B, T, K, H]` of layer i at positions start[b] ... start[b] + T - 1."""
 
         def write_rows(buf, new):
-            def write_row(buf_b, new_b, start_b):  # buf_b [L, S, K, H], new_b [T, K, H]
-                return jax.lax.dynamic_update_slice(buf_b, new_b[None].astype(buf_b.dtype), (i, start_b, 0, 0))
+            # Take layer i out, write each row there, put it back: a batched scatter into the full
+            # [L, B, S, K, H] buffer made XLA materialise 2-3 copies of the whole cache per step
+            # (measured by sharding.plan on 405B: 20.9 GiB of temporaries for a 7.9 GiB cache).
+            layer = jax.lax.dynamic_index_in_dim(buf, i, axis=0, keepdims=False)  # [B, S, K, H]
 
-            return jax.vmap(write_row, in_axes=(1, 0, 0), out_axes=1)(buf, new, start)
+            def write_row(layer_b, new_b, start_b):  # layer_b [S, K, H], new_b [T, K, H]
+                return jax.lax.dynamic_update_slice(layer_b, new_b.astype(layer_b.dtype), (start_b, 0, 0))
+
+            layer = jax.vmap(write_row)(layer, new, start)
+            return jax.lax.dynamic_update_index_in_dim(buf, layer, i, axis=0)
 
         return KVCache(write_rows(self.k, k), write_rows(self.v, v))
