@@ -1,0 +1,229 @@
+"""The command line: `python -m llama_jax <command> ...`.
+
+    generate  --prompt TEXT [--checkpoint DIR]     stream a continuation to stdout
+    chat      [--checkpoint DIR] [--system TEXT]   an interactive chat on stdin (/exit or EOF ends it)
+    convert   SRC DST [--to hf|meta|orbax]         see `llama_jax/convert.py`
+
+Each command lives in one `register(subparsers)` function that adds its parser and sets
+`func=<main(args) -> exit code>`; a new command is one more entry in `COMMANDS`.
+Without `--checkpoint`, generate and chat run the embedded default model, whose weights are random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+
+# ---- shared options and helpers ------------------------------------------------------------------------
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=pathlib.Path,
+                        help="HF or Meta checkpoint directory (default: the embedded model, RANDOM weights)")  # fmt: skip
+    parser.add_argument("--tokenizer", type=pathlib.Path,
+                        help="tokenizer.model (default: found in the checkpoint, or llama-models' Llama 3 one)")  # fmt: skip
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"),
+                        help="weights and compute dtype (default: bfloat16 for checkpoints, float32 for the default)")  # fmt: skip
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
+    group = parser.add_argument_group("sampling (Meta's defaults: temperature 0.6, top-p 0.9)")
+    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
+    group.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    group.add_argument("--top-p", type=float, default=0.9, help="nucleus mass, 1 = off")
+    group.add_argument("--top-k", type=int, default=0, help="0 = off")
+    group.add_argument("--min-p", type=float, default=0.0, help="keep p >= min_p * p_max, 0 = off")
+    group.add_argument("--seed", type=int, default=0)
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+    )
+
+
+def _enable_compile_cache() -> None:
+    """Persist compiled programs across runs (unless the user configured JAX's cache already)."""
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path.home() / ".cache" / "llama_jax" / "xla"))
+
+
+def _load(args: argparse.Namespace):
+    """(model, tokenizer) from the arguments; announces the random default loudly on stderr."""
+    from llama_jax import default_model
+    from llama_jax.tokenizer import Tokenizer, find_tokenizer
+
+    if args.checkpoint is None:
+        print(default_model.RANDOM_WEIGHTS_NOTICE, file=sys.stderr, flush=True)
+        model = default_model.default_model(dtype=args.dtype or "float32", warn=False)
+        tokenizer_path = args.tokenizer or default_model.tokenizer_path()
+        if tokenizer_path is None:
+            raise ValueError(
+                "no tokenizer: install llama-models (it ships Llama 3's tokenizer.model) or pass --tokenizer"
+            )
+    else:
+        from llama_jax.loading import load
+
+        model = load(args.checkpoint, dtype=args.dtype or "bfloat16")
+        tokenizer_path = args.tokenizer or find_tokenizer(args.checkpoint)
+        if tokenizer_path is None:
+            raise ValueError(f"{args.checkpoint}: no tokenizer.model here or in original/; pass --tokenizer PATH")
+    return model, Tokenizer.from_file(tokenizer_path)
+
+
+def _stream_text(tokenizer, tokens: Iterator[int], out) -> tuple[list[int], object]:
+    """Write the text of `tokens` as they arrive; → (ids, the stream's GenerationResult)."""
+    ids: list[int] = []
+    shown = ""
+    while True:
+        try:
+            ids.append(next(tokens))
+        except StopIteration as stop:
+            result = stop.value
+            break
+        text = tokenizer.decode(ids)
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+            continue
+        out.write(text[len(shown) :] if text.startswith(shown) else text)
+        out.flush()
+        shown = text
+    text = tokenizer.decode(ids)
+    out.write(text[len(shown) :] if text.startswith(shown) else "")
+    out.flush()
+    return ids, result
+
+
+def _fail(command: str, error: Exception) -> int:
+    print(f"{command}: error: {error}", file=sys.stderr)
+    return 2
+
+
+# ---- generate ------------------------------------------------------------------------------------------
+
+
+def register_generate(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="continue a prompt, streaming the text to stdout",
+                                   description="Continue --prompt (BOS prepended), streaming the text.")  # fmt: skip
+    parser.add_argument("--prompt", required=True, help="the text to continue")
+    _add_model_args(parser)
+    _add_sampling_args(parser, max_new_tokens=64)
+    parser.set_defaults(func=generate_main)
+
+
+def generate_main(args: argparse.Namespace) -> int:
+    from llama_jax import sampler
+
+    _enable_compile_cache()
+    try:
+        model, tokenizer = _load(args)
+        prompt = tokenizer.encode(args.prompt, bos=True, eos=False)
+        start = time.perf_counter()
+        tokens = sampler.stream(model, prompt, stop_tokens=tokenizer.stop_tokens, **_sampling_kwargs(args))
+        ids, result = _stream_text(tokenizer, tokens, sys.stdout)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        return _fail("generate", e)
+    elapsed = time.perf_counter() - start
+    print(file=sys.stdout, flush=True)
+    print(f"[{len(ids)} tokens, stop: {result.stop_reason}, {elapsed:.2f} s including compilation]", file=sys.stderr)
+    return 0
+
+
+# ---- chat ----------------------------------------------------------------------------------------------
+
+
+def register_chat(subparsers) -> None:
+    parser = subparsers.add_parser("chat", help="interactive chat (Llama 3.1 chat format) on stdin",
+                                   description="Chat with the model: one user message per stdin line; "
+                                               "'/exit' or end of input quits, '/reset' clears the history.")  # fmt: skip
+    parser.add_argument("--system", help="system prompt")
+    _add_model_args(parser)
+    _add_sampling_args(parser, max_new_tokens=256)
+    parser.set_defaults(func=chat_main)
+
+
+def chat_main(args: argparse.Namespace) -> int:
+    from llama_jax import sampler
+    from llama_jax.chat import ChatFormat
+
+    _enable_compile_cache()
+    try:
+        model, tokenizer = _load(args)
+        chat = ChatFormat(tokenizer)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        return _fail("chat", e)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("user> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            messages = list(system)
+            continue
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        print("assistant> ", end="", flush=True)
+        try:
+            tokens = sampler.stream(
+                model, chat.encode_dialog(messages), stop_tokens=tokenizer.stop_tokens, **_sampling_kwargs(args)
+            )
+            ids, result = _stream_text(tokenizer, tokens, sys.stdout)
+        except ValueError as e:  # e.g. the dialog outgrew the context: say so, keep the session
+            messages.pop()
+            print(file=sys.stdout, flush=True)
+            print(f"chat: error: {e}", file=sys.stderr, flush=True)
+            continue
+        print(flush=True)
+        stop_reason = "out_of_tokens"
+        if result.stop_token == tokenizer.eot_id:
+            stop_reason = "end_of_turn"
+        elif result.stop_token == tokenizer.eom_id:
+            stop_reason = "end_of_message"
+        reply = chat.decode_assistant(ids, stop_reason=stop_reason)
+        messages.append({k: v for k, v in reply.items() if k in ("role", "content", "tool_calls", "stop_reason")})
+    return 0
+
+
+# ---- the parser ----------------------------------------------------------------------------------------
+
+
+def _register_convert(subparsers) -> None:
+    from llama_jax import convert
+
+    convert.register(subparsers)
+
+
+COMMANDS: tuple[Callable[[object], None], ...] = (register_generate, register_chat, _register_convert)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m llama_jax", description="Llama 3.1 in JAX/Flax NNX.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in COMMANDS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

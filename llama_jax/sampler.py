@@ -1,0 +1,555 @@
+"""Generation: a jitted prefill, a jitted `lax.while_loop` decode over a donated KV cache, sampling.
+
+    generate(model, prompts, max_new_tokens=...)   one call, one result per prompt
+    stream(model, prompt, max_new_tokens=...)      yields token ids as they are produced
+
+How a batch of ragged prompts runs (Meta's `generation.py` does the same work in a Python loop):
+
+1. Prompts are right-padded into a `[B, P]` buffer; B, P and the output length N are rounded up to
+   powers of two so a stream of differently sized requests compiles a bounded number of programs.
+   The cache holds S = P + N positions (entry s = position s), so rows need no offsets.
+2. Prefill runs the whole buffer through the model, filling the cache; its logits are discarded
+   (XLA drops the vocabulary projection for all P positions). Pad tokens write garbage entries at
+   positions a row has not reached yet; each is overwritten before any query can see it.
+3. The decode loop feeds each row's last token at its own position, samples, records the token and
+   its logprob, and marks the row done on a stop token. Done rows stop counting and stop moving;
+   the loop exits when every row is done or `max_new_tokens` were produced. Nothing per token
+   returns to the host.
+
+The model is used functionally: `nnx.split` once per call, and the jitted functions are pure in the
+parameter state (`nnx.merge` inside the trace), so there is no `nnx.jit` bookkeeping per call.
+The layer loop of the decode step is fully unrolled by default: with a scan, XLA on CPU copies
+each layer's weights out of the stacked buffer every step (measured 1.0x transformers vs 2x+).
+
+Sampling follows Meta's `generation.py`: temperature 0 is greedy argmax; otherwise
+softmax(logits / temperature) restricted by top-k, then top-p (Meta's rule: keep tokens whose
+*exclusive* prefix mass is <= p, so the top token always stays), then min-p (keep tokens with
+p >= min_p * p_max). Each prompt row has its own PRNG stream derived from `seed` and its index, so
+a prompt's sample does not depend on what it was batched with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from llama_jax.config import LLAMA3_VOCAB_SIZE
+from llama_jax.kv_cache import CACHE_AXES, KVCache
+from sharding.rules import logical_to_spec
+
+__all__ = [
+    "LLAMA3_STOP_TOKENS",
+    "GenerationResult",
+    "default_stop_tokens",
+    "filter_logits",
+    "generate",
+    "min_p_threshold",
+    "sample",
+    "stream",
+    "top_k_threshold",
+    "top_p_threshold",
+    "trace_counts",
+]
+
+# <|end_of_text|>, <|eom_id|>, <|eot_id|> (REFERENCE.md 6).
+LLAMA3_STOP_TOKENS = (128_001, 128_008, 128_009)
+
+# Smallest buckets: a prompt buffer and an output buffer never shrink below these.
+MIN_PROMPT_BUCKET = 16
+MIN_NEW_TOKENS_BUCKET = 16
+# Stop ids are passed as a fixed-size array (padded with -1) so a new stop set is not a new program.
+MAX_STOP_TOKENS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """What one prompt produced.
+
+    tokens: the new tokens, the stop token excluded.
+    stop_reason: "stop" (a stop token was sampled) or "length" (`max_new_tokens` reached).
+    stop_token: the stop token sampled (eot vs eom matters to chat), None for "length".
+    logprobs: float32 log-softmax of the untempered logits at each token of `tokens`, when asked.
+    """
+
+    tokens: tuple[int, ...]
+    stop_reason: str
+    stop_token: int | None = None
+    logprobs: tuple[float, ...] | None = None
+
+
+# ---- sampling: small pure functions on float32 logits [B, V] ----------------------------------------
+# Each filter returns a per-row threshold [B, 1]: a token is kept when its logit is >= the threshold.
+# Thresholds compose by `max`, so the filters never need a scatter back through a sort permutation.
+
+
+def top_k_threshold(logits_bv: jax.Array, k: int) -> jax.Array:
+    """The k-th largest logit of each row (k static, >= 1)."""
+    return jax.lax.top_k(logits_bv, k)[0][:, k - 1 :]
+
+
+def top_p_threshold(logits_bv: jax.Array, p: jax.Array | float) -> jax.Array:
+    """Meta's nucleus over softmax(logits): keep a token when the mass of the tokens above it is <= p.
+
+    Meta sorts the vocabulary; a 128K-entry sort costs ~200 ms per row on this CPU, so instead this
+    binary-searches the smallest probability q with mass(p_j > q) <= p over float32 bit patterns
+    (monotone for non-negative floats): 31 masked sums, exact up to the rounding of those sums.
+    """
+    probs_bv = jax.nn.softmax(logits_bv, axis=-1)
+    bits_bv = jax.lax.bitcast_convert_type(probs_bv, jnp.int32)
+
+    def halve(_, bounds):  # invariant: the answer lies in [lo, hi]
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        mass = jnp.sum(jnp.where(bits_bv > mid, probs_bv, 0.0), axis=-1, keepdims=True)
+        fits = mass <= p
+        return jnp.where(fits, lo, mid + 1), jnp.where(fits, mid, hi)
+
+    lo = jnp.zeros((logits_bv.shape[0], 1), jnp.int32)
+    hi = jnp.max(bits_bv, axis=-1, keepdims=True)  # mass above p_max is 0 <= p
+    _, q_bits = jax.lax.fori_loop(0, 31, halve, (lo, hi))
+    return jnp.min(jnp.where(bits_bv >= q_bits, logits_bv, jnp.inf), axis=-1, keepdims=True)
+
+
+def min_p_threshold(logits_bv: jax.Array, min_p: jax.Array | float) -> jax.Array:
+    """Keep p_i >= min_p * p_max, i.e. logit_i >= logit_max + log(min_p) (-inf keeps all at 0)."""
+    return jnp.max(logits_bv, axis=-1, keepdims=True) + jnp.log(jnp.float32(min_p))
+
+
+def _nucleus_threshold(sorted_bk: jax.Array, p) -> jax.Array:
+    """Meta's rule on candidate logits sorted descending (the top k): cumulative sums, as Meta."""
+    probs_bk = jax.nn.softmax(sorted_bk, axis=-1)
+    exclusive_mass = jnp.cumsum(probs_bk, axis=-1) - probs_bk
+    n_kept = jnp.sum(exclusive_mass <= p, axis=-1, keepdims=True)  # >= 1: the top token's mass before is 0
+    return jnp.take_along_axis(sorted_bk, n_kept - 1, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mode:
+    """The static (compile-time) shape of a sampling configuration; the values themselves are traced."""
+
+    greedy: bool
+    top_k: int  # 0: off
+    top_p: bool
+    min_p: bool
+    logprobs: bool
+
+
+def _mode(temperature, top_k, top_p, min_p, logprobs=False) -> _Mode:
+    greedy = temperature == 0.0
+    return _Mode(
+        greedy=greedy,
+        top_k=0 if greedy else int(top_k),
+        top_p=not greedy and top_p < 1.0,
+        min_p=not greedy and min_p > 0.0,
+        logprobs=bool(logprobs),
+    )
+
+
+def _filter(scaled_bv: jax.Array, knobs: jax.Array, mode: _Mode) -> jax.Array:
+    """Tempered logits with every filtered-out token at -inf. knobs = [temperature, top_p, min_p]."""
+    thresholds = []
+    if mode.top_k:
+        top_bk = jax.lax.top_k(scaled_bv, mode.top_k)[0]
+        # top-p then runs on the top-k renormalised distribution (sorting k values, not V).
+        thresholds.append(_nucleus_threshold(top_bk, knobs[1]) if mode.top_p else top_bk[:, -1:])
+    elif mode.top_p:
+        thresholds.append(top_p_threshold(scaled_bv, knobs[1]))
+    if mode.min_p:
+        thresholds.append(min_p_threshold(scaled_bv, knobs[2]))
+    if not thresholds:
+        return scaled_bv
+    threshold = functools.reduce(jnp.maximum, thresholds)
+    return jnp.where(scaled_bv >= threshold, scaled_bv, -jnp.inf)
+
+
+def _sample(keys_b: jax.Array, logits_bv: jax.Array, knobs: jax.Array, mode: _Mode) -> jax.Array:
+    if mode.greedy:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    filtered = _filter(logits_bv / knobs[0], knobs, mode)
+    return jax.vmap(jax.random.categorical)(keys_b, filtered).astype(jnp.int32)
+
+
+def filter_logits(
+    logits_bv: jax.Array, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> jax.Array:
+    """logits / temperature with the tokens outside top-k / top-p / min-p set to -inf."""
+    _check_sampling(temperature or 1.0, top_k, top_p, min_p)
+    mode = _mode(temperature or 1.0, top_k, top_p, min_p)
+    logits_bv = jnp.asarray(logits_bv, jnp.float32)
+    return _filter(logits_bv / jnp.float32(temperature or 1.0), _knobs(temperature or 1.0, top_p, min_p), mode)
+
+
+def sample(
+    key: jax.Array,
+    logits_bv: jax.Array,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+) -> jax.Array:
+    """One token per row of `logits_bv` `[B, V]` → `[B]` int32 (temperature 0: argmax)."""
+    _check_sampling(temperature, top_k, top_p, min_p)
+    logits_bv = jnp.asarray(logits_bv, jnp.float32)
+    keys_b = jax.random.split(key, logits_bv.shape[0])
+    return _sample(keys_b, logits_bv, _knobs(temperature, top_p, min_p), _mode(temperature, top_k, top_p, min_p))
+
+
+def _knobs(temperature, top_p, min_p) -> jax.Array:
+    return jnp.asarray([temperature or 1.0, top_p, min_p], jnp.float32)
+
+
+# ---- the jitted programs -------------------------------------------------------------------------------
+
+_TRACES = {"prefill": 0, "decode": 0}
+
+
+def trace_counts() -> dict[str, int]:
+    """How many times each jitted program was traced (= compiled) in this process."""
+    return dict(_TRACES)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """The decode loop's carry. B rows (padding rows included), N output slots."""
+
+    cache: KVCache
+    last: jax.Array  # [B] int32: the token to feed next
+    positions: jax.Array  # [B] int32: its position (= the cache entry it writes)
+    step: jax.Array  # [] int32: loop steps done (= output slot of the next token)
+    tokens: jax.Array  # [B, N] int32: sampled tokens (valid up to `counts`, plus the stop token)
+    logprobs: jax.Array  # [B, N] float32 ([B, 0] when not asked for)
+    counts: jax.Array  # [B] int32: tokens emitted, stop token excluded
+    done: jax.Array  # [B] bool: stopped, or a padding row
+    stopped: jax.Array  # [B] bool: ended by a stop token
+    keys: jax.Array  # [B] PRNG keys, one stream per row
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_out", "logprobs"), donate_argnames=("cache",))
+def _prefill(graphdef, params, prompt_bp, lengths_b, active_b, cache, seed, *, n_out, logprobs):
+    _TRACES["prefill"] += 1
+    model = nnx.merge(graphdef, params)
+    # The logits are unused, so XLA drops the [B, P, V] vocabulary projection; the first new token
+    # comes from the decode loop's first step (the last prompt token fed at its own position).
+    _, cache = model.prefill(prompt_bp, cache)
+    b = prompt_bp.shape[0]
+    last = jnp.take_along_axis(prompt_bp, (lengths_b - 1)[:, None], axis=1)[:, 0]
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), jnp.arange(b))
+    return DecodeState(
+        cache=cache,
+        last=last,
+        positions=lengths_b - 1,
+        step=jnp.int32(0),
+        tokens=jnp.zeros((b, n_out), jnp.int32),
+        logprobs=jnp.zeros((b, n_out if logprobs else 0), jnp.float32),
+        counts=jnp.zeros((b,), jnp.int32),
+        done=~active_b,
+        stopped=jnp.zeros((b,), bool),
+        keys=keys,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "unroll"), donate_argnames=("state",))
+def _decode(graphdef, params, state: DecodeState, limit, knobs, stop_ids, *, mode: _Mode, unroll):
+    """Run decode steps until `state.step == limit` or every row is done."""
+    _TRACES["decode"] += 1
+    model = nnx.merge(graphdef, params)
+
+    def cond(s: DecodeState):
+        return (s.step < limit) & ~jnp.all(s.done)
+
+    def body(s: DecodeState) -> DecodeState:
+        logits_b1v, cache = model.decode(s.last[:, None], s.positions[:, None], s.cache, unroll=unroll)
+        logits_bv = logits_b1v[:, 0]
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s.keys, s.step)
+        token = _sample(keys, logits_bv, knobs, mode)
+        is_stop = jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+        live = ~s.done
+        logprobs = s.logprobs
+        if mode.logprobs:
+            logp = jnp.take_along_axis(jax.nn.log_softmax(logits_bv, axis=-1), token[:, None], axis=-1)
+            logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, logp, s.step, axis=1)
+        return DecodeState(
+            cache=cache,
+            last=jnp.where(live, token, s.last),
+            positions=jnp.where(live, s.positions + 1, s.positions),
+            step=s.step + 1,
+            tokens=jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.step, axis=1),
+            logprobs=logprobs,
+            counts=s.counts + (live & ~is_stop).astype(jnp.int32),
+            done=s.done | is_stop,
+            stopped=s.stopped | (live & is_stop),
+            keys=s.keys,
+        )
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+# ---- host side: validation, bucketing, results -------------------------------------------------------
+
+
+def _bucket(n: int, minimum: int) -> int:
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+def _default_unroll(n_layers: int) -> int | bool:
+    # Full unrolling reads each layer's weights in place (no per-step copy out of the stacked
+    # buffer); past ~48 layers compile time grows too much for what it buys, so fall back to a scan.
+    return True if n_layers <= 48 else 1
+
+
+def _check_sampling(temperature, top_k, top_p, min_p) -> None:
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not (isinstance(top_k, (int, np.integer)) and not isinstance(top_k, bool) and top_k >= 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    if not (isinstance(min_p, (int, float)) and 0.0 <= min_p <= 1.0):
+        raise ValueError(f"min_p must be in [0, 1] (0 = off), got {min_p!r}")
+
+
+def _check_prompts(prompts, vocab_size: int, max_seq_len: int, max_new_tokens) -> list[np.ndarray]:
+    if not (isinstance(max_new_tokens, (int, np.integer)) and not isinstance(max_new_tokens, bool)):
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
+        prompts = list(prompts)
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not len(prompts):
+        raise ValueError("prompts must be a non-empty list of token-id lists, e.g. [[128000, 9906]]")
+    if isinstance(prompts[0], (int, np.integer)):
+        raise ValueError("prompts must be a list of token-id lists; wrap a single prompt: [tokens]")
+    checked = []
+    for i, prompt in enumerate(prompts):
+        ids = np.asarray(prompt)
+        if ids.ndim != 1:
+            raise ValueError(f"prompt {i}: expected a flat list of token ids, got shape {ids.shape}")
+        if ids.size == 0:
+            raise ValueError(f"prompt {i} is empty; expected at least one token (e.g. the BOS id 128000)")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"prompt {i}: expected integer token ids, got dtype {ids.dtype}")
+        bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+        if bad.size:
+            j = int(bad[0])
+            raise ValueError(
+                f"prompt {i}: token id {int(ids[j])} at position {j} is outside the vocabulary [0, {vocab_size})"
+            )
+        if ids.size + max_new_tokens > max_seq_len:
+            raise ValueError(
+                f"prompt {i} has {ids.size} tokens; with max_new_tokens={max_new_tokens} it needs "
+                f"{ids.size + max_new_tokens} positions, beyond the model's context of {max_seq_len} "
+                f"(config.max_seq_len): shorten the prompt or lower max_new_tokens"
+            )
+        checked.append(ids.astype(np.int32))
+    return checked
+
+
+def default_stop_tokens(model) -> tuple[int, ...]:
+    """What `stop_tokens=None` means: the attached tokenizer's (`model.tokenizer.stop_tokens`), else
+    Llama 3's (<|end_of_text|>, <|eom_id|>, <|eot_id|>) for a Llama 3 vocabulary, else none."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        return tuple(tokenizer.stop_tokens)
+    return LLAMA3_STOP_TOKENS if model.config.vocab_size == LLAMA3_VOCAB_SIZE else ()
+
+
+def _stop_ids(model, stop_tokens) -> np.ndarray:
+    vocab = model.config.vocab_size
+    if stop_tokens is None:
+        stop_tokens = default_stop_tokens(model)
+    stop_tokens = sorted({int(t) for t in stop_tokens})
+    if len(stop_tokens) > MAX_STOP_TOKENS:
+        raise ValueError(f"at most {MAX_STOP_TOKENS} stop tokens are supported, got {len(stop_tokens)}")
+    for t in stop_tokens:
+        if not 0 <= t < vocab:
+            raise ValueError(f"stop token {t} is outside the vocabulary [0, {vocab})")
+    return np.asarray(stop_tokens + [-1] * (MAX_STOP_TOKENS - len(stop_tokens)), np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """A validated, bucketed request ready to run."""
+
+    n_prompts: int
+    prompt_bp: np.ndarray
+    lengths_b: np.ndarray
+    active_b: np.ndarray
+    cache_len: int
+    n_out: int
+    stop_ids: np.ndarray
+    knobs: np.ndarray
+    mode: _Mode
+
+
+def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, logprobs, seed) -> _Job:
+    config = model.config
+    _check_sampling(temperature, top_k, top_p, min_p)
+    if not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and 0 <= seed < 2**32):
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    if top_k > config.vocab_size:
+        raise ValueError(f"top_k={top_k} is larger than the vocabulary ({config.vocab_size})")
+    rows = _check_prompts(prompts, config.vocab_size, config.max_seq_len, max_new_tokens)
+    longest = max(len(r) for r in rows)
+    b = _bucket(len(rows), 1)
+    p = min(_bucket(longest, MIN_PROMPT_BUCKET), config.max_seq_len)
+    n_out = _bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
+    # Entry s holds position s; positions reach at most longest + max_new_tokens - 1 < P + N.
+    cache_len = min(p + n_out, config.max_seq_len)
+    prompt_bp = np.zeros((b, p), np.int32)
+    lengths_b = np.ones((b,), np.int32)
+    for i, r in enumerate(rows):
+        prompt_bp[i, : len(r)] = r
+        lengths_b[i] = len(r)
+    return _Job(
+        n_prompts=len(rows),
+        prompt_bp=prompt_bp,
+        lengths_b=lengths_b,
+        active_b=np.arange(b) < len(rows),
+        cache_len=cache_len,
+        n_out=n_out,
+        stop_ids=_stop_ids(model, stop_tokens),
+        knobs=np.asarray([temperature or 1.0, top_p, min_p], np.float32),
+        mode=_mode(temperature, top_k, top_p, min_p, logprobs),
+    )
+
+
+def _empty_cache(model, batch: int, length: int) -> KVCache:
+    cache = KVCache.zeros(model.config, batch, length, dtype=model.dtype)
+    spec = getattr(model, "sharding", None)
+    if spec is not None:
+        shape = cache.k.shape
+        sharding = NamedSharding(spec.mesh, logical_to_spec(CACHE_AXES, spec.rules, mesh=spec.mesh, shape=shape))
+        cache = jax.device_put(cache, sharding)
+    return cache
+
+
+def _start(model, job: _Job, seed: int):
+    graphdef, params = nnx.split(model)
+    state = _prefill(
+        graphdef,
+        params,
+        job.prompt_bp,
+        job.lengths_b,
+        job.active_b,
+        _empty_cache(model, job.prompt_bp.shape[0], job.cache_len),
+        np.uint32(seed),
+        n_out=job.n_out,
+        logprobs=job.mode.logprobs,
+    )
+    return graphdef, params, state
+
+
+def _result(tokens, logprobs, count, stopped, want_logprobs) -> GenerationResult:
+    count = int(count)
+    return GenerationResult(
+        tokens=tuple(int(t) for t in tokens[:count]),
+        stop_reason="stop" if stopped else "length",
+        stop_token=int(tokens[count]) if stopped else None,
+        logprobs=tuple(float(x) for x in logprobs[:count]) if want_logprobs else None,
+    )
+
+
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    seed: int = 0,
+    stop_tokens: Sequence[int] | None = None,
+    logprobs: bool = False,
+    unroll: int | bool | None = None,
+) -> list[GenerationResult]:
+    """Continue each prompt (a list of token ids; lengths may differ) by up to `max_new_tokens`.
+
+    Args:
+      model: a `Llama` (from `llama_jax.load` or `default_model`).
+      prompts: token-id lists, BOS included if wanted (`Tokenizer.encode(text, bos=True, eos=False)`).
+      max_new_tokens: upper bound on new tokens per prompt.
+      temperature: 0 = greedy (argmax); otherwise sample from softmax(logits / temperature).
+      top_k, top_p, min_p: filters (0, 1.0, 0.0 = off), applied in that order (see module doc).
+      seed: PRNG seed; the same seed and prompt give the same tokens.
+      stop_tokens: ids that end a row (not included in `.tokens`). None: the attached tokenizer's
+        (`model.tokenizer.stop_tokens`), else Llama 3's when the vocabulary is Llama 3's; [] = none.
+      logprobs: also return each token's float32 log-softmax under the untempered logits.
+      unroll: layer-loop unrolling of the decode step (None: full unroll up to 48 layers).
+
+    Returns:
+      One `GenerationResult` per prompt, in order.
+    """
+    job, state = _run(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop_tokens,
+                      logprobs, unroll)  # fmt: skip
+    tokens, lps, counts, stopped = jax.device_get((state.tokens, state.logprobs, state.counts, state.stopped))
+    return [_result(tokens[i], lps[i], counts[i], stopped[i], logprobs) for i in range(job.n_prompts)]
+
+
+def _run(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0,
+         stop_tokens=None, logprobs=False, unroll=None) -> tuple[_Job, DecodeState]:  # fmt: skip
+    """`generate` up to the final device state (which tests inspect)."""
+    job = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, logprobs, seed)
+    graphdef, params, state = _start(model, job, seed)
+    state = _decode(
+        graphdef,
+        params,
+        state,
+        np.int32(max_new_tokens),
+        job.knobs,
+        job.stop_ids,
+        mode=job.mode,
+        unroll=_default_unroll(model.config.n_layers) if unroll is None else unroll,
+    )
+    return job, state
+
+
+def stream(
+    model,
+    prompt_tokens: Sequence[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    seed: int = 0,
+    stop_tokens: Sequence[int] | None = None,
+    chunk: int = 1,
+    unroll: int | bool | None = None,
+) -> Iterator[int]:
+    """Yield the new tokens of one prompt as they are produced (stop token excluded).
+
+    The same prefill and decode programs as `generate` (same bucketing, same tokens for the same
+    seed), run `chunk` steps per call so the host sees tokens as they come. The request is checked
+    here, before the first token is asked for. The generator's return value (`StopIteration.value`,
+    or the value of `yield from`) is the `GenerationResult`.
+    """
+    if not (isinstance(chunk, int) and chunk >= 1):
+        raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
+    job = _prepare(model, [prompt_tokens], max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, False, seed)
+    unroll = _default_unroll(model.config.n_layers) if unroll is None else unroll
+    return _stream(model, job, seed, max_new_tokens, chunk, unroll)
+
+
+def _stream(model, job: _Job, seed, max_new_tokens, chunk, unroll) -> Iterator[int]:
+    graphdef, params, state = _start(model, job, seed)
+    emitted = 0
+    while True:
+        limit = min(emitted + chunk, max_new_tokens)
+        state = _decode(graphdef, params, state, np.int32(limit), job.knobs, job.stop_ids, mode=job.mode, unroll=unroll)
+        tokens, count, stopped = jax.device_get((state.tokens[0], state.counts[0], state.stopped[0]))
+        yield from (int(t) for t in tokens[emitted:count])
+        emitted = int(count)
+        if stopped or emitted >= max_new_tokens:
+            return _result(tokens, np.zeros(0), count, stopped, False)
