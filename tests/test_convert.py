@@ -170,6 +170,17 @@ def test_existing_non_empty_destination_is_refused_unless_overwrite(hf_bf16, tmp
     assert_same_bits(hf_tensors(tmp_path / "out"), hf_tensors(hf_bf16))
 
 
+def test_the_main_cli_converts_to_orbax_and_load_reads_it(hf_bf16, tmp_path):
+    """`python -m llama_jax convert SRC DST --to orbax`, end to end, then the same logits."""
+    run = subprocess.run([sys.executable, "-m", "llama_jax", "convert", str(hf_bf16), str(tmp_path / "orbax"),
+                          "--to", "orbax", "--no-progress"], cwd=ROOT, capture_output=True, text=True, env=_env())  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    tokens = np.arange(10)[None, :]
+    np.testing.assert_array_equal(
+        np.asarray(llama_jax.load(tmp_path / "orbax")(tokens)), np.asarray(llama_jax.load(hf_bf16)(tokens))
+    )
+
+
 def test_cli_reports_errors_without_a_traceback(hf_bf16, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("x")
