@@ -449,6 +449,16 @@ def _start(model, job: _Job, seed: int):
     return graphdef, params, state
 
 
+def _to_host(tree):
+    """Fetch results to this host. On several processes the arrays span devices this process cannot
+    address, so they are all-gathered first (every process gets every row)."""
+    if all(x.is_fully_addressable for x in jax.tree.leaves(tree)):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def _result(tokens, logprobs, count, stopped, want_logprobs) -> GenerationResult:
     count = int(count)
     return GenerationResult(
@@ -492,7 +502,7 @@ def generate(
     """
     job, state = _run(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop_tokens,
                       logprobs, unroll)  # fmt: skip
-    tokens, lps, counts, stopped = jax.device_get((state.tokens, state.logprobs, state.counts, state.stopped))
+    tokens, lps, counts, stopped = _to_host((state.tokens, state.logprobs, state.counts, state.stopped))
     return [_result(tokens[i], lps[i], counts[i], stopped[i], logprobs) for i in range(job.n_prompts)]
 
 
@@ -548,7 +558,7 @@ def _stream(model, job: _Job, seed, max_new_tokens, chunk, unroll) -> Iterator[i
     while True:
         limit = min(emitted + chunk, max_new_tokens)
         state = _decode(graphdef, params, state, np.int32(limit), job.knobs, job.stop_ids, mode=job.mode, unroll=unroll)
-        tokens, count, stopped = jax.device_get((state.tokens[0], state.counts[0], state.stopped[0]))
+        tokens, count, stopped = _to_host((state.tokens[0], state.counts[0], state.stopped[0]))
         yield from (int(t) for t in tokens[emitted:count])
         emitted = int(count)
         if stopped or emitted >= max_new_tokens:

@@ -43,11 +43,13 @@ _WORKER = textwrap.dedent(
                                           lambda index: tokens_np[index])
     logits = nnx.jit(lambda m, t: m(t))(model, tokens)
     everything = multihost_utils.process_allgather(logits, tiled=True)
+    generated = [list(r.tokens) for r in llama_jax.generate(model, tokens_np.tolist(), max_new_tokens=6, stop_tokens=[])]
     wq = model.layers.attention.wq[...]
     report = dict(
         topology=topology.__dict__,
         mesh_processes=sorted({d.process_index for d in mesh.devices.flat}),
         wq_local_fraction=sum(s.data.size for s in wq.addressable_shards) / wq.size,
+        generated=generated,
     )
     np.save(out + ".npy", np.asarray(everything))
     open(out + ".json", "w").write(json.dumps(report))
@@ -62,10 +64,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_compute_the_single_process_logits(tmp_path):
+def test_two_processes_compute_the_single_process_logits_and_tokens(tmp_path):
     checkpoints.hf_checkpoint(tmp_path / "ckpt", vocab_size=384, dim=64, n_layers=2, n_heads=8, n_kv_heads=2,
                               ffn_dim=160)  # fmt: skip
-    reference = np.asarray(llama_jax.load(tmp_path / "ckpt", dtype="float32")(TOKENS))
+    single = llama_jax.load(tmp_path / "ckpt", dtype="float32")
+    reference = np.asarray(single(TOKENS))
+    reference_tokens = [list(r.tokens) for r in llama_jax.generate(single, TOKENS.tolist(), max_new_tokens=6, stop_tokens=[])]
 
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS")}
     env |= {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
@@ -97,6 +101,7 @@ def test_two_processes_compute_the_single_process_logits(tmp_path):
         assert report["mesh_processes"] == [0, 1]
         assert report["wq_local_fraction"] == 0.5  # each process holds (and read) half of each weight
         logits = np.load(tmp_path / f"out{i}.npy")
+        assert report["generated"] == reference_tokens  # greedy generate across both processes
         assert logits.shape == reference.shape
         assert np.abs(logits - reference).max() / np.abs(reference).max() <= 1e-5
 
