@@ -111,7 +111,7 @@ def load_from(
             continue
         variable = flat[rule.path]
         names = variable.get_metadata()["out_sharding"]
-        sources = [lambda n=n: source_to_ours(ckpt, rule, n) for n in layout.source_names(rule, config, ckpt.fmt)]
+        sources = [lambda n=n, r=rule: source_to_ours(ckpt, r, n) for n in layout.source_names(rule, config, ckpt.fmt)]
         variable.set_value(place(variable.get_value().shape, dtype, names, sources, mesh, rules))
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     if mesh is not None:

@@ -65,7 +65,7 @@ class MetaCheckpoint:
             except Exception as e:
                 raise ValueError(f"{f}: cannot read as a torch checkpoint ({type(e).__name__}: {e})") from e
         first = set(self._shards[0])
-        for f, shard in zip(self.files[1:], self._shards[1:]):
+        for f, shard in zip(self.files[1:], self._shards[1:], strict=True):
             if set(shard) != first:
                 diff = sorted(set(shard) ^ first)[:5]
                 raise ValueError(f"{f}: holds different tensor names than {self.files[0].name} (e.g. {diff})")

@@ -130,7 +130,7 @@ def write_safetensors(
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
-        for name, arr in items:
+        for _name, arr in items:
             data = np.ascontiguousarray(np.asarray(arr))
             f.write(memoryview(data.reshape(-1).view(np.uint8)))
         f.flush()
