@@ -28,8 +28,6 @@ reserve memory (CUDA context, cuBLAS/cuDNN workspaces, jax's 75% GPU preallocati
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -50,8 +48,7 @@ def table_markers(name: str) -> tuple[str, str]:
 
 TABLE_BEGIN, TABLE_END = table_markers("plan-table")
 
-# The setups in docs/SHARDING.md: (label, arguments). The second table re-plans those marked
-# CORE with `--kv-write per-layer`.
+# The setups in docs/SHARDING.md: (label, arguments).
 REPORT_SETUPS: tuple[tuple[str, list[str]], ...] = (
     ("405B FP8, 8x H100", ["--config", "configs/llama3_1_405b.py", "--preset", "h100x8", "--mesh", "tensor=8",
                            "--weight-dtype", "fp8", "--batch", "4", "--context", "16384"]),
@@ -70,10 +67,8 @@ REPORT_SETUPS: tuple[tuple[str, list[str]], ...] = (
     ("405B bf16, TPU v5p-128 (64 chips)", ["--config", "configs/llama3_1_405b.py", "--preset", "v5p-128",
                                            "--mesh", "fsdp=8,tensor=8", "--batch", "32", "--context", "32768"]),
 )  # fmt: skip
-CORE = (0, 1, 2, 4, 5, 6, 7)
 REPORT_TABLES: tuple[tuple[str, tuple[int, ...], list[str]], ...] = (
     ("plan-table", tuple(range(len(REPORT_SETUPS))), []),
-    ("plan-table-per-layer-write", CORE, ["--kv-write", "per-layer"]),
 )
 
 
@@ -92,12 +87,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-dtype", default="bfloat16", choices=("bfloat16", "fp8", "float32"))
     p.add_argument("--cache-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--headroom", type=float, default=HBM_HEADROOM, help="usable fraction of device memory")
-    p.add_argument(
-        "--kv-write",
-        default="model",
-        choices=("model", "per-layer"),
-        help="what-if: 'per-layer' lowers with a per-layer KV cache write instead of KVCache.write",
-    )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--report", metavar="MARKDOWN", help="regenerate the planner table in this file and exit")
     return p
@@ -172,9 +161,8 @@ def run(args) -> dict[str, Any]:
     cache = placement.abstract_cache(config, args.batch, context, spec, cache_dtype)
     weights = weight_bytes(state)
     kv = _per_device_bytes(cache.k) * 2
-    with _kv_write(args.kv_write):
-        prefill, decode = _compile(graphdef, state, cache, spec, args.batch, prompt, config.n_layers,
-                                   weight_dtype.itemsize)  # fmt: skip
+    prefill, decode = _compile(graphdef, state, cache, spec, args.batch, prompt, config.n_layers,
+                               weight_dtype.itemsize)  # fmt: skip
 
     memory = hardware.memory_bytes if hardware else None
     budget = int(memory * args.headroom) if memory else None
@@ -192,7 +180,6 @@ def run(args) -> dict[str, Any]:
         "strategy": args.strategy,
         "weight_dtype": args.weight_dtype,
         "cache_dtype": args.cache_dtype,
-        "kv_write": args.kv_write,
         "batch": args.batch,
         "context": context,
         "prompt": prompt,
@@ -219,35 +206,6 @@ def run(args) -> dict[str, Any]:
         plan["max_batch_at_context"] = _round_down(tokens // context, kv_token["batch_shards"])
         plan["max_context_at_batch"] = min(config.max_seq_len, tokens // args.batch)
     return plan
-
-
-@contextlib.contextmanager
-def _kv_write(kind: str):
-    """What-if for the KV cache write (`--kv-write per-layer`); "model" lowers the code as it is.
-
-    `KVCache.write` vmaps a row write over the batch axis of the whole [L, B, S, K, H] buffer; XLA
-    makes that a scatter on a transposed copy of the entire cache (2-3x the cache in temporaries).
-    The per-layer variant slices layer i, writes the rows there and puts the layer back.
-    """
-    if kind == "model":
-        yield
-        return
-    from unittest import mock
-
-    import jax
-
-    from llama_jax.kv_cache import KVCache
-
-    def per_layer_write(self, i, k, v, start):
-        def write(buf, new):
-            layer = jax.lax.dynamic_index_in_dim(buf, i, 0, keepdims=False)
-            row = lambda l_skh, n_tkh, s: jax.lax.dynamic_update_slice(l_skh, n_tkh.astype(l_skh.dtype), (s, 0, 0))  # noqa: E731
-            return jax.lax.dynamic_update_index_in_dim(buf, jax.vmap(row)(layer, new, start), i, 0)
-
-        return dataclasses.replace(self, k=write(self.k, k), v=write(self.v, v))
-
-    with mock.patch.object(KVCache, "write", per_layer_write):
-        yield
 
 
 def _start_virtual_devices(n: int) -> None:
