@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import pathlib
 import re
@@ -77,10 +76,9 @@ class _Source:
     def _release(self) -> None:
         """Unmap the pages of tensors already written: read-only file pages touched through a memory
         map count in this process's resident set until unmapped, and would add up to the model."""
-        for f in getattr(self.ckpt, "_files", {}).values():
-            mapped = getattr(f, "_mmap", None)
-            if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
-                mapped.madvise(mmap.MADV_DONTNEED)
+        release = getattr(self.ckpt, "release", None)  # memory-mapped readers (HF safetensors) have it
+        if release is not None:
+            release()
 
 
 def _np_dtype(name) -> np.dtype:

@@ -70,6 +70,11 @@ class HFCheckpoint:
     def read(self, name: str) -> np.ndarray:
         return self._file(self._where[name]).array(name)
 
+    def release(self) -> None:
+        """Drop every file's already-read pages from the resident set (see `SafetensorsFile.release`)."""
+        for f in self._files.values():
+            f.release()
+
     def fp8_layers(self) -> tuple[int, ...]:
         """Layers whose FFN weights are stored float8_e4m3fn (empty for an unquantized checkpoint)."""
         fp8 = np.dtype(DTYPES["F8_E4M3"])

@@ -90,6 +90,12 @@ class SafetensorsFile:
     def dtype(self, name: str) -> np.dtype:
         return DTYPES[self._entries[name]["dtype"]]
 
+    def release(self) -> None:
+        """Drop the pages read so far from this process's resident set (the mapping stays valid:
+        a page touched again faults back in from the file)."""
+        if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._mmap.madvise(mmap.MADV_DONTNEED)
+
     def array(self, name: str) -> np.ndarray:
         """A read-only view of the tensor's bytes in the memory map (nothing is read yet)."""
         if self._mmap is None:
