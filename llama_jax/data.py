@@ -84,15 +84,12 @@ class Examples:
         shape = self.tokens.shape
         if len(shape) != 2:
             raise ValueError(f"tokens: expected [N, T], got shape {shape}")
-        for name, dtype in (("tokens", np.int32), ("targets", np.int32), ("loss_mask", np.float32),
-                            ("positions", np.int32), ("segment_ids", np.int32)):  # fmt: skip
-            _check_array(getattr(self, name), name, shape, dtype)
         if (self.teacher_ids is None) != (self.teacher_logprobs is None):
             raise ValueError("teacher_ids and teacher_logprobs go together: give both or neither")
-        if self.teacher_ids is not None:
-            k = self.teacher_ids.shape[-1]
-            _check_array(self.teacher_ids, "teacher_ids", (*shape, k), np.int32)
-            _check_array(self.teacher_logprobs, "teacher_logprobs", (*shape, k), np.float32)
+        k = () if self.teacher_ids is None else self.teacher_ids.shape[-1:]
+        for name, dtype in _ARRAY_DTYPES.items():
+            if (value := getattr(self, name)) is not None:
+                _check_array(value, name, shape + k if name.startswith("teacher") else shape, dtype)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -100,10 +97,18 @@ class Examples:
     @property
     def arrays(self) -> dict[str, np.ndarray]:
         """The per-row arrays that are present, by field name: what a `Loader` batch holds."""
-        return {name: value for name in _ARRAY_FIELDS if (value := getattr(self, name)) is not None}
+        return {name: value for name in _ARRAY_DTYPES if (value := getattr(self, name)) is not None}
 
 
-_ARRAY_FIELDS = ("tokens", "targets", "loss_mask", "positions", "segment_ids", "teacher_ids", "teacher_logprobs")
+_ARRAY_DTYPES = {
+    "tokens": np.int32,
+    "targets": np.int32,
+    "loss_mask": np.float32,
+    "positions": np.int32,
+    "segment_ids": np.int32,
+    "teacher_ids": np.int32,
+    "teacher_logprobs": np.float32,
+}
 
 
 def _check_array(value: Any, name: str, shape: tuple[int, ...], dtype: type) -> None:

@@ -98,7 +98,7 @@ def test_chat_row_is_encode_dialog_without_the_generation_header(chat, dialog):
 
 
 def test_chat_loss_is_on_assistant_content_and_its_end_token_only(tokenizer, chat):
-    ex = chat_examples([SIMPLE, MULTI_TURN], chat, seq_len=96)
+    ex = chat_examples([SIMPLE, {"messages": MULTI_TURN}], chat, seq_len=96)  # a list or a JSONL record
     assert trained_spans(tokenizer, ex, 0) == ["Hello there!<|eot_id|>"]
     assert trained_spans(tokenizer, ex, 1) == ["4<|eot_id|>", "12, since (2 + 2) * 3 = 12.<|eot_id|>"]
 
@@ -210,14 +210,16 @@ def test_text_loss_is_on_every_token_after_bos_exactly_once(tokenizer):
 
 def test_text_documents_that_fit_in_a_row_are_never_split(tokenizer):
     ex = text_examples(TEXTS, tokenizer, seq_len=16)
-    fits = {
-        len(tokenizer.encode(t, bos=True, eos=True))
-        for t in TEXTS
-        if len(tokenizer.encode(t, bos=True, eos=True)) <= 16
-    }
-    starts = [(row, span) for row, span in segments(ex) if ex.tokens[row, span.start] == BOS]
-    whole = [span.stop - span.start for row, span in starts if ex.tokens[row, span.stop - 1] == EOS]
-    assert fits <= set(whole)
+    whole = [ex.tokens[row, span].tolist() for row, span in segments(ex)]
+    docs = [tokenizer.encode(t, bos=True, eos=True) for t in TEXTS]
+    assert [d in whole for d in docs] == [len(d) <= 16 for d in docs]
+
+
+def test_text_a_document_of_exactly_one_row_fills_it(tokenizer):
+    doc = tokenizer.encode(TEXTS[2], bos=True, eos=True)
+    ex = text_examples([TEXTS[1], TEXTS[2]], tokenizer, seq_len=len(doc))
+    assert ex.tokens[1].tolist() == doc and ex.segment_ids[1].tolist() == [1] * len(doc)
+    assert (len(ex), ex.n_continued) == (2, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,3 +397,5 @@ def test_examples_reject_inconsistent_arrays():
         Examples(ex.tokens, ex.targets[:, :2], ex.loss_mask, ex.positions, ex.segment_ids)
     with pytest.raises(ValueError, match="loss_mask"):
         Examples(ex.tokens, ex.targets, ex.loss_mask.astype(np.float64), ex.positions, ex.segment_ids)
+    with pytest.raises(ValueError, match="both or neither"):
+        Examples(ex.tokens, ex.targets, ex.loss_mask, ex.positions, ex.segment_ids, teacher_ids=ex.tokens[..., None])
