@@ -24,8 +24,13 @@ each layer's weights out of the stacked buffer every step (measured 1.0x transfo
 Sampling follows Meta's `generation.py`: temperature 0 is greedy argmax; otherwise
 softmax(logits / temperature) restricted by top-k, then top-p (Meta's rule: keep tokens whose
 *exclusive* prefix mass is <= p, so the top token always stays), then min-p (keep tokens with
-p >= min_p * p_max). Each prompt row has its own PRNG stream derived from `seed` and its index, so
-a prompt's sample does not depend on what it was batched with.
+p >= min_p * p_max). Each prompt row has its own PRNG stream, `fold_in(key(seed), row)`, so a
+prompt's sample does not depend on what it was batched with; with one seed per prompt
+(`seed=[s0, s1, ...]`) row i's stream is `fold_in(key(s_i), 0)`, the stream of that prompt generated
+alone with `seed=s_i`, so it does not depend on its row either (the batch job relies on this).
+
+`top_logprobs=K` also records, at every step, the K most likely ids and their log-softmax under the
+untempered logits (on device, `lax.top_k`), for distillation data.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ __all__ = [
     "filter_logits",
     "generate",
     "min_p_threshold",
+    "prompt_bucket",
     "sample",
     "stream",
     "top_k_threshold",
@@ -77,12 +83,16 @@ class GenerationResult:
     stop_reason: "stop" (a stop token was sampled) or "length" (`max_new_tokens` reached).
     stop_token: the stop token sampled (eot vs eom matters to chat), None for "length".
     logprobs: float32 log-softmax of the untempered logits at each token of `tokens`, when asked.
+    top_logprobs: with `top_logprobs=K`, `(ids, logprobs)`: for each token of `tokens` and for the
+      stop token when stop_reason == "stop", the K most likely ids (most likely first) and their
+      float32 log-softmax under the untempered logits, i.e. the distribution that token was drawn from.
     """
 
     tokens: tuple[int, ...]
     stop_reason: str
     stop_token: int | None = None
     logprobs: tuple[float, ...] | None = None
+    top_logprobs: tuple[tuple[tuple[int, ...], ...], tuple[tuple[float, ...], ...]] | None = None
 
 
 # ---- sampling: small pure functions on float32 logits [B, V] ----------------------------------------
@@ -140,9 +150,10 @@ class _Mode:
     top_p: bool
     min_p: bool
     logprobs: bool
+    top_logprobs: int = 0  # K alternatives recorded per step (0: off)
 
 
-def _mode(temperature, top_k, top_p, min_p, logprobs=False) -> _Mode:
+def _mode(temperature, top_k, top_p, min_p, logprobs=False, top_logprobs=0) -> _Mode:
     greedy = temperature == 0.0
     return _Mode(
         greedy=greedy,
@@ -150,6 +161,7 @@ def _mode(temperature, top_k, top_p, min_p, logprobs=False) -> _Mode:
         top_p=not greedy and top_p < 1.0,
         min_p=not greedy and min_p > 0.0,
         logprobs=bool(logprobs),
+        top_logprobs=int(top_logprobs),
     )
 
 
@@ -228,14 +240,19 @@ class DecodeState:
     step: jax.Array  # [] int32: loop steps done (= output slot of the next token)
     tokens: jax.Array  # [B, N] int32: sampled tokens (valid up to `counts`, plus the stop token)
     logprobs: jax.Array  # [B, N] float32 ([B, 0] when not asked for)
+    top_ids: jax.Array  # [B, N, K] int32: the K most likely ids at each step ([B, 0, 0] when K = 0)
+    top_logprobs: jax.Array  # [B, N, K] float32: their log-softmax
     counts: jax.Array  # [B] int32: tokens emitted, stop token excluded
     done: jax.Array  # [B] bool: stopped, or a padding row
     stopped: jax.Array  # [B] bool: ended by a stop token
     keys: jax.Array  # [B] PRNG keys, one stream per row
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_out", "logprobs"), donate_argnames=("cache",))
-def _prefill(graphdef, params, prompt_bp, lengths_b, active_b, cache, seed, *, n_out, logprobs):
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "n_out", "logprobs", "top_logprobs"), donate_argnames=("cache",)
+)
+def _prefill(graphdef, params, prompt_bp, lengths_b, active_b, cache, seeds_b, streams_b, *, n_out, logprobs,
+             top_logprobs):  # fmt: skip
     _TRACES["prefill"] += 1
     model = nnx.merge(graphdef, params)
     # The logits are unused, so XLA drops the [B, P, V] vocabulary projection; the first new token
@@ -243,7 +260,8 @@ def _prefill(graphdef, params, prompt_bp, lengths_b, active_b, cache, seed, *, n
     _, cache = model.prefill(prompt_bp, cache)
     b = prompt_bp.shape[0]
     last = jnp.take_along_axis(prompt_bp, (lengths_b - 1)[:, None], axis=1)[:, 0]
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), jnp.arange(b))
+    keys = jax.vmap(lambda seed, stream: jax.random.fold_in(jax.random.key(seed), stream))(seeds_b, streams_b)
+    k, n_top = top_logprobs, (n_out if top_logprobs else 0)
     return DecodeState(
         cache=cache,
         last=last,
@@ -251,6 +269,8 @@ def _prefill(graphdef, params, prompt_bp, lengths_b, active_b, cache, seed, *, n
         step=jnp.int32(0),
         tokens=jnp.zeros((b, n_out), jnp.int32),
         logprobs=jnp.zeros((b, n_out if logprobs else 0), jnp.float32),
+        top_ids=jnp.zeros((b, n_top, k), jnp.int32),
+        top_logprobs=jnp.zeros((b, n_top, k), jnp.float32),
         counts=jnp.zeros((b,), jnp.int32),
         done=~active_b,
         stopped=jnp.zeros((b,), bool),
@@ -274,10 +294,16 @@ def _decode(graphdef, params, state: DecodeState, limit, knobs, stop_ids, *, mod
         token = _sample(keys, logits_bv, knobs, mode)
         is_stop = jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
         live = ~s.done
-        logprobs = s.logprobs
+        logprobs, top_ids, top_logprobs = s.logprobs, s.top_ids, s.top_logprobs
+        if mode.logprobs or mode.top_logprobs:
+            logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
         if mode.logprobs:
-            logp = jnp.take_along_axis(jax.nn.log_softmax(logits_bv, axis=-1), token[:, None], axis=-1)
+            logp = jnp.take_along_axis(logp_bv, token[:, None], axis=-1)
             logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, logp, s.step, axis=1)
+        if mode.top_logprobs:
+            top_bk, ids_bk = jax.lax.top_k(logp_bv, mode.top_logprobs)
+            top_ids = jax.lax.dynamic_update_slice_in_dim(top_ids, ids_bk[:, None].astype(jnp.int32), s.step, axis=1)
+            top_logprobs = jax.lax.dynamic_update_slice_in_dim(top_logprobs, top_bk[:, None], s.step, axis=1)
         return DecodeState(
             cache=cache,
             last=jnp.where(live, token, s.last),
@@ -285,6 +311,8 @@ def _decode(graphdef, params, state: DecodeState, limit, knobs, stop_ids, *, mod
             step=s.step + 1,
             tokens=jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.step, axis=1),
             logprobs=logprobs,
+            top_ids=top_ids,
+            top_logprobs=top_logprobs,
             counts=s.counts + (live & ~is_stop).astype(jnp.int32),
             done=s.done | is_stop,
             stopped=s.stopped | (live & is_stop),
@@ -299,6 +327,12 @@ def _decode(graphdef, params, state: DecodeState, limit, knobs, stop_ids, *, mod
 
 def _bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+def prompt_bucket(length: int, max_seq_len: int) -> int:
+    """The prompt buffer `generate` pads a batch to when its longest prompt has `length` tokens:
+    batching prompts of one bucket together keeps each prompt's program what it is alone."""
+    return min(_bucket(length, MIN_PROMPT_BUCKET), max_seq_len)
 
 
 def _default_unroll(n_layers: int) -> int | bool:
@@ -389,19 +423,34 @@ class _Job:
     stop_ids: np.ndarray
     knobs: np.ndarray
     mode: _Mode
+    seeds_b: np.ndarray  # [B] uint32: row i's stream is fold_in(key(seeds_b[i]), streams_b[i])
+    streams_b: np.ndarray  # [B] int32
 
 
-def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, logprobs, seed) -> _Job:
+def _is_seed(seed) -> bool:
+    return isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and 0 <= seed < 2**32
+
+
+def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, logprobs, seed,
+             top_logprobs=0, min_batch=1) -> _Job:  # fmt: skip
     config = model.config
     _check_sampling(temperature, top_k, top_p, min_p)
-    if not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and 0 <= seed < 2**32):
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    per_row_seeds = not isinstance(seed, (int, np.integer))
+    if not (all(map(_is_seed, seed)) if per_row_seeds and isinstance(seed, Sequence) else _is_seed(seed)):
+        raise ValueError(f"seed must be an integer in [0, 2**32) or a list of them (one per prompt), got {seed!r}")
     if top_k > config.vocab_size:
         raise ValueError(f"top_k={top_k} is larger than the vocabulary ({config.vocab_size})")
+    if not (isinstance(top_logprobs, (int, np.integer)) and not isinstance(top_logprobs, bool)
+            and 0 <= top_logprobs <= config.vocab_size):  # fmt: skip
+        raise ValueError(f"top_logprobs must be an integer in [0, {config.vocab_size}] (0 = off), got {top_logprobs!r}")
+    if not (isinstance(min_batch, (int, np.integer)) and not isinstance(min_batch, bool) and min_batch >= 1):
+        raise ValueError(f"min_batch must be an integer >= 1, got {min_batch!r}")
     rows = _check_prompts(prompts, config.vocab_size, config.max_seq_len, max_new_tokens)
+    if per_row_seeds and len(seed) != len(rows):
+        raise ValueError(f"seed: got {len(seed)} seeds for {len(rows)} prompts; expected one per prompt")
     longest = max(len(r) for r in rows)
-    b = _bucket(len(rows), 1)
-    p = min(_bucket(longest, MIN_PROMPT_BUCKET), config.max_seq_len)
+    b = _bucket(max(len(rows), min_batch), 1)
+    p = prompt_bucket(longest, config.max_seq_len)
     n_out = _bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
     # Entry s holds position s; positions reach at most longest + max_new_tokens - 1 < P + N.
     cache_len = min(p + n_out, config.max_seq_len)
@@ -410,6 +459,13 @@ def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, s
     for i, r in enumerate(rows):
         prompt_bp[i, : len(r)] = r
         lengths_b[i] = len(r)
+    if per_row_seeds:  # a prompt's stream is the one it has alone (row 0), wherever it sits
+        seeds_b = np.zeros((b,), np.uint32)
+        seeds_b[: len(rows)] = seed
+        streams_b = np.zeros((b,), np.int32)
+    else:
+        seeds_b = np.full((b,), seed, np.uint32)
+        streams_b = np.arange(b, dtype=np.int32)
     return _Job(
         n_prompts=len(rows),
         prompt_bp=prompt_bp,
@@ -419,7 +475,9 @@ def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, s
         n_out=n_out,
         stop_ids=_stop_ids(model, stop_tokens),
         knobs=np.asarray([temperature or 1.0, top_p, min_p], np.float32),
-        mode=_mode(temperature, top_k, top_p, min_p, logprobs),
+        mode=_mode(temperature, top_k, top_p, min_p, logprobs, top_logprobs),
+        seeds_b=seeds_b,
+        streams_b=streams_b,
     )
 
 
@@ -433,7 +491,7 @@ def _empty_cache(model, batch: int, length: int) -> KVCache:
     return cache
 
 
-def _start(model, job: _Job, seed: int):
+def _start(model, job: _Job):
     graphdef, params = nnx.split(model)
     state = _prefill(
         graphdef,
@@ -442,9 +500,11 @@ def _start(model, job: _Job, seed: int):
         job.lengths_b,
         job.active_b,
         _empty_cache(model, job.prompt_bp.shape[0], job.cache_len),
-        np.uint32(seed),
+        job.seeds_b,
+        job.streams_b,
         n_out=job.n_out,
         logprobs=job.mode.logprobs,
+        top_logprobs=job.mode.top_logprobs,
     )
     return graphdef, params, state
 
@@ -459,13 +519,21 @@ def _to_host(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def _result(tokens, logprobs, count, stopped, want_logprobs) -> GenerationResult:
+def _result(tokens, logprobs, count, stopped, want_logprobs, top_ids=None, top_logprobs=None) -> GenerationResult:
     count = int(count)
+    top = None
+    if top_ids is not None and top_ids.shape[-1]:
+        n = count + bool(stopped)  # the stop token's distribution too
+        top = (
+            tuple(tuple(int(i) for i in row) for row in top_ids[:n]),
+            tuple(tuple(float(x) for x in row) for row in top_logprobs[:n]),
+        )
     return GenerationResult(
         tokens=tuple(int(t) for t in tokens[:count]),
         stop_reason="stop" if stopped else "length",
         stop_token=int(tokens[count]) if stopped else None,
         logprobs=tuple(float(x) for x in logprobs[:count]) if want_logprobs else None,
+        top_logprobs=top,
     )
 
 
@@ -478,9 +546,11 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     min_p: float = 0.0,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     stop_tokens: Sequence[int] | None = None,
     logprobs: bool = False,
+    top_logprobs: int = 0,
+    min_batch: int = 1,
     unroll: int | bool | None = None,
 ) -> list[GenerationResult]:
     """Continue each prompt (a list of token ids; lengths may differ) by up to `max_new_tokens`.
@@ -491,26 +561,37 @@ def generate(
       max_new_tokens: upper bound on new tokens per prompt.
       temperature: 0 = greedy (argmax); otherwise sample from softmax(logits / temperature).
       top_k, top_p, min_p: filters (0, 1.0, 0.0 = off), applied in that order (see module doc).
-      seed: PRNG seed; the same seed and prompt give the same tokens.
+      seed: PRNG seed; the same seed and prompt give the same tokens. A list gives each prompt its
+        own seed: prompt i then samples exactly as it would alone with `seed=seed[i]`.
       stop_tokens: ids that end a row (not included in `.tokens`). None: the attached tokenizer's
         (`model.tokenizer.stop_tokens`), else Llama 3's when the vocabulary is Llama 3's; [] = none.
       logprobs: also return each token's float32 log-softmax under the untempered logits.
+      top_logprobs: K > 0 also returns, per token (and for the stop token), the K most likely ids
+        and their float32 log-softmax under the untempered logits (`GenerationResult.top_logprobs`).
+      min_batch: pad the batch with idle rows to at least this many (then to a power of two), so a
+        job's last, partial batches reuse its full batches' program and still span a data-parallel mesh.
       unroll: layer-loop unrolling of the decode step (None: full unroll up to 48 layers).
 
     Returns:
       One `GenerationResult` per prompt, in order.
     """
     job, state = _run(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop_tokens,
-                      logprobs, unroll)  # fmt: skip
-    tokens, lps, counts, stopped = _to_host((state.tokens, state.logprobs, state.counts, state.stopped))
-    return [_result(tokens[i], lps[i], counts[i], stopped[i], logprobs) for i in range(job.n_prompts)]
+                      logprobs, unroll, top_logprobs, min_batch)  # fmt: skip
+    tokens, lps, counts, stopped, top_ids, top_lps = _to_host(
+        (state.tokens, state.logprobs, state.counts, state.stopped, state.top_ids, state.top_logprobs)
+    )
+    return [
+        _result(tokens[i], lps[i], counts[i], stopped[i], logprobs, top_ids[i], top_lps[i])
+        for i in range(job.n_prompts)
+    ]
 
 
 def _run(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0,
-         stop_tokens=None, logprobs=False, unroll=None) -> tuple[_Job, DecodeState]:  # fmt: skip
+         stop_tokens=None, logprobs=False, unroll=None, top_logprobs=0, min_batch=1) -> tuple[_Job, DecodeState]:  # fmt: skip
     """`generate` up to the final device state (which tests inspect)."""
-    job = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, logprobs, seed)
-    graphdef, params, state = _start(model, job, seed)
+    job = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, logprobs, seed,
+                   top_logprobs, min_batch)  # fmt: skip
+    graphdef, params, state = _start(model, job)
     state = _decode(
         graphdef,
         params,
@@ -549,11 +630,11 @@ def stream(
         raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
     job = _prepare(model, [prompt_tokens], max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, False, seed)
     unroll = _default_unroll(model.config.n_layers) if unroll is None else unroll
-    return _stream(model, job, seed, max_new_tokens, chunk, unroll)
+    return _stream(model, job, max_new_tokens, chunk, unroll)
 
 
-def _stream(model, job: _Job, seed, max_new_tokens, chunk, unroll) -> Iterator[int]:
-    graphdef, params, state = _start(model, job, seed)
+def _stream(model, job: _Job, max_new_tokens, chunk, unroll) -> Iterator[int]:
+    graphdef, params, state = _start(model, job)
     emitted = 0
     while True:
         limit = min(emitted + chunk, max_new_tokens)

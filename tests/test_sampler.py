@@ -273,6 +273,61 @@ def test_same_seed_same_tokens_other_seed_other_tokens(tiny):
     assert alone[0].tokens == run(0)[0]
 
 
+def test_per_prompt_seeds_make_each_sample_independent_of_its_row_and_batch(tiny):
+    model, _ = tiny
+    prompts = ragged_prompts()
+    seeds = [11, 12, 13, 14]
+    knobs = dict(max_new_tokens=12, temperature=1.0, top_p=0.95)
+    batched = sampler.generate(model, prompts, seed=seeds, **knobs)
+    for prompt, seed, result in zip(prompts, seeds, batched, strict=True):
+        assert sampler.generate(model, [prompt], seed=seed, **knobs)[0] == result
+    order = [2, 0, 3, 1]  # other rows, other neighbours, a smaller batch: the same samples
+    shuffled = sampler.generate(model, [prompts[i] for i in order], seed=[seeds[i] for i in order], **knobs)
+    assert shuffled == [batched[i] for i in order]
+    assert sampler.generate(model, prompts[1:3], seed=seeds[1:3], **knobs) == batched[1:3]
+    assert len({r.tokens for r in batched}) == len(prompts)  # the streams differ from one another
+    with pytest.raises(ValueError, match="3 seeds for 4 prompts"):
+        sampler.generate(model, prompts, seed=seeds[:3], **knobs)
+
+
+def test_top_logprobs_are_the_k_best_of_the_uncached_log_softmax_including_the_stop_token(tiny):
+    model, _ = tiny
+    prompts = ragged_prompts()
+    k = 5
+    free = sampler.generate(model, prompts, max_new_tokens=10, temperature=0.9, seed=2, stop_tokens=[])
+    stop = free[0].tokens[4]
+    results = sampler.generate(
+        model, prompts, max_new_tokens=10, temperature=0.9, seed=2, stop_tokens=[stop], top_logprobs=k, logprobs=True
+    )
+    assert any(r.stop_reason == "stop" for r in results) and any(r.stop_reason == "length" for r in results)
+    sequences = [p + list(r.tokens) + ([r.stop_token] if r.stop_token is not None else []) for p, r in
+                 zip(prompts, results, strict=True)]  # fmt: skip
+    for prompt, result, seq, logits in zip(prompts, results, sequences, uncached_logits(model, sequences), strict=True):
+        ids, logps = result.top_logprobs
+        n = len(seq) - len(prompt)  # every generated token, the stop token included
+        assert len(ids) == len(logps) == n and all(len(row) == k for row in ids + logps)
+        reference = log_softmax(logits.astype(np.float64))[len(prompt) - 1 : len(seq) - 1]
+        for step in range(n):
+            expected = np.sort(reference[step])[::-1][:k]
+            np.testing.assert_allclose(logps[step], expected, rtol=1e-4, atol=1e-5)  # most likely first
+            np.testing.assert_allclose(reference[step][list(ids[step])], logps[step], rtol=1e-4, atol=1e-5)
+        # The token taken at each step has the log-probability `logprobs` reports for it.
+        for step, (token, logp) in enumerate(zip(result.tokens, result.logprobs, strict=True)):
+            if token in ids[step]:
+                assert logps[step][ids[step].index(token)] == pytest.approx(logp, abs=1e-6)
+    assert sampler.generate(model, prompts, max_new_tokens=3)[0].top_logprobs is None
+
+
+def test_min_batch_pads_with_idle_rows_that_change_nothing(tiny):
+    model, _ = tiny
+    prompts = ragged_prompts((5, 9))
+    knobs = dict(max_new_tokens=6, temperature=0.9, seed=[3, 4])
+    job, state = sampler._run(model, prompts, **{**knobs, "seed": [3, 4]}, min_batch=6)
+    assert state.tokens.shape[0] == 8 and not job.active_b[2:].any()  # 6 rounded to a power of two, idle
+    assert int(state.step) == 6  # idle rows do not keep the loop going, nor stop it early
+    assert sampler.generate(model, prompts, **knobs, min_batch=6) == sampler.generate(model, prompts, **knobs)
+
+
 def test_stream_yields_what_generate_returns(tiny):
     model, _ = tiny
     prompt = ragged_prompts((7,))[0]

@@ -1,0 +1,33 @@
+"""The batch-inference job (`python -m llama_jax batch --config configs/batch.py`): a template.
+
+Every field is `llama_jax.batch.JobConfig`'s; unknown fields are an error. Override any of them on
+the command line, e.g. `--config.max_new_tokens=64 --config.mesh=data=8` (or the plain aliases
+`--input`, `--output`, `--checkpoint`, `--mesh`, `--max-new-tokens`, ...). Formats: docs/BATCH.md.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            input=None,  # JSONL requests: {"id", "prompt" | "messages", optional sampling fields}
+            output=None,  # JSONL results; an existing file is resumed
+            errors=None,  # default <output>.errors.jsonl
+            checkpoint=None,  # HF / Meta / Orbax directory; None = the embedded model (RANDOM weights)
+            tokenizer=None,  # default: tokenizer.model in the checkpoint (or original/)
+            dtype=None,  # default bfloat16 for a checkpoint, float32 for the embedded model
+            mesh=None,  # e.g. "data=8" (data parallel) or "data=2,tensor=4"; None = one device
+            rules="fsdp_tp",  # sharding strategy on the mesh: dp, fsdp, tp, fsdp_tp
+            batch_size=32,  # requests per generate call (power of two, >= the data-parallel size)
+            progress=True,
+            # Per-request defaults (a request's own fields win):
+            max_new_tokens=256,
+            temperature=0.6,  # Meta's defaults; 0 = greedy
+            top_p=0.9,
+            top_k=0,
+            min_p=0.0,
+            seed=0,  # a request without "seed" samples with request_seed(seed, id)
+            top_logprobs=0,  # K > 0: K most likely tokens per step, for distillation
+        )
+    )

@@ -1,0 +1,598 @@
+"""The batch-inference job: JSONL requests in, JSONL results out; resumable, bucketed, data-parallel.
+
+    python -m llama_jax batch --input prompts.jsonl --output results.jsonl [--checkpoint DIR]
+    python -m llama_jax batch --config configs/batch.py --config.max_new_tokens=64 --mesh data=8
+    summary = run_batch(model, tokenizer, "prompts.jsonl", "results.jsonl", max_new_tokens=64)
+
+docs/BATCH.md has the formats. How it runs:
+
+- Requests are grouped by what shapes their program: sampling parameters (the sampler takes one set
+  per call; values are traced, so two sets of one mode share a compiled program) and the prompt
+  bucket (`sampler.prompt_bucket`). A group runs as soon as it holds `batch_size` requests; the rest
+  run at the end of the input. Inside a group every prompt has the program it would have alone.
+- Each request samples from its own seed (`seed`, or one derived from the job seed and its id) via
+  the sampler's per-row seeds, so its result does not depend on its batch, its row or on resumption.
+- Results are appended in completion order, one whole line per `os.write`, fsync'd after each
+  batch. A restart truncates a torn last line, skips ids already written, and at the end the file is
+  rewritten in input order (temporary file + rename), so every complete run leaves the same bytes.
+- Bad lines go to the errors file (`<output>.errors.jsonl`), rewritten whole at the end of a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+import typing
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from llama_jax import sampler
+
+__all__ = ["JobConfig", "Sampling", "job_config", "register", "request_seed", "run_batch"]
+
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "top_logprobs")
+REQUEST_FIELDS = {"id", "prompt", "messages", "seed", *SAMPLING_FIELDS}
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    """A batch job's settings: the fields of `configs/batch.py`, each also `--config.<field>` on the CLI."""
+
+    input: str | None = None  # JSONL requests
+    output: str | None = None  # JSONL results
+    errors: str | None = None  # bad lines and failures (default: <output>.errors.jsonl)
+    checkpoint: str | None = None  # HF / Meta / Orbax directory (None: the embedded model, RANDOM weights)
+    tokenizer: str | None = None  # tokenizer.model (default: found in the checkpoint)
+    dtype: str | None = None  # bfloat16 for checkpoints, float32 for the embedded model
+    mesh: str | None = None  # e.g. "data=8" or "data=2,tensor=4" (None: one device)
+    rules: str = "fsdp_tp"  # sharding strategy on the mesh: dp, fsdp, tp, fsdp_tp
+    batch_size: int = 32  # requests per generate call (rounded up to a power of two >= data parallelism)
+    progress: bool = True  # a tqdm bar on stderr
+    # Per-request defaults; a request's own fields override them.
+    max_new_tokens: int = 256
+    temperature: float = 0.6  # Meta's defaults: temperature 0.6, top-p 0.9 (0 = greedy)
+    top_p: float = 0.9
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int = 0  # job seed: a request without `seed` gets request_seed(seed, id)
+    top_logprobs: int = 0  # K > 0: record the K most likely tokens per step (distillation data)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, source: str) -> JobConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {unknown}; expected a subset of {sorted(known)}")
+        return cls(**dict(values))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """What one `generate` call shares: requests with equal `Sampling` and prompt bucket batch together."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    top_logprobs: int
+
+    def canonical(self) -> Sampling:
+        """Greedy ignores the filters: all greedy requests of one length form one group."""
+        if self.temperature == 0:
+            return dataclasses.replace(self, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0)
+        return dataclasses.replace(self, temperature=float(self.temperature), top_p=float(self.top_p),
+                                   min_p=float(self.min_p))  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    line: int
+    id: str | int
+    prompt: list[int]
+    chat: bool
+    sampling: Sampling
+    seed: int
+
+
+class _BadLine(ValueError):
+    def __init__(self, field: str | None, reason: str) -> None:
+        super().__init__(reason)
+        self.field = field
+        self.id: str | int | None = None  # set once the line's id is known
+
+
+def request_seed(job_seed: int, request_id: str | int) -> int:
+    """The seed of a request without its own: a hash of the job seed and the id (stable across runs,
+    machines and Python versions), so requests draw independent streams."""
+    digest = hashlib.sha256(f"{job_seed}:{json.dumps(request_id)}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _id_key(request_id: str | int) -> str:
+    return json.dumps(request_id)  # 7 and "7" are different ids
+
+
+# ---- reading requests -----------------------------------------------------------------------------------
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+_CHECKS = {  # field -> (valid?, what was expected)
+    "max_new_tokens": (lambda v, vocab: _is_int(v) and v >= 1, "an integer >= 1"),
+    "temperature": (lambda v, vocab: _is_number(v) and v >= 0, "a number >= 0 (0 = greedy)"),
+    "top_p": (lambda v, vocab: _is_number(v) and 0 < v <= 1, "a number in (0, 1] (1 = off)"),
+    "top_k": (lambda v, vocab: _is_int(v) and 0 <= v <= vocab, "an integer in [0, vocabulary size] (0 = off)"),
+    "min_p": (lambda v, vocab: _is_number(v) and 0 <= v <= 1, "a number in [0, 1] (0 = off)"),
+    "top_logprobs": (lambda v, vocab: _is_int(v) and 0 <= v <= vocab, "an integer in [0, vocabulary size] (0 = off)"),
+    "seed": (lambda v, vocab: _is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
+}
+
+
+def _check_field(name: str, value, vocab: int) -> None:
+    valid, expected = _CHECKS[name]
+    if not valid(value, vocab):
+        raise _BadLine(name, f"{name}: expected {expected}, got {json.dumps(value)}")
+
+
+class _Reader:
+    """Parses and validates request lines; remembers ids (first line wins) for duplicates and ordering."""
+
+    def __init__(self, path: pathlib.Path, tokenizer, model_config, defaults: JobConfig) -> None:
+        from llama_jax.chat import ChatFormat
+
+        self.path = path
+        self.tokenizer = tokenizer
+        self.config = model_config
+        self.defaults = defaults
+        self.first_line: dict[str, int] = {}  # id key -> line of its first appearance
+        try:
+            self.chat, self.chat_error = ChatFormat(tokenizer), None
+        except ValueError as e:
+            self.chat, self.chat_error = None, str(e)
+        for name in (*SAMPLING_FIELDS, "seed"):
+            try:
+                _check_field(name, getattr(defaults, name), model_config.vocab_size)
+            except _BadLine as e:
+                raise ValueError(f"job setting {e}") from None
+
+    def __iter__(self) -> Iterator[tuple[int, _Request | _BadLine | None]]:
+        """(line number, request | error | None for a blank line), for every line of the input."""
+        with open(self.path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    yield number, self._parse(number, raw)
+                except _BadLine as e:
+                    yield number, e
+
+    def _parse(self, number: int, raw: bytes) -> _Request | None:
+        if not raw.strip():
+            return None
+        try:
+            record = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _BadLine(None, f"not valid JSON ({e})") from None
+        if not isinstance(record, dict):
+            raise _BadLine(None, f"expected a JSON object, got {type(record).__name__}")
+        if "id" not in record:
+            raise _BadLine("id", "missing id: every request needs an 'id' (a string or an integer)")
+        request_id = record["id"]
+        if not (isinstance(request_id, str) or _is_int(request_id)):
+            raise _BadLine("id", f"id: expected a string or an integer, got {json.dumps(request_id)}")
+        try:
+            return self._request(number, record, request_id)
+        except _BadLine as e:
+            e.id = request_id
+            raise
+
+    def _request(self, number: int, record: dict, request_id: str | int) -> _Request:
+        first = self.first_line.setdefault(_id_key(request_id), number)
+        if first != number:
+            raise _BadLine("id", f"duplicate id {json.dumps(request_id)} (first on line {first})")
+        unknown = sorted(set(record) - REQUEST_FIELDS)
+        if unknown:
+            raise _BadLine(unknown[0], f"unknown field(s) {unknown}; expected a subset of {sorted(REQUEST_FIELDS)}")
+        vocab = self.config.vocab_size
+        for name in (*SAMPLING_FIELDS, "seed"):
+            if name in record:
+                _check_field(name, record[name], vocab)
+        sampling = Sampling(**{k: record.get(k, getattr(self.defaults, k)) for k in SAMPLING_FIELDS}).canonical()
+        prompt, chat = self._prompt(record)
+        too_big = [t for t in prompt if not 0 <= t < vocab]
+        if too_big:
+            raise _BadLine("prompt", f"token id {too_big[0]} is outside the model's vocabulary [0, {vocab})")
+        needed = len(prompt) + sampling.max_new_tokens
+        if needed > self.config.max_seq_len:
+            raise _BadLine(
+                "messages" if chat else "prompt",
+                f"prompt too long: {len(prompt)} tokens + max_new_tokens={sampling.max_new_tokens} = {needed} "
+                f"positions, beyond the model's context of {self.config.max_seq_len} (config.max_seq_len)",
+            )
+        seed = record["seed"] if "seed" in record else request_seed(self.defaults.seed, request_id)
+        return _Request(number, request_id, prompt, chat, sampling, seed)
+
+    def _prompt(self, record: dict) -> tuple[list[int], bool]:
+        if ("prompt" in record) == ("messages" in record):
+            raise _BadLine("prompt", "expected exactly one of 'prompt' (text) and 'messages' (a chat)")
+        if "prompt" in record:
+            if not isinstance(record["prompt"], str):
+                raise _BadLine("prompt", f"prompt: expected a string, got {type(record['prompt']).__name__}")
+            return self.tokenizer.encode(record["prompt"], bos=True, eos=False), False
+        if self.chat is None:
+            raise _BadLine("messages", f"messages: {self.chat_error}")
+        if not isinstance(record["messages"], list) or not record["messages"]:
+            raise _BadLine("messages", "messages: expected a non-empty list of message objects")
+        try:
+            return self.chat.encode_dialog(record["messages"]), True
+        except (TypeError, ValueError, KeyError) as e:
+            raise _BadLine("messages", str(e)) from None
+
+
+# ---- the results file -----------------------------------------------------------------------------------
+
+
+class _Results:
+    """The output file: repaired and indexed on open, appended whole lines, canonical order at the end."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+        self.done: dict[str, tuple[int, int]] = {}  # id key -> (byte offset, length) of its line
+        self.size = 0
+        self.torn_bytes = 0
+        if path.exists():
+            self._repair_and_index()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def _repair_and_index(self) -> None:
+        with open(self.path, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.endswith(b"\n"):  # killed mid-write: the torn tail goes, the request reruns
+                    self.torn_bytes = len(line)
+                    break
+                try:
+                    key = _id_key(json.loads(line)["id"])
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ValueError(
+                        f"{self.path}, line {number}: not a result line of this job ({e}); "
+                        f"move the file away or pass another --output"
+                    ) from None
+                if key in self.done:
+                    raise ValueError(f"{self.path}, line {number}: id {key} is already on an earlier line")
+                self.done[key] = (self.size, len(line))
+                self.size += len(line)
+        if self.torn_bytes:
+            with open(self.path, "r+b") as f:
+                f.truncate(self.size)
+                os.fsync(f.fileno())
+
+    def append(self, lines: dict[str, bytes]) -> None:
+        """Write the lines (by id key) with one `write` and make them durable before going on."""
+        data = memoryview(b"".join(lines.values()))
+        while data:  # a partial write (disk full, a signal) continues where it stopped
+            data = data[os.write(self.fd, data) :]
+        os.fsync(self.fd)
+        for key, line in lines.items():
+            self.done[key] = (self.size, len(line))
+            self.size += len(line)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def canonicalize(self, order: Mapping[str, int]) -> None:
+        """Rewrite the file sorted by input line (ids the input lacks last, as they were), atomically."""
+        entries = sorted((order.get(key, math.inf), offset, length) for key, (offset, length) in self.done.items())
+        if all(a[1] < b[1] for a, b in itertools.pairwise(entries)):
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(self.path, "rb") as src, open(tmp, "wb") as dst:
+            for _, offset, length in entries:
+                src.seek(offset)
+                dst.write(src.read(length))
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
+
+
+def _fsync_dir(directory: pathlib.Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: pathlib.Path, lines: list[bytes]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(b"".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _json_line(record: dict) -> bytes:
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode()
+
+
+_CHAT_STOP = {"eot_id": "end_of_turn", "eom_id": "end_of_message"}
+
+
+def _result_line(request: _Request, result: sampler.GenerationResult, tokenizer, chat) -> bytes:
+    tokens = list(result.tokens)
+    record = {
+        "id": request.id,
+        "text": tokenizer.decode(tokens),
+        "tokens": tokens,
+        "prompt_tokens": len(request.prompt),
+        "completion_tokens": len(tokens),
+        "stop_reason": result.stop_reason,
+    }
+    if request.chat:
+        stop = next((v for k, v in _CHAT_STOP.items() if result.stop_token == getattr(tokenizer, k)), "out_of_tokens")
+        record["message"] = chat.decode_assistant(tokens, stop_reason=stop)
+    if request.sampling.top_logprobs:
+        ids, logprobs = result.top_logprobs
+        stop = [] if result.stop_token is None else [result.stop_token]
+        record["sequence"] = [*request.prompt, *tokens, *stop]
+        record["completion_start"] = len(request.prompt)
+        record["top_logprobs"] = {"ids": [list(r) for r in ids], "logprobs": [list(r) for r in logprobs]}
+    return _json_line(record)
+
+
+# ---- the job ----------------------------------------------------------------------------------------------
+
+
+def _data_parallelism(model) -> int:
+    """How many devices split the batch: the mesh axes the rules map "batch" onto."""
+    spec = getattr(model, "sharding", None)
+    if spec is None:
+        return 1
+    axes = dict(spec.rules).get("batch") or ()
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(spec.mesh.shape[a] for a in axes if a in spec.mesh.shape)
+
+
+def _count_lines(path: pathlib.Path) -> int:
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def run_batch(
+    model,
+    tokenizer,
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    *,
+    errors_path: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+    **defaults,
+) -> dict[str, Any]:
+    """Run every request of `input_path` not yet in `output_path`; return the job's summary.
+
+    Args:
+      model, tokenizer: a `Llama` (placed on a mesh or not) and its `Tokenizer`.
+      input_path: JSONL requests (docs/BATCH.md).
+      output_path: JSONL results; an existing file is resumed (its ids are skipped).
+      errors_path: bad lines and failed batches (default: `<output>.errors.jsonl`), rewritten each run.
+      batch_size: requests per `generate` call; rounded up to a power of two and to the number of
+        devices the batch is split over.
+      progress: show a tqdm bar on stderr.
+      **defaults: per-request defaults, `JobConfig`'s sampling fields (max_new_tokens, temperature,
+        top_p, top_k, min_p, seed, top_logprobs).
+    """
+    from tqdm import tqdm
+
+    job = JobConfig.from_mapping(defaults, source="run_batch")
+    input_path, output_path = pathlib.Path(input_path), pathlib.Path(output_path)
+    errors_path = (
+        pathlib.Path(errors_path) if errors_path else output_path.with_name(output_path.name + ".errors.jsonl")
+    )
+    if not input_path.is_file():
+        raise FileNotFoundError(f"input {input_path} does not exist")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    batch_size = max(1 << (batch_size - 1).bit_length(), _data_parallelism(model))
+    reader = _Reader(input_path, tokenizer, model.config, job)
+    results = _Results(output_path)
+    stop_tokens = tuple(tokenizer.stop_tokens)
+    errors: list[dict] = []
+    counts = dict(requests=0, skipped=0, completed=0, errors=0, failed=0, prompt_tokens=0, generated_tokens=0)
+    compiles_before = sampler.trace_counts()
+    start = time.perf_counter()
+    bar = tqdm(total=_count_lines(input_path), unit="req", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+
+    def run(batch: list[_Request]) -> None:
+        s = batch[0].sampling
+        try:
+            outs = sampler.generate(
+                model, [r.prompt for r in batch], max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, seed=[r.seed for r in batch], stop_tokens=stop_tokens,
+                top_logprobs=s.top_logprobs, min_batch=batch_size,
+            )  # fmt: skip
+        except (RuntimeError, ValueError) as e:  # e.g. out of device memory: report, go on, retried next run
+            errors.extend(_error(input_path, r.line, r.id, None, f"generation failed: {e}") for r in batch)
+            counts["failed"] += len(batch)
+        else:
+            results.append(
+                {
+                    _id_key(r.id): _result_line(r, out, tokenizer, reader.chat)
+                    for r, out in zip(batch, outs, strict=True)
+                }
+            )
+            counts["completed"] += len(batch)
+            counts["prompt_tokens"] += sum(len(r.prompt) for r in batch)
+            counts["generated_tokens"] += sum(len(out.tokens) for out in outs)
+        bar.update(len(batch))
+        bar.set_postfix_str(f"{counts['generated_tokens'] / (time.perf_counter() - start):.1f} tok/s", refresh=False)
+
+    groups: dict[tuple[Sampling, int], list[_Request]] = {}
+    try:
+        for number, item in reader:
+            if isinstance(item, _Request):
+                counts["requests"] += 1
+                if _id_key(item.id) in results.done:
+                    counts["skipped"] += 1
+                    bar.update(1)
+                    continue
+                key = (item.sampling, sampler.prompt_bucket(len(item.prompt), model.config.max_seq_len))
+                group = groups.setdefault(key, [])
+                group.append(item)
+                if len(group) == batch_size:
+                    run(groups.pop(key))
+            else:
+                if item is not None:
+                    counts["requests"] += 1
+                    counts["errors"] += 1
+                    errors.append(_error(input_path, number, item.id, item.field, str(item)))
+                bar.update(1)
+        for key in list(groups):
+            run(groups.pop(key))
+    finally:
+        bar.close()
+        results.close()
+    errors.sort(key=lambda e: e["line"])
+    _write_atomically(errors_path, [_json_line(e) for e in errors])
+    results.canonicalize(reader.first_line)
+    elapsed = time.perf_counter() - start
+    compiles = sampler.trace_counts()
+    return {
+        **counts,
+        "torn_line_repaired": results.torn_bytes > 0,
+        "seconds": round(elapsed, 3),
+        "requests_per_s": round(counts["completed"] / elapsed, 3) if elapsed else None,
+        "generated_tokens_per_s": round(counts["generated_tokens"] / elapsed, 1) if elapsed else None,
+        "compiles": {k: compiles[k] - compiles_before[k] for k in compiles},
+        "output": str(output_path),
+        "errors_file": str(errors_path),
+    }
+
+
+def _error(path: pathlib.Path, line: int, request_id, field: str | None, reason: str) -> dict:
+    return {"file": str(path), "line": line, "id": request_id, "field": field, "error": reason}
+
+
+# ---- loading and the command line ---------------------------------------------------------------------------
+
+
+def _load(job: JobConfig):
+    """(model, tokenizer) for the job, the model placed on the job's mesh when one is given."""
+    from llama_jax import default_model
+    from llama_jax.loading import load
+    from llama_jax.tokenizer import Tokenizer, find_tokenizer
+    from sharding.mesh import make_mesh
+    from sharding.placement import shard_model
+    from sharding.rules import get_rules
+
+    mesh = make_mesh(job.mesh) if job.mesh else None
+    if job.checkpoint is None:
+        print(default_model.RANDOM_WEIGHTS_NOTICE, file=sys.stderr, flush=True)
+        model = default_model.default_model(dtype=job.dtype or "float32", warn=False)
+        if mesh is not None:
+            shard_model(model, mesh, job.rules)
+        tokenizer_path = job.tokenizer or default_model.tokenizer_path()
+    else:
+        rules = get_rules(job.rules) if mesh is not None else None
+        model = load(job.checkpoint, dtype=job.dtype or "bfloat16", mesh=mesh, rules=rules)
+        tokenizer_path = job.tokenizer or find_tokenizer(job.checkpoint)
+    if tokenizer_path is None:
+        raise ValueError(f"{job.checkpoint or 'the embedded model'}: no tokenizer.model found; set --tokenizer PATH")
+    return model, Tokenizer.from_file(tokenizer_path)
+
+
+# Plain aliases for the settings one sets on every run; every field is also --config.<field>.
+_ALIASES = {"input": "--input", "output": "--output", "errors": "--errors", "checkpoint": "--checkpoint",
+            "tokenizer": "--tokenizer", "dtype": "--dtype", "mesh": "--mesh", "batch_size": "--batch-size",
+            "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
+            "top_k": "--top-k", "min_p": "--min-p", "seed": "--seed", "top_logprobs": "--top-logprobs"}  # fmt: skip
+
+
+def _parse_value(kind, name: str):
+    """An argparse `type` for a `JobConfig` field: its type, "none" for optional ones, true/false for bools."""
+    optional = type(None) in typing.get_args(kind)
+    base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+
+    def parse(text: str):
+        if optional and text.lower() in ("none", "null"):
+            return None
+        if base is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise argparse.ArgumentTypeError(f"{name}: expected true or false, got {text!r}")
+            return text.lower() in ("true", "1")
+        try:
+            return base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected {base.__name__}, got {text!r}") from None
+
+    return parse
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "batch", help="run a JSONL file of requests (resumable)", description=__doc__.split("\n\n")[0],
+        epilog="Settings come from JobConfig's defaults, then --config FILE (a get_config() file such as "
+               "configs/batch.py), then the options given here. Formats: docs/BATCH.md.",
+    )  # fmt: skip
+    parser.add_argument("--config", type=pathlib.Path, help="a get_config() file describing the job")
+    hints = typing.get_type_hints(JobConfig)
+    for field in dataclasses.fields(JobConfig):
+        names = [_ALIASES[field.name]] if field.name in _ALIASES else []
+        parser.add_argument(*names, f"--config.{field.name}", dest=field.name, type=_parse_value(hints[field.name],
+                            field.name), default=argparse.SUPPRESS, help=f"default {field.default!r}")  # fmt: skip
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
+    parser.set_defaults(func=main)
+
+
+def job_config(args: argparse.Namespace) -> JobConfig:
+    """JobConfig defaults, overridden by --config FILE, overridden by the options given."""
+    from llama_jax.config import load_config_file
+
+    values: dict[str, Any] = {}
+    if args.config is not None:
+        values.update(load_config_file(args.config).to_dict())
+    job = JobConfig.from_mapping(values, source=str(args.config))
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(JobConfig) if hasattr(args, f.name)}
+    job = dataclasses.replace(job, **given)
+    for name in ("input", "output"):
+        if getattr(job, name) is None:
+            raise ValueError(f"no {name} file: pass --{name} PATH (or set `{name}` in the --config file)")
+    return job
+
+
+def main(args: argparse.Namespace) -> int:
+    from llama_jax.cli import _enable_compile_cache
+
+    _enable_compile_cache()
+    try:
+        job = job_config(args)
+        model, tokenizer = _load(job)
+        sampling = {name: getattr(job, name) for name in (*SAMPLING_FIELDS, "seed")}
+        summary = run_batch(model, tokenizer, job.input, job.output, errors_path=job.errors,
+                            batch_size=job.batch_size, progress=job.progress, **sampling)  # fmt: skip
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        print(f"batch: error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"[{summary['completed']} done, {summary['skipped']} already done, {summary['errors']} bad lines, "
+        f"{summary['failed']} failed; {summary['generated_tokens_per_s']} tok/s; errors: {summary['errors_file']}]",
+        file=sys.stderr,
+    )
+    print(json.dumps(summary))
+    return 0
