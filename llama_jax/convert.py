@@ -328,8 +328,67 @@ def convert(
     dtype: None keeps every tensor's stored dtype (bit-exact); "bfloat16"/"float32" casts.
     quantize: "fp8" writes the FFN of layers 1..L-2 as rowwise FP8 (HF fbgemm_fp8 layout; to="hf" only).
     """
-    from tqdm import tqdm
+    _check_options(to, dtype, quantize)
+    src, dst = pathlib.Path(src).absolute(), pathlib.Path(dst).absolute()
+    if dst == src:
+        raise ValueError("source and destination are the same directory")
+    _check_destination(dst, overwrite)
+    source = _Source(src)  # checks the whole source before anything is written
+    return _write(source, dst, to, dtype, quantize, max_shard_size, progress)
 
+
+def save(
+    model,
+    dst: str | os.PathLike,
+    *,
+    to: str = "orbax",
+    dtype: str | None = None,
+    quantize: str | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> pathlib.Path:
+    """Write an in-memory `Llama` (a fine-tuned or merged-LoRA model) to `dst`, as `convert` would.
+
+    The same writers and the same atomic rename as `convert`; tensors are fetched from the devices one
+    (parameter, layer) at a time. Models with unmerged adapters are refused (`llama_jax.lora.merge`).
+    """
+    _check_options(to, dtype, quantize)
+    dst = pathlib.Path(dst).absolute()
+    _check_destination(dst, overwrite)
+    return _write(_ModelSource(model), dst, to, dtype, quantize, max_shard_size, progress)
+
+
+class _ModelSource:
+    """An in-memory `Llama` read like a checkpoint: one (parameter, layer) in our layout at a time."""
+
+    class _NoFiles:
+        fmt = "model"
+
+    def __init__(self, model):
+        if getattr(model, "lora", None) is not None:
+            raise ValueError("the model has LoRA adapters: merge them first (llama_jax.lora.merge(model))")
+        if getattr(model, "fp8", None) is not None:
+            raise ValueError("saving an FP8-loaded model is not supported: convert its source checkpoint instead")
+        self.model, self.config, self.ckpt = model, model.config, self._NoFiles()
+
+    def _param(self, rule: layout.Rule):
+        node = self.model
+        for part in rule.path:
+            node = getattr(node, part)
+        return node
+
+    def dtype(self, rule: layout.Rule) -> np.dtype:
+        return _np_dtype(self._param(rule).dtype)
+
+    def read(self, rule: layout.Rule, i: int | None) -> np.ndarray:
+        import jax
+
+        value = self._param(rule)[...]
+        return np.asarray(jax.device_get(value if i is None else value[i]))
+
+
+def _check_options(to: str, dtype: str | None, quantize: str | None) -> None:
     if to not in FORMATS:
         raise ValueError(f"--to {to!r}: expected one of {FORMATS}")
     if quantize not in (None, "fp8"):
@@ -338,12 +397,17 @@ def convert(
         raise ValueError("--quantize fp8 writes the Hugging Face fbgemm_fp8 layout; use --to hf")
     if dtype is not None and dtype not in ("bfloat16", "float32"):
         raise ValueError(f"--dtype {dtype!r}: expected bfloat16 or float32")
-    src, dst = pathlib.Path(src).absolute(), pathlib.Path(dst).absolute()
+
+
+def _check_destination(dst: pathlib.Path, overwrite: bool) -> None:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise FileExistsError(f"destination {dst} exists and is not empty; pass --overwrite to replace it")
-    if dst == src:
-        raise ValueError("source and destination are the same directory")
-    source = _Source(src)  # checks the whole source before anything is written
+
+
+def _write(source, dst: pathlib.Path, to, dtype, quantize, max_shard_size, progress) -> pathlib.Path:
+    """Write every tensor of `source` into a temporary sibling of `dst`, then rename it into place."""
+    from tqdm import tqdm
+
     dtype = _np_dtype(dtype) if dtype else None
     dst.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(dst)

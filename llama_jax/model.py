@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -43,6 +44,75 @@ def _zeros(key, shape, dtype):
     return jnp.zeros(shape, dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Low-rank adapters (LoRA): each target projection W becomes W + (alpha / rank) · A B.
+
+    targets: Meta names of the adapted projections, from `LORA_TARGETS`. A is initialised
+    N(0, 1/in_features) and B at zero, so a fresh adapter leaves the model unchanged.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
+    dtype: str = "float32"  # adapter weights (trainable master copy); cast to the activation dtype in use
+
+    def __post_init__(self):
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if unknown or not self.targets:
+            raise ValueError(f"LoRA targets must be a non-empty subset of {LORA_TARGETS}, got {self.targets}")
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+class LoRA(nnx.Module):
+    """The adapter of one projection whose weight is [*in, *out]: A [*in, R], B [R, *out] (`nnx.LoRAParam`)."""
+
+    def __init__(self, in_shape, out_shape, in_names, out_names, spec: LoraSpec, *, rngs: nnx.Rngs):
+        init_a = nnx.initializers.normal(stddev=1.0 / math.prod(in_shape) ** 0.5)
+        self.scale = spec.scale
+        self.a = nnx.LoRAParam(init_a(rngs.params(), (*in_shape, spec.rank), spec.dtype),
+                               out_sharding=(*in_names, "lora_rank"), eager_sharding=False)  # fmt: skip
+        self.b = nnx.LoRAParam(jnp.zeros((spec.rank, *out_shape), spec.dtype),
+                               out_sharding=("lora_rank", *out_names), eager_sharding=False)  # fmt: skip
+
+    def __call__(self, spec: str, x: jax.Array) -> jax.Array:
+        """The low-rank term of `einsum(spec, x, W)`, computed as (x A) B with R in the middle."""
+        operands, out = spec.split("->")
+        x_sub, w_sub = operands.split(",")
+        contracted = "".join(c for c in w_sub if c in x_sub)
+        produced = "".join(c for c in w_sub if c not in x_sub)
+        kept = "".join(c for c in x_sub if c not in w_sub)
+        x_r = jnp.einsum(f"{x_sub},{contracted}r->{kept}r", x, self.a[...].astype(x.dtype))
+        return jnp.einsum(f"{kept}r,r{produced}->{out}", x_r, self.b[...].astype(x.dtype)) * jnp.asarray(
+            self.scale, x.dtype
+        )
+
+    def delta(self) -> jax.Array:
+        """A B · scale, shaped like the adapted weight (for merging)."""
+        return jnp.tensordot(self.a[...], self.b[...], axes=1) * self.scale
+
+
+def _project(spec: str, x: jax.Array, w: nnx.Param, lora: LoRA | None) -> jax.Array:
+    """`einsum(spec, x, w)`, plus the adapter's low-rank term when the projection has one."""
+    y = jnp.einsum(spec, x, w[...])
+    return y if lora is None else y + lora(spec, x)
+
+
+def _adapter(spec: LoraSpec | None, name: str, w: nnx.Param, n_in: int, rngs: nnx.Rngs) -> LoRA | None:
+    if spec is None or name not in spec.targets:
+        return None
+    names = w.get_metadata()["out_sharding"]
+    return LoRA(w.shape[:n_in], w.shape[n_in:], names[:n_in], names[n_in:], spec, rngs=rngs)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, dtype, rngs: nnx.Rngs):
         self.eps = eps
@@ -59,18 +129,22 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     """Grouped-query attention: N query heads share K kv heads (query head n uses kv head n // G)."""
 
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, lora: LoraSpec | None = None):
         d, n, k, h = config.dim, config.n_heads, config.n_kv_heads, config.head_dim
         self.wq = _param(rngs, _normal, (d, n, h), dtype, ("embed", "q_heads", "head_dim"))
         self.wk = _param(rngs, _normal, (d, k, h), dtype, ("embed", "kv_heads", "head_dim"))
         self.wv = _param(rngs, _normal, (d, k, h), dtype, ("embed", "kv_heads", "head_dim"))
         self.wo = _param(rngs, _normal, (n, h, d), dtype, ("q_heads", "head_dim", "embed"))
+        self.wq_lora = _adapter(lora, "wq", self.wq, 1, rngs)
+        self.wk_lora = _adapter(lora, "wk", self.wk, 1, rngs)
+        self.wv_lora = _adapter(lora, "wv", self.wv, 1, rngs)
+        self.wo_lora = _adapter(lora, "wo", self.wo, 2, rngs)
 
     def __call__(self, x_btd, sin, cos, positions_bt, cache: KVCache | None, layer, *, use_cache: bool,
-                 implementation: str | None):  # fmt: skip
-        q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.wq[...])
-        k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wk[...])
-        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wv[...])
+                 implementation: str | None, segment_ids_bt=None):  # fmt: skip
+        q_btnh = _project("btd,dnh->btnh", x_btd, self.wq, self.wq_lora)
+        k_btkh = _project("btd,dkh->btkh", x_btd, self.wk, self.wk_lora)
+        v_btkh = _project("btd,dkh->btkh", x_btd, self.wv, self.wv_lora)
         q_btnh = constrain(rope.apply_rope(q_btnh, sin, cos), ("batch", "seq", "q_heads", "head_dim"))
         k_btkh = constrain(rope.apply_rope(k_btkh, sin, cos), ("batch", "seq", "kv_heads", "head_dim"))
 
@@ -88,11 +162,15 @@ class Attention(nnx.Module):
                 q_btnh, k_bskh, v_bskh, mask=mask[:, None], implementation=implementation
             )
         else:
-            # Attend within the chunk (full forward, or prefill of an empty cache): plain causal.
+            # Attend within the chunk (full forward, or prefill of an empty cache): causal, and with
+            # packed sequences (training) only within each token's own document.
+            mask = None
+            if segment_ids_bt is not None:
+                mask = (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])[:, None]
             out_btnh = jax.nn.dot_product_attention(
-                q_btnh, k_btkh, v_btkh, is_causal=True, implementation=implementation
+                q_btnh, k_btkh, v_btkh, mask=mask, is_causal=True, implementation=implementation
             )
-        return jnp.einsum("btnh,nhd->btd", out_btnh, self.wo[...]), cache
+        return _project("btnh,nhd->btd", out_btnh, self.wo, self.wo_lora), cache
 
 
 class FeedForward(nnx.Module):
@@ -102,9 +180,12 @@ class FeedForward(nnx.Module):
     (`w1_scale` [F], `w3_scale` [F], `w2_scale` [D]) and the matmuls run from FP8 (`quant.fp8_linear`).
     """
 
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, fp8: quant.Fp8Spec | None = None):
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, fp8: quant.Fp8Spec | None = None,
+                 lora: LoraSpec | None = None):  # fmt: skip
         d, f = config.dim, config.ffn_dim
         self.fp8 = fp8
+        if fp8 is not None and lora is not None and {"w1", "w2", "w3"} & set(lora.targets):
+            raise ValueError("LoRA on FP8 feed-forward weights is not supported: load the bf16 model to fine-tune it")
         init, wdtype = (_zeros, quant.FP8) if fp8 is not None else (_normal, dtype)
         self.w1 = _param(rngs, init, (d, f), wdtype, ("embed", "mlp"))
         self.w3 = _param(rngs, init, (d, f), wdtype, ("embed", "mlp"))
@@ -113,6 +194,9 @@ class FeedForward(nnx.Module):
             self.w1_scale = _param(rngs, nnx.initializers.ones, (f,), jnp.float32, ("mlp",))
             self.w3_scale = _param(rngs, nnx.initializers.ones, (f,), jnp.float32, ("mlp",))
             self.w2_scale = _param(rngs, nnx.initializers.ones, (d,), jnp.float32, ("embed",))
+        self.w1_lora = _adapter(lora, "w1", self.w1, 1, rngs)
+        self.w3_lora = _adapter(lora, "w3", self.w3, 1, rngs)
+        self.w2_lora = _adapter(lora, "w2", self.w2, 1, rngs)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         if self.fp8 is not None:
@@ -120,24 +204,26 @@ class FeedForward(nnx.Module):
             gate_btf = jax.nn.silu(linear(x_btd, self.w1[...], self.w1_scale[...]))
             h_btf = constrain(gate_btf * linear(x_btd, self.w3[...], self.w3_scale[...]), ("batch", "seq", "mlp"))
             return linear(h_btf, self.w2[...], self.w2_scale[...])
-        gate_btf = jax.nn.silu(jnp.einsum("btd,df->btf", x_btd, self.w1[...]))
-        up_btf = jnp.einsum("btd,df->btf", x_btd, self.w3[...])
+        gate_btf = jax.nn.silu(_project("btd,df->btf", x_btd, self.w1, self.w1_lora))
+        up_btf = _project("btd,df->btf", x_btd, self.w3, self.w3_lora)
         h_btf = constrain(gate_btf * up_btf, ("batch", "seq", "mlp"))
-        return jnp.einsum("btf,fd->btd", h_btf, self.w2[...])
+        return _project("btf,fd->btd", h_btf, self.w2, self.w2_lora)
 
 
 class Block(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, fp8: quant.Fp8Spec | None = None):
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, fp8: quant.Fp8Spec | None = None,
+                 lora: LoraSpec | None = None):  # fmt: skip
         self.attention_norm = RMSNorm(config.dim, config.norm_eps, dtype=dtype, rngs=rngs)
-        self.attention = Attention(config, dtype=dtype, rngs=rngs)
+        self.attention = Attention(config, dtype=dtype, rngs=rngs, lora=lora)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps, dtype=dtype, rngs=rngs)
-        self.feed_forward = FeedForward(config, dtype=dtype, rngs=rngs, fp8=fp8)
+        self.feed_forward = FeedForward(config, dtype=dtype, rngs=rngs, fp8=fp8, lora=lora)
 
-    def __call__(self, x_btd, sin, cos, positions_bt, cache, layer, *, use_cache, implementation, ffn=None):
+    def __call__(self, x_btd, sin, cos, positions_bt, cache, layer, *, use_cache, implementation, ffn=None,
+                 segment_ids_bt=None):  # fmt: skip
         with jax.named_scope("attention"):
             attn, cache = self.attention(
                 self.attention_norm(x_btd), sin, cos, positions_bt, cache, layer,
-                use_cache=use_cache, implementation=implementation,
+                use_cache=use_cache, implementation=implementation, segment_ids_bt=segment_ids_bt,
             )  # fmt: skip
         h_btd = constrain(x_btd + attn, ("batch", "seq", "embed"))
         with jax.named_scope("feed_forward"):
@@ -155,6 +241,8 @@ class Llama(nnx.Module):
       attention_impl: passed to `jax.nn.dot_product_attention` ("cudnn" on H100, "xla", None=auto).
       fp8: FFN weights of `fp8.quantized_layers` in rowwise FP8 (the FP8 405B release); the other
         layers' FFNs live unquantized in `dense_ffn`, stacked over those layers only.
+      lora: low-rank adapters on `lora.targets` (`nnx.LoRAParam`s `<name>_lora.a/.b` beside each
+        adapted weight); see `llama_jax/lora.py` to add them to a loaded model and to merge them.
     """
 
     def __init__(
@@ -165,15 +253,17 @@ class Llama(nnx.Module):
         rngs: nnx.Rngs,
         attention_impl: str | None = None,
         fp8: quant.Fp8Spec | None = None,
+        lora: LoraSpec | None = None,
     ):
         self.config = config
         self.fp8 = fp8
+        self.lora = lora
         self.dtype = jnp.dtype(dtype)
         self.attention_impl = attention_impl
         # Set by `load(..., mesh=...)`: activations are then pinned by the same logical rules.
         self.sharding: ShardingSpec | None = None
         self.tok_embeddings = _param(rngs, _normal, (config.vocab_size, config.dim), dtype, ("vocab", "embed"))
-        self.layers = _stacked_blocks(config, dtype, rngs, fp8)
+        self.layers = _stacked(lambda r: Block(config, dtype=dtype, rngs=r, fp8=fp8, lora=lora), config.n_layers, rngs)
         dense = fp8.dense_layers(config.n_layers) if fp8 is not None else ()
         self.dense_ffn = (
             _stacked(lambda r: FeedForward(config, dtype=dtype, rngs=r), len(dense), rngs) if dense else None
@@ -185,11 +275,17 @@ class Llama(nnx.Module):
             else _param(rngs, _normal, (config.dim, config.vocab_size), dtype, ("embed", "vocab"))
         )
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        """tokens `[B, T]` int, positions `[B, T]` (default 0..T-1) → logits `[B, T, V]` float32."""
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
+        """tokens `[B, T]` int, positions `[B, T]` (default 0..T-1) → logits `[B, T, V]` float32.
+
+        segment_ids `[B, T]`: documents packed in one row (training); a token attends only to earlier
+        tokens of its own segment.
+        """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        logits, _ = self.forward(tokens, positions)
+        logits, _ = self.forward(tokens, positions, segment_ids=segment_ids)
         return logits
 
     def prefill(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -211,16 +307,22 @@ class Llama(nnx.Module):
         *,
         use_cache: bool = False,
         unroll: int | bool = 1,
+        segment_ids: jax.Array | None = None,
+        remat: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """The one forward pass behind `__call__`, `prefill` and `decode`.
 
         `unroll` is handed to the layer scan: 1 keeps compile time flat in depth; full unrolling
         lets XLA read each layer's weights in place, which is faster for the decode step on CPU.
+        `remat` rematerialises each layer in the backward pass (training): only the residual stream
+        between layers is kept, `[L, B, T, D]`, instead of every layer's activations.
         """
         with use_rules(self.sharding.mesh, self.sharding.rules) if self.sharding else contextlib.nullcontext():
-            return self._forward(tokens, positions, cache, use_cache=use_cache, unroll=unroll)
+            return self._forward(
+                tokens, positions, cache, use_cache=use_cache, unroll=unroll, segment_ids=segment_ids, remat=remat
+            )
 
-    def _forward(self, tokens, positions, cache, *, use_cache, unroll):
+    def _forward(self, tokens, positions, cache, *, use_cache, unroll, segment_ids, remat):
         config = self.config
         x_btd = constrain(self.tok_embeddings[...][tokens].astype(self.dtype), ("batch", "seq", "embed"))
         inv_freq = rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
@@ -248,10 +350,12 @@ class Llama(nnx.Module):
             with jax.named_scope("block"):
                 x_btd, cache = block(
                     x_btd, sin, cos, positions, cache, layer,
-                    use_cache=use_cache, implementation=self.attention_impl, ffn=ffn,
+                    use_cache=use_cache, implementation=self.attention_impl, ffn=ffn, segment_ids_bt=segment_ids,
                 )  # fmt: skip
             return (x_btd, cache, layer + 1), None
 
+        if remat:
+            one_layer = jax.checkpoint(one_layer, prevent_cse=False)
         (x_btd, cache, _), _ = jax.lax.scan(
             one_layer, (x_btd, cache, jnp.int32(0)), layer_params, length=config.n_layers, unroll=unroll
         )
@@ -259,11 +363,6 @@ class Llama(nnx.Module):
         head_dv = self.tok_embeddings[...].T if self.output is None else self.output[...]
         logits = jnp.einsum("btd,dv->btv", h_btd, head_dv.astype(self.dtype), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab")), cache
-
-
-def _stacked_blocks(config: LlamaConfig, dtype, rngs: nnx.Rngs, fp8: quant.Fp8Spec | None = None) -> Block:
-    """L blocks whose parameters are stacked along a leading "layers" axis."""
-    return _stacked(lambda r: Block(config, dtype=dtype, rngs=r, fp8=fp8), config.n_layers, rngs)
 
 
 def _stacked(make_one: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:

@@ -2,10 +2,14 @@
 
 import os
 import pathlib
+import tempfile
 
 # Tests that shard use 8 fake CPU devices; this must be set before jax is first imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, shared with the subprocesses tests start: the
+# same programs (a tiny model's train step, prefill, decode) then compile once, not once per test.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="llama_jax_test_xla_"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -1,0 +1,33 @@
+"""Distil Llama 3.1 8B Instruct into Llama 3.2 1B (`python -m llama_jax train --config configs/distill.py`).
+
+Online: the teacher runs inside each training step (its own sharding rules on the same mesh) and the
+loss is (1 - distill_weight) · cross-entropy + distill_weight · τ² · KL(teacher_τ ‖ student_τ).
+Offline: set `teacher=None` and `data` to the batch job's output written with `--top-logprobs K`
+(docs/BATCH.md); the KL is then over the teacher's top-K tokens and the rest (docs/TRAINING.md).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            checkpoint="Llama-3.2-1B-Instruct",  # the student
+            teacher="Meta-Llama-3.1-8B-Instruct",
+            teacher_rules="tp",  # the teacher is only run forward: tensor-parallel, no optimizer state
+            data="prompts_and_answers.jsonl",
+            seq_len=2048,
+            distill_temperature=2.0,
+            distill_weight=0.9,
+            steps=2000,
+            batch_size=32,
+            grad_accum=4,
+            learning_rate=5e-5,
+            warmup_steps=100,
+            mesh="fsdp=2,tensor=4",
+            rules="fsdp_tp",
+            workdir="runs/distill-8b-1b",
+            checkpoint_every=200,
+            export="hf",
+        )
+    )

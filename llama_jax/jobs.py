@@ -1,0 +1,114 @@
+"""What the long-running jobs (`batch`, `train`) share: settings as a frozen dataclass, from three layers.
+
+    defaults of the dataclass  <  --config FILE (a `get_config()` ml-collections file)  <  options given
+
+Every field is also `--config.<field>=VALUE` on the command line (ml-collections' override style),
+and the common ones have a plain alias (`--steps`, `--checkpoint`). And the one way a job gets its
+model: a checkpoint (or the embedded default), on a mesh when one is given, with its tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["add_config_arguments", "config_from_args", "config_from_mapping", "load_model"]
+
+
+def config_from_mapping(cls, values: Mapping[str, Any], *, source: str):
+    """`cls(**values)`, refusing unknown fields by name (a typo must not silently keep a default)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown field(s) {unknown}; expected a subset of {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    values = {k: tuple(v) if _base(hints[k]) is tuple and isinstance(v, list) else v for k, v in values.items()}
+    return cls(**values)
+
+
+def _base(kind):
+    """The type of a field, without `| None`; `tuple[str, ...]` → tuple."""
+    args = typing.get_args(kind)
+    if type(None) in args:  # X | None
+        kind = next(t for t in args if t is not type(None))
+    return typing.get_origin(kind) or kind
+
+
+def _parse_value(kind, name: str):
+    """An argparse `type` for a field: its type, "none" for optional ones, true/false for bools, a,b,c for tuples."""
+    optional = type(None) in typing.get_args(kind)
+    base = _base(kind)
+
+    def parse(text: str):
+        if optional and text.lower() in ("none", "null"):
+            return None
+        if base is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise argparse.ArgumentTypeError(f"{name}: expected true or false, got {text!r}")
+            return text.lower() in ("true", "1")
+        if base is tuple:
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        try:
+            return base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected {base.__name__}, got {text!r}") from None
+
+    return parse
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls, aliases: Mapping[str, str] = ()) -> None:
+    """`--config FILE` and `--config.<field>` for every field of `cls`; `aliases` maps fields to plain flags."""
+    parser.add_argument("--config", type=pathlib.Path, help="a get_config() file describing the job")
+    hints = typing.get_type_hints(cls)
+    aliases = dict(aliases)
+    for field in dataclasses.fields(cls):
+        names = [aliases[field.name]] if field.name in aliases else []
+        parser.add_argument(*names, f"--config.{field.name}", dest=field.name, default=argparse.SUPPRESS,
+                            type=_parse_value(hints[field.name], field.name), help=f"default {field.default!r}")  # fmt: skip
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    """The dataclass's defaults, overridden by `--config FILE`, overridden by the options given."""
+    from llama_jax.config import load_config_file
+
+    values: dict[str, Any] = {}
+    if args.config is not None:
+        values.update(load_config_file(args.config).to_dict())
+    config = config_from_mapping(cls, values, source=str(args.config))
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return dataclasses.replace(config, **given)
+
+
+def load_model(checkpoint, *, tokenizer=None, dtype: str | None = None, mesh: str | None = None,
+               rules: str = "fsdp_tp"):  # fmt: skip
+    """(model, tokenizer): `checkpoint` (None: the embedded default, announced on stderr), on `mesh`.
+
+    dtype defaults to bfloat16 for checkpoints and float32 for the small embedded model; `mesh` is a
+    `make_mesh` string ("fsdp=2,tensor=4"), `rules` a sharding strategy name.
+    """
+    from llama_jax import default_model
+    from llama_jax.loading import load
+    from llama_jax.tokenizer import Tokenizer, find_tokenizer
+    from sharding.mesh import make_mesh
+    from sharding.placement import shard_model
+    from sharding.rules import get_rules
+
+    mesh = make_mesh(mesh) if mesh else None
+    if checkpoint is None:
+        print(default_model.RANDOM_WEIGHTS_NOTICE, file=sys.stderr, flush=True)
+        model = default_model.default_model(dtype=dtype or "float32", warn=False)
+        if mesh is not None:
+            shard_model(model, mesh, rules)
+        tokenizer_path = tokenizer or default_model.tokenizer_path()
+    else:
+        model = load(checkpoint, dtype=dtype or "bfloat16", mesh=mesh, rules=get_rules(rules) if mesh else None)
+        tokenizer_path = tokenizer or find_tokenizer(checkpoint)
+    if tokenizer_path is None:
+        where = checkpoint or "the embedded model"
+        raise ValueError(f"{where}: no tokenizer.model found (install llama-models or pass --tokenizer PATH)")
+    return model, Tokenizer.from_file(tokenizer_path)

@@ -1,0 +1,113 @@
+"""LoRA: add low-rank adapters to a loaded model, read them out, and fold them back into the weights.
+
+    model = llama_jax.load(path)                                   # the frozen base
+    model = lora.add_adapters(model, LoraSpec(rank=16, alpha=32, targets=("wq", "wk", "wv", "wo")))
+    ...train: only `nnx.LoRAParam`s change (llama_jax/train.py)...
+    merged = lora.merge(model)                                     # plain Llama: W + (alpha / rank) · A B
+    llama_jax.convert / save merged as any other model
+
+The adapters live beside the weights they adapt (`layers.attention.wq_lora.a`, `.b`; see
+`llama_jax/model.py` `LoRA`), stacked over layers like every layer weight, and carry logical axis
+names, so they are sharded by the same rules (their rank axis, "lora_rank", is replicated).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama_jax.model import LORA_TARGETS, Llama, LoraSpec
+
+__all__ = ["LoraSpec", "LORA_TARGETS", "add_adapters", "adapter_state", "merge"]
+
+# Which module of a block holds each adaptable projection.
+_MODULE = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
+           "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}  # fmt: skip
+
+
+def _like(model: Llama, lora: LoraSpec | None, seed: int = 0) -> Llama:
+    """An abstract `Llama` shaped like `model` but with (or without) adapters."""
+    return nnx.eval_shape(
+        lambda: Llama(
+            model.config,
+            dtype=model.dtype,
+            rngs=nnx.Rngs(seed),
+            attention_impl=model.attention_impl,
+            fp8=model.fp8,
+            lora=lora,
+        )  # fmt: skip
+    )
+
+
+def _fresh(state: nnx.State) -> nnx.State:
+    """New Variable objects over the same arrays: the new model shares memory, not mutations."""
+    return jax.tree.map(lambda x: x, state)
+
+
+def _carry_attributes(src: Llama, dst: Llama) -> Llama:
+    # Attributes set after construction: the mesh rules, and a tokenizer attached by the loader/user.
+    dst.sharding = src.sharding
+    if hasattr(src, "tokenizer"):
+        dst.tokenizer = src.tokenizer
+    return dst
+
+
+def add_adapters(model: Llama, spec: LoraSpec, *, seed: int = 0) -> Llama:
+    """A new `Llama` sharing `model`'s weights (no copy) with fresh adapters: A ~ N(0, 1/in), B = 0.
+
+    The result computes exactly what `model` computes until the adapters are trained. On a mesh
+    (`model.sharding`), the adapters are created directly in their sharded place.
+    """
+    if model.lora is not None:
+        raise ValueError(f"the model already has adapters ({model.lora}); merge them first (lora.merge)")
+    abstract = _like(model, spec, seed)
+    graphdef, abstract_adapters, _ = nnx.split(abstract, nnx.LoRAParam, ...)
+    shardings = None
+    if model.sharding is not None:
+        shardings = jax.tree.map(
+            lambda v: model.sharding.sharding(v.get_metadata()["out_sharding"], v.shape),
+            abstract_adapters,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def init():
+        # The base weights drawn here are dead code: XLA keeps only the adapters' initialisation.
+        full = Llama(model.config, dtype=model.dtype, rngs=nnx.Rngs(seed), attention_impl=model.attention_impl,
+                     fp8=model.fp8, lora=spec)  # fmt: skip
+        return nnx.state(full, nnx.LoRAParam)
+
+    return _carry_attributes(model, nnx.merge(graphdef, init(), _fresh(nnx.state(model))))
+
+
+def adapter_state(model: Llama) -> nnx.State:
+    """The adapters only (`nnx.LoRAParam`s): what LoRA training updates and saves."""
+    return nnx.state(model, nnx.LoRAParam)
+
+
+@jax.jit
+def _fold(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """W [L, *in, *out] + scale · A [L, *in, R] B [L, R, *out], accumulated in float32, back in W's dtype."""
+    delta = jax.vmap(lambda a1, b1: jnp.tensordot(a1, b1, axes=1))(a.astype(jnp.float32), b.astype(jnp.float32))
+    return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+
+
+def merge(model: Llama) -> Llama:
+    """A plain `Llama` (no adapters) whose adapted weights are W + (alpha / rank) · A B.
+
+    Its logits equal the adapted model's up to the rounding of the merged weights to their dtype
+    (exact in float32 up to summation order). Export it like any model (`llama_jax.convert`).
+    """
+    if model.lora is None:
+        raise ValueError("the model has no adapters to merge")
+    graphdef = nnx.graphdef(_like(model, None))
+    merged = _carry_attributes(model, nnx.merge(graphdef, _fresh(nnx.state(model, nnx.Not(nnx.LoRAParam)))))
+    for name in model.lora.targets:
+        adapted = getattr(model.layers, _MODULE[name])
+        adapter = getattr(adapted, f"{name}_lora")
+        target = getattr(getattr(merged.layers, _MODULE[name]), name)
+        target.set_value(_fold(getattr(adapted, name)[...], adapter.a[...], adapter.b[...], adapter.scale))
+    return merged

@@ -1,0 +1,551 @@
+"""Fine-tuning and distillation with optax: full SFT, LoRA, teacher → student; Orbax checkpoints, resume.
+
+    model = lora.add_adapters(llama_jax.load(path), LoraSpec(rank=16))       # or the model itself: full SFT
+    loader = data.Loader(data.load_examples("sft.jsonl", tokenizer=tok, seq_len=1024), batch_size=32, seed=0)
+    trainer = Trainer(model, TrainConfig(steps=1000, learning_rate=2e-4), workdir="runs/sft")
+    history = trainer.fit(loader)                  # metrics per step; checkpoints every N steps
+    trainer.model                                  # the trained model (a `Llama`)
+
+The trainable parameters are the `nnx.LoRAParam`s when the model has adapters, else every `nnx.Param`.
+They are kept as a float32 master copy (`Trainer.params`), cast to their stored dtype (bf16) for the
+forward pass, so the optimizer state is float32 and small updates are not lost to bf16 rounding.
+
+One optimizer step is one jitted function: the global batch is cut into `grad_accum` micro-batches
+scanned over with summed gradients, the loss is the mean over every trained token of the global batch
+(so accumulation changes nothing but memory), the teacher (if any) runs inside the same program under
+`stop_gradient`, and the optimizer (AdamW, warm-up + cosine, global-norm clipping) updates the master
+params. On a mesh the params, the optimizer state (sharded like the params: FSDP) and the batch keep
+the model's logical sharding rules.
+
+Loss, per trained target token (`loss_mask`):
+    sft      cross-entropy
+    distill  (1 - w) · cross-entropy + w · τ² · KL(teacher_τ ‖ student_τ), w = `distill_weight`,
+             τ = `distill_temperature`. With an online teacher the KL is over the whole vocabulary;
+             with precomputed top-K teacher log-probs (the batch job's `top_logprobs`) it is over
+             K + 1 categories, the K teacher ids and "the rest", which is exact at τ = 1 for the
+             information stored and zero when the student equals the teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llama_jax.model import Llama
+from sharding.rules import logical_to_spec
+
+__all__ = ["TrainConfig", "Trainer", "cross_entropy", "full_kl", "learning_rate_schedule", "make_optimizer", "topk_kl"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to optimise (the `train` fields of `configs/finetune_*.py`)."""
+
+    steps: int = 100
+    batch_size: int = 8  # sequences per optimizer step (the global batch)
+    grad_accum: int = 1  # micro-batches per step; batch_size % grad_accum == 0
+    learning_rate: float = 1e-4  # peak, after linear warm-up from 0
+    warmup_steps: int = 10
+    end_lr_ratio: float = 0.1  # cosine decay to learning_rate * end_lr_ratio at `steps`
+    weight_decay: float = 0.0  # AdamW, on matrices only (not norms)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0  # global gradient norm; 0 = off
+    remat: bool = True  # rematerialise each layer in the backward pass
+    distill_temperature: float = 1.0
+    distill_weight: float = 1.0  # weight of the KL term when there is a teacher signal
+    checkpoint_every: int = 0  # steps between Orbax checkpoints (0: only at the end); needs a workdir
+    keep_checkpoints: int = 3
+    log_every: int = 1  # steps between metrics lines (workdir/metrics.jsonl) and progress updates
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"TrainConfig.batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}"
+            )
+        if self.distill_temperature <= 0 or not 0 <= self.distill_weight <= 1:
+            raise ValueError("TrainConfig: distill_temperature must be > 0 and distill_weight in [0, 1]")
+
+
+# ---- losses: sums over trained tokens of float32 logits [B, T, V] ---------------------------------------
+
+
+def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
+    """Σ over trained tokens of -log softmax(logits)[target]."""
+    ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, targets_bt)
+    return jnp.sum(jnp.where(mask_bt > 0, ce_bt * mask_bt, 0.0))
+
+
+def full_kl(student_btv: jax.Array, teacher_btv: jax.Array, mask_bt: jax.Array, temperature: float) -> jax.Array:
+    """Σ over trained tokens of τ² · KL(softmax(teacher/τ) ‖ softmax(student/τ)) over the vocabulary."""
+    t_logp = jax.nn.log_softmax(teacher_btv / temperature, axis=-1)
+    s_logp = jax.nn.log_softmax(student_btv / temperature, axis=-1)
+    kl_bt = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)
+    return temperature**2 * jnp.sum(jnp.where(mask_bt > 0, kl_bt * mask_bt, 0.0))
+
+
+def _with_rest(logp_btk: jax.Array, rest_bt: jax.Array) -> jax.Array:
+    return jnp.concatenate([logp_btk, rest_bt[..., None]], axis=-1)
+
+
+def topk_kl(
+    student_btv: jax.Array,
+    teacher_ids_btk: jax.Array,
+    teacher_logprobs_btk: jax.Array,
+    mask_bt: jax.Array,
+    temperature: float,
+) -> jax.Array:
+    """Σ over trained tokens of τ² · KL over K + 1 categories: the teacher's top-K ids and the rest.
+
+    Both distributions are the untempered log-probs of those categories (the student's from its full
+    softmax, "the rest" = everything else), tempered and renormalised over the K + 1 categories.
+    """
+    s_logp_btv = jax.nn.log_softmax(student_btv, axis=-1)
+    s_topk = jnp.take_along_axis(s_logp_btv, teacher_ids_btk, axis=-1)
+    in_topk = jnp.zeros(student_btv.shape, bool).at[
+        jnp.arange(student_btv.shape[0])[:, None, None], jnp.arange(student_btv.shape[1])[None, :, None],
+        teacher_ids_btk,
+    ].set(True)  # fmt: skip
+    s_rest = jax.nn.logsumexp(jnp.where(in_topk, -jnp.inf, s_logp_btv), axis=-1)
+    t_mass = jnp.sum(jnp.exp(teacher_logprobs_btk), axis=-1)
+    t_rest = jnp.log(jnp.clip(1.0 - t_mass, 1e-30))  # the teacher's tail mass, floored at ~0
+    t_logp = jax.nn.log_softmax(_with_rest(teacher_logprobs_btk, t_rest) / temperature, axis=-1)
+    s_logp = jax.nn.log_softmax(_with_rest(s_topk, s_rest) / temperature, axis=-1)
+    kl_bt = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)
+    return temperature**2 * jnp.sum(jnp.where(mask_bt > 0, kl_bt * mask_bt, 0.0))
+
+
+# ---- the optimizer ---------------------------------------------------------------------------------------
+
+
+def _decayed(params) -> Any:
+    """Weight decay on matrices only: not on norm scales (named "...norm.weight")."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: not any("norm" in str(p) for p in path), params)
+
+
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0 to `learning_rate`, then cosine decay to `learning_rate * end_lr_ratio`."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=min(config.warmup_steps, config.steps - 1),
+        decay_steps=config.steps,
+        end_value=config.learning_rate * config.end_lr_ratio,
+    )
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """AdamW on the warm-up + cosine schedule, after global-norm clipping."""
+    adamw = optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
+                        weight_decay=config.weight_decay, mask=_decayed)  # fmt: skip
+    return optax.chain(optax.clip_by_global_norm(config.clip_norm), adamw) if config.clip_norm > 0 else adamw
+
+
+# ---- the trainer ----------------------------------------------------------------------------------------
+
+_BATCH_AXES = {"teacher_ids": ("batch", "seq", None), "teacher_logprobs": ("batch", "seq", None)}
+
+
+class Trainer:
+    """Trains `model`'s trainable parameters (adapters if it has any, else all) on `Loader` batches.
+
+    Args:
+      model: a `Llama`, on one device or placed on a mesh (`load(..., mesh=)`, `shard_model`).
+      config: the optimisation settings.
+      teacher: an online teacher `Llama` for distillation (any size, its own sharding rules, the same
+        devices and vocabulary); batches carrying `teacher_ids` use those precomputed log-probs instead.
+      workdir: where checkpoints (`workdir/checkpoints/<step>`) and `metrics.jsonl` go; None: nowhere.
+    """
+
+    def __init__(self, model: Llama, config: TrainConfig, *, teacher: Llama | None = None, workdir=None):
+        if model.fp8 is not None:
+            raise ValueError("training an FP8-loaded model is not supported: load the bf16 weights")
+        if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
+            raise ValueError(
+                f"teacher vocabulary ({teacher.config.vocab_size}) differs from the student's ({model.config.vocab_size})"
+            )
+        self.config = config
+        self.trainable = nnx.LoRAParam if model.lora is not None else nnx.Param
+        self._graphdef, params, frozen = nnx.split(model, self.trainable, ...)
+        self._stored = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params))
+        self._sharding = model.sharding
+        self.frozen = nnx.to_pure_dict(frozen)
+        self.tx = make_optimizer(config)
+        # A copy even when already float32: the step donates the master params, never the model's arrays.
+        master = jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), nnx.to_pure_dict(params))
+        self._param_shardings = self._shardings_of(params)
+        self.params = jax.device_put(master, self._param_shardings) if self._param_shardings else master
+        self._opt_shardings = None
+        if self._param_shardings is not None:
+            replicated = NamedSharding(self._sharding.mesh, PartitionSpec())
+            self._opt_shardings = optax.tree_map_params(
+                self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, self.params), self._param_shardings,
+                transform_non_params=lambda _: replicated,
+            )  # fmt: skip
+        self.opt_state = jax.jit(self.tx.init, out_shardings=self._opt_shardings)(self.params)
+        self._teacher_graphdef, self.teacher_params = (None, None) if teacher is None else nnx.split(teacher)
+        self._schedule = learning_rate_schedule(config)
+        self.step = 0
+        self.history: list[dict[str, float]] = []  # every logged step's metrics, across fit() calls
+        self.workdir = None if workdir is None else pathlib.Path(workdir)
+        self._manager = None
+        self._step_fn = jax.jit(
+            self._train_step,
+            donate_argnums=(0, 1),
+            out_shardings=(self._param_shardings, self._opt_shardings, None),
+        )
+
+    # -- state -----------------------------------------------------------------------------------------
+
+    def _shardings_of(self, params: nnx.State):
+        if self._sharding is None:
+            return None
+        return nnx.to_pure_dict(
+            jax.tree.map(
+                lambda v: self._sharding.sharding(v.get_metadata()["out_sharding"], v.shape),
+                params,
+                is_leaf=lambda x: isinstance(x, nnx.Variable),
+            )
+        )
+
+    def _model_params(self, master) -> Any:
+        """The master params cast to the dtypes the model stores them in (bf16 weights stay bf16)."""
+        return jax.tree.map(lambda p, s: p.astype(s.dtype), master, self._stored)
+
+    @property
+    def model(self) -> Llama:
+        """The model with the current trained parameters (a new `Llama`; the arrays are copies)."""
+        model = nnx.merge(self._graphdef, jax.jit(self._model_params)(self.params), self.frozen)
+        model.sharding = self._sharding
+        return model
+
+    # -- one step --------------------------------------------------------------------------------------
+
+    def _batch_sharding(self, name: str, shape) -> NamedSharding | None:
+        if self._sharding is None:
+            return None
+        names = _BATCH_AXES.get(name, ("batch", "seq"))
+        spec = logical_to_spec(names, self._sharding.rules, mesh=self._sharding.mesh, shape=shape)
+        return NamedSharding(self._sharding.mesh, spec)
+
+    def _loss_sums(self, master, frozen, teacher_state, micro) -> tuple[jax.Array, dict]:
+        """(loss Σ, metric Σs) of one micro-batch; the loss is later divided by the global token count."""
+        config = self.config
+        model = nnx.merge(self._graphdef, self._model_params(master), frozen)
+        model.sharding = self._sharding
+        logits, _ = model.forward(micro["tokens"], micro["positions"], segment_ids=micro["segment_ids"],
+                                  remat=config.remat)  # fmt: skip
+        mask = micro["loss_mask"]
+        ce = cross_entropy(logits, micro["targets"], mask)
+        sums = {"ce": ce, "tokens": jnp.sum(mask)}
+        if teacher_state is not None:
+            teacher = nnx.merge(self._teacher_graphdef, teacher_state)
+            teacher_logits, _ = teacher.forward(micro["tokens"], micro["positions"], segment_ids=micro["segment_ids"])
+            kl = full_kl(logits, jax.lax.stop_gradient(teacher_logits), mask, config.distill_temperature)
+        elif "teacher_ids" in micro:
+            kl = topk_kl(logits, micro["teacher_ids"], micro["teacher_logprobs"], mask, config.distill_temperature)
+        else:
+            return ce, sums
+        sums["kl"] = kl
+        return (1 - config.distill_weight) * ce + config.distill_weight * kl, sums
+
+    def _train_step(self, master, opt_state, frozen, teacher_state, batch):
+        accum = self.config.grad_accum
+
+        def micro_batches(x):
+            # Row r of micro-batch a is row r * accum + a: each micro-batch spans every data shard.
+            return x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+
+        def one(carry, micro):
+            grads_sum, sums = carry
+            (_, step_sums), grads = jax.value_and_grad(self._loss_sums, has_aux=True)(
+                master, frozen, teacher_state, micro
+            )
+            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+            return (grads_sum, jax.tree.map(jnp.add, sums, step_sums)), step_sums
+
+        micros = jax.tree.map(micro_batches, batch)
+        zeros = jax.tree.map(jnp.zeros_like, master)
+        _, sums0 = jax.eval_shape(
+            lambda: self._loss_sums(master, frozen, teacher_state, jax.tree.map(lambda x: x[0], micros))
+        )
+        init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums0))
+        (grads_sum, sums), _ = jax.lax.scan(one, init, micros)
+        tokens = jnp.maximum(sums["tokens"], 1.0)
+        grads = jax.tree.map(lambda g: g / tokens, grads_sum)
+        updates, opt_state = self.tx.update(grads, opt_state, master)
+        master = optax.apply_updates(master, updates)
+        metrics = {name: value / tokens for name, value in sums.items() if name != "tokens"}
+        if "kl" in sums:
+            w = self.config.distill_weight
+            metrics["loss"] = (1 - w) * metrics["ce"] + w * metrics["kl"]
+        else:
+            metrics["loss"] = metrics["ce"]
+        metrics["tokens"] = sums["tokens"]
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return master, opt_state, metrics
+
+    def loss_and_grads(self, batch: Mapping[str, np.ndarray]) -> tuple[float, dict]:
+        """The loss of a batch (mean over its trained tokens) and its gradient with respect to the
+        trainable parameters (a pure dict in the model's layout), without updating anything."""
+
+        def mean_loss(master):
+            loss_sum, sums = self._loss_sums(master, self.frozen, self.teacher_params, self._place(batch))
+            return loss_sum / jnp.maximum(sums["tokens"], 1.0)
+
+        loss, grads = jax.jit(jax.value_and_grad(mean_loss))(self.params)
+        return float(loss), grads
+
+    def _place(self, batch: Mapping[str, np.ndarray]) -> dict:
+        if self._sharding is None:
+            return {k: jnp.asarray(v) for k, v in batch.items()}
+        return {k: jax.device_put(v, self._batch_sharding(k, v.shape)) for k, v in batch.items()}
+
+    def train_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """One optimizer step on a global batch (`Loader.batch(step)`); returns its metrics."""
+        if batch["tokens"].shape[0] != self.config.batch_size:
+            raise ValueError(
+                f"batch has {batch['tokens'].shape[0]} rows, TrainConfig.batch_size is {self.config.batch_size}"
+            )
+        batch = self._place(batch)
+        lr = float(self._schedule(self.step))
+        self.params, self.opt_state, metrics = self._step_fn(
+            self.params, self.opt_state, self.frozen, self.teacher_params, batch
+        )
+        self.step += 1
+        out = {"step": self.step, "learning_rate": lr}
+        out.update({k: float(v) for k, v in metrics.items()})
+        return out
+
+    # -- the loop --------------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        loader,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        callback: Callable[[dict[str, float]], None] | None = None,
+    ) -> list[dict[str, float]]:
+        """Train from `self.step` (or the latest checkpoint, with `resume`) to `config.steps`.
+
+        Batch `s` is `loader.batch(s)`, so a resumed run sees exactly the batches of an uninterrupted
+        one. Returns the metrics of every logged step; `callback(metrics)` sees them as they come.
+        """
+        from tqdm import tqdm
+
+        if resume:
+            self.restore()
+        elif self.workdir is not None and self.step == 0 and self._checkpoints().latest_step() is not None:
+            raise ValueError(f"{self.workdir} already holds checkpoints: resume them (--resume) or use a new workdir")
+        history = []
+        tokens_seen, started = 0.0, time.perf_counter()
+        with tqdm(total=self.config.steps, initial=self.step, desc="train", unit="step", disable=not progress) as bar:
+            while self.step < self.config.steps:
+                metrics = self.train_step(loader.batch(self.step))
+                metrics["epoch"] = loader.epoch(self.step - 1)
+                tokens_seen += metrics["tokens"]
+                metrics["tokens_per_s"] = tokens_seen / (time.perf_counter() - started)
+                bar.update(1)
+                if self.step % self.config.log_every == 0 or self.step == self.config.steps:
+                    history.append(metrics)
+                    self.history.append(metrics)
+                    self._log(metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                    if callback is not None:
+                        callback(metrics)
+                every = self.config.checkpoint_every
+                if self.workdir is not None and (self.step == self.config.steps or (every and self.step % every == 0)):
+                    self.save()
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+        return history
+
+    # -- checkpoints and logs --------------------------------------------------------------------------
+
+    def _checkpoints(self):
+        import orbax.checkpoint as ocp
+
+        if self.workdir is None:
+            raise ValueError("this Trainer has no workdir: pass Trainer(..., workdir=DIR) to save or resume")
+        if self._manager is None:
+            options = ocp.CheckpointManagerOptions(max_to_keep=self.config.keep_checkpoints, create=True)
+            self._manager = ocp.CheckpointManager((self.workdir / "checkpoints").absolute(), options=options)
+        return self._manager
+
+    def save(self) -> None:
+        """Write params + optimizer state + step (the data position) as checkpoint `step` (atomic)."""
+        import orbax.checkpoint as ocp
+
+        meta = {"step": self.step, "trainable": self.trainable.__name__, "config": dataclasses.asdict(self.config)}
+        self._checkpoints().save(
+            self.step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"params": self.params, "opt_state": self.opt_state}),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
+
+    def restore(self, step: int | None = None) -> int:
+        """Load checkpoint `step` (default: the latest complete one); returns the step, 0 if none."""
+        import orbax.checkpoint as ocp
+
+        manager = self._checkpoints()
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            return self.step
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+            {"params": self.params, "opt_state": self.opt_state},
+        )
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        )
+        if restored.meta["trainable"] != self.trainable.__name__:
+            raise ValueError(
+                f"{manager.directory}/{step}: checkpoint trained {restored.meta['trainable']}s, "
+                f"this model trains {self.trainable.__name__}s (LoRA vs full fine-tuning mismatch)"
+            )
+        self.params, self.opt_state = restored.state["params"], restored.state["opt_state"]
+        self.step = int(restored.meta["step"])
+        self._truncate_log(self.step)
+        return self.step
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        if self.workdir is None:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.workdir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop metrics lines of steps after `step`: a killed run logged steps that will be redone."""
+        path = self.workdir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines(keepends=True) if _logged_step(line) <= step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a torn last line
+
+
+# ---- the job: `python -m llama_jax train --config configs/finetune_lora.py` -----------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainJob(TrainConfig):
+    """A whole fine-tuning run: `TrainConfig` plus model, data, adapters, teacher, mesh and outputs.
+
+    The fields of `configs/finetune_*.py`; each is also `--config.<field>` on the command line.
+    """
+
+    data: str | None = None  # JSONL: chat {"messages"}, text {"text"} or the batch job's top_logprobs records
+    data_kind: str = "auto"  # auto | chat | text | distill
+    seq_len: int = 512
+    seed: int = 0  # data order
+    checkpoint: str | None = None  # the model to train (None: the embedded default, RANDOM weights)
+    tokenizer: str | None = None
+    dtype: str | None = None  # bfloat16 for checkpoints, float32 for the embedded model
+    lora_rank: int = 0  # > 0: train LoRA adapters only; 0: full fine-tuning
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
+    teacher: str | None = None  # online teacher checkpoint (distillation)
+    teacher_rules: str | None = None  # the teacher's sharding strategy on the mesh (default: `rules`)
+    mesh: str | None = None  # e.g. "fsdp=2,tensor=4" (None: one device)
+    rules: str = "fsdp_tp"
+    workdir: str = "runs/train"  # checkpoints/, metrics.jsonl, model/
+    resume: bool = False  # continue from the latest checkpoint in workdir
+    export: str = "orbax"  # the trained model (LoRA merged) to workdir/model: orbax | hf | none
+    progress: bool = True
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def run_job(job: TrainJob) -> Trainer:
+    """Load, train (resuming if asked), export; returns the `Trainer` (`.model`, `.history`)."""
+    from llama_jax import data, jobs, lora
+    from llama_jax.convert import save
+
+    if job.data is None:
+        raise ValueError("no training data: pass --data PATH (or set `data` in the --config file)")
+    if job.export not in ("orbax", "hf", "none"):
+        raise ValueError(f"export: expected orbax, hf or none, got {job.export!r}")
+    model, tokenizer = jobs.load_model(job.checkpoint, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh,
+                                       rules=job.rules)  # fmt: skip
+    if job.lora_rank > 0:
+        model = lora.add_adapters(model, lora.LoraSpec(rank=job.lora_rank, alpha=job.lora_alpha,
+                                                       targets=tuple(job.lora_targets)))  # fmt: skip
+    teacher = None
+    if job.teacher is not None:
+        teacher, _ = jobs.load_model(job.teacher, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh,
+                                     rules=job.teacher_rules or job.rules)  # fmt: skip
+    examples = data.load_examples(job.data, tokenizer=tokenizer, seq_len=job.seq_len, kind=job.data_kind)
+    loader = data.Loader(examples, job.batch_size, seed=job.seed)
+    trainer = Trainer(model, job.train_config(), teacher=teacher, workdir=job.workdir)
+    trainer.fit(loader, resume=job.resume, progress=job.progress)
+    if job.export != "none":
+        trained = trainer.model
+        save(lora.merge(trained) if trained.lora is not None else trained, pathlib.Path(job.workdir) / "model",
+             to=job.export, overwrite=True, progress=job.progress)  # fmt: skip
+    return trainer
+
+
+_ALIASES = {"data": "--data", "checkpoint": "--checkpoint", "workdir": "--workdir", "steps": "--steps",
+            "mesh": "--mesh", "teacher": "--teacher", "batch_size": "--batch-size"}  # fmt: skip
+
+
+def register(subparsers) -> None:
+    from llama_jax import jobs
+
+    parser = subparsers.add_parser(
+        "train", help="fine-tune or distill (SFT, LoRA, teacher → student), resumable",
+        description=__doc__.split("\n\n")[0],
+        epilog="Settings come from TrainJob's defaults, then --config FILE (configs/finetune_*.py), then the "
+               "options given here. docs/TRAINING.md has the details.",
+    )  # fmt: skip
+    jobs.add_config_arguments(parser, TrainJob, _ALIASES)
+    parser.add_argument("--resume", dest="resume", action="store_true", default=argparse.SUPPRESS,
+                        help="continue from the latest checkpoint in the workdir")  # fmt: skip
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from llama_jax import jobs
+    from llama_jax.cli import _enable_compile_cache
+
+    _enable_compile_cache()
+    try:
+        job = jobs.config_from_args(TrainJob, args)
+        history = run_job(job).history
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(history[-1] if history else {}))
+    return 0

@@ -1,0 +1,316 @@
+"""Fine-tuning: what must hold for SFT, LoRA, distillation, resumption and sharded training."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import llama_jax
+from llama_jax import data, lora
+from llama_jax.config import LlamaConfig
+from llama_jax.model import Llama, LoraSpec
+from llama_jax.train import TrainConfig, Trainer, TrainJob, full_kl, run_job, topk_kl
+from llama_jax.weights import layout
+from sharding.mesh import make_mesh
+from sharding.placement import shard_model
+from tests import checkpoints
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, head_dim=16,
+                   norm_eps=1e-5, rope_theta=500_000.0, rope_scaling=None, max_seq_len=128, tie_embeddings=False)  # fmt: skip
+
+
+def tiny_model(seed: int = 0, config: LlamaConfig = TINY) -> Llama:
+    return Llama(config, dtype=jnp.float32, rngs=nnx.Rngs(seed))
+
+
+def sequences(rows: np.ndarray, mask: np.ndarray | None = None) -> data.Examples:
+    """Examples from whole sequences [N, T + 1]: one document per row, every target trained."""
+    n, t = rows.shape[0], rows.shape[1] - 1
+    return data.Examples(
+        tokens=rows[:, :-1].astype(np.int32), targets=rows[:, 1:].astype(np.int32),
+        loss_mask=np.ones((n, t), np.float32) if mask is None else mask.astype(np.float32),
+        positions=np.tile(np.arange(t, dtype=np.int32), (n, 1)), segment_ids=np.ones((n, t), np.int32),
+    )  # fmt: skip
+
+
+def random_examples(n=16, t=32, seed=0, vocab=256) -> data.Examples:
+    return sequences(np.random.default_rng(seed).integers(1, vocab, (n, t + 1)))
+
+
+def params_of(model: Llama, filter=nnx.Param) -> dict:
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, filter)))
+
+
+def assert_trees_equal(a, b):
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+# ---- SFT ------------------------------------------------------------------------------------------------
+
+
+def test_loss_falls_and_the_model_then_reproduces_a_memorised_sequence_greedily():
+    sequence = np.random.default_rng(1).integers(1, 256, 33)
+    loader = data.Loader(sequences(np.tile(sequence, (8, 1))), 8, seed=0)
+    trainer = Trainer(tiny_model(), TrainConfig(steps=60, batch_size=8, learning_rate=3e-3, warmup_steps=5))
+    history = trainer.fit(loader, progress=False)
+
+    assert history[-1]["loss"] < 0.05 * history[0]["loss"]
+    [out] = llama_jax.generate(trainer.model, [sequence[:4].tolist()], max_new_tokens=29, stop_tokens=[])
+    assert list(out.tokens) == sequence[4:].tolist()
+
+
+def test_gradient_accumulation_changes_memory_not_the_result():
+    loader = data.Loader(random_examples(), 8, seed=0)
+    results = []
+    for accum in (1, 4):
+        trainer = Trainer(tiny_model(), TrainConfig(steps=2, batch_size=8, grad_accum=accum, learning_rate=1e-2))
+        trainer.fit(loader, progress=False)
+        results.append(jax.tree.map(np.asarray, trainer.params))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *results)
+
+
+def test_loss_counts_only_masked_targets():
+    examples = random_examples(n=8)
+    mask = np.zeros_like(examples.loss_mask)
+    mask[:, 5:9] = 1
+    masked = dataclasses.replace(examples, loss_mask=mask)
+    changed = dataclasses.replace(masked, targets=np.where(mask > 0, masked.targets, 7).astype(np.int32))
+    trainer = Trainer(tiny_model(), TrainConfig(steps=1, batch_size=8))
+    loss, grads = trainer.loss_and_grads(data.Loader(masked, 8, seed=0, shuffle=False).batch(0))
+    loss2, grads2 = trainer.loss_and_grads(data.Loader(changed, 8, seed=0, shuffle=False).batch(0))
+    assert loss == loss2
+    assert_trees_equal(grads, grads2)
+
+
+# ---- parity of gradients with PyTorch ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_gradients_match_transformers(tmp_path, tie):
+    import torch
+
+    hf = checkpoints.hf_checkpoint(tmp_path, tie=tie)
+    model = llama_jax.load(tmp_path, dtype="float32")
+    rows = np.random.default_rng(0).integers(0, 384, (3, 17))
+    mask = np.random.default_rng(1).random((3, 16)) < 0.7
+    trainer = Trainer(model, TrainConfig(steps=1, batch_size=3, remat=False))
+    loss, grads = trainer.loss_and_grads(data.Loader(sequences(rows, mask), 3, seed=0, shuffle=False).batch(0))
+
+    labels = torch.tensor(rows)
+    labels[:, 1:][torch.tensor(~mask)] = -100  # HF shifts labels itself; -100 = not trained
+    hf.train()
+    out = hf(input_ids=torch.tensor(rows), labels=labels)
+    out.loss.backward()
+    torch_grads = {name: p.grad.numpy() for name, p in hf.named_parameters()}
+
+    assert abs(loss - out.loss.item()) <= 1e-5 * abs(out.loss.item())
+    config = model.config
+    for rule in layout.rules_for(config):
+        ours = grads
+        for part in rule.path:
+            ours = ours[part]
+        for i in range(config.n_layers) if rule.per_layer else [None]:
+            name = rule.hf.format(i=i)
+            mine = rule.to_source(np.asarray(ours if i is None else ours[i]), config)
+            ref = torch_grads[name]
+            rel = np.abs(mine - ref).max() / np.abs(ref).max()
+            assert rel <= 1e-4, f"{name}: max|diff|/max|ref| = {rel:.2e}"
+
+
+# ---- LoRA -------------------------------------------------------------------------------------------------
+
+
+def test_lora_trains_only_the_adapters_and_merges_into_the_same_logits():
+    base = tiny_model()
+    before = params_of(base, nnx.Not(nnx.LoRAParam))
+    model = lora.add_adapters(base, LoraSpec(rank=4, alpha=8, targets=("wq", "wv", "wo", "w1", "w2")))
+    start = params_of(model, nnx.LoRAParam)
+    trainer = Trainer(model, TrainConfig(steps=5, batch_size=8, learning_rate=1e-2, warmup_steps=1))
+    trainer.fit(data.Loader(random_examples(), 8, seed=0), progress=False)
+    trained = trainer.model
+
+    assert_trees_equal(params_of(trained, nnx.Not(nnx.LoRAParam)), before)  # the base is untouched
+    adapters = params_of(trained, nnx.LoRAParam)
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), adapters, start)
+    assert all(jax.tree.leaves(changed)), changed  # every adapter matrix moved (B starts at zero)
+    assert {x.dtype for x in jax.tree.leaves(trainer.params)} == {np.dtype("float32")}  # the master copy
+
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 256, (2, 12)))
+    merged = lora.merge(trained)
+    assert merged.lora is None and not nnx.state(merged, nnx.LoRAParam)
+    np.testing.assert_allclose(merged(tokens), trained(tokens), rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(merged(tokens) - base(tokens))).max() > 1e-3  # and the training did something
+
+
+def test_a_fresh_adapter_changes_nothing():
+    base = tiny_model()
+    model = lora.add_adapters(base, LoraSpec(rank=2, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3")))
+    tokens = jnp.arange(20).reshape(2, 10)
+    np.testing.assert_array_equal(model(tokens), base(tokens))
+
+
+# ---- distillation -----------------------------------------------------------------------------------------
+
+
+def test_a_student_equal_to_its_teacher_has_zero_distillation_loss():
+    model = tiny_model()
+    batch = data.Loader(random_examples(n=4), 4, seed=0).batch(0)
+    online = Trainer(model, TrainConfig(steps=1, batch_size=4, distill_temperature=2.0), teacher=tiny_model())
+    loss, _ = online.loss_and_grads(batch)
+    assert abs(loss) < 1e-6
+
+    logits = model(jnp.asarray(batch["tokens"]), jnp.asarray(batch["positions"]))
+    logprobs, ids = jax.lax.top_k(jax.nn.log_softmax(logits), 5)
+    offline = Trainer(model, TrainConfig(steps=1, batch_size=4))
+    loss, _ = offline.loss_and_grads(
+        {**batch, "teacher_ids": np.asarray(ids), "teacher_logprobs": np.asarray(logprobs)}
+    )
+    assert abs(loss) < 1e-6
+
+
+def test_kl_losses_against_direct_computation():
+    rng = np.random.default_rng(0)
+    student, teacher = (jnp.asarray(rng.normal(size=(2, 3, 11)), jnp.float32) for _ in range(2))
+    mask = jnp.asarray([[1, 1, 0], [1, 0, 1]], jnp.float32)
+    p, q = jax.nn.softmax(teacher / 2), jax.nn.softmax(student / 2)
+    expected = 4 * np.sum(np.asarray(mask)[..., None] * np.asarray(p * (jnp.log(p) - jnp.log(q))))
+    np.testing.assert_allclose(full_kl(student, teacher, mask, 2.0), expected, rtol=1e-5)
+
+    # Top-K with K = V - 1: the "rest" category is the one token left out, so the K + 1 categories
+    # are the whole vocabulary and the top-K KL is the full KL.
+    t_logp = jax.nn.log_softmax(teacher)
+    values, ids = jax.lax.top_k(t_logp, 10)
+    np.testing.assert_allclose(topk_kl(student, ids, values, mask, 1.0), full_kl(student, teacher, mask, 1.0),
+                               rtol=1e-4)  # fmt: skip
+
+
+def test_distillation_brings_the_student_towards_a_larger_teacher():
+    teacher = tiny_model(seed=7, config=TINY.replace(dim=96, n_layers=3, ffn_dim=192, n_heads=6, n_kv_heads=3))
+    trainer = Trainer(tiny_model(), TrainConfig(steps=30, batch_size=8, learning_rate=3e-3, warmup_steps=2,
+                                                distill_temperature=2.0), teacher=teacher)  # fmt: skip
+    history = trainer.fit(data.Loader(random_examples(), 8, seed=0), progress=False)
+    assert history[-1]["kl"] < 0.5 * history[0]["kl"]
+
+
+# ---- checkpoints and resumption ---------------------------------------------------------------------------
+
+
+def distill_records(path, n=24, t=20, k=4, seed=0):
+    """Batch-job output records with top-K teacher log-probs, ids < 384 (the tiny HF vocabulary)."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            sequence = rng.integers(0, 384, t).tolist()
+            logits = rng.normal(size=(t - 5, 384))
+            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            top = np.argsort(-logp, axis=-1)[:, :k]
+            record = {"id": i, "sequence": sequence, "completion_start": 5,
+                      "top_logprobs": {"ids": top.tolist(), "logprobs": np.take_along_axis(logp, top, -1).tolist()}}  # fmt: skip
+            f.write(json.dumps(record) + "\n")
+
+
+def final_state(workdir, step):
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer().restore((workdir / "checkpoints" / str(step) / "state").absolute())
+
+
+def test_resuming_after_sigkill_gives_bit_identical_params(tmp_path, llama3_tokenizer_path):
+    checkpoints.hf_checkpoint(tmp_path / "model")
+    distill_records(tmp_path / "data.jsonl")
+    job = TrainJob(checkpoint=str(tmp_path / "model"), tokenizer=str(llama3_tokenizer_path), dtype="float32",
+                   data=str(tmp_path / "data.jsonl"), seq_len=24, steps=40, batch_size=4, learning_rate=1e-3,
+                   distill_weight=0.5, checkpoint_every=5, export="none", progress=False)  # fmt: skip
+    run_job(dataclasses.replace(job, workdir=str(tmp_path / "straight")))
+
+    killed = tmp_path / "killed"
+    args = [f"--config.{f.name}={getattr(job, f.name)}" for f in dataclasses.fields(job)
+            if f.name not in ("lora_targets", "teacher", "teacher_rules", "mesh")]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "llama_jax", "train", *args, f"--workdir={killed}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "5").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    _, stderr = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    assert not (killed / "checkpoints" / "40").exists()
+
+    history = run_job(dataclasses.replace(job, workdir=str(killed), resume=True)).history
+    assert history[0]["step"] > 5
+    assert_trees_equal(final_state(killed, 40), final_state(tmp_path / "straight", 40))
+    logged = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 41))  # steps the killed run logged past its checkpoint were redone once
+
+
+def test_a_second_run_in_a_used_workdir_must_say_resume(tmp_path):
+    loader = data.Loader(random_examples(n=8), 8, seed=0)
+    Trainer(tiny_model(), TrainConfig(steps=1, batch_size=8), workdir=tmp_path).fit(loader, progress=False)
+    with pytest.raises(ValueError, match="resume"):
+        Trainer(tiny_model(), TrainConfig(steps=2, batch_size=8), workdir=tmp_path).fit(loader, progress=False)
+
+
+def test_the_lora_job_exports_a_merged_model_that_loads_back(tmp_path, llama3_tokenizer_path):
+    checkpoints.hf_checkpoint(tmp_path / "model")
+    distill_records(tmp_path / "data.jsonl")
+    job = TrainJob(checkpoint=str(tmp_path / "model"), tokenizer=str(llama3_tokenizer_path), dtype="float32",
+                   data=str(tmp_path / "data.jsonl"), seq_len=24, steps=3, batch_size=4, learning_rate=1e-2,
+                   lora_rank=4, lora_targets=("wq", "w2"), workdir=str(tmp_path / "run"), progress=False)  # fmt: skip
+    trained = run_job(job).model
+    assert trained.lora is not None
+    exported = llama_jax.load(tmp_path / "run" / "model", dtype="float32")
+    assert exported.lora is None
+    tokens = jnp.arange(24).reshape(2, 12)
+    np.testing.assert_allclose(exported(tokens), trained(tokens), rtol=1e-5, atol=1e-5)
+
+
+# ---- sharded training -------------------------------------------------------------------------------------
+
+
+def test_fsdp_x_tensor_training_on_8_devices_matches_one_device():
+    loader = data.Loader(random_examples(), 8, seed=0)
+    config = TrainConfig(steps=3, batch_size=8, grad_accum=2, learning_rate=1e-2, warmup_steps=1)
+    single = Trainer(tiny_model(), config)
+    single.fit(loader, progress=False)
+
+    mesh = make_mesh("fsdp=2,tensor=4")
+    sharded = Trainer(shard_model(tiny_model(), mesh, "fsdp_tp"), config)
+    wq = sharded.params["layers"]["attention"]["wq"]
+    assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    mu = sharded.opt_state[1][0].mu["layers"]["attention"]["wq"]  # clip, then adamw's scale_by_adam
+    assert mu.sharding.is_equivalent_to(wq.sharding, wq.ndim)  # optimizer state sharded like the params
+    sharded.fit(loader, progress=False)
+
+    assert sharded.params["layers"]["attention"]["wq"].sharding.is_equivalent_to(wq.sharding, wq.ndim)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5),
+                 sharded.params, single.params)  # fmt: skip
+
+
+# ---- the command line -------------------------------------------------------------------------------------
+
+
+def test_config_files_parse_and_overrides_apply():
+    from llama_jax import jobs
+    from llama_jax.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--config", f"{ROOT}/configs/finetune_lora.py", "--steps", "7",
+                                      "--config.lora_targets=wq,w2", "--config.remat=false", "--resume"])  # fmt: skip
+    job = jobs.config_from_args(TrainJob, args)
+    assert (job.steps, job.lora_targets, job.remat, job.resume, job.lora_rank) == (7, ("wq", "w2"), False, True, 16)
+    for name in ("finetune_sft", "distill"):
+        args = build_parser().parse_args(["train", "--config", f"{ROOT}/configs/{name}.py"])
+        assert jobs.config_from_args(TrainJob, args).steps > 0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--config.no_such_field=1"])
