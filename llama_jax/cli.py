@@ -4,6 +4,7 @@
     chat      [--checkpoint DIR] [--system TEXT]   an interactive chat on stdin (/exit or EOF ends it)
     convert   SRC DST [--to hf|meta|orbax]         see `llama_jax/convert.py`
     batch     --input F --output F [--config FILE]  a resumable JSONL job, see `llama_jax/batch.py`
+    train     --config FILE [--data F --resume]     fine-tune / distill, see `llama_jax/train.py`
 
 Each command lives in one `register(subparsers)` function that adds its parser and sets
 `func=<main(args) -> exit code>`; a new command is one more entry in `COMMANDS`.
@@ -220,7 +221,15 @@ def _register_batch(subparsers) -> None:
     batch.register(subparsers)
 
 
-COMMANDS: tuple[Callable[[object], None], ...] = (register_generate, register_chat, _register_convert, _register_batch)
+def _register_train(subparsers) -> None:
+    from llama_jax import train
+
+    train.register(subparsers)
+
+
+COMMANDS: tuple[Callable[[object], None], ...] = (
+    register_generate, register_chat, _register_convert, _register_batch, _register_train,
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
