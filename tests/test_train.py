@@ -97,15 +97,15 @@ def test_loss_counts_only_masked_targets():
 # ---- parity of gradients with PyTorch ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-def test_gradients_match_transformers(tmp_path, tie):
+@pytest.mark.parametrize("tie, remat", [(False, False), (True, True)], ids=["untied", "tied-remat"])
+def test_gradients_match_transformers(tmp_path, tie, remat):
     import torch
 
     hf = checkpoints.hf_checkpoint(tmp_path, tie=tie)
     model = llama_jax.load(tmp_path, dtype="float32")
     rows = np.random.default_rng(0).integers(0, 384, (3, 17))
     mask = np.random.default_rng(1).random((3, 16)) < 0.7
-    trainer = Trainer(model, TrainConfig(steps=1, batch_size=3, remat=False))
+    trainer = Trainer(model, TrainConfig(steps=1, batch_size=3, remat=remat))
     loss, grads = trainer.loss_and_grads(data.Loader(sequences(rows, mask), 3, seed=0, shuffle=False).batch(0))
 
     labels = torch.tensor(rows)
@@ -126,6 +126,7 @@ def test_gradients_match_transformers(tmp_path, tie):
             mine = rule.to_source(np.asarray(ours if i is None else ours[i]), config)
             ref = torch_grads[name]
             rel = np.abs(mine - ref).max() / np.abs(ref).max()
+            print(f"gradient parity {name}: {rel:.1e}")
             assert rel <= 1e-4, f"{name}: max|diff|/max|ref| = {rel:.2e}"
 
 
