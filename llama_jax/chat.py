@@ -123,6 +123,23 @@ class ChatFormat:
         """Parse generated ids (optionally ending in eot/eom) into an assistant message dict."""
         return parse_assistant_text(self.tokenizer.decode(tokens), stop_reason=stop_reason)
 
+    def stop_reason(self, stop_token: int | None) -> str:
+        """Meta's stop reason for the token a generation stopped on: eot → "end_of_turn", eom →
+        "end_of_message", anything else (no stop token, `<|end_of_text|>`) → "out_of_tokens"."""
+        if stop_token is not None and stop_token == self.tokenizer.eot_id:
+            return "end_of_turn"
+        if stop_token is not None and stop_token == self.tokenizer.eom_id:
+            return "end_of_message"
+        return "out_of_tokens"
+
+    def decode_result(self, result) -> dict[str, Any]:
+        """`decode_assistant` of a `GenerationResult`: its tokens, and the stop reason its stop token gives.
+
+        (`result.tokens` excludes the stop token, so eot vs eom, which tool calls depend on, is read
+        from `result.stop_token`.)
+        """
+        return self.decode_assistant(result.tokens, stop_reason=self.stop_reason(result.stop_token))
+
     def _text(self, text: str) -> list[int]:
         # Special-token text in content stays text: users must not be able to forge headers.
         return self.tokenizer.encode(text, bos=False, eos=False)

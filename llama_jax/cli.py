@@ -196,12 +196,7 @@ def chat_main(args: argparse.Namespace) -> int:
             print(f"chat: error: {e}", file=sys.stderr, flush=True)
             continue
         print(flush=True)
-        stop_reason = "out_of_tokens"
-        if result.stop_token == tokenizer.eot_id:
-            stop_reason = "end_of_turn"
-        elif result.stop_token == tokenizer.eom_id:
-            stop_reason = "end_of_message"
-        reply = chat.decode_assistant(ids, stop_reason=stop_reason)
+        reply = chat.decode_assistant(ids, stop_reason=chat.stop_reason(result.stop_token))
         messages.append({k: v for k, v in reply.items() if k in ("role", "content", "tool_calls", "stop_reason")})
     return 0
 

@@ -251,7 +251,7 @@ def _write_meta(src: _Source, out: pathlib.Path, dtype, bar) -> None:
             if tensor_dtype.name == "bfloat16":
                 state[name] = torch.from_numpy(w.view(np.int16).copy()).view(torch.bfloat16)
             else:
-                state[name] = torch.from_numpy(w)
+                state[name] = torch.from_numpy(w if w.flags.writeable else w.copy())  # mmap views are read-only
             bar()
     torch.save(state, out / "consolidated.00.pth")
     (out / "params.json").write_text(json.dumps(meta_params(config), indent=2))

@@ -87,6 +87,8 @@ class Tokenizer(abc.ABC):
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
         """Load a Llama 3 tiktoken or Llama 2 sentencepiece `tokenizer.model`, detecting which it is."""
+        if path is None:  # what find_tokenizer returns for a checkpoint without one
+            raise ValueError("no tokenizer path: the checkpoint holds no tokenizer.model (nor original/); pass one")
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")

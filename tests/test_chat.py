@@ -645,3 +645,25 @@ def test_invalid_tool_definitions_are_rejected(kwargs, error):
 def test_python_list_tool_definitions_are_not_a_llama31_prompt():
     with pytest.raises(ValueError, match="tool_format"):
         custom_tools_message([TRENDING_SONGS], tool_format="python_list")
+
+
+@pytest.mark.parametrize(
+    "stop, reason",
+    [
+        ("<|eot_id|>", "end_of_turn"),
+        ("<|eom_id|>", "end_of_message"),
+        ("<|end_of_text|>", "out_of_tokens"),
+        (None, "out_of_tokens"),
+    ],
+)
+def test_a_generation_result_decodes_with_the_stop_reason_of_its_stop_token(chat, stop, reason):
+    from llama_jax.sampler import GenerationResult
+
+    tokens = tuple(
+        chat.tokenizer.encode('{"name": "get_weather", "parameters": {"city": "Paris"}}', bos=False, eos=False)
+    )
+    stop_token = None if stop is None else chat.tokenizer.special_tokens[stop]
+    result = GenerationResult(tokens, "stop" if stop else "length", stop_token)
+    message = chat.decode_result(result)
+    assert message["stop_reason"] == reason
+    assert message["tool_calls"][0]["function"]["name"] == "get_weather" and message["content"] == ""

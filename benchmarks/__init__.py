@@ -1,0 +1,1 @@
+"""Side-by-side measurements against transformers; each script prints JSON (results under benchmarks/results/)."""
