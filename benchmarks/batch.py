@@ -3,13 +3,14 @@
 CPU: the Llama-3.1-shaped fp32 model of `benchmarks/decode.py` (vocab 128,256, dim 256, 4 layers, GQA
 8/2, tied embeddings; ~35.8M parameters), built once by transformers (random init), saved with
 `save_pretrained` and loaded by `llama_jax.load(dir, dtype="float32")`. The job: `--requests` requests
-(a third of them chats), prompts of 5 to ~70 tokens from the real Llama 3 tokenizer, greedy,
+(a third of them chats), prompts of 5 to ~55 tokens from the real Llama 3 tokenizer, greedy,
 `--new-tokens` new tokens each (both sides stop at Llama 3's stop tokens; random weights rarely emit one).
 
     ours:          `run_batch` end to end: read and tokenize the JSONL, bucket, generate, write and fsync
                    the results, reorder; "warm" is the best of `--repeats` runs after a first one
                    ("cold", compilation included), each into a fresh output file.
-    transformers:  `model.generate` on each request's ids alone (batch 1), the loop timed as a whole.
+    transformers:  `model.generate` on each request's ids alone (batch 1), the loop timed as a whole,
+                   best of `--repeats`, alternating with ours so a noisy machine slows both alike.
 
     requests/s = requests / wall time;  tokens/s = generated tokens / wall time.
 
@@ -19,6 +20,7 @@ Prints one JSON object; `--out benchmarks/results/batch_cpu.json` also writes it
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -33,7 +35,14 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.decode import _hf_config, _shape  # noqa: E402  (the same model as the decode benchmark)
+
+def _decode_benchmark():
+    """benchmarks/decode.py, by path (an installed package named `benchmarks` shadows this folder)."""
+    spec = importlib.util.spec_from_file_location("_decode_benchmark", REPO / "benchmarks" / "decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 WORDS = "the of and to in is was for on that with as by at from his her an were are which this be".split()
 
@@ -42,7 +51,7 @@ def make_requests(n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     requests = []
     for i in range(n):
-        text = " ".join(rng.choice(WORDS, size=int(rng.integers(4, 70))))
+        text = " ".join(rng.choice(WORDS, size=int(rng.integers(4, 40))))
         if i % 3 == 0:
             requests.append({"id": i, "messages": [{"role": "user", "content": text}]})
         else:
@@ -61,7 +70,8 @@ def cpu_benchmark(n_requests: int, new_tokens: int, batch_size: int, repeats: in
     threads = os.cpu_count()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    hf_model = transformers.LlamaForCausalLM(_hf_config(transformers)).eval()
+    decode = _decode_benchmark()  # the same model as the decode benchmark
+    hf_model = transformers.LlamaForCausalLM(decode._hf_config(transformers)).eval()
     tokenizer = default_model.default_tokenizer()
     chat = ChatFormat(tokenizer)
     requests = make_requests(n_requests)
@@ -83,23 +93,25 @@ def cpu_benchmark(n_requests: int, new_tokens: int, batch_size: int, repeats: in
             elapsed = time.perf_counter() - start
             return elapsed, summary, [json.loads(line) for line in output.read_text().splitlines()]
 
-        cold, cold_summary, results = ours(0)
-        warm = min(ours(run + 1)[0] for run in range(repeats))
+        def theirs() -> list[list[int]]:
+            out = []
+            with torch.no_grad():
+                for ids in prompts:
+                    x = torch.tensor([ids])
+                    y = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                                          do_sample=False, eos_token_id=list(tokenizer.stop_tokens), pad_token_id=0)  # fmt: skip
+                    out.append([t for t in y[0, len(ids) :].tolist() if t not in tokenizer.stop_tokens])
+            return out
 
-    def theirs() -> list[list[int]]:
-        out = []
-        with torch.no_grad():
-            for ids in prompts:
-                x = torch.tensor([ids])
-                y = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
-                                      do_sample=False, eos_token_id=list(tokenizer.stop_tokens), pad_token_id=0)  # fmt: skip
-                out.append([t for t in y[0, len(ids) :].tolist() if t not in tokenizer.stop_tokens])
-        return out
-
-    theirs()[:1]  # warm-up
-    start = time.perf_counter()
-    hf_tokens = theirs()
-    hf_time = time.perf_counter() - start
+        cold, cold_summary, results = ours(0)  # compiles
+        hf_model.generate(torch.tensor([prompts[0]]), max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+        # Alternate the two, best of `repeats` each, so a noisy machine slows both alike.
+        warm = hf_time = float("inf")
+        for run in range(repeats):
+            warm = min(warm, ours(run + 1)[0])
+            start = time.perf_counter()
+            hf_tokens = theirs()
+            hf_time = min(hf_time, time.perf_counter() - start)
 
     ours_tokens = sum(r["completion_tokens"] for r in results)
     hf_total = sum(len(t) for t in hf_tokens)
@@ -110,7 +122,11 @@ def cpu_benchmark(n_requests: int, new_tokens: int, batch_size: int, repeats: in
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": threads,
         "torch_threads": torch.get_num_threads(),
-        "model": {"params": sum(p.numel() for p in hf_model.parameters()), "dtype": "float32", **_shape(model.config)},
+        "model": {
+            "params": sum(p.numel() for p in hf_model.parameters()),
+            "dtype": "float32",
+            **decode._shape(model.config),
+        },
         "job": {
             "requests": n_requests,
             "chat_fraction": round(sum("messages" in r for r in requests) / n_requests, 2),
@@ -150,7 +166,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="warm runs of the batch job (best is kept)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each side (best is kept)")
     parser.add_argument("--out", type=pathlib.Path, help="also write the JSON here")
     args = parser.parse_args(argv)
     result = cpu_benchmark(args.requests, args.new_tokens, args.batch_size, args.repeats)

@@ -318,6 +318,7 @@ def _fsync_dir(directory: pathlib.Path) -> None:
 
 
 def _write_atomically(path: pathlib.Path, lines: list[bytes]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(b"".join(lines))
@@ -370,8 +371,11 @@ def _data_parallelism(model) -> int:
 
 
 def _count_lines(path: pathlib.Path) -> int:
+    lines, last = 0, b"\n"
     with open(path, "rb") as f:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            lines, last = lines + chunk.count(b"\n"), chunk[-1:]
+    return lines + (last != b"\n")  # a last line without its newline counts too
 
 
 def run_batch(

@@ -84,12 +84,13 @@ def job(tmp_path_factory, llama3_tokenizer_path):
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, "max_position_embeddings": CONTEXT}))
     shutil.copy(llama3_tokenizer_path, ckpt / "tokenizer.model")
-    # This process reuses the programs the command compiles (the same jitted functions, same flags),
-    # when nothing was compiled in it before (JAX decides to use the cache at its first compilation).
-    saved = {
-        k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    }
-    jax.config.update("jax_compilation_cache_dir", str(root / "jax_cache"))
+    # The commands and this process share one persistent compilation cache (the session's if the
+    # environment names one), so the same programs compile once. JAX decides whether to use the cache
+    # at a process's first compilation: if something compiled here before, only the commands share it.
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or saved["jax_compilation_cache_dir"] or str(root / "jax")
+    jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     model = llama_jax.load(ckpt, dtype="float32")
     tokenizer = Tokenizer.from_file(llama3_tokenizer_path)
@@ -99,8 +100,7 @@ def job(tmp_path_factory, llama3_tokenizer_path):
     (root / "in.jsonl").write_text("\n".join(lines) + "\n\n")  # a blank line at the end is not an error
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    # The killed and restarted runs reuse this run's compiled programs.
-    env["JAX_COMPILATION_CACHE_DIR"] = str(root / "jax_cache")
+    env["JAX_COMPILATION_CACHE_DIR"] = cache
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     job = dict(root=root, ckpt=ckpt, model=model, tokenizer=tokenizer, requests=requests, env=env)
     job["output"] = root / "out.jsonl"
