@@ -503,6 +503,8 @@ def load_examples(
 
 
 def _kind_of(where: str, record: Mapping[str, Any]) -> str:
+    if _KIND_KEYS["distill"] in record:
+        return "distill"  # a batch-job result: its "text" is the completion's text, not a document
     kinds = [kind for kind, key in _KIND_KEYS.items() if key in record]
     if len(kinds) != 1:
         raise ValueError(

@@ -207,6 +207,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []  # every logged step's metrics, across fit() calls
         self.workdir = None if workdir is None else pathlib.Path(workdir)
         self._manager = None
+        self._loss_and_grads_fn = jax.jit(jax.value_and_grad(self._mean_loss))
         self._step_fn = jax.jit(
             self._train_step,
             donate_argnums=(0, 1),
@@ -307,12 +308,12 @@ class Trainer:
         """The loss of a batch (mean over its trained tokens) and its gradient with respect to the
         trainable parameters (a pure dict in the model's layout), without updating anything."""
 
-        def mean_loss(master):
-            loss_sum, sums = self._loss_sums(master, self.frozen, self.teacher_params, self._place(batch))
-            return loss_sum / jnp.maximum(sums["tokens"], 1.0)
-
-        loss, grads = jax.jit(jax.value_and_grad(mean_loss))(self.params)
+        loss, grads = self._loss_and_grads_fn(self.params, self.frozen, self.teacher_params, self._place(batch))
         return float(loss), grads
+
+    def _mean_loss(self, master, frozen, teacher_params, batch):
+        loss_sum, sums = self._loss_sums(master, frozen, teacher_params, batch)
+        return loss_sum / jnp.maximum(sums["tokens"], 1.0)
 
     def _place(self, batch: Mapping[str, np.ndarray]) -> dict:
         if self._sharding is None:

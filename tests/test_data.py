@@ -346,7 +346,9 @@ def write_lines(path, lines):
 def test_load_examples_detects_each_kind(tmp_path, tokenizer, chat):
     chat_file = write_lines(tmp_path / "chat.jsonl", [json.dumps({"messages": d}) for d in (SIMPLE, MULTI_TURN)])
     text_file = write_lines(tmp_path / "text.jsonl", [json.dumps({"text": t}) for t in TEXTS])
-    distill_file = write_lines(tmp_path / "distill.jsonl", [json.dumps(RECORD), "", json.dumps(RECORD)])
+    # The batch job's results carry the completion's "text" beside "top_logprobs": still distillation records.
+    batch_result = {**RECORD, "text": "the completion", "tokens": [12, 13]}
+    distill_file = write_lines(tmp_path / "distill.jsonl", [json.dumps(RECORD), "", json.dumps(batch_result)])
     expected = [
         (chat_file, chat_examples([SIMPLE, MULTI_TURN], chat, 64)),
         (text_file, text_examples(TEXTS, tokenizer, 64)),
@@ -357,7 +359,7 @@ def test_load_examples_detects_each_kind(tmp_path, tokenizer, chat):
         assert loaded.arrays.keys() == direct.arrays.keys()
         for name, array in direct.arrays.items():
             np.testing.assert_array_equal(loaded.arrays[name], array, err_msg=f"{path.name}: {name}")
-    assert read_jsonl(distill_file) == [RECORD, RECORD]
+    assert read_jsonl(distill_file) == [RECORD, batch_result]
 
 
 @pytest.mark.parametrize(

@@ -197,6 +197,34 @@ def test_kl_losses_against_direct_computation():
                                rtol=1e-4)  # fmt: skip
 
 
+def test_the_batch_jobs_top_logprobs_are_distillation_data_aligned_to_the_teacher(tmp_path, llama3_tokenizer_path):
+    from llama_jax.batch import run_batch
+    from llama_jax.tokenizer import Tokenizer
+
+    teacher = tiny_model(
+        config=TINY.replace(vocab_size=128_256, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64)
+    )
+    tokenizer = Tokenizer.from_file(llama3_tokenizer_path)
+    prompts = ["The sky is", "Paris is the capital of", "One, two,", "JAX compiles"]
+    (tmp_path / "in.jsonl").write_text(
+        "".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts))
+    )
+    run_batch(teacher, tokenizer, tmp_path / "in.jsonl", tmp_path / "out.jsonl", progress=False, max_new_tokens=4,
+              temperature=0.0, top_logprobs=4)  # fmt: skip
+    examples = data.load_examples(tmp_path / "out.jsonl", tokenizer=None, seq_len=16, kind="distill")
+    assert examples.teacher_ids.shape == (4, 16, 4) and examples.loss_mask.sum() > 0
+
+    # A student equal to the teacher has zero loss only if every stored distribution sits on the
+    # position whose logits produced it.
+    trainer = Trainer(teacher, TrainConfig(steps=1, batch_size=4))
+    loss, _ = trainer.loss_and_grads(data.Loader(examples, 4, seed=0).batch(0))
+    assert abs(loss) < 1e-5
+    shifted = dataclasses.replace(examples, teacher_ids=np.roll(examples.teacher_ids, 1, axis=1),
+                                  teacher_logprobs=np.roll(examples.teacher_logprobs, 1, axis=1))  # fmt: skip
+    loss, _ = trainer.loss_and_grads(data.Loader(shifted, 4, seed=0).batch(0))
+    assert loss > 1e-3
+
+
 def test_distillation_brings_the_student_towards_a_larger_teacher():
     teacher = tiny_model(seed=7, config=TINY.replace(dim=96, n_layers=3, ffn_dim=192, n_heads=6, n_kv_heads=3))
     trainer = Trainer(tiny_model(), TrainConfig(steps=30, batch_size=8, learning_rate=3e-3, warmup_steps=2,
