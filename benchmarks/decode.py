@@ -21,7 +21,6 @@ Prints one JSON object; `--out benchmarks/results/<name>.json` also writes it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import platform
@@ -32,8 +31,9 @@ import time
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # first: an installed package named `benchmarks` must not shadow ours
+
+from benchmarks import report  # noqa: E402
 
 PROMPT_LEN = 32
 NEW_TOKENS = 128
@@ -238,12 +238,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=pathlib.Path, help="also write the JSON here")
     args = parser.parse_args(argv)
     result = device_benchmark(args.device_model, args.repeats) if args.device_model else cpu_benchmark(args.repeats)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return result
+    return report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Prints one JSON object; `--out benchmarks/results/<name>.json` also writes it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import platform
@@ -33,6 +32,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # first: an installed package named `benchmarks` must not shadow ours
 
+from benchmarks import report  # noqa: E402
 from benchmarks.decode import _hf_config  # noqa: E402  (the same model shape as the decode benchmark)
 
 
@@ -122,12 +122,7 @@ def main(argv=None) -> dict:
         "jax": jax.__version__,
         **run(args.batch, args.seq_len, args.steps, args.warmup),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return result
+    return report(result, args.out)
 
 
 if __name__ == "__main__":

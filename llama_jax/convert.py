@@ -328,35 +328,24 @@ def convert(
     dtype: None keeps every tensor's stored dtype (bit-exact); "bfloat16"/"float32" casts.
     quantize: "fp8" writes the FFN of layers 1..L-2 as rowwise FP8 (HF fbgemm_fp8 layout; to="hf" only).
     """
-    _check_options(to, dtype, quantize)
-    src, dst = pathlib.Path(src).absolute(), pathlib.Path(dst).absolute()
-    if dst == src:
+    src = pathlib.Path(src).absolute()
+    if pathlib.Path(dst).absolute() == src:
         raise ValueError("source and destination are the same directory")
-    _check_destination(dst, overwrite)
+    options = dict(to=to, dtype=dtype, quantize=quantize, max_shard_size=max_shard_size, overwrite=overwrite)
+    _check(dst, **options)
     source = _Source(src)  # checks the whole source before anything is written
-    return _write(source, dst, to, dtype, quantize, max_shard_size, progress)
+    return _write(source, dst, **options, progress=progress)
 
 
-def save(
-    model,
-    dst: str | os.PathLike,
-    *,
-    to: str = "orbax",
-    dtype: str | None = None,
-    quantize: str | None = None,
-    max_shard_size: str | int = "5GB",
-    overwrite: bool = False,
-    progress: bool = True,
-) -> pathlib.Path:
+def save(model, dst: str | os.PathLike, *, to: str = "orbax", progress: bool = True, **options) -> pathlib.Path:
     """Write an in-memory `Llama` (a fine-tuned or merged-LoRA model) to `dst`, as `convert` would.
 
-    The same writers and the same atomic rename as `convert`; tensors are fetched from the devices one
-    (parameter, layer) at a time. Models with unmerged adapters are refused (`llama_jax.lora.merge`).
+    `options` are `convert`'s (dtype, quantize, max_shard_size, overwrite). The same writers and the
+    same atomic rename; tensors are fetched from the devices one (parameter, layer) at a time. Models
+    with unmerged adapters are refused (`llama_jax.lora.merge` first).
     """
-    _check_options(to, dtype, quantize)
-    dst = pathlib.Path(dst).absolute()
-    _check_destination(dst, overwrite)
-    return _write(_ModelSource(model), dst, to, dtype, quantize, max_shard_size, progress)
+    _check(dst, to=to, **options)
+    return _write(_ModelSource(model), dst, to=to, progress=progress, **options)
 
 
 class _ModelSource:
@@ -388,7 +377,8 @@ class _ModelSource:
         return np.asarray(jax.device_get(value if i is None else value[i]))
 
 
-def _check_options(to: str, dtype: str | None, quantize: str | None) -> None:
+def _check(dst, *, to: str, dtype=None, quantize=None, overwrite: bool = False, max_shard_size="5GB") -> None:
+    """Refuse bad options and a non-empty destination before anything is read or written."""
     if to not in FORMATS:
         raise ValueError(f"--to {to!r}: expected one of {FORMATS}")
     if quantize not in (None, "fp8"):
@@ -397,17 +387,17 @@ def _check_options(to: str, dtype: str | None, quantize: str | None) -> None:
         raise ValueError("--quantize fp8 writes the Hugging Face fbgemm_fp8 layout; use --to hf")
     if dtype is not None and dtype not in ("bfloat16", "float32"):
         raise ValueError(f"--dtype {dtype!r}: expected bfloat16 or float32")
-
-
-def _check_destination(dst: pathlib.Path, overwrite: bool) -> None:
+    parse_size(max_shard_size)
+    dst = pathlib.Path(dst).absolute()
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise FileExistsError(f"destination {dst} exists and is not empty; pass --overwrite to replace it")
 
 
-def _write(source, dst: pathlib.Path, to, dtype, quantize, max_shard_size, progress) -> pathlib.Path:
+def _write(source, dst, *, to, dtype=None, quantize=None, max_shard_size="5GB", overwrite=False, progress=True):
     """Write every tensor of `source` into a temporary sibling of `dst`, then rename it into place."""
     from tqdm import tqdm
 
+    dst = pathlib.Path(dst).absolute()
     dtype = _np_dtype(dtype) if dtype else None
     dst.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(dst)
