@@ -30,11 +30,10 @@ import os
 import pathlib
 import sys
 import time
-import typing
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from llama_jax import sampler
+from llama_jax import jobs, sampler
 
 __all__ = ["JobConfig", "Sampling", "job_config", "register", "request_seed", "run_batch"]
 
@@ -64,14 +63,6 @@ class JobConfig:
     min_p: float = 0.0
     seed: int = 0  # job seed: a request without `seed` gets request_seed(seed, id)
     top_logprobs: int = 0  # K > 0: record the K most likely tokens per step (distillation data)
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], *, source: str) -> JobConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown field(s) {unknown}; expected a subset of {sorted(known)}")
-        return cls(**dict(values))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,9 +323,6 @@ def _json_line(record: dict) -> bytes:
     return (json.dumps(record, ensure_ascii=False) + "\n").encode()
 
 
-_CHAT_STOP = {"eot_id": "end_of_turn", "eom_id": "end_of_message"}
-
-
 def _result_line(request: _Request, result: sampler.GenerationResult, tokenizer, chat) -> bytes:
     tokens = list(result.tokens)
     record = {
@@ -346,8 +334,7 @@ def _result_line(request: _Request, result: sampler.GenerationResult, tokenizer,
         "stop_reason": result.stop_reason,
     }
     if request.chat:
-        stop = next((v for k, v in _CHAT_STOP.items() if result.stop_token == getattr(tokenizer, k)), "out_of_tokens")
-        record["message"] = chat.decode_assistant(tokens, stop_reason=stop)
+        record["message"] = chat.decode_result(result)
     if request.sampling.top_logprobs:
         ids, logprobs = result.top_logprobs
         stop = [] if result.stop_token is None else [result.stop_token]
@@ -404,7 +391,7 @@ def run_batch(
     """
     from tqdm import tqdm
 
-    job = JobConfig.from_mapping(defaults, source="run_batch")
+    job = jobs.config_from_mapping(JobConfig, defaults, source="run_batch")
     input_path, output_path = pathlib.Path(input_path), pathlib.Path(output_path)
     errors_path = (
         pathlib.Path(errors_path) if errors_path else output_path.with_name(output_path.name + ".errors.jsonl")
@@ -496,56 +483,11 @@ def _error(path: pathlib.Path, line: int, request_id, field: str | None, reason:
 # ---- loading and the command line ---------------------------------------------------------------------------
 
 
-def _load(job: JobConfig):
-    """(model, tokenizer) for the job, the model placed on the job's mesh when one is given."""
-    from llama_jax import default_model
-    from llama_jax.loading import load
-    from llama_jax.tokenizer import Tokenizer, find_tokenizer
-    from sharding.mesh import make_mesh
-    from sharding.placement import shard_model
-    from sharding.rules import get_rules
-
-    mesh = make_mesh(job.mesh) if job.mesh else None
-    if job.checkpoint is None:
-        print(default_model.RANDOM_WEIGHTS_NOTICE, file=sys.stderr, flush=True)
-        model = default_model.default_model(dtype=job.dtype or "float32", warn=False)
-        if mesh is not None:
-            shard_model(model, mesh, job.rules)
-        tokenizer_path = job.tokenizer or default_model.tokenizer_path()
-    else:
-        rules = get_rules(job.rules) if mesh is not None else None
-        model = load(job.checkpoint, dtype=job.dtype or "bfloat16", mesh=mesh, rules=rules)
-        tokenizer_path = job.tokenizer or find_tokenizer(job.checkpoint)
-    if tokenizer_path is None:
-        raise ValueError(f"{job.checkpoint or 'the embedded model'}: no tokenizer.model found; set --tokenizer PATH")
-    return model, Tokenizer.from_file(tokenizer_path)
-
-
 # Plain aliases for the settings one sets on every run; every field is also --config.<field>.
 _ALIASES = {"input": "--input", "output": "--output", "errors": "--errors", "checkpoint": "--checkpoint",
             "tokenizer": "--tokenizer", "dtype": "--dtype", "mesh": "--mesh", "batch_size": "--batch-size",
             "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
             "top_k": "--top-k", "min_p": "--min-p", "seed": "--seed", "top_logprobs": "--top-logprobs"}  # fmt: skip
-
-
-def _parse_value(kind, name: str):
-    """An argparse `type` for a `JobConfig` field: its type, "none" for optional ones, true/false for bools."""
-    optional = type(None) in typing.get_args(kind)
-    base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-
-    def parse(text: str):
-        if optional and text.lower() in ("none", "null"):
-            return None
-        if base is bool:
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise argparse.ArgumentTypeError(f"{name}: expected true or false, got {text!r}")
-            return text.lower() in ("true", "1")
-        try:
-            return base(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected {base.__name__}, got {text!r}") from None
-
-    return parse
 
 
 def register(subparsers) -> None:
@@ -554,26 +496,14 @@ def register(subparsers) -> None:
         epilog="Settings come from JobConfig's defaults, then --config FILE (a get_config() file such as "
                "configs/batch.py), then the options given here. Formats: docs/BATCH.md.",
     )  # fmt: skip
-    parser.add_argument("--config", type=pathlib.Path, help="a get_config() file describing the job")
-    hints = typing.get_type_hints(JobConfig)
-    for field in dataclasses.fields(JobConfig):
-        names = [_ALIASES[field.name]] if field.name in _ALIASES else []
-        parser.add_argument(*names, f"--config.{field.name}", dest=field.name, type=_parse_value(hints[field.name],
-                            field.name), default=argparse.SUPPRESS, help=f"default {field.default!r}")  # fmt: skip
+    jobs.add_config_arguments(parser, JobConfig, _ALIASES)
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
     parser.set_defaults(func=main)
 
 
 def job_config(args: argparse.Namespace) -> JobConfig:
     """JobConfig defaults, overridden by --config FILE, overridden by the options given."""
-    from llama_jax.config import load_config_file
-
-    values: dict[str, Any] = {}
-    if args.config is not None:
-        values.update(load_config_file(args.config).to_dict())
-    job = JobConfig.from_mapping(values, source=str(args.config))
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(JobConfig) if hasattr(args, f.name)}
-    job = dataclasses.replace(job, **given)
+    job = jobs.config_from_args(JobConfig, args)
     for name in ("input", "output"):
         if getattr(job, name) is None:
             raise ValueError(f"no {name} file: pass --{name} PATH (or set `{name}` in the --config file)")
@@ -586,7 +516,8 @@ def main(args: argparse.Namespace) -> int:
     _enable_compile_cache()
     try:
         job = job_config(args)
-        model, tokenizer = _load(job)
+        model, tokenizer = jobs.load_model(job.checkpoint, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh,
+                                           rules=job.rules)  # fmt: skip
         sampling = {name: getattr(job, name) for name in (*SAMPLING_FIELDS, "seed")}
         summary = run_batch(model, tokenizer, job.input, job.output, errors_path=job.errors,
                             batch_size=job.batch_size, progress=job.progress, **sampling)  # fmt: skip

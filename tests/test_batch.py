@@ -148,7 +148,7 @@ def test_each_result_is_what_generate_gives_that_request_alone(job):
         assert result["text"] == tokenizer.decode(list(alone.tokens))
         assert (result["prompt_tokens"], result["completion_tokens"]) == (len(prompt), len(alone.tokens))
         if "messages" in request:
-            assert result["message"] == ChatFormat(tokenizer).decode_assistant(list(alone.tokens))
+            assert result["message"] == ChatFormat(tokenizer).decode_result(alone)
         else:
             assert "message" not in result
     assert sampled >= 50
