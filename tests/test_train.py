@@ -81,6 +81,20 @@ def test_gradient_accumulation_changes_memory_not_the_result():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *results)
 
 
+def test_a_bfloat16_model_trains_float32_master_weights_and_keeps_its_dtype():
+    model = Llama(TINY, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    trainer = Trainer(model, TrainConfig(steps=2, batch_size=8, learning_rate=1e-4, warmup_steps=0, remat=False))
+    trainer.fit(data.Loader(random_examples(), 8, seed=0), progress=False)
+    assert {x.dtype for x in jax.tree.leaves(trainer.params)} == {np.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(trainer.opt_state[1][0].mu)} == {np.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(params_of(trainer.model))} == {jnp.dtype("bfloat16")}
+    # 1e-4 steps are far below bf16's resolution near 0.02: the master copy still records them.
+    moved = np.asarray(trainer.params["layers"]["attention"]["wq"]) - np.asarray(
+        model.layers.attention.wq[...], np.float32
+    )
+    assert np.abs(moved).max() > 0 and np.abs(moved).max() < 1e-3
+
+
 def test_loss_counts_only_masked_targets():
     examples = random_examples(n=8)
     mask = np.zeros_like(examples.loss_mask)
