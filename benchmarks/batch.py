@@ -20,7 +20,6 @@ Prints one JSON object; `--out benchmarks/results/batch_cpu.json` also writes it
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -32,17 +31,10 @@ import time
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # first: an installed package named `benchmarks` must not shadow ours
 
-
-def _decode_benchmark():
-    """benchmarks/decode.py, by path (an installed package named `benchmarks` shadows this folder)."""
-    spec = importlib.util.spec_from_file_location("_decode_benchmark", REPO / "benchmarks" / "decode.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from benchmarks import report  # noqa: E402
+from benchmarks.decode import _hf_config, _shape  # noqa: E402  (the same model as the decode benchmark)
 
 WORDS = "the of and to in is was for on that with as by at from his her an were are which this be".split()
 
@@ -70,8 +62,7 @@ def cpu_benchmark(n_requests: int, new_tokens: int, batch_size: int, repeats: in
     threads = os.cpu_count()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    decode = _decode_benchmark()  # the same model as the decode benchmark
-    hf_model = transformers.LlamaForCausalLM(decode._hf_config(transformers)).eval()
+    hf_model = transformers.LlamaForCausalLM(_hf_config(transformers)).eval()
     tokenizer = default_model.default_tokenizer()
     chat = ChatFormat(tokenizer)
     requests = make_requests(n_requests)
@@ -125,7 +116,7 @@ def cpu_benchmark(n_requests: int, new_tokens: int, batch_size: int, repeats: in
         "model": {
             "params": sum(p.numel() for p in hf_model.parameters()),
             "dtype": "float32",
-            **decode._shape(model.config),
+            **_shape(model.config),
         },
         "job": {
             "requests": n_requests,
@@ -169,13 +160,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each side (best is kept)")
     parser.add_argument("--out", type=pathlib.Path, help="also write the JSON here")
     args = parser.parse_args(argv)
-    result = cpu_benchmark(args.requests, args.new_tokens, args.batch_size, args.repeats)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return result
+    return report(cpu_benchmark(args.requests, args.new_tokens, args.batch_size, args.repeats), args.out)
 
 
 if __name__ == "__main__":
