@@ -1,11 +1,12 @@
 """llama-jax: Meta's Llama 3.1 family in JAX/Flax.
 
-The public surface is small and stable: `load`, `Llama`, `LlamaConfig`, `KVCache`, `Tokenizer`,
-`ChatFormat`, `generate`, `stream` and the CLI `python -m llama_jax`. Everything else may move.
+The public surface is small and stable: `load`, `save`, `Llama`, `LlamaConfig`, `KVCache`,
+`Tokenizer`, `ChatFormat`, `generate`, `stream` and the CLI `python -m llama_jax`. Everything else may move.
 """
 
 from llama_jax.chat import ChatFormat
 from llama_jax.config import LlamaConfig, RopeScaling
+from llama_jax.convert import save
 from llama_jax.kv_cache import KVCache
 from llama_jax.loading import load, open_checkpoint
 from llama_jax.model import Llama
@@ -14,5 +15,5 @@ from llama_jax.tokenizer import Tokenizer, find_tokenizer
 
 __all__ = [
     "ChatFormat", "GenerationResult", "KVCache", "Llama", "LlamaConfig", "RopeScaling", "Tokenizer",
-    "find_tokenizer", "generate", "load", "open_checkpoint", "stream",
+    "find_tokenizer", "generate", "load", "open_checkpoint", "save", "stream",
 ]  # fmt: skip

@@ -337,15 +337,21 @@ def convert(
     return _write(source, dst, **options, progress=progress)
 
 
-def save(model, dst: str | os.PathLike, *, to: str = "orbax", progress: bool = True, **options) -> pathlib.Path:
+def save(
+    model, dst: str | os.PathLike, *, to: str = "orbax", tokenizer=None, progress: bool = True, **options
+) -> pathlib.Path:
     """Write an in-memory `Llama` (a fine-tuned or merged-LoRA model) to `dst`, as `convert` would.
 
     `options` are `convert`'s (dtype, quantize, max_shard_size, overwrite). The same writers and the
-    same atomic rename; tensors are fetched from the devices one (parameter, layer) at a time. Models
-    with unmerged adapters are refused (`llama_jax.lora.merge` first).
+    same atomic rename; tensors are fetched from the devices one (parameter, layer) at a time.
+    `tokenizer`: a tokenizer.model to copy in, so the directory is a whole checkpoint (`--checkpoint`
+    of the CLI finds it). Models with unmerged adapters are refused (`llama_jax.lora.merge` first).
     """
     _check(dst, to=to, **options)
-    return _write(_ModelSource(model), dst, to=to, progress=progress, **options)
+    if tokenizer is not None and not pathlib.Path(tokenizer).is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {tokenizer}")
+    return _write(_ModelSource(model), dst, to=to, progress=progress, side_files={"tokenizer.model": tokenizer},
+                  **options)  # fmt: skip
 
 
 class _ModelSource:
@@ -393,8 +399,10 @@ def _check(dst, *, to: str, dtype=None, quantize=None, overwrite: bool = False, 
         raise FileExistsError(f"destination {dst} exists and is not empty; pass --overwrite to replace it")
 
 
-def _write(source, dst, *, to, dtype=None, quantize=None, max_shard_size="5GB", overwrite=False, progress=True):
-    """Write every tensor of `source` into a temporary sibling of `dst`, then rename it into place."""
+def _write(source, dst, *, to, dtype=None, quantize=None, max_shard_size="5GB", overwrite=False, progress=True,
+           side_files=None):  # fmt: skip
+    """Write every tensor of `source` (and copy `side_files`: name → path or None) into a temporary
+    sibling of `dst`, then rename it into place."""
     from tqdm import tqdm
 
     dst = pathlib.Path(dst).absolute()
@@ -415,6 +423,9 @@ def _write(source, dst, *, to, dtype=None, quantize=None, max_shard_size="5GB", 
                 _write_orbax(source, tmp, dtype, bar)
             else:
                 _write_meta(source, tmp, dtype, bar)
+        for name, path in (side_files or {}).items():
+            if path is not None:
+                shutil.copyfile(path, tmp / name)
         if dst.exists():
             old = dst.parent / f".{dst.name}.old-{os.getpid()}"
             os.replace(dst, old)

@@ -17,7 +17,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["add_config_arguments", "config_from_args", "config_from_mapping", "load_model"]
+__all__ = ["add_config_arguments", "config_from_args", "config_from_mapping", "load_model", "tokenizer_file"]
 
 
 def config_from_mapping(cls, values: Mapping[str, Any], *, source: str):
@@ -84,6 +84,21 @@ def config_from_args(cls, args: argparse.Namespace):
     return dataclasses.replace(config, **given)
 
 
+def tokenizer_file(checkpoint, tokenizer=None) -> pathlib.Path:
+    """The tokenizer.model a job uses: `tokenizer` if given, else the checkpoint's, else (no checkpoint)
+    the Llama 3 one that llama-models ships."""
+    from llama_jax import default_model
+    from llama_jax.tokenizer import find_tokenizer
+
+    if tokenizer is not None:
+        return pathlib.Path(tokenizer)
+    path = default_model.tokenizer_path() if checkpoint is None else find_tokenizer(checkpoint)
+    if path is None:
+        where = checkpoint or "the embedded model"
+        raise ValueError(f"{where}: no tokenizer.model found (install llama-models or pass --tokenizer PATH)")
+    return path
+
+
 def load_model(checkpoint, *, tokenizer=None, dtype: str | None = None, mesh: str | None = None,
                rules: str = "fsdp_tp"):  # fmt: skip
     """(model, tokenizer): `checkpoint` (None: the embedded default, announced on stderr), on `mesh`.
@@ -93,22 +108,18 @@ def load_model(checkpoint, *, tokenizer=None, dtype: str | None = None, mesh: st
     """
     from llama_jax import default_model
     from llama_jax.loading import load
-    from llama_jax.tokenizer import Tokenizer, find_tokenizer
+    from llama_jax.tokenizer import Tokenizer
     from sharding.mesh import make_mesh
     from sharding.placement import shard_model
     from sharding.rules import get_rules
 
+    tokenizer_path = tokenizer_file(checkpoint, tokenizer)
     mesh = make_mesh(mesh) if mesh else None
     if checkpoint is None:
         print(default_model.RANDOM_WEIGHTS_NOTICE, file=sys.stderr, flush=True)
         model = default_model.default_model(dtype=dtype or "float32", warn=False)
         if mesh is not None:
             shard_model(model, mesh, rules)
-        tokenizer_path = tokenizer or default_model.tokenizer_path()
     else:
         model = load(checkpoint, dtype=dtype or "bfloat16", mesh=mesh, rules=get_rules(rules) if mesh else None)
-        tokenizer_path = tokenizer or find_tokenizer(checkpoint)
-    if tokenizer_path is None:
-        where = checkpoint or "the embedded model"
-        raise ValueError(f"{where}: no tokenizer.model found (install llama-models or pass --tokenizer PATH)")
     return model, Tokenizer.from_file(tokenizer_path)

@@ -58,7 +58,7 @@ class TrainConfig:
     steps: int = 100
     batch_size: int = 8  # sequences per optimizer step (the global batch)
     grad_accum: int = 1  # micro-batches per step; batch_size % grad_accum == 0
-    learning_rate: float = 1e-4  # peak, after linear warm-up from 0
+    learning_rate: float = 1e-4  # peak, after the linear warm-up
     warmup_steps: int = 10
     end_lr_ratio: float = 0.1  # cosine decay to learning_rate * end_lr_ratio at `steps`
     weight_decay: float = 0.0  # AdamW, on matrices only (not norms)
@@ -142,9 +142,10 @@ def _decayed(params) -> Any:
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
-    """Linear warm-up from 0 to `learning_rate`, then cosine decay to `learning_rate * end_lr_ratio`."""
+    """Linear warm-up to `learning_rate`, then cosine decay to `learning_rate * end_lr_ratio` at `steps`."""
+    # Step s of the warm-up runs at learning_rate · (s + 1) / (warmup_steps + 1): the first step trains.
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
+        init_value=config.learning_rate / (min(config.warmup_steps, config.steps - 1) + 1),
         peak_value=config.learning_rate,
         warmup_steps=min(config.warmup_steps, config.steps - 1),
         decay_steps=config.steps,
@@ -256,7 +257,11 @@ class Trainer:
                                   remat=config.remat)  # fmt: skip
         mask = micro["loss_mask"]
         ce = cross_entropy(logits, micro["targets"], mask)
-        sums = {"ce": ce, "tokens": jnp.sum(mask)}
+        sums = {
+            "ce": ce,
+            "trained_tokens": jnp.sum(mask),
+            "tokens": jnp.sum(micro["segment_ids"] > 0).astype(jnp.float32),
+        }
         if teacher_state is not None:
             teacher = nnx.merge(self._teacher_graphdef, teacher_state)
             teacher_logits, _ = teacher.forward(micro["tokens"], micro["positions"], segment_ids=micro["segment_ids"])
@@ -290,17 +295,18 @@ class Trainer:
         )
         init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums0))
         (grads_sum, sums), _ = jax.lax.scan(one, init, micros)
-        tokens = jnp.maximum(sums["tokens"], 1.0)
+        tokens = jnp.maximum(sums["trained_tokens"], 1.0)
         grads = jax.tree.map(lambda g: g / tokens, grads_sum)
         updates, opt_state = self.tx.update(grads, opt_state, master)
         master = optax.apply_updates(master, updates)
-        metrics = {name: value / tokens for name, value in sums.items() if name != "tokens"}
+        metrics = {name: value / tokens for name, value in sums.items() if name in ("ce", "kl")}
         if "kl" in sums:
             w = self.config.distill_weight
             metrics["loss"] = (1 - w) * metrics["ce"] + w * metrics["kl"]
         else:
             metrics["loss"] = metrics["ce"]
-        metrics["tokens"] = sums["tokens"]
+        metrics["tokens"] = sums["tokens"]  # input tokens, padding excluded
+        metrics["trained_tokens"] = sums["trained_tokens"]  # targets the loss covers
         metrics["grad_norm"] = optax.tree.norm(grads)
         return master, opt_state, metrics
 
@@ -313,7 +319,7 @@ class Trainer:
 
     def _mean_loss(self, master, frozen, teacher_params, batch):
         loss_sum, sums = self._loss_sums(master, frozen, teacher_params, batch)
-        return loss_sum / jnp.maximum(sums["tokens"], 1.0)
+        return loss_sum / jnp.maximum(sums["trained_tokens"], 1.0)
 
     def _place(self, batch: Mapping[str, np.ndarray]) -> dict:
         if self._sharding is None:
@@ -358,13 +364,13 @@ class Trainer:
         elif self.workdir is not None and self.step == 0 and self._checkpoints().latest_step() is not None:
             raise ValueError(f"{self.workdir} already holds checkpoints: resume them (--resume) or use a new workdir")
         history = []
-        tokens_seen, started = 0.0, time.perf_counter()
         with tqdm(total=self.config.steps, initial=self.step, desc="train", unit="step", disable=not progress) as bar:
             while self.step < self.config.steps:
-                metrics = self.train_step(loader.batch(self.step))
+                started = time.perf_counter()
+                metrics = self.train_step(loader.batch(self.step))  # returns with the step done (floats)
+                metrics["step_time_s"] = time.perf_counter() - started  # the first one includes compiling
                 metrics["epoch"] = loader.epoch(self.step - 1)
-                tokens_seen += metrics["tokens"]
-                metrics["tokens_per_s"] = tokens_seen / (time.perf_counter() - started)
+                metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_time_s"]
                 bar.update(1)
                 if self.step % self.config.log_every == 0 or self.step == self.config.steps:
                     history.append(metrics)
@@ -513,7 +519,8 @@ def run_job(job: TrainJob) -> Trainer:
     if job.export != "none":
         trained = trainer.model
         save(lora.merge(trained) if trained.lora is not None else trained, pathlib.Path(job.workdir) / "model",
-             to=job.export, overwrite=True, progress=job.progress)  # fmt: skip
+             to=job.export, overwrite=True, progress=job.progress,
+             tokenizer=jobs.tokenizer_file(job.checkpoint, job.tokenizer))  # fmt: skip
     return trainer
 
 

@@ -315,6 +315,7 @@ def test_the_lora_job_exports_a_merged_model_that_loads_back(tmp_path, llama3_to
     assert trained.lora is not None
     exported = llama_jax.load(tmp_path / "run" / "model", dtype="float32")
     assert exported.lora is None
+    assert llama_jax.find_tokenizer(tmp_path / "run" / "model").read_bytes() == llama3_tokenizer_path.read_bytes()
     tokens = jnp.arange(24).reshape(2, 12)
     np.testing.assert_allclose(exported(tokens), trained(tokens), rtol=1e-5, atol=1e-5)
 
