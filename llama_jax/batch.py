@@ -140,13 +140,21 @@ def _check_field(name: str, value, vocab: int) -> None:
         raise _BadLine(name, f"{name}: expected {expected}, got {json.dumps(value)}")
 
 
-class _Reader:
-    """Parses and validates request lines; remembers ids (first line wins) for duplicates and ordering."""
+_DONE = object()  # what the reader yields for a request whose result is already in the output
 
-    def __init__(self, path: pathlib.Path, tokenizer, model_config, defaults: JobConfig) -> None:
+
+class _Reader:
+    """Parses and validates request lines; remembers ids (first line wins) for duplicates and ordering.
+
+    Requests whose id is in `done` are neither validated nor tokenized again (a resumed job of
+    millions of lines starts at once).
+    """
+
+    def __init__(self, path: pathlib.Path, tokenizer, model_config, defaults: JobConfig, done: Mapping) -> None:
         from llama_jax.chat import ChatFormat
 
         self.path = path
+        self.done = done
         self.tokenizer = tokenizer
         self.config = model_config
         self.defaults = defaults
@@ -161,8 +169,8 @@ class _Reader:
             except _BadLine as e:
                 raise ValueError(f"job setting {e}") from None
 
-    def __iter__(self) -> Iterator[tuple[int, _Request | _BadLine | None]]:
-        """(line number, request | error | None for a blank line), for every line of the input."""
+    def __iter__(self) -> Iterator[tuple[int, _Request | _BadLine | object | None]]:
+        """(line number, request | error | _DONE | None for a blank line), for every line of the input."""
         with open(self.path, "rb") as f:
             for number, raw in enumerate(f, start=1):
                 try:
@@ -170,7 +178,7 @@ class _Reader:
                 except _BadLine as e:
                     yield number, e
 
-    def _parse(self, number: int, raw: bytes) -> _Request | None:
+    def _parse(self, number: int, raw: bytes) -> _Request | object | None:
         if not raw.strip():
             return None
         try:
@@ -190,10 +198,13 @@ class _Reader:
             e.id = request_id
             raise
 
-    def _request(self, number: int, record: dict, request_id: str | int) -> _Request:
-        first = self.first_line.setdefault(_id_key(request_id), number)
+    def _request(self, number: int, record: dict, request_id: str | int) -> _Request | object:
+        key = _id_key(request_id)
+        first = self.first_line.setdefault(key, number)
         if first != number:
             raise _BadLine("id", f"duplicate id {json.dumps(request_id)} (first on line {first})")
+        if key in self.done:
+            return _DONE
         unknown = sorted(set(record) - REQUEST_FIELDS)
         if unknown:
             raise _BadLine(unknown[0], f"unknown field(s) {unknown}; expected a subset of {sorted(REQUEST_FIELDS)}")
@@ -401,8 +412,8 @@ def run_batch(
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
     batch_size = max(1 << (batch_size - 1).bit_length(), _data_parallelism(model))
-    reader = _Reader(input_path, tokenizer, model.config, job)
     results = _Results(output_path)
+    reader = _Reader(input_path, tokenizer, model.config, job, results.done)
     stop_tokens = tuple(tokenizer.stop_tokens)
     errors: list[dict] = []
     counts = dict(requests=0, skipped=0, completed=0, errors=0, failed=0, prompt_tokens=0, generated_tokens=0)
@@ -437,12 +448,12 @@ def run_batch(
     groups: dict[tuple[Sampling, int], list[_Request]] = {}
     try:
         for number, item in reader:
-            if isinstance(item, _Request):
+            if item is _DONE:
                 counts["requests"] += 1
-                if _id_key(item.id) in results.done:
-                    counts["skipped"] += 1
-                    bar.update(1)
-                    continue
+                counts["skipped"] += 1
+                bar.update(1)
+            elif isinstance(item, _Request):
+                counts["requests"] += 1
                 key = (item.sampling, sampler.prompt_bucket(len(item.prompt), model.config.max_seq_len))
                 group = groups.setdefault(key, [])
                 group.append(item)
