@@ -1,7 +1,7 @@
 """The batch job, end to end on a small transformers checkpoint with the real Llama 3 tokenizer: a few
 hundred mixed requests give what `generate` gives one request at a time, whatever their batch; a run
 killed with SIGKILL and started again writes the same bytes as one that never stopped; bad lines go to
-the errors file with their line numbers; top_logprobs are the model's own."""
+the errors file with their line numbers; top_logprobs are the model's own, in the format the fine-tuning reader takes."""
 
 import functools
 import json
@@ -200,6 +200,19 @@ def test_top_logprobs_are_the_models_k_most_likely_tokens_at_each_position(job):
             np.testing.assert_allclose(logp[t - 1][row_ids], row_logprobs, atol=1e-4)
     others = [r for q, r in zip(job["requests"], read_jsonl(job["output"]), strict=True) if "top_logprobs" not in q]
     assert not any("sequence" in r or "top_logprobs" in r for r in others)
+
+
+def test_the_fine_tuning_reader_takes_the_distillation_lines_as_they_are(job, tmp_path):
+    from llama_jax import data
+
+    lines = [line for line in job["output"].read_text().splitlines(keepends=True) if '"top_logprobs"' in line]
+    (tmp_path / "distill.jsonl").write_text("".join(lines))
+    examples = data.load_examples(tmp_path / "distill.jsonl", tokenizer=None, seq_len=CONTEXT)
+    records = [json.loads(line) for line in lines]
+    mask = examples.loss_mask > 0
+    assert mask.sum() == sum(len(r["sequence"]) - r["completion_start"] for r in records)
+    expected = sorted(ids for r in records for ids in r["top_logprobs"]["ids"])
+    assert sorted(examples.teacher_ids[mask].tolist()) == expected
 
 
 def test_a_torn_last_line_is_cut_and_its_request_rerun(job, tmp_path):
