@@ -1,7 +1,8 @@
 """The batch job, end to end on a small transformers checkpoint with the real Llama 3 tokenizer: a few
 hundred mixed requests give what `generate` gives one request at a time, whatever their batch; a run
 killed with SIGKILL and started again writes the same bytes as one that never stopped; bad lines go to
-the errors file with their line numbers; top_logprobs are the model's own, in the format the fine-tuning reader takes."""
+the errors file with their line numbers; top_logprobs are the model's own, in the format the
+fine-tuning reader takes."""
 
 import functools
 import json
