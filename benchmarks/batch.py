@@ -91,7 +91,8 @@ def cpu_benchmark(n_requests: int, new_tokens: int, batch_size: int, repeats: in
                 for ids in prompts[:some]:
                     x = torch.tensor([ids])
                     y = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
-                                          do_sample=False, eos_token_id=list(tokenizer.stop_tokens), pad_token_id=0)  # fmt: skip
+                                          do_sample=False, eos_token_id=list(tokenizer.stop_tokens),
+                                          pad_token_id=0)  # fmt: skip
                     out.append([t for t in y[0, len(ids) :].tolist() if t not in tokenizer.stop_tokens])
             return out
 

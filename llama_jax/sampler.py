@@ -587,7 +587,8 @@ def generate(
 
 
 def _run(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0,
-         stop_tokens=None, logprobs=False, unroll=None, top_logprobs=0, min_batch=1) -> tuple[_Job, DecodeState]:  # fmt: skip
+         stop_tokens=None, logprobs=False, unroll=None, top_logprobs=0,
+         min_batch=1) -> tuple[_Job, DecodeState]:  # fmt: skip
     """`generate` up to the final device state (which tests inspect)."""
     job = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, logprobs, seed,
                    top_logprobs, min_batch)  # fmt: skip
