@@ -25,3 +25,19 @@ def llama3_tokenizer_path() -> pathlib.Path:
     path = pathlib.Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
     assert path.is_file(), path
     return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(llama3_tokenizer_path):
+    """The real Llama 3 tokenizer (ours), loaded once."""
+    from llama_jax.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(llama3_tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def chat(tokenizer):
+    """Our `ChatFormat` over the real Llama 3 tokenizer."""
+    from llama_jax.chat import ChatFormat
+
+    return ChatFormat(tokenizer)

@@ -18,7 +18,6 @@ from llama_jax.chat import (
     system_prompt,
     tool_prompt_messages,
 )
-from llama_jax.tokenizer import Tokenizer
 
 PROMPT_FORMAT_MD = pathlib.Path(llama_models.__file__).parent / "llama3_1" / "prompt_format.md"
 MD_DATE = datetime.date(2024, 9, 21)
@@ -31,11 +30,6 @@ TRENDING_SONGS = {
         "genre": {"param_type": "str", "description": "The genre of the songs to return", "required": False},
     },
 }
-
-
-@pytest.fixture(scope="module")
-def chat(llama3_tokenizer_path):
-    return ChatFormat(Tokenizer.from_file(llama3_tokenizer_path))
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from llama_jax.chat import ChatFormat
 from llama_jax.data import Examples, Loader, chat_examples, distill_examples, load_examples, read_jsonl, text_examples
-from llama_jax.tokenizer import Tokenizer
 
 BOS, EOS, PAD, EOM, EOT = 128000, 128001, 128004, 128008, 128009
 # `<|start_header_id|>assistant<|end_header_id|>\n\n`, which encode_dialog appends for generation.
@@ -53,16 +51,6 @@ TOOLS_ASSISTANT = [
     '{"type": "function", "name": "get_weather", "parameters": {"city": "SF"}}<|eot_id|>',
     "Gold costs 2000 USD; two ounces 4000 USD. SF is sunny.<|eot_id|>",
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(llama3_tokenizer_path):
-    return Tokenizer.from_file(llama3_tokenizer_path)
-
-
-@pytest.fixture(scope="module")
-def chat(tokenizer):
-    return ChatFormat(tokenizer)
 
 
 def trained_spans(tokenizer, examples: Examples, row: int) -> list[str]:

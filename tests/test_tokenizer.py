@@ -52,11 +52,6 @@ def plain_ids(tokenizer, text):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(llama3_tokenizer_path):
-    return Tokenizer.from_file(llama3_tokenizer_path)
-
-
-@pytest.fixture(scope="module")
 def meta(llama3_tokenizer_path):
     return MetaTokenizer(llama3_tokenizer_path)
 
