@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama_jax.model import LORA_TARGETS, Llama, LoraSpec
+from sharding.placement import state_shardings
 
 __all__ = ["LoraSpec", "LORA_TARGETS", "add_adapters", "adapter_state", "merge"]
 
@@ -65,13 +66,7 @@ def add_adapters(model: Llama, spec: LoraSpec, *, seed: int = 0) -> Llama:
         raise ValueError(f"the model already has adapters ({model.lora}); merge them first (lora.merge)")
     abstract = _like(model, spec, seed)
     graphdef, abstract_adapters, _ = nnx.split(abstract, nnx.LoRAParam, ...)
-    shardings = None
-    if model.sharding is not None:
-        shardings = jax.tree.map(
-            lambda v: model.sharding.sharding(v.get_metadata()["out_sharding"], v.shape),
-            abstract_adapters,
-            is_leaf=lambda x: isinstance(x, nnx.Variable),
-        )
+    shardings = None if model.sharding is None else state_shardings(abstract_adapters, model.sharding)
 
     @functools.partial(jax.jit, out_shardings=shardings)
     def init():

@@ -46,6 +46,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax.model import Llama
+from sharding.placement import state_shardings
 from sharding.rules import logical_to_spec
 
 __all__ = ["TrainConfig", "Trainer", "cross_entropy", "full_kl", "learning_rate_schedule", "make_optimizer", "topk_kl"]
@@ -220,13 +221,7 @@ class Trainer:
     def _shardings_of(self, params: nnx.State):
         if self._sharding is None:
             return None
-        return nnx.to_pure_dict(
-            jax.tree.map(
-                lambda v: self._sharding.sharding(v.get_metadata()["out_sharding"], v.shape),
-                params,
-                is_leaf=lambda x: isinstance(x, nnx.Variable),
-            )
-        )
+        return nnx.to_pure_dict(state_shardings(params, self._sharding))
 
     def _model_params(self, master) -> Any:
         """The master params cast to the dtypes the model stores them in (bf16 weights stay bf16)."""

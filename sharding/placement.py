@@ -32,9 +32,12 @@ def _is_variable(x) -> bool:
 
 def param_shardings(model: Llama, spec: ShardingSpec) -> nnx.State:
     """The NamedSharding of every parameter of `model` (real or abstract) under `spec`."""
-    return jax.tree.map(
-        lambda v: spec.sharding(v.get_metadata()["out_sharding"], v.shape), nnx.state(model), is_leaf=_is_variable
-    )
+    return state_shardings(nnx.state(model), spec)
+
+
+def state_shardings(state: nnx.State, spec: ShardingSpec) -> nnx.State:
+    """The NamedSharding of every variable of `state` (a filtered part of a model, real or abstract)."""
+    return jax.tree.map(lambda v: spec.sharding(v.get_metadata()["out_sharding"], v.shape), state, is_leaf=_is_variable)
 
 
 def shard_model(model: Llama, mesh: Mesh, rules: str | sharding_rules.Rules = "fsdp_tp") -> Llama:
