@@ -19,6 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
             dtype=None,  # default bfloat16 for a checkpoint, float32 for the embedded model
             mesh=None,  # e.g. "data=8" (data parallel) or "data=2,tensor=4"; None = one device
             rules="fsdp_tp",  # sharding strategy on the mesh: dp, fsdp, tp, fsdp_tp
+            fp8_matmul="auto",  # FP8 checkpoints: fp8 GEMMs on FP8-tensor-core GPUs, else dequant
             batch_size=32,  # requests per generate call (power of two, >= the data-parallel size)
             progress=True,
             # Per-request defaults (a request's own fields win):

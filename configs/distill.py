@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
             warmup_steps=100,
             mesh="fsdp=2,tensor=4",
             rules="fsdp_tp",
+            fp8_matmul="auto",  # FP8 checkpoints: fp8 GEMMs on FP8-tensor-core GPUs, else dequant
             workdir="runs/distill-8b-1b",
             checkpoint_every=200,
             export="hf",

@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
             remat=True,
             mesh="fsdp=8",  # one H100 node; the frozen bf16 base and the adapters split over 8 GPUs
             rules="fsdp_tp",
+            fp8_matmul="auto",  # FP8 checkpoints: fp8 GEMMs on FP8-tensor-core GPUs, else dequant
             workdir="runs/lora-8b",
             checkpoint_every=100,
             keep_checkpoints=3,

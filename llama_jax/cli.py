@@ -33,6 +33,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer.model (default: found in the checkpoint, or llama-models' Llama 3 one)")  # fmt: skip
     parser.add_argument("--dtype", choices=("bfloat16", "float32"),
                         help="weights and compute dtype (default: bfloat16 for checkpoints, float32 for the default)")  # fmt: skip
+    parser.add_argument("--fp8-matmul", choices=("auto", "fp8", "dequant"), default="auto",
+                        help="FP8 checkpoints: fp8×fp8 GEMMs ('fp8'), upcast in the matmul ('dequant'), or by "
+                             "device ('auto', default: fp8 on GPUs with FP8 tensor cores)")  # fmt: skip
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
@@ -81,7 +84,7 @@ def _load(args: argparse.Namespace):
     else:
         from llama_jax.loading import load
 
-        model = load(args.checkpoint, dtype=args.dtype or "bfloat16")
+        model = load(args.checkpoint, dtype=args.dtype or "bfloat16", fp8_matmul=args.fp8_matmul)
         tokenizer_path = args.tokenizer or find_tokenizer(args.checkpoint)
         if tokenizer_path is None:
             raise ValueError(f"{args.checkpoint}: no tokenizer.model here or in original/; pass --tokenizer PATH")
@@ -236,5 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from llama_jax import platform
+
     args = build_parser().parse_args(argv)
+    # Before any computation starts JAX's backend: XLA reads its flags and memory fraction only then.
+    platform.configure_gpu_environment()
     return args.func(args)

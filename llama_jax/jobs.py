@@ -100,19 +100,22 @@ def tokenizer_file(checkpoint, tokenizer=None) -> pathlib.Path:
 
 
 def load_model(checkpoint, *, tokenizer=None, dtype: str | None = None, mesh: str | None = None,
-               rules: str = "fsdp_tp"):  # fmt: skip
+               rules: str = "fsdp_tp", fp8_matmul: str = "auto"):  # fmt: skip
     """(model, tokenizer): `checkpoint` (None: the embedded default, announced on stderr), on `mesh`.
 
     dtype defaults to bfloat16 for checkpoints and float32 for the small embedded model; `mesh` is a
-    `make_mesh` string ("fsdp=2,tensor=4"), `rules` a sharding strategy name.
+    `make_mesh` string ("fsdp=2,tensor=4"), `rules` a sharding strategy name, `fp8_matmul` how an FP8
+    checkpoint's FFNs multiply (auto | fp8 | dequant; checked even for a model without FP8 weights).
     """
-    from llama_jax import default_model
+    from llama_jax import default_model, platform
     from llama_jax.loading import load
     from llama_jax.tokenizer import Tokenizer
     from sharding.mesh import make_mesh
     from sharding.placement import shard_model
     from sharding.rules import get_rules
 
+    if fp8_matmul not in platform.FP8_MATMUL_MODES:
+        raise ValueError(f"fp8_matmul: expected one of {platform.FP8_MATMUL_MODES}, got {fp8_matmul!r}")
     tokenizer_path = tokenizer_file(checkpoint, tokenizer)
     mesh = make_mesh(mesh) if mesh else None
     if checkpoint is None:
@@ -121,5 +124,11 @@ def load_model(checkpoint, *, tokenizer=None, dtype: str | None = None, mesh: st
         if mesh is not None:
             shard_model(model, mesh, rules)
     else:
-        model = load(checkpoint, dtype=dtype or "bfloat16", mesh=mesh, rules=get_rules(rules) if mesh else None)
+        model = load(
+            checkpoint,
+            dtype=dtype or "bfloat16",
+            mesh=mesh,
+            rules=get_rules(rules) if mesh else None,
+            fp8_matmul=fp8_matmul,
+        )
     return model, Tokenizer.from_file(tokenizer_path)

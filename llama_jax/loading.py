@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 
-from llama_jax import quant
+from llama_jax import platform, quant
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama
 from llama_jax.weights import layout
@@ -58,7 +58,7 @@ def load(
     mesh: Mesh | None = None,
     rules: sharding_rules.Rules | None = None,
     attention_impl: str | None = None,
-    fp8_matmul: str = "dequant",
+    fp8_matmul: str = "auto",
 ) -> Llama:
     """Load a Llama checkpoint directory into a `Llama` module.
 
@@ -71,10 +71,12 @@ def load(
       attention_impl: forwarded to `jax.nn.dot_product_attention` ("cudnn" on H100).
       fp8_matmul: for FP8 checkpoints (HF fbgemm_fp8), whose FFN weights stay FP8 on the device:
         "dequant" upcasts inside jit (CPU), "fp8" quantizes activations per token and runs
-        fp8×fp8 dots (Hopper). See docs/CONVERT.md.
+        fp8×fp8 dots (Hopper), "auto" picks by device (`platform.fp8_matmul`). See docs/CONVERT.md.
     """
     from llama_jax.weights import orbax
 
+    if fp8_matmul not in platform.FP8_MATMUL_MODES:
+        raise ValueError(f"fp8_matmul={fp8_matmul!r}: expected one of {platform.FP8_MATMUL_MODES}")
     if pathlib.Path(path).is_dir() and orbax.is_orbax_checkpoint(pathlib.Path(path)):
         return orbax.load_orbax(path, dtype=dtype, mesh=mesh, rules=rules, attention_impl=attention_impl)
     ckpt = open_checkpoint(path)
@@ -89,7 +91,7 @@ def load_from(
     mesh: Mesh | None = None,
     rules: sharding_rules.Rules | None = None,
     attention_impl: str | None = None,
-    fp8_matmul: str = "dequant",
+    fp8_matmul: str = "auto",
 ) -> Llama:
     dtype = jnp.dtype(dtype)
     config = ckpt.config
@@ -97,7 +99,8 @@ def load_from(
     fp8 = None
     if fp8_layers:
         ub = float(ckpt.quantization.get("activation_scale_ub", quant.ACTIVATION_SCALE_UB))
-        fp8 = quant.Fp8Spec(fp8_layers, matmul=fp8_matmul, activation_scale_ub=ub)
+        matmul = platform.fp8_matmul(fp8_matmul, mesh.devices.flat[0] if mesh is not None else None)
+        fp8 = quant.Fp8Spec(fp8_layers, matmul=matmul, activation_scale_ub=ub)
     abstract = nnx.eval_shape(
         lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0), attention_impl=attention_impl, fp8=fp8)
     )

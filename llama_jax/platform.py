@@ -1,0 +1,99 @@
+"""What differs by platform, decided in one place: the FP8 matmul mode, and the environment a GPU job runs in.
+
+- FP8 matmul (`quant.Fp8Spec.matmul`): "fp8" (per-token activation quantization, fp8×fp8 dots that
+  XLA lowers to cuBLASLt FP8 GEMMs) where the GPU has FP8 tensor cores, i.e. CUDA compute capability
+  8.9 (Ada) or newer (Hopper 9.0, Blackwell 10.x); "dequant" (upcast the weight inside the jitted
+  matmul) everywhere else: CPUs, older GPUs, TPUs.
+- The attention backend is chosen by `llama_jax.attention` (`select`), per platform, dtype and length;
+  this module does not repeat that rule.
+- A GPU job's environment (`GPU_ENV`, `GPU_XLA_FLAGS`), applied by the CLI before JAX creates its
+  backend, and only when a CUDA device is expected: XLA reads both once, when the backend starts.
+  Values the user set win. Every flag name is checked against the installed jaxlib by a test (the CPU
+  jaxlib parses GPU flags too and refuses unknown ones).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+from collections.abc import MutableMapping
+
+import jax
+
+FP8_MATMUL_MODES = ("auto", "fp8", "dequant")
+FP8_TENSOR_CORES = (8, 9)  # compute capability of the first GPUs with FP8 tensor cores (Ada, sm_89)
+
+# XLA's default is 75% of the GPU; the rest is left to cuDNN/cuBLAS workspaces and the CUDA context.
+# 0.90 is what NVIDIA's JAX-Toolbox runs LLM jobs with (their "GPU performance" page): a 70B-on-8
+# or 8B-at-128K job fits where it would not at 0.75.
+GPU_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.90"}
+
+# Each flag says why; all are accepted by jaxlib 0.10.2 (tests/test_platform.py parses them).
+GPU_XLA_FLAGS = (
+    # Schedule collectives (FSDP all-gathers, TP reduce-scatters) to overlap compute; JAX-Toolbox's default.
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    # Give collectives the highest-priority stream, so a long GEMM does not delay the next layer's gather.
+    "--xla_gpu_enable_highest_priority_async_stream=true",
+)
+
+CUDA_PLUGINS = ("jax_cuda13_plugin", "jax_cuda12_plugin")
+
+
+def has_fp8_tensor_cores(device: jax.Device) -> bool:
+    """Whether `device` is a CUDA GPU of compute capability >= 8.9 (Ada, Hopper, Blackwell)."""
+    capability = getattr(device, "compute_capability", None) if device.platform == "gpu" else None
+    if not capability:
+        return False
+    major, minor = (int(part) for part in str(capability).split(".")[:2])
+    return (major, minor) >= FP8_TENSOR_CORES
+
+
+def fp8_matmul(requested: str = "auto", device: jax.Device | None = None) -> str:
+    """The FP8 matmul mode to run: `requested` unless "auto", then "fp8" on FP8-tensor-core GPUs, else "dequant"."""
+    if requested not in FP8_MATMUL_MODES:
+        raise ValueError(f"fp8 matmul {requested!r}: expected one of {FP8_MATMUL_MODES}")
+    if requested != "auto":
+        return requested
+    return "fp8" if has_fp8_tensor_cores(device or jax.devices()[0]) else "dequant"
+
+
+def cuda_expected(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Whether JAX will start on a CUDA GPU, decided WITHOUT starting a backend (which would fix the flags).
+
+    True when JAX_PLATFORMS asks for cuda/gpu, or (unset) when a jax CUDA plugin is installed and the
+    machine has an NVIDIA driver device node. Never on a CPU-only machine.
+    """
+    environ = os.environ if environ is None else environ
+    platforms = environ.get("JAX_PLATFORMS", "").lower()
+    if platforms:
+        return platforms.split(",")[0].strip() in ("cuda", "gpu")
+    has_plugin = any(importlib.util.find_spec(name) is not None for name in CUDA_PLUGINS)
+    return has_plugin and pathlib.Path("/dev/nvidiactl").exists()
+
+
+def gpu_environment(environ: MutableMapping[str, str]) -> dict[str, str]:
+    """The variables to set for a GPU job, given the current environment: ours, where the user set none.
+
+    A flag already in XLA_FLAGS (by name, whatever its value) is left as the user gave it.
+    """
+    updates = {name: value for name, value in GPU_ENV.items() if name not in environ}
+    current = environ.get("XLA_FLAGS", "")
+    given = {part.split("=")[0] for part in current.split()}
+    extra = [flag for flag in GPU_XLA_FLAGS if flag.split("=")[0] not in given]
+    if extra:
+        updates["XLA_FLAGS"] = " ".join([current, *extra]).strip()
+    return updates
+
+
+def configure_gpu_environment(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Apply `gpu_environment` when a CUDA device is expected (→ what was set); on other machines nothing.
+
+    Call before the first JAX computation: XLA reads these when its backend starts, and never again.
+    """
+    environ = os.environ if environ is None else environ
+    if not cuda_expected(environ):
+        return {}
+    updates = gpu_environment(environ)
+    environ.update(updates)
+    return updates
