@@ -6,7 +6,10 @@ Reads beside Meta's `llama_models/llama3/model.py`: same module and weight names
 
 Weights are stored input-dimension first so every projection is one readable einsum; each parameter
 carries logical axis names (see `sharding/rules.py`), never mesh axes. Layers are stacked along a
-leading "layers" axis and run under `lax.scan`, so compile time does not grow with depth.
+leading "layers" axis and run under `lax.scan`, so compile time does not grow with depth. The decode
+step instead runs the layers one by one from `LayerWeights` (`Llama.unstack_layers`): inside a loop,
+XLA copies each slice of a stacked weight out of its buffer on every step; separate arrays are read
+in place.
 
 Dimension letters: B batch, T query positions, S key positions, D model, F ffn, N query heads,
 K kv heads, H head dim, V vocab, L layers.
@@ -170,7 +173,15 @@ class Attention(nnx.Module):
             out_btnh = jax.nn.dot_product_attention(
                 q_btnh, k_btkh, v_btkh, mask=mask, is_causal=True, implementation=implementation
             )
-        return _project("btnh,nhd->btd", out_btnh, self.wo, self.wo_lora), cache
+        return self._output(out_btnh), cache
+
+    def _output(self, out_btnh: jax.Array) -> jax.Array:
+        """wo as one [B, T, N·H] × [N·H, D] dot (a bitcast of the stored [N, H, D]). As "btnh,nhd", XLA
+        matched the attention output's layout by transposing the weight, every decode step."""
+        n, h, d = self.wo.shape
+        out_btf = out_btnh.reshape(*out_btnh.shape[:2], n * h)
+        out_btd = jnp.einsum("btf,fd->btd", out_btf, self.wo[...].reshape(n * h, d))
+        return out_btd if self.wo_lora is None else out_btd + self.wo_lora("btnh,nhd->btd", out_btnh)
 
 
 class FeedForward(nnx.Module):
@@ -220,6 +231,7 @@ class Block(nnx.Module):
 
     def __call__(self, x_btd, sin, cos, positions_bt, cache, layer, *, use_cache, implementation, ffn=None,
                  segment_ids_bt=None):  # fmt: skip
+        """One block; `ffn`, when given, replaces this block's feed-forward (an FP8 model's dense layers)."""
         with jax.named_scope("attention"):
             attn, cache = self.attention(
                 self.attention_norm(x_btd), sin, cos, positions_bt, cache, layer,
@@ -288,16 +300,38 @@ class Llama(nnx.Module):
         logits, _ = self.forward(tokens, positions, segment_ids=segment_ids)
         return logits
 
-    def prefill(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Run prompts `[B, T]` (positions 0..T-1) into an empty cache; → (logits `[B, T, V]`, cache)."""
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        return self.forward(tokens, positions, cache)
+    def prefill(self, tokens: jax.Array, cache: KVCache, lengths: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """Run prompts `[B, T]` (positions 0..T-1, right-padded) into an empty cache.
+
+        → (float32 logits `[B, V]` of each row's last prompt token, at `lengths - 1` (default T - 1), cache).
+        Only those B rows go through the vocabulary projection, never all `[B, T, V]`.
+        """
+        b, t = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
+        last_b = jnp.full((b,), t - 1, jnp.int32) if lengths is None else lengths - 1
+        logits_b1v, cache = self.forward(tokens, positions, cache, logits_at=last_b[:, None])
+        return logits_b1v[:, 0], cache
 
     def decode(
-        self, tokens: jax.Array, positions: jax.Array, cache: KVCache, *, unroll: int | bool = 1
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: KVCache,
+        *,
+        unroll: int | bool = 1,
+        layers: LayerWeights | None = None,
     ) -> tuple[jax.Array, KVCache]:
-        """Feed `[B, T]` new tokens at `positions` `[B, T]`, attending over the cache."""
-        return self.forward(tokens, positions, cache, use_cache=True, unroll=unroll)
+        """Feed `[B, T]` new tokens at `positions` `[B, T]`, attending over the cache.
+
+        With `layers` (from `unstack_layers`) every weight is read in place; without, from the stacked scan.
+        """
+        return self.forward(tokens, positions, cache, use_cache=True, unroll=unroll, layers=layers)
+
+    def unstack_layers(self) -> LayerWeights:
+        """Each layer's weights as separate arrays, for `decode(..., layers=...)`: one copy of the layer
+        weights (the stacked ones stay, for the scan of `__call__`, prefill and training)."""
+        dense = nnx.state(self.dense_ffn) if self.dense_ffn is not None else None
+        return _unstack(nnx.state(self.layers), dense)
 
     def forward(
         self,
@@ -309,24 +343,54 @@ class Llama(nnx.Module):
         unroll: int | bool = 1,
         segment_ids: jax.Array | None = None,
         remat: bool = False,
+        layers: LayerWeights | None = None,
+        logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """The one forward pass behind `__call__`, `prefill` and `decode`.
 
-        `unroll` is handed to the layer scan: 1 keeps compile time flat in depth; full unrolling
-        lets XLA read each layer's weights in place, which is faster for the decode step on CPU.
+        `unroll` is handed to the layer scan: 1 keeps compile time flat in depth.
+        `layers` (from `unstack_layers`) replaces the scan by one block per layer, each reading its own
+        arrays: no per-step copy out of the stacked buffers, at a compile time linear in depth.
         `remat` rematerialises each layer in the backward pass (training): only the residual stream
         between layers is kept, `[L, B, T, D]`, instead of every layer's activations.
+        `logits_at` `[B, K]` int: the positions (indices into T) whose logits are wanted → `[B, K, V]`;
+        None: every position, `[B, T, V]`.
         """
         with use_rules(self.sharding.mesh, self.sharding.rules) if self.sharding else contextlib.nullcontext():
-            return self._forward(
-                tokens, positions, cache, use_cache=use_cache, unroll=unroll, segment_ids=segment_ids, remat=remat
-            )
+            return self._forward(tokens, positions, cache, use_cache=use_cache, unroll=unroll,
+                                 segment_ids=segment_ids, remat=remat, layers=layers, logits_at=logits_at)  # fmt: skip
 
-    def _forward(self, tokens, positions, cache, *, use_cache, unroll, segment_ids, remat):
+    def _forward(self, tokens, positions, cache, *, use_cache, unroll, segment_ids, remat, layers, logits_at):
         config = self.config
         x_btd = constrain(self.tok_embeddings[...][tokens].astype(self.dtype), ("batch", "seq", "embed"))
         inv_freq = rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         sin, cos = rope.sin_cos(positions, inv_freq)
+
+        def run_block(block, x_btd, cache, layer, ffn=None):
+            with jax.named_scope("block"):
+                return block(
+                    x_btd, sin, cos, positions, cache, layer,
+                    use_cache=use_cache, implementation=self.attention_impl, ffn=ffn, segment_ids_bt=segment_ids,
+                )  # fmt: skip
+
+        if layers is None:
+            x_btd, cache = self._scan_layers(run_block, x_btd, cache, unroll=unroll, remat=remat)
+        else:
+            block_def = nnx.graphdef(self.layers)
+            slots = self.fp8.dense_slots(config.n_layers) if self.fp8 is not None else (-1,) * config.n_layers
+            for layer, (params, slot) in enumerate(zip(layers.blocks, slots, strict=True)):
+                # FP8 model: the layers the release left unquantized run their FFN from `dense_ffn`.
+                ffn = nnx.merge(nnx.graphdef(self.dense_ffn), layers.dense_ffn[slot]) if slot >= 0 else None
+                x_btd, cache = run_block(nnx.merge(block_def, params), x_btd, cache, layer, ffn)
+        h_btd = self.norm(x_btd)
+        if logits_at is not None:
+            h_btd = jnp.take_along_axis(h_btd, logits_at[:, :, None], axis=1)
+        head_dv = self.tok_embeddings[...].T if self.output is None else self.output[...]
+        logits = jnp.einsum("btd,dv->btv", h_btd, head_dv.astype(self.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "seq", "vocab")), cache
+
+    def _scan_layers(self, run_block, x_btd, cache, *, unroll, remat):
+        config = self.config
         graphdef, layer_params = nnx.split(self.layers)
         if self.dense_ffn is not None:
             dense_graphdef, dense_params = nnx.split(self.dense_ffn)
@@ -347,11 +411,7 @@ class Llama(nnx.Module):
                 def ffn(x):
                     return jax.lax.cond(slot >= 0, dense, block.feed_forward, x)
 
-            with jax.named_scope("block"):
-                x_btd, cache = block(
-                    x_btd, sin, cos, positions, cache, layer,
-                    use_cache=use_cache, implementation=self.attention_impl, ffn=ffn, segment_ids_bt=segment_ids,
-                )  # fmt: skip
+            x_btd, cache = run_block(block, x_btd, cache, layer, ffn)
             return (x_btd, cache, layer + 1), None
 
         if remat:
@@ -359,10 +419,32 @@ class Llama(nnx.Module):
         (x_btd, cache, _), _ = jax.lax.scan(
             one_layer, (x_btd, cache, jnp.int32(0)), layer_params, length=config.n_layers, unroll=unroll
         )
-        h_btd = self.norm(x_btd)
-        head_dv = self.tok_embeddings[...].T if self.output is None else self.output[...]
-        logits = jnp.einsum("btd,dv->btv", h_btd, head_dv.astype(self.dtype), preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "seq", "vocab")), cache
+        return x_btd, cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerWeights:
+    """Each layer's parameters as separate arrays (`Llama.unstack_layers`), for the decode step.
+
+    Inside the decode `while_loop` XLA materialises every static slice of a stacked `[L, ...]` weight
+    on every step (a `slice` fusion per weight, per layer, per step: ~3x the bytes the step must
+    read); arrays of their own are read in place by the dots.
+    """
+
+    blocks: tuple[nnx.State, ...]  # L `Block` states
+    dense_ffn: tuple[nnx.State, ...]  # FP8 models: the unquantized `FeedForward` states, one per `dense_ffn` row
+
+
+@jax.jit
+def _unstack(blocks: nnx.State, dense: nnx.State | None) -> LayerWeights:
+    def rows(tree):
+        if tree is None:
+            return ()
+        n = jax.tree.leaves(tree)[0].shape[0]
+        return tuple(jax.tree.map(lambda a, i=i: a[i], tree) for i in range(n))
+
+    return LayerWeights(rows(blocks), rows(dense))
 
 
 def _stacked(make_one: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:

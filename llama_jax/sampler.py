@@ -8,9 +8,10 @@ How a batch of ragged prompts runs (Meta's `generation.py` does the same work in
 1. Prompts are right-padded into a `[B, P]` buffer; B, P and the output length N are rounded up to
    powers of two so a stream of differently sized requests compiles a bounded number of programs.
    The cache holds S = P + N positions (entry s = position s), so rows need no offsets.
-2. Prefill runs the whole buffer through the model, filling the cache; its logits are discarded
-   (XLA drops the vocabulary projection for all P positions). Pad tokens write garbage entries at
-   positions a row has not reached yet; each is overwritten before any query can see it.
+2. Prefill runs the whole buffer through the model, filling the cache, and projects onto the
+   vocabulary only each row's last prompt token (`[B, V]`, never `[B, P, V]`), from which the
+   first new token is sampled. Pad tokens write garbage entries at positions a row has not reached
+   yet; each is overwritten before any query can see it.
 3. The decode loop feeds each row's last token at its own position, samples, records the token and
    its logprob, and marks the row done on a stop token. Done rows stop counting and stop moving;
    the loop exits when every row is done or `max_new_tokens` were produced. Nothing per token
@@ -18,8 +19,11 @@ How a batch of ragged prompts runs (Meta's `generation.py` does the same work in
 
 The model is used functionally: `nnx.split` once per call, and the jitted functions are pure in the
 parameter state (`nnx.merge` inside the trace), so there is no `nnx.jit` bookkeeping per call.
-The layer loop of the decode step is fully unrolled by default: with a scan, XLA on CPU copies
-each layer's weights out of the stacked buffer every step (measured 1.0x transformers vs 2x+).
+The decode step runs the layers one by one from `layer_weights(model)`: each layer's weights as
+arrays of their own, cut from the stacked `[L, ...]` buffers once per model and kept with it. From
+the stacked buffers, XLA copies every layer's weights out of them on every step, inside the loop
+(scanned or unrolled alike; `tests/test_decode_program.py` reads the compiled loop to keep it so).
+The price: the layer weights are held twice, and the decode program's compile time grows with depth.
 
 Sampling follows Meta's `generation.py`: temperature 0 is greedy argmax; otherwise
 softmax(logits / temperature) restricted by top-k, then top-p (Meta's rule: keep tokens whose
@@ -38,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -48,6 +53,7 @@ from jax.sharding import NamedSharding
 
 from llama_jax.config import LLAMA3_VOCAB_SIZE
 from llama_jax.kv_cache import CACHE_AXES, KVCache
+from llama_jax.model import LayerWeights
 from sharding.rules import logical_to_spec
 
 __all__ = [
@@ -248,27 +254,24 @@ class DecodeState:
     keys: jax.Array  # [B] PRNG keys, one stream per row
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "n_out", "logprobs", "top_logprobs"), donate_argnames=("cache",)
-)
-def _prefill(graphdef, params, prompt_bp, lengths_b, active_b, cache, seeds_b, streams_b, *, n_out, logprobs,
-             top_logprobs):  # fmt: skip
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_out", "mode"), donate_argnames=("cache",))
+def _prefill(graphdef, params, prompt_bp, lengths_b, active_b, cache, seeds_b, streams_b, knobs, stop_ids, *, n_out,
+             mode: _Mode):  # fmt: skip
+    """Run the prompts into the cache and sample the first new token from each row's last prompt logits."""
     _TRACES["prefill"] += 1
     model = nnx.merge(graphdef, params)
-    # The logits are unused, so XLA drops the [B, P, V] vocabulary projection; the first new token
-    # comes from the decode loop's first step (the last prompt token fed at its own position).
-    _, cache = model.prefill(prompt_bp, cache)
+    logits_bv, cache = model.prefill(prompt_bp, cache, lengths_b)  # only the B last positions reach the head
     b = prompt_bp.shape[0]
     last = jnp.take_along_axis(prompt_bp, (lengths_b - 1)[:, None], axis=1)[:, 0]
     keys = jax.vmap(lambda seed, stream: jax.random.fold_in(jax.random.key(seed), stream))(seeds_b, streams_b)
-    k, n_top = top_logprobs, (n_out if top_logprobs else 0)
-    return DecodeState(
+    k, n_top = mode.top_logprobs, (n_out if mode.top_logprobs else 0)
+    state = DecodeState(
         cache=cache,
         last=last,
         positions=lengths_b - 1,
         step=jnp.int32(0),
         tokens=jnp.zeros((b, n_out), jnp.int32),
-        logprobs=jnp.zeros((b, n_out if logprobs else 0), jnp.float32),
+        logprobs=jnp.zeros((b, n_out if mode.logprobs else 0), jnp.float32),
         top_ids=jnp.zeros((b, n_top, k), jnp.int32),
         top_logprobs=jnp.zeros((b, n_top, k), jnp.float32),
         counts=jnp.zeros((b,), jnp.int32),
@@ -276,11 +279,47 @@ def _prefill(graphdef, params, prompt_bp, lengths_b, active_b, cache, seeds_b, s
         stopped=jnp.zeros((b,), bool),
         keys=keys,
     )
+    return _advance(state, logits_bv, cache, knobs, stop_ids, mode)
+
+
+def _advance(s: DecodeState, logits_bv, cache, knobs, stop_ids, mode: _Mode) -> DecodeState:
+    """Sample each row's next token from `logits_bv` (the logits at its current position), record it."""
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s.keys, s.step)
+    token = _sample(keys, logits_bv, knobs, mode)
+    is_stop = jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+    live = ~s.done
+    logprobs, top_ids, top_logprobs = s.logprobs, s.top_ids, s.top_logprobs
+    if mode.logprobs or mode.top_logprobs:
+        logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
+    if mode.logprobs:
+        logp = jnp.take_along_axis(logp_bv, token[:, None], axis=-1)
+        logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, logp, s.step, axis=1)
+    if mode.top_logprobs:
+        top_bk, ids_bk = jax.lax.top_k(logp_bv, mode.top_logprobs)
+        top_ids = jax.lax.dynamic_update_slice_in_dim(top_ids, ids_bk[:, None].astype(jnp.int32), s.step, axis=1)
+        top_logprobs = jax.lax.dynamic_update_slice_in_dim(top_logprobs, top_bk[:, None], s.step, axis=1)
+    return DecodeState(
+        cache=cache,
+        last=jnp.where(live, token, s.last),
+        positions=jnp.where(live, s.positions + 1, s.positions),
+        step=s.step + 1,
+        tokens=jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.step, axis=1),
+        logprobs=logprobs,
+        top_ids=top_ids,
+        top_logprobs=top_logprobs,
+        counts=s.counts + (live & ~is_stop).astype(jnp.int32),
+        done=s.done | is_stop,
+        stopped=s.stopped | (live & is_stop),
+        keys=s.keys,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode", "unroll"), donate_argnames=("state",))
-def _decode(graphdef, params, state: DecodeState, limit, knobs, stop_ids, *, mode: _Mode, unroll):
-    """Run decode steps until `state.step == limit` or every row is done."""
+def _decode(graphdef, params, layers, state: DecodeState, limit, knobs, stop_ids, *, mode: _Mode, unroll):
+    """Run decode steps until `state.step == limit` or every row is done.
+
+    layers: `LayerWeights` (each weight read in place), or None to scan the stacked weights with `unroll`.
+    """
     _TRACES["decode"] += 1
     model = nnx.merge(graphdef, params)
 
@@ -288,36 +327,8 @@ def _decode(graphdef, params, state: DecodeState, limit, knobs, stop_ids, *, mod
         return (s.step < limit) & ~jnp.all(s.done)
 
     def body(s: DecodeState) -> DecodeState:
-        logits_b1v, cache = model.decode(s.last[:, None], s.positions[:, None], s.cache, unroll=unroll)
-        logits_bv = logits_b1v[:, 0]
-        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s.keys, s.step)
-        token = _sample(keys, logits_bv, knobs, mode)
-        is_stop = jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
-        live = ~s.done
-        logprobs, top_ids, top_logprobs = s.logprobs, s.top_ids, s.top_logprobs
-        if mode.logprobs or mode.top_logprobs:
-            logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
-        if mode.logprobs:
-            logp = jnp.take_along_axis(logp_bv, token[:, None], axis=-1)
-            logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, logp, s.step, axis=1)
-        if mode.top_logprobs:
-            top_bk, ids_bk = jax.lax.top_k(logp_bv, mode.top_logprobs)
-            top_ids = jax.lax.dynamic_update_slice_in_dim(top_ids, ids_bk[:, None].astype(jnp.int32), s.step, axis=1)
-            top_logprobs = jax.lax.dynamic_update_slice_in_dim(top_logprobs, top_bk[:, None], s.step, axis=1)
-        return DecodeState(
-            cache=cache,
-            last=jnp.where(live, token, s.last),
-            positions=jnp.where(live, s.positions + 1, s.positions),
-            step=s.step + 1,
-            tokens=jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.step, axis=1),
-            logprobs=logprobs,
-            top_ids=top_ids,
-            top_logprobs=top_logprobs,
-            counts=s.counts + (live & ~is_stop).astype(jnp.int32),
-            done=s.done | is_stop,
-            stopped=s.stopped | (live & is_stop),
-            keys=s.keys,
-        )
+        logits_b1v, cache = model.decode(s.last[:, None], s.positions[:, None], s.cache, unroll=unroll, layers=layers)
+        return _advance(s, logits_b1v[:, 0], cache, knobs, stop_ids, mode)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -335,10 +346,21 @@ def prompt_bucket(length: int, max_seq_len: int) -> int:
     return min(_bucket(length, MIN_PROMPT_BUCKET), max_seq_len)
 
 
-def _default_unroll(n_layers: int) -> int | bool:
-    # Full unrolling reads each layer's weights in place (no per-step copy out of the stacked
-    # buffer); past ~48 layers compile time grows too much for what it buys, so fall back to a scan.
-    return True if n_layers <= 48 else 1
+# Per model: its `LayerWeights` and weak references to the stacked leaves they were cut from, so new
+# weights (a training step, `nnx.update`) are noticed. Weak on the model: the copy dies with it.
+_LAYER_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def layer_weights(model) -> LayerWeights:
+    """The model's per-layer weights for the decode step (`Llama.unstack_layers`), made once per model
+    and reused while its stacked layer weights are the same arrays."""
+    stacked = jax.tree.leaves([nnx.state(m) for m in (model.layers, model.dense_ffn) if m is not None])
+    cached = _LAYER_WEIGHTS.get(model)
+    if cached is not None and len(cached[0]) == len(stacked) and all(r() is a for r, a in zip(cached[0], stacked, strict=True)):
+        return cached[1]
+    layers = model.unstack_layers()
+    _LAYER_WEIGHTS[model] = ([weakref.ref(a) for a in stacked], layers)
+    return layers
 
 
 def _check_sampling(temperature, top_k, top_p, min_p) -> None:
@@ -491,7 +513,8 @@ def _empty_cache(model, batch: int, length: int) -> KVCache:
     return cache
 
 
-def _start(model, job: _Job):
+def _start(model, job: _Job, unroll):
+    """Prefill (which samples the first token); → the decode program's weights and its first state."""
     graphdef, params = nnx.split(model)
     state = _prefill(
         graphdef,
@@ -502,11 +525,13 @@ def _start(model, job: _Job):
         _empty_cache(model, job.prompt_bp.shape[0], job.cache_len),
         job.seeds_b,
         job.streams_b,
+        job.knobs,
+        job.stop_ids,
         n_out=job.n_out,
-        logprobs=job.mode.logprobs,
-        top_logprobs=job.mode.top_logprobs,
+        mode=job.mode,
     )
-    return graphdef, params, state
+    layers = layer_weights(model) if unroll is None else None
+    return (graphdef, params, layers), state
 
 
 def _to_host(tree):
@@ -570,7 +595,9 @@ def generate(
         and their float32 log-softmax under the untempered logits (`GenerationResult.top_logprobs`).
       min_batch: pad the batch with idle rows to at least this many (then to a power of two), so a
         job's last, partial batches reuse its full batches' program and still span a data-parallel mesh.
-      unroll: layer-loop unrolling of the decode step (None: full unroll up to 48 layers).
+      unroll: None (default): the decode step reads each layer's own arrays in place (`layer_weights`,
+        a second copy of the layer weights, kept with the model). An int: it scans the stacked weights
+        with that unrolling instead, with no second copy, for a model that fills its devices.
 
     Returns:
       One `GenerationResult` per prompt, in order.
@@ -592,17 +619,8 @@ def _run(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, mi
     """`generate` up to the final device state (which tests inspect)."""
     job = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, logprobs, seed,
                    top_logprobs, min_batch)  # fmt: skip
-    graphdef, params, state = _start(model, job)
-    state = _decode(
-        graphdef,
-        params,
-        state,
-        np.int32(max_new_tokens),
-        job.knobs,
-        job.stop_ids,
-        mode=job.mode,
-        unroll=_default_unroll(model.config.n_layers) if unroll is None else unroll,
-    )
+    weights, state = _start(model, job, unroll)
+    state = _decode(*weights, state, np.int32(max_new_tokens), job.knobs, job.stop_ids, mode=job.mode, unroll=unroll)
     return job, state
 
 
@@ -630,16 +648,15 @@ def stream(
     if not (isinstance(chunk, int) and chunk >= 1):
         raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
     job = _prepare(model, [prompt_tokens], max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, False, seed)
-    unroll = _default_unroll(model.config.n_layers) if unroll is None else unroll
     return _stream(model, job, max_new_tokens, chunk, unroll)
 
 
 def _stream(model, job: _Job, max_new_tokens, chunk, unroll) -> Iterator[int]:
-    graphdef, params, state = _start(model, job)
+    weights, state = _start(model, job, unroll)
     emitted = 0
     while True:
         limit = min(emitted + chunk, max_new_tokens)
-        state = _decode(graphdef, params, state, np.int32(limit), job.knobs, job.stop_ids, mode=job.mode, unroll=unroll)
+        state = _decode(*weights, state, np.int32(limit), job.knobs, job.stop_ids, mode=job.mode, unroll=unroll)
         tokens, count, stopped = _to_host((state.tokens[0], state.counts[0], state.stopped[0]))
         yield from (int(t) for t in tokens[emitted:count])
         emitted = int(count)

@@ -296,7 +296,7 @@ def _compile(
     def prefill(state, tokens, cache):
         model = nnx.merge(graphdef, state)
         logits, cache = model.prefill(tokens, cache)
-        return logits[:, -1], pin(cache)
+        return logits, pin(cache)
 
     def decode(state, tokens, positions, cache):
         model = nnx.merge(graphdef, state)

@@ -164,9 +164,10 @@ def test_the_summary_counts_requests_tokens_and_bad_lines(job):
     assert summary["generated_tokens"] == sum(r["completion_tokens"] for r in results)
     assert summary["prompt_tokens"] == sum(r["prompt_tokens"] for r in results)
     assert summary["generated_tokens_per_s"] > 0
-    # Bucketed: one decode program per prompt bucket {16, 32} and sampling mode (greedy, sampled, greedy with
-    # top_logprobs), whatever the batch: partial batches are padded to the batch size.
-    assert summary["compiles"] == {"prefill": 2 * 2, "decode": 2 * 3}  # prefill does not depend on sampling
+    # Bucketed: one prefill and one decode program per prompt bucket {16, 32} and sampling mode (greedy,
+    # sampled, greedy with top_logprobs; prefill samples the first token), whatever the batch: partial
+    # batches are padded to the batch size.
+    assert summary["compiles"] == {"prefill": 2 * 3, "decode": 2 * 3}
 
 
 def test_bad_lines_are_reported_with_line_number_field_and_reason(job):

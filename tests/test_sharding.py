@@ -50,7 +50,7 @@ def checkpoint(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def reference(checkpoint):
-    """The unsharded model's logits: full forward, prefill of 16 tokens, then 4 decode steps."""
+    """The unsharded model's logits: full forward, prefill of 16 tokens (the last one's), then 4 decode steps."""
     model = llama_jax.load(checkpoint, dtype="float32")
     return model(TOKENS), _cached_logits(model, None)
 
@@ -59,8 +59,8 @@ def _cached_logits(model, spec):
     cache = placement.zeros_cache(model.config, TOKENS.shape[0], 32, spec, dtype=jnp.float32)
     prefill = nnx.jit(lambda m, t, c: m.prefill(t, c))
     decode = nnx.jit(lambda m, t, p, c: m.decode(t, p, c), donate_argnums=3)
-    logits, cache = prefill(model, TOKENS[:, :16], cache)
-    out = [np.asarray(logits)]
+    logits, cache = prefill(model, TOKENS[:, :16], cache)  # [B, V]: the last prompt token's
+    out = [np.asarray(logits)[:, None]]
     for pos in range(16, 20):
         logits, cache = decode(model, TOKENS[:, pos : pos + 1], np.full((8, 1), pos, np.int32), cache)
         out.append(np.asarray(logits))
