@@ -62,6 +62,7 @@ __all__ = [
     "default_stop_tokens",
     "filter_logits",
     "generate",
+    "lower",
     "min_p_threshold",
     "prompt_bucket",
     "sample",
@@ -622,6 +623,27 @@ def _run(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, mi
     weights, state = _start(model, job, unroll)
     state = _decode(*weights, state, np.int32(max_new_tokens), job.knobs, job.stop_ids, mode=job.mode, unroll=unroll)
     return job, state
+
+
+def lower(model, prompts, max_new_tokens, *, platforms: Sequence[str] | None = None, temperature=0.0, top_k=0,
+          top_p=1.0, min_p=0.0, stop_tokens=None, logprobs=False, unroll=None) -> tuple[jax.stages.Lowered, ...]:  # fmt: skip
+    """The (prefill, decode) programs `generate` runs for these arguments, lowered but neither compiled
+    nor run; `platforms` ("cuda", "tpu", ...) lowers them for machines other than this one.
+
+    Inputs are abstract where `generate` would compute them (the cache, the decode state), so
+    nothing executes; the per-layer weights of the decode step are made as `generate` makes them.
+    """
+    job = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, logprobs, 0)
+    graphdef, params = nnx.split(model)
+    cache = jax.eval_shape(lambda: _empty_cache(model, job.prompt_bp.shape[0], job.cache_len))
+    prefill_args = (graphdef, params, job.prompt_bp, job.lengths_b, job.active_b, cache, job.seeds_b, job.streams_b,
+                    job.knobs, job.stop_ids)  # fmt: skip
+    prefill = _prefill.trace(*prefill_args, n_out=job.n_out, mode=job.mode)
+    state = jax.eval_shape(functools.partial(_prefill, n_out=job.n_out, mode=job.mode), *prefill_args)
+    layers = layer_weights(model) if unroll is None else None
+    decode = _decode.trace(graphdef, params, layers, state, np.int32(max_new_tokens), job.knobs, job.stop_ids,
+                           mode=job.mode, unroll=unroll)  # fmt: skip
+    return prefill.lower(lowering_platforms=platforms), decode.lower(lowering_platforms=platforms)
 
 
 def stream(

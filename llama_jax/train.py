@@ -337,6 +337,12 @@ class Trainer:
         out.update({k: float(v) for k, v in metrics.items()})
         return out
 
+    def lower_step(self, batch: Mapping[str, np.ndarray], *, platforms=None) -> jax.stages.Lowered:
+        """The program `train_step(batch)` runs, lowered (not compiled, not run); `platforms`
+        ("cuda", "tpu", ...) lowers it for machines other than this one."""
+        args = (self.params, self.opt_state, self.frozen, self.teacher_params, self._place(batch))
+        return self._step_fn.trace(*args).lower(lowering_platforms=platforms)
+
     # -- the loop --------------------------------------------------------------------------------------
 
     def fit(
