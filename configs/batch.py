@@ -19,6 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
             dtype=None,  # default bfloat16 for a checkpoint, float32 for the embedded model
             mesh=None,  # e.g. "data=8" (data parallel) or "data=2,tensor=4"; None = one device
             rules="fsdp_tp",  # sharding strategy on the mesh: dp, fsdp, tp, fsdp_tp
+            attention="auto",  # auto | dense | blockwise | cudnn | splash (llama_jax/attention.py)
             batch_size=32,  # requests per generate call (power of two, >= the data-parallel size)
             progress=True,
             # Per-request defaults (a request's own fields win):

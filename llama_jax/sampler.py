@@ -356,7 +356,11 @@ def layer_weights(model) -> LayerWeights:
     and reused while its stacked layer weights are the same arrays."""
     stacked = jax.tree.leaves([nnx.state(m) for m in (model.layers, model.dense_ffn) if m is not None])
     cached = _LAYER_WEIGHTS.get(model)
-    if cached is not None and len(cached[0]) == len(stacked) and all(r() is a for r, a in zip(cached[0], stacked, strict=True)):
+    if (
+        cached is not None
+        and len(cached[0]) == len(stacked)
+        and all(r() is a for r, a in zip(cached[0], stacked, strict=True))
+    ):
         return cached[1]
     layers = model.unstack_layers()
     _LAYER_WEIGHTS[model] = ([weakref.ref(a) for a in stacked], layers)
@@ -504,13 +508,19 @@ def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, s
 
 
 def _empty_cache(model, batch: int, length: int) -> KVCache:
-    cache = KVCache.zeros(model.config, batch, length, dtype=model.dtype)
+    """A zero cache created in place: on a mesh, each device allocates only its own shard (zeros made
+    on one device and then `device_put` would need the whole cache on it first)."""
     spec = getattr(model, "sharding", None)
-    if spec is not None:
-        shape = cache.k.shape
-        sharding = NamedSharding(spec.mesh, logical_to_spec(CACHE_AXES, spec.rules, mesh=spec.mesh, shape=shape))
-        cache = jax.device_put(cache, sharding)
-    return cache
+    if spec is None:
+        return KVCache.zeros(model.config, batch, length, dtype=model.dtype)
+    sharding = cache_sharding(spec, batch, length, model.config)
+    return KVCache.zeros(model.config, batch, length, dtype=model.dtype, sharding=sharding)
+
+
+def cache_sharding(spec, batch: int, length: int, config) -> NamedSharding:
+    """The `NamedSharding` of a `[L, B, S, K, H]` cache under the model's logical rules."""
+    shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
+    return NamedSharding(spec.mesh, logical_to_spec(CACHE_AXES, spec.rules, mesh=spec.mesh, shape=shape))
 
 
 def _start(model, job: _Job, unroll):

@@ -480,6 +480,7 @@ class TrainJob(TrainConfig):
     teacher_rules: str | None = None  # the teacher's sharding strategy on the mesh (default: `rules`)
     mesh: str | None = None  # e.g. "fsdp=2,tensor=4" (None: one device)
     rules: str = "fsdp_tp"
+    attention: str = "auto"  # attention backend (llama_jax/attention.py)
     workdir: str = "runs/train"  # checkpoints/, metrics.jsonl, model/
     resume: bool = False  # continue from the latest checkpoint in workdir
     export: str = "orbax"  # the trained model (LoRA merged) to workdir/model: orbax | hf | none
@@ -499,14 +500,14 @@ def run_job(job: TrainJob) -> Trainer:
     if job.export not in ("orbax", "hf", "none"):
         raise ValueError(f"export: expected orbax, hf or none, got {job.export!r}")
     model, tokenizer = jobs.load_model(job.checkpoint, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh,
-                                       rules=job.rules)  # fmt: skip
+                                       rules=job.rules, attention=job.attention)  # fmt: skip
     if job.lora_rank > 0:
         model = lora.add_adapters(model, lora.LoraSpec(rank=job.lora_rank, alpha=job.lora_alpha,
                                                        targets=tuple(job.lora_targets)))  # fmt: skip
     teacher = None
     if job.teacher is not None:
         teacher, _ = jobs.load_model(job.teacher, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh,
-                                     rules=job.teacher_rules or job.rules)  # fmt: skip
+                                     rules=job.teacher_rules or job.rules, attention=job.attention)  # fmt: skip
     examples = data.load_examples(job.data, tokenizer=tokenizer, seq_len=job.seq_len, kind=job.data_kind)
     loader = data.Loader(examples, job.batch_size, seed=job.seed)
     trainer = Trainer(model, job.train_config(), teacher=teacher, workdir=job.workdir)
