@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
             mesh=None,  # e.g. "data=8" (data parallel) or "data=2,tensor=4"; None = one device
             rules="fsdp_tp",  # sharding strategy on the mesh: dp, fsdp, tp, fsdp_tp
             fp8_matmul="auto",  # FP8 checkpoints: fp8 GEMMs on FP8-tensor-core GPUs, else dequant
+            attention="auto",  # auto | dense | blockwise | cudnn | splash (llama_jax/attention.py)
             batch_size=32,  # requests per generate call (power of two, >= the data-parallel size)
             progress=True,
             # Per-request defaults (a request's own fields win):

@@ -53,6 +53,7 @@ class JobConfig:
     dtype: str | None = None  # bfloat16 for checkpoints, float32 for the embedded model
     mesh: str | None = None  # e.g. "data=8" or "data=2,tensor=4" (None: one device)
     rules: str = "fsdp_tp"  # sharding strategy on the mesh: dp, fsdp, tp, fsdp_tp
+    attention: str = "auto"  # attention backend: auto | dense | blockwise | cudnn | splash (llama_jax/attention.py)
     fp8_matmul: str = "auto"  # FP8 checkpoints: auto | fp8 | dequant (llama_jax.platform.fp8_matmul)
     batch_size: int = 32  # requests per generate call (rounded up to a power of two >= data parallelism)
     progress: bool = True  # a tqdm bar on stderr
@@ -497,7 +498,7 @@ def _error(path: pathlib.Path, line: int, request_id, field: str | None, reason:
 
 # Plain aliases for the settings one sets on every run; every field is also --config.<field>.
 _ALIASES = {"input": "--input", "output": "--output", "errors": "--errors", "checkpoint": "--checkpoint",
-            "tokenizer": "--tokenizer", "dtype": "--dtype", "mesh": "--mesh", "batch_size": "--batch-size",
+            "tokenizer": "--tokenizer", "dtype": "--dtype", "mesh": "--mesh", "attention": "--attention", "batch_size": "--batch-size",
             "fp8_matmul": "--fp8-matmul",
             "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
             "top_k": "--top-k", "min_p": "--min-p", "seed": "--seed", "top_logprobs": "--top-logprobs"}  # fmt: skip
@@ -530,7 +531,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         job = job_config(args)
         model, tokenizer = jobs.load_model(job.checkpoint, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh,
-                                           rules=job.rules, fp8_matmul=job.fp8_matmul)  # fmt: skip
+                                           rules=job.rules, attention=job.attention,
+                                           fp8_matmul=job.fp8_matmul)  # fmt: skip
         sampling = {name: getattr(job, name) for name in (*SAMPLING_FIELDS, "seed")}
         summary = run_batch(model, tokenizer, job.input, job.output, errors_path=job.errors,
                             batch_size=job.batch_size, progress=job.progress, **sampling)  # fmt: skip

@@ -20,6 +20,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
+from llama_jax.attention import BACKENDS
+
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 
@@ -33,6 +35,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer.model (default: found in the checkpoint, or llama-models' Llama 3 one)")  # fmt: skip
     parser.add_argument("--dtype", choices=("bfloat16", "float32"),
                         help="weights and compute dtype (default: bfloat16 for checkpoints, float32 for the default)")  # fmt: skip
+    parser.add_argument("--attention", choices=BACKENDS, default="auto",
+                        help="attention backend (default auto: blockwise on CPU, cudnn on GPU, splash on TPU)")  # fmt: skip
     parser.add_argument("--fp8-matmul", choices=("auto", "fp8", "dequant"), default="auto",
                         help="FP8 checkpoints: fp8×fp8 GEMMs ('fp8'), upcast in the matmul ('dequant'), or by "
                              "device ('auto', default: fp8 on GPUs with FP8 tensor cores)")  # fmt: skip
@@ -75,7 +79,7 @@ def _load(args: argparse.Namespace):
 
     if args.checkpoint is None:
         print(default_model.RANDOM_WEIGHTS_NOTICE, file=sys.stderr, flush=True)
-        model = default_model.default_model(dtype=args.dtype or "float32", warn=False)
+        model = default_model.default_model(dtype=args.dtype or "float32", warn=False, attention=args.attention)
         tokenizer_path = args.tokenizer or default_model.tokenizer_path()
         if tokenizer_path is None:
             raise ValueError(
@@ -84,7 +88,9 @@ def _load(args: argparse.Namespace):
     else:
         from llama_jax.loading import load
 
-        model = load(args.checkpoint, dtype=args.dtype or "bfloat16", fp8_matmul=args.fp8_matmul)
+        model = load(
+            args.checkpoint, dtype=args.dtype or "bfloat16", attention=args.attention, fp8_matmul=args.fp8_matmul
+        )
         tokenizer_path = args.tokenizer or find_tokenizer(args.checkpoint)
         if tokenizer_path is None:
             raise ValueError(f"{args.checkpoint}: no tokenizer.model here or in original/; pass --tokenizer PATH")

@@ -45,16 +45,19 @@ RANDOM_WEIGHTS_NOTICE = (
 WEIGHT_STD = 0.02
 
 
-def default_model(*, seed: int = 0, dtype: str | jnp.dtype = "float32", warn: bool = True) -> Llama:
+def default_model(
+    *, seed: int = 0, dtype: str | jnp.dtype = "float32", warn: bool = True, attention: str = "auto"
+) -> Llama:
     """The default `Llama` with random weights (N(0, 0.02²) matrices, unit norms) from `seed`.
 
+    attention: the attention backend (`llama_jax.attention.BACKENDS`).
     Built from numpy's generator (about 1 s) rather than module initialisation, which draws
     the 32.8M embedding values several times slower on CPU.
     """
     if warn:
         warnings.warn(RANDOM_WEIGHTS_NOTICE, stacklevel=2)
     dtype = jnp.dtype(dtype)
-    abstract = nnx.eval_shape(lambda: Llama(DEFAULT_CONFIG, dtype=dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Llama(DEFAULT_CONFIG, dtype=dtype, rngs=nnx.Rngs(0), attention=attention))
     graphdef, state = nnx.split(abstract)
     rng = np.random.default_rng(seed)
     flat = dict(nnx.to_flat_state(state))

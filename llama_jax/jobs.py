@@ -100,12 +100,13 @@ def tokenizer_file(checkpoint, tokenizer=None) -> pathlib.Path:
 
 
 def load_model(checkpoint, *, tokenizer=None, dtype: str | None = None, mesh: str | None = None,
-               rules: str = "fsdp_tp", fp8_matmul: str = "auto"):  # fmt: skip
+               rules: str = "fsdp_tp", attention: str = "auto", fp8_matmul: str = "auto"):  # fmt: skip
     """(model, tokenizer): `checkpoint` (None: the embedded default, announced on stderr), on `mesh`.
 
     dtype defaults to bfloat16 for checkpoints and float32 for the small embedded model; `mesh` is a
-    `make_mesh` string ("fsdp=2,tensor=4"), `rules` a sharding strategy name, `fp8_matmul` how an FP8
-    checkpoint's FFNs multiply (auto | fp8 | dequant; checked even for a model without FP8 weights).
+    `make_mesh` string ("fsdp=2,tensor=4"), `rules` a sharding strategy name, `attention` a backend
+    of `llama_jax.attention.BACKENDS`, `fp8_matmul` how an FP8 checkpoint's FFNs multiply (auto | fp8 |
+    dequant; checked even for a model without FP8 weights).
     """
     from llama_jax import default_model, platform
     from llama_jax.loading import load
@@ -120,7 +121,7 @@ def load_model(checkpoint, *, tokenizer=None, dtype: str | None = None, mesh: st
     mesh = make_mesh(mesh) if mesh else None
     if checkpoint is None:
         print(default_model.RANDOM_WEIGHTS_NOTICE, file=sys.stderr, flush=True)
-        model = default_model.default_model(dtype=dtype or "float32", warn=False)
+        model = default_model.default_model(dtype=dtype or "float32", warn=False, attention=attention)
         if mesh is not None:
             shard_model(model, mesh, rules)
     else:
@@ -129,6 +130,7 @@ def load_model(checkpoint, *, tokenizer=None, dtype: str | None = None, mesh: st
             dtype=dtype or "bfloat16",
             mesh=mesh,
             rules=get_rules(rules) if mesh else None,
+            attention=attention,
             fp8_matmul=fp8_matmul,
         )
     return model, Tokenizer.from_file(tokenizer_path)

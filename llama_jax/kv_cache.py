@@ -3,6 +3,11 @@
 Layout `[L, B, S, K, H]`: layer first so the layer scan indexes it, then one slot per batch row and
 one entry per absolute position (entry s holds position s), so masks are `s <= query position` and
 rows of different lengths need no offsets.
+
+Attention reads a row's entries in key blocks of `model.attention_block` consecutive positions
+(`llama_jax.attention`), only up to the batch's furthest position. A block `[B, block, K, H]` is the
+unit a paged cache would hand over as a page: a paged layout `[L, pages, block, K, H]` plus a per-row
+page table can replace the contiguous S axis without changing the attention loop's body.
 """
 
 from __future__ import annotations
@@ -24,9 +29,13 @@ class KVCache:
     v: jax.Array  # [L, B, S, K, H]
 
     @classmethod
-    def zeros(cls, config: LlamaConfig, batch: int, length: int, dtype=jnp.bfloat16) -> KVCache:
+    def zeros(cls, config: LlamaConfig, batch: int, length: int, dtype=jnp.bfloat16, sharding=None) -> KVCache:
+        """A zero cache; with `sharding` (a `NamedSharding`) each device allocates only its own shard."""
         shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        if sharding is None:
+            return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+        return cls(make(), make())
 
     @property
     def length(self) -> int:

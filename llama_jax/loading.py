@@ -57,7 +57,7 @@ def load(
     dtype: str | jnp.dtype = "bfloat16",
     mesh: Mesh | None = None,
     rules: sharding_rules.Rules | None = None,
-    attention_impl: str | None = None,
+    attention: str = "auto",
     fp8_matmul: str = "auto",
 ) -> Llama:
     """Load a Llama checkpoint directory into a `Llama` module.
@@ -68,7 +68,7 @@ def load(
       dtype: parameter and compute dtype ("bfloat16", "float32", ...).
       mesh: place every parameter straight into its sharded home on this mesh (None: one device).
       rules: logical-axis rules for `mesh` (default: `sharding.rules.DEFAULT_RULES`).
-      attention_impl: forwarded to `jax.nn.dot_product_attention` ("cudnn" on H100).
+      attention: the attention backend (`llama_jax.attention.BACKENDS`; "auto" picks by platform and size).
       fp8_matmul: for FP8 checkpoints (HF fbgemm_fp8), whose FFN weights stay FP8 on the device:
         "dequant" upcasts inside jit (CPU), "fp8" quantizes activations per token and runs
         fp8×fp8 dots (Hopper), "auto" picks by device (`platform.fp8_matmul`). See docs/CONVERT.md.
@@ -78,10 +78,10 @@ def load(
     if fp8_matmul not in platform.FP8_MATMUL_MODES:
         raise ValueError(f"fp8_matmul={fp8_matmul!r}: expected one of {platform.FP8_MATMUL_MODES}")
     if pathlib.Path(path).is_dir() and orbax.is_orbax_checkpoint(pathlib.Path(path)):
-        return orbax.load_orbax(path, dtype=dtype, mesh=mesh, rules=rules, attention_impl=attention_impl)
+        return orbax.load_orbax(path, dtype=dtype, mesh=mesh, rules=rules, attention=attention)
     ckpt = open_checkpoint(path)
     check(ckpt)
-    return load_from(ckpt, dtype=dtype, mesh=mesh, rules=rules, attention_impl=attention_impl, fp8_matmul=fp8_matmul)
+    return load_from(ckpt, dtype=dtype, mesh=mesh, rules=rules, attention=attention, fp8_matmul=fp8_matmul)
 
 
 def load_from(
@@ -90,7 +90,7 @@ def load_from(
     dtype: str | jnp.dtype = "bfloat16",
     mesh: Mesh | None = None,
     rules: sharding_rules.Rules | None = None,
-    attention_impl: str | None = None,
+    attention: str = "auto",
     fp8_matmul: str = "auto",
 ) -> Llama:
     dtype = jnp.dtype(dtype)
@@ -101,9 +101,7 @@ def load_from(
         ub = float(ckpt.quantization.get("activation_scale_ub", quant.ACTIVATION_SCALE_UB))
         matmul = platform.fp8_matmul(fp8_matmul, mesh.devices.flat[0] if mesh is not None else None)
         fp8 = quant.Fp8Spec(fp8_layers, matmul=matmul, activation_scale_ub=ub)
-    abstract = nnx.eval_shape(
-        lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0), attention_impl=attention_impl, fp8=fp8)
-    )
+    abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0), attention=attention, fp8=fp8))
     graphdef, state = nnx.split(abstract)
     if mesh is not None and rules is None:
         rules = sharding_rules.DEFAULT_RULES
@@ -246,9 +244,9 @@ def partition_specs(model: Llama, mesh: Mesh, rules: sharding_rules.Rules) -> nn
     """The PartitionSpec of every parameter of `model` under `rules` on `mesh`."""
     state = nnx.state(model)
     return jax.tree.map(
-        lambda v: sharding_rules.logical_to_spec(v.get_metadata()["out_sharding"], rules, mesh=mesh, shape=v.get_value().shape),
+        lambda v: sharding_rules.logical_to_spec(
+            v.get_metadata()["out_sharding"], rules, mesh=mesh, shape=v.get_value().shape
+        ),
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
-
-

@@ -36,7 +36,7 @@ def _like(model: Llama, lora: LoraSpec | None, seed: int = 0) -> Llama:
             model.config,
             dtype=model.dtype,
             rngs=nnx.Rngs(seed),
-            attention_impl=model.attention_impl,
+            attention=model.attention,
             fp8=model.fp8,
             lora=lora,
         )  # fmt: skip
@@ -51,6 +51,8 @@ def _fresh(state: nnx.State) -> nnx.State:
 def _carry_attributes(src: Llama, dst: Llama) -> Llama:
     # Attributes set after construction: the mesh rules, and a tokenizer attached by the loader/user.
     dst.sharding = src.sharding
+    dst.attention_block = src.attention_block
+    dst.prefill_chunk = src.prefill_chunk
     if hasattr(src, "tokenizer"):
         dst.tokenizer = src.tokenizer
     return dst
@@ -71,7 +73,7 @@ def add_adapters(model: Llama, spec: LoraSpec, *, seed: int = 0) -> Llama:
     @functools.partial(jax.jit, out_shardings=shardings)
     def init():
         # The base weights drawn here are dead code: XLA keeps only the adapters' initialisation.
-        full = Llama(model.config, dtype=model.dtype, rngs=nnx.Rngs(seed), attention_impl=model.attention_impl,
+        full = Llama(model.config, dtype=model.dtype, rngs=nnx.Rngs(seed), attention=model.attention,
                      fp8=model.fp8, lora=spec)  # fmt: skip
         return nnx.state(full, nnx.LoRAParam)
 

@@ -27,10 +27,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llama_jax import attention as attention_lib
 from llama_jax import quant, rope
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import CACHE_AXES, KVCache
 from sharding.rules import ShardingSpec, constrain, use_rules
+
+# Prompt tokens per prefill step: bounds prefill activations ([B, chunk, F] in the FFN) at any length.
+DEFAULT_PREFILL_CHUNK = 2048
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
@@ -144,7 +148,7 @@ class Attention(nnx.Module):
         self.wo_lora = _adapter(lora, "wo", self.wo, 2, rngs)
 
     def __call__(self, x_btd, sin, cos, positions_bt, cache: KVCache | None, layer, *, use_cache: bool,
-                 implementation: str | None, segment_ids_bt=None):  # fmt: skip
+                 backend: str, block: int, segment_ids_bt=None):  # fmt: skip
         q_btnh = _project("btd,dnh->btnh", x_btd, self.wq, self.wq_lora)
         k_btkh = _project("btd,dkh->btkh", x_btd, self.wk, self.wk_lora)
         v_btkh = _project("btd,dkh->btkh", x_btd, self.wv, self.wv_lora)
@@ -158,21 +162,18 @@ class Attention(nnx.Module):
             # and all-gathered back: the whole cache, every decode step.
             cache = dataclasses.replace(cache, k=constrain(cache.k, CACHE_AXES), v=constrain(cache.v, CACHE_AXES))
         if use_cache:
-            # Attend over the cache: entry s holds position s, valid when s <= the query's position.
+            # Attend over the cache: entry s holds position s, visible when s <= the query's position.
+            # Blockwise reads only the key blocks up to the batch's furthest position.
             k_bskh, v_bskh = cache.layer(layer)
-            mask = jnp.arange(cache.length)[None, None, :] <= positions_bt[:, :, None]
-            out_btnh = jax.nn.dot_product_attention(
-                q_btnh, k_bskh, v_bskh, mask=mask[:, None], implementation=implementation
-            )
+            out_btnh = attention_lib.attend(q_btnh, k_bskh, v_bskh, positions_bt, backend=backend, block=block)
         else:
-            # Attend within the chunk (full forward, or prefill of an empty cache): causal, and with
-            # packed sequences (training) only within each token's own document.
-            mask = None
-            if segment_ids_bt is not None:
-                mask = (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])[:, None]
-            out_btnh = jax.nn.dot_product_attention(
-                q_btnh, k_btkh, v_btkh, mask=mask, is_causal=True, implementation=implementation
-            )
+            # Attend within the chunk (full forward, or prefill of an empty cache): causal by index, and
+            # with packed sequences (training) only within each token's own document.
+            index_bt = jnp.broadcast_to(jnp.arange(x_btd.shape[1]), x_btd.shape[:2])
+            out_btnh = attention_lib.attend(
+                q_btnh, k_btkh, v_btkh, index_bt, segment_q_bt=segment_ids_bt, segment_kv_bs=segment_ids_bt,
+                backend=backend, block=block, q_offset=False,
+            )  # fmt: skip
         return self._output(out_btnh), cache
 
     def _output(self, out_btnh: jax.Array) -> jax.Array:
@@ -229,13 +230,13 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps, dtype=dtype, rngs=rngs)
         self.feed_forward = FeedForward(config, dtype=dtype, rngs=rngs, fp8=fp8, lora=lora)
 
-    def __call__(self, x_btd, sin, cos, positions_bt, cache, layer, *, use_cache, implementation, ffn=None,
+    def __call__(self, x_btd, sin, cos, positions_bt, cache, layer, *, use_cache, attention, ffn=None,
                  segment_ids_bt=None):  # fmt: skip
         """One block; `ffn`, when given, replaces this block's feed-forward (an FP8 model's dense layers)."""
         with jax.named_scope("attention"):
             attn, cache = self.attention(
                 self.attention_norm(x_btd), sin, cos, positions_bt, cache, layer,
-                use_cache=use_cache, implementation=implementation, segment_ids_bt=segment_ids_bt,
+                use_cache=use_cache, **attention, segment_ids_bt=segment_ids_bt,
             )  # fmt: skip
         h_btd = constrain(x_btd + attn, ("batch", "seq", "embed"))
         with jax.named_scope("feed_forward"):
@@ -250,7 +251,9 @@ class Llama(nnx.Module):
       config: the architecture.
       dtype: parameter and activation dtype (bfloat16 by default; float32 for parity work).
       rngs: initialisation randomness (random weights; `llama_jax.load` fills real ones).
-      attention_impl: passed to `jax.nn.dot_product_attention` ("cudnn" on H100, "xla", None=auto).
+      attention: the attention backend, one of `attention.BACKENDS` ("auto": `attention.select`'s rule,
+        logged). `model.attention_block` is its key (and query) block: the blockwise backend's tile,
+        a paged cache's page. `model.prefill_chunk`: prompt tokens per prefill step.
       fp8: FFN weights of `fp8.quantized_layers` in rowwise FP8 (the FP8 405B release); the other
         layers' FFNs live unquantized in `dense_ffn`, stacked over those layers only.
       lora: low-rank adapters on `lora.targets` (`nnx.LoRAParam`s `<name>_lora.a/.b` beside each
@@ -263,7 +266,7 @@ class Llama(nnx.Module):
         *,
         dtype=jnp.bfloat16,
         rngs: nnx.Rngs,
-        attention_impl: str | None = None,
+        attention: str = "auto",
         fp8: quant.Fp8Spec | None = None,
         lora: LoraSpec | None = None,
     ):
@@ -271,7 +274,11 @@ class Llama(nnx.Module):
         self.fp8 = fp8
         self.lora = lora
         self.dtype = jnp.dtype(dtype)
-        self.attention_impl = attention_impl
+        if attention not in attention_lib.BACKENDS:
+            raise ValueError(f"attention must be one of {attention_lib.BACKENDS}, got {attention!r}")
+        self.attention = attention
+        self.attention_block = attention_lib.DEFAULT_BLOCK
+        self.prefill_chunk = DEFAULT_PREFILL_CHUNK
         # Set by `load(..., mesh=...)`: activations are then pinned by the same logical rules.
         self.sharding: ShardingSpec | None = None
         self.tok_embeddings = _param(rngs, _normal, (config.vocab_size, config.dim), dtype, ("vocab", "embed"))
@@ -300,17 +307,41 @@ class Llama(nnx.Module):
         logits, _ = self.forward(tokens, positions, segment_ids=segment_ids)
         return logits
 
-    def prefill(self, tokens: jax.Array, cache: KVCache, lengths: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    def prefill(
+        self, tokens: jax.Array, cache: KVCache, lengths: jax.Array | None = None, *, chunk: int | None = None
+    ) -> tuple[jax.Array, KVCache]:
         """Run prompts `[B, T]` (positions 0..T-1, right-padded) into an empty cache.
 
         → (float32 logits `[B, V]` of each row's last prompt token, at `lengths - 1` (default T - 1), cache).
         Only those B rows go through the vocabulary projection, never all `[B, T, V]`.
+
+        A prompt longer than `chunk` (default `self.prefill_chunk`) runs as a `lax.scan` over chunks of
+        that many tokens, each attending over the cache the chunks before it filled: activations stay
+        `[B, chunk, ...]` whatever T is, and the one compiled chunk body serves every chunk.
         """
         b, t = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
         last_b = jnp.full((b,), t - 1, jnp.int32) if lengths is None else lengths - 1
-        logits_b1v, cache = self.forward(tokens, positions, cache, logits_at=last_b[:, None])
-        return logits_b1v[:, 0], cache
+        c = min(chunk or self.prefill_chunk, t)
+        if t == c:  # one chunk: causal within it (the fused kernels' own causal mask applies)
+            positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
+            logits_b1v, cache = self.forward(tokens, positions, cache, logits_at=last_b[:, None])
+            return logits_b1v[:, 0], cache
+        if t % c:
+            raise ValueError(f"prefill: the prompt length {t} must be a multiple of the chunk ({c})")
+
+        def one_chunk(carry, i):
+            cache, logits_bv = carry
+            start = i * c
+            tokens_bc = jax.lax.dynamic_slice_in_dim(tokens, start, c, axis=1)
+            positions_bc = start + jnp.broadcast_to(jnp.arange(c), (b, c))
+            at_b = jnp.clip(last_b - start, 0, c - 1)
+            chunk_b1v, cache = self.forward(tokens_bc, positions_bc, cache, use_cache=True, logits_at=at_b[:, None])
+            here_b = (last_b >= start) & (last_b < start + c)
+            return (cache, jnp.where(here_b[:, None], chunk_b1v[:, 0], logits_bv)), None
+
+        init = (cache, jnp.zeros((b, self.config.vocab_size), jnp.float32))
+        (cache, logits_bv), _ = jax.lax.scan(one_chunk, init, jnp.arange(t // c))
+        return logits_bv, cache
 
     def decode(
         self,
@@ -366,11 +397,13 @@ class Llama(nnx.Module):
         inv_freq = rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         sin, cos = rope.sin_cos(positions, inv_freq)
 
+        backend = {"backend": self.attention, "block": self.attention_block}
+
         def run_block(block, x_btd, cache, layer, ffn=None):
             with jax.named_scope("block"):
                 return block(
                     x_btd, sin, cos, positions, cache, layer,
-                    use_cache=use_cache, implementation=self.attention_impl, ffn=ffn, segment_ids_bt=segment_ids,
+                    use_cache=use_cache, attention=backend, ffn=ffn, segment_ids_bt=segment_ids,
                 )  # fmt: skip
 
         if layers is None:

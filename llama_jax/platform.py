@@ -4,8 +4,10 @@
   XLA lowers to cuBLASLt FP8 GEMMs) where the GPU has FP8 tensor cores, i.e. CUDA compute capability
   8.9 (Ada) or newer (Hopper 9.0, Blackwell 10.x); "dequant" (upcast the weight inside the jitted
   matmul) everywhere else: CPUs, older GPUs, TPUs.
-- The attention backend is chosen by `llama_jax.attention` (`select`), per platform, dtype and length;
-  this module does not repeat that rule.
+- The attention backend is chosen by `llama_jax.attention.select`, per platform, dtype and length;
+  this module does not repeat that rule, it supplies the platform: `target()`, the one programs are
+  being built for. That is JAX's default backend, unless `lowering_for("cuda")` (or "tpu") says a
+  program is traced here to be lowered for another machine (`sampler.lower`, `Trainer.lower_step`).
 - A GPU job's environment (`GPU_ENV`, `GPU_XLA_FLAGS`), applied by the CLI before JAX creates its
   backend, and only when a CUDA device is expected: XLA reads both once, when the backend starts.
   Values the user set win. Every flag name is checked against the installed jaxlib by a test (the CPU
@@ -38,6 +40,21 @@ GPU_XLA_FLAGS = (
 )
 
 CUDA_PLUGINS = ("jax_cuda13_plugin", "jax_cuda12_plugin")
+
+# Part of JAX's jit cache key: a program traced for one target is never reused for another.
+_TARGET = jax.make_user_context(default_value=None)
+
+
+def target() -> str:
+    """The platform the program being traced is for: "cpu", "gpu" or "tpu"."""
+    return _TARGET.value or jax.default_backend()
+
+
+def lowering_for(platform: str | None):
+    """Context manager: trace programs for `platform` ("cuda"/"gpu", "tpu", "cpu"; None: this machine's)."""
+    if platform not in (None, "cpu", "cuda", "gpu", "rocm", "tpu"):
+        raise ValueError(f"platform {platform!r}: expected cpu, cuda, rocm, gpu or tpu")
+    return _TARGET("gpu" if platform in ("cuda", "rocm") else platform)
 
 
 def has_fp8_tensor_cores(device: jax.Device) -> bool:

@@ -51,6 +51,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from llama_jax import platform
 from llama_jax.config import LLAMA3_VOCAB_SIZE
 from llama_jax.kv_cache import CACHE_AXES, KVCache
 from llama_jax.model import LayerWeights
@@ -357,7 +358,11 @@ def layer_weights(model) -> LayerWeights:
     and reused while its stacked layer weights are the same arrays."""
     stacked = jax.tree.leaves([nnx.state(m) for m in (model.layers, model.dense_ffn) if m is not None])
     cached = _LAYER_WEIGHTS.get(model)
-    if cached is not None and len(cached[0]) == len(stacked) and all(r() is a for r, a in zip(cached[0], stacked, strict=True)):
+    if (
+        cached is not None
+        and len(cached[0]) == len(stacked)
+        and all(r() is a for r, a in zip(cached[0], stacked, strict=True))
+    ):
         return cached[1]
     layers = model.unstack_layers()
     _LAYER_WEIGHTS[model] = ([weakref.ref(a) for a in stacked], layers)
@@ -505,13 +510,19 @@ def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, s
 
 
 def _empty_cache(model, batch: int, length: int) -> KVCache:
-    cache = KVCache.zeros(model.config, batch, length, dtype=model.dtype)
+    """A zero cache created in place: on a mesh, each device allocates only its own shard (zeros made
+    on one device and then `device_put` would need the whole cache on it first)."""
     spec = getattr(model, "sharding", None)
-    if spec is not None:
-        shape = cache.k.shape
-        sharding = NamedSharding(spec.mesh, logical_to_spec(CACHE_AXES, spec.rules, mesh=spec.mesh, shape=shape))
-        cache = jax.device_put(cache, sharding)
-    return cache
+    if spec is None:
+        return KVCache.zeros(model.config, batch, length, dtype=model.dtype)
+    sharding = cache_sharding(spec, batch, length, model.config)
+    return KVCache.zeros(model.config, batch, length, dtype=model.dtype, sharding=sharding)
+
+
+def cache_sharding(spec, batch: int, length: int, config) -> NamedSharding:
+    """The `NamedSharding` of a `[L, B, S, K, H]` cache under the model's logical rules."""
+    shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
+    return NamedSharding(spec.mesh, logical_to_spec(CACHE_AXES, spec.rules, mesh=spec.mesh, shape=shape))
 
 
 def _start(model, job: _Job, unroll):
@@ -632,17 +643,19 @@ def lower(model, prompts, max_new_tokens, *, platforms: Sequence[str] | None = N
 
     Inputs are abstract where `generate` would compute them (the cache, the decode state), so
     nothing executes; the per-layer weights of the decode step are made as `generate` makes them.
+    Traced under `platform.lowering_for(platforms[0])`, so attention "auto" picks that platform's backend.
     """
     job = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, logprobs, 0)
     graphdef, params = nnx.split(model)
     cache = jax.eval_shape(lambda: _empty_cache(model, job.prompt_bp.shape[0], job.cache_len))
     prefill_args = (graphdef, params, job.prompt_bp, job.lengths_b, job.active_b, cache, job.seeds_b, job.streams_b,
                     job.knobs, job.stop_ids)  # fmt: skip
-    prefill = _prefill.trace(*prefill_args, n_out=job.n_out, mode=job.mode)
-    state = jax.eval_shape(functools.partial(_prefill, n_out=job.n_out, mode=job.mode), *prefill_args)
     layers = layer_weights(model) if unroll is None else None
-    decode = _decode.trace(graphdef, params, layers, state, np.int32(max_new_tokens), job.knobs, job.stop_ids,
-                           mode=job.mode, unroll=unroll)  # fmt: skip
+    with platform.lowering_for(platforms[0] if platforms else None):  # what attention "auto" selects for
+        prefill = _prefill.trace(*prefill_args, n_out=job.n_out, mode=job.mode)
+        state = jax.eval_shape(functools.partial(_prefill, n_out=job.n_out, mode=job.mode), *prefill_args)
+        decode = _decode.trace(graphdef, params, layers, state, np.int32(max_new_tokens), job.knobs, job.stop_ids,
+                               mode=job.mode, unroll=unroll)  # fmt: skip
     return prefill.lower(lowering_platforms=platforms), decode.lower(lowering_platforms=platforms)
 
 

@@ -340,8 +340,12 @@ class Trainer:
     def lower_step(self, batch: Mapping[str, np.ndarray], *, platforms=None) -> jax.stages.Lowered:
         """The program `train_step(batch)` runs, lowered (not compiled, not run); `platforms`
         ("cuda", "tpu", ...) lowers it for machines other than this one."""
+        from llama_jax import platform
+
         args = (self.params, self.opt_state, self.frozen, self.teacher_params, self._place(batch))
-        return self._step_fn.trace(*args).lower(lowering_platforms=platforms)
+        with platform.lowering_for(platforms[0] if platforms else None):  # what attention "auto" selects for
+            traced = self._step_fn.trace(*args)
+        return traced.lower(lowering_platforms=platforms)
 
     # -- the loop --------------------------------------------------------------------------------------
 
@@ -486,6 +490,7 @@ class TrainJob(TrainConfig):
     teacher_rules: str | None = None  # the teacher's sharding strategy on the mesh (default: `rules`)
     mesh: str | None = None  # e.g. "fsdp=2,tensor=4" (None: one device)
     rules: str = "fsdp_tp"
+    attention: str = "auto"  # attention backend (llama_jax/attention.py)
     fp8_matmul: str = "auto"  # FP8 checkpoints: auto | fp8 | dequant (llama_jax.platform.fp8_matmul)
     workdir: str = "runs/train"  # checkpoints/, metrics.jsonl, model/
     resume: bool = False  # continue from the latest checkpoint in workdir
@@ -506,14 +511,16 @@ def run_job(job: TrainJob) -> Trainer:
     if job.export not in ("orbax", "hf", "none"):
         raise ValueError(f"export: expected orbax, hf or none, got {job.export!r}")
     model, tokenizer = jobs.load_model(job.checkpoint, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh,
-                                       rules=job.rules, fp8_matmul=job.fp8_matmul)  # fmt: skip
+                                       rules=job.rules, attention=job.attention,
+                                       fp8_matmul=job.fp8_matmul)  # fmt: skip
     if job.lora_rank > 0:
         model = lora.add_adapters(model, lora.LoraSpec(rank=job.lora_rank, alpha=job.lora_alpha,
                                                        targets=tuple(job.lora_targets)))  # fmt: skip
     teacher = None
     if job.teacher is not None:
         teacher, _ = jobs.load_model(job.teacher, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh,
-                                     rules=job.teacher_rules or job.rules, fp8_matmul=job.fp8_matmul)  # fmt: skip
+                                     rules=job.teacher_rules or job.rules, attention=job.attention,
+                                     fp8_matmul=job.fp8_matmul)  # fmt: skip
     examples = data.load_examples(job.data, tokenizer=tokenizer, seq_len=job.seq_len, kind=job.data_kind)
     loader = data.Loader(examples, job.batch_size, seed=job.seed)
     trainer = Trainer(model, job.train_config(), teacher=teacher, workdir=job.workdir)

@@ -1,8 +1,9 @@
 """The GPU and TPU programs, proven on this CPU machine: the real prefill, decode loop and training step
 (`sampler.lower`, `Trainer.lower_step`) are lowered for "cuda" and "tpu" and the StableHLO is read.
 
-Shown: bf16 prefill on cuda runs cuDNN's fused attention (forward, and backward in the training step);
-FP8 models in "fp8" mode multiply f8E4M3FN × f8E4M3FN with no upcast of the FP8 weights; no host
+Traced under `platform.lowering_for(<platform>)`, so attention "auto" picks what it picks on that
+machine (`attention.select`). Shown: bf16 prefill on cuda runs cuDNN's fused attention, on tpu the
+splash kernel (a Mosaic `tpu_custom_call`; forward and backward in the training step); FP8 models in "fp8" mode multiply f8E4M3FN × f8E4M3FN with no upcast of the FP8 weights; no host
 callback anywhere in the decode program; the KV cache (prefill) and the decode state that holds it are
 donated, as are the training step's master params and optimizer state.
 
@@ -13,6 +14,8 @@ What lowering here cannot do, exactly:
   jax itself. The `cudnn` fixture stands in version 9.10 for the guard, nothing else.
 - cuDNN attention for "tpu" has no lowering rule (`MLIR translation rule for primitive
   'dot_product_attention_fwd' not found for platform tpu`): TPU programs must not select it.
+- A host callback cannot be lowered for "cuda" here at all (`the platform for the specified backend
+  cpu is different from the lowering platform cuda`); callbacks are looked for in the cpu lowering too.
 - Compiling (`.compile()`) for either platform needs its plugin and hardware, so these tests read
   lowered StableHLO; the compiled GPU program (cuBLAS FP8 GEMMs) is checked by
   `benchmarks/device_check.py` on a GPU.
@@ -28,6 +31,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from llama_jax import platform as platform_module
 from llama_jax import quant, sampler
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama
@@ -50,9 +54,9 @@ def cudnn():
         yield
 
 
-def _model(*, attention_impl=None, fp8_matmul=None) -> Llama:
+def _model(*, attention="auto", fp8_matmul=None) -> Llama:
     fp8 = None if fp8_matmul is None else quant.Fp8Spec(tuple(range(CONFIG.n_layers)), matmul=fp8_matmul)
-    return Llama(CONFIG, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), attention_impl=attention_impl, fp8=fp8)
+    return Llama(CONFIG, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), attention=attention, fp8=fp8)
 
 
 def _custom_calls(text: str) -> set[str]:
@@ -80,32 +84,64 @@ def host_callbacks(text: str) -> list[str]:
     return [line.strip()[:160] for line in text.splitlines() if re.search(pattern, line)]
 
 
-# ---- cuDNN fused attention on cuda -----------------------------------------------------------------------
+# ---- fused attention: cuDNN on cuda, splash on tpu ----------------------------------------------------
+
+
+def _cudnn_calls(text: str) -> set[str]:
+    return {c for c in _custom_calls(text) if c.startswith("__cudnn$fmha")}
+
+
+def _splash_calls(text: str) -> list[str]:
+    """Mosaic kernels: `tpu_custom_call`s (splash is the only Pallas kernel the model can select)."""
+    return re.findall(r"custom_call @tpu_custom_call", text)
 
 
 def test_bf16_prefill_for_cuda_runs_cudnn_fused_attention(cudnn):
-    prefill, _ = sampler.lower(_model(attention_impl="cudnn"), PROMPTS, NEW_TOKENS, platforms=("cuda",))
-    assert "__cudnn$fmhaSoftmax" in _custom_calls(prefill.as_text())
-    # ... and the check can fail: the XLA attention lowers to plain dots.
-    xla, _ = sampler.lower(_model(attention_impl="xla"), PROMPTS, NEW_TOKENS, platforms=("cuda",))
-    assert not any(c.startswith("__cudnn$fmha") for c in _custom_calls(xla.as_text()))
+    model = _model()
+    # The same program traced for this CPU first: the target is in the jit cache key, never mixed up.
+    here, _ = sampler.lower(model, PROMPTS, NEW_TOKENS)
+    prefill, _ = sampler.lower(model, PROMPTS, NEW_TOKENS, platforms=("cuda",))
+    assert _cudnn_calls(here.as_text()) == set()
+    assert _cudnn_calls(prefill.as_text()) == {"__cudnn$fmhaSoftmax"}
+    # ... and the check can fail: the dense backend lowers to plain dots.
+    dense, _ = sampler.lower(_model(attention="dense"), PROMPTS, NEW_TOKENS, platforms=("cuda",))
+    assert _cudnn_calls(dense.as_text()) == set()
 
 
-def test_training_step_for_cuda_runs_cudnn_attention_forward_and_backward_and_donates_its_state(cudnn):
-    trainer = Trainer(_model(attention_impl="cudnn"), TrainConfig(batch_size=2, steps=1, warmup_steps=0))
-    batch = {
-        "tokens": np.ones((2, 128), np.int32),
-        "targets": np.ones((2, 128), np.int32),
-        "loss_mask": np.ones((2, 128), np.float32),
-        "positions": np.tile(np.arange(128, dtype=np.int32), (2, 1)),
-        "segment_ids": np.ones((2, 128), np.int32),
-    }
-    text = trainer.lower_step(batch, platforms=("cuda",)).as_text()
-    calls = _custom_calls(text)
-    assert any(c.startswith("__cudnn$fmha") and "Backward" not in c for c in calls), calls
-    assert any(c.startswith("__cudnn$fmha") and c.endswith("Backward") for c in calls), calls
+def test_bf16_prefill_for_tpu_runs_the_splash_kernel():
+    prefill, _ = sampler.lower(_model(), PROMPTS, NEW_TOKENS, platforms=("tpu",))
+    assert _splash_calls(prefill.as_text())
+    dense, _ = sampler.lower(_model(attention="dense"), PROMPTS, NEW_TOKENS, platforms=("tpu",))
+    assert _splash_calls(dense.as_text()) == []
+
+
+def _train_batch(rows: int = 2, length: int = 128) -> dict[str, np.ndarray]:
+    ones = np.ones((rows, length), np.int32)
+    positions = np.tile(np.arange(length, dtype=np.int32), (rows, 1))
+    return {"tokens": ones, "targets": ones, "loss_mask": ones.astype(np.float32), "positions": positions,
+            "segment_ids": ones}  # fmt: skip
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_the_training_step_lowers_and_donates_its_master_params_and_optimizer_state(platform, cudnn):
+    trainer = Trainer(_model(), TrainConfig(batch_size=2, steps=1, warmup_steps=0))
+    text = trainer.lower_step(_train_batch(), platforms=(platform,)).as_text()
     donated = sum(_donated(attrs) for _, attrs in _main_args(text))
     assert donated == len(jax.tree.leaves(trainer.params)) + len(jax.tree.leaves(trainer.opt_state))
+    if platform == "tpu":  # splash takes packed segment ids natively: its kernel forward and backward
+        assert len(_splash_calls(text)) >= 2
+    else:  # cuDNN is not selected with segment ids (attention.select): packed training rows run without it
+        assert _cudnn_calls(text) == set()
+
+
+def test_an_unpacked_training_step_for_cuda_runs_cudnn_attention_forward_and_backward(cudnn):
+    model = _model(attention="cudnn")
+    loss = lambda m, t: m(t).astype(jnp.float32).mean()  # noqa: E731
+    grad = jax.jit(lambda state, t: jax.grad(lambda s: loss(nnx.merge(graphdef, s), t))(state))
+    graphdef, state = nnx.split(model)
+    with platform_module.lowering_for("cuda"):
+        text = grad.trace(state, np.ones((2, 128), np.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert _cudnn_calls(text) == {"__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"}
 
 
 # ---- FP8 × FP8 matmuls -----------------------------------------------------------------------------------

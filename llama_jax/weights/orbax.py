@@ -103,7 +103,7 @@ class OrbaxCheckpoint:
         return self._ckpt.restore(item, {"value": target})["value"]
 
 
-def load_orbax(path, *, dtype, mesh, rules, attention_impl):
+def load_orbax(path, *, dtype, mesh, rules, attention):
     """Restore a `Llama` from our Orbax format straight onto `mesh` (None: one device)."""
     from flax import nnx
 
@@ -115,7 +115,7 @@ def load_orbax(path, *, dtype, mesh, rules, attention_impl):
     ckpt.check()
     dtype = jnp.dtype(dtype)
     config = ckpt.config
-    abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0), attention_impl=attention_impl))
+    abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0), attention=attention))
     graphdef, state = nnx.split(abstract)
     if mesh is not None and rules is None:
         rules = sharding_rules.DEFAULT_RULES
