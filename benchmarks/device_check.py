@@ -248,10 +248,15 @@ def prefill_mfu(run: Run) -> dict:
     return {"note": "batch 1, generate(max_new_tokens=1): prefill + first token", "rows": rows}
 
 
+def _decode_shape(run: Run) -> tuple[int, int, int]:
+    """(prompt tokens, new tokens, the shorter run's new tokens): both in one output bucket, one program."""
+    return (16, 32, 17) if run.smoke else (128, 128, 65)
+
+
 def _decode_rows(run: Run, model, config) -> list[dict]:
     from llama_jax import sampler
 
-    prompt_len, steps, short = (16, 32, 17) if run.smoke else (128, 128, 65)  # one output bucket: one program
+    prompt_len, steps, short = _decode_shape(run)
     batches = (1,) if run.smoke else (1, 8, 64)
     weight_bytes = _param_bytes(model) - config.vocab_size * config.dim * 2  # the embedding is gathered, not read
     rows = []
@@ -281,9 +286,14 @@ def decode_bf16(run: Run) -> dict:
 
 
 def fp8_gemm_calls(hlo: str) -> list[str]:
-    """Custom calls of a compiled GPU program that run cuBLASLt GEMMs with f8e4m3fn operands."""
-    calls = [line for line in hlo.splitlines() if "custom-call(" in line and "cublas" in line]
-    return [c.strip()[:200] for c in calls if "f8e4m3fn" in c.split("custom-call(")[1]]
+    """GEMMs of a compiled GPU program on f8e4m3fn operands: cuBLASLt custom calls (`__cublas$lt$matmul$f8`)
+    or Triton GEMM fusions, whichever XLA picked."""
+    found = []
+    for line in hlo.splitlines():
+        for op, marker in (("custom-call(", "cublas"), ("fusion(", "triton_gemm")):
+            if op in line and marker in line and "f8e4m3fn" in line.split(op, 1)[1].split(")", 1)[0]:
+                found.append(line.strip()[:200])
+    return found
 
 
 def decode_fp8(run: Run) -> dict:
@@ -292,7 +302,8 @@ def decode_fp8(run: Run) -> dict:
     config = run.config_8b
     model = _random_model(config, fp8_layers=range(1, config.n_layers - 1))
     rows = _decode_rows(run, model, config)
-    _, decode = sampler.lower(model, [[7] * 16], 16)
+    prompt_len, steps, _ = _decode_shape(run)
+    _, decode = sampler.lower(model, [[7] * prompt_len], steps)  # the batch-1 program timed above
     calls = fp8_gemm_calls(decode.compile().as_text())
     quantized = config.n_layers - 2
     bf16 = {r["batch"]: r for r in getattr(run, "decode_bf16_rows", []) if "seconds_per_step" in r}
