@@ -65,13 +65,26 @@ class _Source:
 
         self._release()
         name = layout.source_names(rule, self.config, self.ckpt.fmt)[0 if i is None else i]
-        if self.ckpt.dtype(name) == _np_dtype("float8_e4m3fn"):
-            # FP8 release weights are written dequantized (w · scale, rounded to bf16); `--quantize
-            # fp8` quantizes them again.
-            scale = self.ckpt.read(name[: -len("weight")] + "weight_scale").astype(np.float32)
-            w = (self.ckpt.read(name).astype(np.float32) * scale).astype(_np_dtype("bfloat16"))
-            return rule.to_ours(w, self.config)
-        return source_to_ours(self.ckpt, rule, name)
+        if i in self.fp8_layers and rule.path in _FFN:
+            # FP8 weights are written dequantized (w · scale, rounded to bf16) unless the output is FP8
+            # too (`fp8`); `--quantize fp8` quantizes other sources.
+            q, scale = self.fp8(rule, i)
+            return (q.astype(np.float32) * scale).astype(_np_dtype("bfloat16"))
+        return np.asarray(source_to_ours(self.ckpt, rule, name))
+
+    @property
+    def fp8_layers(self) -> tuple[int, ...]:
+        if self.ckpt.fmt == "orbax" or not getattr(self.ckpt, "quantization", None):
+            return ()
+        return self.ckpt.fp8_layers()
+
+    def fp8(self, rule: layout.Rule, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """An FP8 source's FFN weight `rule` of layer i as stored: (fp8 [in, out] ours, float32 scale [out])."""
+        from llama_jax.loading import source_to_ours
+
+        self._release()
+        name = layout.source_names(rule, self.config, self.ckpt.fmt)[i]
+        return np.asarray(source_to_ours(self.ckpt, rule, name)), self.ckpt.fp8_scale(rule, i)
 
     def _release(self) -> None:
         """Unmap the pages of tensors already written: read-only file pages touched through a memory
