@@ -238,6 +238,18 @@ class MetaCheckpoint:
     def _rank_scale(self, layer: int, w: str, rank: int) -> np.ndarray:
         return self._scales[rank][fp8_scale_key(layer, w, rank)]
 
+    def dequantized_ours(self, rule: layout.Rule, name: str, layer: int) -> np.ndarray:
+        """FP8 FFN weight `name` dequantized exactly, float32 in our layout: each rank's piece times its
+        own scales (the output channel is our last axis for w1, w3 and w2 alike)."""
+        w = rule.path[-1]
+        pieces = [
+            self._piece_ours(rule, name, torch_to_numpy(s[name])).astype(np.float32) * self._rank_scale(layer, w, r)
+            for r, s in enumerate(self._shards)
+        ]
+        return (
+            pieces[0] if self.mp == 1 else np.concatenate(pieces, axis=layout.ours_split_axis(rule, self._axis(name)))
+        )
+
     def fp8_scale(self, rule: layout.Rule, layer: int) -> np.ndarray:
         """float32 [out]: the dequant multiplier of each output channel of FFN weight `rule` in `layer`."""
         w = rule.path[-1]
