@@ -229,6 +229,12 @@ class MetaCheckpoint:
                 w = key.split(".")[1].rsplit("_", 1)[0]
                 if t.numel() != out_local[w] or t.dim() > 2:
                     raise ValueError(f"{f}: scale {key!r} has shape {list(t.shape)}, expected [{out_local[w]}]")
+        for i in (0, self.config.n_layers - 1):  # the loader leaves these bf16: FP8 there has no scale
+            for w in FP8_FFN:
+                name = f"layers.{i}.feed_forward.{w}.weight"
+                if name in self.names() and self.dtype(name) == _FP8:
+                    raise ValueError(f"{self.files[0]}: {name!r} is float8_e4m3fn, but llama-models' FP8 loader "
+                                     f"keeps layers 0 and {self.config.n_layers - 1} unquantized (no scale for it)")  # fmt: skip
         return [{k: t.float().reshape(-1).numpy() for k, t in table.items()} for table in scales]
 
     def fp8_layers(self) -> tuple[int, ...]:
