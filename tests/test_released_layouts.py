@@ -147,12 +147,18 @@ def test_duplicated_kv_heads_are_merged_and_match_transformers(mp_duplicated):
     assert relative_error(model(tokens), hf_logits(hf, tokens)) <= TOLERANCE
 
 
-def test_kv_head_copies_that_differ_fail_loudly(mp_duplicated, tmp_path):
+@pytest.mark.parametrize(
+    "layer, message",
+    [(1, r"'layers\.1\.attention\.wv\.weight' head 2: duplicated KV head copy 1 differs"),
+     (0, r"layer 0's KV heads are duplicated for some heads but not all")],
+    ids=["later-layer", "layer-0"],
+)  # fmt: skip
+def test_kv_head_copies_that_differ_fail_loudly(mp_duplicated, tmp_path, layer, message):
     path, _, _ = mp_duplicated
     for f in path.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
     shard = torch.load(tmp_path / "consolidated.03.pth", weights_only=True)
-    shard["layers.1.attention.wv.weight"][0, 0] += 1.0  # rank 3 holds the 2nd copy of real head 1
+    shard[f"layers.{layer}.attention.wv.weight"][0, 0] += 1.0  # rank 3 holds the 2nd copy of real head 1
     torch.save(shard, tmp_path / "consolidated.03.pth")
-    with pytest.raises(ValueError, match=r"'layers\.1\.attention\.wv\.weight' head 2: duplicated KV head copy 1"):
+    with pytest.raises(ValueError, match=message):
         llama_jax.load(tmp_path)

@@ -151,6 +151,11 @@ class MetaCheckpoint:
                 continue
             if all((h.reshape(-1, r, h.shape[1]) == h[::r][:, None]).all() for h in heads):
                 return r
+        if raw.n_kv_heads % 2 == 0 and any((h[0::2] == h[1::2]).all(axis=1).any() for h in heads):
+            raise ValueError(
+                f"{self.path}: layer 0's KV heads are duplicated for some heads but not all (wk/wv of "
+                f"{', '.join(str(f.name) for f in self.files)}): the copies of a repeated head must be identical"
+            )
         return 1
 
     # ---- shapes and reads ----------------------------------------------------------------------
