@@ -16,6 +16,9 @@ from typing import Any
 
 # Llama 3.x vocabulary: 128,000 BPE ranks + 256 special tokens.
 LLAMA3_VOCAB_SIZE = 128_256
+# Llama 2 (llama-2 `ModelArgs` defaults and its paper): θ 10,000 and a 4,096-token context.
+LLAMA2_ROPE_THETA = 10_000.0
+LLAMA2_CONTEXT = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +62,7 @@ class LlamaConfig:
                 raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (GQA groups)"
-            )
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (GQA groups)")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if isinstance(self.rope_scaling, Mapping):
@@ -92,7 +93,14 @@ class LlamaConfig:
     def from_meta_params(
         cls, params: Mapping[str, Any], *, source: str = "params.json", **overrides: Any
     ) -> LlamaConfig:
-        """From Meta's `params.json` (the keys of `llama_models.llama3.args.ModelArgs`)."""
+        """From Meta's `params.json` (the keys of `llama_models.llama3.args.ModelArgs`).
+
+        Llama 1/2 files say `"vocab_size": -1` (the tokenizer decides) and carry no `rope_theta`:
+        they get θ = 10,000, a 4,096-token context and no rope scaling, and their vocabulary must be
+        given (`vocab_size=` override; the Meta reader passes the embedding's row count). Keys that
+        contradict that reading (Llama 3.1 rope scaling beside a Llama 2 vocabulary marker) are an
+        error naming the file and the key, never a guess.
+        """
         known = {
             "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
             "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len",
@@ -103,6 +111,12 @@ class LlamaConfig:
         }  # fmt: skip
         _reject_unknown(params, known, source)
         _require(params, ("dim", "n_layers", "n_heads"), source)
+        llama2 = is_llama2_params(params, source)
+        if llama2 and "vocab_size" not in overrides:
+            raise ValueError(
+                f"{source}: 'vocab_size' is -1 (Llama 1/2: the vocabulary comes from the tokenizer); load the "
+                f"checkpoint directory (its embedding gives the size) or pass vocab_size="
+            )
         n_heads = params["n_heads"]
         scaled = params.get("use_scaled_rope", False)
         fields: dict[str, Any] = dict(
@@ -111,13 +125,11 @@ class LlamaConfig:
             n_layers=params["n_layers"],
             n_heads=n_heads,
             n_kv_heads=params.get("n_kv_heads") or n_heads,
-            ffn_dim=ffn_hidden_dim(
-                params["dim"], params.get("ffn_dim_multiplier"), params.get("multiple_of", 256)
-            ),
+            ffn_dim=ffn_hidden_dim(params["dim"], params.get("ffn_dim_multiplier"), params.get("multiple_of", 256)),
             norm_eps=params.get("norm_eps", 1e-5),
-            rope_theta=params.get("rope_theta", 500_000.0),
+            rope_theta=params.get("rope_theta", LLAMA2_ROPE_THETA if llama2 else 500_000.0),
             rope_scaling=RopeScaling(factor=params.get("rope_scaling_factor", 8.0)) if scaled else None,
-            max_seq_len=params.get("max_seq_len", 131_072 if scaled else 8192),
+            max_seq_len=params.get("max_seq_len", LLAMA2_CONTEXT if llama2 else 131_072 if scaled else 8192),
             tie_embeddings=params.get("tie_embeddings", False),
         )
         fields.update(overrides)
@@ -211,6 +223,27 @@ def ffn_hidden_dim(dim: int, ffn_dim_multiplier: float | None, multiple_of: int)
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def is_llama2_params(params: Mapping[str, Any], source: str = "params.json") -> bool:
+    """A Llama 1/2 `params.json`: `vocab_size` -1 (a Llama 3 file states 128,256). Raises on contradictions."""
+    vocab = params.get("vocab_size")
+    if vocab is None and "rope_theta" not in params:
+        raise ValueError(
+            f"{source}: neither 'vocab_size' nor 'rope_theta' is given: cannot tell Llama 2 (vocab_size -1, "
+            f"θ 10,000) from Llama 3 (vocab_size 128256, θ 500,000); add 'vocab_size'"
+        )
+    if vocab is not None and (not isinstance(vocab, int) or isinstance(vocab, bool) or (vocab <= 0 and vocab != -1)):
+        raise ValueError(f"{source}: 'vocab_size' = {vocab!r}; expected a positive integer, or -1 (Llama 1/2)")
+    if vocab != -1:
+        return False
+    for key in ("use_scaled_rope", "rope_scaling_factor"):
+        if params.get(key):
+            raise ValueError(
+                f"{source}: 'vocab_size' -1 marks a Llama 1/2 params.json, but {key!r} = {params[key]!r} is Llama "
+                f"3.1 rope scaling; ambiguous: give the real 'vocab_size' or drop {key!r}"
+            )
+    return True
 
 
 def load_config_file(path: str | pathlib.Path) -> Any:

@@ -25,7 +25,10 @@ import numpy as np
 
 from llama_jax.config import LlamaConfig
 from llama_jax.weights import layout
+from llama_jax.weights.meta_writer import meta_params, write_meta
 from llama_jax.weights.safetensors_io import write_safetensors
+
+__all__ = ["FORMATS", "convert", "fp8_quantization_config", "meta_params", "parse_size", "save"]
 
 FORMATS = ("hf", "orbax", "meta")
 # Files beside an HF checkpoint's weights that a converted HF directory should keep.
@@ -65,13 +68,31 @@ class _Source:
 
         self._release()
         name = layout.source_names(rule, self.config, self.ckpt.fmt)[0 if i is None else i]
-        if self.ckpt.dtype(name) == _np_dtype("float8_e4m3fn"):
-            # FP8 release weights are written dequantized (w · scale, rounded to bf16); `--quantize
-            # fp8` quantizes them again.
-            scale = self.ckpt.read(name[: -len("weight")] + "weight_scale").astype(np.float32)
-            w = (self.ckpt.read(name).astype(np.float32) * scale).astype(_np_dtype("bfloat16"))
-            return rule.to_ours(w, self.config)
-        return source_to_ours(self.ckpt, rule, name)
+        if i in self.fp8_layers and rule.path in _FFN:
+            # FP8 weights are written dequantized (w · scale, rounded to bf16) unless the output is FP8
+            # too (`fp8`); `--quantize fp8` quantizes other sources.
+            dequantized = getattr(self.ckpt, "dequantized_ours", None)  # Meta: each rank with its own scales
+            if dequantized is not None:
+                w = dequantized(rule, name, i)
+            else:
+                q, scale = self.fp8(rule, i)
+                w = q.astype(np.float32) * scale
+            return w.astype(_np_dtype("bfloat16"))
+        return np.asarray(source_to_ours(self.ckpt, rule, name))
+
+    @property
+    def fp8_layers(self) -> tuple[int, ...]:
+        if self.ckpt.fmt == "orbax" or not getattr(self.ckpt, "quantization", None):
+            return ()
+        return self.ckpt.fp8_layers()
+
+    def fp8(self, rule: layout.Rule, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """An FP8 source's FFN weight `rule` of layer i as stored: (fp8 [in, out] ours, float32 scale [out])."""
+        from llama_jax.loading import source_to_ours
+
+        self._release()
+        name = layout.source_names(rule, self.config, self.ckpt.fmt)[i]
+        return np.asarray(source_to_ours(self.ckpt, rule, name)), self.ckpt.fp8_scale(rule, i)
 
     def _release(self) -> None:
         """Unmap the pages of tensors already written: read-only file pages touched through a memory
@@ -138,6 +159,11 @@ def _hf_tensors(src: _Source, dtype, quantize: str | None, bar) -> list[tuple[st
 
             def weight():
                 # weight and weight_scale come from one quantization; the scale, written next, reuses it.
+                # An FP8 source's weight and scale are kept as stored.
+                if i in src.fp8_layers:
+                    q, scale = src.fp8(rule, i)
+                    memo["scale"] = scale.reshape(-1, 1).astype(np.float32)
+                    return rule.to_source(q, config)
                 q, memo["scale"] = quant.quantize_rowwise_np(hf_layout())
                 return q
 
@@ -234,57 +260,6 @@ def _write_orbax(src: _Source, out: pathlib.Path, dtype, bar) -> None:
     writer.finish()
 
 
-def _write_meta(src: _Source, out: pathlib.Path, dtype, bar) -> None:
-    """MP=1 `consolidated.00.pth` + `params.json` (torch.save holds the whole state dict)."""
-    import torch
-
-    config = src.config
-    state = {}
-    for rule in layout.rules_for(config):
-        tensor_dtype = np.dtype(dtype) if dtype is not None else src.dtype(rule)
-        for i in range(config.n_layers) if rule.per_layer else [None]:
-            w = rule.to_source(src.read(rule, i), config)
-            if rule.rotary_heads is not None:
-                w = layout.hf_to_meta_rows(w, rule.rotary_heads(config))
-            w = np.ascontiguousarray(w, dtype=tensor_dtype)
-            name = rule.meta if i is None else rule.meta.format(i=i)
-            if tensor_dtype.name == "bfloat16":
-                state[name] = torch.from_numpy(w.view(np.int16).copy()).view(torch.bfloat16)
-            else:
-                state[name] = torch.from_numpy(w if w.flags.writeable else w.copy())  # mmap views are read-only
-            bar()
-    torch.save(state, out / "consolidated.00.pth")
-    (out / "params.json").write_text(json.dumps(meta_params(config), indent=2))
-
-
-def meta_params(config: LlamaConfig) -> dict:
-    """Meta's `params.json` for `config`; the FFN width is given the way Meta derives it."""
-    from llama_jax.config import ffn_hidden_dim
-
-    if config.head_dim != config.dim // config.n_heads:
-        raise ValueError(f"Meta's params.json cannot express head_dim={config.head_dim} != dim // n_heads")
-    rope = config.rope_scaling
-    if rope is not None and (rope.low_freq_factor, rope.high_freq_factor, rope.original_max_position_embeddings) != (
-        1.0,
-        4.0,
-        8192,
-    ):
-        raise ValueError("Meta's params.json can only express llama3 rope scaling with Meta's constants")
-    hidden = int(2 * (4 * config.dim) / 3)
-    candidates = [(m, mult) for m in (1024, 256, 4096) for mult in (None, 1.3, 1.5, 1.2, 1.0)]
-    candidates.append((config.ffn_dim, config.ffn_dim / hidden))  # always exact: rounds up to ffn_dim
-    multiple_of, multiplier = next((m, x) for m, x in candidates if ffn_hidden_dim(config.dim, x, m) == config.ffn_dim)
-    params = {
-        "dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
-        "vocab_size": config.vocab_size, "multiple_of": multiple_of, "ffn_dim_multiplier": multiplier,
-        "norm_eps": config.norm_eps, "rope_theta": config.rope_theta, "use_scaled_rope": rope is not None,
-        "max_seq_len": config.max_seq_len, "tie_embeddings": config.tie_embeddings,
-    }  # fmt: skip
-    if rope is not None:
-        params["rope_scaling_factor"] = rope.factor
-    return params
-
-
 # ---- atomic output ---------------------------------------------------------------------------------
 
 
@@ -322,16 +297,19 @@ def convert(
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     progress: bool = True,
+    mp: int = 1,
 ) -> pathlib.Path:
     """Convert checkpoint `src` (HF, Meta or our Orbax dir) into `dst` in format `to`. Returns `dst`.
 
     dtype: None keeps every tensor's stored dtype (bit-exact); "bfloat16"/"float32" casts.
-    quantize: "fp8" writes the FFN of layers 1..L-2 as rowwise FP8 (HF fbgemm_fp8 layout; to="hf" only).
+    quantize: "fp8" writes the FFN of layers 1..L-2 as rowwise FP8: HF's fbgemm_fp8 layout (to="hf") or Meta's
+      `fp8_scales_{rank}.pt` layout (to="meta"). An FP8 source keeps its FP8 values and scales.
+    mp: model-parallel ranks for to="meta" (`consolidated.00.pth` ... split as fairscale splits them).
     """
     src = pathlib.Path(src).absolute()
     if pathlib.Path(dst).absolute() == src:
         raise ValueError("source and destination are the same directory")
-    options = dict(to=to, dtype=dtype, quantize=quantize, max_shard_size=max_shard_size, overwrite=overwrite)
+    options = dict(to=to, dtype=dtype, quantize=quantize, max_shard_size=max_shard_size, overwrite=overwrite, mp=mp)
     _check(dst, **options)
     source = _Source(src)  # checks the whole source before anything is written
     return _write(source, dst, **options, progress=progress)
@@ -360,6 +338,8 @@ class _ModelSource:
     class _NoFiles:
         fmt = "model"
 
+    fp8_layers = ()  # models with FP8 weights are refused below
+
     def __init__(self, model):
         if getattr(model, "lora", None) is not None:
             raise ValueError("the model has LoRA adapters: merge them first (llama_jax.lora.merge(model))")
@@ -383,14 +363,16 @@ class _ModelSource:
         return np.asarray(jax.device_get(value if i is None else value[i]))
 
 
-def _check(dst, *, to: str, dtype=None, quantize=None, overwrite: bool = False, max_shard_size="5GB") -> None:
+def _check(dst, *, to: str, dtype=None, quantize=None, overwrite: bool = False, max_shard_size="5GB", mp=1) -> None:
     """Refuse bad options and a non-empty destination before anything is read or written."""
     if to not in FORMATS:
         raise ValueError(f"--to {to!r}: expected one of {FORMATS}")
     if quantize not in (None, "fp8"):
         raise ValueError(f"--quantize {quantize!r}: only 'fp8' is supported")
-    if quantize and to != "hf":
-        raise ValueError("--quantize fp8 writes the Hugging Face fbgemm_fp8 layout; use --to hf")
+    if quantize and to == "orbax":
+        raise ValueError("--quantize fp8 writes the HF fbgemm_fp8 or Meta fp8_scales layout; use --to hf or --to meta")
+    if not isinstance(mp, int) or mp < 1 or (mp > 1 and to != "meta"):
+        raise ValueError(f"--mp {mp!r}: a positive model-parallel count, for --to meta only")
     if dtype is not None and dtype not in ("bfloat16", "float32"):
         raise ValueError(f"--dtype {dtype!r}: expected bfloat16 or float32")
     parse_size(max_shard_size)
@@ -400,7 +382,7 @@ def _check(dst, *, to: str, dtype=None, quantize=None, overwrite: bool = False, 
 
 
 def _write(source, dst, *, to, dtype=None, quantize=None, max_shard_size="5GB", overwrite=False, progress=True,
-           side_files=None):  # fmt: skip
+           side_files=None, mp=1):  # fmt: skip
     """Write every tensor of `source` (and copy `side_files`: name → path or None) into a temporary
     sibling of `dst`, then rename it into place."""
     from tqdm import tqdm
@@ -422,7 +404,7 @@ def _write(source, dst, *, to, dtype=None, quantize=None, max_shard_size="5GB", 
             elif to == "orbax":
                 _write_orbax(source, tmp, dtype, bar)
             else:
-                _write_meta(source, tmp, dtype, bar)
+                write_meta(source, tmp, dtype, quantize, mp, bar)
         for name, path in (side_files or {}).items():
             if path is not None:
                 shutil.copyfile(path, tmp / name)
@@ -449,7 +431,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                         help="cast every tensor (default: keep the stored dtype, bit-exact)")  # fmt: skip
     parser.add_argument("--quantize", choices=("fp8",), default=None,
-                        help="rowwise FP8 FFN weights of layers 1..L-2 (HF fbgemm_fp8 layout)")  # fmt: skip
+                        help="rowwise FP8 FFN weights of layers 1..L-2 (HF fbgemm_fp8 or Meta fp8_scales layout)")  # fmt: skip
+    parser.add_argument("--mp", type=int, default=1, help="model-parallel shards for --to meta (default 1)")
     parser.add_argument("--max-shard-size", default="5GB", help="HF shard size (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -466,7 +449,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         out = convert(
             args.src, args.dst, to=args.to, dtype=args.dtype, quantize=args.quantize,
-            max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.no_progress,
+            max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.no_progress, mp=args.mp,
         )  # fmt: skip
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"convert: error: {e}", file=sys.stderr)

@@ -147,9 +147,8 @@ def _place_fp8_ffn(ckpt, rule, fp8, flat, dtype, mesh, rules) -> None:
         (lambda n=n: source_to_ours(ckpt, rule, n)) if i in quantized else (lambda: np.zeros(layer_shape, quant.FP8))
         for i, n in enumerate(names)
     ], quant.FP8)  # fmt: skip
-    scale_name = rule.hf[: -len("weight")] + "weight_scale"
     put(rule.path[:-1] + (w + "_scale",), [
-        (lambda i=i: ckpt.read(scale_name.format(i=i)).reshape(out_dim)) if i in quantized
+        (lambda i=i: ckpt.fp8_scale(rule, i).reshape(out_dim)) if i in quantized
         else (lambda: np.ones((out_dim,), np.float32))
         for i in range(config.n_layers)
     ], jnp.float32)  # fmt: skip
@@ -159,11 +158,12 @@ def _place_fp8_ffn(ckpt, rule, fp8, flat, dtype, mesh, rules) -> None:
 
 
 def source_to_ours(ckpt: Checkpoint, rule: layout.Rule, name: str) -> np.ndarray:
-    """One source tensor in our layout, as a view where the transform allows."""
-    array = ckpt.read(name)
-    if ckpt.fmt == "meta" and rule.rotary_heads is not None:
-        array = layout.meta_to_hf_rows(array, rule.rotary_heads(ckpt.config))
-    return rule.to_ours(array, ckpt.config)
+    """One source tensor in our layout, as a view (or a lazy merge of Meta's per-rank pieces) that a
+    device slices without the whole tensor being read."""
+    read_ours = getattr(ckpt, "read_ours", None)  # Meta: per-rank pieces moved into our layout, joined lazily
+    if read_ours is not None:
+        return read_ours(rule, name)
+    return rule.to_ours(ckpt.read(name), ckpt.config)
 
 
 def target_sharding(

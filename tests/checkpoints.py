@@ -82,11 +82,19 @@ META_PARAMS = dict(
 _SPLIT = {"wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1, "tok_embeddings": 0, "output": 0}
 
 
-def meta_state_dict(params: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights in Meta's layout, rounded to bf16 (as Meta ships them) and held in fp32."""
+# A Llama 2 params.json exactly as Meta ships them (Llama-2-7b: dim, multiple_of, n_heads, n_layers,
+# norm_eps, vocab_size -1; no n_kv_heads, no rope_theta), at a tiny size.
+LLAMA2_PARAMS = dict(dim=64, multiple_of=32, n_heads=8, n_layers=2, norm_eps=1e-05, vocab_size=-1)
+LLAMA2_VOCAB = 320
+
+
+def meta_state_dict(params: dict, seed: int = 0, *, vocab_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Random weights in Meta's layout, rounded to bf16 (as Meta ships them) and held in fp32.
+
+    `vocab_size`: for Llama 2 params (`vocab_size: -1`), the tokenizer's vocabulary."""
     from llama_jax.config import LlamaConfig
 
-    c = LlamaConfig.from_meta_params(params)
+    c = LlamaConfig.from_meta_params(params, **({"vocab_size": vocab_size} if vocab_size else {}))
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=0.05):
@@ -110,13 +118,18 @@ def meta_state_dict(params: dict, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def write_meta_checkpoint(directory: pathlib.Path, params: dict, state_dict: dict, *, mp: int = 1) -> None:
-    """`params.json` + `consolidated.00.pth` ... split over `mp` ranks, stored as bf16."""
+    """`params.json` + `consolidated.00.pth` ... split over `mp` ranks, stored as bf16.
+
+    Llama 2 (`vocab_size: -1`) split its embedding with fairscale's `ParallelEmbedding`, along the
+    model dimension (transformers' convert_llama_weights_to_hf.py: `concat_dim = 0 if is_llama_3 else 1`).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "params.json").write_text(json.dumps(params))
+    split = dict(_SPLIT, tok_embeddings=1) if params.get("vocab_size") == -1 else _SPLIT
     for rank in range(mp):
         shard = {}
         for name, t in state_dict.items():
-            axis = _SPLIT.get(name.split(".")[-2])
+            axis = split.get(name.split(".")[-2])
             shard[name] = t if axis is None else torch.chunk(t, mp, dim=axis)[rank].clone()
             shard[name] = shard[name].bfloat16()
         torch.save(shard, directory / f"consolidated.{rank:02d}.pth")

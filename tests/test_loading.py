@@ -136,7 +136,25 @@ def test_meta_pth_is_loaded_with_weights_only(meta_mp2, tmp_path, monkeypatch):
     """A .pth whose pickle runs code is refused, and the code never runs."""
     monkeypatch.chdir(tmp_path)
     path = copy(meta_mp2, tmp_path)
-    torch.save({"tok_embeddings.weight": torch.zeros(2), "x": _Exploit()}, path / "consolidated.00.pth", pickle_module=pickle)
+    torch.save(
+        {"tok_embeddings.weight": torch.zeros(2), "x": _Exploit()}, path / "consolidated.00.pth", pickle_module=pickle
+    )
     with pytest.raises(ValueError, match=r"consolidated\.00\.pth: cannot read"):
         llama_jax.load(path)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_meta_mp8_onto_8_devices_holds_about_one_slice_on_the_host(tmp_path):
+    """Each device reads only its slice from the rank holding it: the host's peak (numpy buffers,
+    traced in a fresh process) stays near one device slice, never one merged tensor
+    (benchmarks/meta_load_memory.py; before, merging every tensor peaked at 2x the largest one)."""
+    from benchmarks import meta_load_memory as bench
+    from llama_jax.config import LlamaConfig
+
+    params = bench.PARAMS
+    checkpoints.write_meta_checkpoint(tmp_path, params, checkpoints.meta_state_dict(params), mp=bench.MP)
+    c = LlamaConfig.from_meta_params(params)
+    largest = c.vocab_size * c.dim * 2  # the embedding, bfloat16
+    result = bench.measure(tmp_path, "slices")
+    assert result["embedding_slice_shape"] == [c.vocab_size // 8, c.dim]
+    assert result["peak_host_bytes"] <= 1.5 * largest / bench.MP  # measured 0.68 of one slice

@@ -66,10 +66,13 @@ _FP8_PATHS = {("layers", "feed_forward", w) for w in ("w1", "w3", "w2")}
 
 
 def _check_fp8(ckpt: Checkpoint, rule: layout.Rule, name: str, want, expected: set[str]) -> list[str]:
-    """An FP8 weight (HF fbgemm_fp8): an FFN weight, with a float32 `weight_scale` [out, 1] beside it."""
-    if ckpt.fmt != "hf" or rule.path not in _FP8_PATHS or not getattr(ckpt, "quantization", None):
-        return [f"tensor {name!r} in {ckpt.where(name)} is float8_e4m3fn; only the FFN weights of an HF "
-                f"checkpoint with quantization_config 'fbgemm_fp8' may be FP8"]  # fmt: skip
+    """An FP8 weight: an FFN weight of a quantized checkpoint. HF (fbgemm_fp8) stores a float32
+    `weight_scale` [out, 1] beside it; Meta's reader checks its `fp8_scales_{rank}.pt` itself."""
+    if rule.path not in _FP8_PATHS or not getattr(ckpt, "quantization", None):
+        return [f"tensor {name!r} in {ckpt.where(name)} is float8_e4m3fn; only the FFN weights of a quantized "
+                f"checkpoint (HF quantization_config 'fbgemm_fp8', Meta fp8_scales_N.pt) may be FP8"]  # fmt: skip
+    if ckpt.fmt != "hf":
+        return []
     scale = name[: -len("weight")] + "weight_scale"
     expected.add(scale)
     if scale not in ckpt.names():

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pathlib
+import re
 
 import numpy as np
 
 from llama_jax.config import LlamaConfig, read_json
+from llama_jax.weights import layout
 from llama_jax.weights.safetensors_io import DTYPES, SafetensorsFile
 
 INDEX = "model.safetensors.index.json"
@@ -32,6 +34,7 @@ class HFCheckpoint:
             )
         # FP8 405B release: rowwise float8_e4m3fn weights with a float32 `weight_scale` [out, 1].
         self.quantization: dict | None = quantization or None
+        self._fp8_layers: tuple[int, ...] | None = None
         self._files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, str] = {}  # tensor name -> file name
         if (self.path / INDEX).exists():
@@ -40,9 +43,7 @@ class HFCheckpoint:
                 raise ValueError(f"{self.path / INDEX}: no 'weight_map'")
             missing = sorted({f for f in index["weight_map"].values() if not (self.path / f).is_file()})
             if missing:
-                raise FileNotFoundError(
-                    f"{self.path}: shard file(s) {missing} named in {INDEX} do not exist"
-                )
+                raise FileNotFoundError(f"{self.path}: shard file(s) {missing} named in {INDEX} do not exist")
             for name, file in index["weight_map"].items():
                 if name not in self._file(file).names():
                     raise ValueError(f"{self.path / file}: tensor {name!r} listed in {INDEX} is not in the file")
@@ -77,13 +78,60 @@ class HFCheckpoint:
 
     def fp8_layers(self) -> tuple[int, ...]:
         """Layers whose FFN weights are stored float8_e4m3fn (empty for an unquantized checkpoint)."""
+        if self._fp8_layers is None:
+            self._fp8_layers = self._fp8_layers_from_config() if self.quantization else ()
+        return self._fp8_layers
+
+    def fp8_scale(self, rule: layout.Rule, layer: int) -> np.ndarray:
+        """float32 [out]: the `weight_scale` (dequant multiplier per output row) of FFN weight `rule`."""
+        name = rule.hf.format(i=layer)[: -len("weight")] + "weight_scale"
+        return np.asarray(self.read(name), np.float32).reshape(-1)
+
+    def _fp8_layers_from_config(self) -> tuple[int, ...]:
+        """`quantization_config.modules_to_not_convert` checked against the stored dtypes.
+
+        transformers turns every `nn.Linear` not matched by the list into an `FbgemmFp8Linear`
+        (`replace_with_fbgemm_fp8_linear`); with no list, everything but `lm_head` is converted. So a
+        linear module is FP8 exactly when the list does not name it, and the stored dtypes must say
+        the same. Only FFN weights may be FP8 (as in the 405B release): the model keeps attention
+        and the head unquantized.
+        """
+        skip = self.quantization.get("modules_to_not_convert")
+        skip = ["lm_head"] if skip is None else list(skip)
+        where = f"{self.path / 'config.json'}: quantization_config.modules_to_not_convert"
         fp8 = np.dtype(DTYPES["F8_E4M3"])
-        layers = []
+        modules = [("lm_head", None)] if not self.config.tie_embeddings else []
         for i in range(self.config.n_layers):
-            names = [f"model.layers.{i}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
-            stored = [n in self._where and self.dtype(n) == fp8 for n in names]
-            if any(stored) and not all(stored):
-                raise ValueError(f"{self.path}: layer {i} has FP8 for only some of its FFN weights {names}")
-            if all(stored):
+            modules += [(f"model.layers.{i}.self_attn.{p}_proj", i) for p in "qkvo"]
+            modules += [(f"model.layers.{i}.mlp.{p}_proj", i) for p in ("gate", "up", "down")]
+        layers, problems = [], []
+        for module, i in modules:
+            name = module + ".weight"
+            if name not in self._where:
+                continue  # reported by `checkpoint.check`
+            converted, stored = not skipped_module(module, skip), self.dtype(name) == fp8
+            if converted != stored:
+                says = "does not list" if converted else "lists"
+                problems.append(f"{where} {says} {module!r}, but {name!r} in {self.where(name)} is {self.dtype(name)}")
+            elif stored and ".mlp." not in module:
+                problems.append(f"{where} leaves {module!r} to be FP8: only FFN weights may be FP8 (the release "
+                                f"keeps attention and lm_head bf16); add it to the list")  # fmt: skip
+            elif stored and module.endswith("gate_proj"):
                 layers.append(i)
+        for i in range(self.config.n_layers):
+            stored = [self.dtype(n) == fp8 for p in ("gate", "up", "down")
+                      if (n := f"model.layers.{i}.mlp.{p}_proj.weight") in self._where]  # fmt: skip
+            if any(stored) and not all(stored):
+                problems.append(f"layer {i} has FP8 for only some of its FFN weights")
+        if problems:
+            raise ValueError(
+                f"{self.path}: FP8 checkpoint inconsistent with its config:\n  - " + "\n  - ".join(problems)
+            )
         return tuple(layers)
+
+
+def skipped_module(module: str, patterns: list[str]) -> bool:
+    """transformers' `should_convert_module` (quantizers/quantizers_utils.py), negated: a pattern
+    matches from the start up to a module boundary, as a regex with that boundary, or as a suffix."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return any(re.match(rf"(?:{key}){boundary}", module) or module.endswith(key) for key in patterns)

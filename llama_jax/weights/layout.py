@@ -14,6 +14,7 @@ tok_embeddings [V, D], output [D, V]; per-layer parameters stacked as [L, ...].
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -104,7 +105,8 @@ RULES: tuple[Rule, ...] = (
 RULES_BY_PATH: dict[Path, Rule] = {r.path: r for r in RULES}
 
 # Meta model-parallel shards: the axis each tensor is split along (fairscale Column/RowParallel,
-# VocabParallelEmbedding for Llama 3); None means replicated. Keyed by the Meta name's last parts.
+# VocabParallelEmbedding for Llama 3; Llama 1/2's ParallelEmbedding splits axis 1, see
+# weights/meta.py); None means replicated. Keyed by the Meta name's last parts.
 META_SPLIT_AXIS: dict[str, int | None] = {
     "tok_embeddings.weight": 0,
     "attention.wq.weight": 0,
@@ -126,6 +128,26 @@ def meta_split_axis(meta_name: str) -> int | None:
         if meta_name == suffix or meta_name.endswith("." + suffix):
             return axis
     raise KeyError(meta_name)
+
+
+def ours_split_axis(rule: Rule, source_axis: int) -> int:
+    """Where a Meta rank's split lands in our layout. Identity rules (the embedding) keep the axis;
+    every other rule puts the source's input dimension first: a split of the output rows (wq/wk/wv,
+    w1/w3, output) becomes axis 1 ([D, n, H], [D, F], [D, V]), a split of the input columns (wo, w2)
+    axis 0 ([N, H, D], [F, D])."""
+    if rule.to_ours is _identity:
+        return source_axis
+    return 1 if source_axis == 0 else 0
+
+
+def rule_for_source(name: str, fmt: str) -> Rule:
+    """The rule whose source tensor (per-layer template or not) is `name` in format `fmt`."""
+    for rule in RULES:
+        template = rule.hf if fmt == "hf" else rule.meta
+        pattern = template.replace(".", r"\.").replace("{i}", r"\d+")
+        if re.fullmatch(pattern, name):
+            return rule
+    raise KeyError(f"{name!r} is no {fmt} tensor of a Llama model")
 
 
 def rules_for(config: LlamaConfig) -> tuple[Rule, ...]:

@@ -1,9 +1,24 @@
-"""Meta checkpoints: `params.json` + `consolidated.00.pth` ... `consolidated.NN.pth`.
+"""Meta checkpoints: `params.json` + `consolidated.00.pth` ... `consolidated.NN.pth` (+ `fp8_scales_N.pt`).
 
-Each shard is one model-parallel rank. Tensors are split along the axis fairscale's layer split
-them (`layout.META_SPLIT_AXIS`) and merged here one tensor at a time. Files are opened with
-`torch.load(weights_only=True, mmap=True)`: no code in an untrusted file runs, and a tensor's bytes
-are only read when that tensor is merged. torch is needed for this format only.
+Each shard is one model-parallel rank, split along the axis fairscale's layer split it
+(`layout.META_SPLIT_AXIS`; Llama 1/2's `ParallelEmbedding` splits the embedding along the model
+dimension, Llama 3's `VocabParallelEmbedding` along the vocabulary). Every rank's piece is moved
+into our layout on its own (fairscale splits whole heads, so the q/k row permutation works per
+piece) and the pieces are joined lazily (`lazy.Concat`): a device reads only the slice it keeps,
+from the shard(s) that hold it. Files are opened with `torch.load(weights_only=True, mmap=True)`:
+no code in an untrusted file runs, and bytes are read only when sliced.
+
+Released variants handled here (REFERENCE.md 1.1, 2.4, 3.2):
+- Llama 2: `vocab_size: -1`, no `rope_theta` (see `LlamaConfig.from_meta_params`); the vocabulary
+  is the embedding's row count.
+- 405B bf16 MP16: `n_kv_heads: 16`, each real KV head stored twice consecutively so every rank
+  holds one (llama-models `checkpoint.reshard_mp`, `repeat_qk_qv`). Detected from layer 0 and
+  merged back to the real heads; every read checks the copies are identical.
+- FP8 405B: FFN weights of layers 1..L-2 in float8_e4m3fn, with `fp8_scales_{rank}.pt` holding
+  `"{layer}_feed_forward.{w1|w3|w2}_{rank}"` rowwise scales (llama-models
+  `llama3/quantization/loader.py`). Loaded into the HF release's representation: one float32
+  scale per output channel. w2 is split along its input, so each rank scaled a channel on its own
+  slice; those channels are re-expressed under the largest rank scale (`lazy.Rescaled`).
 """
 
 from __future__ import annotations
@@ -14,10 +29,13 @@ import re
 import ml_dtypes
 import numpy as np
 
-from llama_jax.config import LlamaConfig, read_json
+from llama_jax.config import LlamaConfig, is_llama2_params, read_json
 from llama_jax.weights import layout
+from llama_jax.weights.lazy import Concat, Identical, Rescaled
 
 _SHARD = re.compile(r"consolidated\.(\d+)\.pth$")
+_FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+FP8_FFN = ("w1", "w3", "w2")
 
 
 def is_meta_checkpoint(path: pathlib.Path) -> bool:
@@ -30,9 +48,7 @@ def shard_files(path: pathlib.Path) -> list[pathlib.Path]:
     ranks = [r for r, _ in found]
     if ranks != list(range(len(ranks))):
         missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
-        raise FileNotFoundError(
-            f"{path}: missing shard(s) " + ", ".join(f"consolidated.{r:02d}.pth" for r in missing)
-        )
+        raise FileNotFoundError(f"{path}: missing shard(s) " + ", ".join(f"consolidated.{r:02d}.pth" for r in missing))
     return [p for _, p in found]
 
 
@@ -47,28 +63,54 @@ def torch_to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
+def fp8_scale_key(layer: int, w: str, rank: int) -> str:
+    return f"{layer}_feed_forward.{w}_{rank}"
+
+
+def _torch_load(file: pathlib.Path, *, mmap: bool = True):
+    import torch
+
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise ValueError(f"{file}: cannot read as a torch checkpoint ({type(e).__name__}: {e})") from e
+
+
 class MetaCheckpoint:
     fmt = "meta"
 
     def __init__(self, path: str | pathlib.Path):
         try:
-            import torch
+            import torch  # noqa: F401
         except ImportError as e:  # pragma: no cover - torch is installed wherever tests run
             raise ImportError("reading Meta .pth checkpoints needs torch: pip install torch") from e
         self.path = pathlib.Path(path)
-        self.config = LlamaConfig.from_meta_params(read_json(self.path / "params.json"), source=str(self.path / "params.json"))
+        params_file = self.path / "params.json"
+        params = read_json(params_file)
         self.files = shard_files(self.path)
-        self._shards = []
-        for f in self.files:
-            try:
-                self._shards.append(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
-            except Exception as e:
-                raise ValueError(f"{f}: cannot read as a torch checkpoint ({type(e).__name__}: {e})") from e
+        self._shards = [_torch_load(f) for f in self.files]
         first = set(self._shards[0])
         for f, shard in zip(self.files[1:], self._shards[1:], strict=True):
             if set(shard) != first:
                 diff = sorted(set(shard) ^ first)[:5]
                 raise ValueError(f"{f}: holds different tensor names than {self.files[0].name} (e.g. {diff})")
+        self.llama2 = is_llama2_params(params, str(params_file))
+        overrides = {}
+        if self.llama2:
+            if "tok_embeddings.weight" not in first:
+                raise ValueError(f"{self.files[0]}: no 'tok_embeddings.weight' to take the vocabulary size from")
+            overrides["vocab_size"] = int(self._shards[0]["tok_embeddings.weight"].shape[0])
+        raw = LlamaConfig.from_meta_params(params, source=str(params_file), **overrides)
+        if raw.n_heads % self.mp or raw.n_kv_heads % self.mp:
+            raise ValueError(
+                f"{params_file}: n_heads={raw.n_heads} and n_kv_heads={raw.n_kv_heads} must be multiples of the "
+                f"{self.mp} model-parallel shards"
+            )
+        self._shard_config = raw.replace(n_heads=raw.n_heads // self.mp, n_kv_heads=raw.n_kv_heads // self.mp)
+        self.kv_repeat = self._kv_repeat(raw)
+        self.config = raw.replace(n_kv_heads=raw.n_kv_heads // self.kv_repeat)
+        self._scales = self._read_fp8_scales()
+        self.quantization = {"activation_scale_ub": 1200.0} if self._scales else None
 
     @property
     def mp(self) -> int:
@@ -81,24 +123,153 @@ class MetaCheckpoint:
         return str(self.files[0]) if self.mp == 1 else f"{self.path}/consolidated.*.pth"
 
     def _axis(self, name: str) -> int | None:
+        """The source-layout axis the ranks split `name` along (None: replicated or unknown)."""
+        if self.llama2 and name == "tok_embeddings.weight":
+            return 1  # fairscale ParallelEmbedding (Llama 1/2) splits the model dimension
         try:
             return layout.meta_split_axis(name)
         except KeyError:
             return None
+
+    def _kv_repeat(self, raw: LlamaConfig) -> int:
+        """How many consecutive copies of each KV head the shards hold (2 for the 405B MP16 release).
+
+        Read off layer 0's wk and wv: the largest r whose every group of r consecutive heads is
+        identical (and still divides the query heads). 1 for every checkpoint with real KV heads.
+        """
+        names = ("layers.0.attention.wk.weight", "layers.0.attention.wv.weight")
+        if raw.n_kv_heads == 1 or not set(names) <= self.names():
+            return 1
+        heads = [
+            np.concatenate([torch_to_numpy(s[n]) for s in self._shards], axis=0).reshape(raw.n_kv_heads, -1)
+            for n in names
+        ]
+        if heads[0].shape[1] != raw.head_dim * raw.dim:
+            return 1  # wrong shape: `check` reports it
+        for r in range(raw.n_kv_heads, 1, -1):
+            if raw.n_kv_heads % r or raw.n_heads % (raw.n_kv_heads // r):
+                continue
+            if all((h.reshape(-1, r, h.shape[1]) == h[::r][:, None]).all() for h in heads):
+                return r
+        if raw.n_kv_heads % 2 == 0 and any((h[0::2] == h[1::2]).all(axis=1).any() for h in heads):
+            raise ValueError(
+                f"{self.path}: layer 0's KV heads are duplicated for some heads but not all (wk/wv of "
+                f"{', '.join(str(f.name) for f in self.files)}): the copies of a repeated head must be identical"
+            )
+        return 1
+
+    # ---- shapes and reads ----------------------------------------------------------------------
 
     def shape(self, name: str) -> tuple[int, ...]:
         shape = list(self._shards[0][name].shape)
         axis = self._axis(name)
         if axis is not None and self.mp > 1:
             shape[axis] = sum(s[name].shape[axis] for s in self._shards)
+        if self.kv_repeat > 1 and name.endswith(("attention.wk.weight", "attention.wv.weight")):
+            shape[0] //= self.kv_repeat
         return tuple(shape)
 
     def dtype(self, name: str) -> np.dtype:
         return torch_to_numpy(self._shards[0][name][:0]).dtype
 
     def read(self, name: str) -> np.ndarray:
-        parts = [torch_to_numpy(s[name]) for s in self._shards]
+        """The whole tensor in Meta's source layout (merged, KV heads de-duplicated)."""
+        rule = layout.rule_for_source(name, "meta")
+        w = rule.to_source(np.asarray(self.read_ours(rule, name)), self.config)
+        if rule.rotary_heads is not None:
+            w = layout.hf_to_meta_rows(w, rule.rotary_heads(self.config))
+        return w
+
+    def read_ours(self, rule: layout.Rule, name: str):
+        """`name` in our layout, lazily: a view (one shard) or a `Concat` of per-rank pieces."""
+        pieces = [self._piece_ours(rule, name, torch_to_numpy(s[name])) for s in self._shards]
         axis = self._axis(name)
-        if axis is None or self.mp == 1:
-            return parts[0]
-        return np.concatenate(parts, axis=axis)
+        if axis is None or self.mp == 1 and self.kv_repeat == 1:
+            return pieces[0]
+        ours_axis = layout.ours_split_axis(rule, axis)
+        if rule.path[-1] in ("wk", "wv") and self.kv_repeat > 1:
+            heads = [p[:, j : j + 1] for p in pieces for j in range(p.shape[1])]
+            r = self.kv_repeat
+            pieces = [
+                Identical(heads[g : g + r], f"{self.where(name)}: {name!r} head {g}") for g in range(0, len(heads), r)
+            ]
+        layer = _layer_of(name)
+        if layer in self.fp8_layers() and rule.path[-1] == "w2" and self.mp > 1:
+            scales = np.stack([self._rank_scale(layer, "w2", r) for r in range(self.mp)])
+            top = scales.max(axis=0)
+            pieces = [
+                p if (s == top).all() else Rescaled(p, s / top, axis=1) for p, s in zip(pieces, scales, strict=True)
+            ]
+        return pieces[0] if len(pieces) == 1 else Concat(pieces, ours_axis)
+
+    def _piece_ours(self, rule: layout.Rule, name: str, piece: np.ndarray) -> np.ndarray:
+        config = self.config if self._axis(name) is None else self._shard_config
+        if self.llama2 and name == "tok_embeddings.weight":
+            config = self.config  # split along the model dimension: the transform (identity) needs no heads
+        if rule.rotary_heads is not None:
+            piece = layout.meta_to_hf_rows(piece, rule.rotary_heads(config))
+        return rule.to_ours(piece, config)
+
+    # ---- FP8 (Meta's fp8_scales_{rank}.pt) -----------------------------------------------------
+
+    def _read_fp8_scales(self) -> list[dict] | None:
+        files = [self.path / f"fp8_scales_{r}.pt" for r in range(self.mp)]
+        present = [f.is_file() for f in files]
+        if not any(present):
+            return None
+        if not all(present):
+            raise FileNotFoundError(f"{self.path}: FP8 scales missing for rank(s): " + ", ".join(
+                f.name for f, p in zip(files, present, strict=True) if not p))  # fmt: skip
+        scales = [_torch_load(f, mmap=False) for f in files]
+        # llama-models' loader quantizes every FFN but the first and last layer's.
+        layers = range(1, self.config.n_layers - 1)
+        out_local = {"w1": self.config.ffn_dim // self.mp, "w3": self.config.ffn_dim // self.mp, "w2": self.config.dim}
+        for rank, (f, table) in enumerate(zip(files, scales, strict=True)):
+            want = {fp8_scale_key(i, w, rank) for i in layers for w in FP8_FFN}
+            missing, extra = sorted(want - set(table)), sorted(set(table) - want)
+            if missing or extra:
+                raise ValueError(f"{f}: scale keys do not match layers 1..{self.config.n_layers - 2} of rank {rank}: "
+                                 f"missing {missing[:4]}, unexpected {extra[:4]}")  # fmt: skip
+            for key, t in table.items():
+                w = key.split(".")[1].rsplit("_", 1)[0]
+                if t.numel() != out_local[w] or t.dim() > 2:
+                    raise ValueError(f"{f}: scale {key!r} has shape {list(t.shape)}, expected [{out_local[w]}]")
+        for i in (0, self.config.n_layers - 1):  # the loader leaves these bf16: FP8 there has no scale
+            for w in FP8_FFN:
+                name = f"layers.{i}.feed_forward.{w}.weight"
+                if name in self.names() and self.dtype(name) == _FP8:
+                    raise ValueError(f"{self.files[0]}: {name!r} is float8_e4m3fn, but llama-models' FP8 loader "
+                                     f"keeps layers 0 and {self.config.n_layers - 1} unquantized (no scale for it)")  # fmt: skip
+        return [{k: t.float().reshape(-1).numpy() for k, t in table.items()} for table in scales]
+
+    def fp8_layers(self) -> tuple[int, ...]:
+        """Layers whose FFN weights are FP8 (empty without fp8_scales files)."""
+        return tuple(range(1, self.config.n_layers - 1)) if self._scales else ()
+
+    def _rank_scale(self, layer: int, w: str, rank: int) -> np.ndarray:
+        return self._scales[rank][fp8_scale_key(layer, w, rank)]
+
+    def dequantized_ours(self, rule: layout.Rule, name: str, layer: int) -> np.ndarray:
+        """FP8 FFN weight `name` dequantized exactly, float32 in our layout: each rank's piece times its
+        own scales (the output channel is our last axis for w1, w3 and w2 alike)."""
+        w = rule.path[-1]
+        pieces = [
+            self._piece_ours(rule, name, torch_to_numpy(s[name])).astype(np.float32) * self._rank_scale(layer, w, r)
+            for r, s in enumerate(self._shards)
+        ]
+        return (
+            pieces[0] if self.mp == 1 else np.concatenate(pieces, axis=layout.ours_split_axis(rule, self._axis(name)))
+        )
+
+    def fp8_scale(self, rule: layout.Rule, layer: int) -> np.ndarray:
+        """float32 [out]: the dequant multiplier of each output channel of FFN weight `rule` in `layer`."""
+        w = rule.path[-1]
+        per_rank = [self._rank_scale(layer, w, r) for r in range(self.mp)]
+        if w == "w2":  # every rank scaled all D output channels over its own F/mp inputs: the largest covers all
+            return np.max(np.stack(per_rank), axis=0)
+        return np.concatenate(per_rank)
+
+
+def _layer_of(name: str) -> int | None:
+    m = re.match(r"layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None

@@ -129,7 +129,11 @@ def write_safetensors(
         if dtype not in DTYPE_NAMES:
             raise ValueError(f"{path}: cannot store tensor {name!r} of dtype {dtype}")
         nbytes = int(np.prod(arr.shape, dtype=np.int64)) * dtype.itemsize
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # align the data section to 8 bytes, as the reference writer does

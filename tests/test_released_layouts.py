@@ -1,0 +1,164 @@
+"""Meta's released layouts beyond Llama 3's own: Llama 2 params.json and shards, the 405B MP16 release's
+duplicated KV heads. Each is checked against code nobody here wrote: Meta's `Transformer` and
+transformers' `LlamaForCausalLM` on the HF conversion of the same weights (fp32, bound 1e-4)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import llama_jax
+from llama_jax.config import LlamaConfig
+from tests import checkpoints
+from tests.test_parity import TOLERANCE, hf_logits, relative_error
+
+LLAMA2_ROPE = {"rope_type": "default", "rope_theta": 10_000.0}
+TOKENS = np.random.RandomState(1).randint(0, checkpoints.LLAMA2_VOCAB, size=(2, 20))
+
+
+def permute(w: torch.Tensor, n_heads: int, dim1: int, dim2: int) -> torch.Tensor:
+    """transformers' `convert_llama_weights_to_hf.py` (src/transformers/models/llama/, not in the wheel):
+    `w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)`, "permute for
+    sliced rotary", applied to wq with n_heads and to wk with n_kv_heads and dim1 = n_kv_heads · head_dim."""
+    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def transformers_model(state: dict, *, vocab: int, dim: int, n_layers: int, n_heads: int, n_kv_heads: int,
+                       ffn_dim: int, rope: dict, max_positions: int):  # fmt: skip
+    """`LlamaForCausalLM` holding Meta-layout `state`, converted as the transformers script converts it."""
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
+
+    config = HFConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=ffn_dim, num_hidden_layers=n_layers,
+                      num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, rms_norm_eps=1e-5,
+                      max_position_embeddings=max_positions,
+                      rope_parameters=dict(rope))  # fmt: skip
+    head_dim = dim // n_heads
+    hf = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
+          "lm_head.weight": state["output.weight"]}  # fmt: skip
+    for i in range(n_layers):
+        m, h = f"layers.{i}.", f"model.layers.{i}."
+        hf[h + "self_attn.q_proj.weight"] = permute(state[m + "attention.wq.weight"], n_heads, dim, dim)
+        hf[h + "self_attn.k_proj.weight"] = permute(
+            state[m + "attention.wk.weight"], n_kv_heads, n_kv_heads * head_dim, dim
+        )
+        hf[h + "self_attn.v_proj.weight"] = state[m + "attention.wv.weight"]
+        hf[h + "self_attn.o_proj.weight"] = state[m + "attention.wo.weight"]
+        for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+            hf[h + f"mlp.{theirs}.weight"] = state[m + f"feed_forward.{ours}.weight"]
+        hf[h + "input_layernorm.weight"] = state[m + "attention_norm.weight"]
+        hf[h + "post_attention_layernorm.weight"] = state[m + "ffn_norm.weight"]
+    model = LlamaForCausalLM(config).eval()
+    model.load_state_dict(hf, strict=True)
+    return model
+
+
+# ---- Llama 2 ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama2_state():
+    return checkpoints.meta_state_dict(checkpoints.LLAMA2_PARAMS, vocab_size=checkpoints.LLAMA2_VOCAB)
+
+
+def test_llama2_params_json_reads_as_llama2(tmp_path, llama2_state):
+    checkpoints.write_meta_checkpoint(tmp_path, checkpoints.LLAMA2_PARAMS, llama2_state, mp=2)
+    config = llama_jax.open_checkpoint(tmp_path).config
+    # vocabulary from the embedding (the tokenizer's size), Llama 2's θ and context, no llama3 scaling, MHA
+    assert config.vocab_size == checkpoints.LLAMA2_VOCAB
+    assert (config.rope_theta, config.max_seq_len, config.rope_scaling) == (10_000.0, 4096, None)
+    assert config.n_kv_heads == config.n_heads == 8
+
+
+@pytest.mark.parametrize("mp", [1, 2])
+def test_llama2_logits_match_meta_transformer_and_transformers(tmp_path, llama2_state, mp):
+    """Shards split as Llama 2's fairscale layers split them (embedding along the model dim)."""
+    params, vocab = checkpoints.LLAMA2_PARAMS, checkpoints.LLAMA2_VOCAB
+    checkpoints.write_meta_checkpoint(tmp_path, params, llama2_state, mp=mp)
+    if mp == 2:
+        shard = torch.load(tmp_path / "consolidated.01.pth", weights_only=True)
+        assert shard["tok_embeddings.weight"].shape == (vocab, 32)  # ParallelEmbedding: [V, D / mp]
+    got = np.asarray(llama_jax.load(tmp_path, dtype="float32")(TOKENS))
+
+    # Meta's Transformer, run with Llama 2's hyper-parameters (θ 10,000, no rope scaling, MHA)
+    llama2_args = dict(params, vocab_size=vocab, rope_theta=10_000.0, use_scaled_rope=False)
+    meta = checkpoints.meta_reference_model(llama2_args, llama2_state)
+    assert relative_error(got, meta(torch.tensor(TOKENS), 0).float().numpy()) <= TOLERANCE
+
+    c = LlamaConfig.from_meta_params(params, vocab_size=vocab)
+    hf = transformers_model(llama2_state, vocab=vocab, dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads,
+                            n_kv_heads=c.n_heads, ffn_dim=c.ffn_dim, rope=LLAMA2_ROPE, max_positions=4096)  # fmt: skip
+    assert relative_error(got, hf_logits(hf, TOKENS)) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "params, key",
+    [
+        ({"dim": 64, "n_layers": 2, "n_heads": 8, "vocab_size": -1, "use_scaled_rope": True}, "'use_scaled_rope'"),
+        ({"dim": 64, "n_layers": 2, "n_heads": 8, "vocab_size": -1, "rope_scaling_factor": 8}, "'rope_scaling_factor'"),
+        ({"dim": 64, "n_layers": 2, "n_heads": 8}, "'vocab_size'"),
+        ({"dim": 64, "n_layers": 2, "n_heads": 8, "vocab_size": 0}, "'vocab_size' = 0"),
+    ],
+    ids=["llama2-vocab-with-scaled-rope", "llama2-vocab-with-factor", "neither-vocab-nor-theta", "zero-vocab"],
+)
+def test_ambiguous_params_json_is_an_error_naming_file_and_key(tmp_path, llama2_state, params, key):
+    checkpoints.write_meta_checkpoint(tmp_path, checkpoints.LLAMA2_PARAMS, llama2_state)
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'params.json'}: .*{key}"):
+        llama_jax.load(tmp_path)
+
+
+# ---- 405B MP16: duplicated KV heads ----------------------------------------------------------------
+
+GQA = dict(checkpoints.META_PARAMS, rope_theta=500_000.0)
+
+
+def duplicate_kv_heads(state: dict, n_kv_heads: int, head_dim: int) -> dict:
+    """What llama-models' `checkpoint.reshard_mp` writes when MP exceeds the KV heads: each head
+    repeated consecutively (`repeat_qk_qv`), kv'[2j] = kv'[2j+1] = kv[j] (REFERENCE.md 1.1)."""
+    out = dict(state)
+    for name, w in state.items():
+        if name.endswith(("attention.wk.weight", "attention.wv.weight")):
+            out[name] = w.view(n_kv_heads, 1, head_dim, -1).expand(-1, 2, -1, -1).reshape(2 * n_kv_heads * head_dim, -1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mp_duplicated(tmp_path_factory):
+    """GQA 8:2 weights written like the MP16 release: n_kv_heads doubled to 4, 4 ranks of one KV head."""
+    state = checkpoints.meta_state_dict(GQA)
+    path = tmp_path_factory.mktemp("mp_dup")
+    c = LlamaConfig.from_meta_params(GQA)
+    checkpoints.write_meta_checkpoint(path, dict(GQA, n_kv_heads=4), duplicate_kv_heads(state, 2, c.head_dim), mp=4)
+    return path, state, c
+
+
+def test_duplicated_kv_heads_are_merged_and_match_transformers(mp_duplicated):
+    path, state, c = mp_duplicated
+    assert json.loads((path / "params.json").read_text())["n_kv_heads"] == 4
+    model = llama_jax.load(path, dtype="float32")
+    assert model.config.n_kv_heads == 2 and model.layers.attention.wk[...].shape == (2, 64, 2, 8)
+    hf = transformers_model(state, vocab=c.vocab_size, dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads,
+                            n_kv_heads=2, ffn_dim=c.ffn_dim, rope=checkpoints.LLAMA3_ROPE, max_positions=131072)  # fmt: skip
+    tokens = TOKENS % c.vocab_size
+    assert relative_error(model(tokens), hf_logits(hf, tokens)) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "layer, message",
+    [(1, r"'layers\.1\.attention\.wv\.weight' head 2: duplicated KV head copy 1 differs"),
+     (0, r"layer 0's KV heads are duplicated for some heads but not all")],
+    ids=["later-layer", "layer-0"],
+)  # fmt: skip
+def test_kv_head_copies_that_differ_fail_loudly(mp_duplicated, tmp_path, layer, message):
+    path, _, _ = mp_duplicated
+    for f in path.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    shard = torch.load(tmp_path / "consolidated.03.pth", weights_only=True)
+    shard[f"layers.{layer}.attention.wv.weight"][0, 0] += 1.0  # rank 3 holds the 2nd copy of real head 1
+    torch.save(shard, tmp_path / "consolidated.03.pth")
+    with pytest.raises(ValueError, match=message):
+        llama_jax.load(tmp_path)
