@@ -297,7 +297,9 @@ class Trainer:
         elif reference_state is not None:
             ref_logps = dpo.pair_logps(nnx.merge(self._teacher_graphdef, reference_state), micro)
         else:
-            raise ValueError("DPO needs reference log-probs: batches with ref_logps, or Trainer(..., teacher=reference)")
+            raise ValueError(
+                "DPO needs reference log-probs: batches with ref_logps, or Trainer(..., teacher=reference)"
+            )
         lengths = jnp.sum(micro["loss_mask"], axis=-1)
         per_pair, metrics = dpo.dpo_loss(logps, jax.lax.stop_gradient(ref_logps), lengths, beta=config.dpo_beta,
                                          loss=config.dpo_loss, label_smoothing=config.dpo_label_smoothing)  # fmt: skip
@@ -587,7 +589,9 @@ def _preference_data(job: TrainJob, model: Llama, tokenizer, reference: Llama | 
     from llama_jax import dpo, jobs
 
     if job.data_kind not in ("auto", "pairs"):
-        raise ValueError(f"objective=dpo reads preference pairs: data_kind must be auto or pairs, got {job.data_kind!r}")
+        raise ValueError(
+            f"objective=dpo reads preference pairs: data_kind must be auto or pairs, got {job.data_kind!r}"
+        )
     if job.dpo_reference not in ("precompute", "online"):
         raise ValueError(f"dpo_reference: expected precompute or online, got {job.dpo_reference!r}")
     pairs = dpo.load_pairs(job.data, tokenizer, job.seq_len)
