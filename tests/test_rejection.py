@@ -35,7 +35,9 @@ def write_prompts(path, model, tokenizer, n=6):
     prompts = [f"Story {i}: once upon a time" for i in range(n)]
     greedy = llama_jax.generate(model, [tokenizer.encode(p, bos=True, eos=False) for p in prompts],
                                 max_new_tokens=1, stop_tokens=[])  # fmt: skip
-    records = [{"id": i, "prompt": p, "prefer": out.tokens[0]} for i, (p, out) in enumerate(zip(prompts, greedy))]
+    records = [
+        {"id": i, "prompt": p, "prefer": out.tokens[0]} for i, (p, out) in enumerate(zip(prompts, greedy, strict=True))
+    ]
     records.append({"id": "chat", "messages": [{"role": "user", "content": "Hi"}], "prefer": -1})
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return records
@@ -105,7 +107,11 @@ def test_killed_with_sigkill_and_restarted_the_output_is_byte_identical(policy, 
     proc = subprocess.Popen(command(tmp_path, prompts), cwd=ROOT, env=env, stderr=subprocess.PIPE)
     samples = tmp_path / "best.jsonl.samples.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and (not samples.exists() or samples.read_bytes().count(b"\n") < 8):
+    while (
+        time.time() < deadline
+        and proc.poll() is None
+        and (not samples.exists() or samples.read_bytes().count(b"\n") < 8)
+    ):
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()  # still running: the kill lands mid-job
     proc.send_signal(signal.SIGKILL)
