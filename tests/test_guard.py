@@ -189,3 +189,20 @@ def test_the_cli_prints_a_verdict_or_says_why_not():
     done = subprocess.run([sys.executable, "-m", "llama_jax", "guard", "--message", "Hi", "--response", "Hello"],
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 2 and "not a Llama Guard reply" in done.stderr  # the embedded model is random
+
+
+@pytest.mark.parametrize(
+    "name, layers, ffn, billions", [("llama_guard3_8b", 32, 14336, 8.03), ("llama_guard3_1b", 16, 8192, 1.24)]
+)
+def test_the_guard_configs_have_the_published_shapes(name, layers, ffn, billions):
+    import jax
+    from flax import nnx
+
+    from llama_jax.config import LlamaConfig, load_config_file
+    from llama_jax.model import Llama
+
+    config = LlamaConfig.from_meta_params(load_config_file(f"configs/{name}.py").model.to_dict())
+    assert (config.n_layers, config.ffn_dim) == (layers, ffn)
+    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract)))
+    assert abs(count / 1e9 - billions) < 0.01
