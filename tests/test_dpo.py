@@ -203,3 +203,11 @@ def test_dpo_on_a_mesh_matches_one_device():
         trainer.fit(data.Loader(with_ref, 8, seed=0), progress=False)
         results.append(jax.tree.map(np.asarray, trainer.params))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *results)
+
+
+def test_the_dpo_config_file_is_a_valid_train_job():
+    from llama_jax import jobs
+    from llama_jax.config import load_config_file
+
+    job = jobs.config_from_mapping(TrainJob, load_config_file("configs/dpo.py").to_dict(), source="configs/dpo.py")
+    assert (job.objective, job.dpo_beta, job.dpo_reference) == ("dpo", 0.1, "precompute")

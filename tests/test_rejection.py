@@ -122,3 +122,17 @@ def test_killed_with_sigkill_and_restarted_the_output_is_byte_identical(policy, 
     assert json.loads(done.stdout)["batch"]["skipped"] >= 8  # the samples drawn before the kill were kept
     assert (tmp_path / "best.jsonl").read_bytes() == (uninterrupted / "best.jsonl").read_bytes()
     assert samples.read_bytes() == (uninterrupted / "best.jsonl.samples.jsonl").read_bytes()
+
+
+def test_the_config_file_sets_the_job_and_bad_settings_are_named(tmp_path):
+    from llama_jax import jobs
+    from llama_jax.cli import build_parser
+
+    args = build_parser().parse_args(["rejection", "--config", os.path.join(ROOT, "configs", "rejection.py"),
+                                      "--n", "3", "--config.output_kind=best"])  # fmt: skip
+    job = jobs.config_from_args(rejection.RejectionConfig, args)
+    assert (job.n, job.output_kind, job.scorer) == (3, "best", "my_rewards:score")
+    with pytest.raises(ValueError, match="scorer: expected 'module:function'"):
+        rejection.load_scorer("no_colon")
+    with pytest.raises(ValueError, match="exactly one of scorer"):
+        rejection.run(None, None, tmp_path / "in.jsonl", tmp_path / "out.jsonl")
