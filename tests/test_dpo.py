@@ -193,12 +193,12 @@ def test_dpo_on_a_mesh_matches_one_device():
     from sharding.placement import shard_model
 
     pairs = synthetic_preferences(n=8)
+    with_ref = pairs.with_reference(dpo.reference_logps(Llama(TINY, dtype=jnp.float32, rngs=nnx.Rngs(0)), pairs))
     results = []
     for mesh in (None, make_mesh("fsdp=2,tensor=4")):
         model = Llama(TINY, dtype=jnp.float32, rngs=nnx.Rngs(0))
         if mesh is not None:
             shard_model(model, mesh, "fsdp_tp")
-        with_ref = pairs.with_reference(dpo.reference_logps(model, pairs))
         trainer = Trainer(model, TrainConfig(steps=2, batch_size=8, objective="dpo", learning_rate=1e-3))
         trainer.fit(data.Loader(with_ref, 8, seed=0), progress=False)
         results.append(jax.tree.map(np.asarray, trainer.params))
