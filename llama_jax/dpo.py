@@ -37,8 +37,8 @@ from llama_jax.chat import ChatFormat
 from llama_jax.data import numbered_records
 from llama_jax.tokenizer import Tokenizer
 
-__all__ = ["LOSSES", "PairExamples", "dpo_loss", "load_pairs", "pair_examples", "pairs_from_ids",
-           "reference_logps", "sequence_logps"]  # fmt: skip
+__all__ = ["LOSSES", "PairExamples", "dpo_loss", "job_pairs", "load_pairs", "loss_sums", "pair_examples",
+           "pair_logps", "pairs_from_ids", "reference_logps", "sequence_logps"]  # fmt: skip
 
 LOSSES = ("sigmoid", "robust", "ipo")
 _ARRAYS = {"tokens": np.int32, "targets": np.int32, "loss_mask": np.float32, "positions": np.int32,
@@ -238,6 +238,30 @@ def dpo_loss(
     return per_pair, metrics
 
 
+def loss_sums(model, reference, micro, *, beta, loss, label_smoothing, remat=False) -> tuple[jax.Array, dict]:
+    """(Σ per-pair loss, metric Σs) of a micro-batch of pairs: the trainer's `objective="dpo"` step.
+
+    The reference log-probs are the batch's `ref_logps` (precomputed) or `reference`'s (online, no
+    gradient). Rows with no trained token (padding of a partial batch) count for nothing.
+    """
+    logps = pair_logps(model, micro, remat=remat)
+    if "ref_logps" in micro:
+        ref_logps = micro["ref_logps"]
+    elif reference is not None:
+        ref_logps = pair_logps(reference, micro)
+    else:
+        raise ValueError("DPO needs reference log-probs: batches with ref_logps, or Trainer(..., teacher=reference)")
+    lengths = jnp.sum(micro["loss_mask"], axis=-1)
+    per_pair, metrics = dpo_loss(logps, jax.lax.stop_gradient(ref_logps), lengths, beta=beta, loss=loss,
+                                 label_smoothing=label_smoothing)  # fmt: skip
+    real = (lengths[:, 0] > 0).astype(jnp.float32)
+    sums = {name: jnp.sum(value * real) for name, value in metrics.items()}
+    sums.update(pairs=jnp.sum(real), trained_tokens=jnp.sum(micro["loss_mask"]),
+                tokens=jnp.sum(micro["segment_ids"] > 0).astype(jnp.float32))  # fmt: skip
+    sums["dpo"] = jnp.sum(per_pair * real)
+    return sums["dpo"], sums
+
+
 def reference_logps(model, pairs: PairExamples, *, batch_size: int = 8) -> np.ndarray:
     """The reference pass: `model`'s sequence log-probs of every pair, [N, 2] float32, computed once.
 
@@ -261,3 +285,35 @@ def reference_logps(model, pairs: PairExamples, *, batch_size: int = 8) -> np.nd
             batch[k][: stop - start] = v[start:stop]
         out[start:stop] = np.asarray(run(state, batch))[: stop - start]
     return out
+
+
+def job_pairs(job, model, tokenizer, reference=None) -> tuple[PairExamples, Any]:
+    """The `train` job's preference data: (pairs, online reference model or None).
+
+    `dpo_reference="online"`: the reference is `reference` (the job's `teacher`), else the checkpoint
+    loaded again (the initial policy; fresh LoRA adapters change nothing). `"precompute"`: one pass of
+    that model over the pairs, cached as `workdir/reference_logps.npy` (written atomically) for resumes.
+    """
+    from llama_jax import jobs
+
+    if job.data_kind not in ("auto", "pairs"):
+        raise ValueError(
+            f"objective=dpo reads preference pairs: data_kind must be auto or pairs, got {job.data_kind!r}"
+        )
+    if job.dpo_reference not in ("precompute", "online"):
+        raise ValueError(f"dpo_reference: expected precompute or online, got {job.dpo_reference!r}")
+    pairs = load_pairs(job.data, tokenizer, job.seq_len)
+    if job.dpo_reference == "online":
+        if reference is None:
+            reference, _ = jobs.load_model(job.checkpoint, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh,
+                                           rules=job.rules)  # fmt: skip
+        return pairs, reference
+    cache = pathlib.Path(job.workdir) / "reference_logps.npy"
+    ref_logps = np.load(cache) if job.resume and cache.is_file() else None
+    if ref_logps is None or ref_logps.shape != (len(pairs), 2):
+        ref_logps = reference_logps(reference if reference is not None else model, pairs)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with open(cache.with_suffix(".tmp"), "wb") as f:
+            np.save(f, ref_logps)
+        cache.with_suffix(".tmp").replace(cache)
+    return pairs.with_reference(ref_logps), None

@@ -266,7 +266,11 @@ class Trainer:
         model = nnx.merge(self._graphdef, self._model_params(master), frozen)
         model.sharding = self._sharding
         if config.objective == "dpo":
-            return self._dpo_sums(model, teacher_state, micro)
+            from llama_jax import dpo
+
+            reference = None if teacher_state is None else nnx.merge(self._teacher_graphdef, teacher_state)
+            return dpo.loss_sums(model, reference, micro, beta=config.dpo_beta, loss=config.dpo_loss,
+                                 label_smoothing=config.dpo_label_smoothing, remat=config.remat)  # fmt: skip
         logits, _ = model.forward(micro["tokens"], micro["positions"], segment_ids=micro["segment_ids"],
                                   remat=config.remat)  # fmt: skip
         mask = micro["loss_mask"]
@@ -286,30 +290,6 @@ class Trainer:
             return ce, sums
         sums["kl"] = kl
         return (1 - config.distill_weight) * ce + config.distill_weight * kl, sums
-
-    def _dpo_sums(self, model, reference_state, micro) -> tuple[jax.Array, dict]:
-        from llama_jax import dpo
-
-        config = self.config
-        logps = dpo.pair_logps(model, micro, remat=config.remat)
-        if "ref_logps" in micro:
-            ref_logps = micro["ref_logps"]
-        elif reference_state is not None:
-            ref_logps = dpo.pair_logps(nnx.merge(self._teacher_graphdef, reference_state), micro)
-        else:
-            raise ValueError(
-                "DPO needs reference log-probs: batches with ref_logps, or Trainer(..., teacher=reference)"
-            )
-        lengths = jnp.sum(micro["loss_mask"], axis=-1)
-        per_pair, metrics = dpo.dpo_loss(logps, jax.lax.stop_gradient(ref_logps), lengths, beta=config.dpo_beta,
-                                         loss=config.dpo_loss, label_smoothing=config.dpo_label_smoothing)  # fmt: skip
-        real = (lengths[:, 0] > 0).astype(jnp.float32)  # padding rows of a partial batch count for nothing
-        sums = {name: jnp.sum(value * real) for name, value in metrics.items()}
-        sums.update(pairs=jnp.sum(real), trained_tokens=jnp.sum(micro["loss_mask"]),
-                    tokens=jnp.sum(micro["segment_ids"] > 0).astype(jnp.float32))  # fmt: skip
-        loss = jnp.sum(per_pair * real)
-        sums["dpo"] = loss
-        return loss, sums
 
     def _train_step(self, master, opt_state, frozen, teacher_state, batch):
         accum = self.config.grad_accum
@@ -569,7 +549,9 @@ def run_job(job: TrainJob) -> Trainer:
         teacher, _ = jobs.load_model(job.teacher, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh,
                                      rules=job.teacher_rules or job.rules)  # fmt: skip
     if job.objective == "dpo":
-        examples, teacher = _preference_data(job, model, tokenizer, teacher)
+        from llama_jax import dpo
+
+        examples, teacher = dpo.job_pairs(job, model, tokenizer, teacher)
     else:
         examples = data.load_examples(job.data, tokenizer=tokenizer, seq_len=job.seq_len, kind=job.data_kind)
     loader = data.Loader(examples, job.batch_size, seed=job.seed)
@@ -581,34 +563,6 @@ def run_job(job: TrainJob) -> Trainer:
              to=job.export, overwrite=True, progress=job.progress,
              tokenizer=jobs.tokenizer_file(job.checkpoint, job.tokenizer))  # fmt: skip
     return trainer
-
-
-def _preference_data(job: TrainJob, model: Llama, tokenizer, reference: Llama | None):
-    """(pairs, online reference or None): the reference is `teacher`, else the initial model (the checkpoint
-    again; fresh LoRA adapters change nothing). A precomputed pass is cached in the workdir for resumes."""
-    from llama_jax import dpo, jobs
-
-    if job.data_kind not in ("auto", "pairs"):
-        raise ValueError(
-            f"objective=dpo reads preference pairs: data_kind must be auto or pairs, got {job.data_kind!r}"
-        )
-    if job.dpo_reference not in ("precompute", "online"):
-        raise ValueError(f"dpo_reference: expected precompute or online, got {job.dpo_reference!r}")
-    pairs = dpo.load_pairs(job.data, tokenizer, job.seq_len)
-    if job.dpo_reference == "online":
-        if reference is None:
-            reference, _ = jobs.load_model(job.checkpoint, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh,
-                                           rules=job.rules)  # fmt: skip
-        return pairs, reference
-    cache = pathlib.Path(job.workdir) / "reference_logps.npy"
-    ref_logps = np.load(cache) if job.resume and cache.is_file() else None
-    if ref_logps is None or ref_logps.shape != (len(pairs), 2):
-        ref_logps = dpo.reference_logps(reference if reference is not None else model, pairs)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with open(cache.with_suffix(".tmp"), "wb") as f:
-            np.save(f, ref_logps)
-        cache.with_suffix(".tmp").replace(cache)
-    return pairs.with_reference(ref_logps), None
 
 
 _ALIASES = {"data": "--data", "checkpoint": "--checkpoint", "workdir": "--workdir", "steps": "--steps",
