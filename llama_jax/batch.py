@@ -310,30 +310,7 @@ class _Results:
             dst.flush()
             os.fsync(dst.fileno())
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
-
-
-def _fsync_dir(directory: pathlib.Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: pathlib.Path, lines: list[bytes]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(b"".join(lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _json_line(record: dict) -> bytes:
-    return (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        jobs.fsync_dir(self.path.parent)
 
 
 def _result_line(request: _Request, result: sampler.GenerationResult, tokenizer, chat) -> bytes:
@@ -354,7 +331,7 @@ def _result_line(request: _Request, result: sampler.GenerationResult, tokenizer,
         record["sequence"] = [*request.prompt, *tokens, *stop]
         record["completion_start"] = len(request.prompt)
         record["top_logprobs"] = {"ids": [list(r) for r in ids], "logprobs": [list(r) for r in logprobs]}
-    return _json_line(record)
+    return jobs.json_line(record)
 
 
 # ---- the job ----------------------------------------------------------------------------------------------
@@ -473,7 +450,7 @@ def run_batch(
         bar.close()
         results.close()
     errors.sort(key=lambda e: e["line"])
-    _write_atomically(errors_path, [_json_line(e) for e in errors])
+    jobs.write_atomically(errors_path, [jobs.json_line(e) for e in errors])
     results.canonicalize(reader.first_line)
     elapsed = time.perf_counter() - start
     compiles = sampler.trace_counts()

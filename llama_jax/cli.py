@@ -4,7 +4,9 @@
     chat      [--checkpoint DIR] [--system TEXT]   an interactive chat on stdin (/exit or EOF ends it)
     convert   SRC DST [--to hf|meta|orbax]         see `llama_jax/convert.py`
     batch     --input F --output F [--config FILE]  a resumable JSONL job, see `llama_jax/batch.py`
-    train     --config FILE [--data F --resume]     fine-tune / distill, see `llama_jax/train.py`
+    train     --config FILE [--data F --resume]     fine-tune / distill / DPO, see `llama_jax/train.py`
+    rejection --input F --output F --n N --scorer M:F  best-of-n samples or pairs, see `llama_jax/rejection.py`
+    guard     --message TEXT [--response TEXT]       Llama Guard 3 safety classification, see `llama_jax/guard.py`
 
 Each command lives in one `register(subparsers)` function that adds its parser and sets
 `func=<main(args) -> exit code>`; a new command is one more entry in `COMMANDS`.
@@ -231,8 +233,21 @@ def _register_train(subparsers) -> None:
     train.register(subparsers)
 
 
+def _register_rejection(subparsers) -> None:
+    from llama_jax import rejection
+
+    rejection.register(subparsers)
+
+
+def _register_guard(subparsers) -> None:
+    from llama_jax import guard
+
+    guard.register(subparsers)
+
+
 COMMANDS: tuple[Callable[[object], None], ...] = (
-    register_generate, register_chat, _register_convert, _register_batch, _register_train,
+    register_generate, register_chat, _register_convert, _register_batch, _register_train, _register_rejection,
+    _register_guard,
 )  # fmt: skip
 
 

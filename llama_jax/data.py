@@ -35,6 +35,7 @@ __all__ = [
     "chat_examples",
     "distill_examples",
     "load_examples",
+    "numbered_records",
     "read_jsonl",
     "text_examples",
 ]
@@ -438,10 +439,10 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
     Raises ValueError naming `file:line` and what was wrong (not UTF-8, not JSON, not an object).
     """
-    return [record for _, record in _numbered_records(Path(path))]
+    return [record for _, record in numbered_records(Path(path))]
 
 
-def _numbered_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+def numbered_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """[("file:line", record)] for every non-blank line."""
     records = []
     with path.open("rb") as file:
@@ -479,7 +480,7 @@ def load_examples(
     record; any record of another kind, or otherwise bad, raises ValueError naming `file:line`.
     """
     path = Path(path)
-    records = _numbered_records(path)
+    records = numbered_records(path)
     if not records:
         raise ValueError(f"{path}: no records (the file is empty)")
     if kind == "auto":

@@ -1,23 +1,27 @@
-"""What the long-running jobs (`batch`, `train`) share: settings as a frozen dataclass, from three layers.
+"""What the long-running jobs (`batch`, `train`, `rejection`) share: settings as a frozen dataclass, from three layers.
 
     defaults of the dataclass  <  --config FILE (a `get_config()` ml-collections file)  <  options given
 
 Every field is also `--config.<field>=VALUE` on the command line (ml-collections' override style),
 and the common ones have a plain alias (`--steps`, `--checkpoint`). And the one way a job gets its
-model: a checkpoint (or the embedded default), on a mesh when one is given, with its tokenizer.
+model: a checkpoint (or the embedded default), on a mesh when one is given, with its tokenizer. And
+how their outputs reach the disk: whole JSON lines, files replaced atomically (temporary + rename + fsync).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import pathlib
 import sys
 import typing
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["add_config_arguments", "config_from_args", "config_from_mapping", "load_model", "tokenizer_file"]
+__all__ = ["add_config_arguments", "config_from_args", "config_from_mapping", "fsync_dir", "json_line", "load_model",
+           "tokenizer_file", "write_atomically"]  # fmt: skip
 
 
 def config_from_mapping(cls, values: Mapping[str, Any], *, source: str):
@@ -134,3 +138,30 @@ def load_model(checkpoint, *, tokenizer=None, dtype: str | None = None, mesh: st
             fp8_matmul=fp8_matmul,
         )
     return model, Tokenizer.from_file(tokenizer_path)
+
+
+def json_line(record: dict) -> bytes:
+    """One JSONL line (UTF-8, not ASCII-escaped, newline-terminated)."""
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode()
+
+
+def fsync_dir(directory: pathlib.Path) -> None:
+    """Make a rename in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: pathlib.Path, lines: list[bytes]) -> None:
+    """Replace `path` by `lines` all at once: a crash leaves the old file or the new one, never a part."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(b"".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

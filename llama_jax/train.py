@@ -24,6 +24,11 @@ Loss, per trained target token (`loss_mask`):
              with precomputed top-K teacher log-probs (the batch job's `top_logprobs`) it is over
              K + 1 categories, the K teacher ids and "the rest", which is exact at τ = 1 for the
              information stored and zero when the student equals the teacher.
+    dpo      per preference pair (`objective="dpo"`, batches of `dpo.PairExamples`): the sigmoid DPO loss
+             with `dpo_beta` and `dpo_label_smoothing` (conservative DPO), robust DPO or IPO (`dpo_loss`), against reference
+             log-probs precomputed into the batch (`ref_logps`) or from an online `reference` model;
+             the mean is over pairs, and the metrics are rewards/chosen, rewards/rejected,
+             rewards/margins and rewards/accuracies (see `llama_jax/dpo.py`).
 """
 
 from __future__ import annotations
@@ -73,6 +78,10 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between Orbax checkpoints (0: only at the end); needs a workdir
     keep_checkpoints: int = 3
     log_every: int = 1  # steps between metrics lines (workdir/metrics.jsonl) and progress updates
+    objective: str = "sft"  # sft (cross-entropy, + KL with a teacher signal) | dpo (preference pairs)
+    dpo_beta: float = 0.1
+    dpo_loss: str = "sigmoid"  # sigmoid (DPO; with label smoothing: conservative DPO) | robust | ipo
+    dpo_label_smoothing: float = 0.0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every"):
@@ -84,6 +93,12 @@ class TrainConfig:
             )
         if self.distill_temperature <= 0 or not 0 <= self.distill_weight <= 1:
             raise ValueError("TrainConfig: distill_temperature must be > 0 and distill_weight in [0, 1]")
+        if self.objective not in ("sft", "dpo"):
+            raise ValueError(f"TrainConfig.objective: expected 'sft' or 'dpo', got {self.objective!r}")
+        if self.dpo_beta <= 0 or not 0 <= self.dpo_label_smoothing < 0.5:
+            raise ValueError("TrainConfig: dpo_beta must be > 0 and dpo_label_smoothing in [0, 0.5)")
+        if self.dpo_loss not in ("sigmoid", "robust", "ipo"):
+            raise ValueError(f"TrainConfig.dpo_loss: expected sigmoid, robust or ipo, got {self.dpo_loss!r}")
 
 
 # ---- losses: sums over trained tokens of float32 logits [B, T, V] ---------------------------------------
@@ -163,7 +178,8 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 # ---- the trainer ----------------------------------------------------------------------------------------
 
-_BATCH_AXES = {"teacher_ids": ("batch", "seq", None), "teacher_logprobs": ("batch", "seq", None)}
+_BATCH_AXES = {"teacher_ids": ("batch", "seq", None), "teacher_logprobs": ("batch", "seq", None),
+               "ref_logps": ("batch", None)}  # fmt: skip
 
 
 class Trainer:
@@ -174,6 +190,7 @@ class Trainer:
       config: the optimisation settings.
       teacher: an online teacher `Llama` for distillation (any size, its own sharding rules, the same
         devices and vocabulary); batches carrying `teacher_ids` use those precomputed log-probs instead.
+        With `objective="dpo"` it is the online reference model (batches carrying `ref_logps` use those).
       workdir: where checkpoints (`workdir/checkpoints/<step>`) and `metrics.jsonl` go; None: nowhere.
     """
 
@@ -239,7 +256,7 @@ class Trainer:
     def _batch_sharding(self, name: str, shape) -> NamedSharding | None:
         if self._sharding is None:
             return None
-        names = _BATCH_AXES.get(name, ("batch", "seq"))
+        names = _BATCH_AXES.get(name, ("batch", "seq") if len(shape) == 2 else ("batch", None, "seq"))
         spec = logical_to_spec(names, self._sharding.rules, mesh=self._sharding.mesh, shape=shape)
         return NamedSharding(self._sharding.mesh, spec)
 
@@ -248,6 +265,12 @@ class Trainer:
         config = self.config
         model = nnx.merge(self._graphdef, self._model_params(master), frozen)
         model.sharding = self._sharding
+        if config.objective == "dpo":
+            from llama_jax import dpo
+
+            reference = None if teacher_state is None else nnx.merge(self._teacher_graphdef, teacher_state)
+            return dpo.loss_sums(model, reference, micro, beta=config.dpo_beta, loss=config.dpo_loss,
+                                 label_smoothing=config.dpo_label_smoothing, remat=config.remat)  # fmt: skip
         logits, _ = model.forward(micro["tokens"], micro["positions"], segment_ids=micro["segment_ids"],
                                   remat=config.remat)  # fmt: skip
         mask = micro["loss_mask"]
@@ -290,12 +313,16 @@ class Trainer:
         )
         init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums0))
         (grads_sum, sums), _ = jax.lax.scan(one, init, micros)
-        tokens = jnp.maximum(sums["trained_tokens"], 1.0)
+        tokens = _denominator(sums)
         grads = jax.tree.map(lambda g: g / tokens, grads_sum)
         updates, opt_state = self.tx.update(grads, opt_state, master)
         master = optax.apply_updates(master, updates)
-        metrics = {name: value / tokens for name, value in sums.items() if name in ("ce", "kl")}
-        if "kl" in sums:
+        metrics = {name: value / tokens for name, value in sums.items() if name in ("ce", "kl", "dpo")}
+        metrics.update({name: value / tokens for name, value in sums.items() if name.startswith("rewards/")})
+        if "dpo" in sums:
+            metrics["loss"] = metrics.pop("dpo")
+            metrics["pairs"] = sums["pairs"]
+        elif "kl" in sums:
             w = self.config.distill_weight
             metrics["loss"] = (1 - w) * metrics["ce"] + w * metrics["kl"]
         else:
@@ -312,9 +339,17 @@ class Trainer:
         loss, grads = self._loss_and_grads_fn(self.params, self.frozen, self.teacher_params, self._place(batch))
         return float(loss), grads
 
+    def evaluate(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """The metrics of a batch (loss, and for DPO the rewards, margins and accuracy) without training."""
+        loss_sum, sums = jax.jit(self._loss_sums)(self.params, self.frozen, self.teacher_params, self._place(batch))
+        denominator = _denominator(sums)
+        out = {"loss": float(loss_sum / denominator)}
+        out.update({k: float(v / denominator) for k, v in sums.items() if k.startswith("rewards/")})
+        return out
+
     def _mean_loss(self, master, frozen, teacher_params, batch):
         loss_sum, sums = self._loss_sums(master, frozen, teacher_params, batch)
-        return loss_sum / jnp.maximum(sums["trained_tokens"], 1.0)
+        return loss_sum / _denominator(sums)
 
     def _place(self, batch: Mapping[str, np.ndarray]) -> dict:
         if self._sharding is None:
@@ -459,6 +494,11 @@ class Trainer:
         tmp.replace(path)
 
 
+def _denominator(sums: dict) -> jax.Array:
+    """What a step's loss is the mean over: pairs (DPO) or trained tokens."""
+    return jnp.maximum(sums["pairs"] if "pairs" in sums else sums["trained_tokens"], 1.0)
+
+
 def _logged_step(line: str) -> float:
     try:
         return json.loads(line)["step"]
@@ -477,7 +517,7 @@ class TrainJob(TrainConfig):
     """
 
     data: str | None = None  # JSONL: chat {"messages"}, text {"text"} or the batch job's top_logprobs records
-    data_kind: str = "auto"  # auto | chat | text | distill
+    data_kind: str = "auto"  # auto | chat | text | distill | pairs (preference pairs; implied by objective=dpo)
     seq_len: int = 512
     seed: int = 0  # data order
     checkpoint: str | None = None  # the model to train (None: the embedded default, RANDOM weights)
@@ -486,7 +526,8 @@ class TrainJob(TrainConfig):
     lora_rank: int = 0  # > 0: train LoRA adapters only; 0: full fine-tuning
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
-    teacher: str | None = None  # online teacher checkpoint (distillation)
+    teacher: str | None = None  # online teacher checkpoint (distillation); with objective=dpo, the reference
+    dpo_reference: str = "precompute"  # precompute (one pass, cached in workdir) | online (a reference model)
     teacher_rules: str | None = None  # the teacher's sharding strategy on the mesh (default: `rules`)
     mesh: str | None = None  # e.g. "fsdp=2,tensor=4" (None: one device)
     rules: str = "fsdp_tp"
@@ -521,7 +562,12 @@ def run_job(job: TrainJob) -> Trainer:
         teacher, _ = jobs.load_model(job.teacher, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh,
                                      rules=job.teacher_rules or job.rules, attention=job.attention,
                                      fp8_matmul=job.fp8_matmul)  # fmt: skip
-    examples = data.load_examples(job.data, tokenizer=tokenizer, seq_len=job.seq_len, kind=job.data_kind)
+    if job.objective == "dpo":
+        from llama_jax import dpo
+
+        examples, teacher = dpo.job_pairs(job, model, tokenizer, teacher)
+    else:
+        examples = data.load_examples(job.data, tokenizer=tokenizer, seq_len=job.seq_len, kind=job.data_kind)
     loader = data.Loader(examples, job.batch_size, seed=job.seed)
     trainer = Trainer(model, job.train_config(), teacher=teacher, workdir=job.workdir)
     trainer.fit(loader, resume=job.resume, progress=job.progress)

@@ -1,0 +1,26 @@
+"""Rejection sampling with Llama 3.1 8B Instruct (`python -m llama_jax rejection --config configs/rejection.py`).
+
+Every field is `llama_jax.rejection.RejectionConfig`'s; override any with `--config.<field>=VALUE` (or
+`--input`, `--output`, `--n`, `--scorer`, `--seed`). docs/TRAINING.md has the details.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            checkpoint="Meta-Llama-3.1-8B-Instruct",
+            input="prompts.jsonl",  # the batch job's requests; extra fields go to the scorer
+            output="pairs.jsonl",
+            n=8,  # samples per prompt
+            output_kind="pairs",  # best (SFT data) | pairs (best vs worst: DPO data)
+            scorer="my_rewards:score",  # score(request, sample) -> float; or reward_model + reward_token
+            max_new_tokens=512,
+            temperature=0.8,
+            top_p=0.95,
+            seed=0,
+            batch_size=64,
+            mesh="data=8",
+        )
+    )

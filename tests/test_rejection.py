@@ -1,0 +1,138 @@
+"""Rejection sampling: the scorer's favourite samples are the ones kept; a SIGKILLed run resumes to the same bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import llama_jax
+from llama_jax import data, dpo, rejection
+from llama_jax.default_model import default_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# top-k 2 at temperature 1: each step draws one of the two likeliest tokens, so the n samples of a prompt
+# differ and the greedy continuation's first token appears in about half of them.
+SAMPLING = dict(max_new_tokens=4, temperature=1.0, top_k=2, top_p=1.0, seed=3)
+
+
+def prefers_the_known_token(request, sample) -> float:
+    """The scorer under test: 1 when the sample contains the request's `prefer` token id."""
+    return float(request["prefer"] in sample["tokens"])
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return default_model(warn=False)
+
+
+def write_prompts(path, model, tokenizer, n=6):
+    prompts = [f"Story {i}: once upon a time" for i in range(n)]
+    greedy = llama_jax.generate(model, [tokenizer.encode(p, bos=True, eos=False) for p in prompts],
+                                max_new_tokens=1, stop_tokens=[])  # fmt: skip
+    records = [
+        {"id": i, "prompt": p, "prefer": out.tokens[0]} for i, (p, out) in enumerate(zip(prompts, greedy, strict=True))
+    ]
+    records.append({"id": "chat", "messages": [{"role": "user", "content": "Hi"}], "prefer": -1})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def test_the_selected_samples_contain_the_token_the_scorer_prefers(policy, tokenizer, tmp_path):
+    records = write_prompts(tmp_path / "prompts.jsonl", policy, tokenizer)
+    summary = rejection.run(policy, tokenizer, tmp_path / "prompts.jsonl", tmp_path / "best.jsonl", n=6,
+                            scorer=prefers_the_known_token, batch_size=8, progress=False, **SAMPLING)  # fmt: skip
+    assert summary["samples"] == 7 * 6 and summary["written"] == 7
+    samples = data.read_jsonl(tmp_path / "best.jsonl.samples.jsonl")
+    best = {r["id"]: r for r in data.read_jsonl(tmp_path / "best.jsonl")}
+    lacking = 0
+    for record in records[:-1]:
+        drawn = [s for s in samples if s["id"].startswith(f"{record['id']}#")]
+        with_token = [s for s in drawn if record["prefer"] in s["tokens"]]
+        lacking += len(with_token) < len(drawn)
+        assert with_token, record  # top-2 sampling draws the greedy token in some of the 6 samples
+        assert best[record["id"]]["score"] == 1.0
+        kept = best[record["id"]]["text"][len(record["prompt"]) :]
+        assert kept == with_token[0]["text"]  # the first (lowest k) of the preferred samples
+    assert lacking >= 3  # the choice mattered: those prompts also had samples without the token
+    # The best-of-n file is SFT data for the train job: text records and a chat dialog.
+    assert best["chat"]["messages"][-1]["role"] == "assistant"
+
+
+def test_pairs_are_best_versus_worst_and_are_dpo_data(policy, tokenizer, tmp_path):
+    records = write_prompts(tmp_path / "prompts.jsonl", policy, tokenizer)
+    rejection.run(policy, tokenizer, tmp_path / "prompts.jsonl", tmp_path / "pairs.jsonl", n=6,
+                  scorer=prefers_the_known_token, output_kind="pairs", batch_size=8, progress=False,
+                  **SAMPLING)  # fmt: skip
+    pairs = data.read_jsonl(tmp_path / "pairs.jsonl")
+    samples = data.read_jsonl(tmp_path / "pairs.jsonl.samples.jsonl")
+    mixed = [r["id"] for r in records if len({r["prefer"] in s["tokens"] for s in samples
+                                            if s["id"].startswith(f"{r['id']}#")}) == 2]  # fmt: skip
+    assert [p["id"] for p in pairs] == mixed  # prompts whose samples all score the same are ties, left out
+    assert len(mixed) >= 3
+    assert all(p["chosen_score"] == 1.0 and p["rejected_score"] == 0.0 for p in pairs)
+    examples = dpo.load_pairs(tmp_path / "pairs.jsonl", tokenizer, seq_len=32)
+    assert len(examples) == len(mixed)
+
+
+def test_a_reward_model_scores_by_a_tokens_logit(policy, tokenizer):
+    scorer = rejection.RewardModelScorer(policy, tokenizer, token_id=42)
+    prompt = tokenizer.encode("Hello", bos=True, eos=False)
+    scores = scorer(prompt, [[1, 2], [3]])
+    logits = policy(__import__("jax").numpy.array([prompt + [1, 2]]))
+    assert abs(scores[0] - float(logits[0, -1, 42])) < 1e-4
+
+
+def command(tmp_path, prompts) -> list[str]:
+    return [sys.executable, "-m", "llama_jax", "rejection", "--input", str(prompts), "--output",
+            str(tmp_path / "best.jsonl"), "--n", "6", "--scorer", "tests.test_rejection:prefers_the_known_token",
+            "--config.batch_size=2", "--config.max_new_tokens=4", "--config.temperature=1.0", "--config.top_k=2",
+            "--config.top_p=1.0", "--seed", "3", "--no-progress"]  # fmt: skip
+
+
+def test_killed_with_sigkill_and_restarted_the_output_is_byte_identical(policy, tokenizer, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompts(prompts, policy, tokenizer)
+    uninterrupted = tmp_path / "whole"
+    uninterrupted.mkdir()
+    rejection.run(policy, tokenizer, prompts, uninterrupted / "best.jsonl", n=6, scorer=prefers_the_known_token,
+                  batch_size=2, progress=False, **SAMPLING)  # fmt: skip
+
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(command(tmp_path, prompts), cwd=ROOT, env=env, stderr=subprocess.PIPE)
+    samples = tmp_path / "best.jsonl.samples.jsonl"
+    deadline = time.time() + 120
+    while (
+        time.time() < deadline
+        and proc.poll() is None
+        and (not samples.exists() or samples.read_bytes().count(b"\n") < 8)
+    ):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()  # still running: the kill lands mid-job
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "best.jsonl").exists()
+    done = subprocess.run(command(tmp_path, prompts), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["batch"]["skipped"] >= 8  # the samples drawn before the kill were kept
+    assert (tmp_path / "best.jsonl").read_bytes() == (uninterrupted / "best.jsonl").read_bytes()
+    assert samples.read_bytes() == (uninterrupted / "best.jsonl.samples.jsonl").read_bytes()
+
+
+def test_the_config_file_sets_the_job_and_bad_settings_are_named(tmp_path):
+    from llama_jax import jobs
+    from llama_jax.cli import build_parser
+
+    args = build_parser().parse_args(["rejection", "--config", os.path.join(ROOT, "configs", "rejection.py"),
+                                      "--n", "3", "--config.output_kind=best"])  # fmt: skip
+    job = jobs.config_from_args(rejection.RejectionConfig, args)
+    assert (job.n, job.output_kind, job.scorer) == (3, "best", "my_rewards:score")
+    with pytest.raises(ValueError, match="scorer: expected 'module:function'"):
+        rejection.load_scorer("no_colon")
+    with pytest.raises(ValueError, match="exactly one of scorer"):
+        rejection.run(None, None, tmp_path / "in.jsonl", tmp_path / "out.jsonl")
