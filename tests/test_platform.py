@@ -91,3 +91,13 @@ def test_programs_are_traced_for_this_machine_unless_lowering_for_another():
         assert platform.target() == "tpu"
     with pytest.raises(ValueError, match="platform 'h100'"):
         platform.lowering_for("h100")
+
+
+def test_a_misspelt_fp8_matmul_is_refused_by_load_and_the_jobs_before_anything_is_read(tmp_path):
+    import llama_jax
+    from llama_jax import jobs
+
+    with pytest.raises(ValueError, match="fp8_matmul='fp16'"):
+        llama_jax.load(tmp_path / "missing", fp8_matmul="fp16")
+    with pytest.raises(ValueError, match="fp8_matmul: expected one of"):  # even for the embedded model
+        jobs.load_model(None, fp8_matmul="FP8")
