@@ -12,3 +12,15 @@ def report(result: dict, out: pathlib.Path | None) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
     return result
+
+
+def main_in_tempdir(run, doc: str) -> None:
+    """A benchmark's command line: `--out FILE`; `run(directory)` gets a temporary directory for its checkpoints."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        report(run(pathlib.Path(d)), args.out)

@@ -15,15 +15,17 @@ slice, in the loaded dtype.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
 import subprocess
 import sys
-import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # first: an installed package named `benchmarks` must not shadow ours
+
+from benchmarks import main_in_tempdir  # noqa: E402
+
 PARAMS = dict(dim=512, n_layers=2, n_heads=8, n_kv_heads=8, vocab_size=16384, multiple_of=256, norm_eps=1e-5,
               rope_theta=500000.0, use_scaled_rope=True)  # fmt: skip
 MP = 8
@@ -77,17 +79,5 @@ def run(directory: pathlib.Path) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=None, help="also write the JSON here")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as d:
-        result = run(pathlib.Path(d))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        pathlib.Path(args.out).write_text(text + "\n")
-
-
 if __name__ == "__main__":
-    main()
+    main_in_tempdir(run, __doc__)
