@@ -356,7 +356,8 @@ def layer_weights(model) -> LayerWeights:
     and reused while its stacked layer weights are the same arrays."""
     stacked = jax.tree.leaves([nnx.state(m) for m in (model.layers, model.dense_ffn) if m is not None])
     cached = _LAYER_WEIGHTS.get(model)
-    if cached is not None and len(cached[0]) == len(stacked) and all(r() is a for r, a in zip(cached[0], stacked, strict=True)):
+    refs = cached[0] if cached is not None else []
+    if len(refs) == len(stacked) and all(r() is a for r, a in zip(refs, stacked, strict=True)) and refs:
         return cached[1]
     layers = model.unstack_layers()
     _LAYER_WEIGHTS[model] = ([weakref.ref(a) for a in stacked], layers)
