@@ -49,12 +49,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from llama_jax.config import LLAMA3_VOCAB_SIZE
-from llama_jax.kv_cache import CACHE_AXES, KVCache
+from llama_jax.kv_cache import KVCache
 from llama_jax.model import LayerWeights
-from sharding.rules import logical_to_spec
+from sharding import placement
 
 __all__ = [
     "LLAMA3_STOP_TOKENS",
@@ -511,16 +510,8 @@ def _empty_cache(model, batch: int, length: int) -> KVCache:
     """A zero cache created in place: on a mesh, each device allocates only its own shard (zeros made
     on one device and then `device_put` would need the whole cache on it first)."""
     spec = getattr(model, "sharding", None)
-    if spec is None:
-        return KVCache.zeros(model.config, batch, length, dtype=model.dtype)
-    sharding = cache_sharding(spec, batch, length, model.config)
+    sharding = None if spec is None else placement.cache_sharding(model.config, batch, length, spec)
     return KVCache.zeros(model.config, batch, length, dtype=model.dtype, sharding=sharding)
-
-
-def cache_sharding(spec, batch: int, length: int, config) -> NamedSharding:
-    """The `NamedSharding` of a `[L, B, S, K, H]` cache under the model's logical rules."""
-    shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
-    return NamedSharding(spec.mesh, logical_to_spec(CACHE_AXES, spec.rules, mesh=spec.mesh, shape=shape))
 
 
 def _start(model, job: _Job, unroll):
