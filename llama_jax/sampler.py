@@ -8,7 +8,8 @@ How a batch of ragged prompts runs (Meta's `generation.py` does the same work in
 1. Prompts are right-padded into a `[B, P]` buffer; B, P and the output length N are rounded up to
    powers of two so a stream of differently sized requests compiles a bounded number of programs.
    The cache holds S = P + N positions (entry s = position s), so rows need no offsets.
-2. Prefill runs the whole buffer through the model, filling the cache, and projects onto the
+2. Prefill runs the buffer through the model in chunks of `model.prefill_chunk` tokens (a scan
+   inside the one jitted prefill; chunks past every prompt skipped), filling the cache, and projects onto the
    vocabulary only each row's last prompt token (`[B, V]`, never `[B, P, V]`), from which the
    first new token is sampled. Pad tokens write garbage entries at positions a row has not reached
    yet; each is overwritten before any query can see it.
