@@ -25,7 +25,8 @@ Backends (`BACKENDS`):
   (its causal mask is static): vmapped over batch and kv heads as an MQA kernel, segment ids native.
 
 `select("auto", ...)`: TPU → splash when its static causal mask fits (queries start at key 0, lengths
-multiples of 128), GPU → cudnn in bf16/fp16 for prefill, CPU → blockwise; everything else → dense
+multiples of 128), GPU → cudnn in bf16/fp16 for multi-token queries (at an offset only while its
+boolean mask stays under the budget), CPU → blockwise; everything else → dense
 while the score matrix fits `DENSE_BUDGET_BYTES`, blockwise beyond. The choice is logged.
 
 Key blocks are `block` consecutive cache entries of one row: the unit a paged cache would hand over
@@ -95,7 +96,9 @@ def select(
         dense_bytes = 4 * batch * n_heads * q_len * kv_len
         if platform == "tpu" and not q_offset and q_len % 128 == 0 and kv_len % 128 == 0:
             choice = "splash"
-        elif platform in ("gpu", "cuda") and dtype in (jnp.bfloat16, jnp.float16) and q_len > 1 and not segments:
+        elif (platform in ("gpu", "cuda") and dtype in (jnp.bfloat16, jnp.float16) and q_len > 1 and not segments
+              and (not q_offset or batch * q_len * kv_len <= budget_bytes)):  # fmt: skip
+            # At an offset cuDNN takes an explicit [B, 1, T, S] boolean mask: only while that stays small.
             choice = "cudnn"
         elif platform == "cpu" or dense_bytes > budget_bytes:
             choice = "blockwise"
