@@ -25,7 +25,8 @@ Backends (`BACKENDS`):
   (its causal mask is static): vmapped over batch and kv heads as an MQA kernel, segment ids native.
 
 `select("auto", ...)`: TPU → splash when its static causal mask fits (queries start at key 0, lengths
-multiples of 128), GPU → cudnn in bf16/fp16 for prefill, CPU → blockwise; everything else → dense
+multiples of 128), GPU → cudnn in bf16/fp16 for multi-token queries (at an offset only while its
+boolean mask stays under the budget), CPU → blockwise; everything else → dense
 while the score matrix fits `DENSE_BUDGET_BYTES`, blockwise beyond. The choice is logged.
 
 Key blocks are `block` consecutive cache entries of one row: the unit a paged cache would hand over
@@ -97,7 +98,9 @@ def select(
         dense_bytes = 4 * batch * n_heads * q_len * kv_len
         if platform == "tpu" and not q_offset and q_len % 128 == 0 and kv_len % 128 == 0:
             choice = "splash"
-        elif platform in ("gpu", "cuda") and dtype in (jnp.bfloat16, jnp.float16) and q_len > 1 and not segments:
+        elif (platform in ("gpu", "cuda") and dtype in (jnp.bfloat16, jnp.float16) and q_len > 1 and not segments
+              and (not q_offset or batch * q_len * kv_len <= budget_bytes)):  # fmt: skip
+            # At an offset cuDNN takes an explicit [B, 1, T, S] boolean mask: only while that stays small.
             choice = "cudnn"
         elif platform == "cpu" or dense_bytes > budget_bytes:
             choice = "blockwise"
@@ -146,9 +149,6 @@ def attend(
         return _cudnn(q_btnh, k_bskh, v_bskh, q_index_bt, q_offset)
     if backend == "splash":
         return _splash(q_btnh, k_bskh, v_bskh, segment_q_bt, segment_kv_bs)
-    if not segments:  # one code path: every key in segment 0
-        segment_q_bt = jnp.zeros((b, t), jnp.int32)
-        segment_kv_bs = jnp.zeros((b, s), jnp.int32)
     return blockwise(q_btnh, k_bskh, v_bskh, q_index_bt, segment_q_bt, segment_kv_bs, min(block, t), min(block, s))
 
 
@@ -171,7 +171,9 @@ def _blockwise(q_btnh, k_bskh, v_bskh, q_index_bt, segment_q_bt, segment_kv_bs, 
     q_blocks = jnp.pad(q_btnh, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n_q, block_q, k, g, h)
     q_blocks = q_blocks.transpose(1, 0, 2, 3, 4, 5) * jnp.asarray(1.0 / math.sqrt(h), q_btnh.dtype)
     index_blocks = jnp.pad(q_index_bt, ((0, 0), (0, pad)), constant_values=-1).reshape(b, n_q, block_q)
-    segq_blocks = jnp.pad(segment_q_bt, ((0, 0), (0, pad))).reshape(b, n_q, block_q)
+    # Without segment ids every query is in segment 0 (the mask then never reads them).
+    segq_bt = jnp.zeros((b, t), jnp.int32) if segment_q_bt is None else segment_q_bt
+    segq_blocks = jnp.pad(segq_bt, ((0, 0), (0, pad))).reshape(b, n_q, block_q)
 
     def one_q_block(args):
         q_bqkgh, index_bq, segq_bq = args
@@ -185,12 +187,20 @@ def _blockwise(q_btnh, k_bskh, v_bskh, q_index_bt, segment_q_bt, segment_kv_bs, 
             start = jnp.minimum(j * block_k, s - block_k)
             k_bskh_j = jax.lax.dynamic_slice_in_dim(k_bskh, start, block_k, axis=1)
             v_bskh_j = jax.lax.dynamic_slice_in_dim(v_bskh, start, block_k, axis=1)
-            segk_bs = jax.lax.dynamic_slice_in_dim(segment_kv_bs, start, block_k, axis=1)
-            key_index = start + jnp.arange(block_k)
-            ok_bqs = (key_index[None, None, :] <= index_bq[:, :, None]) & (key_index >= j * block_k)[None, None, :]
-            ok_bqs &= segq_bq[:, :, None] == segk_bs[:, None, :]
             scores = jnp.einsum("bqkgh,bskh->bkgqs", q_bqkgh, k_bskh_j, preferred_element_type=jnp.float32)
-            scores = jnp.where(ok_bqs[:, None, None], scores, -jnp.inf)
+
+            def masked(scores):
+                key_index = start + jnp.arange(block_k)
+                ok_bqs = key_index[None, None, :] <= index_bq[:, :, None]
+                ok_bqs &= (key_index >= j * block_k)[None, None, :]
+                if segment_q_bt is not None:
+                    segk_bs = jax.lax.dynamic_slice_in_dim(segment_kv_bs, start, block_k, axis=1)
+                    ok_bqs &= segq_bq[:, :, None] == segk_bs[:, None, :]
+                return jnp.where(ok_bqs[:, None, None], scores, -jnp.inf)
+
+            # Interior blocks (every key before every query, no overlap, one document) skip the mask.
+            interior = (start + block_k - 1 <= jnp.min(index_bq)) & (start == j * block_k) & (segment_q_bt is None)
+            scores = jax.lax.cond(interior, lambda x: x, masked, scores)
             m_new = jnp.maximum(m_bkgq, jnp.max(scores, axis=-1))
             m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)  # no key seen yet: keep exp() finite
             p = jnp.exp(scores - m_safe[..., None])

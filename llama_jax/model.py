@@ -329,15 +329,19 @@ class Llama(nnx.Module):
         if t % c:
             raise ValueError(f"prefill: the prompt length {t} must be a multiple of the chunk ({c})")
 
-        def one_chunk(carry, i):
+        def run_chunk(carry, start):
             cache, logits_bv = carry
-            start = i * c
             tokens_bc = jax.lax.dynamic_slice_in_dim(tokens, start, c, axis=1)
             positions_bc = start + jnp.broadcast_to(jnp.arange(c), (b, c))
             at_b = jnp.clip(last_b - start, 0, c - 1)
             chunk_b1v, cache = self.forward(tokens_bc, positions_bc, cache, use_cache=True, logits_at=at_b[:, None])
             here_b = (last_b >= start) & (last_b < start + c)
-            return (cache, jnp.where(here_b[:, None], chunk_b1v[:, 0], logits_bv)), None
+            return cache, jnp.where(here_b[:, None], chunk_b1v[:, 0], logits_bv)
+
+        def one_chunk(carry, i):
+            # Chunks past every row's prompt (bucket padding) are skipped: the cost follows the prompt.
+            start = i * c
+            return jax.lax.cond(start <= jnp.max(last_b), run_chunk, lambda carry, _: carry, carry, start), None
 
         init = (cache, jnp.zeros((b, self.config.vocab_size), jnp.float32))
         (cache, logits_bv), _ = jax.lax.scan(one_chunk, init, jnp.arange(t // c))

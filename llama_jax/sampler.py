@@ -8,7 +8,8 @@ How a batch of ragged prompts runs (Meta's `generation.py` does the same work in
 1. Prompts are right-padded into a `[B, P]` buffer; B, P and the output length N are rounded up to
    powers of two so a stream of differently sized requests compiles a bounded number of programs.
    The cache holds S = P + N positions (entry s = position s), so rows need no offsets.
-2. Prefill runs the whole buffer through the model, filling the cache, and projects onto the
+2. Prefill runs the buffer through the model in chunks of `model.prefill_chunk` tokens (a scan
+   inside the one jitted prefill; chunks past every prompt skipped), filling the cache, and projects onto the
    vocabulary only each row's last prompt token (`[B, V]`, never `[B, P, V]`), from which the
    first new token is sampled. Pad tokens write garbage entries at positions a row has not reached
    yet; each is overwritten before any query can see it.
@@ -49,13 +50,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from llama_jax import platform
 from llama_jax.config import LLAMA3_VOCAB_SIZE
-from llama_jax.kv_cache import CACHE_AXES, KVCache
+from llama_jax.kv_cache import KVCache
 from llama_jax.model import LayerWeights
-from sharding.rules import logical_to_spec
+from sharding import placement
 
 __all__ = [
     "LLAMA3_STOP_TOKENS",
@@ -513,16 +513,8 @@ def _empty_cache(model, batch: int, length: int) -> KVCache:
     """A zero cache created in place: on a mesh, each device allocates only its own shard (zeros made
     on one device and then `device_put` would need the whole cache on it first)."""
     spec = getattr(model, "sharding", None)
-    if spec is None:
-        return KVCache.zeros(model.config, batch, length, dtype=model.dtype)
-    sharding = cache_sharding(spec, batch, length, model.config)
+    sharding = None if spec is None else placement.cache_sharding(model.config, batch, length, spec)
     return KVCache.zeros(model.config, batch, length, dtype=model.dtype, sharding=sharding)
-
-
-def cache_sharding(spec, batch: int, length: int, config) -> NamedSharding:
-    """The `NamedSharding` of a `[L, B, S, K, H]` cache under the model's logical rules."""
-    shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
-    return NamedSharding(spec.mesh, logical_to_spec(CACHE_AXES, spec.rules, mesh=spec.mesh, shape=shape))
 
 
 def _start(model, job: _Job, unroll):

@@ -1,12 +1,14 @@
 """The memory planner: will this model, on this mesh, with this batch and context, fit?
 
     python -m sharding.plan --config configs/llama3_1_405b.py --preset h100x16 --mesh fsdp=2,tensor=8 \
-        --batch 8 --context 131072 [--prompt 2048] [--weight-dtype bfloat16|fp8] [--json]
+        --batch 8 --context 131072 [--prompt N] [--chunk 2048] [--attention blockwise] [--weight-dtype bfloat16|fp8]
     python -m sharding.plan --report docs/SHARDING.md     # regenerate the table in the docs
 
 It creates as many virtual CPU devices as the mesh has (before jax's backend starts), builds the
 model and KV cache as sharded `jax.ShapeDtypeStruct`s (no weights exist anywhere), lowers and
-compiles one prefill of `--prompt` tokens and one decode step, and reads the per-device bytes from
+compiles one prefill of a `--prompt`-token prompt (default: the whole context), run as the model runs it
+(chunks of `--chunk` tokens under `lax.scan`, through the cache, with the `--attention` backend), and one
+decode step, and reads the per-device bytes from
 `compiled.memory_analysis()`: arguments (weights, cache, tokens), outputs, aliased (the donated
 cache) and temporaries. Layers are scanned, so the program has one layer body whatever the depth
 and even 405B compiles in seconds.
@@ -19,8 +21,9 @@ fp8 x fp8 dot); everything else bf16. The model stacks FP8 FFN weights over all 
 first and last layer's slots hold zeros; their bf16 FFNs live in `dense_ffn`), so the bytes are
 the release's plus two layers' FP8 FFN slots.
 
-What the CPU compile cannot see: GPU temporaries differ (cuDNN flash attention never forms the
-[T, S] score matrix that the XLA attention path does in prefill; fusion differs), and runtimes
+What the CPU compile cannot see: the fused kernels (cudnn, splash) do not lower on CPU, so the plan
+uses "blockwise" attention, whose tiles (`[B, N, block, block]`) bound what a fused kernel keeps
+too; fusion differs on GPU/TPU, and runtimes
 reserve memory (CUDA context, cuBLAS/cuDNN workspaces, jax's 75% GPU preallocation default). The
 `--headroom` fraction (default 0.9) of the device's memory is what a plan may use.
 """
@@ -39,6 +42,8 @@ import time
 from typing import Any
 
 HBM_HEADROOM = 0.9
+# = llama_jax.model.DEFAULT_PREFILL_CHUNK (not imported here: jax must not start before the virtual devices).
+DEFAULT_PREFILL_CHUNK = 2048
 
 
 def table_markers(name: str) -> tuple[str, str]:
@@ -60,8 +65,13 @@ REPORT_SETUPS: tuple[tuple[str, list[str]], ...] = (
                                        "--mesh", "tensor=16", "--batch", "8", "--context", "16384"]),
     ("70B bf16, 8x H100", ["--config", "configs/llama3_1_70b.py", "--preset", "h100x8", "--mesh", "tensor=8",
                            "--batch", "16", "--context", "16384"]),
-    ("8B bf16, 1x H100, 128K context", ["--config", "configs/llama3_1_8b.py", "--preset", "h100x1",
-                                        "--mesh", "tensor=1", "--batch", "1", "--context", "131072"]),
+    ("8B bf16, 1x H100, 128K prompt", ["--config", "configs/llama3_1_8b.py", "--preset", "h100x1",
+                                       "--mesh", "tensor=1", "--batch", "1", "--context", "131072"]),
+    ("70B bf16, 8x H100, 128K prompt", ["--config", "configs/llama3_1_70b.py", "--preset", "h100x8",
+                                        "--mesh", "tensor=8", "--batch", "1", "--context", "131072"]),
+    ("405B bf16, 16x H100 (2 nodes), 128K prompt", ["--config", "configs/llama3_1_405b.py", "--preset", "h100x16",
+                                                    "--mesh", "fsdp=2,tensor=8", "--batch", "1",
+                                                    "--context", "131072"]),
     ("405B bf16, TPU v5p-128 (64 chips)", ["--config", "configs/llama3_1_405b.py", "--preset", "v5p-128",
                                            "--mesh", "kv_rep=8,tensor=8", "--batch", "32", "--context", "32768"]),
     ("405B bf16, TPU v5p-128 (64 chips)", ["--config", "configs/llama3_1_405b.py", "--preset", "v5p-128",
@@ -83,7 +93,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="fsdp_tp", help="rules table: dp, fsdp, tp, fsdp_tp (default)")
     p.add_argument("--batch", type=int, default=8, help="sequences decoded together (default 8)")
     p.add_argument("--context", type=int, default=8192, help="KV cache length in tokens (default 8192)")
-    p.add_argument("--prompt", type=int, default=None, help="prefill chunk length (default min(context, 2048))")
+    p.add_argument("--prompt", type=int, default=None, help="prompt tokens prefilled (default: the whole context)")
+    p.add_argument("--chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="prefill chunk (default %(default)s)")
+    p.add_argument(
+        "--attention",
+        default="blockwise",
+        choices=("blockwise", "dense"),
+        help="attention backend compiled (default blockwise; the fused kernels do not lower on CPU)",
+    )
     p.add_argument("--weight-dtype", default="bfloat16", choices=("bfloat16", "fp8", "float32"))
     p.add_argument("--cache-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--headroom", type=float, default=HBM_HEADROOM, help="usable fraction of device memory")
@@ -144,7 +161,7 @@ def run(args) -> dict[str, Any]:
 
     config = model_config_from_file(args.config)
     context = args.context
-    prompt = args.prompt or min(context, 2048)
+    prompt = args.prompt or context
     if prompt > context:
         raise SystemExit(f"--prompt {prompt} is longer than --context {context}")
     if context > config.max_seq_len:
@@ -162,7 +179,7 @@ def run(args) -> dict[str, Any]:
     weights = weight_bytes(state)
     kv = _per_device_bytes(cache.k) * 2
     prefill, decode = _compile(graphdef, state, cache, spec, args.batch, prompt, config.n_layers,
-                               weight_dtype.itemsize)  # fmt: skip
+                               weight_dtype.itemsize, chunk=args.chunk, attention=args.attention)  # fmt: skip
 
     memory = hardware.memory_bytes if hardware else None
     budget = int(memory * args.headroom) if memory else None
@@ -183,6 +200,8 @@ def run(args) -> dict[str, Any]:
         "batch": args.batch,
         "context": context,
         "prompt": prompt,
+        "chunk": min(args.chunk, prompt),
+        "attention": args.attention,
         "device_memory": memory,
         "budget": budget,
         "weights_total": weights["total"],
@@ -276,7 +295,17 @@ def weight_bytes(state) -> dict[str, int]:
 
 
 def _compile(
-    graphdef, state, cache, spec, batch: int, prompt: int, n_layers: int, float_bytes: int
+    graphdef,
+    state,
+    cache,
+    spec,
+    batch: int,
+    prompt: int,
+    n_layers: int,
+    float_bytes: int,
+    *,
+    chunk: int = DEFAULT_PREFILL_CHUNK,
+    attention: str = "blockwise",
 ) -> tuple[dict, dict]:
     import jax
     import jax.numpy as jnp
@@ -293,14 +322,17 @@ def _compile(
     def pin(c: KVCache) -> KVCache:
         return KVCache(*(jax.lax.with_sharding_constraint(x, cache_sharding) for x in (c.k, c.v)))
 
-    def prefill(state, tokens, cache):
+    def merge(state):
         model = nnx.merge(graphdef, state)
-        logits, cache = model.prefill(tokens, cache)
+        model.attention = attention
+        return model
+
+    def prefill(state, tokens, cache):
+        logits, cache = merge(state).prefill(tokens, cache, chunk=chunk)
         return logits, pin(cache)
 
     def decode(state, tokens, positions, cache):
-        model = nnx.merge(graphdef, state)
-        logits, cache = model.decode(tokens, positions, cache)
+        logits, cache = merge(state).decode(tokens, positions, cache)
         return logits[:, -1], pin(cache)
 
     results = []
@@ -385,7 +417,8 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines = [
         f"{plan['model']} ({plan['params'] / 1e9:.1f}B params, weights {plan['weight_dtype']}) on "
         f"{plan['hardware'] or 'virtual devices'}: mesh {mesh}, strategy {plan['strategy']}",
-        f"batch {plan['batch']}, context {plan['context']:,}, prefill chunk {plan['prompt']:,}; "
+        f"batch {plan['batch']}, context {plan['context']:,}, prompt {plan['prompt']:,} prefilled in chunks of "
+        f"{plan['chunk']:,} ({plan['attention']} attention); "
         f"KV cache: heads in {plan['kv_head_shards']} shard(s) (tensor={plan['mesh'].get('tensor', 1)}), "
         f"batch rows in {plan['kv_batch_shards']}",
         "",

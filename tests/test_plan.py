@@ -12,6 +12,7 @@ import pytest
 
 from llama_jax import quant
 from llama_jax.config import model_config_from_file
+from llama_jax.model import DEFAULT_PREFILL_CHUNK
 from sharding import mesh as mesh_lib
 from sharding import placement, plan
 
@@ -45,6 +46,12 @@ def test_small_plan_bytes_add_up(tiny_plan):
     assert p["kv_head_shards"] == 1 and p["kv_batch_shards"] == 2
     assert p["kv_cache_per_device"] * 2 == p["kv_cache_total"]
     assert p["fits"] is True and p["max_cached_tokens"] > 8 * 256
+    # the whole context is prefilled as the model does it: chunks of the model's own size, blockwise attention
+    assert p["prompt"] == 256 and p["chunk"] == min(256, DEFAULT_PREFILL_CHUNK) and p["attention"] == "blockwise"
+
+
+def test_planner_prefills_in_the_models_chunks():
+    assert plan.DEFAULT_PREFILL_CHUNK == DEFAULT_PREFILL_CHUNK
 
 
 def test_eight_b_on_eight_devices_splits_weights_eight_ways():

@@ -1,0 +1,192 @@
+"""Long-context prefill and decode: llama-jax (chunked prefill, blockwise attention) vs transformers SDPA.
+
+One tiny Llama (dim 64, 2 layers, 4 query / 2 KV heads, vocab 384, 131,072 positions, llama3 RoPE) is
+saved by transformers; each measurement runs in a child process of its own so its peak RSS is its
+own, and the two libraries alternate length by length.
+
+- prefill tokens/s = L / (wall time of the prefill of an L-token prompt). llama-jax: the jitted
+  `Llama.prefill` (compiled ahead, compile excluded) over the prompt padded to its power-of-two
+  bucket, as `generate` runs it (chunks past the prompt are skipped). transformers: one
+  `model(ids, use_cache=True)` forward with `attn_implementation="sdpa"`.
+- decode tokens/s at context L = steps / wall time of `--steps` single-token steps after that
+  prefill. llama-jax: the jitted `Llama.decode` over the cache, once in a cache bucketed to L
+  (`bucket`) and once in the full 131,072-entry cache (`full_cache`), with blockwise attention (reads
+  the filled blocks) and with dense attention (reads the whole cache), to show which one grows with what.
+
+    flock -x /tmp/cpu.lock python benchmarks/long_context.py --out benchmarks/results/long_context_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+LENGTHS = (8192, 32768, 120_000)
+MAX_POSITIONS = 131_072
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _bucket(n: int) -> int:
+    return min(MAX_POSITIONS, 1 << (n - 1).bit_length())
+
+
+def run_ours(checkpoint: str, length: int, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    import llama_jax
+    from llama_jax.kv_cache import KVCache
+
+    result = {"side": "llama_jax", "length": length}
+    model = llama_jax.load(checkpoint, dtype="float32")
+    graphdef, params = nnx.split(model)
+    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, length).astype(np.int32)
+    bucket = _bucket(length + steps)
+    tokens = np.zeros((1, bucket), np.int32)
+    tokens[0, :length] = prompt
+    lengths = jnp.asarray([length], jnp.int32)
+
+    def prefill(params, tokens, lengths, cache):
+        return nnx.merge(graphdef, params).prefill(tokens, cache, lengths)
+
+    cache = KVCache.zeros(model.config, 1, bucket, jnp.float32)
+    start = time.perf_counter()
+    compiled = jax.jit(prefill, donate_argnums=3).lower(params, tokens, lengths, cache).compile()
+    result["prefill_compile_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    logits, cache = compiled(params, tokens, lengths, cache)
+    logits.block_until_ready()
+    result["prefill_s"] = time.perf_counter() - start
+    result["prefill_tokens_per_s"] = length / result["prefill_s"]
+    del cache
+
+    for attention in ("blockwise", "dense"):
+        for name, size in (("bucket", bucket), ("full_cache", MAX_POSITIONS)):
+            if attention == "dense" and length > 32768:
+                continue  # the dense [1, 4, 1, S] decode step is fine, but keep the run short
+            model.attention = attention
+            graphdef_a, params_a = nnx.split(model)
+            layers = model.unstack_layers()
+
+            def step(params, layers, token, position, cache, graphdef=graphdef_a):
+                return nnx.merge(graphdef, params).decode(token, position, cache, layers=layers)
+
+            cache = KVCache.zeros(model.config, 1, size, jnp.float32)
+            token = jnp.asarray([[1]], jnp.int32)
+            fn = jax.jit(step, donate_argnums=4)
+            for _ in range(2):  # the second call compiles again: its cache comes back committed to a device
+                logits, cache = fn(params_a, layers, token, jnp.asarray([[length]], jnp.int32), cache)
+            logits.block_until_ready()
+            start = time.perf_counter()
+            for i in range(steps):
+                logits, cache = fn(params_a, layers, token, jnp.asarray([[length + i]], jnp.int32), cache)
+            logits.block_until_ready()
+            elapsed = time.perf_counter() - start
+            result[f"decode_{attention}_{name}"] = {"cache_len": size, "ms_per_step": 1e3 * elapsed / steps,
+                                                    "tokens_per_s": steps / elapsed}  # fmt: skip
+            del cache
+    result["decode_tokens_per_s"] = result["decode_blockwise_bucket"]["tokens_per_s"]
+    result["peak_rss_gib"] = _peak_rss() / 2**30
+    return result
+
+
+def run_transformers(checkpoint: str, length: int, steps: int) -> dict:
+    import numpy as np
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = transformers.LlamaForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa").eval()
+    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, length)
+    ids = torch.tensor(prompt)[None]
+    result = {"side": "transformers_sdpa", "length": length}
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        result["prefill_s"] = time.perf_counter() - start
+        cache = out.past_key_values
+        token = torch.tensor([[1]])
+        start = time.perf_counter()
+        for _ in range(steps):
+            cache = model(token, past_key_values=cache, use_cache=True).past_key_values
+        elapsed = time.perf_counter() - start
+    result["prefill_tokens_per_s"] = length / result["prefill_s"]
+    result["decode_tokens_per_s"] = steps / elapsed
+    result["decode_ms_per_step"] = 1e3 * elapsed / steps
+    result["peak_rss_gib"] = _peak_rss() / 2**30
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--out", type=pathlib.Path)
+    p.add_argument("--child", nargs=2, metavar=("SIDE", "CHECKPOINT"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        side, checkpoint = args.child
+        run = run_ours if side == "ours" else run_transformers
+        print(json.dumps(run(checkpoint, args.lengths[0], args.steps)))
+        return 0
+
+    from tests.checkpoints import hf_checkpoint
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_checkpoint(pathlib.Path(tmp), n_heads=4, n_kv_heads=2, seed=3)
+        for length in args.lengths:
+            for side in ("ours", "transformers"):
+                cmd = [sys.executable, __file__, "--child", side, tmp, "--lengths", str(length),
+                       "--steps", str(args.steps)]  # fmt: skip
+                child = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if child.returncode:
+                    raise SystemExit(f"{side} at {length}: {child.stderr[-3000:]}")
+                results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    by = {(r["side"], r["length"]): r for r in results}
+    summary = {
+        str(n): {
+            "prefill_speedup_vs_sdpa": by["llama_jax", n]["prefill_tokens_per_s"]
+            / by["transformers_sdpa", n]["prefill_tokens_per_s"],
+            "decode_speedup_vs_sdpa": by["llama_jax", n]["decode_tokens_per_s"]
+            / by["transformers_sdpa", n]["decode_tokens_per_s"],
+        }
+        for n in args.lengths
+    }
+    report = {
+        "benchmark": "long_context",
+        "model": "tiny Llama (dim 64, 2 layers, 4 q / 2 kv heads, vocab 384, 131,072 positions), fp32",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "steps": args.steps,
+        "results": results,
+        "summary": summary,
+    }
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
