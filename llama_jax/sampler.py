@@ -353,6 +353,43 @@ def prompt_bucket(length: int, max_seq_len: int) -> int:
 _LAYER_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+# The per-layer decode copy may take at most this fraction of any device's memory. Past it (405B on
+# 8 or 16 H100s, say) the decode step scans the stacked weights instead: slower per step, but the
+# weights are not held twice where they barely fit once.
+LAYER_COPY_BUDGET = 0.25
+
+
+def device_memory_limit(device) -> int | None:
+    """Bytes the device can hold, or None where it does not say (CPU)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return (stats or {}).get("bytes_limit")
+
+
+def layer_copies_fit(model, budget: float = LAYER_COPY_BUDGET) -> bool:
+    """Whether the per-layer copy of the layer weights takes at most `budget` of every device's memory."""
+    per_device: dict = {}
+    for a in jax.tree.leaves([nnx.state(m) for m in (model.layers, model.dense_ffn) if m is not None]):
+        sharding = getattr(a, "sharding", None)
+        if sharding is None:
+            continue
+        nbytes = math.prod(sharding.shard_shape(a.shape)) * a.dtype.itemsize
+        for device in sharding.addressable_devices:
+            per_device[device] = per_device.get(device, 0) + nbytes
+    for device, nbytes in per_device.items():
+        limit = device_memory_limit(device)
+        if limit is not None and nbytes > budget * limit:
+            return False
+    return True
+
+
+def decode_unroll(model, unroll: int | bool | None) -> int | bool | None:
+    """What `unroll=None` means for this model: per-layer weights (None) where their copy fits
+    (`layer_copies_fit`), else a rolled scan over the stacked weights (1)."""
+    if unroll is not None:
+        return unroll
+    return None if layer_copies_fit(model) else 1
+
+
 def layer_weights(model) -> LayerWeights:
     """The model's per-layer weights for the decode step (`Llama.unstack_layers`), made once per model
     and reused while its stacked layer weights are the same arrays."""
@@ -600,8 +637,9 @@ def generate(
       min_batch: pad the batch with idle rows to at least this many (then to a power of two), so a
         job's last, partial batches reuse its full batches' program and still span a data-parallel mesh.
       unroll: None (default): the decode step reads each layer's own arrays in place (`layer_weights`,
-        a second copy of the layer weights, kept with the model). An int: it scans the stacked weights
-        with that unrolling instead, with no second copy, for a model that fills its devices.
+        a second copy of the layer weights, kept with the model) where that copy takes at most
+        `LAYER_COPY_BUDGET` of each device's memory, else it scans the stacked weights. An int: it scans
+        the stacked weights with that unrolling, with no second copy.
 
     Returns:
       One `GenerationResult` per prompt, in order.
@@ -621,6 +659,7 @@ def _run(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, mi
          stop_tokens=None, logprobs=False, unroll=None, top_logprobs=0,
          min_batch=1) -> tuple[_Job, DecodeState]:  # fmt: skip
     """`generate` up to the final device state (which tests inspect)."""
+    unroll = decode_unroll(model, unroll)
     job = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, logprobs, seed,
                    top_logprobs, min_batch)  # fmt: skip
     weights, state = _start(model, job, unroll)
@@ -638,6 +677,7 @@ def lower(model, prompts, max_new_tokens, *, platforms: Sequence[str] | None = N
     Traced under `platform.lowering_for(platforms[0])`, so attention "auto" picks that platform's backend.
     """
     job = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, logprobs, 0)
+    unroll = decode_unroll(model, unroll)
     graphdef, params = nnx.split(model)
     cache = jax.eval_shape(lambda: _empty_cache(model, job.prompt_bp.shape[0], job.cache_len))
     prefill_args = (graphdef, params, job.prompt_bp, job.lengths_b, job.active_b, cache, job.seeds_b, job.streams_b,
@@ -675,7 +715,7 @@ def stream(
     if not (isinstance(chunk, int) and chunk >= 1):
         raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
     job = _prepare(model, [prompt_tokens], max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, False, seed)
-    return _stream(model, job, max_new_tokens, chunk, unroll)
+    return _stream(model, job, max_new_tokens, chunk, decode_unroll(model, unroll))
 
 
 def _stream(model, job: _Job, max_new_tokens, chunk, unroll) -> Iterator[int]:

@@ -181,3 +181,21 @@ def test_per_layer_weights_are_made_once_per_model_and_remade_for_new_weights(mo
     scanned = sampler.generate(m, PROMPTS, max_new_tokens=4, stop_tokens=[], logprobs=True, unroll=1)
     assert [r.logprobs for r in after] != [r.logprobs for r in before]
     np.testing.assert_allclose([r.logprobs for r in after], [r.logprobs for r in scanned], atol=1e-5)
+
+
+def test_a_model_whose_layer_copy_would_not_fit_decodes_from_the_stacked_weights(model, monkeypatch):
+    """The per-layer copy holds the layer weights twice: past `LAYER_COPY_BUDGET` of a device's memory
+    (405B on 8 H100s) `unroll=None` scans the stacked weights instead of copying them."""
+    layer_bytes = sum(a.nbytes for a in jax.tree.leaves(nnx.state(model.layers)))
+    assert sampler.device_memory_limit(jax.devices()[0]) is None  # CPU reports no limit: always fits
+    assert sampler.decode_unroll(model, None) is None
+    monkeypatch.setattr(sampler, "device_memory_limit", lambda device: int(layer_bytes / sampler.LAYER_COPY_BUDGET))
+    assert sampler.decode_unroll(model, None) is None  # exactly at the budget
+    monkeypatch.setattr(sampler, "device_memory_limit", lambda device: layer_bytes)
+    assert sampler.decode_unroll(model, None) == 1
+    assert sampler.decode_unroll(model, True) is True  # an explicit choice stands
+    m = nnx.merge(*nnx.split(model))
+    results = sampler.generate(m, PROMPTS, max_new_tokens=4, stop_tokens=[])
+    assert m not in sampler._LAYER_WEIGHTS  # no second copy was made
+    assert [r.tokens for r in results] == [r.tokens for r in sampler.generate(m, PROMPTS, max_new_tokens=4,
+                                                                              stop_tokens=[], unroll=1)]  # fmt: skip
