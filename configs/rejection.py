@@ -15,7 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
             output="pairs.jsonl",
             n=8,  # samples per prompt
             output_kind="pairs",  # best (SFT data) | pairs (best vs worst: DPO data)
-            scorer="my_rewards:score",  # score(request, sample) -> float; or reward_model + reward_token
+            # score(request, sample) -> float; or a reward model instead: reward_model=DIR with reward_head="token"
+            # and reward_token (a causal LM's logit), or reward_head="scalar" (a LlamaForSequenceClassification)
+            scorer="my_rewards:score",
             max_new_tokens=512,
             temperature=0.8,
             top_p=0.95,

@@ -52,6 +52,9 @@ class _Source:
         else:
             self.ckpt = open_checkpoint(path)
             check(self.ckpt)
+            if getattr(self.ckpt, "score_labels", None):
+                raise ValueError(f"{path}: a LlamaForSequenceClassification checkpoint (score head); convert "
+                                 f"handles causal LM checkpoints only (load it directly: llama_jax.load)")  # fmt: skip
         self.config: LlamaConfig = self.ckpt.config
 
     def dtype(self, rule: layout.Rule) -> np.dtype:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pathlib
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -179,7 +180,11 @@ def main(args: argparse.Namespace) -> int:
     if args.response is not None:
         dialog.append({"role": "assistant", "content": args.response})
     try:
-        categories = json.loads(open(args.categories).read()) if args.categories else None
+        categories = json.loads(pathlib.Path(args.categories).read_text()) if args.categories else None
+        if categories is not None and not (
+            isinstance(categories, dict) and all(isinstance(v, str) for v in categories.values())
+        ):
+            raise ValueError(f"{args.categories}: expected a JSON object of category code -> text")
         model, tokenizer = jobs.load_model(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype)
         verdict = classify(model, tokenizer, dialog, categories=categories,
                            excluded=[c.strip() for c in args.exclude.split(",") if c.strip()])  # fmt: skip

@@ -101,12 +101,15 @@ def load_from(
         ub = float(ckpt.quantization.get("activation_scale_ub", quant.ACTIVATION_SCALE_UB))
         matmul = platform.fp8_matmul(fp8_matmul, mesh.devices.flat[0] if mesh is not None else None)
         fp8 = quant.Fp8Spec(fp8_layers, matmul=matmul, activation_scale_ub=ub)
-    abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0), attention=attention, fp8=fp8))
+    score_labels = getattr(ckpt, "score_labels", None)
+    abstract = nnx.eval_shape(
+        lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0), attention=attention, fp8=fp8, score_labels=score_labels)
+    )
     graphdef, state = nnx.split(abstract)
     if mesh is not None and rules is None:
         rules = sharding_rules.DEFAULT_RULES
     flat = dict(nnx.to_flat_state(state))
-    for rule in layout.rules_for(config):
+    for rule in layout.rules_for(config, score_labels):
         if fp8 is not None and rule.path in _FFN:
             _place_fp8_ffn(ckpt, rule, fp8, flat, dtype, mesh, rules)
             continue

@@ -258,6 +258,9 @@ class Llama(nnx.Module):
         layers' FFNs live unquantized in `dense_ffn`, stacked over those layers only.
       lora: low-rank adapters on `lora.targets` (`nnx.LoRAParam`s `<name>_lora.a/.b` beside each
         adapted weight); see `llama_jax/lora.py` to add them to a loaded model and to merge them.
+      score_labels: a sequence-classification head instead of the LM head (HF `LlamaForSequenceClassification`,
+        e.g. a reward model): `score` [D, score_labels], and the model's "logits" are per-position scores
+        `[B, T, score_labels]`; a classifier reads one position of `forward(..., head=False)` (`rejection.py`).
     """
 
     def __init__(
@@ -269,6 +272,7 @@ class Llama(nnx.Module):
         attention: str = "auto",
         fp8: quant.Fp8Spec | None = None,
         lora: LoraSpec | None = None,
+        score_labels: int | None = None,
     ):
         self.config = config
         self.fp8 = fp8
@@ -290,9 +294,19 @@ class Llama(nnx.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps, dtype=dtype, rngs=rngs)
         self.output = (
             None
-            if config.tie_embeddings
+            if config.tie_embeddings or score_labels
             else _param(rngs, _normal, (config.dim, config.vocab_size), dtype, ("embed", "vocab"))
         )
+        # Few labels: replicated (None), a [D, 1] head is not worth splitting.
+        self.score = _param(rngs, _normal, (config.dim, score_labels), dtype, ("embed", None)) if score_labels else None
+
+    def head(self) -> jax.Array:
+        """The output head `[D, V]` (`[D, labels]` with a score head), in the activation dtype."""
+        if self.score is not None:
+            head_dv = self.score[...]
+        else:
+            head_dv = self.tok_embeddings[...].T if self.output is None else self.output[...]
+        return head_dv.astype(self.dtype)
 
     def __call__(
         self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
@@ -380,8 +394,12 @@ class Llama(nnx.Module):
         remat: bool = False,
         layers: LayerWeights | None = None,
         logits_at: jax.Array | None = None,
+        head: bool = True,
     ) -> tuple[jax.Array, KVCache | None]:
         """The one forward pass behind `__call__`, `prefill` and `decode`.
+
+        `head=False` returns the final-normed hidden states `[B, T, D]` instead of the logits, for a
+        caller that reads a few positions or columns (a reward, a classifier) without the `[B, T, V]` logits.
 
         `unroll` is handed to the layer scan: 1 keeps compile time flat in depth.
         `layers` (from `unstack_layers`) replaces the scan by one block per layer, each reading its own
@@ -393,9 +411,10 @@ class Llama(nnx.Module):
         """
         with use_rules(self.sharding.mesh, self.sharding.rules) if self.sharding else contextlib.nullcontext():
             return self._forward(tokens, positions, cache, use_cache=use_cache, unroll=unroll,
-                                 segment_ids=segment_ids, remat=remat, layers=layers, logits_at=logits_at)  # fmt: skip
+                                 segment_ids=segment_ids, remat=remat, layers=layers, logits_at=logits_at,
+                                 head=head)  # fmt: skip
 
-    def _forward(self, tokens, positions, cache, *, use_cache, unroll, segment_ids, remat, layers, logits_at):
+    def _forward(self, tokens, positions, cache, *, use_cache, unroll, segment_ids, remat, layers, logits_at, head):
         config = self.config
         x_btd = constrain(self.tok_embeddings[...][tokens].astype(self.dtype), ("batch", "seq", "embed"))
         inv_freq = rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
@@ -422,8 +441,9 @@ class Llama(nnx.Module):
         h_btd = self.norm(x_btd)
         if logits_at is not None:
             h_btd = jnp.take_along_axis(h_btd, logits_at[:, :, None], axis=1)
-        head_dv = self.tok_embeddings[...].T if self.output is None else self.output[...]
-        logits = jnp.einsum("btd,dv->btv", h_btd, head_dv.astype(self.dtype), preferred_element_type=jnp.float32)
+        if not head:
+            return h_btd, cache
+        logits = jnp.einsum("btd,dv->btv", h_btd, self.head(), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab")), cache
 
     def _scan_layers(self, run_block, x_btd, cache, *, unroll, remat):

@@ -3,6 +3,7 @@
     python -m llama_jax rejection --input prompts.jsonl --output best.jsonl --config.n=8 \\
         --config.scorer=my_rewards:score                      # a Python callable, "module:function"
     python -m llama_jax rejection ... --config.reward_model=DIR --config.reward_token=" yes"
+    python -m llama_jax rejection ... --config.reward_model=RM_DIR --config.reward_head=scalar
     summary = run(model, tokenizer, "prompts.jsonl", "pairs.jsonl", n=8, scorer=fn, output_kind="pairs")
 
 The input is the batch job's: one request per line, `{"id", "prompt" | "messages", ...}` with optional
@@ -19,7 +20,8 @@ and not to the sampler. How it runs:
   rename). A restart re-scores from the samples file, so it ends with the same output bytes too.
 - A scorer is `score(request: dict, sample: dict) -> float`: the input record and the batch job's
   result record (`text`, `tokens`, `message` for chats). A reward model scores `prompt + sample`
-  (+ `reward_suffix`) by the logit of `reward_token` at the last position.
+  (+ `reward_suffix`): `reward_head="token"`, a causal LM's logit of `reward_token` at the last position;
+  `"scalar"`, a Hugging Face `LlamaForSequenceClassification` checkpoint's one-label `score` head.
 
 Output, in input order: `output_kind="best"`: `{"id", "messages": [..., assistant]}` for chats or
 `{"id", "text": prompt + sample}` for text prompts (what `train` reads as SFT data), with `score`;
@@ -44,7 +46,7 @@ import numpy as np
 
 from llama_jax import batch, jobs
 
-__all__ = ["RejectionConfig", "RewardModelScorer", "load_scorer", "register", "run"]
+__all__ = ["RejectionConfig", "RewardModelScorer", "load_scorer", "register", "reward_scorer", "run"]
 
 Scorer = Callable[[Mapping[str, Any], Mapping[str, Any]], float]
 
@@ -63,7 +65,8 @@ class RejectionConfig:
     n: int = 4  # samples per prompt
     output_kind: str = "best"  # best (SFT data) | pairs (best vs worst, DPO data)
     scorer: str | None = None  # "module:function", score(request, sample) -> float
-    reward_model: str | None = None  # or a checkpoint whose logit of reward_token is the score
+    reward_model: str | None = None  # or a checkpoint that scores: see reward_head
+    reward_head: str = "token"  # token: the logit of reward_token | scalar: the checkpoint's score head (1 label)
     reward_token: str | None = None  # text of one token (e.g. " yes"), or its id as digits
     reward_suffix: str = ""  # text appended after the sample before reading the logit
     batch_size: int = 32
@@ -94,28 +97,45 @@ def load_scorer(spec: str) -> Scorer:
 
 
 class RewardModelScorer:
-    """Scores `prompt ids + sample ids + suffix ids` by a reward model's logit of `token_id` at the last position.
+    """Scores `prompt ids + sample ids + suffix ids` by a reward model, from one token's final hidden state h.
 
+    `token_id` given: the logit of that token at the last position (a causal LM judging, e.g. " yes").
+    None: the model's one-label score head (a `LlamaForSequenceClassification` checkpoint), `score · h` at the
+    last token that is not `pad_id` — transformers' rule, so a reply ending in the pad token is scored where
+    transformers scores it. Either way only h of that position meets one head column: no `[B, T, V]` logits.
     Sequences are right-padded to a power of two so a job compiles a bounded number of programs.
     """
 
-    def __init__(self, model, tokenizer, token_id: int, suffix: str = "") -> None:
+    def __init__(self, model, tokenizer, token_id: int | None = None, suffix: str = "", *,
+                 pad_id: int | None = None) -> None:  # fmt: skip
         import jax
+        import jax.numpy as jnp
         from flax import nnx
 
-        if not 0 <= token_id < model.config.vocab_size:
+        if token_id is None:
+            if model.score is None:
+                raise ValueError("the reward model has no score head (not a LlamaForSequenceClassification "
+                                 "checkpoint): use reward_head='token' with a reward_token")  # fmt: skip
+            if model.score.shape[1] != 1:
+                raise ValueError(f"the reward model's score head has {model.score.shape[1]} labels; a reward is one")
+        elif model.score is not None:
+            raise ValueError("the reward model has a score head, no token logits: use reward_head='scalar'")
+        elif not 0 <= token_id < model.config.vocab_size:
             raise ValueError(f"reward_token id {token_id} is outside the reward model's vocabulary")
-        self.tokenizer = tokenizer
-        self.token_id = token_id
+        self.pad_id = pad_id
         self.suffix = tokenizer.encode(suffix, bos=False, eos=False) if suffix else []
         graphdef, state = nnx.split(model)
+        column = 0 if token_id is None else token_id
 
-        def logit(state, tokens_bt, last_b):
-            logits_btv = nnx.merge(graphdef, state)(tokens_bt)
-            return logits_btv[jax.numpy.arange(tokens_bt.shape[0]), last_b, token_id]
+        def reward(state, tokens_bt, last_b):
+            model = nnx.merge(graphdef, state)
+            positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+            h_btd, _ = model.forward(tokens_bt, positions_bt, head=False)
+            h_bd = h_btd[jnp.arange(tokens_bt.shape[0]), last_b]
+            return jnp.einsum("bd,d->b", h_bd, model.head()[:, column], preferred_element_type=jnp.float32)
 
         self._state = state
-        self._logit = jax.jit(logit)
+        self._reward = jax.jit(reward)
 
     def __call__(self, prompt_ids: Sequence[int], samples: Sequence[Sequence[int]]) -> list[float]:
         rows = [[*prompt_ids, *s, *self.suffix] for s in samples]
@@ -123,8 +143,36 @@ class RewardModelScorer:
         tokens = np.zeros((len(rows), width), np.int32)
         for i, r in enumerate(rows):
             tokens[i, : len(r)] = r
-        last = np.array([len(r) - 1 for r in rows], np.int32)
-        return [float(x) for x in np.asarray(self._logit(self._state, tokens, last))]
+        last = np.array([self._last(r) for r in rows], np.int32)
+        return [float(x) for x in np.asarray(self._reward(self._state, tokens, last))]
+
+    def _last(self, row: Sequence[int]) -> int:
+        """The row's last token, or with `pad_id` its last token that is not `pad_id` (0 if none is)."""
+        if self.pad_id is None:
+            return len(row) - 1
+        return next((i for i in range(len(row) - 1, -1, -1) if row[i] != self.pad_id), 0)
+
+
+def reward_scorer(model, tokenizer, head: str, token: str | None = None, suffix: str = "",
+                  pad_id: int | None = None) -> RewardModelScorer:  # fmt: skip
+    """The job's reward model scorer: `head="token"` reads `token`'s logit, `"scalar"` the score head."""
+    if head == "token":
+        if token is None:
+            raise ValueError("reward_head='token' needs reward_token (the token whose logit is the score)")
+        return RewardModelScorer(model, tokenizer, _token_id(tokenizer, token), suffix)
+    if head == "scalar":
+        if token is not None:
+            raise ValueError("reward_token is for reward_head='token'; a scalar head scores without one")
+        return RewardModelScorer(model, tokenizer, None, suffix, pad_id=pad_id)
+    raise ValueError(f"reward_head: expected token or scalar, got {head!r}")
+
+
+def _pad_token_id(checkpoint: str) -> int | None:
+    """`pad_token_id` of an HF checkpoint's config.json (where a sequence classifier's pooling stops)."""
+    from llama_jax.config import read_json
+
+    config = pathlib.Path(checkpoint) / "config.json"
+    return read_json(config).get("pad_token_id") if config.is_file() else None
 
 
 def _token_id(tokenizer, text: str) -> int:
@@ -289,12 +337,12 @@ def main(args: argparse.Namespace) -> int:
         scorer = load_scorer(job.scorer) if job.scorer else None
         reward = None
         if job.reward_model is not None:
-            if job.reward_token is None:
-                raise ValueError("reward_model needs reward_token (the token whose logit is the score)")
-            reward_model, _ = jobs.load_model(job.reward_model, tokenizer=job.tokenizer, dtype=job.dtype,
+            # The reward model reads the policy's tokens: it is loaded with the policy's tokenizer.
+            policy_tokenizer = jobs.tokenizer_file(job.checkpoint, job.tokenizer)
+            reward_model, _ = jobs.load_model(job.reward_model, tokenizer=policy_tokenizer, dtype=job.dtype,
                                               mesh=job.mesh, rules=job.rules)  # fmt: skip
-            reward = RewardModelScorer(reward_model, tokenizer, _token_id(tokenizer, job.reward_token),
-                                       job.reward_suffix)  # fmt: skip
+            reward = reward_scorer(reward_model, tokenizer, job.reward_head, job.reward_token, job.reward_suffix,
+                                   pad_id=_pad_token_id(job.reward_model))  # fmt: skip
         sampling = {k: getattr(job, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed")}
         summary = run(model, tokenizer, job.input, job.output, n=job.n, scorer=scorer, reward=reward,
                       output_kind=job.output_kind, batch_size=job.batch_size, progress=job.progress,

@@ -588,7 +588,7 @@ def register(subparsers) -> None:
     from llama_jax import jobs
 
     parser = subparsers.add_parser(
-        "train", help="fine-tune or distill (SFT, LoRA, teacher → student), resumable",
+        "train", help="fine-tune, distill or DPO (SFT, LoRA, teacher → student, preference pairs), resumable",
         description=__doc__.split("\n\n")[0],
         epilog="Settings come from TrainJob's defaults, then --config FILE (configs/finetune_*.py), then the "
                "options given here. docs/TRAINING.md has the details.",

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 import llama_jax
@@ -136,3 +137,99 @@ def test_the_config_file_sets_the_job_and_bad_settings_are_named(tmp_path):
         rejection.load_scorer("no_colon")
     with pytest.raises(ValueError, match="exactly one of scorer"):
         rejection.run(None, None, tmp_path / "in.jsonl", tmp_path / "out.jsonl")
+
+
+# ---- a reward model with a scalar head (HF LlamaForSequenceClassification) -------------------------------
+
+PAD = 128004  # <|finetune_right_pad_id|>: the pad token of Llama 3.1 reward models
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory):
+    """A tiny random transformers `LlamaForSequenceClassification` (one label), saved as HF saves it."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                      num_labels=1, pad_token_id=PAD)  # fmt: skip
+    hf = transformers.LlamaForSequenceClassification(config).eval()
+    with torch.no_grad():
+        hf.score.weight.normal_(0.0, 1.0)  # rewards of order 1, so the relative bound means something
+    path = tmp_path_factory.mktemp("rm") / "reward_model"
+    hf.save_pretrained(path)
+    return path, hf
+
+
+def transformers_rewards(hf, rows: list[list[int]]) -> list[float]:
+    """transformers' own scores: rows right-padded with pad_token_id, pooled at the last non-pad token."""
+    import torch
+
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [PAD] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    with torch.no_grad():
+        return hf(input_ids=ids, attention_mask=mask).logits[:, 0].tolist()
+
+
+def test_a_scalar_head_reward_model_scores_as_transformers_does(reward_model_dir, policy, tokenizer):
+    path, hf = reward_model_dir
+    model = llama_jax.load(path, dtype="float32")
+    assert model.score.shape == (32, 1) and model.output is None
+    scorer = rejection.reward_scorer(model, tokenizer, "scalar", pad_id=PAD)
+    prompt = tokenizer.encode("Rate this:", bos=True, eos=False)
+    samples = [[9906, 1917], [40, 1093, 433, 13, 128009], [2], [791, 4320, PAD]]  # ragged; the last ends in the pad
+    ours = np.array(scorer(prompt, samples))
+    ref = np.array(transformers_rewards(hf, [prompt + s for s in samples]))
+    assert np.max(np.abs(ours - ref)) / np.max(np.abs(ref)) <= 1e-4, (ours, ref)
+    assert abs(ours[3] - scorer(prompt, [[791, 4320]])[0]) <= 1e-5 * abs(ours[3])  # a trailing pad is not read
+
+    with pytest.raises(ValueError, match="score head, no token logits"):
+        rejection.reward_scorer(model, tokenizer, "token", "42")
+    with pytest.raises(ValueError, match="reward_token is for reward_head='token'"):
+        rejection.reward_scorer(model, tokenizer, "scalar", "42")
+    with pytest.raises(ValueError, match="no score head"):
+        rejection.reward_scorer(policy, tokenizer, "scalar")
+
+
+def test_a_score_head_of_the_wrong_shape_is_named(reward_model_dir, tmp_path):
+    import shutil
+
+    path, _ = reward_model_dir
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["id2label"], config["label2id"] = {"0": "a", "1": "b"}, {"a": 0, "b": 1}  # 2 labels; score.weight is [1, D]
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"tensor 'score.weight' .* has shape \[1, 32\], expected \[2, 32\]"):
+        llama_jax.load(broken, dtype="float32")
+
+
+def test_rejection_with_a_scalar_reward_model_keeps_what_transformers_scores_best(
+    reward_model_dir, policy, tokenizer, tmp_path, monkeypatch
+):
+    from llama_jax.chat import ChatFormat
+    from llama_jax.cli import build_parser
+
+    path, hf = reward_model_dir
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla"))  # leave the process's JAX config alone
+    records = write_prompts(tmp_path / "prompts.jsonl", policy, tokenizer, n=3)
+    args = build_parser().parse_args(["rejection", "--input", str(tmp_path / "prompts.jsonl"), "--output",
+                                      str(tmp_path / "pairs.jsonl"), "--n", "4", "--config.output_kind=pairs",
+                                      f"--config.reward_model={path}", "--config.reward_head=scalar",
+                                      "--config.dtype=float32", "--config.max_new_tokens=4", "--config.top_k=2",
+                                      "--config.temperature=1.0", "--seed", "3", "--no-progress"])  # fmt: skip
+    assert rejection.main(args) == 0
+    samples = {s["id"]: s for s in data.read_jsonl(tmp_path / "pairs.jsonl.samples.jsonl")}
+    pairs = {p["id"]: p for p in data.read_jsonl(tmp_path / "pairs.jsonl")}
+    for record in records:
+        if "messages" in record:
+            prompt = ChatFormat(tokenizer).encode_dialog(record["messages"])
+        else:
+            prompt = tokenizer.encode(record["prompt"], bos=True, eos=False)
+        drawn = [samples[f"{record['id']}#{k}"] for k in range(4)]
+        ref = transformers_rewards(hf, [prompt + s["tokens"] for s in drawn])
+        reply = [s["message"]["content"] if "message" in s else s["text"] for s in drawn]
+        pair = pairs[record["id"]]
+        assert pair["chosen"] == reply[int(np.argmax(ref))] and pair["rejected"] == reply[int(np.argmin(ref))]
+        assert abs(pair["chosen_score"] - max(ref)) <= 1e-4 * max(map(abs, ref))

@@ -38,7 +38,7 @@ def check(ckpt: Checkpoint) -> None:
     names = ckpt.names()
     problems: list[str] = []
     expected: set[str] = set()
-    for rule in layout.rules_for(config):
+    for rule in layout.rules_for(config, getattr(ckpt, "score_labels", None)):
         want = rule.source_shape(config)
         for name in layout.source_names(rule, config, ckpt.fmt):
             expected.add(name)

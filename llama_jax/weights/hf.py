@@ -32,6 +32,11 @@ class HFCheckpoint:
                 f"{self.path / 'config.json'}: quantization {quantization.get('quant_method')!r} is not supported "
                 f"(only the FP8 release's 'fbgemm_fp8')"
             )
+        # A sequence classifier (reward models): `score.weight` [labels, D] in place of `lm_head`.
+        self.score_labels: int | None = None
+        if "LlamaForSequenceClassification" in (self.hf_config.get("architectures") or []):
+            labels = self.hf_config.get("num_labels") or len(self.hf_config.get("id2label") or {}) or 2  # HF's default
+            self.score_labels = int(labels)
         # FP8 405B release: rowwise float8_e4m3fn weights with a float32 `weight_scale` [out, 1].
         self.quantization: dict | None = quantization or None
         self._fp8_layers: tuple[int, ...] | None = None

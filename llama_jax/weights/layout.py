@@ -150,9 +150,17 @@ def rule_for_source(name: str, fmt: str) -> Rule:
     raise KeyError(f"{name!r} is no {fmt} tensor of a Llama model")
 
 
-def rules_for(config: LlamaConfig) -> tuple[Rule, ...]:
-    """The rules a model of this config needs (no `output` when embeddings are tied)."""
-    return tuple(r for r in RULES if not (r.path == ("output",) and config.tie_embeddings))
+def rules_for(config: LlamaConfig, score_labels: int | None = None) -> tuple[Rule, ...]:
+    """The rules a model of this config needs (no `output` when embeddings are tied).
+
+    `score_labels`: a sequence classifier (HF `LlamaForSequenceClassification`), whose `score.weight`
+    [labels, D] takes the place of the LM head.
+    """
+    rules = tuple(r for r in RULES if not (r.path == ("output",) and (config.tie_embeddings or score_labels)))
+    if score_labels:
+        rules += (Rule(("score",), "score.weight", "score.weight", lambda c: (score_labels, c.dim), _transpose,
+                       _transpose),)  # fmt: skip
+    return rules
 
 
 def source_names(rule: Rule, config: LlamaConfig, fmt: str) -> list[str]:
