@@ -499,6 +499,11 @@ def _is_seed(seed) -> bool:
 def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, logprobs, seed,
              top_logprobs=0, min_batch=1) -> _Job:  # fmt: skip
     config = model.config
+    if getattr(model, "score", None) is not None:
+        raise ValueError(
+            f"this model has a sequence-classification head (score [D, {model.score.shape[1]}]) instead of an LM "
+            "head: it scores sequences (llama_jax.rejection.reward_scorer) and cannot generate"
+        )
     _check_sampling(temperature, top_k, top_p, min_p)
     per_row_seeds = not isinstance(seed, (int, np.integer))
     if not (all(map(_is_seed, seed)) if per_row_seeds and isinstance(seed, Sequence) else _is_seed(seed)):

@@ -190,6 +190,8 @@ def test_a_scalar_head_reward_model_scores_as_transformers_does(reward_model_dir
         rejection.reward_scorer(model, tokenizer, "scalar", "42")
     with pytest.raises(ValueError, match="no score head"):
         rejection.reward_scorer(policy, tokenizer, "scalar")
+    with pytest.raises(ValueError, match="sequence-classification head .* cannot generate"):
+        llama_jax.generate(model, [prompt], max_new_tokens=2)
 
 
 def test_a_score_head_of_the_wrong_shape_is_named(reward_model_dir, tmp_path):
