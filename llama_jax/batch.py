@@ -502,9 +502,9 @@ def job_config(args: argparse.Namespace) -> JobConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    from llama_jax.cli import _enable_compile_cache
+    from llama_jax.cli import enable_compile_cache
 
-    _enable_compile_cache()
+    enable_compile_cache()
     try:
         job = job_config(args)
         model, tokenizer = jobs.load_model(job.checkpoint, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh,

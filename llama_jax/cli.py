@@ -65,7 +65,7 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
-def _enable_compile_cache() -> None:
+def enable_compile_cache() -> None:
     """Persist compiled programs across runs (unless the user configured JAX's cache already)."""
     import jax
 
@@ -141,7 +141,7 @@ def register_generate(subparsers) -> None:
 def generate_main(args: argparse.Namespace) -> int:
     from llama_jax import sampler
 
-    _enable_compile_cache()
+    enable_compile_cache()
     try:
         model, tokenizer = _load(args)
         prompt = tokenizer.encode(args.prompt, bos=True, eos=False)
@@ -173,7 +173,7 @@ def chat_main(args: argparse.Namespace) -> int:
     from llama_jax import sampler
     from llama_jax.chat import ChatFormat
 
-    _enable_compile_cache()
+    enable_compile_cache()
     try:
         model, tokenizer = _load(args)
         chat = ChatFormat(tokenizer)

@@ -173,9 +173,9 @@ def register(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from llama_jax import jobs
-    from llama_jax.cli import _enable_compile_cache
+    from llama_jax.cli import enable_compile_cache
 
-    _enable_compile_cache()
+    enable_compile_cache()
     dialog = [{"role": "user", "content": args.message}]
     if args.response is not None:
         dialog.append({"role": "assistant", "content": args.response})

@@ -602,9 +602,9 @@ def register(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from llama_jax import jobs
-    from llama_jax.cli import _enable_compile_cache
+    from llama_jax.cli import enable_compile_cache
 
-    _enable_compile_cache()
+    enable_compile_cache()
     try:
         job = jobs.config_from_args(TrainJob, args)
         history = run_job(job).history
