@@ -303,7 +303,7 @@ def decode_fp8(run: Run) -> dict:
     model = _random_model(config, fp8_layers=range(1, config.n_layers - 1))
     rows = _decode_rows(run, model, config)
     prompt_len, steps, _ = _decode_shape(run)
-    _, decode = sampler.lower(model, [[7] * prompt_len], steps)  # the batch-1 program timed above
+    _, decode = sampler.lower(model, [[7] * prompt_len], max_new_tokens=steps)  # the batch-1 program timed above
     calls = fp8_gemm_calls(decode.compile().as_text())
     quantized = config.n_layers - 2
     bf16 = {r["batch"]: r for r in getattr(run, "decode_bf16_rows", []) if "seconds_per_step" in r}

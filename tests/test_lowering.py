@@ -99,19 +99,19 @@ def _splash_calls(text: str) -> list[str]:
 def test_bf16_prefill_for_cuda_runs_cudnn_fused_attention(cudnn):
     model = _model()
     # The same program traced for this CPU first: the target is in the jit cache key, never mixed up.
-    here, _ = sampler.lower(model, PROMPTS, NEW_TOKENS)
-    prefill, _ = sampler.lower(model, PROMPTS, NEW_TOKENS, platforms=("cuda",))
+    here, _ = sampler.lower(model, PROMPTS, max_new_tokens=NEW_TOKENS)
+    prefill, _ = sampler.lower(model, PROMPTS, max_new_tokens=NEW_TOKENS, platforms=("cuda",))
     assert _cudnn_calls(here.as_text()) == set()
     assert _cudnn_calls(prefill.as_text()) == {"__cudnn$fmhaSoftmax"}
     # ... and the check can fail: the dense backend lowers to plain dots.
-    dense, _ = sampler.lower(_model(attention="dense"), PROMPTS, NEW_TOKENS, platforms=("cuda",))
+    dense, _ = sampler.lower(_model(attention="dense"), PROMPTS, max_new_tokens=NEW_TOKENS, platforms=("cuda",))
     assert _cudnn_calls(dense.as_text()) == set()
 
 
 def test_bf16_prefill_for_tpu_runs_the_splash_kernel():
-    prefill, _ = sampler.lower(_model(), PROMPTS, NEW_TOKENS, platforms=("tpu",))
+    prefill, _ = sampler.lower(_model(), PROMPTS, max_new_tokens=NEW_TOKENS, platforms=("tpu",))
     assert _splash_calls(prefill.as_text())
-    dense, _ = sampler.lower(_model(attention="dense"), PROMPTS, NEW_TOKENS, platforms=("tpu",))
+    dense, _ = sampler.lower(_model(attention="dense"), PROMPTS, max_new_tokens=NEW_TOKENS, platforms=("tpu",))
     assert _splash_calls(dense.as_text()) == []
 
 
@@ -162,7 +162,7 @@ def fp8_upcasts(text: str) -> list[str]:
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_fp8_mode_multiplies_fp8_by_fp8_and_never_upcasts_the_fp8_weights(platform):
-    prefill, decode = sampler.lower(_model(fp8_matmul="fp8"), PROMPTS, NEW_TOKENS, platforms=(platform,))
+    prefill, decode = sampler.lower(_model(fp8_matmul="fp8"), PROMPTS, max_new_tokens=NEW_TOKENS, platforms=(platform,))
     # w1, w3, w2: once in the layer scan's body (prefill), once per layer in the decode step.
     assert len(fp8_dots(prefill.as_text())) == 3
     assert len(fp8_dots(decode.as_text())) == 3 * CONFIG.n_layers
@@ -170,7 +170,7 @@ def test_fp8_mode_multiplies_fp8_by_fp8_and_never_upcasts_the_fp8_weights(platfo
 
 
 def test_the_fp8_checks_see_the_dequant_mode_upcast():
-    prefill, decode = sampler.lower(_model(fp8_matmul="dequant"), PROMPTS, NEW_TOKENS, platforms=("cuda",))
+    prefill, decode = sampler.lower(_model(fp8_matmul="dequant"), PROMPTS, max_new_tokens=NEW_TOKENS, platforms=("cuda",))
     assert fp8_dots(decode.as_text()) == []
     assert fp8_upcasts(decode.as_text())
 
@@ -180,7 +180,7 @@ def test_the_fp8_checks_see_the_dequant_mode_upcast():
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu", "cpu"])
 def test_generation_has_no_host_callback_and_donates_the_kv_cache(platform):
-    prefill, decode = sampler.lower(_model(), PROMPTS, NEW_TOKENS, platforms=(platform,))
+    prefill, decode = sampler.lower(_model(), PROMPTS, max_new_tokens=NEW_TOKENS, platforms=(platform,))
     prefill_text, decode_text = prefill.as_text(), decode.as_text()
     assert "stablehlo.while" in decode_text
     assert host_callbacks(prefill_text) == [] and host_callbacks(decode_text) == []
