@@ -108,16 +108,16 @@ def _sampling(fields: Mapping, vocab: int) -> SamplingParams:
     try:
         params = SamplingParams(**fields)
         params.check_vocab(vocab)
-    except ValueError as e:
-        raise _BadLine(str(e).split(":")[0], str(e)) from None
+    except sampling.InvalidSampling as e:
+        raise _BadLine(e.field, str(e)) from None
     return params.canonical()
 
 
 def _check_seed(seed) -> None:
     try:
         sampling.check_field("seed", seed)
-    except ValueError as e:
-        raise _BadLine("seed", str(e)) from None
+    except sampling.InvalidSampling as e:
+        raise _BadLine(e.field, str(e)) from None
 
 
 _DONE = object()  # what the reader yields for a request whose result is already in the output

@@ -26,11 +26,12 @@ the stacked buffers, XLA copies every layer's weights out of them on every step,
 (scanned or unrolled alike; `tests/test_decode_program.py` reads the compiled loop to keep it so).
 The price: the layer weights are held twice, and the decode program's compile time grows with depth.
 
-What to sample is a `SamplingParams` (`llama_jax/sampling.py`, with the filters and Meta's rules);
-`generate(model, prompts, params)` or its fields as keywords. Each prompt row has its own PRNG stream, `fold_in(key(seed), row)`, so a
-prompt's sample does not depend on what it was batched with; with one seed per prompt
-(`seed=[s0, s1, ...]`) row i's stream is `fold_in(key(s_i), 0)`, the stream of that prompt generated
-alone with `seed=s_i`, so it does not depend on its row either (the batch job relies on this).
+What to sample is a `SamplingParams` (`llama_jax/sampling.py`, with the filters and Meta's rules):
+`generate(model, prompts, params)`, or its fields as keywords. Each prompt row has its own PRNG
+stream, `fold_in(key(seed), row)`, so a prompt's sample does not depend on what it was batched with;
+with one seed per prompt (`seed=[s0, s1, ...]`) row i's stream is `fold_in(key(s_i), 0)`, the stream
+of that prompt generated alone with `seed=s_i`, so it does not depend on its row either (the batch
+job relies on this).
 
 `top_logprobs=K` also records, at every step, the K most likely ids and their log-softmax under the
 untempered logits (on device, `lax.top_k`), for distillation data.
@@ -533,15 +534,26 @@ def lower(
     unroll = decode_unroll(model, unroll)
     graphdef, params_state = nnx.split(model)
     cache = jax.eval_shape(lambda: _empty_cache(model, job.prompt_bp.shape[0], job.cache_len))
-    prefill_args = (graphdef, params_state, job.prompt_bp, job.lengths_b, job.active_b, cache, job.seeds_b,
-                    job.streams_b, job.knobs, job.stop_ids)  # fmt: skip
+    prefill_args = (
+        graphdef,
+        params_state,
+        job.prompt_bp,
+        job.lengths_b,
+        job.active_b,
+        cache,
+        job.seeds_b,
+        job.streams_b,
+        job.knobs,
+        job.stop_ids,
+    )
     layers = layer_weights(model) if unroll is None else None
     limit = np.int32(params.max_new_tokens)
     with platform.lowering_for(platforms[0] if platforms else None):  # what attention "auto" selects for
         prefill = _prefill.trace(*prefill_args, n_out=job.n_out, mode=job.mode)
         state = jax.eval_shape(functools.partial(_prefill, n_out=job.n_out, mode=job.mode), *prefill_args)
-        decode = _decode.trace(graphdef, params_state, layers, state, limit, job.knobs, job.stop_ids,
-                               mode=job.mode, unroll=unroll)  # fmt: skip
+        decode = _decode.trace(
+            graphdef, params_state, layers, state, limit, job.knobs, job.stop_ids, mode=job.mode, unroll=unroll
+        )
     return prefill.lower(lowering_platforms=platforms), decode.lower(lowering_platforms=platforms)
 
 

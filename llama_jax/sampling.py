@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "InvalidSampling",
     "META_TEMPERATURE",
     "META_TOP_P",
     "Mode",
@@ -56,8 +57,8 @@ def _is_seed(x) -> bool:
     return _is_int(x) and 0 <= x < 2**32
 
 
-# field -> (valid?, what was expected). The vocabulary bounds (top_k, top_logprobs, stop_tokens) are
-# checked against a model by `SamplingParams.check_vocab`.
+# field -> (valid?, what was expected). The vocabulary bounds of top_k and top_logprobs are checked
+# against a model by `SamplingParams.check_vocab`; stop tokens (given or the model's default ones) by the sampler.
 _RULES = {
     "max_new_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (0 = greedy)"),
@@ -74,11 +75,19 @@ _RULES = {
 }
 
 
+class InvalidSampling(ValueError):
+    """A bad sampling setting; `field` names it (the batch job reports it per request line)."""
+
+    def __init__(self, field: str, expected: str, value) -> None:
+        super().__init__(f"{field}: expected {expected}, got {value!r}")
+        self.field = field
+
+
 def check_field(name: str, value) -> None:
-    """Raise ValueError("<name>: expected ..., got ...") unless `value` is valid for field `name`."""
+    """Raise InvalidSampling("<name>: expected ..., got ...") unless `value` is valid for field `name`."""
     valid, expected = _RULES[name]
     if not valid(value):
-        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+        raise InvalidSampling(name, expected, value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +151,9 @@ class SamplingParams:
         """The same sampling with the settings greedy ignores reset, so equal programs compare equal."""
         if self.greedy:
             return dataclasses.replace(self, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
-        return dataclasses.replace(self, temperature=float(self.temperature), top_p=float(self.top_p),
-                                   min_p=float(self.min_p))  # fmt: skip
+        return dataclasses.replace(
+            self, temperature=float(self.temperature), top_p=float(self.top_p), min_p=float(self.min_p)
+        )
 
     @property
     def mode(self) -> Mode:
@@ -159,22 +169,14 @@ class SamplingParams:
 
     def knobs(self) -> np.ndarray:
         """The traced half: float32 [temperature (1 when greedy), top_p, min_p]."""
-        return knobs(self.temperature, self.top_p, self.min_p)
+        return np.asarray([self.temperature or 1.0, self.top_p, self.min_p], np.float32)
 
     def check_vocab(self, vocab_size: int) -> None:
-        """The bounds that depend on the model: top_k, top_logprobs and stop tokens within the vocabulary."""
+        """The bounds that depend on the model: top_k and top_logprobs at most the vocabulary size."""
         for name in ("top_k", "top_logprobs"):
             if getattr(self, name) > vocab_size:
-                raise ValueError(
-                    f"{name}: expected an integer in [0, {vocab_size}] (the vocabulary size), got {getattr(self, name)}"
-                )
-        for t in self.stop_tokens or ():
-            if not 0 <= t < vocab_size:
-                raise ValueError(f"stop_tokens: token {t} is outside the vocabulary [0, {vocab_size})")
-
-
-def knobs(temperature, top_p, min_p) -> np.ndarray:
-    return np.asarray([temperature or 1.0, top_p, min_p], np.float32)
+                expected = f"an integer in [0, {vocab_size}] (the vocabulary size)"
+                raise InvalidSampling(name, expected, getattr(self, name))
 
 
 # ---- filters: small pure functions on float32 logits [B, V] ---------------------------------------------

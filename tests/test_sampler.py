@@ -445,8 +445,9 @@ def test_sampling_params_validate_once_and_name_the_field():
         (dict(max_new_tokens=4, seed=[1, -2]), "seed"),
         (dict(max_new_tokens=4, logprobs="yes"), "logprobs"),
     ]:
-        with pytest.raises(ValueError, match=rf"^{field}: expected"):
+        with pytest.raises(ValueError, match=rf"^{field}: expected") as error:
             sampling.SamplingParams(**fields)
+        assert error.value.field == field  # what the batch job reports per request line
     with pytest.raises(ValueError, match=r"top_k: expected an integer in \[0, 10\]"):
         sampling.SamplingParams(max_new_tokens=4, top_k=11).check_vocab(10)
 
