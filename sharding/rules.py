@@ -181,9 +181,7 @@ class ShardingSpec:
         return NamedSharding(self.mesh, self.spec(names, shape))
 
 
-_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
-    "sharding_rules", default=None
-)
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("sharding_rules", default=None)
 
 
 def logical_to_spec(

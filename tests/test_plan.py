@@ -105,7 +105,9 @@ def test_collective_bytes_count_the_layer_loop_per_layer():
 
 def test_report_regenerates_only_the_marked_table(tmp_path, tiny_plan):
     doc = tmp_path / "SHARDING.md"
-    doc.write_text(f"# Title\n\nprose before\n\n{plan_report.TABLE_BEGIN}\nold table\n{plan_report.TABLE_END}\n\nprose after\n")
+    doc.write_text(
+        f"# Title\n\nprose before\n\n{plan_report.TABLE_BEGIN}\nold table\n{plan_report.TABLE_END}\n\nprose after\n"
+    )
     plan_report.write_report(doc, results=[("tiny on 8 CPUs", tiny_plan)])
     text = doc.read_text()
     assert text.startswith("# Title\n\nprose before\n\n") and text.endswith("\n\nprose after\n")
