@@ -476,7 +476,7 @@ def job_config(args: argparse.Namespace) -> JobConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    from llama_jax.cli import enable_compile_cache
+    from llama_jax.platform import enable_compile_cache
 
     enable_compile_cache()
     try:

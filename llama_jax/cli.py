@@ -7,16 +7,18 @@
     train     --config FILE [--data F --resume]     fine-tune / distill / DPO, see `llama_jax/train.py`
     rejection --input F --output F --n N --scorer M:F  best-of-n samples or pairs, see `llama_jax/rejection.py`
     guard     --message TEXT [--response TEXT]       Llama Guard 3 safety classification, see `llama_jax/guard.py`
+    plan      --config FILE --mesh AXES [--preset P]  per-device memory on a mesh, see `llama_jax/plan.py`
 
 Each command lives in one `register(subparsers)` function that adds its parser and sets
-`func=<main(args) -> exit code>`; a new command is one more entry in `COMMANDS`.
+`func=<main(args) -> exit code>`; a new command is one more entry in `COMMANDS`. A command's module is
+imported only when that command runs (or when every parser is built, `build_parser()`): `generate`
+never imports the training stack. The top-level `--help` lists the commands from `COMMANDS` alone.
 Without `--checkpoint`, generate and chat run the embedded default model, whose weights are random.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 import time
@@ -69,38 +71,12 @@ def _sampling_params(args: argparse.Namespace, stop_tokens) -> sampling.Sampling
     )
 
 
-def enable_compile_cache() -> None:
-    """Persist compiled programs across runs (unless the user configured JAX's cache already)."""
-    import jax
-
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
-        return
-    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path.home() / ".cache" / "llama_jax" / "xla"))
-
-
 def _load(args: argparse.Namespace):
-    """(model, tokenizer) from the arguments; announces the random default loudly on stderr."""
-    from llama_jax import default_model
-    from llama_jax.tokenizer import Tokenizer, find_tokenizer
+    """(model, tokenizer) from the model options, the one way every job gets them (`jobs.load_model`)."""
+    from llama_jax.jobs import load_model
 
-    if args.checkpoint is None:
-        print(default_model.RANDOM_WEIGHTS_NOTICE, file=sys.stderr, flush=True)
-        model = default_model.default_model(dtype=args.dtype or "float32", warn=False, attention=args.attention)
-        tokenizer_path = args.tokenizer or default_model.tokenizer_path()
-        if tokenizer_path is None:
-            raise ValueError(
-                "no tokenizer: install llama-models (it ships Llama 3's tokenizer.model) or pass --tokenizer"
-            )
-    else:
-        from llama_jax.loading import load
-
-        model = load(
-            args.checkpoint, dtype=args.dtype or "bfloat16", attention=args.attention, fp8_matmul=args.fp8_matmul
-        )
-        tokenizer_path = args.tokenizer or find_tokenizer(args.checkpoint)
-        if tokenizer_path is None:
-            raise ValueError(f"{args.checkpoint}: no tokenizer.model here or in original/; pass --tokenizer PATH")
-    return model, Tokenizer.from_file(tokenizer_path)
+    return load_model(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype, attention=args.attention,
+                      fp8_matmul=args.fp8_matmul)  # fmt: skip
 
 
 def _stream_text(tokenizer, tokens: Iterator[int], out) -> tuple[list[int], object]:
@@ -143,9 +119,9 @@ def register_generate(subparsers) -> None:
 
 
 def generate_main(args: argparse.Namespace) -> int:
-    from llama_jax import sampler
+    from llama_jax import platform, sampler
 
-    enable_compile_cache()
+    platform.enable_compile_cache()
     try:
         model, tokenizer = _load(args)
         prompt = tokenizer.encode(args.prompt, bos=True, eos=False)
@@ -174,10 +150,10 @@ def register_chat(subparsers) -> None:
 
 
 def chat_main(args: argparse.Namespace) -> int:
-    from llama_jax import sampler
+    from llama_jax import platform, sampler
     from llama_jax.chat import ChatFormat
 
-    enable_compile_cache()
+    platform.enable_compile_cache()
     try:
         model, tokenizer = _load(args)
         chat = ChatFormat(tokenizer)
@@ -247,24 +223,44 @@ def _register_guard(subparsers) -> None:
     guard.register(subparsers)
 
 
-COMMANDS: tuple[Callable[[object], None], ...] = (
-    register_generate, register_chat, _register_convert, _register_batch, _register_train, _register_rejection,
-    _register_guard,
-)  # fmt: skip
+def _register_plan(subparsers) -> None:
+    from llama_jax import plan
+
+    plan.register(subparsers)
 
 
-def build_parser() -> argparse.ArgumentParser:
+# name -> (register, the one line the top-level --help shows)
+COMMANDS: dict[str, tuple[Callable[[object], None], str]] = {
+    "generate": (register_generate, "continue a prompt, streaming the text to stdout"),
+    "chat": (register_chat, "interactive chat (Llama 3.1 chat format) on stdin"),
+    "convert": (_register_convert, "convert between HF, Meta and Orbax checkpoints"),
+    "batch": (_register_batch, "a resumable JSONL generation job"),
+    "train": (_register_train, "fine-tune, distil or DPO-train a model"),
+    "rejection": (_register_rejection, "best-of-n sampling scored by a reward model"),
+    "guard": (_register_guard, "classify a prompt or a response with Llama Guard 3"),
+    "plan": (_register_plan, "per-device memory of a model on a mesh (AOT-compiled, no weights)"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser: every command's (None), or only `command`'s, the others listed by name and help only
+    (so that their modules, e.g. the training stack for `generate`, are never imported)."""
     parser = argparse.ArgumentParser(prog="python -m llama_jax", description="Llama 3.1 in JAX/Flax NNX.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in COMMANDS:
-        register(subparsers)
+    for name, (register, summary) in COMMANDS.items():
+        if command is None or name == command:
+            register(subparsers)
+        else:
+            subparsers.add_parser(name, help=summary, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from llama_jax import platform
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else ""
+    args = build_parser(command).parse_args(argv)
     # Before any computation starts JAX's backend: XLA reads its flags and memory fraction only then.
     platform.configure_gpu_environment()
     return args.func(args)

@@ -173,7 +173,7 @@ def register(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from llama_jax import jobs
-    from llama_jax.cli import enable_compile_cache
+    from llama_jax.platform import enable_compile_cache
 
     enable_compile_cache()
     dialog = [{"role": "user", "content": args.message}]

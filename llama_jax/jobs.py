@@ -114,10 +114,9 @@ def load_model(checkpoint, *, tokenizer=None, dtype: str | None = None, mesh: st
     """
     from llama_jax import default_model, platform
     from llama_jax.loading import load
+    from llama_jax.placement import llama_rules, shard_model
     from llama_jax.tokenizer import Tokenizer
     from sharding.mesh import make_mesh
-    from sharding.placement import shard_model
-    from sharding.rules import get_rules
 
     if fp8_matmul not in platform.FP8_MATMUL_MODES:
         raise ValueError(f"fp8_matmul: expected one of {platform.FP8_MATMUL_MODES}, got {fp8_matmul!r}")
@@ -133,7 +132,7 @@ def load_model(checkpoint, *, tokenizer=None, dtype: str | None = None, mesh: st
             checkpoint,
             dtype=dtype or "bfloat16",
             mesh=mesh,
-            rules=get_rules(rules) if mesh else None,
+            rules=llama_rules(rules) if mesh else None,
             attention=attention,
             fp8_matmul=fp8_matmul,
         )

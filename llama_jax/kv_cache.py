@@ -52,7 +52,7 @@ class KVCache:
         def write_rows(buf, new):
             # Take layer i out, write each row there, put it back: a batched scatter into the full
             # [L, B, S, K, H] buffer made XLA materialise 2-3 copies of the whole cache per step
-            # (measured by sharding.plan on 405B: 20.9 GiB of temporaries for a 7.9 GiB cache).
+            # (measured by the planner on 405B: 20.9 GiB of temporaries for a 7.9 GiB cache).
             layer = jax.lax.dynamic_index_in_dim(buf, i, axis=0, keepdims=False)  # [B, S, K, H]
 
             def write_row(layer_b, new_b, start_b):  # layer_b [S, K, H], new_b [T, K, H]

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama_jax.model import LORA_TARGETS, Llama, LoraSpec
-from sharding.placement import state_shardings
+from llama_jax.placement import state_shardings
 
 __all__ = ["LoraSpec", "LORA_TARGETS", "add_adapters", "adapter_state", "merge"]
 

@@ -114,3 +114,10 @@ def configure_gpu_environment(environ: MutableMapping[str, str] | None = None) -
     updates = gpu_environment(environ)
     environ.update(updates)
     return updates
+
+
+def enable_compile_cache() -> None:
+    """Persist compiled programs across runs (unless the user configured JAX's cache already)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path.home() / ".cache" / "llama_jax" / "xla"))

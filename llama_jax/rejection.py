@@ -324,7 +324,7 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from llama_jax.cli import enable_compile_cache
+    from llama_jax.platform import enable_compile_cache
 
     enable_compile_cache()
     try:

@@ -50,12 +50,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax import platform
+from llama_jax import placement, platform
 from llama_jax.config import LLAMA3_VOCAB_SIZE
 from llama_jax.kv_cache import KVCache
 from llama_jax.model import LayerWeights
 from llama_jax.sampling import Mode, SamplingParams, sample_rows
-from sharding import placement
 
 __all__ = [
     "LLAMA3_STOP_TOKENS",

@@ -51,7 +51,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax.model import Llama
-from sharding.placement import state_shardings
+from llama_jax.placement import state_shardings
 from sharding.rules import logical_to_spec
 
 __all__ = ["TrainConfig", "Trainer", "cross_entropy", "full_kl", "learning_rate_schedule", "make_optimizer", "topk_kl"]
@@ -602,7 +602,7 @@ def register(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from llama_jax import jobs
-    from llama_jax.cli import enable_compile_cache
+    from llama_jax.platform import enable_compile_cache
 
     enable_compile_cache()
     try:

@@ -47,35 +47,11 @@ LOGICAL_AXES = (
     "batch", "seq", "cache_seq", "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm", "layers",
 )  # fmt: skip
 
-# The logical axes of every parameter of `llama_jax.model.Llama` and of the KV cache
-# (`tests/test_sharding.py` checks this list against the model's own metadata). Within one of these
-# arrays two logical axes may never share a mesh axis: that is what `validate` calls a collision.
+# Within one array two logical axes may never share a mesh axis: that is what `validate` calls a
+# collision. Which arrays a model holds, and their logical axes, is the model's own business: it
+# passes them as `arrays` (`llama_jax.placement.array_axes()` reads a Llama's from its parameters).
 # Activations are exempt by design: ("batch", "seq", "embed") under FSDP maps both batch and embed to
 # "fsdp"; the first axis that divides takes it, so activations split by batch and weights by embed.
-PARAMETER_AXES: dict[str, tuple[str, ...]] = {
-    "tok_embeddings": ("vocab", "embed"),
-    "output": ("embed", "vocab"),
-    "norm": ("norm",),
-    "layers.attention_norm": ("layers", "norm"),
-    "layers.ffn_norm": ("layers", "norm"),
-    "layers.attention.wq": ("layers", "embed", "q_heads", "head_dim"),
-    "layers.attention.wk": ("layers", "embed", "kv_heads", "head_dim"),
-    "layers.attention.wv": ("layers", "embed", "kv_heads", "head_dim"),
-    "layers.attention.wo": ("layers", "q_heads", "head_dim", "embed"),
-    "layers.feed_forward.w1": ("layers", "embed", "mlp"),
-    "layers.feed_forward.w3": ("layers", "embed", "mlp"),
-    "layers.feed_forward.w2": ("layers", "mlp", "embed"),
-}
-# FP8 models (`Llama(..., fp8=quant.Fp8Spec(...))`) add per-channel scales and the unquantized layers' FFNs.
-FP8_PARAMETER_AXES: dict[str, tuple[str, ...]] = {
-    "layers.feed_forward.w1_scale": ("layers", "mlp"),
-    "layers.feed_forward.w3_scale": ("layers", "mlp"),
-    "layers.feed_forward.w2_scale": ("layers", "embed"),
-    "dense_ffn.w1": ("layers", "embed", "mlp"),
-    "dense_ffn.w3": ("layers", "embed", "mlp"),
-    "dense_ffn.w2": ("layers", "mlp", "embed"),
-}
-CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")  # = llama_jax.kv_cache.CACHE_AXES
 
 _REPLICATED = (("seq", None), ("cache_seq", None), ("head_dim", None), ("norm", None), ("layers", None))
 
@@ -148,10 +124,10 @@ def _targets(target: str | tuple[str, ...] | None) -> tuple[str, ...]:
 def validate(rules: Rules, *, arrays: Mapping[str, Sequence[str]] | None = None) -> tuple:
     """Check a rules table and return it as a tuple (hashable, usable in `ShardingSpec`).
 
-    Rejected: a row that is not (name, target); a logical name the model does not use, or listed
-    twice; a mesh axis listed twice in one target; and collisions: two logical axes of one parameter
-    (or of the KV cache) mapped to the same mesh axis, which would silently replicate one of them.
-    `arrays` (default: every parameter and the KV cache) names the arrays to check.
+    Rejected: a row that is not (name, target); a logical name outside `LOGICAL_AXES`, or listed
+    twice; a mesh axis listed twice in one target; and collisions: two logical axes of one of
+    `arrays` (name -> its logical axes, e.g. every parameter and the KV cache of a model) mapped to
+    the same mesh axis, which would silently replicate one of them.
     """
     table: dict[str, tuple[str, ...]] = {}
     for row in rules:
@@ -159,7 +135,7 @@ def validate(rules: Rules, *, arrays: Mapping[str, Sequence[str]] | None = None)
             raise ValueError(f"rules row {row!r}: expected (logical axis, mesh axis | tuple | None)")
         name, target = row
         if name not in LOGICAL_AXES:
-            raise ValueError(f"rules: unknown logical axis {name!r}; the model uses {LOGICAL_AXES}")
+            raise ValueError(f"rules: unknown logical axis {name!r}; the rules tables name {LOGICAL_AXES}")
         if name in table:
             raise ValueError(f"rules: logical axis {name!r} is listed twice")
         axes = _targets(target)
@@ -168,8 +144,7 @@ def validate(rules: Rules, *, arrays: Mapping[str, Sequence[str]] | None = None)
         if len(set(axes)) != len(axes):
             raise ValueError(f"rules: {name!r} -> {target!r} lists a mesh axis twice")
         table[name] = axes
-    checked = dict(arrays) if arrays is not None else {**PARAMETER_AXES, **FP8_PARAMETER_AXES, "kv_cache": CACHE_AXES}
-    for array, names in checked.items():
+    for array, names in (arrays or {}).items():
         owner: dict[str, str] = {}
         for name in names:
             for axis in table.get(name, ()):
@@ -183,13 +158,13 @@ def validate(rules: Rules, *, arrays: Mapping[str, Sequence[str]] | None = None)
     return tuple(rules)
 
 
-def get_rules(strategy: str | Rules) -> tuple:
-    """A strategy's rules by name ("dp", "fsdp", "tp", "fsdp_tp"), or a custom table, validated."""
+def get_rules(strategy: str | Rules, *, arrays: Mapping[str, Sequence[str]] | None = None) -> tuple:
+    """A strategy's rules by name ("dp", "fsdp", "tp", "fsdp_tp"), or a custom table validated against `arrays`."""
     if isinstance(strategy, str):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown sharding strategy {strategy!r}; expected one of {sorted(STRATEGIES)}")
         return STRATEGIES[strategy]
-    return validate(strategy)
+    return validate(strategy, arrays=arrays)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,9 +181,7 @@ class ShardingSpec:
         return NamedSharding(self.mesh, self.spec(names, shape))
 
 
-_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
-    "llama_jax_sharding_rules", default=None
-)
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("sharding_rules", default=None)
 
 
 def logical_to_spec(

@@ -189,8 +189,8 @@ def dataclasses_replace(job, **changes):
 
 
 def test_dpo_on_a_mesh_matches_one_device():
+    from llama_jax.placement import shard_model
     from sharding.mesh import make_mesh
-    from sharding.placement import shard_model
 
     pairs = synthetic_preferences(n=8)
     with_ref = pairs.with_reference(dpo.reference_logps(Llama(TINY, dtype=jnp.float32, rngs=nnx.Rngs(0)), pairs))

@@ -1,6 +1,6 @@
 """The memory planner: compiled per-device bytes that add up, for a small model and a real one.
 
-Each plan runs as `python -m sharding.plan ... --json` in its own process, as a user runs it: the
+Each plan runs as `python -m llama_jax plan ... --json` in its own process, as a user runs it: the
 planner creates its own virtual devices (this test process already has 8).
 """
 
@@ -10,11 +10,10 @@ import pathlib
 import jax.numpy as jnp
 import pytest
 
-from llama_jax import quant
+from llama_jax import placement, plan, plan_report, quant
 from llama_jax.config import model_config_from_file
 from llama_jax.model import DEFAULT_PREFILL_CHUNK
 from sharding import mesh as mesh_lib
-from sharding import placement, plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GIB = 1 << 30
@@ -22,7 +21,7 @@ GIB = 1 << 30
 
 @pytest.fixture(scope="module")
 def tiny_plan():
-    return plan.plan_subprocess(
+    return plan_report.plan_subprocess(
         ["--config", "configs/tiny.py", "--mesh", "fsdp=2,tensor=4", "--batch", "8", "--context", "256", "--preset",
          "cpu"]
     )  # fmt: skip
@@ -50,12 +49,8 @@ def test_small_plan_bytes_add_up(tiny_plan):
     assert p["prompt"] == 256 and p["chunk"] == min(256, DEFAULT_PREFILL_CHUNK) and p["attention"] == "blockwise"
 
 
-def test_planner_prefills_in_the_models_chunks():
-    assert plan.DEFAULT_PREFILL_CHUNK == DEFAULT_PREFILL_CHUNK
-
-
 def test_eight_b_on_eight_devices_splits_weights_eight_ways():
-    p = plan.plan_subprocess(
+    p = plan_report.plan_subprocess(
         ["--config", "configs/llama3_1_8b.py", "--preset", "h100x8", "--batch", "8", "--context", "8192"]
     )
     assert p["mesh"]["tensor"] == 8 and p["devices"] == 8
@@ -110,8 +105,10 @@ def test_collective_bytes_count_the_layer_loop_per_layer():
 
 def test_report_regenerates_only_the_marked_table(tmp_path, tiny_plan):
     doc = tmp_path / "SHARDING.md"
-    doc.write_text(f"# Title\n\nprose before\n\n{plan.TABLE_BEGIN}\nold table\n{plan.TABLE_END}\n\nprose after\n")
-    plan.write_report(doc, results=[("tiny on 8 CPUs", tiny_plan)])
+    doc.write_text(
+        f"# Title\n\nprose before\n\n{plan_report.TABLE_BEGIN}\nold table\n{plan_report.TABLE_END}\n\nprose after\n"
+    )
+    plan_report.write_report(doc, results=[("tiny on 8 CPUs", tiny_plan)])
     text = doc.read_text()
     assert text.startswith("# Title\n\nprose before\n\n") and text.endswith("\n\nprose after\n")
     assert "old table" not in text
@@ -122,5 +119,5 @@ def test_report_regenerates_only_the_marked_table(tmp_path, tiny_plan):
 
 def test_planner_rejects_a_mesh_that_is_not_the_hardware():
     with pytest.raises(RuntimeError, match="has 4 devices; h100x8 has 8"):
-        plan.plan_subprocess(["--config", "configs/tiny.py", "--preset", "h100x8", "--mesh", "tensor=4"])
+        plan_report.plan_subprocess(["--config", "configs/tiny.py", "--preset", "h100x8", "--mesh", "tensor=4"])
     assert math.prod(mesh_lib.preset("h100x8").mesh.values()) == 8

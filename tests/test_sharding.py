@@ -22,11 +22,11 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec
 
 import llama_jax
-from llama_jax import loading
+from llama_jax import loading, placement
 from llama_jax.kv_cache import CACHE_AXES
 from llama_jax.weights import layout
 from sharding import mesh as mesh_lib
-from sharding import ops, placement
+from sharding import ops
 from sharding import rules as sharding_rules
 from tests import checkpoints
 
@@ -109,22 +109,26 @@ def test_presets_name_their_hardware():
 # ---- rules --------------------------------------------------------------------------------------
 
 
-def test_parameter_axes_table_is_the_models():
+def test_parameter_axes_are_read_from_the_model():
+    """Which logical axes a parameter carries is the model's own metadata; rules are checked against all of them."""
     model = placement.abstract_model(llama_jax.LlamaConfig(**MODEL))
-    found = {
-        ".".join(map(str, path)): tuple(v.get_metadata()["out_sharding"])
-        for path, v in nnx.to_flat_state(nnx.state(model))
-    }
-    found = {k.removesuffix(".weight"): v for k, v in found.items()}
-    assert found == sharding_rules.PARAMETER_AXES
-    assert sharding_rules.CACHE_AXES == CACHE_AXES
+    axes = placement.parameter_axes(model)
+    assert axes["layers.attention.wq"] == ("layers", "embed", "q_heads", "head_dim")
+    assert axes["output"] == ("embed", "vocab") and axes["norm"] == ("norm",)
+    for path, v in nnx.to_flat_state(nnx.state(model)):
+        assert len(axes[".".join(path).removesuffix(".weight")]) == v.ndim, path
+    every = placement.array_axes()
+    assert set(axes) < set(every) and every["kv_cache"] == CACHE_AXES
+    # an FP8 model's per-channel scales and the unquantized layers' FFNs are checked too
+    assert every["layers.feed_forward.w2_scale"] == ("layers", "embed") and "dense_ffn.w1" in every
+    assert {name for names in every.values() for name in names} <= set(sharding_rules.LOGICAL_AXES)
 
 
 def test_every_strategy_is_named_and_valid():
     assert set(sharding_rules.STRATEGIES) == {"dp", "fsdp", "tp", "fsdp_tp"}
     assert sharding_rules.get_rules("fsdp_tp") == sharding_rules.DEFAULT_RULES
     for rules in sharding_rules.STRATEGIES.values():
-        assert sharding_rules.validate(rules) == tuple(rules)
+        assert sharding_rules.validate(rules, arrays=placement.array_axes()) == tuple(rules)
         assert {name for name, _ in rules} == set(sharding_rules.LOGICAL_AXES)
 
 
@@ -142,7 +146,7 @@ def test_every_strategy_is_named_and_valid():
 )
 def test_rules_reject_collisions_and_mistakes(rules, message):
     with pytest.raises(ValueError, match=message):
-        sharding_rules.get_rules(rules)
+        placement.llama_rules(rules)
 
 
 def test_axes_that_do_not_divide_are_replicated():
@@ -158,8 +162,8 @@ def test_axes_that_do_not_divide_are_replicated():
     # With a kv_rep axis the 2 KV heads split over tensor=2 and only kv_rep replicates them.
     mesh = mesh_lib.make_mesh("kv_rep=4,tensor=2")
     assert sharding_rules.logical_to_spec(CACHE_AXES, rules, mesh=mesh, shape=(2, 8, 32, 2, 16))[3] == "tensor"
-    wq = sharding_rules.logical_to_spec(sharding_rules.PARAMETER_AXES["layers.attention.wq"], rules, mesh=mesh,
-                                        shape=(2, 64, 8, 8))  # fmt: skip
+    wq_axes = placement.array_axes()["layers.attention.wq"]
+    wq = sharding_rules.logical_to_spec(wq_axes, rules, mesh=mesh, shape=(2, 64, 8, 8))
     assert wq == PartitionSpec(None, None, ("tensor", "kv_rep"), None)
 
 
@@ -179,8 +183,8 @@ def test_sharded_logits_equal_unsharded(checkpoint, reference, axes):
     mesh = mesh_lib.make_mesh(axes)
     model = llama_jax.load(checkpoint, dtype="float32", mesh=mesh)
     wq = model.layers.attention.wq[...]
-    assert wq.sharding.is_equivalent_to(model.sharding.sharding(
-        sharding_rules.PARAMETER_AXES["layers.attention.wq"], wq.shape), wq.ndim)  # fmt: skip
+    wq_axes = placement.logical_axes(model.layers.attention.wq)
+    assert wq.sharding.is_equivalent_to(model.sharding.sharding(wq_axes, wq.shape), wq.ndim)
     full, cached = reference
     assert relative_error(nnx.jit(lambda m, t: m(t))(model, TOKENS), full) <= TOLERANCE
     assert relative_error(_cached_logits(model, model.sharding), cached) <= TOLERANCE
@@ -305,8 +309,9 @@ def test_each_device_reads_only_its_slice(checkpoint, reference):
     config = ckpt.config
     spec = model.sharding
     expected = {}  # source tensor -> elements in one device's slice of it
+    axes = placement.parameter_axes(model)
     for rule in layout.rules_for(config):
-        names = sharding_rules.PARAMETER_AXES[".".join(rule.path).removesuffix(".weight")]
+        names = axes[".".join(rule.path).removesuffix(".weight")]
         shape = tuple(dict(nnx.to_flat_state(nnx.state(model)))[rule.path].get_value().shape)
         if rule.per_layer:
             names, shape = names[1:], shape[1:]

@@ -20,10 +20,10 @@ import llama_jax
 from llama_jax import data, lora
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama, LoraSpec
+from llama_jax.placement import shard_model
 from llama_jax.train import TrainConfig, Trainer, TrainJob, full_kl, run_job, topk_kl
 from llama_jax.weights import layout
 from sharding.mesh import make_mesh
-from sharding.placement import shard_model
 from tests import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,8 @@
-"""Put a model and its KV cache on a mesh, or describe them there without any memory (for planning).
+"""A Llama on a mesh: its parameters' logical axes, placed, sharded caches, and abstract shapes for planning.
+
+`sharding/` knows meshes and rules tables, nothing of Llama; this module is where the two meet.
+Which parameter carries which logical axes is read from the model itself (the `out_sharding`
+metadata every `nnx.Param` of `llama_jax.model` is created with), never restated in a table.
 
 `llama_jax.load(path, mesh=..., rules=...)` streams a checkpoint straight into place; these helpers
 cover the rest: an in-memory model moved onto a mesh (`shard_model`), a KV cache created directly
@@ -7,6 +11,8 @@ in its sharded home (`zeros_cache`), and abstract, sharded shapes of both (`abst
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +27,41 @@ from sharding import rules as sharding_rules
 from sharding.rules import ShardingSpec
 
 
-def sharding_spec(mesh: Mesh, rules: str | sharding_rules.Rules = "fsdp_tp") -> ShardingSpec:
-    """A `ShardingSpec` from a mesh and a strategy name or rules table (validated)."""
-    return ShardingSpec(mesh, tuple(sharding_rules.get_rules(rules)))
-
-
 def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
+
+
+def logical_axes(variable: nnx.Variable) -> tuple[str, ...]:
+    """The logical axis names a parameter was created with (`model._param(..., names)`)."""
+    return tuple(variable.get_metadata()["out_sharding"])
+
+
+def parameter_axes(model: Llama | nnx.State) -> dict[str, tuple[str, ...]]:
+    """{"layers.attention.wq": ("layers", "embed", "q_heads", "head_dim"), ...} for every parameter of `model`."""
+    state = model if isinstance(model, nnx.State) else nnx.state(model)
+    flat = nnx.to_flat_state(state)
+    return {".".join(map(str, path)).removesuffix(".weight"): logical_axes(v) for path, v in flat}
+
+
+@functools.cache
+def array_axes() -> dict[str, tuple[str, ...]]:
+    """The logical axes of every array a Llama can hold: each parameter of a bf16 and of an FP8 model
+    (its per-channel scales and the unquantized layers' `dense_ffn`), and the KV cache. Rules are
+    validated against these (`llama_rules`). Read from a tiny abstract model: shapes do not matter."""
+    config = LlamaConfig(dim=8, n_layers=3, n_heads=2, n_kv_heads=1, vocab_size=16, ffn_dim=16, max_seq_len=16)
+    axes = parameter_axes(abstract_model(config))
+    axes.update(parameter_axes(abstract_model(config, fp8=quant.Fp8Spec((1,)))))
+    return {**axes, "kv_cache": CACHE_AXES}
+
+
+def llama_rules(strategy: str | sharding_rules.Rules) -> tuple:
+    """A strategy's rules by name, or a custom table checked for collisions in every array of a Llama."""
+    return sharding_rules.get_rules(strategy, arrays=array_axes())
+
+
+def sharding_spec(mesh: Mesh, rules: str | sharding_rules.Rules = "fsdp_tp") -> ShardingSpec:
+    """A `ShardingSpec` from a mesh and a strategy name or rules table (validated)."""
+    return ShardingSpec(mesh, tuple(llama_rules(rules)))
 
 
 def param_shardings(model: Llama, spec: ShardingSpec) -> nnx.State:
@@ -37,7 +71,7 @@ def param_shardings(model: Llama, spec: ShardingSpec) -> nnx.State:
 
 def state_shardings(state: nnx.State, spec: ShardingSpec) -> nnx.State:
     """The NamedSharding of every variable of `state` (a filtered part of a model, real or abstract)."""
-    return jax.tree.map(lambda v: spec.sharding(v.get_metadata()["out_sharding"], v.shape), state, is_leaf=_is_variable)
+    return jax.tree.map(lambda v: spec.sharding(logical_axes(v), v.shape), state, is_leaf=_is_variable)
 
 
 def shard_model(model: Llama, mesh: Mesh, rules: str | sharding_rules.Rules = "fsdp_tp") -> Llama:
@@ -45,7 +79,7 @@ def shard_model(model: Llama, mesh: Mesh, rules: str | sharding_rules.Rules = "f
     spec = sharding_spec(mesh, rules)
     state = nnx.state(model)
     placed = jax.tree.map(
-        lambda v: v.replace(jax.device_put(v.get_value(), spec.sharding(v.get_metadata()["out_sharding"], v.shape))),
+        lambda v: v.replace(jax.device_put(v.get_value(), spec.sharding(logical_axes(v), v.shape))),
         state,
         is_leaf=_is_variable,
     )
@@ -89,9 +123,7 @@ def abstract_state(
     model.sharding = spec
     graphdef, state = nnx.split(model)
     state = jax.tree.map(
-        lambda v: v.replace(
-            jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=spec.sharding(v.get_metadata()["out_sharding"], v.shape))
-        ),
+        lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=spec.sharding(logical_axes(v), v.shape))),
         state,
         is_leaf=_is_variable,
     )

@@ -1,0 +1,203 @@
+"""The layers, and that imports point one way (docs/ARCHITECTURE.md, "Layers").
+
+    sharding/  (meshes, rules tables, constraints, shard_map ops, jax.distributed)  imports nothing of llama_jax
+    llama_jax/ (the model, its placement on a mesh, loading, sampling, jobs, the CLI)  imports sharding/
+    llama_jax.plan (the memory planner) on top of both
+
+The import graph is read from the source (every `import`, at module level or inside a function), so
+a lazy import cannot hide a dependency. And `python -m llama_jax generate` is run to see what it
+really imports: never the training stack.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGES = ("llama_jax", "sharding")
+
+# Cycles another branch of this round removes (issue 14b: the one loader; Orbax stops reaching into
+# `loading`). Listed so that this test guards everything else now; it fails once they are gone, so
+# the entry is deleted then.
+PENDING_CYCLES = [{"llama_jax.loading", "llama_jax.weights.orbax"}]
+PENDING_PRIVATE = {("llama_jax.weights.orbax", "llama_jax.loading._set_layer"),
+                   ("llama_jax.weights.orbax", "llama_jax.loading._zeros")}  # fmt: skip
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: pathlib.Path, only: ast.AST | None = None) -> list[tuple[str, ast.AST]]:
+    """Every (imported name, node) of a module (or of the one node `only`), relative imports resolved:
+    `from a import b` gives a.b."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = []
+    for node in [only] if only is not None else ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, node) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            out += [(f"{base}.{alias.name}", node) for alias in node.names]
+    return out
+
+
+def _owner(imported: str) -> str | None:
+    """The package module an imported name lives in (a.b.c -> a.b when a.b.c is not a module), or None."""
+    while imported and imported not in MODULES:
+        imported = imported.rpartition(".")[0]
+    return imported or None
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports (anywhere in its source)."""
+    graph = {}
+    for name, path in MODULES.items():
+        owners = {_owner(imported) for imported, _ in _imports(name, path)}
+        graph[name] = {o for o in owners if o is not None and o != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while not component or w != v:
+                w = stack.pop()
+                component.add(w)
+            if len(component) > 1:
+                found.append(component)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_graph_sees_function_level_imports():
+    """The reader itself: `cli` imports each command's module only inside a function."""
+    graph = import_graph()
+    assert {"llama_jax.train", "llama_jax.batch", "llama_jax.plan"} <= graph["llama_jax.cli"]
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+
+
+def test_sharding_imports_nothing_of_llama_jax():
+    graph = import_graph()
+    wrong = {m: sorted(d for d in deps if d.split(".")[0] == "llama_jax")
+             for m, deps in graph.items() if m.split(".")[0] == "sharding"}  # fmt: skip
+    assert {m: d for m, d in wrong.items() if d} == {}
+    # and at run time: importing every module of sharding/ loads no llama_jax module
+    code = textwrap.dedent(f"""
+        import importlib, sys
+        for name in {sorted(m for m in MODULES if m.startswith("sharding"))!r}:
+            importlib.import_module(name)
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "llama_jax"))
+    """)
+    assert _python(code).stdout.strip() == "[]"
+
+
+def test_the_import_graph_has_no_cycle():
+    found = cycles(import_graph())
+    assert [c for c in found if c not in PENDING_CYCLES] == [], "import cycle(s)"
+    stale = [c for c in PENDING_CYCLES if c not in found]
+    assert stale == [], "this cycle is gone: delete it from PENDING_CYCLES"
+
+
+def _module_aliases(name: str, path: pathlib.Path) -> dict[str, str]:
+    """Local names bound to package modules: `from llama_jax import loading`, `import sharding.rules as r`."""
+    aliases = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.asname and alias.name in MODULES:
+                    aliases[alias.asname] = alias.name
+        elif isinstance(node, ast.ImportFrom):
+            for (imported, _), alias in zip(_imports(name, path, node), node.names, strict=True):
+                if imported in MODULES:
+                    aliases[alias.asname or alias.name] = imported
+    return aliases
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    reached = set()
+    for name, path in MODULES.items():
+        for imported, _ in _imports(name, path):
+            owner = _owner(imported)
+            if owner not in (None, name) and imported != owner and imported.rpartition(".")[2].startswith("_"):
+                reached.add((name, imported))  # from x import _y
+        aliases = _module_aliases(name, path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                owner = aliases[node.value.id]
+                if owner != name and node.attr.startswith("_") and not node.attr.startswith("__"):
+                    reached.add((name, f"{owner}.{node.attr}"))  # x._y
+    assert reached - PENDING_PRIVATE == set()
+    assert PENDING_PRIVATE - reached == set(), "no longer reached: delete from PENDING_PRIVATE"
+
+
+def _training_stack() -> set[str]:
+    """The trainer, its data and losses (every package module that imports optax), and Orbax checkpointing."""
+    uses_optax = {m for m, p in MODULES.items() if any(i.split(".")[0] == "optax" for i, _ in _imports(m, p))}
+    return {"llama_jax.train", "llama_jax.dpo", "llama_jax.data", "orbax.checkpoint"} | uses_optax
+
+
+def test_generate_never_imports_the_training_stack(tmp_path):
+    """`python -m llama_jax generate` on the embedded model, one token: what it imported, read at exit.
+
+    optax itself is imported by `flax.nnx` (its `nnx.Optimizer`), so no NNX program avoids it; what
+    generate must not add is any optax module beyond those, or any of the training stack.
+    """
+    code = textwrap.dedent("""
+        import atexit, json, runpy, sys
+        atexit.register(lambda: print("MODULES", json.dumps(sorted(sys.modules)), file=sys.stderr))
+        sys.argv = ["llama_jax", "generate", "--prompt", "Hi", "--max-new-tokens", "1", "--temperature", "0"]
+        runpy.run_module("llama_jax", run_name="__main__")
+    """)
+    proc = _python(code, check=False, JAX_COMPILATION_CACHE_DIR=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = set(json.loads(proc.stderr.rpartition("MODULES ")[2]))
+    assert {"llama_jax.sampler", "llama_jax.jobs", "llama_jax.default_model"} <= imported  # it did generate
+    flax_nnx = set(json.loads(_python("import json, sys, flax.nnx; print(json.dumps(sorted(sys.modules)))").stdout))
+    optax = {m for m in imported if m.split(".")[0] == "optax"}
+    assert sorted(optax - flax_nnx) == []
+    training = _training_stack()
+    assert sorted(m for m in imported if m in training or m.startswith("orbax.checkpoint.")) == []
+
+
+def _python(code: str, check: bool = True, **environ: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(environ)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=300, check=check)  # fmt: skip
