@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from llama_jax import atomic, fp8
+from llama_jax.loading import open_checkpoint
 from llama_jax.weights import layout
 from llama_jax.weights.checkpoint import Checkpoint, ModelCheckpoint
 from llama_jax.weights.hf_writer import write_hf
@@ -66,8 +67,6 @@ def convert(
       `fp8_scales_{rank}.pt` layout (to="meta"). An FP8 source keeps its FP8 values and scales.
     mp: model-parallel ranks for to="meta" (`consolidated.00.pth` ... split as fairscale splits them).
     """
-    from llama_jax.loading import open_checkpoint
-
     src = pathlib.Path(src).absolute()
     if pathlib.Path(dst).absolute() == src:
         raise ValueError("source and destination are the same directory")
