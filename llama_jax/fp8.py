@@ -46,18 +46,18 @@ def spec(ckpt: Checkpoint, matmul: str = "auto", device: jax.Device | None = Non
 
 
 def fills(
-    ckpt: Checkpoint, param: layout.Path, fp8: quant.Fp8Spec
+    ckpt: Checkpoint, param: layout.Path, fp8_spec: quant.Fp8Spec
 ) -> list[tuple[layout.Path, np.dtype | None, list[Place | None]]]:
     """(model parameter, dtype (None: the model's), one `Place` or None per stacked row) for FFN weight `param`.
 
     None leaves a row as the preallocated zeros: the FP8 slot of a layer whose FFN is in `dense_ffn`.
     """
     w, n = param[-1], ckpt.config.n_layers
-    quantized = set(fp8.quantized_layers)
+    quantized = set(fp8_spec.quantized_layers)
     slots = [functools.partial(ckpt.place, param, i) if i in quantized else None for i in range(n)]
     scales = [functools.partial(_place_scale, ckpt, param, i if i in quantized else None) for i in range(n)]
     out = [(param, np.dtype(quant.FP8), slots), (param[:-1] + (w + "_scale",), np.dtype(np.float32), scales)]
-    dense = fp8.dense_layers(n)
+    dense = fp8_spec.dense_layers(n)
     if dense:
         out.append((("dense_ffn", w), None, [functools.partial(ckpt.place, param, i) for i in dense]))
     return out
