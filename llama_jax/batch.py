@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from llama_jax import jobs, sampler, sampling
+from llama_jax import atomic, jobs, sampler, sampling
 from llama_jax.sampling import SamplingParams
 
 __all__ = ["JobConfig", "job_config", "register", "request_seed", "run_batch"]
@@ -279,15 +279,10 @@ class _Results:
         entries = sorted((order.get(key, math.inf), offset, length) for key, (offset, length) in self.done.items())
         if all(a[1] < b[1] for a, b in itertools.pairwise(entries)):
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(self.path, "rb") as src, open(tmp, "wb") as dst:
+        with open(self.path, "rb") as src, atomic.replacing(self.path) as dst:
             for _, offset, length in entries:
                 src.seek(offset)
                 dst.write(src.read(length))
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, self.path)
-        jobs.fsync_dir(self.path.parent)
 
 
 def _result_line(request: _Request, result: sampler.GenerationResult, tokenizer, chat) -> bytes:
@@ -424,7 +419,7 @@ def run_batch(
         bar.close()
         results.close()
     errors.sort(key=lambda e: e["line"])
-    jobs.write_atomically(errors_path, [jobs.json_line(e) for e in errors])
+    atomic.write_atomically(errors_path, [jobs.json_line(e) for e in errors])
     results.canonicalize(reader.first_line)
     elapsed = time.perf_counter() - start
     compiles = sampler.trace_counts()

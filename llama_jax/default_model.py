@@ -16,12 +16,21 @@ import warnings
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from llama_jax.config import LLAMA3_VOCAB_SIZE, LlamaConfig, RopeScaling, ffn_hidden_dim
+from llama_jax.loading import load_from
 from llama_jax.model import Llama
+from llama_jax.weights import layout
+from llama_jax.weights.checkpoint import Checkpoint
 
-__all__ = ["DEFAULT_CONFIG", "RANDOM_WEIGHTS_NOTICE", "default_model", "default_tokenizer", "tokenizer_path"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "RANDOM_WEIGHTS_NOTICE",
+    "DefaultCheckpoint",
+    "default_model",
+    "default_tokenizer",
+    "tokenizer_path",
+]
 
 DEFAULT_CONFIG = LlamaConfig(
     vocab_size=LLAMA3_VOCAB_SIZE,
@@ -45,32 +54,48 @@ RANDOM_WEIGHTS_NOTICE = (
 WEIGHT_STD = 0.02
 
 
+class DefaultCheckpoint(Checkpoint):
+    """The default model's random weights as a checkpoint: N(0, 0.02²) matrices and unit norms from `seed`.
+
+    Drawn from numpy's generator (about 1 s) rather than module initialisation, which draws the 32.8M
+    embedding values several times slower on CPU. Parameters are drawn whole (stacked over layers) in
+    sorted path order: the same seed gives the same weights.
+    """
+
+    def __init__(self, seed: int = 0, config: LlamaConfig = DEFAULT_CONFIG):
+        self.config = config
+        rng = np.random.default_rng(seed)
+        self._values: dict[layout.Path, np.ndarray] = {}
+        for rule in sorted(layout.rules_for(config), key=lambda r: r.path):
+            ours = rule.to_ours(np.broadcast_to(np.float32(0), rule.source_shape(config)), config).shape
+            shape = (config.n_layers, *ours) if rule.per_layer else ours
+            if rule.path[-1] == "weight":  # the RMSNorm scales
+                self._values[rule.path] = np.ones(shape, np.float32)
+            else:
+                self._values[rule.path] = rng.standard_normal(shape, dtype=np.float32)
+                self._values[rule.path] *= np.float32(WEIGHT_STD)
+
+    def check(self) -> None:
+        """Generated for its own config: nothing can be missing."""
+
+    def stored_dtype(self, param: layout.Path) -> np.dtype:
+        return np.dtype(np.float32)
+
+    def tensor(self, param: layout.Path, layer: int | None) -> np.ndarray:
+        value = self._values[param]
+        return value if layer is None else value[layer]
+
+
 def default_model(
     *, seed: int = 0, dtype: str | jnp.dtype = "float32", warn: bool = True, attention: str = "auto"
 ) -> Llama:
-    """The default `Llama` with random weights (N(0, 0.02²) matrices, unit norms) from `seed`.
+    """The default `Llama` with random weights (`DefaultCheckpoint(seed)`) on the default device.
 
     attention: the attention backend (`llama_jax.attention.BACKENDS`).
-    Built from numpy's generator (about 1 s) rather than module initialisation, which draws
-    the 32.8M embedding values several times slower on CPU.
     """
     if warn:
         warnings.warn(RANDOM_WEIGHTS_NOTICE, stacklevel=2)
-    dtype = jnp.dtype(dtype)
-    abstract = nnx.eval_shape(lambda: Llama(DEFAULT_CONFIG, dtype=dtype, rngs=nnx.Rngs(0), attention=attention))
-    graphdef, state = nnx.split(abstract)
-    rng = np.random.default_rng(seed)
-    flat = dict(nnx.to_flat_state(state))
-    for path in sorted(flat):  # a fixed order: the same seed gives the same weights
-        variable = flat[path]
-        shape = variable.get_value().shape
-        if variable.get_metadata()["out_sharding"][-1] == "norm":
-            value = np.ones(shape, np.float32)
-        else:
-            value = rng.standard_normal(shape, dtype=np.float32)
-            value *= np.float32(WEIGHT_STD)
-        variable.set_value(jnp.asarray(value, dtype))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return load_from(DefaultCheckpoint(seed), dtype=dtype, attention=attention)
 
 
 def tokenizer_path() -> pathlib.Path | None:

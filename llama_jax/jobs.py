@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import sys
 import typing
 from collections.abc import Mapping
 from typing import Any
+
+from llama_jax.atomic import fsync_dir, write_atomically  # the shared atomic writer, re-exported for the jobs
 
 __all__ = ["add_config_arguments", "config_from_args", "config_from_mapping", "fsync_dir", "json_line", "load_model",
            "tokenizer_file", "write_atomically"]  # fmt: skip
@@ -142,25 +143,3 @@ def load_model(checkpoint, *, tokenizer=None, dtype: str | None = None, mesh: st
 def json_line(record: dict) -> bytes:
     """One JSONL line (UTF-8, not ASCII-escaped, newline-terminated)."""
     return (json.dumps(record, ensure_ascii=False) + "\n").encode()
-
-
-def fsync_dir(directory: pathlib.Path) -> None:
-    """Make a rename in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: pathlib.Path, lines: list[bytes]) -> None:
-    """Replace `path` by `lines` all at once: a crash leaves the old file or the new one, never a part."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(b"".join(lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)

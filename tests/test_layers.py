@@ -22,14 +22,6 @@ import textwrap
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("llama_jax", "sharding")
 
-# Cycles another branch of this round removes (issue 14b: the one loader; Orbax stops reaching into
-# `loading`). Listed so that this test guards everything else now; it fails once they are gone, so
-# the entry is deleted then.
-PENDING_CYCLES = [{"llama_jax.loading", "llama_jax.weights.orbax"}]
-PENDING_PRIVATE = {("llama_jax.weights.orbax", "llama_jax.loading._set_layer"),
-                   ("llama_jax.weights.orbax", "llama_jax.loading._zeros")}  # fmt: skip
-
-
 def _modules() -> dict[str, pathlib.Path]:
     found = {}
     for package in PACKAGES:
@@ -129,9 +121,7 @@ def test_sharding_imports_nothing_of_llama_jax():
 
 def test_the_import_graph_has_no_cycle():
     found = cycles(import_graph())
-    assert [c for c in found if c not in PENDING_CYCLES] == [], "import cycle(s)"
-    stale = [c for c in PENDING_CYCLES if c not in found]
-    assert stale == [], "this cycle is gone: delete it from PENDING_CYCLES"
+    assert found == [], "import cycle(s)"
 
 
 def _module_aliases(name: str, path: pathlib.Path) -> dict[str, str]:
@@ -162,8 +152,7 @@ def test_no_module_reaches_into_another_modules_private_names():
                 owner = aliases[node.value.id]
                 if owner != name and node.attr.startswith("_") and not node.attr.startswith("__"):
                     reached.add((name, f"{owner}.{node.attr}"))  # x._y
-    assert reached - PENDING_PRIVATE == set()
-    assert PENDING_PRIVATE - reached == set(), "no longer reached: delete from PENDING_PRIVATE"
+    assert reached == set()
 
 
 def _training_stack() -> set[str]:

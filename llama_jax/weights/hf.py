@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import re
 
 import numpy as np
 
+from llama_jax import fp8
 from llama_jax.config import LlamaConfig, read_json
 from llama_jax.weights import layout
-from llama_jax.weights.safetensors_io import DTYPES, SafetensorsFile
+from llama_jax.weights.safetensors_io import SafetensorsFile
+from llama_jax.weights.source import SourceCheckpoint
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -19,7 +22,7 @@ def is_hf_checkpoint(path: pathlib.Path) -> bool:
     return (path / "config.json").is_file() and ((path / SINGLE).exists() or (path / INDEX).exists())
 
 
-class HFCheckpoint:
+class HFCheckpoint(SourceCheckpoint):
     fmt = "hf"
 
     def __init__(self, path: str | pathlib.Path):
@@ -39,7 +42,8 @@ class HFCheckpoint:
             self.score_labels = int(labels)
         # FP8 405B release: rowwise float8_e4m3fn weights with a float32 `weight_scale` [out, 1].
         self.quantization: dict | None = quantization or None
-        self._fp8_layers: tuple[int, ...] | None = None
+        if self.quantization:
+            self.activation_scale_ub = float(self.quantization.get("activation_scale_ub", self.activation_scale_ub))
         self._files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, str] = {}  # tensor name -> file name
         if (self.path / INDEX).exists():
@@ -81,15 +85,14 @@ class HFCheckpoint:
         for f in self._files.values():
             f.release()
 
+    @functools.cached_property
     def fp8_layers(self) -> tuple[int, ...]:
         """Layers whose FFN weights are stored float8_e4m3fn (empty for an unquantized checkpoint)."""
-        if self._fp8_layers is None:
-            self._fp8_layers = self._fp8_layers_from_config() if self.quantization else ()
-        return self._fp8_layers
+        return self._fp8_layers_from_config() if self.quantization else ()
 
-    def fp8_scale(self, rule: layout.Rule, layer: int) -> np.ndarray:
-        """float32 [out]: the `weight_scale` (dequant multiplier per output row) of FFN weight `rule`."""
-        name = rule.hf.format(i=layer)[: -len("weight")] + "weight_scale"
+    def fp8_scale(self, param: layout.Path, layer: int) -> np.ndarray:
+        """float32 [out]: the `weight_scale` (dequant multiplier per output row) of FFN weight `param`."""
+        name = self.source_name(param, layer)[: -len("weight")] + "weight_scale"
         return np.asarray(self.read(name), np.float32).reshape(-1)
 
     def _fp8_layers_from_config(self) -> tuple[int, ...]:
@@ -104,28 +107,29 @@ class HFCheckpoint:
         skip = self.quantization.get("modules_to_not_convert")
         skip = ["lm_head"] if skip is None else list(skip)
         where = f"{self.path / 'config.json'}: quantization_config.modules_to_not_convert"
-        fp8 = np.dtype(DTYPES["F8_E4M3"])
         modules = [("lm_head", None)] if not self.config.tie_embeddings else []
         for i in range(self.config.n_layers):
             modules += [(f"model.layers.{i}.self_attn.{p}_proj", i) for p in "qkvo"]
-            modules += [(f"model.layers.{i}.mlp.{p}_proj", i) for p in ("gate", "up", "down")]
+            modules += [(f"model.layers.{i}.mlp.{fp8.HF_PROJECTIONS[w]}", i) for w in fp8.WEIGHTS]
         layers, problems = [], []
         for module, i in modules:
             name = module + ".weight"
             if name not in self._where:
                 continue  # reported by `checkpoint.check`
-            converted, stored = not skipped_module(module, skip), self.dtype(name) == fp8
+            converted, stored = not skipped_module(module, skip), self.dtype(name) == fp8.DTYPE
             if converted != stored:
                 says = "does not list" if converted else "lists"
                 problems.append(f"{where} {says} {module!r}, but {name!r} in {self.where(name)} is {self.dtype(name)}")
             elif stored and ".mlp." not in module:
-                problems.append(f"{where} leaves {module!r} to be FP8: only FFN weights may be FP8 (the release "
-                                f"keeps attention and lm_head bf16); add it to the list")  # fmt: skip
-            elif stored and module.endswith("gate_proj"):
+                problems.append(
+                    f"{where} leaves {module!r} to be FP8: only FFN weights may be FP8 (the release "
+                    f"keeps attention and lm_head bf16); add it to the list"
+                )
+            elif stored and module.endswith(fp8.HF_PROJECTIONS["w1"]):
                 layers.append(i)
         for i in range(self.config.n_layers):
-            stored = [self.dtype(n) == fp8 for p in ("gate", "up", "down")
-                      if (n := f"model.layers.{i}.mlp.{p}_proj.weight") in self._where]  # fmt: skip
+            names = [f"model.layers.{i}.mlp.{fp8.HF_PROJECTIONS[w]}.weight" for w in fp8.WEIGHTS]
+            stored = [self.dtype(n) == fp8.DTYPE for n in names if n in self._where]
             if any(stored) and not all(stored):
                 problems.append(f"layer {i} has FP8 for only some of its FFN weights")
         if problems:

@@ -29,13 +29,14 @@ import re
 import ml_dtypes
 import numpy as np
 
+from llama_jax import fp8
 from llama_jax.config import LlamaConfig, is_llama2_params, read_json
 from llama_jax.weights import layout
+from llama_jax.weights.checkpoint import ArrayLike
 from llama_jax.weights.lazy import Concat, Identical, Rescaled
+from llama_jax.weights.source import SourceCheckpoint
 
 _SHARD = re.compile(r"consolidated\.(\d+)\.pth$")
-_FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
-FP8_FFN = ("w1", "w3", "w2")
 
 
 def is_meta_checkpoint(path: pathlib.Path) -> bool:
@@ -76,7 +77,7 @@ def _torch_load(file: pathlib.Path, *, mmap: bool = True):
         raise ValueError(f"{file}: cannot read as a torch checkpoint ({type(e).__name__}: {e})") from e
 
 
-class MetaCheckpoint:
+class MetaCheckpoint(SourceCheckpoint):
     fmt = "meta"
 
     def __init__(self, path: str | pathlib.Path):
@@ -110,7 +111,8 @@ class MetaCheckpoint:
         self.kv_repeat = self._kv_repeat(raw)
         self.config = raw.replace(n_kv_heads=raw.n_kv_heads // self.kv_repeat)
         self._scales = self._read_fp8_scales()
-        self.quantization = {"activation_scale_ub": 1200.0} if self._scales else None
+        self.quantization = {"activation_scale_ub": self.activation_scale_ub} if self._scales else None
+        self.fp8_layers = fp8.release_layers(self.config.n_layers) if self._scales else ()
 
     @property
     def mp(self) -> int:
@@ -175,13 +177,15 @@ class MetaCheckpoint:
     def read(self, name: str) -> np.ndarray:
         """The whole tensor in Meta's source layout (merged, KV heads de-duplicated)."""
         rule = layout.rule_for_source(name, "meta")
-        w = rule.to_source(np.asarray(self.read_ours(rule, name)), self.config)
+        layer = _layer_of(name)
+        w = rule.to_source(np.asarray(self.tensor(rule.path, layer)), self.config)
         if rule.rotary_heads is not None:
             w = layout.hf_to_meta_rows(w, rule.rotary_heads(self.config))
         return w
 
-    def read_ours(self, rule: layout.Rule, name: str):
-        """`name` in our layout, lazily: a view (one shard) or a `Concat` of per-rank pieces."""
+    def tensor(self, param: layout.Path, layer: int | None) -> ArrayLike:
+        """In our layout, lazily: a view (one shard) or a `Concat` of per-rank pieces."""
+        rule, name = self.rule(param), self.source_name(param, layer)
         pieces = [self._piece_ours(rule, name, torch_to_numpy(s[name])) for s in self._shards]
         axis = self._axis(name)
         if axis is None or self.mp == 1 and self.kv_repeat == 1:
@@ -193,8 +197,7 @@ class MetaCheckpoint:
             pieces = [
                 Identical(heads[g : g + r], f"{self.where(name)}: {name!r} head {g}") for g in range(0, len(heads), r)
             ]
-        layer = _layer_of(name)
-        if layer in self.fp8_layers() and rule.path[-1] == "w2" and self.mp > 1:
+        if layer in self.fp8_layers and rule.path[-1] == "w2" and self.mp > 1:
             scales = np.stack([self._rank_scale(layer, "w2", r) for r in range(self.mp)])
             top = scales.max(axis=0)
             pieces = [
@@ -218,41 +221,42 @@ class MetaCheckpoint:
         if not any(present):
             return None
         if not all(present):
-            raise FileNotFoundError(f"{self.path}: FP8 scales missing for rank(s): " + ", ".join(
-                f.name for f, p in zip(files, present, strict=True) if not p))  # fmt: skip
+            raise FileNotFoundError(
+                f"{self.path}: FP8 scales missing for rank(s): "
+                + ", ".join(f.name for f, p in zip(files, present, strict=True) if not p)
+            )
         scales = [_torch_load(f, mmap=False) for f in files]
-        # llama-models' loader quantizes every FFN but the first and last layer's.
-        layers = range(1, self.config.n_layers - 1)
+        layers = fp8.release_layers(self.config.n_layers)
         out_local = {"w1": self.config.ffn_dim // self.mp, "w3": self.config.ffn_dim // self.mp, "w2": self.config.dim}
         for rank, (f, table) in enumerate(zip(files, scales, strict=True)):
-            want = {fp8_scale_key(i, w, rank) for i in layers for w in FP8_FFN}
+            want = {fp8_scale_key(i, w, rank) for i in layers for w in fp8.WEIGHTS}
             missing, extra = sorted(want - set(table)), sorted(set(table) - want)
             if missing or extra:
-                raise ValueError(f"{f}: scale keys do not match layers 1..{self.config.n_layers - 2} of rank {rank}: "
-                                 f"missing {missing[:4]}, unexpected {extra[:4]}")  # fmt: skip
+                raise ValueError(
+                    f"{f}: scale keys do not match layers 1..{self.config.n_layers - 2} of rank {rank}: "
+                    f"missing {missing[:4]}, unexpected {extra[:4]}"
+                )
             for key, t in table.items():
                 w = key.split(".")[1].rsplit("_", 1)[0]
                 if t.numel() != out_local[w] or t.dim() > 2:
                     raise ValueError(f"{f}: scale {key!r} has shape {list(t.shape)}, expected [{out_local[w]}]")
         for i in (0, self.config.n_layers - 1):  # the loader leaves these bf16: FP8 there has no scale
-            for w in FP8_FFN:
+            for w in fp8.WEIGHTS:
                 name = f"layers.{i}.feed_forward.{w}.weight"
-                if name in self.names() and self.dtype(name) == _FP8:
-                    raise ValueError(f"{self.files[0]}: {name!r} is float8_e4m3fn, but llama-models' FP8 loader "
-                                     f"keeps layers 0 and {self.config.n_layers - 1} unquantized (no scale for it)")  # fmt: skip
+                if name in self.names() and self.dtype(name) == fp8.DTYPE:
+                    raise ValueError(
+                        f"{self.files[0]}: {name!r} is float8_e4m3fn, but llama-models' FP8 loader "
+                        f"keeps layers 0 and {self.config.n_layers - 1} unquantized (no scale for it)"
+                    )
         return [{k: t.float().reshape(-1).numpy() for k, t in table.items()} for table in scales]
-
-    def fp8_layers(self) -> tuple[int, ...]:
-        """Layers whose FFN weights are FP8 (empty without fp8_scales files)."""
-        return tuple(range(1, self.config.n_layers - 1)) if self._scales else ()
 
     def _rank_scale(self, layer: int, w: str, rank: int) -> np.ndarray:
         return self._scales[rank][fp8_scale_key(layer, w, rank)]
 
-    def dequantized_ours(self, rule: layout.Rule, name: str, layer: int) -> np.ndarray:
-        """FP8 FFN weight `name` dequantized exactly, float32 in our layout: each rank's piece times its
+    def dequantized(self, param: layout.Path, layer: int) -> np.ndarray:
+        """FP8 FFN weight `param` dequantized exactly, float32 in our layout: each rank's piece times its
         own scales (the output channel is our last axis for w1, w3 and w2 alike)."""
-        w = rule.path[-1]
+        rule, name, w = self.rule(param), self.source_name(param, layer), param[-1]
         pieces = [
             self._piece_ours(rule, name, torch_to_numpy(s[name])).astype(np.float32) * self._rank_scale(layer, w, r)
             for r, s in enumerate(self._shards)
@@ -261,9 +265,9 @@ class MetaCheckpoint:
             pieces[0] if self.mp == 1 else np.concatenate(pieces, axis=layout.ours_split_axis(rule, self._axis(name)))
         )
 
-    def fp8_scale(self, rule: layout.Rule, layer: int) -> np.ndarray:
-        """float32 [out]: the dequant multiplier of each output channel of FFN weight `rule` in `layer`."""
-        w = rule.path[-1]
+    def fp8_scale(self, param: layout.Path, layer: int) -> np.ndarray:
+        """float32 [out]: the dequant multiplier of each output channel of FFN weight `param` in `layer`."""
+        w = param[-1]
         per_rank = [self._rank_scale(layer, w, r) for r in range(self.mp)]
         if w == "w2":  # every rank scaled all D output channels over its own F/mp inputs: the largest covers all
             return np.max(np.stack(per_rank), axis=0)

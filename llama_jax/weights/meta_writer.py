@@ -10,7 +10,7 @@ More ranks than KV heads: every KV head is repeated consecutively so each rank h
 and `n_kv_heads` in params.json counts the copies, as llama-models' `checkpoint.reshard_mp` does
 (`repeat_qk_qv`) and as the 405B MP16 release ships. Our reader merges them back.
 
-FP8 (`quantize="fp8"`): FFN weights of layers 1..L-2 in float8_e4m3fn with `fp8_scales_{rank}.pt`
+FP8 (`quantize="fp8"`): FFN weights of the release's layers 1..L-2 (`fp8.release_layers`) in float8_e4m3fn with `fp8_scales_{rank}.pt`
 (`"{layer}_feed_forward.{w}_{rank}"`, one float32 per output row of that rank's piece), the layout
 llama-models' `llama3/quantization/loader.py` reads. A bf16 source is quantized per rank piece, as
 its `quantize_fp8` quantizes each rank's weight; an FP8 source's values and scales are kept as they are.
@@ -24,36 +24,38 @@ import shutil
 
 import numpy as np
 
-from llama_jax import quant
+from llama_jax import atomic, fp8, quant
 from llama_jax.config import LlamaConfig, ffn_hidden_dim
 from llama_jax.weights import layout
-from llama_jax.weights.meta import FP8_FFN, fp8_scale_key
+from llama_jax.weights.checkpoint import Checkpoint
+from llama_jax.weights.meta import fp8_scale_key
 
 
-def write_meta(src, out: pathlib.Path, dtype, quantize: str | None, mp: int, bar) -> None:
-    """`src` is convert's reader: `config`, `dtype(rule)`, `read(rule, i)` (ours), `fp8_layers`, `fp8(rule, i)`."""
+def write_meta(ckpt: Checkpoint, out: pathlib.Path, dtype, quantize: str | None, mp: int, bar) -> None:
+    """Every tensor of `ckpt` into `out` as `mp` Meta shards (`dtype` None: as stored; FP8 dequantized)."""
     import torch
 
-    config = src.config
+    config = ckpt.config
     if config.n_heads % mp:
         raise ValueError(f"--mp {mp}: n_heads={config.n_heads} is not a multiple of it")
     repeat = mp // config.n_kv_heads if config.n_kv_heads < mp else 1
     if (config.n_kv_heads * repeat) % mp:
         raise ValueError(f"--mp {mp}: n_kv_heads={config.n_kv_heads} cannot be split or repeated over {mp} ranks")
-    quantized = set(range(1, config.n_layers - 1)) if quantize == "fp8" else set()
+    quantized = set(fp8.release_layers(config.n_layers)) if quantize == "fp8" else set()
     staging = out / ".staging"
     names: list[list[tuple[str, pathlib.Path, tuple, str]]] = [[] for _ in range(mp)]
     scales: list[dict[str, torch.Tensor]] = [{} for _ in range(mp)]
     for rule in layout.rules_for(config):
-        tensor_dtype = np.dtype(dtype) if dtype is not None else src.dtype(rule)
+        tensor_dtype = np.dtype(dtype) if dtype is not None else fp8.unquantized_dtype(ckpt, rule.path)
         for i in range(config.n_layers) if rule.per_layer else [None]:
             name = rule.meta if i is None else rule.meta.format(i=i)
-            if i in quantized and rule.path[-1] in FP8_FFN:
-                pieces, piece_scales = _fp8_pieces(src, rule, i, mp)
+            ckpt.release()
+            if i in quantized and rule.path in fp8.PATHS:
+                pieces, piece_scales = _fp8_pieces(ckpt, rule, i, mp)
                 for r, s in enumerate(piece_scales):
                     scales[r][fp8_scale_key(i, rule.path[-1], r)] = torch.from_numpy(s)
             else:
-                pieces = _pieces(np.asarray(src.read(rule, i)), rule, config, mp, repeat)
+                pieces = _pieces(fp8.unquantized(ckpt, rule.path, i), rule, config, mp, repeat)
                 pieces = [p.astype(tensor_dtype) for p in pieces]
             for r, piece in enumerate(pieces):
                 file = staging / f"{r:02d}" / f"{len(names[r]):05d}.bin"
@@ -71,7 +73,7 @@ def write_meta(src, out: pathlib.Path, dtype, quantize: str | None, mp: int, bar
     shutil.rmtree(staging, ignore_errors=True)
     params = meta_params(config)
     params["n_kv_heads"] = config.n_kv_heads * repeat
-    (out / "params.json").write_text(json.dumps(params, indent=2))
+    atomic.write_atomically(out / "params.json", json.dumps(params, indent=2))
 
 
 def _meta_layout(w_ours: np.ndarray, rule: layout.Rule, config: LlamaConfig) -> np.ndarray:
@@ -90,17 +92,17 @@ def _pieces(w_ours: np.ndarray, rule: layout.Rule, config: LlamaConfig, mp: int,
     return [w] * mp if axis is None else np.split(w, mp, axis=axis)
 
 
-def _fp8_pieces(src, rule: layout.Rule, i: int, mp: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _fp8_pieces(ckpt: Checkpoint, rule: layout.Rule, i: int, mp: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Rank pieces of an FP8 FFN weight and each piece's per-row scale (Meta's source layout [out, in])."""
-    config = src.config
+    config = ckpt.config
     axis = layout.meta_split_axis(rule.meta)
-    if i in src.fp8_layers:
-        q_ours, scale = src.fp8(rule, i)
-        q = rule.to_source(q_ours, config)
+    if i in ckpt.fp8_layers:  # an FP8 source's values and scales are kept as stored
+        q = rule.to_source(np.asarray(ckpt.tensor(rule.path, i)), config)
+        scale = ckpt.fp8_scale(rule.path, i)
         if axis == 0:  # rows split: each rank keeps its rows' scales
             return np.split(q, mp, axis=0), [s.astype(np.float32) for s in np.split(scale, mp)]
         return np.split(q, mp, axis=1), [scale.astype(np.float32)] * mp  # one scale covers every rank's slice
-    w = rule.to_source(np.asarray(src.read(rule, i)), config)
+    w = rule.to_source(fp8.unquantized(ckpt, rule.path, i), config)
     pieces = [quant.quantize_rowwise_np(p) for p in np.split(w, mp, axis=axis)]
     return [q for q, _ in pieces], [s.reshape(-1) for _, s in pieces]
 
@@ -131,11 +133,19 @@ def meta_params(config: LlamaConfig) -> dict:
     candidates.append((config.ffn_dim, config.ffn_dim / hidden))  # always exact: rounds up to ffn_dim
     multiple_of, multiplier = next((m, x) for m, x in candidates if ffn_hidden_dim(config.dim, x, m) == config.ffn_dim)
     params = {
-        "dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
-        "vocab_size": config.vocab_size, "multiple_of": multiple_of, "ffn_dim_multiplier": multiplier,
-        "norm_eps": config.norm_eps, "rope_theta": config.rope_theta, "use_scaled_rope": rope is not None,
-        "max_seq_len": config.max_seq_len, "tie_embeddings": config.tie_embeddings,
-    }  # fmt: skip
+        "dim": config.dim,
+        "n_layers": config.n_layers,
+        "n_heads": config.n_heads,
+        "n_kv_heads": config.n_kv_heads,
+        "vocab_size": config.vocab_size,
+        "multiple_of": multiple_of,
+        "ffn_dim_multiplier": multiplier,
+        "norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "use_scaled_rope": rope is not None,
+        "max_seq_len": config.max_seq_len,
+        "tie_embeddings": config.tie_embeddings,
+    }
     if rope is not None:
         params["rope_scaling_factor"] = rope.factor
     return params

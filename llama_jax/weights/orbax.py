@@ -7,8 +7,9 @@
 
 Why not one pytree of stacked [L, ...] arrays: a stacked 405B FFN weight alone is ~220 GB. One item
 per parameter and layer keeps both directions streaming (the host holds one layer's tensor), and
-restoring places each layer straight into its sharded home (`target_sharding` from the abstract
-model), so each device reads only its slice, written into the preallocated stacked parameter.
+restoring places each layer straight into its sharded home (`OrbaxCheckpoint.place`), so each device
+reads only its slice, written into the preallocated stacked parameter by the one placement loop
+(`loading.load_from`).
 Arrays are in our layout (`layout.py`: wq [D, N, H], w1 [D, F], ...) in the stored dtype.
 """
 
@@ -21,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax import atomic, fp8
 from llama_jax.config import LlamaConfig
 from llama_jax.weights import layout
+from llama_jax.weights.checkpoint import Checkpoint
 
 FORMAT = "llama-jax-orbax"
 MANIFEST = "llama_jax.json"
@@ -64,14 +67,24 @@ class OrbaxWriter:
     def finish(self) -> None:
         # The manifest is written last: a directory without it is never taken for a checkpoint.
         manifest = {"format": FORMAT, "version": 2, "config": self.config.to_dict(), "dtypes": self._dtypes}
-        (self.path / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        atomic.write_atomically(self.path / MANIFEST, json.dumps(manifest, indent=2))
         self._ckpt.close()
 
 
-class OrbaxCheckpoint:
-    """Reads our Orbax format: `read(param, layer)` is one parameter (one layer of it) in our layout."""
+def write_orbax(ckpt: Checkpoint, out: pathlib.Path, dtype, bar) -> None:
+    """Every (parameter, layer) of `ckpt` as an item of `out` (`dtype` None: as stored; FP8 dequantized)."""
+    writer = OrbaxWriter(out, ckpt.config)
+    for rule in layout.rules_for(ckpt.config):
+        tensor_dtype = np.dtype(dtype) if dtype is not None else fp8.unquantized_dtype(ckpt, rule.path)
+        for i in range(ckpt.config.n_layers) if rule.per_layer else [None]:
+            ckpt.release()
+            writer.write(rule.path, i, np.asarray(fp8.unquantized(ckpt, rule.path, i), dtype=tensor_dtype))
+            bar()
+    writer.finish()
 
-    fmt = "orbax"
+
+class OrbaxCheckpoint(Checkpoint):
+    """Reads our Orbax format: each (parameter, layer) is one item, in our layout."""
 
     def __init__(self, path: str | pathlib.Path):
         self.path = pathlib.Path(path)
@@ -95,52 +108,17 @@ class OrbaxCheckpoint:
         if missing:
             raise FileNotFoundError(f"{self.path}: Orbax item(s) missing for parameter(s) {missing}")
 
-    def read(self, param: layout.Path, layer: int | None = None, target=None):
-        """numpy (target None), or a jax.Array placed per `target` (a ShapeDtypeStruct with a sharding)."""
-        item = _item(self.path, param, layer)
-        if target is None:
-            return np.asarray(self._ckpt.restore(item)["value"])
-        return self._ckpt.restore(item, {"value": target})["value"]
+    def stored_dtype(self, param: layout.Path) -> np.dtype:
+        return np.dtype(jnp.dtype(self.dtypes[".".join(param)]))
 
+    def tensor(self, param: layout.Path, layer: int | None) -> np.ndarray:
+        return np.asarray(self._ckpt.restore(_item(self.path, param, layer))["value"])
 
-def load_orbax(path, *, dtype, mesh, rules, attention):
-    """Restore a `Llama` from our Orbax format straight onto `mesh` (None: one device)."""
-    from flax import nnx
-
-    from llama_jax import loading
-    from llama_jax.model import Llama
-    from sharding import rules as sharding_rules
-
-    ckpt = OrbaxCheckpoint(path)
-    ckpt.check()
-    dtype = jnp.dtype(dtype)
-    config = ckpt.config
-    abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0), attention=attention))
-    graphdef, state = nnx.split(abstract)
-    if mesh is not None and rules is None:
-        rules = sharding_rules.DEFAULT_RULES
-    flat = dict(nnx.to_flat_state(state))
-    for rule in layout.rules_for(config):
-        variable = flat[rule.path]
-        shape = variable.get_value().shape
-        names = variable.get_metadata()["out_sharding"]
-        stored = jnp.dtype(ckpt.dtypes.get(".".join(rule.path), dtype))
-
-        def restore(layer, shape, names, rule=rule, stored=stored):
-            sharding = loading.target_sharding(names, mesh, rules, shape)
-            value = ckpt.read(rule.path, layer, jax.ShapeDtypeStruct(shape, stored, sharding=sharding))
-            if value.shape != tuple(shape):
-                raise ValueError(f"{path}: {'.'.join(rule.path)} has shape {value.shape}, config needs {shape}")
-            return value
-
-        if rule.per_layer:
-            stacked = loading._zeros(shape, dtype, loading.target_sharding(names, mesh, rules, shape))
-            for i in range(config.n_layers):
-                stacked = loading._set_layer(stacked, restore(i, shape[1:], names[1:]), i)
-        else:
-            stacked = restore(None, shape, names).astype(dtype)
-        variable.set_value(stacked)
-    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
-    if mesh is not None:
-        model.sharding = sharding_rules.ShardingSpec(mesh, tuple(rules))
-    return model
+    def place(self, param: layout.Path, layer: int | None, target: jax.ShapeDtypeStruct) -> jax.Array:
+        """Restored straight into `target.sharding` (each device reads its slice), then cast to `target.dtype`."""
+        stored = jnp.dtype(self.dtypes.get(".".join(param), target.dtype))
+        restore_as = jax.ShapeDtypeStruct(target.shape, stored, sharding=target.sharding)
+        value = self._ckpt.restore(_item(self.path, param, layer), {"value": restore_as})["value"]
+        if value.shape != tuple(target.shape):
+            raise ValueError(f"{self.path}: {'.'.join(param)} has shape {value.shape}, config needs {target.shape}")
+        return value.astype(target.dtype)
