@@ -1,19 +1,9 @@
 """Fine-tuning data: chat dialogs, raw text and teacher top-K records as fixed-length rows of token ids.
 
 Every source becomes an `Examples`: numpy arrays [N, T] in host memory (N rows, T = seq_len), which a
-`Loader` cuts into deterministic, resumable batches.
-
-Alignment, the same for every source: position t of a row holds the input `tokens[t]` and the token
-that follows it in the same document, `targets[t]`. A document of n tokens takes n positions. The
-target of its last token is 0 with loss 0, because nothing follows it. Where a row cuts a document
-(a truncated dialog or record, or a text document continued in the next row), the target at the cut
-is still the document's next token, so no target is lost at a cut.
-
-    tokens      <bos>  Hello  world  <eos>  <bos>   Hi   <eos>  <pad>
-    targets     Hello  world  <eos>    0     Hi   <eos>    0      0
-    loss_mask     1      1      1      0      1     1     0      0
-    positions     0      1      2      3      0     1     2      0
-    segment_ids   1      1      1      1      2     2     2      0
+`Loader` cuts into deterministic, resumable batches. The alignment of a row (targets = the next token
+of the same document, segments, positions) is the same for every source; `llama_jax.packing` lays it
+out and shows it.
 """
 
 from __future__ import annotations
@@ -26,8 +16,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from llama_jax.chat import ChatFormat, ToolFormat
+from llama_jax.chat import ChatFormat
+from llama_jax.packing import Document, Examples, assemble, check_seq_len, document, one_per_row, pack, padding_id
 from llama_jax.tokenizer import Tokenizer
+from llama_jax.tools import ToolFormat
 
 __all__ = [
     "Examples",
@@ -47,181 +39,6 @@ LLAMA3_PAD_ID = 128004
 # The key that marks each kind of JSONL record.
 _KIND_KEYS = {"chat": "messages", "text": "text", "distill": "top_logprobs"}
 _INT32_MAX = np.iinfo(np.int32).max
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Examples:
-    """A tokenized dataset in host memory; every array [N, T] (T = seq_len).
-
-    Attributes:
-      tokens: int32 model inputs; the pad id where nothing.
-      targets: int32 next-token targets within the same document; 0 where none.
-      loss_mask: float32, 1 where the target is trained on, else 0.
-      positions: int32 rotary positions, restarting at 0 at each segment.
-      segment_ids: int32, 0 = padding, 1, 2, ... = document (piece) within the row; attention must
-        stay within a segment.
-      teacher_ids, teacher_logprobs: [N, T, K] int32 / float32, the teacher's top-K ids and
-        log-probabilities for `targets[:, t]` (distillation); 0 where `loss_mask` is 0.
-      n_documents: dialogs / texts / records given.
-      n_truncated: dialogs or records longer than a row, kept cut at T.
-      n_dropped: dialogs or records left out because no trained target remained (no assistant
-        message or completion, or everything trained lay beyond T).
-      n_continued: text documents longer than the space left for them, continued in the next row.
-    """
-
-    tokens: np.ndarray
-    targets: np.ndarray
-    loss_mask: np.ndarray
-    positions: np.ndarray
-    segment_ids: np.ndarray
-    teacher_ids: np.ndarray | None = None
-    teacher_logprobs: np.ndarray | None = None
-    n_documents: int = 0
-    n_truncated: int = 0
-    n_dropped: int = 0
-    n_continued: int = 0
-
-    def __post_init__(self) -> None:
-        shape = self.tokens.shape
-        if len(shape) != 2:
-            raise ValueError(f"tokens: expected [N, T], got shape {shape}")
-        if (self.teacher_ids is None) != (self.teacher_logprobs is None):
-            raise ValueError("teacher_ids and teacher_logprobs go together: give both or neither")
-        k = () if self.teacher_ids is None else self.teacher_ids.shape[-1:]
-        for name, dtype in _ARRAY_DTYPES.items():
-            if (value := getattr(self, name)) is not None:
-                _check_array(value, name, shape + k if name.startswith("teacher") else shape, dtype)
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-    @property
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The per-row arrays that are present, by field name: what a `Loader` batch holds."""
-        return {name: value for name in _ARRAY_DTYPES if (value := getattr(self, name)) is not None}
-
-
-_ARRAY_DTYPES = {
-    "tokens": np.int32,
-    "targets": np.int32,
-    "loss_mask": np.float32,
-    "positions": np.int32,
-    "segment_ids": np.int32,
-    "teacher_ids": np.int32,
-    "teacher_logprobs": np.float32,
-}
-
-
-def _check_array(value: Any, name: str, shape: tuple[int, ...], dtype: type) -> None:
-    if not isinstance(value, np.ndarray) or value.dtype != dtype or value.shape != shape:
-        found = f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
-        raise ValueError(f"{name}: expected {np.dtype(dtype)} array of shape {shape}, got {found}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Documents: one tokenized dialog / text / record, position-aligned, before it is placed in rows
-
-
-@dataclasses.dataclass(frozen=True)
-class _Doc:
-    """One document: inputs, targets and loss mask [n]; teacher top-K [n, K] for distillation."""
-
-    tokens: np.ndarray
-    targets: np.ndarray
-    loss_mask: np.ndarray
-    teacher_ids: np.ndarray | None = None
-    teacher_logprobs: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def cut(self, start: int, stop: int) -> _Doc:
-        """Positions [start, stop); the target at `stop - 1` stays the document's next token."""
-        return _Doc(*(None if a is None else a[start:stop] for a in dataclasses.astuple(self)))
-
-
-def _doc(ids: Sequence[int], trained: Sequence[bool], teacher: tuple[np.ndarray, np.ndarray] | None = None) -> _Doc:
-    """Document of token ids [n] where `trained[i]` says whether predicting `ids[i]` is trained on."""
-    ids = np.asarray(ids, np.int32)
-    targets = np.append(ids[1:], np.int32(0))
-    loss_mask = np.append(np.asarray(trained[1:], np.float32), np.float32(0))
-    return _Doc(ids, targets, loss_mask, *(teacher or (None, None)))
-
-
-def _assemble(rows: list[list[_Doc]], seq_len: int, pad_id: int, k: int | None, **stats: int) -> Examples:
-    """Rows of documents -> `Examples` [len(rows), seq_len]; each document is one segment."""
-    n = len(rows)
-    tokens = np.full((n, seq_len), pad_id, np.int32)
-    targets = np.zeros((n, seq_len), np.int32)
-    loss_mask = np.zeros((n, seq_len), np.float32)
-    positions = np.zeros((n, seq_len), np.int32)
-    segment_ids = np.zeros((n, seq_len), np.int32)
-    teacher_ids = None if k is None else np.zeros((n, seq_len, k), np.int32)
-    teacher_logprobs = None if k is None else np.zeros((n, seq_len, k), np.float32)
-    for r, row in enumerate(rows):
-        start = 0
-        for segment, doc in enumerate(row, start=1):
-            span = slice(start, start + len(doc))
-            tokens[r, span] = doc.tokens
-            targets[r, span] = doc.targets
-            loss_mask[r, span] = doc.loss_mask
-            positions[r, span] = np.arange(len(doc))
-            segment_ids[r, span] = segment
-            if k is not None:
-                teacher_ids[r, span] = doc.teacher_ids
-                teacher_logprobs[r, span] = doc.teacher_logprobs
-            start += len(doc)
-        assert start <= seq_len, (start, seq_len)
-    return Examples(tokens, targets, loss_mask, positions, segment_ids, teacher_ids, teacher_logprobs, **stats)
-
-
-def _one_per_row(docs: list[_Doc], seq_len: int, pad_id: int, k: int | None) -> Examples:
-    """One document per row: longer ones cut at `seq_len`, those left with no trained target dropped."""
-    rows, truncated, dropped = [], 0, 0
-    for doc in docs:
-        kept = doc.cut(0, seq_len)
-        if not kept.loss_mask.any():
-            dropped += 1
-            continue
-        truncated += len(doc) > seq_len
-        rows.append([kept])
-    return _assemble(rows, seq_len, pad_id, k, n_documents=len(docs), n_truncated=truncated, n_dropped=dropped)
-
-
-def _pack(docs: list[_Doc], seq_len: int) -> tuple[list[list[_Doc]], int]:
-    """Next-fit packing in order. A document that fits in a row is never split: if it does not fit in
-    the space left, a new row starts. A longer one fills the space left and continues in the next rows.
-    Returns the rows and how many documents were continued."""
-    rows: list[list[_Doc]] = []
-    row: list[_Doc] = []
-    free, continued = seq_len, 0
-    for doc in docs:
-        if free < len(doc) <= seq_len:
-            rows.append(row)
-            row, free = [], seq_len
-        continued += len(doc) > free
-        start = 0
-        while start < len(doc):
-            if free == 0:
-                rows.append(row)
-                row, free = [], seq_len
-            piece = doc.cut(start, start + free)
-            row.append(piece)
-            free -= len(piece)
-            start += len(piece)
-    if row:
-        rows.append(row)
-    return rows, continued
-
-
-def _check_seq_len(seq_len: int) -> None:
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int | np.integer) or seq_len < 1:
-        raise ValueError(f"seq_len: expected a positive int, got {seq_len!r}")
-
-
-def _pad_id(tokenizer: Tokenizer) -> int:
-    # Llama 2's sentencepiece model has no pad id (-1); any valid id does, since segment 0 is never attended.
-    return tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,14 +71,14 @@ def chat_examples(
 def _chat_examples(
     labelled: list[tuple[str, Any]], chat: ChatFormat, seq_len: int, tool_format: ToolFormat
 ) -> Examples:
-    _check_seq_len(seq_len)
+    check_seq_len(seq_len)
     # The header is the same for every assistant message; check that each message starts with it.
     header = chat.encode_message({"role": "assistant", "content": ""}, tool_format=tool_format)[:-1]
     docs = [_chat_doc(dialog, chat, header, tool_format, where) for where, dialog in labelled]
-    return _one_per_row(docs, seq_len, _pad_id(chat.tokenizer), None)
+    return one_per_row(docs, seq_len, padding_id(chat.tokenizer), None)
 
 
-def _chat_doc(dialog: Any, chat: ChatFormat, header: list[int], tool_format: ToolFormat, where: str) -> _Doc:
+def _chat_doc(dialog: Any, chat: ChatFormat, header: list[int], tool_format: ToolFormat, where: str) -> Document:
     if isinstance(dialog, Mapping):
         if "messages" not in dialog:
             raise ValueError(
@@ -284,7 +101,7 @@ def _chat_doc(dialog: Any, chat: ChatFormat, header: list[int], tool_format: Too
             n_trained = len(message_ids) - len(header)
         ids += message_ids
         trained += [False] * (len(message_ids) - n_trained) + [True] * n_trained
-    return _doc(ids, trained)
+    return document(ids, trained)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,15 +121,15 @@ def text_examples(texts: Iterable[str], tokenizer: Tokenizer, seq_len: int) -> E
 
 
 def _text_examples(labelled: list[tuple[str, Any]], tokenizer: Tokenizer, seq_len: int) -> Examples:
-    _check_seq_len(seq_len)
+    check_seq_len(seq_len)
     docs = []
     for where, text in labelled:
         if not isinstance(text, str):
             raise ValueError(f"{where}: expected str, got {type(text).__name__}")
         ids = tokenizer.encode(text, bos=True, eos=True)
-        docs.append(_doc(ids, [True] * len(ids)))
-    rows, continued = _pack(docs, seq_len)
-    return _assemble(rows, seq_len, _pad_id(tokenizer), None, n_documents=len(docs), n_continued=continued)
+        docs.append(document(ids, [True] * len(ids)))
+    rows, continued = pack(docs, seq_len)
+    return assemble(rows, seq_len, padding_id(tokenizer), None, n_documents=len(docs), n_continued=continued)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,7 +151,7 @@ def distill_examples(records: Iterable[Mapping[str, Any]], seq_len: int, *, pad_
 
 
 def _distill_examples(labelled: list[tuple[str, Any]], seq_len: int, pad_id: int) -> Examples:
-    _check_seq_len(seq_len)
+    check_seq_len(seq_len)
     docs, k, k_where = [], None, None
     for where, record in labelled:
         doc = _distill_doc(record, where)
@@ -348,10 +165,10 @@ def _distill_examples(labelled: list[tuple[str, Any]], seq_len: int, pad_id: int
     k = k or 0
     # Records without a completion carry K = 0; give them the common K (they are dropped anyway).
     docs = [d if d.teacher_ids.shape[1] == k else _with_k(d, k) for d in docs]
-    return _one_per_row(docs, seq_len, pad_id, k)
+    return one_per_row(docs, seq_len, pad_id, k)
 
 
-def _with_k(doc: _Doc, k: int) -> _Doc:
+def _with_k(doc: Document, k: int) -> Document:
     teacher_ids, teacher_logprobs = _empty_teacher(len(doc), k)
     return dataclasses.replace(doc, teacher_ids=teacher_ids, teacher_logprobs=teacher_logprobs)
 
@@ -361,7 +178,7 @@ def _empty_teacher(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((n, k), np.int32), np.zeros((n, k), np.float32)
 
 
-def _distill_doc(record: Any, where: str) -> _Doc:
+def _distill_doc(record: Any, where: str) -> Document:
     if not isinstance(record, Mapping):
         raise ValueError(f"{where}: expected a dict, got {type(record).__name__}")
     for key in ("sequence", "completion_start", "top_logprobs"):
@@ -387,7 +204,7 @@ def _distill_doc(record: Any, where: str) -> _Doc:
             )
     trained = [False] * start + [True] * n_completion
     if n_completion == 0:
-        return _doc(sequence, trained, _empty_teacher(len(sequence), 0))
+        return document(sequence, trained, _empty_teacher(len(sequence), 0))
     ids = _id_array(top["ids"], f"{where}: top_logprobs.ids", ndim=2)
     logprobs = _logprob_array(top["logprobs"], f"{where}: top_logprobs.logprobs")
     if ids.shape != logprobs.shape or ids.shape[1] == 0:
@@ -396,7 +213,7 @@ def _distill_doc(record: Any, where: str) -> _Doc:
     teacher_ids, teacher_logprobs = _empty_teacher(len(sequence), ids.shape[1])
     teacher_ids[start - 1 : -1] = ids
     teacher_logprobs[start - 1 : -1] = logprobs
-    return _doc(sequence, trained, (teacher_ids, teacher_logprobs))
+    return document(sequence, trained, (teacher_ids, teacher_logprobs))
 
 
 def _id_array(value: Any, where: str, *, ndim: int) -> np.ndarray:
@@ -495,7 +312,7 @@ def load_examples(
             raise ValueError(f"{where}: a {found} record in a {kind} file ({decided})")
     labelled = [(where, record[_KIND_KEYS[kind]] if kind != "distill" else record) for where, record in records]
     if kind == "distill":
-        return _distill_examples(labelled, seq_len, LLAMA3_PAD_ID if tokenizer is None else _pad_id(tokenizer))
+        return _distill_examples(labelled, seq_len, LLAMA3_PAD_ID if tokenizer is None else padding_id(tokenizer))
     if tokenizer is None:
         raise ValueError(f"{path}: {kind} records need a tokenizer")
     if kind == "chat":

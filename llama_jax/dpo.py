@@ -1,4 +1,4 @@
-"""Direct preference optimisation: preference pairs as rows, the DPO / cDPO / IPO losses, reference log-probs.
+"""Direct preference optimisation: preference pairs as rows, their log-probs and losses, reference log-probs.
 
 A pair is `{"prompt": str | "messages": [...], "chosen": ..., "rejected": ...}`: a completion prompt
 (bos + text) or a chat (`ChatFormat.encode_dialog`, ending in the open assistant header), and two
@@ -9,15 +9,8 @@ body + `<|eot_id|>` exactly as `data.chat_examples` trains it, after a text prom
 rejected reply, aligned as in `llama_jax.data` (targets = next token, `loss_mask` on the reply's
 tokens only). Each sequence's log-probability is Σ over trained targets of log softmax(logits)[target].
 
-Losses, per pair, with h = (log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l)):
-    sigmoid  -(1 - ε) · log σ(β h) - ε · log σ(-β h)     (DPO; ε = label_smoothing > 0: conservative DPO)
-    robust   (-(1 - ε) · log σ(β h) + ε · log σ(-β h)) / (1 - 2ε)   (robust DPO: ε = the label-flip rate)
-    ipo      (h' - 1 / (2 β))²                           (IPO, h' with each log-ratio divided by its reply's
-                                                          token count, as TRL computes it)
-Rewards: β · (log π - log π_ref) of each reply; margin = chosen - rejected; accuracy = [margin > 0].
-These are TRL's `DPOTrainer` definitions (`loss_type="sigmoid"`, `"robust"`, `"ipo"`), which
-`tests/test_dpo.py` checks to 1e-5 on the same model and pairs; TRL 1.x dropped the conservative
-variant from "sigmoid" (it was TRL 0.x's `label_smoothing`), so that one is checked against its formula.
+The losses (sigmoid DPO, conservative DPO, robust DPO, IPO) are `llama_jax.losses.dpo_loss`, TRL's
+`DPOTrainer` definitions; here they meet the model (`loss_sums`, the trainer's `objective="dpo"` step).
 """
 
 from __future__ import annotations
@@ -31,18 +24,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from llama_jax.chat import ChatFormat
 from llama_jax.data import numbered_records
+from llama_jax.losses import dpo_loss, sequence_logps
+from llama_jax.packing import ROW_DTYPES, assemble, document, padding_id
 from llama_jax.tokenizer import Tokenizer
 
-__all__ = ["LOSSES", "PairExamples", "dpo_loss", "job_pairs", "load_pairs", "loss_sums", "pair_examples",
-           "pair_logps", "pairs_from_ids", "reference_logps", "sequence_logps"]  # fmt: skip
-
-LOSSES = ("sigmoid", "robust", "ipo")
-_ARRAYS = {"tokens": np.int32, "targets": np.int32, "loss_mask": np.float32, "positions": np.int32,
-           "segment_ids": np.int32}  # fmt: skip
+__all__ = ["PairExamples", "job_pairs", "load_pairs", "loss_sums", "pair_examples", "pair_logps", "pairs_from_ids",
+           "reference_logps"]  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -67,7 +57,7 @@ class PairExamples:
         shape = self.tokens.shape
         if len(shape) != 3 or shape[1] != 2:
             raise ValueError(f"tokens: expected [N, 2, T], got shape {shape}")
-        for name, dtype in _ARRAYS.items():
+        for name, dtype in ROW_DTYPES.items():
             value = getattr(self, name)
             if value.shape != shape or value.dtype != dtype:
                 raise ValueError(f"{name}: expected {np.dtype(dtype)} {shape}, got {value.dtype} {value.shape}")
@@ -79,7 +69,7 @@ class PairExamples:
 
     @property
     def arrays(self) -> dict[str, np.ndarray]:
-        arrays = {name: getattr(self, name) for name in _ARRAYS}
+        arrays = {name: getattr(self, name) for name in ROW_DTYPES}
         if self.ref_logps is not None:
             arrays["ref_logps"] = self.ref_logps
         return arrays
@@ -112,22 +102,14 @@ def pairs_from_ids(
             ids = [*prompt, *reply]
             trained = [False] * len(prompt) + [True] * len(reply)
             truncated += len(ids) > seq_len
-            pair.append((ids[:seq_len], trained[:seq_len]))
-        if not all(any(trained[1:]) for _, trained in pair):
+            # Cut, then align: a cut sequence's last position predicts nothing (unlike `Document.cut`).
+            pair.append(document(ids[:seq_len], trained[:seq_len]))
+        if not all(doc.loss_mask.any() for doc in pair):
             dropped += 1
             continue
-        rows.append(pair)
-    n = len(rows)
-    arrays = {name: np.zeros((n, 2, seq_len), dtype) for name, dtype in _ARRAYS.items()}
-    arrays["tokens"][:] = pad_id
-    for r, pair in enumerate(rows):
-        for c, (ids, trained) in enumerate(pair):
-            k = len(ids)
-            arrays["tokens"][r, c, :k] = ids
-            arrays["targets"][r, c, : k - 1] = ids[1:]
-            arrays["loss_mask"][r, c, : k - 1] = trained[1:]
-            arrays["positions"][r, c, :k] = np.arange(k)
-            arrays["segment_ids"][r, c, :k] = 1
+        rows += [[doc] for doc in pair]
+    flat = assemble(rows, seq_len, pad_id, None)  # [2N, T]: chosen, rejected, chosen, ...
+    arrays = {name: array.reshape(len(rows) // 2, 2, seq_len) for name, array in flat.arrays.items()}
     return PairExamples(**arrays, n_pairs=len(prompts), n_truncated=truncated, n_dropped=dropped)
 
 
@@ -179,8 +161,7 @@ def pair_examples(records: Iterable[tuple[str, Mapping[str, Any]]], tokenizer: T
         prompts.append(prompt)
         chosen.append(replies[0])
         rejected.append(replies[1])
-    pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
-    return pairs_from_ids(prompts, chosen, rejected, seq_len, pad_id=pad)
+    return pairs_from_ids(prompts, chosen, rejected, seq_len, pad_id=padding_id(tokenizer))
 
 
 def load_pairs(path: str | os.PathLike, tokenizer: Tokenizer, seq_len: int) -> PairExamples:
@@ -191,51 +172,15 @@ def load_pairs(path: str | os.PathLike, tokenizer: Tokenizer, seq_len: int) -> P
     return pair_examples(records, tokenizer, seq_len)
 
 
-# ---- log-probabilities and losses (jit-friendly, float32) --------------------------------------------------
-
-
-def sequence_logps(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
-    """Σ over trained targets of log softmax(logits)[target], per row: [B]."""
-    token_logp_bt = -optax.softmax_cross_entropy_with_integer_labels(logits_btv, targets_bt)
-    return jnp.sum(jnp.where(mask_bt > 0, token_logp_bt * mask_bt, 0.0), axis=-1)
+# ---- log-probabilities and the DPO step (jit-friendly, float32) --------------------------------------------
 
 
 def pair_logps(model, batch: Mapping[str, jax.Array], *, remat: bool = False) -> jax.Array:
     """The model's sequence log-probabilities of a batch of pairs: [B, 2]."""
     b, two, t = batch["tokens"].shape
-    flat = {k: batch[k].reshape(b * two, t) for k in _ARRAYS}
+    flat = {k: batch[k].reshape(b * two, t) for k in ROW_DTYPES}
     logits, _ = model.forward(flat["tokens"], flat["positions"], segment_ids=flat["segment_ids"], remat=remat)
     return sequence_logps(logits, flat["targets"], flat["loss_mask"]).reshape(b, two)
-
-
-def dpo_loss(
-    logps_b2: jax.Array,
-    ref_logps_b2: jax.Array,
-    lengths_b2: jax.Array,
-    *,
-    beta: float,
-    loss: str = "sigmoid",
-    label_smoothing: float = 0.0,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Per-pair losses [B] and per-pair metrics (rewards, margin, accuracy), from sequence log-probs [B, 2]."""
-    ratios = logps_b2 - ref_logps_b2  # log π / π_ref of chosen, rejected
-    if loss == "sigmoid":
-        h = beta * (ratios[:, 0] - ratios[:, 1])
-        per_pair = -(1 - label_smoothing) * jax.nn.log_sigmoid(h) - label_smoothing * jax.nn.log_sigmoid(-h)
-    elif loss == "robust":
-        h = beta * (ratios[:, 0] - ratios[:, 1])
-        flipped = label_smoothing * jax.nn.log_sigmoid(-h)
-        per_pair = (-(1 - label_smoothing) * jax.nn.log_sigmoid(h) + flipped) / (1 - 2 * label_smoothing)
-    elif loss == "ipo":
-        per_token = ratios / jnp.maximum(lengths_b2, 1.0)
-        per_pair = (per_token[:, 0] - per_token[:, 1] - 1 / (2 * beta)) ** 2
-    else:
-        raise ValueError(f"dpo loss: expected one of {LOSSES}, got {loss!r}")
-    rewards = beta * jax.lax.stop_gradient(ratios)
-    margin = rewards[:, 0] - rewards[:, 1]
-    metrics = {"rewards/chosen": rewards[:, 0], "rewards/rejected": rewards[:, 1], "rewards/margins": margin,
-               "rewards/accuracies": (margin > 0).astype(jnp.float32)}  # fmt: skip
-    return per_pair, metrics
 
 
 def loss_sums(model, reference, micro, *, beta, loss, label_smoothing, remat=False) -> tuple[jax.Array, dict]:
@@ -277,7 +222,7 @@ def reference_logps(model, pairs: PairExamples, *, batch_size: int = 8) -> np.nd
         return pair_logps(nnx.merge(graphdef, state), batch)
 
     out = np.zeros((len(pairs), 2), np.float32)
-    arrays = {k: v for k, v in pairs.arrays.items() if k in _ARRAYS}
+    arrays = {k: v for k, v in pairs.arrays.items() if k in ROW_DTYPES}
     for start in range(0, len(pairs), batch_size):
         stop = min(start + batch_size, len(pairs))
         batch = {k: np.zeros((batch_size, *v.shape[1:]), v.dtype) for k, v in arrays.items()}

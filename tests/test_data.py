@@ -161,7 +161,7 @@ def test_text_documents_are_bos_text_eos_and_appear_in_order(tokenizer):
     assert ex.n_documents == len(TEXTS)
 
 
-def test_text_packing_layout_matches_the_module_docstring(tokenizer):
+def test_text_packing_layout_matches_the_packing_docstring(tokenizer):
     ex = text_examples(["Hello world", "Hi"], tokenizer, seq_len=8)
     hello, hi = (tokenizer.encode(t, bos=True, eos=True) for t in ("Hello world", "Hi"))
     assert ex.tokens.tolist() == [hello + hi + [PAD]]

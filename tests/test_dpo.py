@@ -13,6 +13,7 @@ from flax import nnx
 
 import llama_jax
 from llama_jax import data, dpo, lora
+from llama_jax.losses import dpo_loss
 from llama_jax.model import Llama, LoraSpec
 from llama_jax.train import TrainConfig, Trainer, TrainJob, run_job
 from llama_jax.weights import layout
@@ -116,7 +117,7 @@ def test_conservative_dpo_is_the_label_smoothed_sigmoid_loss():
     logps = jnp.array([[-3.0, -5.0], [-4.0, -2.0]])
     ref = jnp.array([[-3.5, -4.0], [-4.5, -2.5]])
     beta, eps = 0.5, 0.2
-    per_pair, metrics = dpo.dpo_loss(logps, ref, jnp.ones((2, 2)), beta=beta, label_smoothing=eps)
+    per_pair, metrics = dpo_loss(logps, ref, jnp.ones((2, 2)), beta=beta, label_smoothing=eps)
     h = beta * np.array([(-3.0 + 3.5) - (-5.0 + 4.0), (-4.0 + 4.5) - (-2.0 + 2.5)])
     expected = -(1 - eps) * np.log(1 / (1 + np.exp(-h))) - eps * np.log(1 / (1 + np.exp(h)))
     np.testing.assert_allclose(per_pair, expected, rtol=1e-6)

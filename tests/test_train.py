@@ -19,9 +19,10 @@ from flax import nnx
 import llama_jax
 from llama_jax import data, lora
 from llama_jax.config import LlamaConfig
+from llama_jax.losses import full_kl, topk_kl
 from llama_jax.model import Llama, LoraSpec
 from llama_jax.placement import shard_model
-from llama_jax.train import TrainConfig, Trainer, TrainJob, full_kl, run_job, topk_kl
+from llama_jax.train import TrainConfig, Trainer, TrainJob, run_job
 from llama_jax.weights import layout
 from sharding.mesh import make_mesh
 from tests import checkpoints
