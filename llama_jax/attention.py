@@ -106,6 +106,9 @@ def select(
             choice = "blockwise"
         else:
             choice = "dense"
+    if platform == "tpu" and requested == "auto" and q_offset and q_len > 1:
+        # Splash's mask is static (numpy, built at trace time); a prefill chunk's offset is a traced value.
+        log.info("attention: splash not used: queries at a traced offset into the cache (a prefill chunk)")
     log.info("attention: %s (requested %s; %s, %s, T=%d, S=%d)", choice, requested, platform, dtype, q_len, kv_len)
     return choice
 
