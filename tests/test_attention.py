@@ -156,3 +156,32 @@ def test_chunked_prefill_and_decode_at_long_positions_equal_the_uncached_forward
         # Row 0's tokens follow on in `tokens`; row 1 is fed tokens[1, 2049 + step] (its own next ones).
         want = np.stack([full[0, lengths[0] + step], full[1, lengths[1] + step]])
         assert _relative(logits_b1v[:, 0], want, slice(None)) <= BOUND
+
+
+_LOWERING_CONFIG = LlamaConfig(vocab_size=256, dim=256, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=256,
+                               max_seq_len=1024)  # fmt: skip  # head_dim 128, the fused kernels' shape
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_a_chunked_prefill_lowers_for_tpu_and_cuda(platform, monkeypatch, caplog):
+    """A 512-token bf16 prompt in 256-token chunks, lowered from this CPU. cuda: every chunk runs cuDNN's
+    fused kernel at its offset (an explicit mask). tpu: splash's mask is static, so the chunks at an offset
+    run blockwise, or dense while the scores are small as here (logged); no Mosaic kernel in the program."""
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    from llama_jax import platform as platform_module
+
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)  # no CUDA plugin here
+    model = Llama(_LOWERING_CONFIG, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tokens = jax.ShapeDtypeStruct((2, 512), jnp.int32)
+    cache = jax.eval_shape(lambda: KVCache.zeros(_LOWERING_CONFIG, 2, 512, jnp.bfloat16))
+    prefill = jax.jit(lambda p, t, c: nnx.merge(graphdef, p).prefill(t, c, chunk=256))
+    with caplog.at_level(logging.INFO, logger="llama_jax.attention"), platform_module.lowering_for(platform):
+        text = prefill.trace(params, tokens, cache).lower(lowering_platforms=(platform,)).as_text()
+    assert "stablehlo.while" in text  # the chunk scan
+    if platform == "cuda":
+        assert "__cudnn$fmha" in text and "attention: cudnn" in caplog.text
+    else:
+        assert "tpu_custom_call" not in text
+        assert "splash not used: queries at a traced offset" in caplog.text and "attention: splash (" not in caplog.text
