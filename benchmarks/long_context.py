@@ -8,10 +8,14 @@ own, and the two libraries alternate length by length.
   `Llama.prefill` (compiled ahead, compile excluded) over the prompt padded to its power-of-two
   bucket, as `generate` runs it (chunks past the prompt are skipped). transformers: one
   `model(ids, use_cache=True)` forward with `attn_implementation="sdpa"`.
-- decode tokens/s at context L = steps / wall time of `--steps` single-token steps after that
-  prefill. llama-jax: the jitted `Llama.decode` over the cache, once in a cache bucketed to L
-  (`bucket`) and once in the full 131,072-entry cache (`full_cache`), with blockwise attention (reads
-  the filled blocks) and with dense attention (reads the whole cache), to show which one grows with what.
+- decode tokens/s at context L = steps / wall time of `--steps` single-token steps at positions L, L+1, ..
+  llama-jax: the jitted `Llama.decode` over a cache (its contents do not change the time), once bucketed
+  to L (`bucket`) and once the full 131,072-entry cache (`full_cache`), with blockwise attention (reads
+  the filled blocks) and with dense attention (reads the whole cache), to show which one grows with what:
+  the summary's `decode_ms_per_step` table. transformers: steps after its prefill, over its own cache.
+- prefill attention GFLOP/s = causal attention FLOPs (`attention_flops`) / prefill time, for both sides,
+  against a measured fp32 matmul and the nominal AVX-512 peak (`machine_peak`). With head_dim 16 the
+  work per score is small and the exp() of every score bounds both libraries well below a matmul's rate.
 
     flock -x /tmp/cpu.lock python benchmarks/long_context.py --out benchmarks/results/long_context_cpu.json
 """
@@ -36,9 +40,40 @@ MAX_POSITIONS = 131_072
 
 
 def _peak_rss() -> int:
-    import resource
+    """This process image's own peak resident memory (VmHWM). Not ru_maxrss: Linux carries the forking
+    process's peak across exec, so a child would report its parent's peak if that were larger."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024  # kB
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def attention_flops(length: int, *, layers: int = 2, n_heads: int = 4, head_dim: int = 16) -> float:
+    """FLOPs of causal attention over an L-token prompt: q·k and p·v, 2·H each per visible (query, key)
+    pair, L(L+1)/2 pairs per head and layer. The rest of this model (dim 64) is < 1% of it at 8K."""
+    return 4.0 * head_dim * n_heads * layers * length * (length + 1) / 2
+
+
+def machine_peak() -> dict:
+    """What the CPU can do: a measured fp32 matmul (jax, 2,048³, best of 5) and the nominal AVX-512 peak
+    (2 FMA pipes × 8 fp32 lanes × 2 FLOPs per cycle and core, AMD Zen 4's double-pumped AVX-512)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((2048, 2048), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(a).block_until_ready()
+    best = min(_timed(lambda: matmul(a).block_until_ready()) for _ in range(5))
+    with open("/proc/cpuinfo") as f:
+        mhz = max(float(line.split(":")[1]) for line in f if line.startswith("cpu MHz"))
+    cores = os.cpu_count() or 1
+    return {"matmul_gflop_per_s": 2 * 2048**3 / best / 1e9, "cpu_mhz": mhz, "cores": cores,
+            "nominal_peak_gflop_per_s": cores * mhz * 1e6 * 32 / 1e9}  # fmt: skip
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _bucket(n: int) -> int:
@@ -161,6 +196,12 @@ def main() -> int:
                     raise SystemExit(f"{side} at {length}: {child.stderr[-3000:]}")
                 results.append(json.loads(child.stdout.strip().splitlines()[-1]))
                 print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    peak = machine_peak()
+    for r in results:  # attention FLOP/s of the prefill, against what the machine can do
+        flops = attention_flops(r["length"]) / r["prefill_s"]
+        r["prefill_attention_gflop_per_s"] = flops / 1e9
+        r["prefill_attention_fraction_of_matmul"] = flops / 1e9 / peak["matmul_gflop_per_s"]
+        r["prefill_attention_fraction_of_nominal_peak"] = flops / 1e9 / peak["nominal_peak_gflop_per_s"]
     by = {(r["side"], r["length"]): r for r in results}
     summary = {
         str(n): {
@@ -171,10 +212,17 @@ def main() -> int:
         }
         for n in args.lengths
     }
+    ours = {n: by["llama_jax", n] for n in args.lengths}
+    summary["decode_ms_per_step"] = {  # growth with the filled length (rows), not with the cache (columns)
+        str(n): {key: r[key]["ms_per_step"] for key in r if key.startswith("decode_") and isinstance(r[key], dict)}
+        | {"transformers_sdpa": by["transformers_sdpa", n]["decode_ms_per_step"]}
+        for n, r in ours.items()
+    }
     report = {
         "benchmark": "long_context",
         "model": "tiny Llama (dim 64, 2 layers, 4 q / 2 kv heads, vocab 384, 131,072 positions), fp32",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine_peak": peak,
         "steps": args.steps,
         "results": results,
         "summary": summary,

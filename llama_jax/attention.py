@@ -35,7 +35,6 @@ as a page (`block` = page size), so a paged KV cache can feed this loop without 
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 
@@ -43,10 +42,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax import blockwise
 from llama_jax.platform import target as target_platform
 
 BACKENDS = ("auto", "dense", "blockwise", "cudnn", "splash")
-DEFAULT_BLOCK = 512
+DEFAULT_BLOCK = blockwise.DEFAULT_BLOCK_K  # the key block (a paged cache's page)
 # The dense backend is chosen by "auto" only while its float32 score matrix stays under this.
 DENSE_BUDGET_BYTES = 256 * 2**20
 
@@ -106,6 +106,9 @@ def select(
             choice = "blockwise"
         else:
             choice = "dense"
+    if platform == "tpu" and requested == "auto" and q_offset and q_len > 1:
+        # Splash's mask is static (numpy, built at trace time); a prefill chunk's offset is a traced value.
+        log.info("attention: splash not used: queries at a traced offset into the cache (a prefill chunk)")
     log.info("attention: %s (requested %s; %s, %s, T=%d, S=%d)", choice, requested, platform, dtype, q_len, kv_len)
     return choice
 
@@ -128,6 +131,7 @@ def attend(
     segment_kv_bs: jax.Array | None = None,
     backend: str = "auto",
     block: int = DEFAULT_BLOCK,
+    block_q: int = blockwise.DEFAULT_BLOCK_Q,
     q_offset: bool = True,
 ) -> jax.Array:
     """softmax(q kᵀ / √H + mask) v over the visible keys → `[B, T, N, H]` in q's dtype.
@@ -149,97 +153,8 @@ def attend(
         return _cudnn(q_btnh, k_bskh, v_bskh, q_index_bt, q_offset)
     if backend == "splash":
         return _splash(q_btnh, k_bskh, v_bskh, segment_q_bt, segment_kv_bs)
-    return blockwise(q_btnh, k_bskh, v_bskh, q_index_bt, segment_q_bt, segment_kv_bs, min(block, t), min(block, s))
-
-
-# ---- blockwise: online softmax over key blocks ------------------------------------------------------
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def blockwise(q_btnh, k_bskh, v_bskh, q_index_bt, segment_q_bt, segment_kv_bs, block_q: int, block_k: int):
-    """The "blockwise" backend (see the module doc); all arguments required, block sizes static."""
-    return _blockwise(q_btnh, k_bskh, v_bskh, q_index_bt, segment_q_bt, segment_kv_bs, block_q, block_k)
-
-
-def _blockwise(q_btnh, k_bskh, v_bskh, q_index_bt, segment_q_bt, segment_kv_bs, block_q, block_k):
-    b, t, n, h = q_btnh.shape
-    s, k = k_bskh.shape[1], k_bskh.shape[2]
-    g = n // k
-    n_q, n_k = -(-t // block_q), -(-s // block_k)
-    pad = n_q * block_q - t
-    # Queries: [n_q, B, block_q, K, G, H] blocks (padding queries see no key: index -1).
-    q_blocks = jnp.pad(q_btnh, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n_q, block_q, k, g, h)
-    q_blocks = q_blocks.transpose(1, 0, 2, 3, 4, 5) * jnp.asarray(1.0 / math.sqrt(h), q_btnh.dtype)
-    index_blocks = jnp.pad(q_index_bt, ((0, 0), (0, pad)), constant_values=-1).reshape(b, n_q, block_q)
-    # Without segment ids every query is in segment 0 (the mask then never reads them).
-    segq_bt = jnp.zeros((b, t), jnp.int32) if segment_q_bt is None else segment_q_bt
-    segq_blocks = jnp.pad(segq_bt, ((0, 0), (0, pad))).reshape(b, n_q, block_q)
-
-    def one_q_block(args):
-        q_bqkgh, index_bq, segq_bq = args
-        # Key blocks 0 .. last one any of these queries sees: the causal/length-aware trip count.
-        trips = jnp.clip((jnp.max(index_bq) + block_k) // block_k, 0, n_k)
-
-        def body(j, carry):
-            m_bkgq, l_bkgq, acc_bkgqh = carry
-            # The last block may overlap the one before when S % block_k != 0: it is read from S - block_k
-            # and the keys already counted (index < j * block_k) are masked, so the cache is never padded.
-            start = jnp.minimum(j * block_k, s - block_k)
-            k_bskh_j = jax.lax.dynamic_slice_in_dim(k_bskh, start, block_k, axis=1)
-            v_bskh_j = jax.lax.dynamic_slice_in_dim(v_bskh, start, block_k, axis=1)
-            scores = jnp.einsum("bqkgh,bskh->bkgqs", q_bqkgh, k_bskh_j, preferred_element_type=jnp.float32)
-
-            def masked(scores):
-                key_index = start + jnp.arange(block_k)
-                ok_bqs = key_index[None, None, :] <= index_bq[:, :, None]
-                ok_bqs &= (key_index >= j * block_k)[None, None, :]
-                if segment_q_bt is not None:
-                    segk_bs = jax.lax.dynamic_slice_in_dim(segment_kv_bs, start, block_k, axis=1)
-                    ok_bqs &= segq_bq[:, :, None] == segk_bs[:, None, :]
-                return jnp.where(ok_bqs[:, None, None], scores, -jnp.inf)
-
-            # Interior blocks (every key before every query, no overlap, one document) skip the mask.
-            interior = (start + block_k - 1 <= jnp.min(index_bq)) & (start == j * block_k) & (segment_q_bt is None)
-            scores = jax.lax.cond(interior, lambda x: x, masked, scores)
-            m_new = jnp.maximum(m_bkgq, jnp.max(scores, axis=-1))
-            m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)  # no key seen yet: keep exp() finite
-            p = jnp.exp(scores - m_safe[..., None])
-            correction = jnp.exp(m_bkgq - m_safe)
-            l_new = l_bkgq * correction + jnp.sum(p, axis=-1)
-            pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v_bskh.dtype), v_bskh_j, preferred_element_type=jnp.float32)
-            return m_new, l_new, acc_bkgqh * correction[..., None] + pv
-
-        shape = (b, k, g, block_q)
-        init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-                jnp.zeros((*shape, h), jnp.float32))  # fmt: skip
-        _, l_bkgq, acc_bkgqh = jax.lax.fori_loop(0, trips, body, init)
-        out = acc_bkgqh / jnp.where(l_bkgq == 0, 1.0, l_bkgq)[..., None]
-        return out.transpose(0, 3, 1, 2, 4).astype(q_btnh.dtype)  # [B, block_q, K, G, H]
-
-    if n_q == 1:
-        out = one_q_block((q_blocks[0], index_blocks[:, 0], segq_blocks[:, 0]))[None]
-    else:
-        out = jax.lax.map(one_q_block, (q_blocks, index_blocks.transpose(1, 0, 2), segq_blocks.transpose(1, 0, 2)))
-    return out.transpose(1, 0, 2, 3, 4, 5).reshape(b, n_q * block_q, n, h)[:, :t]
-
-
-def _dense_reference(q_btnh, k_bskh, v_bskh, q_index_bt, segment_q_bt, segment_kv_bs):
-    mask = visible(q_index_bt, k_bskh.shape[1], segment_q_bt, segment_kv_bs)[:, None]
-    return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask, implementation="xla")
-
-
-def _blockwise_fwd(q, k, v, q_index, seg_q, seg_kv, block_q, block_k):
-    return _blockwise(q, k, v, q_index, seg_q, seg_kv, block_q, block_k), (q, k, v, q_index, seg_q, seg_kv)
-
-
-def _blockwise_bwd(block_q, block_k, residuals, d_out):
-    # The gradient of the same function, taken through the dense reference (O(T·S) memory).
-    q, k, v, q_index, seg_q, seg_kv = residuals
-    _, vjp = jax.vjp(lambda q, k, v: _dense_reference(q, k, v, q_index, seg_q, seg_kv), q, k, v)
-    return (*vjp(d_out), None, None, None)
-
-
-blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+    return blockwise.attention(q_btnh, k_bskh, v_bskh, q_index_bt, segment_q_bt, segment_kv_bs,
+                               block_q=block_q, block_k=block)  # fmt: skip
 
 
 # ---- fused kernels -----------------------------------------------------------------------------------

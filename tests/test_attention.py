@@ -32,14 +32,13 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("b, t, s, n, k, block", SHAPES)
-@pytest.mark.parametrize("segments", [False, True])
-def test_blockwise_equals_dense_with_ragged_rows_and_packed_segments(b, t, s, n, k, block, segments):
-    rng = np.random.default_rng(b * 1000 + t + s + n + k)
+def _problem(b, t, s, n, k, segments, seed):
+    """Random q/k/v, ragged rows (each row's queries at its own offset into the keys, as a prefill chunk
+    in a cache) and optionally packed segments; → (q, k, v, index, segment kwargs, rows that see a key)."""
+    rng = np.random.default_rng(seed)
     q = jnp.asarray(rng.standard_normal((b, t, n, 16)), jnp.float32)
     keys = jnp.asarray(rng.standard_normal((b, s, k, 16)), jnp.float32)
     values = jnp.asarray(rng.standard_normal((b, s, k, 16)), jnp.float32)
-    # Ragged rows: each row's queries sit at its own positions in the cache (a prefill chunk at an offset).
     start = rng.integers(0, s - t + 1, b)
     index = jnp.asarray(start[:, None] + np.arange(t)[None], jnp.int32)
     seg = {}
@@ -47,24 +46,55 @@ def test_blockwise_equals_dense_with_ragged_rows_and_packed_segments(b, t, s, n,
         seg_kv = np.sort(rng.integers(0, 3, (b, s)), axis=1)
         seg = dict(segment_q_bt=jnp.asarray(np.take_along_axis(seg_kv, np.asarray(index), 1)),
                    segment_kv_bs=jnp.asarray(seg_kv))  # fmt: skip
+    rows_ok = np.asarray(attention.visible(index, s, *seg.values()).any(-1))
+    return q, keys, values, index, seg, rows_ok
+
+
+@pytest.mark.parametrize("b, t, s, n, k, block", SHAPES)
+@pytest.mark.parametrize("segments", [False, True])
+def test_blockwise_equals_dense_with_ragged_rows_and_packed_segments(b, t, s, n, k, block, segments):
+    q, keys, values, index, seg, rows_ok = _problem(b, t, s, n, k, segments, seed=b * 1000 + t + s + n + k)
     ref = attention.attend(q, keys, values, index, backend="dense", **seg)
-    out = attention.attend(q, keys, values, index, backend="blockwise", block=block, **seg)
+    # Query tiles of half the key block: several tiles, each over its own (dynamic) number of key blocks.
+    out = attention.attend(q, keys, values, index, backend="blockwise", block=block, block_q=max(block // 2, 4), **seg)
     assert out.shape == q.shape and out.dtype == q.dtype
-    rows_ok = np.asarray(attention.visible(index, s, *seg.values()).any(-1)) if segments else np.ones((b, t), bool)
     assert _relative(out, ref, rows_ok) <= BOUND
 
 
-def test_blockwise_gradient_is_the_dense_gradient():
-    rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.standard_normal((2, 24, c, 8)), jnp.float32) for c in (4, 2, 2))
-    index = jnp.broadcast_to(jnp.arange(24), (2, 24))
+@pytest.mark.parametrize("b, t, s, n, k, block", [SHAPES[0], SHAPES[1], SHAPES[4]])  # MHA, GQA, MQA
+@pytest.mark.parametrize("segments", [False, True])
+def test_blockwise_gradient_is_the_dense_gradient(b, t, s, n, k, block, segments):
+    """The flash backward (recomputed from the saved logsumexp) against jax.grad of the dense reference."""
+    q, keys, values, index, seg, rows_ok = _problem(b, t, s, n, k, segments, seed=t + s)
+    weights = jnp.asarray(np.random.default_rng(s).standard_normal(q.shape), jnp.float32) * rows_ok[:, :, None, None]
 
     def loss(backend):
-        return lambda q, k, v: jnp.sum(attention.attend(q, k, v, index, backend=backend, block=8) ** 2)
+        def f(q, keys, values):
+            out = attention.attend(q, keys, values, index, backend=backend, block=block, block_q=block // 2, **seg)
+            return jnp.sum(out * weights)
 
-    for got, want in zip(jax.grad(loss("blockwise"), argnums=(0, 1, 2))(q, k, v),
-                         jax.grad(loss("dense"), argnums=(0, 1, 2))(q, k, v), strict=True):  # fmt: skip
-        assert _relative(got, want, np.ones(got.shape[:2], bool)) <= BOUND
+        return jax.grad(f, argnums=(0, 1, 2))
+
+    got, want = loss("blockwise")(q, keys, values), loss("dense")(q, keys, values)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and _relative(g, w, np.ones(g.shape[:2], bool)) <= BOUND
+
+
+def test_blockwise_gradient_memory_is_not_quadratic():
+    """At 8,192 tokens the dense backward's float32 [B, N, T, T] scores alone take 1 GiB (x2 with the
+    softmax's); the blockwise backward's temporaries stay under 1/20 of that (what XLA allocates)."""
+    t = 8192
+    shape = jax.ShapeDtypeStruct((1, t, 4, 16), jnp.float32)
+    kv = jax.ShapeDtypeStruct((1, t, 2, 16), jnp.float32)
+    index = jax.ShapeDtypeStruct((1, t), jnp.int32)
+
+    def grad(backend):
+        f = lambda q, k, v, i: jnp.sum(attention.attend(q, k, v, i, backend=backend, q_offset=False))  # noqa: E731
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(shape, kv, kv, index).compile().memory_analysis()
+
+    scores = attention.dense_score_bytes(1, 4, t, t)
+    assert grad("dense").temp_size_in_bytes >= scores  # the check can fail
+    assert grad("blockwise").temp_size_in_bytes <= scores / 20
 
 
 def test_decode_reads_only_the_filled_key_blocks():
@@ -126,3 +156,32 @@ def test_chunked_prefill_and_decode_at_long_positions_equal_the_uncached_forward
         # Row 0's tokens follow on in `tokens`; row 1 is fed tokens[1, 2049 + step] (its own next ones).
         want = np.stack([full[0, lengths[0] + step], full[1, lengths[1] + step]])
         assert _relative(logits_b1v[:, 0], want, slice(None)) <= BOUND
+
+
+_LOWERING_CONFIG = LlamaConfig(vocab_size=256, dim=256, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=256,
+                               max_seq_len=1024)  # fmt: skip  # head_dim 128, the fused kernels' shape
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_a_chunked_prefill_lowers_for_tpu_and_cuda(platform, monkeypatch, caplog):
+    """A 512-token bf16 prompt in 256-token chunks, lowered from this CPU. cuda: every chunk runs cuDNN's
+    fused kernel at its offset (an explicit mask). tpu: splash's mask is static, so the chunks at an offset
+    run blockwise, or dense while the scores are small as here (logged); no Mosaic kernel in the program."""
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    from llama_jax import platform as platform_module
+
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)  # no CUDA plugin here
+    model = Llama(_LOWERING_CONFIG, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tokens = jax.ShapeDtypeStruct((2, 512), jnp.int32)
+    cache = jax.eval_shape(lambda: KVCache.zeros(_LOWERING_CONFIG, 2, 512, jnp.bfloat16))
+    prefill = jax.jit(lambda p, t, c: nnx.merge(graphdef, p).prefill(t, c, chunk=256))
+    with caplog.at_level(logging.INFO, logger="llama_jax.attention"), platform_module.lowering_for(platform):
+        text = prefill.trace(params, tokens, cache).lower(lowering_platforms=(platform,)).as_text()
+    assert "stablehlo.while" in text  # the chunk scan
+    if platform == "cuda":
+        assert "__cudnn$fmha" in text and "attention: cudnn" in caplog.text
+    else:
+        assert "tpu_custom_call" not in text
+        assert "splash not used: queries at a traced offset" in caplog.text and "attention: splash (" not in caplog.text
