@@ -200,7 +200,7 @@ def _blockwise(q_btnh, k_bskh, v_bskh, q_index_bt, segment_q_bt, segment_kv_bs, 
 
             # Interior blocks (every key before every query, no overlap, one document) skip the mask.
             interior = (start + block_k - 1 <= jnp.min(index_bq)) & (start == j * block_k) & (segment_q_bt is None)
-            scores = jax.lax.cond(interior, lambda x: x, masked, scores)
+            scores = masked(scores) if n_k == 1 else jax.lax.cond(interior, lambda x: x, masked, scores)
             m_new = jnp.maximum(m_bkgq, jnp.max(scores, axis=-1))
             m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)  # no key seen yet: keep exp() finite
             p = jnp.exp(scores - m_safe[..., None])
@@ -212,7 +212,10 @@ def _blockwise(q_btnh, k_bskh, v_bskh, q_index_bt, segment_q_bt, segment_kv_bs, 
         shape = (b, k, g, block_q)
         init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
                 jnp.zeros((*shape, h), jnp.float32))  # fmt: skip
-        _, l_bkgq, acc_bkgqh = jax.lax.fori_loop(0, trips, body, init)
+        if n_k == 1:  # one key block (a short cache): no loop; a query that sees no key is masked to zeros
+            _, l_bkgq, acc_bkgqh = body(0, init)
+        else:
+            _, l_bkgq, acc_bkgqh = jax.lax.fori_loop(0, trips, body, init)
         out = acc_bkgqh / jnp.where(l_bkgq == 0, 1.0, l_bkgq)[..., None]
         return out.transpose(0, 3, 1, 2, 4).astype(q_btnh.dtype)  # [B, block_q, K, G, H]
 
