@@ -33,9 +33,10 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from llama_jax import jobs, sampler
+from llama_jax import jobs, sampler, sampling
+from llama_jax.sampling import SamplingParams
 
-__all__ = ["JobConfig", "Sampling", "job_config", "register", "request_seed", "run_batch"]
+__all__ = ["JobConfig", "job_config", "register", "request_seed", "run_batch"]
 
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "top_logprobs")
 REQUEST_FIELDS = {"id", "prompt", "messages", "seed", *SAMPLING_FIELDS}
@@ -59,31 +60,12 @@ class JobConfig:
     progress: bool = True  # a tqdm bar on stderr
     # Per-request defaults; a request's own fields override them.
     max_new_tokens: int = 256
-    temperature: float = 0.6  # Meta's defaults: temperature 0.6, top-p 0.9 (0 = greedy)
-    top_p: float = 0.9
+    temperature: float = sampling.META_TEMPERATURE  # Meta's defaults (0 = greedy)
+    top_p: float = sampling.META_TOP_P
     top_k: int = 0
     min_p: float = 0.0
     seed: int = 0  # job seed: a request without `seed` gets request_seed(seed, id)
     top_logprobs: int = 0  # K > 0: record the K most likely tokens per step (distillation data)
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """What one `generate` call shares: requests with equal `Sampling` and prompt bucket batch together."""
-
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    min_p: float
-    top_logprobs: int
-
-    def canonical(self) -> Sampling:
-        """Greedy ignores the filters: all greedy requests of one length form one group."""
-        if self.temperature == 0:
-            return dataclasses.replace(self, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0)
-        return dataclasses.replace(self, temperature=float(self.temperature), top_p=float(self.top_p),
-                                   min_p=float(self.min_p))  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +74,7 @@ class _Request:
     id: str | int
     prompt: list[int]
     chat: bool
-    sampling: Sampling
+    sampling: SamplingParams  # canonical, seed 0: the group key (the request's seed is `seed`)
     seed: int
 
 
@@ -121,25 +103,21 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def _sampling(fields: Mapping, vocab: int) -> SamplingParams:
+    """The request's sampling settings, checked by `SamplingParams` (its error names the field)."""
+    try:
+        params = SamplingParams(**fields)
+        params.check_vocab(vocab)
+    except ValueError as e:
+        raise _BadLine(str(e).split(":")[0], str(e)) from None
+    return params.canonical()
 
 
-_CHECKS = {  # field -> (valid?, what was expected)
-    "max_new_tokens": (lambda v, vocab: _is_int(v) and v >= 1, "an integer >= 1"),
-    "temperature": (lambda v, vocab: _is_number(v) and v >= 0, "a number >= 0 (0 = greedy)"),
-    "top_p": (lambda v, vocab: _is_number(v) and 0 < v <= 1, "a number in (0, 1] (1 = off)"),
-    "top_k": (lambda v, vocab: _is_int(v) and 0 <= v <= vocab, "an integer in [0, vocabulary size] (0 = off)"),
-    "min_p": (lambda v, vocab: _is_number(v) and 0 <= v <= 1, "a number in [0, 1] (0 = off)"),
-    "top_logprobs": (lambda v, vocab: _is_int(v) and 0 <= v <= vocab, "an integer in [0, vocabulary size] (0 = off)"),
-    "seed": (lambda v, vocab: _is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
-}
-
-
-def _check_field(name: str, value, vocab: int) -> None:
-    valid, expected = _CHECKS[name]
-    if not valid(value, vocab):
-        raise _BadLine(name, f"{name}: expected {expected}, got {json.dumps(value)}")
+def _check_seed(seed) -> None:
+    try:
+        sampling.check_field("seed", seed)
+    except ValueError as e:
+        raise _BadLine("seed", str(e)) from None
 
 
 _DONE = object()  # what the reader yields for a request whose result is already in the output
@@ -165,11 +143,11 @@ class _Reader:
             self.chat, self.chat_error = ChatFormat(tokenizer), None
         except ValueError as e:
             self.chat, self.chat_error = None, str(e)
-        for name in (*SAMPLING_FIELDS, "seed"):
-            try:
-                _check_field(name, getattr(defaults, name), model_config.vocab_size)
-            except _BadLine as e:
-                raise ValueError(f"job setting {e}") from None
+        try:
+            _sampling({k: getattr(defaults, k) for k in SAMPLING_FIELDS}, model_config.vocab_size)
+            _check_seed(defaults.seed)
+        except _BadLine as e:
+            raise ValueError(f"job setting {e}") from None
 
     def __iter__(self) -> Iterator[tuple[int, _Request | _BadLine | object | None]]:
         """(line number, request | error | _DONE | None for a blank line), for every line of the input."""
@@ -211,10 +189,9 @@ class _Reader:
         if unknown:
             raise _BadLine(unknown[0], f"unknown field(s) {unknown}; expected a subset of {sorted(REQUEST_FIELDS)}")
         vocab = self.config.vocab_size
-        for name in (*SAMPLING_FIELDS, "seed"):
-            if name in record:
-                _check_field(name, record[name], vocab)
-        sampling = Sampling(**{k: record.get(k, getattr(self.defaults, k)) for k in SAMPLING_FIELDS}).canonical()
+        sampling = _sampling({k: record.get(k, getattr(self.defaults, k)) for k in SAMPLING_FIELDS}, vocab)
+        if "seed" in record:
+            _check_seed(record["seed"])
         prompt, chat = self._prompt(record)
         too_big = [t for t in prompt if not 0 <= t < vocab]
         if too_big:
@@ -403,11 +380,8 @@ def run_batch(
     def run(batch: list[_Request]) -> None:
         s = batch[0].sampling
         try:
-            outs = sampler.generate(
-                model, [r.prompt for r in batch], max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, seed=[r.seed for r in batch], stop_tokens=stop_tokens,
-                top_logprobs=s.top_logprobs, min_batch=batch_size,
-            )  # fmt: skip
+            params = dataclasses.replace(s, seed=[r.seed for r in batch], stop_tokens=stop_tokens)
+            outs = sampler.generate(model, [r.prompt for r in batch], params, min_batch=batch_size)
         except (RuntimeError, ValueError) as e:  # e.g. out of device memory: report, go on, retried next run
             errors.extend(_error(input_path, r.line, r.id, None, f"generation failed: {e}") for r in batch)
             counts["failed"] += len(batch)
@@ -424,7 +398,7 @@ def run_batch(
         bar.update(len(batch))
         bar.set_postfix_str(f"{counts['generated_tokens'] / (time.perf_counter() - start):.1f} tok/s", refresh=False)
 
-    groups: dict[tuple[Sampling, int], list[_Request]] = {}
+    groups: dict[tuple[SamplingParams, int], list[_Request]] = {}
     try:
         for number, item in reader:
             if item is _DONE:
