@@ -95,6 +95,14 @@ def test_the_decode_loop_reads_every_weight_in_place(model):
     assert weight_copies_in_decode_loop(_decode_hlo(model), _weight_sizes(model)) == []
 
 
+def test_the_decode_step_runs_four_projection_dots_per_layer(model):
+    """wq|wk|wv and w1|w3 are fused in the decode copy: qkv, wo, w13, w2 per layer, plus the head."""
+    computations = _computations(_decode_hlo(model))
+    body = [b for lines in computations.values() for line in lines for b in re.findall(r"body=%?([\w.\-]+)", line)]
+    dots = [line for line in computations[body[0]] if re.search(r" dot\(", line)]
+    assert len(dots) == 4 * CONFIG.n_layers + 1
+
+
 @pytest.mark.parametrize("unroll", [1, True])
 def test_the_guard_sees_the_per_step_weight_copies_of_a_scan_over_stacked_weights(model, unroll):
     """The check above can fail: decoding from the stacked [L, ...] buffers (scanned, or unrolled as
@@ -151,7 +159,7 @@ def _fp8_model():
 def _lora_model():
     """Adapters on attention and FFN projections, with B != 0 so they change the output."""
     m = lora.add_adapters(
-        Llama(CONFIG, dtype=jnp.float32, rngs=nnx.Rngs(2)), LoraSpec(rank=2, targets=("wq", "wo", "w2"))
+        Llama(CONFIG, dtype=jnp.float32, rngs=nnx.Rngs(2)), LoraSpec(rank=2, targets=("wq", "wo", "w1", "w2"))
     )
     rng = np.random.default_rng(1)
     for path, b in nnx.to_flat_state(nnx.state(m, nnx.LoRAParam)):
