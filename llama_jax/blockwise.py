@@ -94,6 +94,8 @@ def _key_loop(index_br, s: int, block_k: int, segmented: bool, step, init):
     """Run `step(j, carry, masked)` over key blocks 0 .. the last any row sees; the leading blocks that every
     row sees in full (no segment ids, no overlapping last block) with masked=False, the rest masked."""
     n_k = -(-s // block_k)
+    if n_k == 1:  # one key block (a short cache): no loop; a row that sees no key is masked to zeros
+        return step(0, init, masked=True)
     trips = jnp.clip((jnp.max(index_br) + block_k) // block_k, 0, n_k)
     full = jnp.zeros((), trips.dtype)
     if not segmented:

@@ -136,7 +136,8 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     """Grouped-query attention: N query heads share K kv heads (query head n uses kv head n // G)."""
 
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, lora: LoraSpec | None = None):
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, lora: LoraSpec | None = None,
+                 fused: bool = False):  # fmt: skip
         d, n, k, h = config.dim, config.n_heads, config.n_kv_heads, config.head_dim
         self.wq = _param(rngs, _normal, (d, n, h), dtype, ("embed", "q_heads", "head_dim"))
         self.wk = _param(rngs, _normal, (d, k, h), dtype, ("embed", "kv_heads", "head_dim"))
@@ -146,12 +147,16 @@ class Attention(nnx.Module):
         self.wk_lora = _adapter(lora, "wk", self.wk, 1, rngs)
         self.wv_lora = _adapter(lora, "wv", self.wv, 1, rngs)
         self.wo_lora = _adapter(lora, "wo", self.wo, 2, rngs)
+        # The decode copy's layout (`fuse_projections`): wq|wk|wv as one [D, N + 2K, H] weight, one dot.
+        if fused:
+            self.wqkv = nnx.Param(jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1))
+            del self.wq, self.wk, self.wv
+        else:
+            self.wqkv = None
 
     def __call__(self, x_btd, sin, cos, positions_bt, cache: KVCache | None, layer, *, use_cache: bool,
                  backend: str, block: int, segment_ids_bt=None):  # fmt: skip
-        q_btnh = _project("btd,dnh->btnh", x_btd, self.wq, self.wq_lora)
-        k_btkh = _project("btd,dkh->btkh", x_btd, self.wk, self.wk_lora)
-        v_btkh = _project("btd,dkh->btkh", x_btd, self.wv, self.wv_lora)
+        q_btnh, k_btkh, v_btkh = self._qkv(x_btd)
         q_btnh = constrain(rope.apply_rope(q_btnh, sin, cos), ("batch", "seq", "q_heads", "head_dim"))
         k_btkh = constrain(rope.apply_rope(k_btkh, sin, cos), ("batch", "seq", "kv_heads", "head_dim"))
 
@@ -176,6 +181,17 @@ class Attention(nnx.Module):
             )  # fmt: skip
         return self._output(out_btnh), cache
 
+    def _qkv(self, x_btd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        if self.wqkv is None:
+            return (_project("btd,dnh->btnh", x_btd, self.wq, self.wq_lora),
+                    _project("btd,dkh->btkh", x_btd, self.wk, self.wk_lora),
+                    _project("btd,dkh->btkh", x_btd, self.wv, self.wv_lora))  # fmt: skip
+        n = self.wo.shape[0]
+        k = (self.wqkv.shape[1] - n) // 2
+        parts = jnp.split(jnp.einsum("btd,dch->btch", x_btd, self.wqkv[...]), [n, n + k], axis=2)
+        adapters = (self.wq_lora, self.wk_lora, self.wv_lora)
+        return tuple(y if a is None else y + a("btd,dch->btch", x_btd) for y, a in zip(parts, adapters, strict=True))
+
     def _output(self, out_btnh: jax.Array) -> jax.Array:
         """wo as one [B, T, N·H] × [N·H, D] dot (a bitcast of the stored [N, H, D]). As "btnh,nhd", XLA
         matched the attention output's layout by transposing the weight, every decode step."""
@@ -193,7 +209,7 @@ class FeedForward(nnx.Module):
     """
 
     def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, fp8: quant.Fp8Spec | None = None,
-                 lora: LoraSpec | None = None):  # fmt: skip
+                 lora: LoraSpec | None = None, fused: bool = False):  # fmt: skip
         d, f = config.dim, config.ffn_dim
         self.fp8 = fp8
         if fp8 is not None and lora is not None and {"w1", "w2", "w3"} & set(lora.targets):
@@ -209,26 +225,49 @@ class FeedForward(nnx.Module):
         self.w1_lora = _adapter(lora, "w1", self.w1, 1, rngs)
         self.w3_lora = _adapter(lora, "w3", self.w3, 1, rngs)
         self.w2_lora = _adapter(lora, "w2", self.w2, 1, rngs)
+        # The decode copy's layout (`fuse_projections`): w1|w3 as one [D, 2F] weight (and scale), one dot.
+        if not fused:
+            self.w13 = None
+        else:
+            self.w13 = nnx.Param(jnp.concatenate([self.w1[...], self.w3[...]], axis=1))
+            del self.w1, self.w3
+            if fp8 is not None:
+                self.w13_scale = nnx.Param(jnp.concatenate([self.w1_scale[...], self.w3_scale[...]]))
+                del self.w1_scale, self.w3_scale
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
+        linear = None
         if self.fp8 is not None:
             linear = functools.partial(quant.fp8_linear, mode=self.fp8.matmul, scale_ub=self.fp8.activation_scale_ub)
-            gate_btf = jax.nn.silu(linear(x_btd, self.w1[...], self.w1_scale[...]))
-            h_btf = constrain(gate_btf * linear(x_btd, self.w3[...], self.w3_scale[...]), ("batch", "seq", "mlp"))
+        gate_btf, up_btf = self._gate_up(x_btd, linear)
+        h_btf = constrain(jax.nn.silu(gate_btf) * up_btf, ("batch", "seq", "mlp"))
+        if linear is not None:
             return linear(h_btf, self.w2[...], self.w2_scale[...])
-        gate_btf = jax.nn.silu(_project("btd,df->btf", x_btd, self.w1, self.w1_lora))
-        up_btf = _project("btd,df->btf", x_btd, self.w3, self.w3_lora)
-        h_btf = constrain(gate_btf * up_btf, ("batch", "seq", "mlp"))
         return _project("btf,fd->btd", h_btf, self.w2, self.w2_lora)
+
+    def _gate_up(self, x_btd, linear) -> tuple[jax.Array, jax.Array]:
+        """x w1 and x w3 (adapters included): two dots, or one over the fused w13."""
+        if self.w13 is None:
+            if linear is not None:
+                return linear(x_btd, self.w1[...], self.w1_scale[...]), linear(x_btd, self.w3[...], self.w3_scale[...])
+            return (_project("btd,df->btf", x_btd, self.w1, self.w1_lora),
+                    _project("btd,df->btf", x_btd, self.w3, self.w3_lora))  # fmt: skip
+        if linear is not None:
+            y_btf = linear(x_btd, self.w13[...], self.w13_scale[...])
+        else:
+            y_btf = jnp.einsum("btd,df->btf", x_btd, self.w13[...])
+        parts = jnp.split(y_btf, 2, axis=-1)
+        adapters = (self.w1_lora, self.w3_lora)
+        return tuple(y if a is None else y + a("btd,df->btf", x_btd) for y, a in zip(parts, adapters, strict=True))
 
 
 class Block(nnx.Module):
     def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, fp8: quant.Fp8Spec | None = None,
-                 lora: LoraSpec | None = None):  # fmt: skip
+                 lora: LoraSpec | None = None, fused: bool = False):  # fmt: skip
         self.attention_norm = RMSNorm(config.dim, config.norm_eps, dtype=dtype, rngs=rngs)
-        self.attention = Attention(config, dtype=dtype, rngs=rngs, lora=lora)
+        self.attention = Attention(config, dtype=dtype, rngs=rngs, lora=lora, fused=fused)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps, dtype=dtype, rngs=rngs)
-        self.feed_forward = FeedForward(config, dtype=dtype, rngs=rngs, fp8=fp8, lora=lora)
+        self.feed_forward = FeedForward(config, dtype=dtype, rngs=rngs, fp8=fp8, lora=lora, fused=fused)
 
     def __call__(self, x_btd, sin, cos, positions_bt, cache, layer, *, use_cache, attention, ffn=None,
                  segment_ids_bt=None):  # fmt: skip
@@ -376,11 +415,18 @@ class Llama(nnx.Module):
         """
         return self.forward(tokens, positions, cache, use_cache=True, unroll=unroll, layers=layers)
 
-    def unstack_layers(self) -> LayerWeights:
+    def unstack_layers(self, fuse: bool | None = None) -> LayerWeights:
         """Each layer's weights as separate arrays, for `decode(..., layers=...)`: one copy of the layer
-        weights (the stacked ones stay, for the scan of `__call__`, prefill and training)."""
+        weights (the stacked ones stay, for the scan of `__call__`, prefill and training).
+
+        fuse: store wq|wk|wv as one `[D, N + 2K, H]` weight and w1|w3 as one `[D, 2F]` (FP8: with their
+        scales), so a decode step runs 4 projection dots per layer instead of 7. Default: on a single
+        device. On a mesh the head and FFN axes are split over the tensor axis, where a concatenated
+        axis would put q, k and v rows on the wrong devices, so the projections stay separate there.
+        """
+        fuse = self.sharding is None if fuse is None else fuse
         dense = nnx.state(self.dense_ffn) if self.dense_ffn is not None else None
-        return _unstack(nnx.state(self.layers), dense)
+        return _unstack(nnx.state(self.layers), dense, fuse=fuse)
 
     def forward(
         self,
@@ -432,11 +478,11 @@ class Llama(nnx.Module):
         if layers is None:
             x_btd, cache = self._scan_layers(run_block, x_btd, cache, unroll=unroll, remat=remat)
         else:
-            block_def = nnx.graphdef(self.layers)
+            block_def, ffn_def = self._layer_graphdefs(layers.fused)
             slots = self.fp8.dense_slots(config.n_layers) if self.fp8 is not None else (-1,) * config.n_layers
             for layer, (params, slot) in enumerate(zip(layers.blocks, slots, strict=True)):
                 # FP8 model: the layers the release left unquantized run their FFN from `dense_ffn`.
-                ffn = nnx.merge(nnx.graphdef(self.dense_ffn), layers.dense_ffn[slot]) if slot >= 0 else None
+                ffn = nnx.merge(ffn_def, layers.dense_ffn[slot]) if slot >= 0 else None
                 x_btd, cache = run_block(nnx.merge(block_def, params), x_btd, cache, layer, ffn)
         h_btd = self.norm(x_btd)
         if logits_at is not None:
@@ -445,6 +491,20 @@ class Llama(nnx.Module):
             return h_btd, cache
         logits = jnp.einsum("btd,dv->btv", h_btd, self.head(), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab")), cache
+
+    def _layer_graphdefs(self, fused: bool):
+        """The module structure of one `LayerWeights` block and dense FFN: the stacked modules' own, or
+        their fused-projection variants (`Block(fused=True)`), built abstractly."""
+        if not fused:
+            return nnx.graphdef(self.layers), self.dense_ffn and nnx.graphdef(self.dense_ffn)
+        c, dtype, fp8, lora = self.config, self.dtype, self.fp8, self.lora
+        block = nnx.eval_shape(lambda: Block(c, dtype=dtype, rngs=nnx.Rngs(0), fp8=fp8, lora=lora, fused=True))
+        ffn = (
+            nnx.eval_shape(lambda: FeedForward(c, dtype=dtype, rngs=nnx.Rngs(0), fused=True))
+            if self.dense_ffn
+            else None
+        )
+        return nnx.graphdef(block), ffn and nnx.graphdef(ffn)
 
     def _scan_layers(self, run_block, x_btd, cache, *, unroll, remat):
         config = self.config
@@ -479,7 +539,7 @@ class Llama(nnx.Module):
         return x_btd, cache
 
 
-@jax.tree_util.register_dataclass
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("blocks", "dense_ffn"), meta_fields=("fused",))
 @dataclasses.dataclass(frozen=True)
 class LayerWeights:
     """Each layer's parameters as separate arrays (`Llama.unstack_layers`), for the decode step.
@@ -489,19 +549,38 @@ class LayerWeights:
     read); arrays of their own are read in place by the dots.
     """
 
-    blocks: tuple[nnx.State, ...]  # L `Block` states
-    dense_ffn: tuple[nnx.State, ...]  # FP8 models: the unquantized `FeedForward` states, one per `dense_ffn` row
+    blocks: tuple[dict, ...]  # L `Block` states (pure dicts)
+    dense_ffn: tuple[dict, ...]  # FP8 models: the unquantized `FeedForward` states, one per `dense_ffn` row
+    fused: bool = False  # wq|wk|wv and w1|w3 concatenated: the layout of `Block(fused=True)`
 
 
-@jax.jit
-def _unstack(blocks: nnx.State, dense: nnx.State | None) -> LayerWeights:
-    def rows(tree):
+@functools.partial(jax.jit, static_argnames="fuse")
+def _unstack(blocks: nnx.State, dense: nnx.State | None, *, fuse: bool) -> LayerWeights:
+    def rows(tree, fuse_row):
         if tree is None:
             return ()
-        n = jax.tree.leaves(tree)[0].shape[0]
-        return tuple(jax.tree.map(lambda a, i=i: a[i], tree) for i in range(n))
+        pure = nnx.to_pure_dict(tree)
+        n = jax.tree.leaves(pure)[0].shape[0]
+        one = [jax.tree.map(lambda a, i=i: a[i], pure) for i in range(n)]
+        return tuple(map(fuse_row, one) if fuse else one)
 
-    return LayerWeights(rows(blocks), rows(dense))
+    return LayerWeights(rows(blocks, _fuse_block), rows(dense, _fuse_ffn), fused=fuse)
+
+
+def _fuse_ffn(ffn: dict) -> dict:
+    """A `FeedForward` state → `FeedForward(fused=True)`'s: w13 = [w1 | w3] (and their scales)."""
+    ffn = dict(ffn)
+    ffn["w13"] = jnp.concatenate([ffn.pop("w1"), ffn.pop("w3")], axis=1)
+    if "w1_scale" in ffn:
+        ffn["w13_scale"] = jnp.concatenate([ffn.pop("w1_scale"), ffn.pop("w3_scale")])
+    return ffn
+
+
+def _fuse_block(block: dict) -> dict:
+    """A `Block` state → `Block(fused=True)`'s: wqkv = [wq | wk | wv] along the heads, w13 = [w1 | w3]."""
+    attention = dict(block["attention"])
+    attention["wqkv"] = jnp.concatenate([attention.pop(name) for name in ("wq", "wk", "wv")], axis=1)
+    return {**block, "attention": attention, "feed_forward": _fuse_ffn(block["feed_forward"])}
 
 
 def _stacked(make_one: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
