@@ -39,7 +39,14 @@ from flax import nnx
 from llama_jax import sampler
 from llama_jax.paged_cache import NULL_PAGE, PagedKVCache, PagePool, block_hashes
 
-__all__ = ["Engine", "Request"]
+__all__ = ["Engine", "Request", "trace_counts"]
+
+_TRACES = {"prefill": 0, "decode": 0}
+
+
+def trace_counts() -> dict[str, int]:
+    """How many times each engine program was traced (= compiled) in this process."""
+    return dict(_TRACES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +117,7 @@ def _pick(seeds_b, index_b, logits_bv, sampling: _Sampling, stop_ids):
 def _prefill(graphdef, params, k, v, page_table_rm, tokens_rc, start_r, last_r, seeds_r, stop_ids, *,
              block_pages, sampling):  # fmt: skip
     """One prompt chunk of R slots into their pages; → pool, and token 0 from each row's `last_r` logits."""
+    _TRACES["prefill"] += 1
     model = nnx.merge(graphdef, params)
     c = tokens_rc.shape[1]
     positions_rc = start_r[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
@@ -126,6 +134,7 @@ def _decode(graphdef, params, layers, k, v, page_table_bm, last_b, count_b, posi
     """Up to `burst` decode steps of every live slot: feed its last token at its position, sample token
     `count` of its request. → pool, the burst's tokens `[B, burst]` (-1 where a slot had finished) and
     their logprobs / top-K."""
+    _TRACES["decode"] += 1
     model = nnx.merge(graphdef, params)
     b, k_top = last_b.shape[0], sampling.top_logprobs
     out = dict(tokens=jnp.full((b, burst), -1, jnp.int32), logprobs=jnp.zeros((b, burst)),
@@ -195,7 +204,8 @@ class Engine:
         self.sampling = _Sampling(float(temperature), int(top_k), float(top_p), float(min_p), bool(logprobs),
                                   int(top_logprobs))  # fmt: skip
         self.stop_ids = _stop_ids(model, stop_tokens)
-        self.k, self.v = PagedKVCache.zeros(config, self.pool.n_pages, page_size, dtype=model.dtype)
+        self.k, self.v = PagedKVCache.zeros(config, self.pool.n_pages, page_size, model.dtype,
+                                            getattr(model, "sharding", None))  # fmt: skip
         self.ready = np.zeros(self.pool.n_pages, bool)  # page written (a sharer may read it)
         self.stats = collections.Counter()
 

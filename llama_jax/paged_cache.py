@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import LlamaConfig
+from llama_jax.kv_cache import CACHE_AXES
 
 NULL_PAGE = 0
 
@@ -45,10 +46,15 @@ class PagedKVCache:
     block_pages: int = dataclasses.field(default=4, metadata=dict(static=True))  # pages per attention key block
 
     @classmethod
-    def zeros(cls, config: LlamaConfig, n_pages: int, page: int, dtype=jnp.bfloat16) -> tuple[jax.Array, jax.Array]:
-        """A zero page pool (k, v), page 0 being the null page."""
+    def zeros(cls, config: LlamaConfig, n_pages: int, page: int, dtype=jnp.bfloat16,
+              spec=None) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+        """A zero page pool (k, v), page 0 being the null page. With `spec` (the model's `ShardingSpec`)
+        it is created in place where the model's layers pin it (`CACHE_AXES`: pages on the batch axes,
+        KV heads on "tensor")."""
         shape = (config.n_layers, n_pages, page, config.n_kv_heads, config.head_dim)
-        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+        sharding = None if spec is None else spec.sharding(CACHE_AXES, shape)
+        make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+        return make(), make()
 
     @property
     def page(self) -> int:
