@@ -295,3 +295,28 @@ def test_config_file_and_overrides_set_the_job(tmp_path):
         batch.job_config(parser.parse_args(["batch", "--config", str(bad), "--input", "a", "--output", "b"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["batch", "--config.max_new_tokens=many"])
+
+
+def test_n_samples_of_a_request_are_the_rejection_samplers_requests_and_resume_whole(job, tmp_path):
+    model, tokenizer = job["model"], job["tokenizer"]
+    requests = [{"id": "a", "prompt": "the of and to in is was", "n": 3}, {"id": 7, "prompt": "at from his", "n": 2,
+                "seed": 11}, {"id": "one", "prompt": "which this be"}]  # fmt: skip
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
+    output = tmp_path / "out.jsonl"
+    run = functools.partial(batch.run_batch, model, tokenizer, tmp_path / "in.jsonl", output, batch_size=4,
+                            progress=False, max_new_tokens=NEW_TOKENS, temperature=0.8)  # fmt: skip
+    summary = run()
+    results = read_jsonl(output)
+    assert [r["id"] for r in results] == ["a#0", "a#1", "a#2", "7#0", "7#1", "one"] and summary["completed"] == 6
+    for result in results:  # sample k of request r: seed request_seed(r's seed or the job's, "<id>#<k>")
+        request = next(q for q in requests if result["id"].split("#")[0] == str(q["id"]))
+        seed = (
+            batch.request_seed(request.get("seed", 0), result["id"]) if "n" in request else batch.request_seed(0, "one")
+        )
+        [alone] = sampler.generate(model, [prompt_ids(request, tokenizer)], max_new_tokens=NEW_TOKENS, temperature=0.8,
+                                   top_p=TOP_P, seed=seed, stop_tokens=tokenizer.stop_tokens)  # fmt: skip
+        assert result["tokens"] == list(alone.tokens), result["id"]
+    data = output.read_bytes()
+    output.write_bytes(b"".join(data.splitlines(keepends=True)[:2]))  # killed after two samples of "a"
+    summary = run()
+    assert (summary["skipped"], summary["completed"]) == (0, 4) and output.read_bytes() == data
