@@ -38,7 +38,10 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import jax
+
 from llama_jax import engine, jobs, sampler
+from sharding import distributed
 
 __all__ = ["JobConfig", "Sampling", "job_config", "register", "request_seed", "run_batch"]
 
@@ -273,15 +276,17 @@ class _Reader:
 class _Results:
     """The output file: repaired and indexed on open, appended whole lines, canonical order at the end."""
 
-    def __init__(self, path: pathlib.Path) -> None:
+    def __init__(self, path: pathlib.Path, writer: bool = True) -> None:
         self.path = path
+        self.writer = writer  # False: another process (process 0 of a multi-process job) writes the file
         self.done: dict[str, tuple[int, int]] = {}  # id key -> (byte offset, length) of its line
         self.size = 0
         self.torn_bytes = 0
         if path.exists():
             self._repair_and_index()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if writer:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def _repair_and_index(self) -> None:
         with open(self.path, "rb") as f:
@@ -300,28 +305,30 @@ class _Results:
                     raise ValueError(f"{self.path}, line {number}: id {key} is already on an earlier line")
                 self.done[key] = (self.size, len(line))
                 self.size += len(line)
-        if self.torn_bytes:
+        if self.torn_bytes and self.writer:
             with open(self.path, "r+b") as f:
                 f.truncate(self.size)
                 os.fsync(f.fileno())
 
     def append(self, lines: dict[str, bytes]) -> None:
         """Write the lines (by id key) with one `write` and make them durable before going on."""
-        data = memoryview(b"".join(lines.values()))
-        while data:  # a partial write (disk full, a signal) continues where it stopped
-            data = data[os.write(self.fd, data) :]
-        os.fsync(self.fd)
+        if self.writer:
+            data = memoryview(b"".join(lines.values()))
+            while data:  # a partial write (disk full, a signal) continues where it stopped
+                data = data[os.write(self.fd, data) :]
+            os.fsync(self.fd)
         for key, line in lines.items():
             self.done[key] = (self.size, len(line))
             self.size += len(line)
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.writer:
+            os.close(self.fd)
 
     def canonicalize(self, order: Mapping[str, int]) -> None:
         """Rewrite the file sorted by input line (ids the input lacks last, as they were), atomically."""
         entries = sorted((order.get(key, math.inf), offset, length) for key, (offset, length) in self.done.items())
-        if all(a[1] < b[1] for a, b in itertools.pairwise(entries)):
+        if not self.writer or all(a[1] < b[1] for a, b in itertools.pairwise(entries)):
             return
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(self.path, "rb") as src, open(tmp, "wb") as dst:
@@ -462,7 +469,10 @@ def run_batch(
     batch_size = max(1 << (batch_size - 1).bit_length(), _data_parallelism(model))
     settings = dict(slots=batch_size, pages=kv_pages, page_size=page_size, burst=burst,
                     stop_tokens=tuple(tokenizer.stop_tokens))  # fmt: skip
-    results = _Results(output_path)
+    # On several processes (jax.distributed) every process runs the same schedule on its share of the
+    # devices; process 0 alone writes the files.
+    writer = jax.process_index() == 0
+    results = _Results(output_path, writer)
     reader = _Reader(input_path, tokenizer, model.config, job, results.done)
     errors: list[dict] = []
     counts = dict(requests=0, skipped=0, completed=0, errors=0, failed=0, prompt_tokens=0, generated_tokens=0)
@@ -529,7 +539,8 @@ def run_batch(
         bar.close()
         results.close()
     errors.sort(key=lambda e: e["line"])
-    jobs.write_atomically(errors_path, [jobs.json_line(e) for e in errors])
+    if writer:
+        jobs.write_atomically(errors_path, [jobs.json_line(e) for e in errors])
     results.canonicalize(reader.order)
     elapsed = time.perf_counter() - start
     compiles = engine.trace_counts()
@@ -585,6 +596,7 @@ def main(args: argparse.Namespace) -> int:
     from llama_jax.cli import enable_compile_cache
 
     enable_compile_cache()
+    distributed.initialize()  # a multi-process job (jax.distributed coordinates in the environment), else nothing
     try:
         job = job_config(args)
         model, tokenizer = jobs.load_model(job.checkpoint, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh,

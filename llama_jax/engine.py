@@ -316,7 +316,7 @@ class Engine:
                                           tokens, start, last, seeds, self.stop_ids, block_pages=self.block_pages,
                                           sampling=self.sampling)  # fmt: skip
         self.stats["prefill_calls"] += 1
-        picked = jax.device_get(picked)
+        picked = _to_host(picked)
         for i, s in enumerate(rows):
             s.cursor = min(s.cursor + c, len(s.prompt))
             self.ready[s.pages[: s.cursor // self.page_size]] = True
@@ -392,7 +392,7 @@ class Engine:
                                       position, limit, live, seeds, self.stop_ids, burst=self.burst,
                                       block_pages=self.block_pages, sampling=self.sampling, unroll=unroll)  # fmt: skip
         self.stats["decode_calls"] += 1
-        out = jax.device_get(out)
+        out = _to_host(out)
         for i, s in enumerate(rows):
             if s is None:
                 continue
@@ -401,6 +401,17 @@ class Engine:
                 self._record(s, token, token in self.stop_ids, out["logprobs"][i, step], out["top_ids"][i, step],
                              out["top_logprobs"][i, step])  # fmt: skip
             self._finish_if_done(s, slots, done)
+
+
+def _to_host(tree):
+    """Fetch outputs to this host; on several processes an output spanning devices of others is
+    all-gathered first (every process then schedules from the same values)."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        return jax.device_get(x) if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
+
+    return jax.tree.map(one, tree)
 
 
 def _stop_ids(model, stop_tokens) -> np.ndarray:
