@@ -7,6 +7,8 @@ the command line, e.g. `--config.max_new_tokens=64 --config.mesh=data=8` (or the
 
 import ml_collections
 
+from llama_jax.sampling import META_TEMPERATURE, META_TOP_P
+
 
 def get_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
@@ -28,8 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
             progress=True,
             # Per-request defaults (a request's own fields win):
             max_new_tokens=256,
-            temperature=0.6,  # Meta's defaults; 0 = greedy
-            top_p=0.9,
+            temperature=META_TEMPERATURE,  # Meta's defaults (0.6, 0.9); 0 = greedy
+            top_p=META_TOP_P,
             top_k=0,
             min_p=0.0,
             seed=0,  # a request without "seed" samples with request_seed(seed, id)

@@ -1,7 +1,7 @@
 """llama-jax: Meta's Llama 3.1 family in JAX/Flax.
 
 The public surface is small and stable: `load`, `save`, `Llama`, `LlamaConfig`, `KVCache`,
-`Tokenizer`, `ChatFormat`, `generate`, `stream` and the CLI `python -m llama_jax`. Everything else may move.
+`Tokenizer`, `ChatFormat`, `SamplingParams`, `generate`, `stream` and the CLI `python -m llama_jax`. Everything else may move.
 """
 
 from llama_jax.chat import ChatFormat
@@ -11,9 +11,10 @@ from llama_jax.kv_cache import KVCache
 from llama_jax.loading import load, open_checkpoint
 from llama_jax.model import Llama
 from llama_jax.sampler import GenerationResult, generate, stream
+from llama_jax.sampling import SamplingParams
 from llama_jax.tokenizer import Tokenizer, find_tokenizer
 
 __all__ = [
-    "ChatFormat", "GenerationResult", "KVCache", "Llama", "LlamaConfig", "RopeScaling", "Tokenizer",
+    "ChatFormat", "GenerationResult", "KVCache", "Llama", "LlamaConfig", "RopeScaling", "SamplingParams", "Tokenizer",
     "find_tokenizer", "generate", "load", "open_checkpoint", "save", "stream",
 ]  # fmt: skip

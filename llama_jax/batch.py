@@ -40,10 +40,11 @@ from typing import Any
 
 import jax
 
-from llama_jax import engine, jobs, sampler
+from llama_jax import engine, jobs, sampler, sampling
+from llama_jax.sampling import SamplingParams
 from sharding import distributed
 
-__all__ = ["JobConfig", "Sampling", "job_config", "register", "request_seed", "run_batch"]
+__all__ = ["JobConfig", "job_config", "register", "request_seed", "run_batch"]
 
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "top_logprobs")
 REQUEST_FIELDS = {"id", "prompt", "messages", "seed", "n", *SAMPLING_FIELDS}
@@ -70,8 +71,8 @@ class JobConfig:
     progress: bool = True  # a tqdm bar on stderr
     # Per-request defaults; a request's own fields override them.
     max_new_tokens: int = 256
-    temperature: float = 0.6  # Meta's defaults: temperature 0.6, top-p 0.9 (0 = greedy)
-    top_p: float = 0.9
+    temperature: float = sampling.META_TEMPERATURE  # Meta's defaults (0 = greedy)
+    top_p: float = sampling.META_TOP_P
     top_k: int = 0
     min_p: float = 0.0
     seed: int = 0  # job seed: a request without `seed` gets request_seed(seed, id)
@@ -80,31 +81,12 @@ class JobConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Sampling:
-    """What one `generate` call shares: requests with equal `Sampling` and prompt bucket batch together."""
-
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    min_p: float
-    top_logprobs: int
-
-    def canonical(self) -> Sampling:
-        """Greedy ignores the filters: all greedy requests of one length form one group."""
-        if self.temperature == 0:
-            return dataclasses.replace(self, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0)
-        return dataclasses.replace(self, temperature=float(self.temperature), top_p=float(self.top_p),
-                                   min_p=float(self.min_p))  # fmt: skip
-
-
-@dataclasses.dataclass(frozen=True)
 class _Request:
     line: int
     id: str | int
     prompt: list[int]
     chat: bool
-    sampling: Sampling
+    sampling: SamplingParams  # canonical, seed 0: one engine per setting (max_new_tokens aside)
     samples: tuple[tuple[str | int, int], ...]  # (result id, seed) of each sample still to run
 
 
@@ -133,26 +115,26 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def _sampling(fields: Mapping, vocab: int) -> SamplingParams:
+    """The request's sampling settings, checked by `SamplingParams` (its error names the field)."""
+    try:
+        params = SamplingParams(**fields)
+        params.check_vocab(vocab)
+    except ValueError as e:
+        raise _BadLine(str(e).split(":")[0], str(e)) from None
+    return params.canonical()
 
 
-_CHECKS = {  # field -> (valid?, what was expected)
-    "max_new_tokens": (lambda v, vocab: _is_int(v) and v >= 1, "an integer >= 1"),
-    "temperature": (lambda v, vocab: _is_number(v) and v >= 0, "a number >= 0 (0 = greedy)"),
-    "top_p": (lambda v, vocab: _is_number(v) and 0 < v <= 1, "a number in (0, 1] (1 = off)"),
-    "top_k": (lambda v, vocab: _is_int(v) and 0 <= v <= vocab, "an integer in [0, vocabulary size] (0 = off)"),
-    "min_p": (lambda v, vocab: _is_number(v) and 0 <= v <= 1, "a number in [0, 1] (0 = off)"),
-    "top_logprobs": (lambda v, vocab: _is_int(v) and 0 <= v <= vocab, "an integer in [0, vocabulary size] (0 = off)"),
-    "seed": (lambda v, vocab: _is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
-    "n": (lambda v, vocab: _is_int(v) and v >= 1, "an integer >= 1"),
-}
+def _check_seed(seed) -> None:
+    try:
+        sampling.check_field("seed", seed)
+    except ValueError as e:
+        raise _BadLine("seed", str(e)) from None
 
 
-def _check_field(name: str, value, vocab: int) -> None:
-    valid, expected = _CHECKS[name]
-    if not valid(value, vocab):
-        raise _BadLine(name, f"{name}: expected {expected}, got {json.dumps(value)}")
+def _check_n(n) -> None:
+    if not (_is_int(n) and n >= 1):
+        raise _BadLine("n", f"n: expected an integer >= 1, got {json.dumps(n)}")
 
 
 _DONE = object()  # what the reader yields for a request whose result is already in the output
@@ -179,11 +161,12 @@ class _Reader:
             self.chat, self.chat_error = ChatFormat(tokenizer), None
         except ValueError as e:
             self.chat, self.chat_error = None, str(e)
-        for name in (*SAMPLING_FIELDS, "seed", "n"):
-            try:
-                _check_field(name, getattr(defaults, name), model_config.vocab_size)
-            except _BadLine as e:
-                raise ValueError(f"job setting {e}") from None
+        try:
+            _sampling({k: getattr(defaults, k) for k in SAMPLING_FIELDS}, model_config.vocab_size)
+            _check_seed(defaults.seed)
+            _check_n(defaults.n)
+        except _BadLine as e:
+            raise ValueError(f"job setting {e}") from None
 
     def __iter__(self) -> Iterator[tuple[int, _Request | _BadLine | object | None]]:
         """(line number, request | error | _DONE | None for a blank line), for every line of the input."""
@@ -220,7 +203,7 @@ class _Reader:
         if first != number:
             raise _BadLine("id", f"duplicate id {json.dumps(request_id)} (first on line {first})")
         n = record.get("n", self.defaults.n)
-        _check_field("n", n, self.config.vocab_size)
+        _check_n(n)
         ids = [request_id] if n == 1 else [f"{request_id}#{k}" for k in range(n)]
         for k, sample_id in enumerate(ids):
             self.order[_id_key(sample_id)] = number + k / n
@@ -231,10 +214,9 @@ class _Reader:
         if unknown:
             raise _BadLine(unknown[0], f"unknown field(s) {unknown}; expected a subset of {sorted(REQUEST_FIELDS)}")
         vocab = self.config.vocab_size
-        for name in (*SAMPLING_FIELDS, "seed"):
-            if name in record:
-                _check_field(name, record[name], vocab)
-        sampling = Sampling(**{k: record.get(k, getattr(self.defaults, k)) for k in SAMPLING_FIELDS}).canonical()
+        sampling = _sampling({k: record.get(k, getattr(self.defaults, k)) for k in SAMPLING_FIELDS}, vocab)
+        if "seed" in record:
+            _check_seed(record["seed"])
         prompt, chat = self._prompt(record)
         too_big = [t for t in prompt if not 0 <= t < vocab]
         if too_big:
@@ -402,7 +384,7 @@ class _Feed:
 class _Group:
     """The requests of one sampling setting and the engine that runs them."""
 
-    def __init__(self, model, sampling: Sampling, settings: dict) -> None:
+    def __init__(self, model, sampling: SamplingParams, settings: dict) -> None:
         self.engine = engine.Engine(model, temperature=sampling.temperature, top_k=sampling.top_k,
                                     top_p=sampling.top_p, min_p=sampling.min_p, top_logprobs=sampling.top_logprobs,
                                     **settings)  # fmt: skip
@@ -479,7 +461,7 @@ def run_batch(
     compiles_before = engine.trace_counts()
     start = time.perf_counter()
     bar = tqdm(total=_count_lines(input_path), unit="req", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    groups: dict[Sampling, _Group] = {}
+    groups: dict[SamplingParams, _Group] = {}
     samples_left: dict[int, int] = {}  # input line -> samples not yet finished
 
     def finished(request: _Request) -> None:
@@ -521,7 +503,7 @@ def run_batch(
             elif isinstance(item, _Request):
                 counts["requests"] += 1
                 samples_left[item.line] = len(item.samples)
-                key = dataclasses.replace(item.sampling, max_new_tokens=0)  # per request in the engine
+                key = dataclasses.replace(item.sampling, max_new_tokens=1)  # per request in the engine
                 if key not in groups:
                     groups[key] = _Group(model, key, settings)
                 groups[key].add(item)

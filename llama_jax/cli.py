@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
+from llama_jax import sampling
 from llama_jax.attention import BACKENDS
 
 __all__ = ["COMMANDS", "build_parser", "main"]
@@ -45,23 +46,26 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
-    group = parser.add_argument_group("sampling (Meta's defaults: temperature 0.6, top-p 0.9)")
+    t, p = sampling.META_TEMPERATURE, sampling.META_TOP_P
+    group = parser.add_argument_group(f"sampling (Meta's defaults: temperature {t}, top-p {p})")
     group.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
-    group.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    group.add_argument("--top-p", type=float, default=0.9, help="nucleus mass, 1 = off")
+    group.add_argument("--temperature", type=float, default=t, help="0 = greedy")
+    group.add_argument("--top-p", type=float, default=p, help="nucleus mass, 1 = off")
     group.add_argument("--top-k", type=int, default=0, help="0 = off")
     group.add_argument("--min-p", type=float, default=0.0, help="keep p >= min_p * p_max, 0 = off")
     group.add_argument("--seed", type=int, default=0)
 
 
-def _sampling_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
+def _sampling_params(args: argparse.Namespace, stop_tokens) -> sampling.SamplingParams:
+    """The sampling options as one `SamplingParams` (which validates them: a ValueError names the field)."""
+    return sampling.SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
         min_p=args.min_p,
         seed=args.seed,
+        stop_tokens=stop_tokens,
     )
 
 
@@ -146,7 +150,7 @@ def generate_main(args: argparse.Namespace) -> int:
         model, tokenizer = _load(args)
         prompt = tokenizer.encode(args.prompt, bos=True, eos=False)
         start = time.perf_counter()
-        tokens = sampler.stream(model, prompt, stop_tokens=tokenizer.stop_tokens, **_sampling_kwargs(args))
+        tokens = sampler.stream(model, prompt, _sampling_params(args, tokenizer.stop_tokens))
         ids, result = _stream_text(tokenizer, tokens, sys.stdout)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         return _fail("generate", e)
@@ -197,9 +201,7 @@ def chat_main(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": text})
         print("assistant> ", end="", flush=True)
         try:
-            tokens = sampler.stream(
-                model, chat.encode_dialog(messages), stop_tokens=tokenizer.stop_tokens, **_sampling_kwargs(args)
-            )
+            tokens = sampler.stream(model, chat.encode_dialog(messages), _sampling_params(args, tokenizer.stop_tokens))
             ids, result = _stream_text(tokenizer, tokens, sys.stdout)
         except ValueError as e:  # e.g. the dialog outgrew the context: say so, keep the session
             messages.pop()

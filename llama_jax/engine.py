@@ -38,6 +38,7 @@ from flax import nnx
 
 from llama_jax import sampler
 from llama_jax.paged_cache import NULL_PAGE, PagedKVCache, PagePool, block_hashes
+from llama_jax.sampling import SamplingParams, filter_logits
 
 __all__ = ["Engine", "Request", "trace_counts"]
 
@@ -99,7 +100,7 @@ def _pick(seeds_b, index_b, logits_bv, sampling: _Sampling, stop_ids):
         token_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     else:
         keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), 0), i))(seeds_b, index_b)
-        filtered = sampler.filter_logits(logits_bv, temperature=sampling.temperature, top_k=sampling.top_k,
+        filtered = filter_logits(logits_bv, temperature=sampling.temperature, top_k=sampling.top_k,
                                          top_p=sampling.top_p, min_p=sampling.min_p)  # fmt: skip
         token_b = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
     b, k = logits_bv.shape[0], sampling.top_logprobs
@@ -191,8 +192,8 @@ class Engine:
         config = model.config
         if getattr(model, "score", None) is not None:
             raise ValueError("this model has a sequence-classification head instead of an LM head: it cannot generate")
-        sampler.filter_logits(jnp.zeros((1, 2)), temperature=temperature or 1.0, top_k=min(top_k, 2), top_p=top_p,
-                              min_p=min_p)  # validates the settings  # fmt: skip
+        SamplingParams(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                       top_logprobs=top_logprobs).check_vocab(config.vocab_size)  # validates the settings  # fmt: skip
         self.model = model
         self.max_len = min(max_len or config.max_seq_len, config.max_seq_len)
         self.page_size, self.burst, self.block_pages = page_size, burst, block_pages

@@ -26,10 +26,8 @@ the stacked buffers, XLA copies every layer's weights out of them on every step,
 (scanned or unrolled alike; `tests/test_decode_program.py` reads the compiled loop to keep it so).
 The price: the layer weights are held twice, and the decode program's compile time grows with depth.
 
-Sampling follows Meta's `generation.py`: temperature 0 is greedy argmax; otherwise
-softmax(logits / temperature) restricted by top-k, then top-p (Meta's rule: keep tokens whose
-*exclusive* prefix mass is <= p, so the top token always stays), then min-p (keep tokens with
-p >= min_p * p_max). Each prompt row has its own PRNG stream, `fold_in(key(seed), row)`, so a
+What to sample is a `SamplingParams` (`llama_jax/sampling.py`, with the filters and Meta's rules);
+`generate(model, prompts, params)` or its fields as keywords. Each prompt row has its own PRNG stream, `fold_in(key(seed), row)`, so a
 prompt's sample does not depend on what it was batched with; with one seed per prompt
 (`seed=[s0, s1, ...]`) row i's stream is `fold_in(key(s_i), 0)`, the stream of that prompt generated
 alone with `seed=s_i`, so it does not depend on its row either (the batch job relies on this).
@@ -55,21 +53,19 @@ from llama_jax import platform
 from llama_jax.config import LLAMA3_VOCAB_SIZE
 from llama_jax.kv_cache import KVCache
 from llama_jax.model import LayerWeights
+from llama_jax.sampling import Mode, SamplingParams, sample_rows
 from sharding import placement
 
 __all__ = [
     "LLAMA3_STOP_TOKENS",
     "GenerationResult",
+    "SamplingParams",
     "default_stop_tokens",
-    "filter_logits",
     "generate",
     "lower",
-    "min_p_threshold",
     "prompt_bucket",
-    "sample",
+    "sampling_params",
     "stream",
-    "top_k_threshold",
-    "top_p_threshold",
     "trace_counts",
 ]
 
@@ -103,130 +99,6 @@ class GenerationResult:
     top_logprobs: tuple[tuple[tuple[int, ...], ...], tuple[tuple[float, ...], ...]] | None = None
 
 
-# ---- sampling: small pure functions on float32 logits [B, V] ----------------------------------------
-# Each filter returns a per-row threshold [B, 1]: a token is kept when its logit is >= the threshold.
-# Thresholds compose by `max`, so the filters never need a scatter back through a sort permutation.
-
-
-def top_k_threshold(logits_bv: jax.Array, k: int) -> jax.Array:
-    """The k-th largest logit of each row (k static, >= 1)."""
-    return jax.lax.top_k(logits_bv, k)[0][:, k - 1 :]
-
-
-def top_p_threshold(logits_bv: jax.Array, p: jax.Array | float) -> jax.Array:
-    """Meta's nucleus over softmax(logits): keep a token when the mass of the tokens above it is <= p.
-
-    Meta sorts the vocabulary; a 128K-entry sort costs ~200 ms per row on this CPU, so instead this
-    binary-searches the smallest probability q with mass(p_j > q) <= p over float32 bit patterns
-    (monotone for non-negative floats): 31 masked sums, exact up to the rounding of those sums.
-    """
-    probs_bv = jax.nn.softmax(logits_bv, axis=-1)
-    bits_bv = jax.lax.bitcast_convert_type(probs_bv, jnp.int32)
-
-    def halve(_, bounds):  # invariant: the answer lies in [lo, hi]
-        lo, hi = bounds
-        mid = lo + (hi - lo) // 2
-        mass = jnp.sum(jnp.where(bits_bv > mid, probs_bv, 0.0), axis=-1, keepdims=True)
-        fits = mass <= p
-        return jnp.where(fits, lo, mid + 1), jnp.where(fits, mid, hi)
-
-    lo = jnp.zeros((logits_bv.shape[0], 1), jnp.int32)
-    hi = jnp.max(bits_bv, axis=-1, keepdims=True)  # mass above p_max is 0 <= p
-    _, q_bits = jax.lax.fori_loop(0, 31, halve, (lo, hi))
-    return jnp.min(jnp.where(bits_bv >= q_bits, logits_bv, jnp.inf), axis=-1, keepdims=True)
-
-
-def min_p_threshold(logits_bv: jax.Array, min_p: jax.Array | float) -> jax.Array:
-    """Keep p_i >= min_p * p_max, i.e. logit_i >= logit_max + log(min_p) (-inf keeps all at 0)."""
-    return jnp.max(logits_bv, axis=-1, keepdims=True) + jnp.log(jnp.float32(min_p))
-
-
-def _nucleus_threshold(sorted_bk: jax.Array, p) -> jax.Array:
-    """Meta's rule on candidate logits sorted descending (the top k): cumulative sums, as Meta."""
-    probs_bk = jax.nn.softmax(sorted_bk, axis=-1)
-    exclusive_mass = jnp.cumsum(probs_bk, axis=-1) - probs_bk
-    n_kept = jnp.sum(exclusive_mass <= p, axis=-1, keepdims=True)  # >= 1: the top token's mass before is 0
-    return jnp.take_along_axis(sorted_bk, n_kept - 1, axis=-1)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Mode:
-    """The static (compile-time) shape of a sampling configuration; the values themselves are traced."""
-
-    greedy: bool
-    top_k: int  # 0: off
-    top_p: bool
-    min_p: bool
-    logprobs: bool
-    top_logprobs: int = 0  # K alternatives recorded per step (0: off)
-
-
-def _mode(temperature, top_k, top_p, min_p, logprobs=False, top_logprobs=0) -> _Mode:
-    greedy = temperature == 0.0
-    return _Mode(
-        greedy=greedy,
-        top_k=0 if greedy else int(top_k),
-        top_p=not greedy and top_p < 1.0,
-        min_p=not greedy and min_p > 0.0,
-        logprobs=bool(logprobs),
-        top_logprobs=int(top_logprobs),
-    )
-
-
-def _filter(scaled_bv: jax.Array, knobs: jax.Array, mode: _Mode) -> jax.Array:
-    """Tempered logits with every filtered-out token at -inf. knobs = [temperature, top_p, min_p]."""
-    thresholds = []
-    if mode.top_k:
-        top_bk = jax.lax.top_k(scaled_bv, mode.top_k)[0]
-        # top-p then runs on the top-k renormalised distribution (sorting k values, not V).
-        thresholds.append(_nucleus_threshold(top_bk, knobs[1]) if mode.top_p else top_bk[:, -1:])
-    elif mode.top_p:
-        thresholds.append(top_p_threshold(scaled_bv, knobs[1]))
-    if mode.min_p:
-        thresholds.append(min_p_threshold(scaled_bv, knobs[2]))
-    if not thresholds:
-        return scaled_bv
-    threshold = functools.reduce(jnp.maximum, thresholds)
-    return jnp.where(scaled_bv >= threshold, scaled_bv, -jnp.inf)
-
-
-def _sample(keys_b: jax.Array, logits_bv: jax.Array, knobs: jax.Array, mode: _Mode) -> jax.Array:
-    if mode.greedy:
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    filtered = _filter(logits_bv / knobs[0], knobs, mode)
-    return jax.vmap(jax.random.categorical)(keys_b, filtered).astype(jnp.int32)
-
-
-def filter_logits(
-    logits_bv: jax.Array, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
-) -> jax.Array:
-    """logits / temperature with the tokens outside top-k / top-p / min-p set to -inf."""
-    _check_sampling(temperature or 1.0, top_k, top_p, min_p)
-    mode = _mode(temperature or 1.0, top_k, top_p, min_p)
-    logits_bv = jnp.asarray(logits_bv, jnp.float32)
-    return _filter(logits_bv / jnp.float32(temperature or 1.0), _knobs(temperature or 1.0, top_p, min_p), mode)
-
-
-def sample(
-    key: jax.Array,
-    logits_bv: jax.Array,
-    *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-) -> jax.Array:
-    """One token per row of `logits_bv` `[B, V]` → `[B]` int32 (temperature 0: argmax)."""
-    _check_sampling(temperature, top_k, top_p, min_p)
-    logits_bv = jnp.asarray(logits_bv, jnp.float32)
-    keys_b = jax.random.split(key, logits_bv.shape[0])
-    return _sample(keys_b, logits_bv, _knobs(temperature, top_p, min_p), _mode(temperature, top_k, top_p, min_p))
-
-
-def _knobs(temperature, top_p, min_p) -> jax.Array:
-    return jnp.asarray([temperature or 1.0, top_p, min_p], jnp.float32)
-
-
 # ---- the jitted programs -------------------------------------------------------------------------------
 
 _TRACES = {"prefill": 0, "decode": 0}
@@ -258,7 +130,7 @@ class DecodeState:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n_out", "mode"), donate_argnames=("cache",))
 def _prefill(graphdef, params, prompt_bp, lengths_b, active_b, cache, seeds_b, streams_b, knobs, stop_ids, *, n_out,
-             mode: _Mode):  # fmt: skip
+             mode: Mode):  # fmt: skip
     """Run the prompts into the cache and sample the first new token from each row's last prompt logits."""
     _TRACES["prefill"] += 1
     model = nnx.merge(graphdef, params)
@@ -284,10 +156,10 @@ def _prefill(graphdef, params, prompt_bp, lengths_b, active_b, cache, seeds_b, s
     return _advance(state, logits_bv, cache, knobs, stop_ids, mode)
 
 
-def _advance(s: DecodeState, logits_bv, cache, knobs, stop_ids, mode: _Mode) -> DecodeState:
+def _advance(s: DecodeState, logits_bv, cache, knobs, stop_ids, mode: Mode) -> DecodeState:
     """Sample each row's next token from `logits_bv` (the logits at its current position), record it."""
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s.keys, s.step)
-    token = _sample(keys, logits_bv, knobs, mode)
+    token = sample_rows(keys, logits_bv, knobs, mode)
     is_stop = jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
     live = ~s.done
     logprobs, top_ids, top_logprobs = s.logprobs, s.top_ids, s.top_logprobs
@@ -317,7 +189,7 @@ def _advance(s: DecodeState, logits_bv, cache, knobs, stop_ids, mode: _Mode) -> 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode", "unroll"), donate_argnames=("state",))
-def _decode(graphdef, params, layers, state: DecodeState, limit, knobs, stop_ids, *, mode: _Mode, unroll):
+def _decode(graphdef, params, layers, state: DecodeState, limit, knobs, stop_ids, *, mode: Mode, unroll):
     """Run decode steps until `state.step == limit` or every row is done.
 
     layers: `LayerWeights` (each weight read in place), or None to scan the stacked weights with `unroll`.
@@ -406,22 +278,7 @@ def layer_weights(model) -> LayerWeights:
     return layers
 
 
-def _check_sampling(temperature, top_k, top_p, min_p) -> None:
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if not (isinstance(top_k, (int, np.integer)) and not isinstance(top_k, bool) and top_k >= 0):
-        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-    if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
-    if not (isinstance(min_p, (int, float)) and 0.0 <= min_p <= 1.0):
-        raise ValueError(f"min_p must be in [0, 1] (0 = off), got {min_p!r}")
-
-
-def _check_prompts(prompts, vocab_size: int, max_seq_len: int, max_new_tokens) -> list[np.ndarray]:
-    if not (isinstance(max_new_tokens, (int, np.integer)) and not isinstance(max_new_tokens, bool)):
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+def _check_prompts(prompts, vocab_size: int, max_seq_len: int, max_new_tokens: int) -> list[np.ndarray]:
     if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
         prompts = list(prompts)
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not len(prompts):
@@ -468,10 +325,10 @@ def _stop_ids(model, stop_tokens) -> np.ndarray:
         stop_tokens = default_stop_tokens(model)
     stop_tokens = sorted({int(t) for t in stop_tokens})
     if len(stop_tokens) > MAX_STOP_TOKENS:
-        raise ValueError(f"at most {MAX_STOP_TOKENS} stop tokens are supported, got {len(stop_tokens)}")
+        raise ValueError(f"stop_tokens: at most {MAX_STOP_TOKENS} are supported, got {len(stop_tokens)}")
     for t in stop_tokens:
         if not 0 <= t < vocab:
-            raise ValueError(f"stop token {t} is outside the vocabulary [0, {vocab})")
+            raise ValueError(f"stop_tokens: token {t} is outside the vocabulary [0, {vocab})")
     return np.asarray(stop_tokens + [-1] * (MAX_STOP_TOKENS - len(stop_tokens)), np.int32)
 
 
@@ -487,41 +344,39 @@ class _Job:
     n_out: int
     stop_ids: np.ndarray
     knobs: np.ndarray
-    mode: _Mode
+    mode: Mode
     seeds_b: np.ndarray  # [B] uint32: row i's stream is fold_in(key(seeds_b[i]), streams_b[i])
     streams_b: np.ndarray  # [B] int32
 
 
-def _is_seed(seed) -> bool:
-    return isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and 0 <= seed < 2**32
+def sampling_params(params: SamplingParams | None = None, **fields) -> SamplingParams:
+    """`params` with `fields` replaced, or `SamplingParams(**fields)`: what `generate`'s arguments mean."""
+    if params is None:
+        return SamplingParams(**fields)
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"expected a SamplingParams, got {type(params).__name__}")
+    return dataclasses.replace(params, **fields) if fields else params
 
 
-def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, logprobs, seed,
-             top_logprobs=0, min_batch=1) -> _Job:  # fmt: skip
+def _prepare(model, prompts, params: SamplingParams, min_batch: int = 1) -> _Job:
     config = model.config
     if getattr(model, "score", None) is not None:
         raise ValueError(
             f"this model has a sequence-classification head (score [D, {model.score.shape[1]}]) instead of an LM "
             "head: it scores sequences (llama_jax.rejection.reward_scorer) and cannot generate"
         )
-    _check_sampling(temperature, top_k, top_p, min_p)
-    per_row_seeds = not isinstance(seed, (int, np.integer))
-    if not (all(map(_is_seed, seed)) if per_row_seeds and isinstance(seed, Sequence) else _is_seed(seed)):
-        raise ValueError(f"seed must be an integer in [0, 2**32) or a list of them (one per prompt), got {seed!r}")
-    if top_k > config.vocab_size:
-        raise ValueError(f"top_k={top_k} is larger than the vocabulary ({config.vocab_size})")
-    if not (isinstance(top_logprobs, (int, np.integer)) and not isinstance(top_logprobs, bool)
-            and 0 <= top_logprobs <= config.vocab_size):  # fmt: skip
-        raise ValueError(f"top_logprobs must be an integer in [0, {config.vocab_size}] (0 = off), got {top_logprobs!r}")
+    params.check_vocab(config.vocab_size)
     if not (isinstance(min_batch, (int, np.integer)) and not isinstance(min_batch, bool) and min_batch >= 1):
         raise ValueError(f"min_batch must be an integer >= 1, got {min_batch!r}")
-    rows = _check_prompts(prompts, config.vocab_size, config.max_seq_len, max_new_tokens)
+    rows = _check_prompts(prompts, config.vocab_size, config.max_seq_len, params.max_new_tokens)
+    seed = params.seed
+    per_row_seeds = isinstance(seed, tuple)
     if per_row_seeds and len(seed) != len(rows):
         raise ValueError(f"seed: got {len(seed)} seeds for {len(rows)} prompts; expected one per prompt")
     longest = max(len(r) for r in rows)
     b = _bucket(max(len(rows), min_batch), 1)
     p = prompt_bucket(longest, config.max_seq_len)
-    n_out = _bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
+    n_out = _bucket(params.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
     # Entry s holds position s; positions reach at most longest + max_new_tokens - 1 < P + N.
     cache_len = min(p + n_out, config.max_seq_len)
     prompt_bp = np.zeros((b, p), np.int32)
@@ -543,9 +398,9 @@ def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, s
         active_b=np.arange(b) < len(rows),
         cache_len=cache_len,
         n_out=n_out,
-        stop_ids=_stop_ids(model, stop_tokens),
-        knobs=np.asarray([temperature or 1.0, top_p, min_p], np.float32),
-        mode=_mode(temperature, top_k, top_p, min_p, logprobs, top_logprobs),
+        stop_ids=_stop_ids(model, params.stop_tokens),
+        knobs=params.knobs(),
+        mode=params.mode,
         seeds_b=seeds_b,
         streams_b=streams_b,
     )
@@ -611,34 +466,21 @@ def _result(tokens, logprobs, count, stopped, want_logprobs, top_ids=None, top_l
 def generate(
     model,
     prompts: Sequence[Sequence[int]],
+    params: SamplingParams | None = None,
     *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    seed: int | Sequence[int] = 0,
-    stop_tokens: Sequence[int] | None = None,
-    logprobs: bool = False,
-    top_logprobs: int = 0,
     min_batch: int = 1,
     unroll: int | bool | None = None,
+    **sampling,
 ) -> list[GenerationResult]:
     """Continue each prompt (a list of token ids; lengths may differ) by up to `max_new_tokens`.
 
     Args:
       model: a `Llama` (from `llama_jax.load` or `default_model`).
       prompts: token-id lists, BOS included if wanted (`Tokenizer.encode(text, bos=True, eos=False)`).
-      max_new_tokens: upper bound on new tokens per prompt.
-      temperature: 0 = greedy (argmax); otherwise sample from softmax(logits / temperature).
-      top_k, top_p, min_p: filters (0, 1.0, 0.0 = off), applied in that order (see module doc).
-      seed: PRNG seed; the same seed and prompt give the same tokens. A list gives each prompt its
-        own seed: prompt i then samples exactly as it would alone with `seed=seed[i]`.
-      stop_tokens: ids that end a row (not included in `.tokens`). None: the attached tokenizer's
-        (`model.tokenizer.stop_tokens`), else Llama 3's when the vocabulary is Llama 3's; [] = none.
-      logprobs: also return each token's float32 log-softmax under the untempered logits.
-      top_logprobs: K > 0 also returns, per token (and for the stop token), the K most likely ids
-        and their float32 log-softmax under the untempered logits (`GenerationResult.top_logprobs`).
+      params: a `SamplingParams` (max_new_tokens, temperature, top_k, top_p, min_p, seed, stop_tokens,
+        logprobs, top_logprobs; see `llama_jax.sampling`).
+      **sampling: the same fields as keywords, e.g. `generate(model, prompts, max_new_tokens=64)`;
+        with `params` they replace its fields.
       min_batch: pad the batch with idle rows to at least this many (then to a power of two), so a
         job's last, partial batches reuse its full batches' program and still span a data-parallel mesh.
       unroll: None (default): the decode step reads each layer's own arrays in place (`layer_weights`,
@@ -649,31 +491,36 @@ def generate(
     Returns:
       One `GenerationResult` per prompt, in order.
     """
-    job, state = _run(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop_tokens,
-                      logprobs, unroll, top_logprobs, min_batch)  # fmt: skip
+    params = sampling_params(params, **sampling)
+    job, state = _run(model, prompts, params, min_batch=min_batch, unroll=unroll)
     tokens, lps, counts, stopped, top_ids, top_lps = _to_host(
         (state.tokens, state.logprobs, state.counts, state.stopped, state.top_ids, state.top_logprobs)
     )
     return [
-        _result(tokens[i], lps[i], counts[i], stopped[i], logprobs, top_ids[i], top_lps[i])
+        _result(tokens[i], lps[i], counts[i], stopped[i], params.logprobs, top_ids[i], top_lps[i])
         for i in range(job.n_prompts)
     ]
 
 
-def _run(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0,
-         stop_tokens=None, logprobs=False, unroll=None, top_logprobs=0,
-         min_batch=1) -> tuple[_Job, DecodeState]:  # fmt: skip
+def _run(model, prompts, params: SamplingParams, *, min_batch=1, unroll=None) -> tuple[_Job, DecodeState]:
     """`generate` up to the final device state (which tests inspect)."""
     unroll = decode_unroll(model, unroll)
-    job = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, logprobs, seed,
-                   top_logprobs, min_batch)  # fmt: skip
+    job = _prepare(model, prompts, params, min_batch)
     weights, state = _start(model, job, unroll)
-    state = _decode(*weights, state, np.int32(max_new_tokens), job.knobs, job.stop_ids, mode=job.mode, unroll=unroll)
+    limit = np.int32(params.max_new_tokens)
+    state = _decode(*weights, state, limit, job.knobs, job.stop_ids, mode=job.mode, unroll=unroll)
     return job, state
 
 
-def lower(model, prompts, max_new_tokens, *, platforms: Sequence[str] | None = None, temperature=0.0, top_k=0,
-          top_p=1.0, min_p=0.0, stop_tokens=None, logprobs=False, unroll=None) -> tuple[jax.stages.Lowered, ...]:  # fmt: skip
+def lower(
+    model,
+    prompts,
+    params: SamplingParams | None = None,
+    *,
+    platforms: Sequence[str] | None = None,
+    unroll=None,
+    **sampling,
+) -> tuple[jax.stages.Lowered, ...]:
     """The (prefill, decode) programs `generate` runs for these arguments, lowered but neither compiled
     nor run; `platforms` ("cuda", "tpu", ...) lowers them for machines other than this one.
 
@@ -681,17 +528,19 @@ def lower(model, prompts, max_new_tokens, *, platforms: Sequence[str] | None = N
     nothing executes; the per-layer weights of the decode step are made as `generate` makes them.
     Traced under `platform.lowering_for(platforms[0])`, so attention "auto" picks that platform's backend.
     """
-    job = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, logprobs, 0)
+    params = sampling_params(params, **sampling)
+    job = _prepare(model, prompts, params)
     unroll = decode_unroll(model, unroll)
-    graphdef, params = nnx.split(model)
+    graphdef, params_state = nnx.split(model)
     cache = jax.eval_shape(lambda: _empty_cache(model, job.prompt_bp.shape[0], job.cache_len))
-    prefill_args = (graphdef, params, job.prompt_bp, job.lengths_b, job.active_b, cache, job.seeds_b, job.streams_b,
-                    job.knobs, job.stop_ids)  # fmt: skip
+    prefill_args = (graphdef, params_state, job.prompt_bp, job.lengths_b, job.active_b, cache, job.seeds_b,
+                    job.streams_b, job.knobs, job.stop_ids)  # fmt: skip
     layers = layer_weights(model) if unroll is None else None
+    limit = np.int32(params.max_new_tokens)
     with platform.lowering_for(platforms[0] if platforms else None):  # what attention "auto" selects for
         prefill = _prefill.trace(*prefill_args, n_out=job.n_out, mode=job.mode)
         state = jax.eval_shape(functools.partial(_prefill, n_out=job.n_out, mode=job.mode), *prefill_args)
-        decode = _decode.trace(graphdef, params, layers, state, np.int32(max_new_tokens), job.knobs, job.stop_ids,
+        decode = _decode.trace(graphdef, params_state, layers, state, limit, job.knobs, job.stop_ids,
                                mode=job.mode, unroll=unroll)  # fmt: skip
     return prefill.lower(lowering_platforms=platforms), decode.lower(lowering_platforms=platforms)
 
@@ -699,28 +548,27 @@ def lower(model, prompts, max_new_tokens, *, platforms: Sequence[str] | None = N
 def stream(
     model,
     prompt_tokens: Sequence[int],
+    params: SamplingParams | None = None,
     *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    seed: int = 0,
-    stop_tokens: Sequence[int] | None = None,
     chunk: int = 1,
     unroll: int | bool | None = None,
+    **sampling,
 ) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are produced (stop token excluded).
 
-    The same prefill and decode programs as `generate` (same bucketing, same tokens for the same
-    seed), run `chunk` steps per call so the host sees tokens as they come. The request is checked
-    here, before the first token is asked for. The generator's return value (`StopIteration.value`,
-    or the value of `yield from`) is the `GenerationResult`.
+    `params` / `**sampling` as in `generate` (one seed; logprobs are not streamed). The same prefill
+    and decode programs as `generate` (same bucketing, same tokens for the same seed), run `chunk`
+    steps per call so the host sees tokens as they come. The request is checked here, before the
+    first token is asked for. The generator's return value (`StopIteration.value`, or the value of
+    `yield from`) is the `GenerationResult`.
     """
     if not (isinstance(chunk, int) and chunk >= 1):
         raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
-    job = _prepare(model, [prompt_tokens], max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, False, seed)
-    return _stream(model, job, max_new_tokens, chunk, decode_unroll(model, unroll))
+    params = sampling_params(params, **sampling)
+    if params.logprobs or params.top_logprobs or isinstance(params.seed, tuple):
+        raise ValueError("stream: logprobs, top_logprobs and per-prompt seeds are for generate; got " + repr(params))
+    job = _prepare(model, [prompt_tokens], params)
+    return _stream(model, job, params.max_new_tokens, chunk, decode_unroll(model, unroll))
 
 
 def _stream(model, job: _Job, max_new_tokens, chunk, unroll) -> Iterator[int]:

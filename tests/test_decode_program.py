@@ -84,7 +84,7 @@ def _weight_sizes(model) -> set[int]:
 
 
 def _decode_hlo(model, unroll=None) -> str:
-    job = sampler._prepare(model, PROMPTS, 16, 0.0, 0, 1.0, 0.0, [], False, 0)
+    job = sampler._prepare(model, PROMPTS, sampler.SamplingParams(max_new_tokens=16, stop_tokens=[]))
     weights, state = sampler._start(model, job, unroll)
     lowered = sampler._decode.lower(*weights, state, np.int32(16), job.knobs, job.stop_ids, mode=job.mode,
                                     unroll=unroll)  # fmt: skip
@@ -108,7 +108,7 @@ def _buffers_with_elements(hlo: str, n: int) -> list[str]:
 
 def test_prefill_projects_only_the_last_prompt_token_of_each_row_onto_the_vocabulary(model):
     b, p, v = 2, 16, CONFIG.vocab_size
-    job = sampler._prepare(model, PROMPTS, 16, 0.0, 0, 1.0, 0.0, [], False, 0)
+    job = sampler._prepare(model, PROMPTS, sampler.SamplingParams(max_new_tokens=16, stop_tokens=[]))
     graphdef, params = nnx.split(model)
     cache = sampler._empty_cache(model, b, job.cache_len)
     prefill = sampler._prefill.lower(graphdef, params, job.prompt_bp, job.lengths_b, job.active_b, cache, job.seeds_b,

@@ -2,6 +2,7 @@
 sampling follows softmax(logits / T) restricted to its filters, compilation is bounded, and bad
 requests fail with errors that name the prompt."""
 
+import dataclasses
 import functools
 
 import jax
@@ -13,7 +14,7 @@ import torch
 from flax import nnx
 
 import llama_jax
-from llama_jax import sampler
+from llama_jax import sampler, sampling
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import KVCache
 from llama_jax.model import Llama
@@ -146,7 +147,7 @@ def test_decode_loop_exits_as_soon_as_every_row_is_done(tiny):
     prompts = ragged_prompts()
     free = sampler.generate(model, prompts, max_new_tokens=8, stop_tokens=[])
     stops = [r.tokens[i] for r, i in zip(free, (2, 4, 1, 3), strict=True)]
-    job, state = sampler._run(model, prompts, max_new_tokens=100, stop_tokens=stops)
+    job, state = sampler._run(model, prompts, sampler.SamplingParams(max_new_tokens=100, stop_tokens=stops))
     last_stop = max(min(r.tokens.index(s) for s in stops if s in r.tokens) for r in free)
     assert int(state.step) == last_stop + 1  # not 100: the while_loop checked `done` on device
     assert job.n_out == 128
@@ -171,7 +172,7 @@ def test_top_k_1_is_greedy(tiny):
     assert [r.tokens for r in top1] == [r.tokens for r in greedy]
     logits = jax.random.normal(jax.random.key(0), (64, 1000))
     np.testing.assert_array_equal(
-        sampler.sample(jax.random.key(1), logits, temperature=2.0, top_k=1), np.argmax(logits, -1)
+        sampling.sample(jax.random.key(1), logits, temperature=2.0, top_k=1), np.argmax(logits, -1)
     )
 
 
@@ -182,7 +183,7 @@ N_DRAWS = 40_000
 def draw(**knobs) -> np.ndarray:
     """N_DRAWS samples from FIXED_LOGITS (one row per draw, each with its own key)."""
     logits = np.broadcast_to(FIXED_LOGITS, (N_DRAWS, FIXED_LOGITS.size))
-    return np.asarray(sampler.sample(jax.random.key(123), logits, **knobs))
+    return np.asarray(sampling.sample(jax.random.key(123), logits, **knobs))
 
 
 def assert_frequencies_match(samples: np.ndarray, probs: np.ndarray):
@@ -228,22 +229,22 @@ def test_filtered_sampling_frequencies_follow_the_renormalised_distribution():
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.99])
 def test_top_p_keeps_exactly_metas_nucleus(temperature, top_p):
     logits = np.asarray(jax.random.normal(jax.random.key(5), (16, 5000)) * 3, np.float32)
-    kept = np.isfinite(np.asarray(sampler.filter_logits(logits, temperature=temperature, top_p=top_p)))
+    kept = np.isfinite(np.asarray(sampling.filter_logits(logits, temperature=temperature, top_p=top_p)))
     for row in range(logits.shape[0]):
         probs = np.exp(log_softmax(logits[row].astype(np.float64) / temperature))
         np.testing.assert_array_equal(kept[row], meta_nucleus(probs, top_p))
-    samples = np.asarray(sampler.sample(jax.random.key(9), logits, temperature=temperature, top_p=top_p))
+    samples = np.asarray(sampling.sample(jax.random.key(9), logits, temperature=temperature, top_p=top_p))
     assert kept[np.arange(logits.shape[0]), samples].all()
 
 
 @pytest.mark.parametrize("min_p", [0.01, 0.1, 0.5])
 def test_min_p_keeps_exactly_the_tokens_within_min_p_of_the_top(min_p):
     logits = np.asarray(jax.random.normal(jax.random.key(6), (16, 5000)) * 3, np.float32)
-    kept = np.isfinite(np.asarray(sampler.filter_logits(logits, temperature=0.8, min_p=min_p)))
+    kept = np.isfinite(np.asarray(sampling.filter_logits(logits, temperature=0.8, min_p=min_p)))
     probs = np.exp(log_softmax(logits.astype(np.float64) / 0.8))
     np.testing.assert_array_equal(kept, probs >= min_p * probs.max(-1, keepdims=True))
     for seed in range(5):
-        samples = np.asarray(sampler.sample(jax.random.key(seed), logits, temperature=0.8, min_p=min_p))
+        samples = np.asarray(sampling.sample(jax.random.key(seed), logits, temperature=0.8, min_p=min_p))
         assert kept[np.arange(16), samples].all()
 
 
@@ -255,7 +256,7 @@ def test_generated_tokens_stay_in_the_nucleus_of_their_step(tiny):
         sequences = [prompt + list(result.tokens) for prompt, result in zip(prompts, results, strict=True)]
         for prompt, result, logits in zip(prompts, results, uncached_logits(model, sequences), strict=True):
             logits = logits[len(prompt) - 1 : -1]
-            kept = np.isfinite(np.asarray(sampler.filter_logits(logits, temperature=0.7, **knobs)))
+            kept = np.isfinite(np.asarray(sampling.filter_logits(logits, temperature=0.7, **knobs)))
             assert kept[np.arange(len(result.tokens)), list(result.tokens)].all(), knobs
 
 
@@ -322,7 +323,7 @@ def test_min_batch_pads_with_idle_rows_that_change_nothing(tiny):
     model, _ = tiny
     prompts = ragged_prompts((5, 9))
     knobs = dict(max_new_tokens=6, temperature=0.9, seed=[3, 4])
-    job, state = sampler._run(model, prompts, **{**knobs, "seed": [3, 4]}, min_batch=6)
+    job, state = sampler._run(model, prompts, sampler.SamplingParams(**knobs), min_batch=6)
     assert state.tokens.shape[0] == 8 and not job.active_b[2:].any()  # 6 rounded to a power of two, idle
     assert int(state.step) == 6  # idle rows do not keep the loop going, nor stop it early
     assert sampler.generate(model, prompts, **knobs, min_batch=6) == sampler.generate(model, prompts, **knobs)
@@ -387,7 +388,7 @@ def short_context_model(tiny):
         ([[5, -1]], 4, r"prompt 0: token id -1 at position 1"),
         ([], 4, r"non-empty list"),
         ([1, 2, 3], 4, r"list of token-id lists"),
-        ([[1, 2]], 0, r"max_new_tokens must be >= 1"),
+        ([[1, 2]], 0, r"max_new_tokens: expected an integer >= 1"),
     ],
 )
 def test_bad_prompts_raise_a_value_error_naming_the_prompt(short_context_model, prompts, max_new_tokens, message):
@@ -412,7 +413,7 @@ def test_stream_checks_the_request_when_called_not_at_the_first_token(short_cont
         (dict(temperature=1.0, top_k=-1), "top_k"),
         (dict(temperature=1.0, top_k=VOCAB + 1), "top_k"),
         (dict(temperature=1.0, min_p=-0.1), "min_p"),
-        (dict(stop_tokens=[VOCAB + 5]), "stop token"),
+        (dict(stop_tokens=[VOCAB + 5]), "stop_tokens: token"),
         (dict(seed=-1), "seed"),
     ],
 )
@@ -430,3 +431,44 @@ def test_a_model_sharded_over_a_mesh_generates_the_same_tokens(tmp_path):
     for knobs in (dict(), dict(temperature=0.9, top_p=0.8, seed=2)):
         expected = sampler.generate(single, prompts, max_new_tokens=8, **knobs)
         assert sampler.generate(sharded, prompts, max_new_tokens=8, **knobs) == expected
+
+
+# ---- SamplingParams: one validated value for every entry point --------------------------------------
+
+
+def test_sampling_params_validate_once_and_name_the_field():
+    for fields, field in [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=4, temperature=-1.0), "temperature"),
+        (dict(max_new_tokens=4, top_p=0.0), "top_p"),
+        (dict(max_new_tokens=4, top_k=2.5), "top_k"),
+        (dict(max_new_tokens=4, seed=[1, -2]), "seed"),
+        (dict(max_new_tokens=4, logprobs="yes"), "logprobs"),
+    ]:
+        with pytest.raises(ValueError, match=rf"^{field}: expected"):
+            sampling.SamplingParams(**fields)
+    with pytest.raises(ValueError, match=r"top_k: expected an integer in \[0, 10\]"):
+        sampling.SamplingParams(max_new_tokens=4, top_k=11).check_vocab(10)
+
+
+def test_sampling_params_split_into_a_static_mode_and_traced_knobs():
+    hot = sampling.SamplingParams.meta(max_new_tokens=8, seed=[3, 4])
+    assert (hot.temperature, hot.top_p, hot.seed) == (0.6, 0.9, (3, 4))  # Meta's defaults; lists become tuples
+    assert hot.mode == sampling.Mode(greedy=False, top_k=0, top_p=True, min_p=False, logprobs=False)
+    np.testing.assert_array_equal(hot.knobs(), np.float32([0.6, 0.9, 0.0]))
+    # Values that only change the traced knobs keep the mode, so the compiled program is reused.
+    assert dataclasses.replace(hot, temperature=1.3, top_p=0.5).mode == hot.mode
+    greedy = sampling.SamplingParams(max_new_tokens=8, top_p=0.5, top_k=3)
+    assert greedy.canonical() == sampling.SamplingParams(max_new_tokens=8)  # greedy ignores the filters
+    assert hash(hot) == hash(sampling.SamplingParams.meta(max_new_tokens=8, seed=(3, 4)))
+
+
+def test_generate_takes_sampling_params_or_the_same_fields_as_keywords(tiny):
+    model, _ = tiny
+    prompts = ragged_prompts((5, 9))
+    params = sampling.SamplingParams(max_new_tokens=6, temperature=0.9, top_k=20, seed=[3, 4])
+    by_params = sampler.generate(model, prompts, params)
+    assert by_params == sampler.generate(model, prompts, max_new_tokens=6, temperature=0.9, top_k=20, seed=[3, 4])
+    assert sampler.generate(model, prompts, params, temperature=0.0) == sampler.generate(
+        model, prompts, max_new_tokens=6, seed=[3, 4]
+    )

@@ -1,0 +1,271 @@
+"""What to sample and how: the settings of a request (`SamplingParams`) and the filters on logits.
+
+    params = SamplingParams(max_new_tokens=64, temperature=0.6, top_p=0.9, seed=0)
+    params = SamplingParams.meta(max_new_tokens=64)      # Meta's chat defaults, declared once below
+    generate(model, prompts, params)                     # or generate(model, prompts, max_new_tokens=64, ...)
+
+A `SamplingParams` validates itself when made, so every entry point (`generate`, `stream`, the CLI,
+the batch job) rejects the same bad value with the same message. It splits in two for the jitted
+programs: `mode` (static: which filters exist, greedy or not; a new mode is a new program) and
+`knobs()` (traced: temperature, top-p, min-p; a new value reuses the program).
+
+Sampling follows Meta's `generation.py`: temperature 0 is greedy argmax; otherwise
+softmax(logits / temperature) restricted by top-k, then top-p (Meta's rule: keep tokens whose
+*exclusive* prefix mass is <= p, so the top token always stays), then min-p (keep tokens with
+p >= min_p * p_max). Each filter is a per-row threshold `[B, 1]`: a token is kept when its logit is
+>= the threshold, and thresholds compose by `max`, so nothing scatters back through a sort.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "META_TEMPERATURE",
+    "META_TOP_P",
+    "Mode",
+    "SamplingParams",
+    "filter_logits",
+    "min_p_threshold",
+    "sample",
+    "top_k_threshold",
+    "top_p_threshold",
+]
+
+# Meta's defaults for chat (llama_models/llama3/generation.py `chat_completion`, REFERENCE.md 6).
+META_TEMPERATURE = 0.6
+META_TOP_P = 0.9
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_seed(x) -> bool:
+    return _is_int(x) and 0 <= x < 2**32
+
+
+# field -> (valid?, what was expected). The vocabulary bounds (top_k, top_logprobs, stop_tokens) are
+# checked against a model by `SamplingParams.check_vocab`.
+_RULES = {
+    "max_new_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (0 = greedy)"),
+    "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
+    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1] (1 = off)"),
+    "min_p": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1] (0 = off)"),
+    "seed": (
+        lambda v: _is_seed(v) or (isinstance(v, tuple) and len(v) > 0 and all(map(_is_seed, v))),
+        "an integer in [0, 2**32) or a list of them (one per prompt)",
+    ),
+    "stop_tokens": (lambda v: v is None or (isinstance(v, tuple) and all(map(_is_int, v))), "a list of token ids"),
+    "logprobs": (lambda v: isinstance(v, bool), "true or false"),
+    "top_logprobs": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
+}
+
+
+def check_field(name: str, value) -> None:
+    """Raise ValueError("<name>: expected ..., got ...") unless `value` is valid for field `name`."""
+    valid, expected = _RULES[name]
+    if not valid(value):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """The static (compile-time) shape of a sampling configuration; the values themselves are traced."""
+
+    greedy: bool
+    top_k: int  # 0: off
+    top_p: bool
+    min_p: bool
+    logprobs: bool
+    top_logprobs: int = 0  # K alternatives recorded per step (0: off)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How to continue a prompt. Immutable and checked when made (a ValueError names the field).
+
+    max_new_tokens: upper bound on new tokens per prompt.
+    temperature: 0 = greedy (argmax); otherwise sample from softmax(logits / temperature).
+    top_k, top_p, min_p: filters (0, 1.0, 0.0 = off), applied in that order.
+    seed: PRNG seed; the same seed and prompt give the same tokens. A list gives each prompt its own
+      seed: prompt i then samples exactly as it would alone with `seed=seed[i]`.
+    stop_tokens: ids that end a row (not included in the result). None: the attached tokenizer's
+      (`model.tokenizer.stop_tokens`), else Llama 3's when the vocabulary is Llama 3's; () = none.
+    logprobs: also return each token's float32 log-softmax under the untempered logits.
+    top_logprobs: K > 0 also returns, per token, the K most likely ids and their log-softmax.
+    """
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | tuple[int, ...] = 0
+    stop_tokens: tuple[int, ...] | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        # Lists become tuples, so params hash (they key compiled programs and batch groups).
+        for name in ("seed", "stop_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes)):
+                object.__setattr__(self, name, tuple(int(v) if _is_int(v) else v for v in value))
+        if isinstance(self.logprobs, np.bool_):
+            object.__setattr__(self, "logprobs", bool(self.logprobs))
+        for field in dataclasses.fields(self):
+            check_field(field.name, getattr(self, field.name))
+
+    @classmethod
+    def meta(cls, **overrides) -> SamplingParams:
+        """Meta's chat defaults (temperature 0.6, top-p 0.9), with `overrides` on top."""
+        return cls(**{"temperature": META_TEMPERATURE, "top_p": META_TOP_P, **overrides})
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def canonical(self) -> SamplingParams:
+        """The same sampling with the settings greedy ignores reset, so equal programs compare equal."""
+        if self.greedy:
+            return dataclasses.replace(self, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
+        return dataclasses.replace(self, temperature=float(self.temperature), top_p=float(self.top_p),
+                                   min_p=float(self.min_p))  # fmt: skip
+
+    @property
+    def mode(self) -> Mode:
+        """The static half: which filters run (what the compiled program depends on)."""
+        return Mode(
+            greedy=self.greedy,
+            top_k=0 if self.greedy else int(self.top_k),
+            top_p=not self.greedy and self.top_p < 1.0,
+            min_p=not self.greedy and self.min_p > 0.0,
+            logprobs=self.logprobs,
+            top_logprobs=int(self.top_logprobs),
+        )
+
+    def knobs(self) -> np.ndarray:
+        """The traced half: float32 [temperature (1 when greedy), top_p, min_p]."""
+        return knobs(self.temperature, self.top_p, self.min_p)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """The bounds that depend on the model: top_k, top_logprobs and stop tokens within the vocabulary."""
+        for name in ("top_k", "top_logprobs"):
+            if getattr(self, name) > vocab_size:
+                raise ValueError(
+                    f"{name}: expected an integer in [0, {vocab_size}] (the vocabulary size), got {getattr(self, name)}"
+                )
+        for t in self.stop_tokens or ():
+            if not 0 <= t < vocab_size:
+                raise ValueError(f"stop_tokens: token {t} is outside the vocabulary [0, {vocab_size})")
+
+
+def knobs(temperature, top_p, min_p) -> np.ndarray:
+    return np.asarray([temperature or 1.0, top_p, min_p], np.float32)
+
+
+# ---- filters: small pure functions on float32 logits [B, V] ---------------------------------------------
+
+
+def top_k_threshold(logits_bv: jax.Array, k: int) -> jax.Array:
+    """The k-th largest logit of each row (k static, >= 1)."""
+    return jax.lax.top_k(logits_bv, k)[0][:, k - 1 :]
+
+
+def top_p_threshold(logits_bv: jax.Array, p: jax.Array | float) -> jax.Array:
+    """Meta's nucleus over softmax(logits): keep a token when the mass of the tokens above it is <= p.
+
+    Meta sorts the vocabulary; a 128K-entry sort costs ~200 ms per row on this CPU, so instead this
+    binary-searches the smallest probability q with mass(p_j > q) <= p over float32 bit patterns
+    (monotone for non-negative floats): 31 masked sums, exact up to the rounding of those sums.
+    """
+    probs_bv = jax.nn.softmax(logits_bv, axis=-1)
+    bits_bv = jax.lax.bitcast_convert_type(probs_bv, jnp.int32)
+
+    def halve(_, bounds):  # invariant: the answer lies in [lo, hi]
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        mass = jnp.sum(jnp.where(bits_bv > mid, probs_bv, 0.0), axis=-1, keepdims=True)
+        fits = mass <= p
+        return jnp.where(fits, lo, mid + 1), jnp.where(fits, mid, hi)
+
+    lo = jnp.zeros((logits_bv.shape[0], 1), jnp.int32)
+    hi = jnp.max(bits_bv, axis=-1, keepdims=True)  # mass above p_max is 0 <= p
+    _, q_bits = jax.lax.fori_loop(0, 31, halve, (lo, hi))
+    return jnp.min(jnp.where(bits_bv >= q_bits, logits_bv, jnp.inf), axis=-1, keepdims=True)
+
+
+def min_p_threshold(logits_bv: jax.Array, min_p: jax.Array | float) -> jax.Array:
+    """Keep p_i >= min_p * p_max, i.e. logit_i >= logit_max + log(min_p) (-inf keeps all at 0)."""
+    return jnp.max(logits_bv, axis=-1, keepdims=True) + jnp.log(jnp.float32(min_p))
+
+
+def _nucleus_threshold(sorted_bk: jax.Array, p) -> jax.Array:
+    """Meta's rule on candidate logits sorted descending (the top k): cumulative sums, as Meta."""
+    probs_bk = jax.nn.softmax(sorted_bk, axis=-1)
+    exclusive_mass = jnp.cumsum(probs_bk, axis=-1) - probs_bk
+    n_kept = jnp.sum(exclusive_mass <= p, axis=-1, keepdims=True)  # >= 1: the top token's mass before is 0
+    return jnp.take_along_axis(sorted_bk, n_kept - 1, axis=-1)
+
+
+def apply_filters(scaled_bv: jax.Array, knobs_3: jax.Array, mode: Mode) -> jax.Array:
+    """Tempered logits with every filtered-out token at -inf. knobs_3 = [temperature, top_p, min_p]."""
+    thresholds = []
+    if mode.top_k:
+        top_bk = jax.lax.top_k(scaled_bv, mode.top_k)[0]
+        # top-p then runs on the top-k renormalised distribution (sorting k values, not V).
+        thresholds.append(_nucleus_threshold(top_bk, knobs_3[1]) if mode.top_p else top_bk[:, -1:])
+    elif mode.top_p:
+        thresholds.append(top_p_threshold(scaled_bv, knobs_3[1]))
+    if mode.min_p:
+        thresholds.append(min_p_threshold(scaled_bv, knobs_3[2]))
+    if not thresholds:
+        return scaled_bv
+    threshold = functools.reduce(jnp.maximum, thresholds)
+    return jnp.where(scaled_bv >= threshold, scaled_bv, -jnp.inf)
+
+
+def sample_rows(keys_b: jax.Array, logits_bv: jax.Array, knobs_3: jax.Array, mode: Mode) -> jax.Array:
+    """One token per row [B] int32, row b drawn with its own key `keys_b[b]` (greedy: argmax)."""
+    if mode.greedy:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    filtered = apply_filters(logits_bv / knobs_3[0], knobs_3, mode)
+    return jax.vmap(jax.random.categorical)(keys_b, filtered).astype(jnp.int32)
+
+
+def filter_logits(
+    logits_bv: jax.Array, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> jax.Array:
+    """logits / temperature with the tokens outside top-k / top-p / min-p set to -inf."""
+    params = SamplingParams(max_new_tokens=1, temperature=temperature or 1.0, top_k=top_k, top_p=top_p, min_p=min_p)
+    logits_bv = jnp.asarray(logits_bv, jnp.float32)
+    return apply_filters(logits_bv / jnp.float32(params.temperature), params.knobs(), params.mode)
+
+
+def sample(
+    key: jax.Array,
+    logits_bv: jax.Array,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+) -> jax.Array:
+    """One token per row of `logits_bv` `[B, V]` → `[B]` int32 (temperature 0: argmax)."""
+    params = SamplingParams(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    logits_bv = jnp.asarray(logits_bv, jnp.float32)
+    keys_b = jax.random.split(key, logits_bv.shape[0])
+    return sample_rows(keys_b, logits_bv, params.knobs(), params.mode)
