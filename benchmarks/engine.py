@@ -22,6 +22,7 @@ Prints one JSON object; `--out benchmarks/results/engine_cpu.json` also writes i
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 import tempfile
@@ -127,7 +128,10 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
             config = transformers.GenerationConfig(max_new_tokens=MAX_NEW, do_sample=True, temperature=1.0, top_p=1.0,
                                                    top_k=0, eos_token_id=EOT, pad_token_id=0)  # fmt: skip
             with torch.no_grad():
-                res = hf_model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
+                # Its slots and per-step token budget bounded like ours (unbounded, its prefill logits took 10 GB).
+                cb = transformers.ContinuousBatchingConfig(max_requests_per_batch=batch, max_batch_tokens=512)
+                res = hf_model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False,
+                                              continuous_batching_config=cb)  # fmt: skip
             return [list(r.generated_tokens) for r in res.values()]
 
         sides = {"engine": engine_side(True), "static": lambda prompts=prompts, seeds=seeds: [r.tokens for r in static(model, prompts, seeds, batch)],
@@ -170,6 +174,7 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
         }
         if workload == "prefix":
             out[workload]["prefix_sharing_speedup"] = round(times["engine_noshare"] / times["engine"], 2)
+        print(json.dumps({workload: out[workload]}), file=sys.stderr, flush=True)  # survives a timeout later
     return out
 
 
