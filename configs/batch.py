@@ -23,7 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
             rules="fsdp_tp",  # sharding strategy on the mesh: dp, fsdp, tp, fsdp_tp
             fp8_matmul="auto",  # FP8 checkpoints: fp8 GEMMs on FP8-tensor-core GPUs, else dequant
             attention="auto",  # auto | dense | blockwise | cudnn | splash (llama_jax/attention.py)
-            batch_size=32,  # requests per generate call (power of two, >= the data-parallel size)
+            batch_size=32,  # decode slots: requests run together (power of two, >= the data-parallel size)
+            kv_pages=None,  # KV cache pages per engine; None = batch_size x 2,048 tokens' worth
+            page_size=64,  # positions per KV page (prefix sharing works in whole pages)
+            burst=16,  # decode steps per jitted call between scheduling steps
             progress=True,
             # Per-request defaults (a request's own fields win):
             max_new_tokens=256,
@@ -33,5 +36,6 @@ def get_config() -> ml_collections.ConfigDict:
             min_p=0.0,
             seed=0,  # a request without "seed" samples with request_seed(seed, id)
             top_logprobs=0,  # K > 0: K most likely tokens per step, for distillation
+            n=1,  # samples per request; n > 1 writes results "<id>#<k>"
         )
     )

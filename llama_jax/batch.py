@@ -1,4 +1,4 @@
-"""The batch-inference job: JSONL requests in, JSONL results out; resumable, bucketed, data-parallel.
+"""The batch-inference job: JSONL requests in, JSONL results out; resumable, continuously batched, data-parallel.
 
     python -m llama_jax batch --input prompts.jsonl --output results.jsonl [--checkpoint DIR]
     python -m llama_jax batch --config configs/batch.py --config.max_new_tokens=64 --mesh data=8
@@ -6,14 +6,18 @@
 
 docs/BATCH.md has the formats. How it runs:
 
-- Requests are grouped by what shapes their program: sampling parameters (the sampler takes one set
-  per call; values are traced, so two sets of one mode share a compiled program) and the prompt
-  bucket (`sampler.prompt_bucket`). A group runs as soon as it holds `batch_size` requests; the rest
-  run at the end of the input. Inside a group every prompt has the program it would have alone.
-- Each request samples from its own seed (`seed`, or one derived from the job seed and its id) via
-  the sampler's per-row seeds, so its result does not depend on its batch, its row or on resumption.
+- Requests run on the continuous-batching engine (`llama_jax.engine`): `batch_size` decode slots over
+  a paged KV cache, a request taking a slot as soon as another finishes, prompts sharing page-aligned
+  prefixes (a system prompt, the `n` samples of one request) prefilled once. One engine per sampling
+  setting (temperature, top-p/k, min-p, top_logprobs: they shape its programs); `max_new_tokens` is
+  per request. Requests are fed to their engine as the input is read, a few slots' worth ahead.
+- Each request samples from its own seed (`seed`, or one derived from the job seed and its id): token i
+  is drawn with a key made of that seed and i alone, so its result does not depend on its neighbours,
+  its slot, preemption or resumption, and equals `sampler.generate(model, [prompt], seed=seed)`.
+- `n` > 1 samples a request n times: results `<id>#<k>`, k = 0..n-1, each with the seed
+  `request_seed(seed, "<id>#<k>")` (seed: the request's, else the job's; what `rejection.py` uses).
 - Results are appended in completion order, one whole line per `os.write`, fsync'd after each
-  batch. A restart truncates a torn last line, skips ids already written, and at the end the file is
+  group of completions. A restart truncates a torn last line, skips ids already written, and at the end the file is
   rewritten in input order (temporary file + rename), so every complete run leaves the same bytes.
 - Bad lines go to the errors file (`<output>.errors.jsonl`), rewritten whole at the end of a run.
 """
@@ -21,6 +25,7 @@ docs/BATCH.md has the formats. How it runs:
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import hashlib
 import itertools
@@ -33,13 +38,16 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from llama_jax import atomic, jobs, sampler, sampling
+import jax
+
+from llama_jax import atomic, engine, jobs, sampler, sampling
 from llama_jax.sampling import SamplingParams
+from sharding import distributed
 
 __all__ = ["JobConfig", "job_config", "register", "request_seed", "run_batch"]
 
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "top_logprobs")
-REQUEST_FIELDS = {"id", "prompt", "messages", "seed", *SAMPLING_FIELDS}
+REQUEST_FIELDS = {"id", "prompt", "messages", "seed", "n", *SAMPLING_FIELDS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +64,10 @@ class JobConfig:
     rules: str = "fsdp_tp"  # sharding strategy on the mesh: dp, fsdp, tp, fsdp_tp
     attention: str = "auto"  # attention backend: auto | dense | blockwise | cudnn | splash (llama_jax/attention.py)
     fp8_matmul: str = "auto"  # FP8 checkpoints: auto | fp8 | dequant (llama_jax.platform.fp8_matmul)
-    batch_size: int = 32  # requests per generate call (rounded up to a power of two >= data parallelism)
+    batch_size: int = 32  # decode slots: requests run together (rounded up to a power of two >= data parallelism)
+    kv_pages: int | None = None  # KV cache pages per engine (None: batch_size x 2,048 tokens' worth)
+    page_size: int = 64  # positions per KV page (prefix sharing works in whole pages)
+    burst: int = 16  # decode steps per jitted call between scheduling
     progress: bool = True  # a tqdm bar on stderr
     # Per-request defaults; a request's own fields override them.
     max_new_tokens: int = 256
@@ -65,6 +76,7 @@ class JobConfig:
     top_k: int = 0
     min_p: float = 0.0
     seed: int = 0  # job seed: a request without `seed` gets request_seed(seed, id)
+    n: int = 1  # samples per request (n > 1: results "<id>#<k>")
     top_logprobs: int = 0  # K > 0: record the K most likely tokens per step (distillation data)
 
 
@@ -74,8 +86,8 @@ class _Request:
     id: str | int
     prompt: list[int]
     chat: bool
-    sampling: SamplingParams  # canonical, seed 0: the group key (the request's seed is `seed`)
-    seed: int
+    sampling: SamplingParams  # canonical, seed 0: one engine per setting (max_new_tokens aside)
+    samples: tuple[tuple[str | int, int], ...]  # (result id, seed) of each sample still to run
 
 
 class _BadLine(ValueError):
@@ -120,6 +132,11 @@ def _check_seed(seed) -> None:
         raise _BadLine(e.field, str(e)) from None
 
 
+def _check_n(n) -> None:
+    if not (_is_int(n) and n >= 1):
+        raise _BadLine("n", f"n: expected an integer >= 1, got {json.dumps(n)}")
+
+
 _DONE = object()  # what the reader yields for a request whose result is already in the output
 
 
@@ -139,6 +156,7 @@ class _Reader:
         self.config = model_config
         self.defaults = defaults
         self.first_line: dict[str, int] = {}  # id key -> line of its first appearance
+        self.order: dict[str, float] = {}  # result id key -> its place in the output (input line, sample)
         try:
             self.chat, self.chat_error = ChatFormat(tokenizer), None
         except ValueError as e:
@@ -146,6 +164,7 @@ class _Reader:
         try:
             _sampling({k: getattr(defaults, k) for k in SAMPLING_FIELDS}, model_config.vocab_size)
             _check_seed(defaults.seed)
+            _check_n(defaults.n)
         except _BadLine as e:
             raise ValueError(f"job setting {e}") from None
 
@@ -183,7 +202,13 @@ class _Reader:
         first = self.first_line.setdefault(key, number)
         if first != number:
             raise _BadLine("id", f"duplicate id {json.dumps(request_id)} (first on line {first})")
-        if key in self.done:
+        n = record.get("n", self.defaults.n)
+        _check_n(n)
+        ids = [request_id] if n == 1 else [f"{request_id}#{k}" for k in range(n)]
+        for k, sample_id in enumerate(ids):
+            self.order[_id_key(sample_id)] = number + k / n
+        todo = [k for k, sample_id in enumerate(ids) if _id_key(sample_id) not in self.done]
+        if not todo:
             return _DONE
         unknown = sorted(set(record) - REQUEST_FIELDS)
         if unknown:
@@ -203,8 +228,12 @@ class _Reader:
                 f"prompt too long: {len(prompt)} tokens + max_new_tokens={sampling.max_new_tokens} = {needed} "
                 f"positions, beyond the model's context of {self.config.max_seq_len} (config.max_seq_len)",
             )
-        seed = record["seed"] if "seed" in record else request_seed(self.defaults.seed, request_id)
-        return _Request(number, request_id, prompt, chat, sampling, seed)
+        seed = record["seed"] if "seed" in record else None
+        if n == 1:
+            samples = ((request_id, request_seed(self.defaults.seed, request_id) if seed is None else seed),)
+        else:  # the seeds rejection.py gives its "<id>#<k>" requests
+            samples = tuple((ids[k], request_seed(self.defaults.seed if seed is None else seed, ids[k])) for k in todo)
+        return _Request(number, request_id, prompt, chat, sampling, samples)
 
     def _prompt(self, record: dict) -> tuple[list[int], bool]:
         if ("prompt" in record) == ("messages" in record):
@@ -229,15 +258,17 @@ class _Reader:
 class _Results:
     """The output file: repaired and indexed on open, appended whole lines, canonical order at the end."""
 
-    def __init__(self, path: pathlib.Path) -> None:
+    def __init__(self, path: pathlib.Path, writer: bool = True) -> None:
         self.path = path
+        self.writer = writer  # False: another process (process 0 of a multi-process job) writes the file
         self.done: dict[str, tuple[int, int]] = {}  # id key -> (byte offset, length) of its line
         self.size = 0
         self.torn_bytes = 0
         if path.exists():
             self._repair_and_index()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if writer:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def _repair_and_index(self) -> None:
         with open(self.path, "rb") as f:
@@ -256,28 +287,30 @@ class _Results:
                     raise ValueError(f"{self.path}, line {number}: id {key} is already on an earlier line")
                 self.done[key] = (self.size, len(line))
                 self.size += len(line)
-        if self.torn_bytes:
+        if self.torn_bytes and self.writer:
             with open(self.path, "r+b") as f:
                 f.truncate(self.size)
                 os.fsync(f.fileno())
 
     def append(self, lines: dict[str, bytes]) -> None:
         """Write the lines (by id key) with one `write` and make them durable before going on."""
-        data = memoryview(b"".join(lines.values()))
-        while data:  # a partial write (disk full, a signal) continues where it stopped
-            data = data[os.write(self.fd, data) :]
-        os.fsync(self.fd)
+        if self.writer:
+            data = memoryview(b"".join(lines.values()))
+            while data:  # a partial write (disk full, a signal) continues where it stopped
+                data = data[os.write(self.fd, data) :]
+            os.fsync(self.fd)
         for key, line in lines.items():
             self.done[key] = (self.size, len(line))
             self.size += len(line)
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.writer:
+            os.close(self.fd)
 
     def canonicalize(self, order: Mapping[str, int]) -> None:
         """Rewrite the file sorted by input line (ids the input lacks last, as they were), atomically."""
         entries = sorted((order.get(key, math.inf), offset, length) for key, (offset, length) in self.done.items())
-        if all(a[1] < b[1] for a, b in itertools.pairwise(entries)):
+        if not self.writer or all(a[1] < b[1] for a, b in itertools.pairwise(entries)):
             return
         with open(self.path, "rb") as src, atomic.replacing(self.path) as dst:
             for _, offset, length in entries:
@@ -285,10 +318,10 @@ class _Results:
                 dst.write(src.read(length))
 
 
-def _result_line(request: _Request, result: sampler.GenerationResult, tokenizer, chat) -> bytes:
+def _result_line(request: _Request, result_id, result: sampler.GenerationResult, tokenizer, chat) -> bytes:
     tokens = list(result.tokens)
     record = {
-        "id": request.id,
+        "id": result_id,
         "text": tokenizer.decode(tokens),
         "tokens": tokens,
         "prompt_tokens": len(request.prompt),
@@ -327,6 +360,50 @@ def _count_lines(path: pathlib.Path) -> int:
     return lines + (last != b"\n")  # a last line without its newline counts too
 
 
+class _Feed:
+    """An engine's request source: what the job has queued for it so far. Unlike a generator it may
+    run dry and later yield again (the engine pulls from it only when its own queue is empty)."""
+
+    def __init__(self) -> None:
+        self.queue: collections.deque[engine.Request] = collections.deque()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> engine.Request:
+        if not self.queue:
+            raise StopIteration
+        return self.queue.popleft()
+
+
+class _Group:
+    """The requests of one sampling setting and the engine that runs them."""
+
+    def __init__(self, model, sampling: SamplingParams, settings: dict) -> None:
+        self.engine = engine.Engine(model, temperature=sampling.temperature, top_k=sampling.top_k,
+                                    top_p=sampling.top_p, min_p=sampling.min_p, top_logprobs=sampling.top_logprobs,
+                                    **settings)  # fmt: skip
+        self.feed = _Feed()
+        self.running: Iterator | None = None
+        self.waiting: dict[tuple[int, int], tuple[_Request, int]] = {}  # engine id -> (request, sample index)
+
+    def add(self, request: _Request) -> None:
+        for k, (_, seed) in enumerate(request.samples):
+            key = (request.line, k)
+            self.waiting[key] = (request, k)
+            self.feed.queue.append(engine.Request(key, request.prompt, request.sampling.max_new_tokens, seed))
+
+    def results(self, drain: bool) -> Iterator[tuple[_Request, int, sampler.GenerationResult | ValueError]]:
+        """Run the engine; stop once its queue is short (a few slots ahead of it) or, with drain, empty."""
+        if self.running is None:
+            self.running = self.engine.run(self.feed)
+        for request, out in self.running:
+            yield (*self.waiting.pop(request.id), out)
+            if not drain and len(self.feed.queue) < self.engine.slots:
+                return
+        self.running = None
+
+
 def run_batch(
     model,
     tokenizer,
@@ -336,6 +413,9 @@ def run_batch(
     errors_path: str | os.PathLike | None = None,
     batch_size: int = 32,
     progress: bool = True,
+    kv_pages: int | None = None,
+    page_size: int = 64,
+    burst: int = 16,
     **defaults,
 ) -> dict[str, Any]:
     """Run every request of `input_path` not yet in `output_path`; return the job's summary.
@@ -344,12 +424,13 @@ def run_batch(
       model, tokenizer: a `Llama` (placed on a mesh or not) and its `Tokenizer`.
       input_path: JSONL requests (docs/BATCH.md).
       output_path: JSONL results; an existing file is resumed (its ids are skipped).
-      errors_path: bad lines and failed batches (default: `<output>.errors.jsonl`), rewritten each run.
-      batch_size: requests per `generate` call; rounded up to a power of two and to the number of
-        devices the batch is split over.
-      progress: show a tqdm bar on stderr.
+      errors_path: bad lines and failed requests (default: `<output>.errors.jsonl`), rewritten each run.
+      batch_size: decode slots of the engine (requests run together); rounded up to a power of two and
+        to the number of devices the slots are split over.
+      progress: show a tqdm bar on stderr (requests done, generated tokens/s).
+      kv_pages, page_size, burst: the engine's KV page pool, page size and decode burst (`engine.Engine`).
       **defaults: per-request defaults, `JobConfig`'s sampling fields (max_new_tokens, temperature,
-        top_p, top_k, min_p, seed, top_logprobs).
+        top_p, top_k, min_p, seed, top_logprobs) and n.
     """
     from tqdm import tqdm
 
@@ -363,37 +444,51 @@ def run_batch(
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
     batch_size = max(1 << (batch_size - 1).bit_length(), _data_parallelism(model))
-    results = _Results(output_path)
+    settings = dict(slots=batch_size, pages=kv_pages, page_size=page_size, burst=burst,
+                    stop_tokens=tuple(tokenizer.stop_tokens))  # fmt: skip
+    # On several processes (jax.distributed) every process runs the same schedule on its share of the
+    # devices; process 0 alone writes the files.
+    writer = jax.process_index() == 0
+    results = _Results(output_path, writer)
     reader = _Reader(input_path, tokenizer, model.config, job, results.done)
-    stop_tokens = tuple(tokenizer.stop_tokens)
     errors: list[dict] = []
     counts = dict(requests=0, skipped=0, completed=0, errors=0, failed=0, prompt_tokens=0, generated_tokens=0)
-    compiles_before = sampler.trace_counts()
+    compiles_before = engine.trace_counts()
     start = time.perf_counter()
     bar = tqdm(total=_count_lines(input_path), unit="req", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    groups: dict[SamplingParams, _Group] = {}
+    samples_left: dict[int, int] = {}  # input line -> samples not yet finished
 
-    def run(batch: list[_Request]) -> None:
-        s = batch[0].sampling
+    def finished(request: _Request) -> None:
+        samples_left[request.line] -= 1
+        if not samples_left[request.line]:
+            del samples_left[request.line]
+            bar.update(1)
+
+    def pump(group: _Group, drain: bool) -> None:
+        lines = {}
         try:
-            params = dataclasses.replace(s, seed=[r.seed for r in batch], stop_tokens=stop_tokens)
-            outs = sampler.generate(model, [r.prompt for r in batch], params, min_batch=batch_size)
-        except (RuntimeError, ValueError) as e:  # e.g. out of device memory: report, go on, retried next run
-            errors.extend(_error(input_path, r.line, r.id, None, f"generation failed: {e}") for r in batch)
-            counts["failed"] += len(batch)
-        else:
-            results.append(
-                {
-                    _id_key(r.id): _result_line(r, out, tokenizer, reader.chat)
-                    for r, out in zip(batch, outs, strict=True)
-                }
-            )
-            counts["completed"] += len(batch)
-            counts["prompt_tokens"] += sum(len(r.prompt) for r in batch)
-            counts["generated_tokens"] += sum(len(out.tokens) for out in outs)
-        bar.update(len(batch))
+            for request, k, out in group.results(drain):
+                result_id = request.samples[k][0]
+                if isinstance(out, ValueError):
+                    errors.append(_error(input_path, request.line, result_id, None, f"generation failed: {out}"))
+                    counts["failed"] += 1
+                else:
+                    lines[_id_key(result_id)] = _result_line(request, result_id, out, tokenizer, reader.chat)
+                    counts["completed"] += 1
+                    counts["prompt_tokens"] += len(request.prompt)
+                    counts["generated_tokens"] += len(out.tokens)
+                finished(request)
+        except RuntimeError as e:  # e.g. out of device memory: report, go on, retried next run
+            for request, k in group.waiting.values():
+                errors.append(_error(input_path, request.line, request.samples[k][0], None, f"generation failed: {e}"))
+                counts["failed"] += 1
+                finished(request)
+            groups.pop(next(key for key, g in groups.items() if g is group))
+        if lines:
+            results.append(lines)
         bar.set_postfix_str(f"{counts['generated_tokens'] / (time.perf_counter() - start):.1f} tok/s", refresh=False)
 
-    groups: dict[tuple[SamplingParams, int], list[_Request]] = {}
     try:
         for number, item in reader:
             if item is _DONE:
@@ -402,27 +497,30 @@ def run_batch(
                 bar.update(1)
             elif isinstance(item, _Request):
                 counts["requests"] += 1
-                key = (item.sampling, sampler.prompt_bucket(len(item.prompt), model.config.max_seq_len))
-                group = groups.setdefault(key, [])
-                group.append(item)
-                if len(group) == batch_size:
-                    run(groups.pop(key))
+                samples_left[item.line] = len(item.samples)
+                key = dataclasses.replace(item.sampling, max_new_tokens=1)  # per request in the engine
+                if key not in groups:
+                    groups[key] = _Group(model, key, settings)
+                groups[key].add(item)
+                if len(groups[key].feed.queue) >= 2 * batch_size:
+                    pump(groups[key], drain=False)
             else:
                 if item is not None:
                     counts["requests"] += 1
                     counts["errors"] += 1
                     errors.append(_error(input_path, number, item.id, item.field, str(item)))
                 bar.update(1)
-        for key in list(groups):
-            run(groups.pop(key))
+        for group in list(groups.values()):
+            pump(group, drain=True)
     finally:
         bar.close()
         results.close()
     errors.sort(key=lambda e: e["line"])
-    atomic.write_atomically(errors_path, [jobs.json_line(e) for e in errors])
-    results.canonicalize(reader.first_line)
+    if writer:
+        atomic.write_atomically(errors_path, [jobs.json_line(e) for e in errors])
+    results.canonicalize(reader.order)
     elapsed = time.perf_counter() - start
-    compiles = sampler.trace_counts()
+    compiles = engine.trace_counts()
     return {
         **counts,
         "torn_line_repaired": results.torn_bytes > 0,
@@ -447,7 +545,8 @@ _ALIASES = {"input": "--input", "output": "--output", "errors": "--errors", "che
             "tokenizer": "--tokenizer", "dtype": "--dtype", "mesh": "--mesh", "attention": "--attention", "batch_size": "--batch-size",
             "fp8_matmul": "--fp8-matmul",
             "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
-            "top_k": "--top-k", "min_p": "--min-p", "seed": "--seed", "top_logprobs": "--top-logprobs"}  # fmt: skip
+            "top_k": "--top-k", "min_p": "--min-p", "seed": "--seed", "top_logprobs": "--top-logprobs", "n": "--n",
+            "kv_pages": "--kv-pages", "page_size": "--page-size", "burst": "--burst"}  # fmt: skip
 
 
 def register(subparsers) -> None:
@@ -474,14 +573,16 @@ def main(args: argparse.Namespace) -> int:
     from llama_jax.platform import enable_compile_cache
 
     enable_compile_cache()
+    distributed.initialize()  # a multi-process job (jax.distributed coordinates in the environment), else nothing
     try:
         job = job_config(args)
         model, tokenizer = jobs.load_model(job.checkpoint, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh,
                                            rules=job.rules, attention=job.attention,
                                            fp8_matmul=job.fp8_matmul)  # fmt: skip
-        sampling = {name: getattr(job, name) for name in (*SAMPLING_FIELDS, "seed")}
+        sampling = {name: getattr(job, name) for name in (*SAMPLING_FIELDS, "seed", "n")}
         summary = run_batch(model, tokenizer, job.input, job.output, errors_path=job.errors,
-                            batch_size=job.batch_size, progress=job.progress, **sampling)  # fmt: skip
+                            batch_size=job.batch_size, progress=job.progress, kv_pages=job.kv_pages,
+                            page_size=job.page_size, burst=job.burst, **sampling)  # fmt: skip
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         print(f"batch: error: {e}", file=sys.stderr)
         return 2

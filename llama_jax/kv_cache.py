@@ -17,6 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from llama_jax import attention
 from llama_jax.config import LlamaConfig
 
 CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
@@ -45,6 +46,12 @@ class KVCache:
     def layer(self, i: jax.Array | int) -> tuple[jax.Array, jax.Array]:
         """Layer i's keys and values, `[B, S, K, H]` each."""
         return self.k[i], self.v[i]
+
+    def attend(self, i: jax.Array | int, q_btnh: jax.Array, q_index_bt: jax.Array, *, backend: str,
+               block: int) -> jax.Array:  # fmt: skip
+        """Attention of queries `[B, T, N, H]` at positions q_index_bt over layer i (`attention.attend`)."""
+        k_bskh, v_bskh = self.layer(i)
+        return attention.attend(q_btnh, k_bskh, v_bskh, q_index_bt, backend=backend, block=block)
 
     def write(self, i: jax.Array | int, k: jax.Array, v: jax.Array, start: jax.Array) -> KVCache:
         """Write new entries `[B, T, K, H]` of layer i at positions start[b] ... start[b] + T - 1."""

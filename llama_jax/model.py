@@ -167,10 +167,10 @@ class Attention(nnx.Module):
             # and all-gathered back: the whole cache, every decode step.
             cache = dataclasses.replace(cache, k=constrain(cache.k, CACHE_AXES), v=constrain(cache.v, CACHE_AXES))
         if use_cache:
-            # Attend over the cache: entry s holds position s, visible when s <= the query's position.
-            # Blockwise reads only the key blocks up to the batch's furthest position.
-            k_bskh, v_bskh = cache.layer(layer)
-            out_btnh = attention_lib.attend(q_btnh, k_bskh, v_bskh, positions_bt, backend=backend, block=block)
+            # Attend over the cache: position s is visible when s <= the query's position. The cache
+            # reads its own layout (contiguous `KVCache`, or the engine's `PagedKVCache` of pages),
+            # only up to the batch's furthest position.
+            out_btnh = cache.attend(layer, q_btnh, positions_bt, backend=backend, block=block)
         else:
             # Attend within the chunk (full forward, or prefill of an empty cache): causal by index, and
             # with packed sequences (training) only within each token's own document.

@@ -167,7 +167,7 @@ def test_the_summary_counts_requests_tokens_and_bad_lines(job):
     # Bucketed: one prefill and one decode program per prompt bucket {16, 32} and sampling mode (greedy,
     # sampled, greedy with top_logprobs; prefill samples the first token), whatever the batch: partial
     # batches are padded to the batch size.
-    assert summary["compiles"] == {"prefill": 2 * 3, "decode": 2 * 3}
+    assert summary["compiles"] == {"prefill": 3, "decode": 3}
 
 
 def test_bad_lines_are_reported_with_line_number_field_and_reason(job):
@@ -271,7 +271,7 @@ def test_on_a_data_parallel_mesh_the_results_are_the_same(job, tmp_path):
     summary = batch.run_batch(model, job["tokenizer"], tmp_path / "in.jsonl", tmp_path / "out.jsonl", batch_size=4,
                               progress=False, max_new_tokens=NEW_TOKENS, temperature=0.0)  # fmt: skip
     assert summary["completed"] == len(wanted) >= 20
-    assert summary["compiles"] == {"prefill": 1, "decode": 1}  # batch 4 was raised to the 8 data-parallel devices
+    assert summary["compiles"] == {"prefill": 1, "decode": 1}  # 4 slots were raised to the 8 data-parallel devices
     expected = job["output"].read_bytes().splitlines(keepends=True)
     assert (tmp_path / "out.jsonl").read_bytes() == b"".join(expected[i] for i in wanted)
     assert len(jax.devices()) == 8
@@ -295,3 +295,28 @@ def test_config_file_and_overrides_set_the_job(tmp_path):
         batch.job_config(parser.parse_args(["batch", "--config", str(bad), "--input", "a", "--output", "b"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["batch", "--config.max_new_tokens=many"])
+
+
+def test_n_samples_of_a_request_are_the_rejection_samplers_requests_and_resume_whole(job, tmp_path):
+    model, tokenizer = job["model"], job["tokenizer"]
+    requests = [{"id": "a", "prompt": "the of and to in is was", "n": 3}, {"id": 7, "prompt": "at from his", "n": 2,
+                "seed": 11}, {"id": "one", "prompt": "which this be"}]  # fmt: skip
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
+    output = tmp_path / "out.jsonl"
+    run = functools.partial(batch.run_batch, model, tokenizer, tmp_path / "in.jsonl", output, batch_size=4,
+                            progress=False, max_new_tokens=NEW_TOKENS, temperature=0.8)  # fmt: skip
+    summary = run()
+    results = read_jsonl(output)
+    assert [r["id"] for r in results] == ["a#0", "a#1", "a#2", "7#0", "7#1", "one"] and summary["completed"] == 6
+    for result in results:  # sample k of request r: seed request_seed(r's seed or the job's, "<id>#<k>")
+        request = next(q for q in requests if result["id"].split("#")[0] == str(q["id"]))
+        seed = (
+            batch.request_seed(request.get("seed", 0), result["id"]) if "n" in request else batch.request_seed(0, "one")
+        )
+        [alone] = sampler.generate(model, [prompt_ids(request, tokenizer)], max_new_tokens=NEW_TOKENS, temperature=0.8,
+                                   top_p=TOP_P, seed=seed, stop_tokens=tokenizer.stop_tokens)  # fmt: skip
+        assert result["tokens"] == list(alone.tokens), result["id"]
+    data = output.read_bytes()
+    output.write_bytes(b"".join(data.splitlines(keepends=True)[:2]))  # killed after two samples of "a"
+    summary = run()
+    assert (summary["skipped"], summary["completed"]) == (0, 4) and output.read_bytes() == data

@@ -1,0 +1,193 @@
+"""The continuous-batching engine against the static batcher and transformers' `generate_batch`.
+
+CPU, the ~35.8M-parameter fp32 Llama-3.1-shaped model of `benchmarks/decode.py` (128K vocabulary,
+dim 256, 4 layers, tied embeddings), random init by transformers, saved and loaded by
+`llama_jax.load`. Its <|eot_id|> row is set to beta x the mean direction of the model's final hidden
+states, beta chosen so that ~1.5% of sampled steps stop: lengths are geometric (mean ~60), cap 256.
+
+Workloads (same requests for every side, temperature 1, per-request seeds):
+  stop:    `--requests` prompts of 20-600 random tokens, up to 256 new tokens, ending at sampled eot.
+  prefix:  the same with a 1,000-token system prompt in front of every prompt (prompts 20-100 tokens).
+
+Sides, each timed end to end on the token ids (best of `--repeats` after a warm-up that compiles):
+  engine          `Engine.run` (slots = batch size, prefix cache on)
+  engine_noshare  the same, prefix cache off (prefix workload: the gain from sharing)
+  static          the previous batch job's schedule: `sampler.generate` on groups of `batch` requests
+                  of one prompt bucket (`min_batch` padding), every row held until its batch ends
+  transformers    `generate_batch` (continuous batching, paged cache), eager
+
+Prints one JSON object; `--out benchmarks/results/engine_cpu.json` also writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks import report  # noqa: E402
+from benchmarks.decode import SHAPES, _hf_config, _shape  # noqa: E402
+
+EOT = 128_009
+STOP_RATE = 0.015
+MAX_NEW = 256
+
+
+def tune_eot(torch, hf_model, rng) -> float:
+    """Set the eot row (tied: input and output) to beta * the mean final hidden direction, beta such that
+    the mean eot probability over sampled-like positions is STOP_RATE."""
+    ids = torch.tensor(rng.integers(0, 128_000, size=(4, 512)))
+    with torch.no_grad():
+        h = hf_model.model(ids).last_hidden_state.reshape(-1, hf_model.config.hidden_size)
+        direction = h.mean(0) / h.mean(0).norm()
+        weight = hf_model.model.embed_tokens.weight
+        logits = h @ weight.T
+
+        def rate(beta):
+            z = logits.clone()
+            z[:, EOT] = beta * (h @ direction)
+            return torch.softmax(z, -1)[:, EOT].mean().item()
+
+        lo, hi = 0.0, 100.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if rate(mid) < STOP_RATE else (lo, mid)
+        weight[EOT] = lo * direction
+    return lo
+
+
+def make_prompts(rng, n, lo, hi, system=None) -> list[list[int]]:
+    prompts = [[128_000, *rng.integers(0, 128_000, size=int(rng.integers(lo, hi))).tolist()] for _ in range(n)]
+    return [system + p[1:] for p in prompts] if system else prompts
+
+
+def static(model, prompts, seeds, batch):
+    """The previous batch job: groups of `batch` requests of one prompt bucket, one `generate` each."""
+    from llama_jax import sampler
+
+    groups: dict[int, list[int]] = {}
+    outs = {}
+
+    def run(idx):
+        res = sampler.generate(model, [prompts[i] for i in idx], max_new_tokens=MAX_NEW, temperature=1.0,
+                               seed=[seeds[i] for i in idx], stop_tokens=[EOT], min_batch=batch)  # fmt: skip
+        outs.update(zip(idx, res, strict=True))
+
+    for i, p in enumerate(prompts):
+        group = groups.setdefault(sampler.prompt_bucket(len(p), model.config.max_seq_len), [])
+        group.append(i)
+        if len(group) == batch:
+            run(group)
+            group.clear()
+    for group in groups.values():
+        if group:
+            run(group)
+    return [outs[i] for i in range(len(prompts))]
+
+
+def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
+    import torch
+    import transformers
+
+    import llama_jax
+    from llama_jax.engine import Engine, Request
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    hf_model = transformers.LlamaForCausalLM(_hf_config(transformers, *SHAPES["default"])).eval()
+    beta = tune_eot(torch, hf_model, rng)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model.save_pretrained(tmp)
+        model = llama_jax.load(tmp, dtype="float32")
+    out = {"benchmark": "engine", "device": "cpu", "model": {"dtype": "float32", **_shape(model.config)},
+           "eot_beta": round(beta, 4), "batch": batch, "max_new_tokens": MAX_NEW, "repeats": repeats}  # fmt: skip
+    for workload in workloads:
+        if workload == "stop":
+            prompts = make_prompts(rng, n_requests, 20, 600)
+        else:
+            system = [128_000, *rng.integers(0, 128_000, size=999).tolist()]
+            prompts = make_prompts(rng, n_requests, 20, 100, system)
+        seeds = list(range(len(prompts)))
+        requests = [Request(i, p, MAX_NEW, seed=s) for i, (p, s) in enumerate(zip(prompts, seeds, strict=True))]
+        pages = batch * (max(map(len, prompts)) + MAX_NEW) // 64 + 64
+
+        def engine_side(share, pages=pages, requests=requests):
+            eng = Engine(model, slots=batch, pages=pages, page_size=64, burst=16, temperature=1.0,
+                         stop_tokens=[EOT], prefix_cache=share)  # fmt: skip
+            return lambda: [r.tokens for r in eng.generate(requests)]
+
+        def hf_side(prompts=prompts):
+            config = transformers.GenerationConfig(max_new_tokens=MAX_NEW, do_sample=True, temperature=1.0, top_p=1.0,
+                                                   top_k=0, eos_token_id=EOT, pad_token_id=0)  # fmt: skip
+            with torch.no_grad():
+                # Its slots and per-step token budget bounded like ours (unbounded, its prefill logits took 10 GB).
+                cb = transformers.ContinuousBatchingConfig(max_requests_per_batch=batch, max_batch_tokens=512)
+                res = hf_model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False,
+                                              continuous_batching_config=cb)  # fmt: skip
+            return [list(r.generated_tokens) for r in res.values()]
+
+        sides = {"engine": engine_side(True), "static": lambda prompts=prompts, seeds=seeds: [r.tokens for r in static(model, prompts, seeds, batch)],
+                 "transformers_generate_batch": hf_side}  # fmt: skip
+        if workload == "prefix":
+            sides["engine_noshare"] = engine_side(False)
+        times, tokens, results = {}, {}, {}
+        for name, run in sides.items():
+            if name != "transformers_generate_batch":
+                run()  # compiles
+            times[name] = float("inf")
+        for _ in range(repeats):  # alternate the sides so a noisy machine slows all alike
+            for name, run in sides.items():
+                start = time.perf_counter()
+                results[name] = run()
+                times[name] = min(times[name], time.perf_counter() - start)
+        for name in sides:
+            tokens[name] = sum(len([t for t in r if t != EOT]) for r in results[name])
+        lengths = [len(r) for r in results["engine"]]
+        out[workload] = {
+            "requests": len(prompts),
+            "prompt_tokens": {
+                "min": min(map(len, prompts)),
+                "max": max(map(len, prompts)),
+                "total": sum(map(len, prompts)),
+            },  # fmt: skip
+            "completion_tokens_mean": round(float(np.mean(lengths)), 1),
+            "stopped_early": sum(n < MAX_NEW for n in lengths),
+            "engine_equals_static": results["engine"] == results["static"],
+            **{
+                name: {
+                    "seconds": round(times[name], 3),
+                    "completion_tokens": tokens[name],
+                    "tokens_per_s": round(tokens[name] / times[name], 1),
+                }
+                for name in sides
+            },  # fmt: skip
+            "engine_vs_transformers_generate_batch": round(times["transformers_generate_batch"] / times["engine"], 2),
+            "engine_vs_static": round(times["static"] / times["engine"], 2),
+        }
+        if workload == "prefix":
+            out[workload]["prefix_sharing_speedup"] = round(times["engine_noshare"] / times["engine"], 2)
+        print(json.dumps({workload: out[workload]}), file=sys.stderr, flush=True)  # survives a timeout later
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--workloads", default="stop,prefix")
+    parser.add_argument("--out", type=pathlib.Path)
+    args = parser.parse_args(argv)
+    return report(cpu_benchmark(args.requests, args.batch, args.repeats, args.workloads.split(",")), args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The paged KV cache of the continuous-batching engine: fixed-size pages, a page table per slot.
+
+Device side, `PagedKVCache`: keys and values live in one pool of pages `[L, P, page, K, H]` shared by
+every slot; `page_table [B, M]` maps slot b's j-th block of `page` positions to a page of the pool, so
+position p of slot b is entry `p % page` of page `page_table[b, p // page]`. Memory is proportional to
+the tokens held, not to B x the longest request. It has `KVCache`'s interface (`write`, `attend`), so
+the model runs on it unchanged: `Llama.forward(..., cache=paged)`.
+
+Page 0 is the null page: never handed out, it stands in every unused page-table entry. Writes a slot
+makes beyond its pages (an idle slot, a prefill chunk's padding) land there; reads of it are masked
+(a key is visible only at positions <= the query's), so its contents never matter.
+
+Attention over the pages is the blockwise online softmax of `llama_jax.attention` (FlashAttention's
+recurrence) with key blocks = `block_pages` consecutive page-table entries, gathered from the pool one
+block at a time: a step reads the blocks up to the slot batch's furthest position, never a whole row.
+
+Host side, `PagePool`: the free list, reference counts, and the prefix cache (page-aligned prompt
+blocks hashed by their whole prefix, so a block is shared only by requests that agree on every token
+before it). Pages a finished request registered stay cached at refcount 0 until the free list runs dry,
+then the least recently released is reclaimed.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.config import LlamaConfig
+from llama_jax.kv_cache import CACHE_AXES
+
+NULL_PAGE = 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedKVCache:
+    k: jax.Array  # [L, P, page, K, H]: the page pool
+    v: jax.Array  # [L, P, page, K, H]
+    page_table: jax.Array  # [B, M] int32: slot b's pages, in position order (NULL_PAGE where none)
+    block_pages: int = dataclasses.field(default=4, metadata=dict(static=True))  # pages per attention key block
+
+    @classmethod
+    def zeros(cls, config: LlamaConfig, n_pages: int, page: int, dtype=jnp.bfloat16,
+              spec=None) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+        """A zero page pool (k, v), page 0 being the null page. With `spec` (the model's `ShardingSpec`)
+        it is created in place where the model's layers pin it (`CACHE_AXES`: pages on the batch axes,
+        KV heads on "tensor")."""
+        shape = (config.n_layers, n_pages, page, config.n_kv_heads, config.head_dim)
+        sharding = None if spec is None else spec.sharding(CACHE_AXES, shape)
+        make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+        return make(), make()
+
+    @property
+    def page(self) -> int:
+        return self.k.shape[2]
+
+    def write(self, i: jax.Array | int, k_btkh: jax.Array, v_btkh: jax.Array, start_b: jax.Array) -> PagedKVCache:
+        """Write new entries `[B, T, K, H]` of layer i at positions start[b] ... start[b] + T - 1."""
+        b, t = k_btkh.shape[:2]
+        positions_bt = start_b[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        block_bt = positions_bt // self.page
+        inside = block_bt < self.page_table.shape[1]  # past the table: the null page
+        pages_bt = jnp.take_along_axis(self.page_table, jnp.where(inside, block_bt, 0), axis=1)
+        pages_bt = jnp.where(inside, pages_bt, NULL_PAGE)
+        offsets_bt = positions_bt % self.page
+
+        def write_layer(buf, new_btkh):
+            layer = jax.lax.dynamic_index_in_dim(buf, i, axis=0, keepdims=False)  # [P, page, K, H]
+            layer = layer.at[pages_bt, offsets_bt].set(new_btkh.astype(buf.dtype))
+            return jax.lax.dynamic_update_index_in_dim(buf, layer, i, axis=0)
+
+        return dataclasses.replace(self, k=write_layer(self.k, k_btkh), v=write_layer(self.v, v_btkh))
+
+    def attend(self, i, q_btnh: jax.Array, q_index_bt: jax.Array, **_) -> jax.Array:
+        """Attention of queries `[B, T, N, H]` at positions q_index_bt over slot b's pages of layer i."""
+        k_pkh = jax.lax.dynamic_index_in_dim(self.k, i, axis=0, keepdims=False)
+        v_pkh = jax.lax.dynamic_index_in_dim(self.v, i, axis=0, keepdims=False)
+        return paged_attention(q_btnh, k_pkh, v_pkh, self.page_table, q_index_bt, self.block_pages)
+
+
+def paged_attention(q_btnh, k_pages, v_pages, page_table_bm, q_index_bt, block_pages: int) -> jax.Array:
+    """softmax(q kᵀ / √H + mask) v over the pages of each row → `[B, T, N, H]` in q's dtype.
+
+    k_pages, v_pages: `[P, page, K, H]`; page_table_bm `[B, M]` (M a multiple of block_pages); key s of
+    row b (entry s % page of page page_table[b, s // page]) is visible to query (b, t) when
+    s <= q_index_bt[b, t]. `attention.blockwise`'s recurrence, its key blocks gathered from the pages.
+    """
+    b, t, n, h = q_btnh.shape
+    page, k = k_pages.shape[1], k_pages.shape[2]
+    g = n // k
+    block = page * block_pages
+    n_blocks = page_table_bm.shape[1] // block_pages
+    q_btkgh = (q_btnh * jnp.asarray(1.0 / math.sqrt(h), q_btnh.dtype)).reshape(b, t, k, g, h)
+    trips = jnp.clip(jnp.max(q_index_bt) // block + 1, 0, n_blocks)
+
+    def body(j, carry):
+        m_bkgt, l_bkgt, acc_bkgth = carry
+        pages_bj = jax.lax.dynamic_slice_in_dim(page_table_bm, j * block_pages, block_pages, axis=1)
+        k_bskh = k_pages[pages_bj].reshape(b, block, k, h)
+        v_bskh = v_pages[pages_bj].reshape(b, block, k, h)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32)
+        key_index = j * block + jnp.arange(block)
+        ok_bts = key_index[None, None, :] <= q_index_bt[:, :, None]
+        scores = jnp.where(ok_bts[:, None, None], scores, -jnp.inf)
+        m_new = jnp.maximum(m_bkgt, jnp.max(scores, axis=-1))
+        m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)  # no key seen yet: keep exp() finite
+        p = jnp.exp(scores - m_safe[..., None])
+        correction = jnp.exp(m_bkgt - m_safe)
+        l_new = l_bkgt * correction + jnp.sum(p, axis=-1)
+        pv = jnp.einsum("bkgts,bskh->bkgth", p.astype(v_bskh.dtype), v_bskh, preferred_element_type=jnp.float32)
+        return m_new, l_new, acc_bkgth * correction[..., None] + pv
+
+    shape = (b, k, g, t)
+    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros((*shape, h), jnp.float32))
+    _, l_bkgt, acc_bkgth = jax.lax.fori_loop(0, trips, body, init)
+    out = acc_bkgth / jnp.where(l_bkgt == 0, 1.0, l_bkgt)[..., None]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
+
+
+# ---- host side: the free list, reference counts, the prefix cache ------------------------------------
+
+
+def block_hashes(tokens, page: int, n_blocks: int) -> list[bytes]:
+    """The hash of each of the first n_blocks full pages of `tokens`, each covering every token up to
+    the end of its page (so equal hashes mean equal prefixes, not just equal blocks)."""
+    hashes, h = [], hashlib.sha256()
+    ids = np.asarray(tokens, np.int32)
+    for j in range(n_blocks):
+        h.update(ids[j * page : (j + 1) * page].tobytes())
+        hashes.append(h.copy().digest())
+    return hashes
+
+
+class PagePool:
+    """Pages 1 .. n_pages - 1 of the pool: free, held (refcount > 0), or cached (a prompt block kept at
+    refcount 0 for a later request with the same prefix, reclaimed least recently released first)."""
+
+    def __init__(self, n_pages: int, prefix_cache: bool = True) -> None:
+        if n_pages < 2:
+            raise ValueError(f"n_pages: expected at least 2 (page 0 is the null page), got {n_pages}")
+        self.n_pages = n_pages
+        self.prefix_cache = prefix_cache
+        self.free = collections.deque(range(1, n_pages))
+        self.refs = np.zeros(n_pages, np.int32)
+        self.by_hash: dict[bytes, int] = {}
+        self.hash_of: dict[int, bytes] = {}
+        self.cached: collections.OrderedDict[int, None] = collections.OrderedDict()  # refcount-0 cached pages
+
+    def available(self) -> int:
+        return len(self.free) + len(self.cached)
+
+    def allocate(self, n: int) -> list[int] | None:
+        """n fresh pages (refcount 1), or None (nothing taken) when fewer than n can be had."""
+        if n > self.available():
+            return None
+        pages = []
+        for _ in range(n):
+            if self.free:
+                page = self.free.popleft()
+            else:  # reclaim the least recently released cached prompt block
+                page, _ = self.cached.popitem(last=False)
+                del self.by_hash[self.hash_of.pop(page)]
+            self.refs[page] = 1
+            pages.append(page)
+        return pages
+
+    def lookup(self, hashes: list[bytes]) -> list[int]:
+        """The cached pages of the longest prefix of `hashes`, each referenced once more."""
+        pages = []
+        if not self.prefix_cache:
+            return pages
+        for h in hashes:
+            page = self.by_hash.get(h)
+            if page is None:
+                break
+            self.cached.pop(page, None)
+            self.refs[page] += 1
+            pages.append(page)
+        return pages
+
+    def register(self, page: int, h: bytes) -> None:
+        """Offer a page that now holds a full prompt block to later requests with the same prefix."""
+        if self.prefix_cache and h not in self.by_hash and page not in self.hash_of:
+            self.by_hash[h] = page
+            self.hash_of[page] = h
+
+    def forget(self, page: int) -> None:
+        """Withdraw a page from the prefix cache (its block was never written: its owner was preempted)."""
+        h = self.hash_of.pop(page, None)
+        if h is not None:
+            del self.by_hash[h]
+
+    def release(self, pages: list[int]) -> None:
+        for page in pages:
+            self.refs[page] -= 1
+            assert self.refs[page] >= 0, f"page {page} released more often than it was taken"
+            if self.refs[page] == 0:
+                if page in self.hash_of:
+                    self.cached[page] = None
+                else:
+                    self.free.append(page)

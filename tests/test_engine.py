@@ -1,0 +1,138 @@
+"""The continuous-batching engine: every request gets what `generate` gives it alone (greedy: also
+transformers' argmax), whatever it was batched with, its slot, its admission order, page exhaustion,
+preemption or prefix sharing; a request that cannot run gets an error and the others go on."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import llama_jax
+from llama_jax import attention, sampler
+from llama_jax.engine import Engine, Request
+from llama_jax.paged_cache import NULL_PAGE, PagePool, paged_attention
+from tests import checkpoints
+
+VOCAB = 384
+STOP = (5, 7)  # frequent enough in a random model to end some requests early
+N = 12
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hf")
+    reference = checkpoints.hf_checkpoint(directory, vocab_size=VOCAB)
+    return llama_jax.load(directory, dtype="float32"), reference
+
+
+def prompts(n=10, seed=0, longest=45):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, VOCAB, size=int(k)).tolist() for k in rng.integers(1, longest, size=n)]
+
+
+# One small configuration (few compiled programs): 3 slots, pages of 8, bursts of 4, chunks of 16.
+def engine(model, **kwargs):
+    settings = dict(slots=3, pages=40, page_size=8, burst=4, prefill_chunk=16, prefill_rows=2, stop_tokens=STOP)
+    return Engine(model, **{**settings, **kwargs})
+
+
+def test_paged_attention_equals_dense_attention_over_the_gathered_pages():
+    rng = np.random.default_rng(0)
+    b, t, n, k, h, page, m = 3, 5, 4, 2, 8, 4, 8
+    k_pages, v_pages = (jnp.asarray(rng.normal(size=(20, page, k, h)), jnp.float32) for _ in range(2))
+    table = np.stack([rng.permutation(np.arange(1, 20))[:m] for _ in range(b)]).astype(np.int32)
+    table[2, 5:] = NULL_PAGE  # a short row: its tail is the null page
+    q_index = np.asarray([[3, 4, 5, 6, 7], [25, 26, 27, 28, 29], [0, 1, 2, 17, 19]], np.int32)
+    q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+    got = paged_attention(q, k_pages, v_pages, table, q_index, block_pages=2)
+    k_row, v_row = (x[table].reshape(b, m * page, k, h) for x in (k_pages, v_pages))
+    want = attention.attend(q, k_row, v_row, q_index, backend="dense")
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_page_pool_counts_references_and_keeps_prompt_blocks_for_reuse():
+    pool = PagePool(5)
+    a = pool.allocate(2)
+    pool.register(a[0], b"block0")
+    assert pool.lookup([b"block0", b"block1"]) == [a[0]]  # the longest cached prefix, referenced again
+    pool.release(a)
+    pool.release([a[0]])
+    assert pool.available() == 4 and pool.lookup([b"block0"]) == [a[0]]  # cached at refcount 0, reused
+    assert pool.allocate(4) is None  # never more than there is
+    pool.release([a[0]])
+    assert sorted(pool.allocate(4)) == [1, 2, 3, 4]  # the cached block is reclaimed last
+    assert pool.lookup([b"block0"]) == []
+
+
+def test_greedy_equals_generate_and_transformers_whatever_the_batching(tiny):
+    model, reference = tiny
+    ps = prompts()
+    want = sampler.generate(model, ps, max_new_tokens=N, stop_tokens=STOP)
+    got = engine(model).generate([Request(i, p, N) for i, p in enumerate(ps)])
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+    assert [g.stop_reason for g in got] == [w.stop_reason for w in want]
+    alone = engine(model).generate([Request(0, ps[3], N)])  # batched with nobody
+    assert alone[0].tokens == want[3].tokens
+    for p, g in zip(ps[:4], got[:4], strict=True):  # transformers' argmax, one prompt at a time
+        with torch.no_grad():
+            out = reference.generate(torch.tensor([p]), max_new_tokens=N, do_sample=False, eos_token_id=list(STOP))
+        hf = out[0, len(p) :].tolist()
+        assert list(g.tokens) == [t for t in hf if t not in STOP][: len(g.tokens)] and len(hf) >= len(g.tokens)
+
+
+def test_sampled_tokens_depend_on_the_seed_not_on_admission_order(tiny):
+    model, _ = tiny
+    ps = prompts(seed=1)
+    seeds = [100 + i for i in range(len(ps))]
+    want = sampler.generate(model, ps, max_new_tokens=N, temperature=1.0, top_p=0.9, seed=seeds, stop_tokens=STOP,
+                            top_logprobs=2)  # fmt: skip
+    requests = [Request(i, p, N, seed=s) for i, (p, s) in enumerate(zip(ps, seeds, strict=True))]
+    eng = engine(model, temperature=1.0, top_p=0.9, top_logprobs=2)
+    forward = eng.generate(requests)
+    backward = eng.generate(requests[::-1])[::-1]
+    assert [r.tokens for r in forward] == [r.tokens for r in backward] == [w.tokens for w in want]
+    assert any(w.stop_reason == "stop" for w in want) and any(w.stop_reason == "length" for w in want)
+    for g, w in zip(forward, want, strict=True):
+        assert g.stop_token == w.stop_token and g.top_logprobs[0] == w.top_logprobs[0]
+        np.testing.assert_allclose(g.top_logprobs[1], w.top_logprobs[1], atol=1e-5)
+
+
+def test_page_exhaustion_preempts_and_recomputes_without_losing_a_result(tiny):
+    model, _ = tiny
+    ps = prompts(seed=2)
+    want = sampler.generate(model, ps, max_new_tokens=N, temperature=1.0, seed=list(range(len(ps))), stop_tokens=STOP)
+    # 9 usable pages of 8 for 3 slots of up to 56 positions: requests wait, and decoding ones are preempted.
+    eng = engine(model, pages=10, temperature=1.0)
+    got = eng.generate([Request(i, p, N, seed=i) for i, p in enumerate(ps)])
+    assert eng.stats["preemptions"] > 0
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+    assert eng.pool.available() == 9  # every page came back
+
+
+def test_a_request_that_cannot_run_gets_an_error_and_the_others_go_on(tiny):
+    model, _ = tiny
+    ps = prompts(n=3, seed=3)
+    too_long = Request("long", [1] * 40, model.config.max_seq_len)
+    too_big = Request("big", [1] * 20, 300)  # fits the context, not the 39 pages of 8
+    bad = Request("bad", [VOCAB], 4)
+    results = engine(model).generate([Request(0, ps[0], N), too_long, too_big, bad, Request(1, ps[1], N)])
+    assert "prompt too long" in str(results[1]) and "context" in str(results[1])
+    assert "pages" in str(results[2]) and "outside the vocabulary" in str(results[3])
+    want = sampler.generate(model, ps[:2], max_new_tokens=N, stop_tokens=STOP)
+    assert [results[0].tokens, results[4].tokens] == [w.tokens for w in want]
+
+
+def test_prefix_sharing_prefills_a_common_prefix_once_and_changes_no_token(tiny):
+    model, _ = tiny
+    system = prompts(n=1, seed=4, longest=2)[0] + list(range(10, 43))  # 33+ tokens: 4 full pages of 8
+    ps = [system + p for p in prompts(n=6, seed=5, longest=12)]
+    requests = [Request(i, p, N, seed=i) for i, p in enumerate(ps)]
+    requests += [Request(f"0#{k}", ps[0], N, seed=50 + k) for k in range(3)]  # n=3 samples of one prompt
+    shared, unshared = engine(model, temperature=1.0), engine(model, temperature=1.0, prefix_cache=False)
+    with_sharing, without = shared.generate(requests), unshared.generate(requests)
+    assert [r.tokens for r in with_sharing] == [r.tokens for r in without]
+    assert unshared.stats["shared_tokens"] == 0
+    assert shared.stats["shared_tokens"] >= 4 * 8 * (len(requests) - 3)  # all but one copy per slot wave
+    want = sampler.generate(model, [r.prompt for r in requests], max_new_tokens=N, temperature=1.0,
+                            seed=[r.seed for r in requests], stop_tokens=STOP)  # fmt: skip
+    assert [r.tokens for r in with_sharing] == [w.tokens for w in want]
