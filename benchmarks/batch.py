@@ -35,7 +35,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # first: an installed package named `benchmarks` must not shadow ours
 
 from benchmarks import report  # noqa: E402
-from benchmarks.decode import _hf_config, _shape  # noqa: E402  (the same model as the decode benchmark)
+from benchmarks.decode import SHAPES, hf_config, model_shape  # noqa: E402  (the same model as the decode benchmark)
 
 WORDS = "the of and to in is was for on that with as by at from his her an were are which this be".split()
 
@@ -63,7 +63,7 @@ def cpu_benchmark(n_requests: int, new_tokens: int, batch_size: int, repeats: in
     threads = os.cpu_count()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    hf_model = transformers.LlamaForCausalLM(_hf_config(transformers)).eval()
+    hf_model = transformers.LlamaForCausalLM(hf_config(transformers, *SHAPES["default"])).eval()
     tokenizer = default_model.default_tokenizer()
     chat = ChatFormat(tokenizer)
     requests = make_requests(n_requests)
@@ -118,7 +118,7 @@ def cpu_benchmark(n_requests: int, new_tokens: int, batch_size: int, repeats: in
         "model": {
             "params": sum(p.numel() for p in hf_model.parameters()),
             "dtype": "float32",
-            **_shape(model.config),
+            **model_shape(model.config),
         },
         "job": {
             "requests": n_requests,

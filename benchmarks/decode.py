@@ -70,7 +70,7 @@ def _best_of(fn, repeats: int) -> float:
     return best
 
 
-def _hf_config(transformers, vocab: int, dim: int, n_layers: int, ffn: int, tied: bool):
+def hf_config(transformers, vocab: int, dim: int, n_layers: int, ffn: int, tied: bool):
     from llama_jax.default_model import DEFAULT_CONFIG as c
 
     scaling = c.rope_scaling
@@ -171,14 +171,14 @@ def _shape_benchmark(name, batches, repeats, bandwidth, torch, transformers) -> 
 
     vocab, dim, n_layers, ffn, tied = SHAPES[name]
     torch.manual_seed(0)
-    hf_model = transformers.LlamaForCausalLM(_hf_config(transformers, vocab, dim, n_layers, ffn, tied)).eval()
+    hf_model = transformers.LlamaForCausalLM(hf_config(transformers, vocab, dim, n_layers, ffn, tied)).eval()
     n_params = sum(p.numel() for p in hf_model.parameters())
     with tempfile.TemporaryDirectory() as tmp:
         hf_model.save_pretrained(tmp)
         model = llama_jax.load(tmp, dtype="float32")
     compiled_kwargs = _compiled_generation_kwargs(transformers)
     rng = np.random.default_rng(0)
-    out = {"model": {"params": n_params, "dtype": "float32", **_shape(model.config)}}
+    out = {"model": {"params": n_params, "dtype": "float32", **model_shape(model.config)}}
     for batch in batches:
         prompts = rng.integers(0, min(vocab, 128_000), size=(batch, PROMPT_LEN))
         ids = torch.tensor(prompts)
@@ -232,7 +232,7 @@ def _shape_benchmark(name, batches, repeats, bandwidth, torch, transformers) -> 
     return out
 
 
-def _shape(config) -> dict:
+def model_shape(config) -> dict:
     keys = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
     return {k: getattr(config, k) for k in keys}
 
@@ -283,7 +283,7 @@ def device_benchmark(name: str, repeats: int) -> dict:
             "weight_bytes": weight_bytes,
             "bytes_read_per_decode_step": read_bytes,
             "params": config.num_params(),
-            **_shape(config),
+            **model_shape(config),
         },
         "job": {"batch": 1, "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS, "greedy": True},
         "repeats": repeats,

@@ -34,7 +34,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks import report  # noqa: E402
-from benchmarks.decode import SHAPES, _hf_config, _shape  # noqa: E402
+from benchmarks.decode import SHAPES, hf_config, model_shape  # noqa: E402
 
 EOT = 128_009
 STOP_RATE = 0.015
@@ -102,12 +102,12 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    hf_model = transformers.LlamaForCausalLM(_hf_config(transformers, *SHAPES["default"])).eval()
+    hf_model = transformers.LlamaForCausalLM(hf_config(transformers, *SHAPES["default"])).eval()
     beta = tune_eot(torch, hf_model, rng)
     with tempfile.TemporaryDirectory() as tmp:
         hf_model.save_pretrained(tmp)
         model = llama_jax.load(tmp, dtype="float32")
-    out = {"benchmark": "engine", "device": "cpu", "model": {"dtype": "float32", **_shape(model.config)},
+    out = {"benchmark": "engine", "device": "cpu", "model": {"dtype": "float32", **model_shape(model.config)},
            "eot_beta": round(beta, 4), "batch": batch, "max_new_tokens": MAX_NEW, "repeats": repeats}  # fmt: skip
     for workload in workloads:
         if workload == "stop":

@@ -33,7 +33,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # first: an installed package named `benchmarks` must not shadow ours
 
 from benchmarks import report  # noqa: E402
-from benchmarks.decode import SHAPES, _hf_config  # noqa: E402  (the decode benchmark's default model shape)
+from benchmarks.decode import SHAPES, hf_config  # noqa: E402  (the decode benchmark's default model shape)
 
 
 def _batch(rng, batch: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -56,7 +56,7 @@ def run(batch: int, seq_len: int, steps: int, warmup: int) -> dict:
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
-    hf_model = transformers.LlamaForCausalLM(_hf_config(transformers, *SHAPES["default"]))
+    hf_model = transformers.LlamaForCausalLM(hf_config(transformers, *SHAPES["default"]))
     n_params = sum(p.numel() for p in hf_model.parameters())
     with tempfile.TemporaryDirectory() as tmp:
         hf_model.save_pretrained(tmp)

@@ -16,8 +16,9 @@ Backends (`BACKENDS`):
   recurrence). Queries go in blocks of `block`, each reading key blocks only up to the furthest key
   any of its queries may see (a dynamic trip count): causal blocks are skipped, and a decode step reads
   the filled part of the cache, not the bucket. Peak memory O(B·N·block²). Exact to fp32 rounding.
-  Forward-only loops (`while_loop`); its gradient is the dense reference's (`custom_vjp`), so training
-  through it is correct but not memory-efficient.
+  Its gradient is FlashAttention-2's backward (`custom_vjp`, `llama_jax/blockwise.py`): O(T) saved,
+  never the score matrix. A cache (`KVCache.attend`, the engine's pages) feeds it key blocks read in
+  place (`blockwise.cached`).
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA GPUs, bf16/fp16 only.
   Queries at key index 0 (no offset, the uncached forward) run its causal mask with sequence lengths;
   an offset chunk passes the visibility mask.
@@ -29,8 +30,8 @@ multiples of 128), GPU → cudnn in bf16/fp16 for multi-token queries (at an off
 boolean mask stays under the budget), CPU → blockwise; everything else → dense
 while the score matrix fits `DENSE_BUDGET_BYTES`, blockwise beyond. The choice is logged.
 
-Key blocks are `block` consecutive cache entries of one row: the unit a paged cache would hand over
-as a page (`block` = page size), so a paged KV cache can feed this loop without a gather of the row.
+Key blocks are `block` consecutive cache entries of one row: the unit a paged cache hands over as
+pages (`block` = a multiple of the page size), so the engine's paged KV cache feeds the same loop.
 """
 
 from __future__ import annotations

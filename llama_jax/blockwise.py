@@ -28,8 +28,10 @@ O(block_q · block_k) per head on top of the inputs' own gradients, never O(T ·
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,9 +54,34 @@ def attention(q_btnh, k_bskh, v_bskh, q_index_bt, segment_q_bt=None, segment_kv_
     return _attention(q_btnh, k_bskh, v_bskh, q_index_bt, segment_q_bt, segment_kv_bs, min(block_q, t), min(block_k, s))
 
 
+@dataclasses.dataclass(frozen=True)
+class Keys:
+    """Where each row's keys and values lie: `read(j)` → (start, k, v) of key block j, k and v
+    `[B, block, K, H]` holding key indices start .. start + block - 1 (start = j·block except for an
+    overlapping last block, see the module doc). `length` keys in all, `n_kv` kv heads."""
+
+    read: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
+    length: int
+    block: int
+    n_kv: int
+
+    @classmethod
+    def contiguous(cls, k_bskh: jax.Array, v_bskh: jax.Array, block: int) -> Keys:
+        """Key blocks of consecutive entries of `[B, S, K, H]` arrays."""
+        return cls(lambda j: (*_block(k_bskh, j, block), _block(v_bskh, j, block)[1]), k_bskh.shape[1], block,
+                   k_bskh.shape[2])  # fmt: skip
+
+
+def cached(q_btnh, keys: Keys, q_index_bt, *, block_q: int = DEFAULT_BLOCK_Q) -> jax.Array:
+    """`attention` over keys read block by block where they lie (a cache's layer, a paged pool): no copy
+    of a layer is made, and only the blocks up to the furthest visible key are read. Inference only
+    (its loops have dynamic trip counts, so it has no gradient)."""
+    return _forward(q_btnh, keys, q_index_bt, None, None, min(block_q, q_btnh.shape[1]))[0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _attention(q, k, v, q_index, seg_q, seg_kv, block_q, block_k):
-    return _forward(q, k, v, q_index, seg_q, seg_kv, block_q, block_k)[0]
+    return _forward(q, Keys.contiguous(k, v, block_k), q_index, seg_q, seg_kv, block_q)[0]
 
 
 # ---- tiles: [B, T, N, ...] ↔ [n_q, B, K, G·block_q, ...] -----------------------------------------------
@@ -111,9 +138,9 @@ def _block(x_bskh, j, block_k: int):
     return start, jax.lax.dynamic_slice_in_dim(x_bskh, start, block_k, axis=1)
 
 
-def _scores(q_bkrh, k_bskh, j, block_k, index_br, segq_br, seg_kv_bs, masked: bool):
-    """Block j's float32 scores `[B, K, R, block_k]` (q pre-scaled), -inf where not visible."""
-    start, k_block = _block(k_bskh, j, block_k)
+def _scores(q_bkrh, start, k_block, j, index_br, segq_br, seg_kv_bs, masked: bool):
+    """Block j's float32 scores `[B, K, R, block]` (q pre-scaled; keys from `start`), -inf where not visible."""
+    block_k = k_block.shape[1]
     scores = jax.lax.dot_general(q_bkrh, k_block, _DOT_SCORES, preferred_element_type=jnp.float32)
     if not masked:
         return scores
@@ -128,8 +155,8 @@ def _scores(q_bkrh, k_bskh, j, block_k, index_br, segq_br, seg_kv_bs, masked: bo
 # ---- forward ----------------------------------------------------------------------------------------------
 
 
-def _prepare(q, k, q_index, seg_q, block_q):
-    n_kv, h = k.shape[2], q.shape[3]
+def _prepare(q, n_kv, q_index, seg_q, block_q):
+    h = q.shape[3]
     g = q.shape[2] // n_kv
     q_tiles = _tiles(q * jnp.asarray(1.0 / math.sqrt(h), q.dtype), n_kv, block_q)
     index_tiles = _row_tiles(q_index, g, block_q)
@@ -137,29 +164,28 @@ def _prepare(q, k, q_index, seg_q, block_q):
     return q_tiles, index_tiles, seg_tiles
 
 
-def _forward(q, k, v, q_index, seg_q, seg_kv, block_q, block_k):
+def _forward(q, keys: Keys, q_index, seg_q, seg_kv, block_q):
     """→ (out `[B, T, N, H]`, logsumexp `[n_q, B, K, R]` float32; +inf for a row that sees no key)."""
-    s = k.shape[1]
-    q_tiles, index_tiles, seg_tiles = _prepare(q, k, q_index, seg_q, block_q)
+    q_tiles, index_tiles, seg_tiles = _prepare(q, keys.n_kv, q_index, seg_q, block_q)
 
     def one_tile(args):
         q_bkrh, index_br, segq_br = args
 
         def step(j, carry, masked):
             m_bkr, l_bkr, acc_bkrh = carry
-            scores = _scores(q_bkrh, k, j, block_k, index_br, segq_br, seg_kv, masked)
+            start, k_block, v_block = keys.read(j)
+            scores = _scores(q_bkrh, start, k_block, j, index_br, segq_br, seg_kv, masked)
             m_new = jnp.maximum(m_bkr, jnp.max(scores, axis=-1))
             m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)  # no key seen yet: keep exp() finite
             p = jnp.exp(scores - m_safe[..., None])
             correction = jnp.exp(m_bkr - m_safe)
-            _, v_block = _block(v, j, block_k)
-            pv = jax.lax.dot_general(p.astype(v.dtype), v_block, _DOT_PV, preferred_element_type=jnp.float32)
+            pv = jax.lax.dot_general(p.astype(v_block.dtype), v_block, _DOT_PV, preferred_element_type=jnp.float32)
             return m_new, l_bkr * correction + jnp.sum(p, axis=-1), acc_bkrh * correction[..., None] + pv
 
         shape = q_bkrh.shape[:3]
         init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
                 jnp.zeros(q_bkrh.shape, jnp.float32))  # fmt: skip
-        m_bkr, l_bkr, acc_bkrh = _key_loop(index_br, s, block_k, segq_br is not None, step, init)
+        m_bkr, l_bkr, acc_bkrh = _key_loop(index_br, keys.length, keys.block, segq_br is not None, step, init)
         seen = l_bkr > 0
         out = acc_bkrh / jnp.where(seen, l_bkr, 1.0)[..., None]
         return out.astype(q.dtype), jnp.where(seen, m_bkr + jnp.log(jnp.where(seen, l_bkr, 1.0)), jnp.inf)
@@ -176,14 +202,14 @@ def _forward(q, k, v, q_index, seg_q, seg_kv, block_q, block_k):
 
 
 def _fwd(q, k, v, q_index, seg_q, seg_kv, block_q, block_k):
-    out, lse = _forward(q, k, v, q_index, seg_q, seg_kv, block_q, block_k)
+    out, lse = _forward(q, Keys.contiguous(k, v, block_k), q_index, seg_q, seg_kv, block_q)
     return out, (q, k, v, q_index, seg_q, seg_kv, out, lse)
 
 
 def _bwd(block_q, block_k, residuals, d_out):
     q, k, v, q_index, seg_q, seg_kv, out, lse = residuals
     b, s, n_kv, h = k.shape
-    q_tiles, index_tiles, seg_tiles = _prepare(q, k, q_index, seg_q, block_q)
+    q_tiles, index_tiles, seg_tiles = _prepare(q, n_kv, q_index, seg_q, block_q)
     do_tiles = _tiles(d_out, n_kv, block_q)
     # D = rowsum(dO ∘ O): the softmax's Jacobian term, one float per query row.
     delta_tiles = _tiles(jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), n_kv, block_q)
@@ -197,10 +223,10 @@ def _bwd(block_q, block_k, residuals, d_out):
 
         def step(j, carry, masked):
             dq_bkrh, dk_bksh, dv_bksh = carry
-            scores = _scores(q_bkrh, k, j, block_k, index_br, segq_br, seg_kv, masked)
+            start, k_block = _block(k, j, block_k)
+            _, v_block = _block(v, j, block_k)
+            scores = _scores(q_bkrh, start, k_block, j, index_br, segq_br, seg_kv, masked)
             p = jnp.exp(scores - lse_bkr[..., None])  # the forward's probabilities, recomputed
-            start, v_block = _block(v, j, block_k)
-            _, k_block = _block(k, j, block_k)
             dv_block = jax.lax.dot_general(p, do_bkrh.astype(jnp.float32), _DOT_T)
             dp = jax.lax.dot_general(do_bkrh, v_block, _DOT_SCORES, preferred_element_type=jnp.float32)
             ds = p * (dp - delta_bkr[..., None])

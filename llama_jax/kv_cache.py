@@ -5,9 +5,9 @@ one entry per absolute position (entry s holds position s), so masks are `s <= q
 rows of different lengths need no offsets.
 
 Attention reads a row's entries in key blocks of `model.attention_block` consecutive positions
-(`llama_jax.attention`), only up to the batch's furthest position. A block `[B, block, K, H]` is the
-unit a paged cache would hand over as a page: a paged layout `[L, pages, block, K, H]` plus a per-row
-page table can replace the contiguous S axis without changing the attention loop's body.
+straight from the `[L, B, S, K, H]` buffers (`keys`, `blockwise.cached`), only up to the batch's
+furthest position, and a step writes one entry per row in place: no layer is copied per step. The
+engine's `PagedKVCache` has the same interface (`write`, `attend`) over a pool of pages.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from llama_jax import attention
+from llama_jax import attention, blockwise
 from llama_jax.config import LlamaConfig
+from llama_jax.platform import target
 
 CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 
@@ -44,14 +45,33 @@ class KVCache:
         return self.k.shape[2]
 
     def layer(self, i: jax.Array | int) -> tuple[jax.Array, jax.Array]:
-        """Layer i's keys and values, `[B, S, K, H]` each."""
+        """Layer i's keys and values, `[B, S, K, H]` each (a copy when i is traced)."""
         return self.k[i], self.v[i]
+
+    def keys(self, i: jax.Array | int, block: int) -> blockwise.Keys:
+        """Layer i's key blocks read straight from the `[L, B, S, K, H]` buffers: a decode step reads
+        `block` entries per row at a time, never a copy of the layer."""
+        _, b, s, k, h = self.k.shape
+        block = min(block, s)
+
+        def read(j):
+            start = jnp.minimum(j * block, s - block)
+            at = (i, 0, start, 0, 0)
+            return (start, *(jax.lax.dynamic_slice(x, at, (1, b, block, k, h))[0] for x in (self.k, self.v)))
+
+        return blockwise.Keys(read, s, block, k)
 
     def attend(self, i: jax.Array | int, q_btnh: jax.Array, q_index_bt: jax.Array, *, backend: str,
                block: int) -> jax.Array:  # fmt: skip
-        """Attention of queries `[B, T, N, H]` at positions q_index_bt over layer i (`attention.attend`)."""
+        """Attention of queries `[B, T, N, H]` at positions q_index_bt over layer i (`attention.attend`'s
+        rule; the blockwise backend reads the cache in place)."""
+        b, t, n, _ = q_btnh.shape
+        chosen = attention.select(backend, platform=target(), dtype=q_btnh.dtype, q_len=t, kv_len=self.length,
+                                  batch=b, n_heads=n)  # fmt: skip
+        if chosen == "blockwise":
+            return blockwise.cached(q_btnh, self.keys(i, block), q_index_bt)
         k_bskh, v_bskh = self.layer(i)
-        return attention.attend(q_btnh, k_bskh, v_bskh, q_index_bt, backend=backend, block=block)
+        return attention.attend(q_btnh, k_bskh, v_bskh, q_index_bt, backend=chosen, block=block)
 
     def write(self, i: jax.Array | int, k: jax.Array, v: jax.Array, start: jax.Array) -> KVCache:
         """Write new entries `[B, T, K, H]` of layer i at positions start[b] ... start[b] + T - 1."""
@@ -59,15 +79,13 @@ class KVCache:
         def write_rows(buf, new):
             if new.shape[0] == 1:  # one row: a single in-place update of the donated buffer
                 return jax.lax.dynamic_update_slice(buf, new[None].astype(buf.dtype), (i, 0, start[0], 0, 0))
-            # Take layer i out, write each row there, put it back: a batched scatter into the full
-            # [L, B, S, K, H] buffer made XLA materialise 2-3 copies of the whole cache per step
-            # (measured by the planner on 405B: 20.9 GiB of temporaries for a 7.9 GiB cache).
-            layer = jax.lax.dynamic_index_in_dim(buf, i, axis=0, keepdims=False)  # [B, S, K, H]
 
-            def write_row(layer_b, new_b, start_b):  # layer_b [S, K, H], new_b [T, K, H]
-                return jax.lax.dynamic_update_slice(layer_b, new_b.astype(layer_b.dtype), (start_b, 0, 0))
+            # Each row's entries written where they lie, vmapped over the batch axis of the whole buffer:
+            # one scatter with the batch as its batching dimension, in place. (Taking layer i out and
+            # putting it back copied the layer, [B, S, K, H], every step.)
+            def write_row(buf_lskh, new_tkh, start_row):
+                return jax.lax.dynamic_update_slice(buf_lskh, new_tkh[None].astype(buf.dtype), (i, start_row, 0, 0))
 
-            layer = jax.vmap(write_row)(layer, new, start)
-            return jax.lax.dynamic_update_index_in_dim(buf, layer, i, axis=0)
+            return jax.vmap(write_row, in_axes=(1, 0, 0), out_axes=1)(buf, new, start)
 
         return KVCache(write_rows(self.k, k), write_rows(self.v, v))

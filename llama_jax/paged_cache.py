@@ -10,7 +10,7 @@ Page 0 is the null page: never handed out, it stands in every unused page-table 
 makes beyond its pages (an idle slot, a prefill chunk's padding) land there; reads of it are masked
 (a key is visible only at positions <= the query's), so its contents never matter.
 
-Attention over the pages is the blockwise online softmax of `llama_jax.attention` (FlashAttention's
+Attention over the pages is `blockwise.cached`, the blockwise online softmax (FlashAttention's
 recurrence) with key blocks = `block_pages` consecutive page-table entries, gathered from the pool one
 block at a time: a step reads the blocks up to the slot batch's furthest position, never a whole row.
 
@@ -25,12 +25,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax import blockwise
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import CACHE_AXES
 
@@ -77,50 +77,24 @@ class PagedKVCache:
 
         return dataclasses.replace(self, k=write_layer(self.k, k_btkh), v=write_layer(self.v, v_btkh))
 
+    def keys(self, i: jax.Array | int) -> blockwise.Keys:
+        """Layer i's key blocks: `block_pages` consecutive page-table entries per block, each row's pages
+        gathered from the pool `[L, P, page, K, H]` one block at a time."""
+        _, _, page, k, h = self.k.shape
+        b, m = self.page_table.shape
+        block = page * self.block_pages
+
+        def read(j):
+            pages_bj = jax.lax.dynamic_slice_in_dim(self.page_table, j * self.block_pages, self.block_pages, axis=1)
+            layer = (jax.lax.dynamic_index_in_dim(x, i, axis=0, keepdims=False) for x in (self.k, self.v))
+            return (j * block, *(x[pages_bj].reshape(b, block, k, h) for x in layer))
+
+        return blockwise.Keys(read, m * page, block, k)
+
     def attend(self, i, q_btnh: jax.Array, q_index_bt: jax.Array, **_) -> jax.Array:
-        """Attention of queries `[B, T, N, H]` at positions q_index_bt over slot b's pages of layer i."""
-        k_pkh = jax.lax.dynamic_index_in_dim(self.k, i, axis=0, keepdims=False)
-        v_pkh = jax.lax.dynamic_index_in_dim(self.v, i, axis=0, keepdims=False)
-        return paged_attention(q_btnh, k_pkh, v_pkh, self.page_table, q_index_bt, self.block_pages)
-
-
-def paged_attention(q_btnh, k_pages, v_pages, page_table_bm, q_index_bt, block_pages: int) -> jax.Array:
-    """softmax(q kᵀ / √H + mask) v over the pages of each row → `[B, T, N, H]` in q's dtype.
-
-    k_pages, v_pages: `[P, page, K, H]`; page_table_bm `[B, M]` (M a multiple of block_pages); key s of
-    row b (entry s % page of page page_table[b, s // page]) is visible to query (b, t) when
-    s <= q_index_bt[b, t]. `attention.blockwise`'s recurrence, its key blocks gathered from the pages.
-    """
-    b, t, n, h = q_btnh.shape
-    page, k = k_pages.shape[1], k_pages.shape[2]
-    g = n // k
-    block = page * block_pages
-    n_blocks = page_table_bm.shape[1] // block_pages
-    q_btkgh = (q_btnh * jnp.asarray(1.0 / math.sqrt(h), q_btnh.dtype)).reshape(b, t, k, g, h)
-    trips = jnp.clip(jnp.max(q_index_bt) // block + 1, 0, n_blocks)
-
-    def body(j, carry):
-        m_bkgt, l_bkgt, acc_bkgth = carry
-        pages_bj = jax.lax.dynamic_slice_in_dim(page_table_bm, j * block_pages, block_pages, axis=1)
-        k_bskh = k_pages[pages_bj].reshape(b, block, k, h)
-        v_bskh = v_pages[pages_bj].reshape(b, block, k, h)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32)
-        key_index = j * block + jnp.arange(block)
-        ok_bts = key_index[None, None, :] <= q_index_bt[:, :, None]
-        scores = jnp.where(ok_bts[:, None, None], scores, -jnp.inf)
-        m_new = jnp.maximum(m_bkgt, jnp.max(scores, axis=-1))
-        m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)  # no key seen yet: keep exp() finite
-        p = jnp.exp(scores - m_safe[..., None])
-        correction = jnp.exp(m_bkgt - m_safe)
-        l_new = l_bkgt * correction + jnp.sum(p, axis=-1)
-        pv = jnp.einsum("bkgts,bskh->bkgth", p.astype(v_bskh.dtype), v_bskh, preferred_element_type=jnp.float32)
-        return m_new, l_new, acc_bkgth * correction[..., None] + pv
-
-    shape = (b, k, g, t)
-    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros((*shape, h), jnp.float32))
-    _, l_bkgt, acc_bkgth = jax.lax.fori_loop(0, trips, body, init)
-    out = acc_bkgth / jnp.where(l_bkgt == 0, 1.0, l_bkgt)[..., None]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
+        """Attention of queries `[B, T, N, H]` at positions q_index_bt over slot b's pages of layer i: the
+        blockwise loop (`blockwise.cached`), its key blocks gathered from the pages."""
+        return blockwise.cached(q_btnh, self.keys(i), q_index_bt)
 
 
 # ---- host side: the free list, reference counts, the prefix cache ------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax import lora, quant, sampler
+from llama_jax import attention, lora, quant, sampler
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama, LoraSpec
 
@@ -216,3 +216,16 @@ def test_a_model_whose_layer_copy_would_not_fit_decodes_from_the_stacked_weights
     assert m not in sampler._LAYER_WEIGHTS  # no second copy was made
     assert [r.tokens for r in results] == [r.tokens for r in sampler.generate(m, PROMPTS, max_new_tokens=4,
                                                                               stop_tokens=[], unroll=1)]  # fmt: skip
+
+
+def test_the_decode_loop_reads_and_writes_the_kv_cache_in_place(model):
+    """A step reads key blocks straight from the `[L, B, S, K, H]` cache and writes one entry per row:
+    no layer of the cache (`[B, S, K, H]`) is sliced out or copied inside the loop."""
+    model.attention_block = 8  # several key blocks in the 32-entry cache
+    try:
+        job = sampler._prepare(model, PROMPTS, sampler.SamplingParams(max_new_tokens=16, stop_tokens=[]))
+        _, state = sampler._start(model, job, None)
+        layer_elements = math.prod(state.cache.k.shape[1:])
+        assert weight_copies_in_decode_loop(_decode_hlo(model), {layer_elements}) == []
+    finally:
+        model.attention_block = attention.DEFAULT_BLOCK

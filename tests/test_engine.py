@@ -10,7 +10,7 @@ import torch
 import llama_jax
 from llama_jax import attention, sampler
 from llama_jax.engine import Engine, Request
-from llama_jax.paged_cache import NULL_PAGE, PagePool, paged_attention
+from llama_jax.paged_cache import NULL_PAGE, PagedKVCache, PagePool
 from tests import checkpoints
 
 VOCAB = 384
@@ -44,7 +44,8 @@ def test_paged_attention_equals_dense_attention_over_the_gathered_pages():
     table[2, 5:] = NULL_PAGE  # a short row: its tail is the null page
     q_index = np.asarray([[3, 4, 5, 6, 7], [25, 26, 27, 28, 29], [0, 1, 2, 17, 19]], np.int32)
     q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
-    got = paged_attention(q, k_pages, v_pages, table, q_index, block_pages=2)
+    cache = PagedKVCache(k_pages[None], v_pages[None], jnp.asarray(table), block_pages=2)
+    got = cache.attend(0, q, jnp.asarray(q_index))
     k_row, v_row = (x[table].reshape(b, m * page, k, h) for x in (k_pages, v_pages))
     want = attention.attend(q, k_row, v_row, q_index, backend="dense")
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
