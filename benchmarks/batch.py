@@ -80,8 +80,16 @@ def cpu_benchmark(n_requests: int, new_tokens: int, batch_size: int, repeats: in
         def ours(run: int) -> tuple[float, dict, list[dict]]:
             output = tmp / f"out{run}.jsonl"
             start = time.perf_counter()
-            summary = batch.run_batch(model, tokenizer, tmp / "in.jsonl", output, batch_size=batch_size,
-                                      progress=False, max_new_tokens=new_tokens, temperature=0.0)  # fmt: skip
+            summary = batch.run_batch(
+                model,
+                tokenizer,
+                tmp / "in.jsonl",
+                output,
+                batch_size=batch_size,
+                progress=False,
+                max_new_tokens=new_tokens,
+                temperature=0.0,
+            )
             elapsed = time.perf_counter() - start
             return elapsed, summary, [json.loads(line) for line in output.read_text().splitlines()]
 
@@ -90,9 +98,14 @@ def cpu_benchmark(n_requests: int, new_tokens: int, batch_size: int, repeats: in
             with torch.no_grad():
                 for ids in prompts[:some]:
                     x = torch.tensor([ids])
-                    y = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
-                                          do_sample=False, eos_token_id=list(tokenizer.stop_tokens),
-                                          pad_token_id=0)  # fmt: skip
+                    y = hf_model.generate(
+                        x,
+                        attention_mask=torch.ones_like(x),
+                        max_new_tokens=new_tokens,
+                        do_sample=False,
+                        eos_token_id=list(tokenizer.stop_tokens),
+                        pad_token_id=0,
+                    )
                     out.append([t for t in y[0, len(ids) :].tolist() if t not in tokenizer.stop_tokens])
             return out
 
@@ -127,7 +140,7 @@ def cpu_benchmark(n_requests: int, new_tokens: int, batch_size: int, repeats: in
                 "min": min(map(len, prompts)),
                 "max": max(map(len, prompts)),
                 "total": sum(map(len, prompts)),
-            },  # fmt: skip
+            },
             "max_new_tokens": new_tokens,
             "greedy": True,
             "batch_size": batch_size,

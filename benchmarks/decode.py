@@ -191,9 +191,15 @@ def _shape_benchmark(name, batches, repeats, bandwidth, torch, transformers) -> 
         def theirs(n, ids=ids, batch=batch, **kwargs):
             with torch.no_grad():
                 tokens = hf_model.generate(
-                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                    eos_token_id=None, pad_token_id=0, **kwargs,
-                )  # fmt: skip
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                    **kwargs,
+                )
             assert tokens.shape == (batch, PROMPT_LEN + n)
             return tokens[:, PROMPT_LEN:].numpy()
 

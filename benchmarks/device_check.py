@@ -65,9 +65,15 @@ class Run:
         self.path = out / f"device_{name}.json"
         self.spec = _spec(kind)
         self.bandwidth = None  # bytes/s, from hbm_bandwidth
-        self.result = {"device": kind, "platform": self.device.platform, "jax": jax.__version__, "smoke": smoke,
-                       "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION")},
-                       "spec": self.spec, "checks": {}}  # fmt: skip
+        self.result = {
+            "device": kind,
+            "platform": self.device.platform,
+            "jax": jax.__version__,
+            "smoke": smoke,
+            "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION")},
+            "spec": self.spec,
+            "checks": {},
+        }
 
     def left(self) -> float:
         return BUDGET_S - (time.perf_counter() - self.start)
@@ -80,13 +86,18 @@ class Run:
             try:
                 entry = {"status": "ok", **fn(self)}
             except Exception as e:  # one piece failing must not take the others with it
-                entry = {"status": "error", "message": f"{type(e).__name__}: {e}"[:2000],
-                         "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
+                entry = {
+                    "status": "error",
+                    "message": f"{type(e).__name__}: {e}"[:2000],
+                    "traceback": traceback.format_exc()[-3000:],
+                }
             entry["seconds"] = round(time.perf_counter() - t0, 2)
             gc.collect()
         self.result["checks"][name] = entry
-        print(f"{name}: {entry['status']} {json.dumps({k: v for k, v in entry.items() if k != 'traceback'})[:400]}",
-              flush=True)  # fmt: skip
+        print(
+            f"{name}: {entry['status']} {json.dumps({k: v for k, v in entry.items() if k != 'traceback'})[:400]}",
+            flush=True,
+        )
         self.write()
 
     def write(self) -> None:
@@ -107,8 +118,17 @@ def _config(name: str, smoke: bool):
     from llama_jax.config import LlamaConfig, model_config_from_file
 
     if smoke:  # head_dim 128 as the real ones; a few MB
-        return LlamaConfig(vocab_size=512, dim=256, n_layers=3, n_heads=2, n_kv_heads=1, ffn_dim=256,
-                           norm_eps=1e-5, rope_theta=500_000.0, max_seq_len=1024)  # fmt: skip
+        return LlamaConfig(
+            vocab_size=512,
+            dim=256,
+            n_layers=3,
+            n_heads=2,
+            n_kv_heads=1,
+            ffn_dim=256,
+            norm_eps=1e-5,
+            rope_theta=500_000.0,
+            max_seq_len=1024,
+        )
     return model_config_from_file(REPO / "configs" / f"{name}.py")
 
 
@@ -169,8 +189,12 @@ def hbm_bandwidth(run: Run) -> dict:
     seconds = _timed(lambda: f(x).block_until_ready(), 10)
     run.bandwidth = 2 * n / seconds  # one read, one write
     spec = run.spec["hbm_bytes_s"] if run.spec else None
-    return {"bytes": 2 * n, "seconds": seconds, "bytes_per_s": run.bandwidth,
-            "pct_of_spec": 100 * run.bandwidth / spec if spec else None}  # fmt: skip
+    return {
+        "bytes": 2 * n,
+        "seconds": seconds,
+        "bytes_per_s": run.bandwidth,
+        "pct_of_spec": 100 * run.bandwidth / spec if spec else None,
+    }
 
 
 def matmul_peak(run: Run) -> dict:
@@ -204,8 +228,14 @@ def attention_parity(run: Run) -> dict:
         out[backend] = np.asarray(f(q, kk, v, q_index), np.float32)
         out[backend + "_seconds"] = _timed(lambda f=f: f(q, kk, v, q_index).block_until_ready(), 5)
     diff = float(np.max(np.abs(out["cudnn"] - out["dense"])) / np.max(np.abs(out["dense"])))
-    return {"shape_btnkh": [b, t, n, k, h], "max_rel_diff": diff, "bound": 2e-2, "pass": diff <= 2e-2,
-            "cudnn_seconds": out["cudnn_seconds"], "dense_seconds": out["dense_seconds"]}  # fmt: skip
+    return {
+        "shape_btnkh": [b, t, n, k, h],
+        "max_rel_diff": diff,
+        "bound": 2e-2,
+        "pass": diff <= 2e-2,
+        "cudnn_seconds": out["cudnn_seconds"],
+        "dense_seconds": out["dense_seconds"],
+    }
 
 
 def _prefill_flops(config, tokens: int) -> float:
@@ -230,8 +260,14 @@ def prefill_128k(run: Run) -> dict:
     # unroll=1: the decode program scans the stacked weights, so no per-layer copy shares the memory.
     seconds = _prefill_seconds(run.model_8b, tokens, 1, unroll=1)
     flops = _prefill_flops(run.config_8b, tokens)
-    return {"tokens": tokens, "seconds": seconds, "flops_per_s": flops / seconds,
-            "mfu_pct": _mfu(run, flops / seconds), "memory_before": before, "memory_after": run.memory()}  # fmt: skip
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "flops_per_s": flops / seconds,
+        "mfu_pct": _mfu(run, flops / seconds),
+        "memory_before": before,
+        "memory_after": run.memory(),
+    }
 
 
 def _mfu(run: Run, flops_per_s: float) -> float | None:
@@ -243,8 +279,14 @@ def prefill_mfu(run: Run) -> dict:
     for tokens in (64,) if run.smoke else (4096, 2048, 8192):
         seconds = _prefill_seconds(run.model_8b, tokens, 3)
         flops = _prefill_flops(run.config_8b, tokens)
-        rows.append({"tokens": tokens, "seconds": seconds, "flops_per_s": flops / seconds,
-                     "mfu_pct": _mfu(run, flops / seconds)})  # fmt: skip
+        rows.append(
+            {
+                "tokens": tokens,
+                "seconds": seconds,
+                "flops_per_s": flops / seconds,
+                "mfu_pct": _mfu(run, flops / seconds),
+            }
+        )
     return {"note": "batch 1, generate(max_new_tokens=1): prefill + first token", "rows": rows}
 
 
@@ -273,16 +315,25 @@ def _decode_rows(run: Run, model, config) -> list[dict]:
         cache_len = sampler.prompt_bucket(prompt_len, config.max_seq_len) + steps
         kv_bytes = 2 * config.n_layers * batch * cache_len * config.n_kv_heads * config.head_dim * 2
         ideal = (weight_bytes + kv_bytes) / run.bandwidth if run.bandwidth else None
-        rows.append({"batch": batch, "seconds_per_step": per_step, "tokens_per_s": batch / per_step,
-                     "bytes_per_step": weight_bytes + kv_bytes,
-                     "pct_of_hbm_roofline": 100 * ideal / per_step if ideal else None})  # fmt: skip
+        rows.append(
+            {
+                "batch": batch,
+                "seconds_per_step": per_step,
+                "tokens_per_s": batch / per_step,
+                "bytes_per_step": weight_bytes + kv_bytes,
+                "pct_of_hbm_roofline": 100 * ideal / per_step if ideal else None,
+            }
+        )
     return rows
 
 
 def decode_bf16(run: Run) -> dict:
     run.decode_bf16_rows = _decode_rows(run, run.model_8b, run.config_8b)
-    return {"note": "s/step = (t(N=128) - t(N=65)) / 63, greedy, 128-token prompts; roofline = (weights + KV "
-            "cache) / measured bandwidth", "rows": run.decode_bf16_rows}  # fmt: skip
+    return {
+        "note": "s/step = (t(N=128) - t(N=65)) / 63, greedy, 128-token prompts; roofline = (weights + KV "
+        "cache) / measured bandwidth",
+        "rows": run.decode_bf16_rows,
+    }
 
 
 def fp8_gemm_calls(hlo: str) -> list[str]:
@@ -310,8 +361,13 @@ def decode_fp8(run: Run) -> dict:
     for r in rows:
         if r["batch"] in bf16 and "seconds_per_step" in r:
             r["speedup_vs_bf16"] = bf16[r["batch"]]["seconds_per_step"] / r["seconds_per_step"]
-    return {"fp8_gemm_custom_calls": len(calls), "expected_at_least": 3 * quantized,
-            "uses_fp8_gemms": len(calls) >= 3 * quantized, "examples": calls[:3], "rows": rows}  # fmt: skip
+    return {
+        "fp8_gemm_custom_calls": len(calls),
+        "expected_at_least": 3 * quantized,
+        "uses_fp8_gemms": len(calls) >= 3 * quantized,
+        "examples": calls[:3],
+        "rows": rows,
+    }
 
 
 def train_mfu_1b(run: Run) -> dict:
@@ -327,22 +383,42 @@ def train_mfu_1b(run: Run) -> dict:
     trainer = Trainer(model, TrainConfig(batch_size=batch, steps=10, warmup_steps=0, remat=False))
     del model
     ones = np.ones((batch, seq), np.int32)
-    data = {"tokens": ones * 7, "targets": ones * 7, "loss_mask": ones.astype(np.float32),
-            "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)), "segment_ids": ones}  # fmt: skip
+    data = {
+        "tokens": ones * 7,
+        "targets": ones * 7,
+        "loss_mask": ones.astype(np.float32),
+        "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+        "segment_ids": ones,
+    }
     seconds = _timed(lambda: jax.block_until_ready(trainer.train_step(data)), 3)
     flops = 3 * batch * _prefill_flops(config, seq)  # forward + backward (2x)
-    backend = attention.select("auto", platform=run.device.platform, dtype="bfloat16", q_len=seq, kv_len=seq,
-                               batch=batch, n_heads=config.n_heads, q_offset=False, segments=True)  # fmt: skip
-    return {"batch": batch, "seq_len": seq, "seconds": seconds, "tokens_per_s": batch * seq / seconds,
-            "flops_per_s": flops / seconds, "mfu_pct": _mfu(run, flops / seconds), "attention": backend,
-            "note": "bf16 weights, float32 master + AdamW, no remat; random tokens, one packed segment per row"}  # fmt: skip
+    backend = attention.select(
+        "auto",
+        platform=run.device.platform,
+        dtype="bfloat16",
+        q_len=seq,
+        kv_len=seq,
+        batch=batch,
+        n_heads=config.n_heads,
+        q_offset=False,
+        segments=True,
+    )
+    return {
+        "batch": batch,
+        "seq_len": seq,
+        "seconds": seconds,
+        "tokens_per_s": batch * seq / seconds,
+        "flops_per_s": flops / seconds,
+        "mfu_pct": _mfu(run, flops / seconds),
+        "attention": backend,
+        "note": "bf16 weights, float32 master + AdamW, no remat; random tokens, one packed segment per row",
+    }
 
 
 def with_8b(run: Run) -> dict:
     run.config_8b = _config("llama3_1_8b", run.smoke)
     run.model_8b = _random_model(run.config_8b)
-    return {"params": run.config_8b.num_params(), "weight_bytes": _param_bytes(run.model_8b),
-            "memory": run.memory()}  # fmt: skip
+    return {"params": run.config_8b.num_params(), "weight_bytes": _param_bytes(run.model_8b), "memory": run.memory()}
 
 
 def drop_8b(run: Run) -> dict:

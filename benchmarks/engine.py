@@ -77,8 +77,15 @@ def static(model, prompts, seeds, batch):
     outs = {}
 
     def run(idx):
-        res = sampler.generate(model, [prompts[i] for i in idx], max_new_tokens=MAX_NEW, temperature=1.0,
-                               seed=[seeds[i] for i in idx], stop_tokens=[EOT], min_batch=batch)  # fmt: skip
+        res = sampler.generate(
+            model,
+            [prompts[i] for i in idx],
+            max_new_tokens=MAX_NEW,
+            temperature=1.0,
+            seed=[seeds[i] for i in idx],
+            stop_tokens=[EOT],
+            min_batch=batch,
+        )
         outs.update(zip(idx, res, strict=True))
 
     for i, p in enumerate(prompts):
@@ -107,8 +114,15 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         hf_model.save_pretrained(tmp)
         model = llama_jax.load(tmp, dtype="float32")
-    out = {"benchmark": "engine", "device": "cpu", "model": {"dtype": "float32", **model_shape(model.config)},
-           "eot_beta": round(beta, 4), "batch": batch, "max_new_tokens": MAX_NEW, "repeats": repeats}  # fmt: skip
+    out = {
+        "benchmark": "engine",
+        "device": "cpu",
+        "model": {"dtype": "float32", **model_shape(model.config)},
+        "eot_beta": round(beta, 4),
+        "batch": batch,
+        "max_new_tokens": MAX_NEW,
+        "repeats": repeats,
+    }
     for workload in workloads:
         if workload == "stop":
             prompts = make_prompts(rng, n_requests, 20, 600)
@@ -120,22 +134,41 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
         pages = batch * (max(map(len, prompts)) + MAX_NEW) // 64 + 64
 
         def engine_side(share, pages=pages, requests=requests):
-            eng = Engine(model, slots=batch, pages=pages, page_size=64, burst=16, temperature=1.0,
-                         stop_tokens=[EOT], prefix_cache=share)  # fmt: skip
+            eng = Engine(
+                model,
+                slots=batch,
+                pages=pages,
+                page_size=64,
+                burst=16,
+                temperature=1.0,
+                stop_tokens=[EOT],
+                prefix_cache=share,
+            )
             return lambda: [r.tokens for r in eng.generate(requests)]
 
         def hf_side(prompts=prompts):
-            config = transformers.GenerationConfig(max_new_tokens=MAX_NEW, do_sample=True, temperature=1.0, top_p=1.0,
-                                                   top_k=0, eos_token_id=EOT, pad_token_id=0)  # fmt: skip
+            config = transformers.GenerationConfig(
+                max_new_tokens=MAX_NEW,
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                eos_token_id=EOT,
+                pad_token_id=0,
+            )
             with torch.no_grad():
                 # Its slots and per-step token budget bounded like ours (unbounded, its prefill logits took 10 GB).
                 cb = transformers.ContinuousBatchingConfig(max_requests_per_batch=batch, max_batch_tokens=512)
-                res = hf_model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False,
-                                              continuous_batching_config=cb)  # fmt: skip
+                res = hf_model.generate_batch(
+                    inputs=prompts, generation_config=config, progress_bar=False, continuous_batching_config=cb
+                )
             return [list(r.generated_tokens) for r in res.values()]
 
-        sides = {"engine": engine_side(True), "static": lambda prompts=prompts, seeds=seeds: [r.tokens for r in static(model, prompts, seeds, batch)],
-                 "transformers_generate_batch": hf_side}  # fmt: skip
+        sides = {
+            "engine": engine_side(True),
+            "static": lambda prompts=prompts, seeds=seeds: [r.tokens for r in static(model, prompts, seeds, batch)],
+            "transformers_generate_batch": hf_side,
+        }
         if workload == "prefix":
             sides["engine_noshare"] = engine_side(False)
         times, tokens, results = {}, {}, {}
@@ -157,7 +190,7 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
                 "min": min(map(len, prompts)),
                 "max": max(map(len, prompts)),
                 "total": sum(map(len, prompts)),
-            },  # fmt: skip
+            },
             "completion_tokens_mean": round(float(np.mean(lengths)), 1),
             "stopped_early": sum(n < MAX_NEW for n in lengths),
             "engine_equals_static": results["engine"] == results["static"],
@@ -168,7 +201,7 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
                     "tokens_per_s": round(tokens[name] / times[name], 1),
                 }
                 for name in sides
-            },  # fmt: skip
+            },
             "engine_vs_transformers_generate_batch": round(times["transformers_generate_batch"] / times["engine"], 2),
             "engine_vs_static": round(times["static"] / times["engine"], 2),
         }

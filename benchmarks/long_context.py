@@ -66,8 +66,12 @@ def machine_peak() -> dict:
     with open("/proc/cpuinfo") as f:
         mhz = max(float(line.split(":")[1]) for line in f if line.startswith("cpu MHz"))
     cores = os.cpu_count() or 1
-    return {"matmul_gflop_per_s": 2 * 2048**3 / best / 1e9, "cpu_mhz": mhz, "cores": cores,
-            "nominal_peak_gflop_per_s": cores * mhz * 1e6 * 32 / 1e9}  # fmt: skip
+    return {
+        "matmul_gflop_per_s": 2 * 2048**3 / best / 1e9,
+        "cpu_mhz": mhz,
+        "cores": cores,
+        "nominal_peak_gflop_per_s": cores * mhz * 1e6 * 32 / 1e9,
+    }
 
 
 def _timed(fn) -> float:
@@ -134,8 +138,11 @@ def run_ours(checkpoint: str, length: int, steps: int) -> dict:
                 logits, cache = fn(params_a, layers, token, jnp.asarray([[length + i]], jnp.int32), cache)
             logits.block_until_ready()
             elapsed = time.perf_counter() - start
-            result[f"decode_{attention}_{name}"] = {"cache_len": size, "ms_per_step": 1e3 * elapsed / steps,
-                                                    "tokens_per_s": steps / elapsed}  # fmt: skip
+            result[f"decode_{attention}_{name}"] = {
+                "cache_len": size,
+                "ms_per_step": 1e3 * elapsed / steps,
+                "tokens_per_s": steps / elapsed,
+            }
             del cache
     result["decode_tokens_per_s"] = result["decode_blockwise_bucket"]["tokens_per_s"]
     result["peak_rss_gib"] = _peak_rss() / 2**30
@@ -189,8 +196,17 @@ def main() -> int:
         hf_checkpoint(pathlib.Path(tmp), n_heads=4, n_kv_heads=2, seed=3)
         for length in args.lengths:
             for side in ("ours", "transformers"):
-                cmd = [sys.executable, __file__, "--child", side, tmp, "--lengths", str(length),
-                       "--steps", str(args.steps)]  # fmt: skip
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    side,
+                    tmp,
+                    "--lengths",
+                    str(length),
+                    "--steps",
+                    str(args.steps),
+                ]
                 child = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if child.returncode:
                     raise SystemExit(f"{side} at {length}: {child.stderr[-3000:]}")

@@ -26,8 +26,17 @@ sys.path.insert(0, str(ROOT))  # first: an installed package named `benchmarks` 
 
 from benchmarks import main_in_tempdir  # noqa: E402
 
-PARAMS = dict(dim=512, n_layers=2, n_heads=8, n_kv_heads=8, vocab_size=16384, multiple_of=256, norm_eps=1e-5,
-              rope_theta=500000.0, use_scaled_rope=True)  # fmt: skip
+PARAMS = dict(
+    dim=512,
+    n_layers=2,
+    n_heads=8,
+    n_kv_heads=8,
+    vocab_size=16384,
+    multiple_of=256,
+    norm_eps=1e-5,
+    rope_theta=500000.0,
+    use_scaled_rope=True,
+)
 MP = 8
 
 CHILD = r"""
@@ -52,10 +61,12 @@ print(json.dumps({"peak_host_bytes": peak, "embedding_slice_shape": list(embeddi
 
 
 def measure(path: pathlib.Path, mode: str) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT))  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), mode], env=env, capture_output=True, text=True,
-                         check=True)  # fmt: skip
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT)
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), mode], env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -60,8 +60,13 @@ def run(directory: pathlib.Path) -> dict:
     size = sum(f.stat().st_size for f in (directory / "hf").glob("*.safetensors"))
     result = {"model_bytes": size, "largest_tensor_bytes": SHAPE["vocab_size"] * SHAPE["dim"] * 2}
     for mp in (1, 2):
-        out = subprocess.run([sys.executable, "-c", CHILD, str(directory / "hf"), str(directory / f"meta{mp}"), str(mp)],
-                             env=env, capture_output=True, text=True, check=True)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(directory / "hf"), str(directory / f"meta{mp}"), str(mp)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         result[f"mp{mp}"] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 

@@ -60,9 +60,20 @@ def run(batch: int, seq_len: int, steps: int, warmup: int) -> dict:
     n_params = sum(p.numel() for p in hf_model.parameters())
     with tempfile.TemporaryDirectory() as tmp:
         hf_model.save_pretrained(tmp)
-        ours = {remat: Trainer(llama_jax.load(tmp, dtype="float32"), TrainConfig(
-            steps=warmup + steps + 1, batch_size=batch, learning_rate=1e-4, warmup_steps=0, end_lr_ratio=1.0,
-            remat=remat)) for remat in (False, True)}  # fmt: skip
+        ours = {
+            remat: Trainer(
+                llama_jax.load(tmp, dtype="float32"),
+                TrainConfig(
+                    steps=warmup + steps + 1,
+                    batch_size=batch,
+                    learning_rate=1e-4,
+                    warmup_steps=0,
+                    end_lr_ratio=1.0,
+                    remat=remat,
+                ),
+            )
+            for remat in (False, True)
+        }
     hf_model.train()
     optimizer = torch.optim.AdamW(hf_model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
 
@@ -87,8 +98,11 @@ def run(batch: int, seq_len: int, steps: int, warmup: int) -> dict:
 
     times: dict[str, list[float]] = {"transformers": [], "llama_jax": [], "llama_jax_remat": []}
     for b in batches[warmup:]:
-        for name, step in (("transformers", theirs), ("llama_jax", ours[False].train_step),
-                           ("llama_jax_remat", ours[True].train_step)):  # fmt: skip
+        for name, step in (
+            ("transformers", theirs),
+            ("llama_jax", ours[False].train_step),
+            ("llama_jax_remat", ours[True].train_step),
+        ):
             start = time.perf_counter()
             step(b)
             times[name].append(time.perf_counter() - start)

@@ -1,7 +1,8 @@
 """llama-jax: Meta's Llama 3.1 family in JAX/Flax.
 
 The public surface is small and stable: `load`, `save`, `Llama`, `LlamaConfig`, `KVCache`,
-`Tokenizer`, `ChatFormat`, `SamplingParams`, `generate`, `stream` and the CLI `python -m llama_jax`. Everything else may move.
+`Tokenizer`, `ChatFormat`, `SamplingParams`, `generate`, `stream` and the CLI `python -m llama_jax`.
+Everything else may move.
 """
 
 from llama_jax.chat import ChatFormat
@@ -15,6 +16,18 @@ from llama_jax.sampling import SamplingParams
 from llama_jax.tokenizer import Tokenizer, find_tokenizer
 
 __all__ = [
-    "ChatFormat", "GenerationResult", "KVCache", "Llama", "LlamaConfig", "RopeScaling", "SamplingParams", "Tokenizer",
-    "find_tokenizer", "generate", "load", "open_checkpoint", "save", "stream",
-]  # fmt: skip
+    "ChatFormat",
+    "GenerationResult",
+    "KVCache",
+    "Llama",
+    "LlamaConfig",
+    "RopeScaling",
+    "SamplingParams",
+    "Tokenizer",
+    "find_tokenizer",
+    "generate",
+    "load",
+    "open_checkpoint",
+    "save",
+    "stream",
+]

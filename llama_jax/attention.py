@@ -99,8 +99,13 @@ def select(
         dense_bytes = 4 * batch * n_heads * q_len * kv_len
         if platform == "tpu" and not q_offset and q_len % 128 == 0 and kv_len % 128 == 0:
             choice = "splash"
-        elif (platform in ("gpu", "cuda") and dtype in (jnp.bfloat16, jnp.float16) and q_len > 1 and not segments
-              and (not q_offset or batch * q_len * kv_len <= budget_bytes)):  # fmt: skip
+        elif (
+            platform in ("gpu", "cuda")
+            and dtype in (jnp.bfloat16, jnp.float16)
+            and q_len > 1
+            and not segments
+            and (not q_offset or batch * q_len * kv_len <= budget_bytes)
+        ):
             # At an offset cuDNN takes an explicit [B, 1, T, S] boolean mask: only while that stays small.
             choice = "cudnn"
         elif platform == "cpu" or dense_bytes > budget_bytes:
@@ -145,8 +150,17 @@ def attend(
     b, t, n, _ = q_btnh.shape
     s = k_bskh.shape[1]
     segments = segment_q_bt is not None
-    backend = select(backend, platform=target_platform(), dtype=q_btnh.dtype, q_len=t, kv_len=s, batch=b,
-                     n_heads=n, q_offset=q_offset, segments=segments)  # fmt: skip
+    backend = select(
+        backend,
+        platform=target_platform(),
+        dtype=q_btnh.dtype,
+        q_len=t,
+        kv_len=s,
+        batch=b,
+        n_heads=n,
+        q_offset=q_offset,
+        segments=segments,
+    )
     if backend == "dense":
         mask = visible(q_index_bt, s, segment_q_bt, segment_kv_bs)[:, None]
         return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask, implementation="xla")
@@ -154,8 +168,9 @@ def attend(
         return _cudnn(q_btnh, k_bskh, v_bskh, q_index_bt, q_offset)
     if backend == "splash":
         return _splash(q_btnh, k_bskh, v_bskh, segment_q_bt, segment_kv_bs)
-    return blockwise.attention(q_btnh, k_bskh, v_bskh, q_index_bt, segment_q_bt, segment_kv_bs,
-                               block_q=block_q, block_k=block)  # fmt: skip
+    return blockwise.attention(
+        q_btnh, k_bskh, v_bskh, q_index_bt, segment_q_bt, segment_kv_bs, block_q=block_q, block_k=block
+    )
 
 
 # ---- fused kernels -----------------------------------------------------------------------------------
@@ -164,11 +179,13 @@ def attend(
 def _cudnn(q_btnh, k_bskh, v_bskh, q_index_bt, q_offset: bool):
     kv_lengths = (jnp.max(q_index_bt, axis=1) + 1).astype(jnp.int32)
     if not q_offset:  # queries at key 0: cuDNN's own (top-left) causal mask, no [T, S] mask tensor
-        return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, is_causal=True,
-                                            key_value_seq_lengths=kv_lengths, implementation="cudnn")  # fmt: skip
+        return jax.nn.dot_product_attention(
+            q_btnh, k_bskh, v_bskh, is_causal=True, key_value_seq_lengths=kv_lengths, implementation="cudnn"
+        )
     mask = visible(q_index_bt, k_bskh.shape[1])[:, None]
-    return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask, key_value_seq_lengths=kv_lengths,
-                                        implementation="cudnn")  # fmt: skip
+    return jax.nn.dot_product_attention(
+        q_btnh, k_bskh, v_bskh, mask=mask, key_value_seq_lengths=kv_lengths, implementation="cudnn"
+    )
 
 
 def _splash(q_btnh, k_bskh, v_bskh, segment_q_bt, segment_kv_bs):

@@ -380,9 +380,15 @@ class _Group:
     """The requests of one sampling setting and the engine that runs them."""
 
     def __init__(self, model, sampling: SamplingParams, settings: dict) -> None:
-        self.engine = engine.Engine(model, temperature=sampling.temperature, top_k=sampling.top_k,
-                                    top_p=sampling.top_p, min_p=sampling.min_p, top_logprobs=sampling.top_logprobs,
-                                    **settings)  # fmt: skip
+        self.engine = engine.Engine(
+            model,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            min_p=sampling.min_p,
+            top_logprobs=sampling.top_logprobs,
+            **settings,
+        )
         self.feed = _Feed()
         self.running: Iterator | None = None
         self.waiting: dict[tuple[int, int], tuple[_Request, int]] = {}  # engine id -> (request, sample index)
@@ -444,8 +450,9 @@ def run_batch(
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
     batch_size = max(1 << (batch_size - 1).bit_length(), _data_parallelism(model))
-    settings = dict(slots=batch_size, pages=kv_pages, page_size=page_size, burst=burst,
-                    stop_tokens=tuple(tokenizer.stop_tokens))  # fmt: skip
+    settings = dict(
+        slots=batch_size, pages=kv_pages, page_size=page_size, burst=burst, stop_tokens=tuple(tokenizer.stop_tokens)
+    )
     # On several processes (jax.distributed) every process runs the same schedule on its share of the
     # devices; process 0 alone writes the files.
     writer = jax.process_index() == 0
@@ -541,20 +548,39 @@ def _error(path: pathlib.Path, line: int, request_id, field: str | None, reason:
 
 
 # Plain aliases for the settings one sets on every run; every field is also --config.<field>.
-_ALIASES = {"input": "--input", "output": "--output", "errors": "--errors", "checkpoint": "--checkpoint",
-            "tokenizer": "--tokenizer", "dtype": "--dtype", "mesh": "--mesh", "attention": "--attention", "batch_size": "--batch-size",
-            "fp8_matmul": "--fp8-matmul",
-            "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
-            "top_k": "--top-k", "min_p": "--min-p", "seed": "--seed", "top_logprobs": "--top-logprobs", "n": "--n",
-            "kv_pages": "--kv-pages", "page_size": "--page-size", "burst": "--burst"}  # fmt: skip
+_ALIASES = {
+    "input": "--input",
+    "output": "--output",
+    "errors": "--errors",
+    "checkpoint": "--checkpoint",
+    "tokenizer": "--tokenizer",
+    "dtype": "--dtype",
+    "mesh": "--mesh",
+    "attention": "--attention",
+    "batch_size": "--batch-size",
+    "fp8_matmul": "--fp8-matmul",
+    "max_new_tokens": "--max-new-tokens",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "top_k": "--top-k",
+    "min_p": "--min-p",
+    "seed": "--seed",
+    "top_logprobs": "--top-logprobs",
+    "n": "--n",
+    "kv_pages": "--kv-pages",
+    "page_size": "--page-size",
+    "burst": "--burst",
+}
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "batch", help="run a JSONL file of requests (resumable)", description=__doc__.split("\n\n")[0],
+        "batch",
+        help="run a JSONL file of requests (resumable)",
+        description=__doc__.split("\n\n")[0],
         epilog="Settings come from JobConfig's defaults, then --config FILE (a get_config() file such as "
-               "configs/batch.py), then the options given here. Formats: docs/BATCH.md.",
-    )  # fmt: skip
+        "configs/batch.py), then the options given here. Formats: docs/BATCH.md.",
+    )
     jobs.add_config_arguments(parser, JobConfig, _ALIASES)
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
     parser.set_defaults(func=main)
@@ -576,13 +602,29 @@ def main(args: argparse.Namespace) -> int:
     distributed.initialize()  # a multi-process job (jax.distributed coordinates in the environment), else nothing
     try:
         job = job_config(args)
-        model, tokenizer = jobs.load_model(job.checkpoint, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh,
-                                           rules=job.rules, attention=job.attention,
-                                           fp8_matmul=job.fp8_matmul)  # fmt: skip
+        model, tokenizer = jobs.load_model(
+            job.checkpoint,
+            tokenizer=job.tokenizer,
+            dtype=job.dtype,
+            mesh=job.mesh,
+            rules=job.rules,
+            attention=job.attention,
+            fp8_matmul=job.fp8_matmul,
+        )
         sampling = {name: getattr(job, name) for name in (*SAMPLING_FIELDS, "seed", "n")}
-        summary = run_batch(model, tokenizer, job.input, job.output, errors_path=job.errors,
-                            batch_size=job.batch_size, progress=job.progress, kv_pages=job.kv_pages,
-                            page_size=job.page_size, burst=job.burst, **sampling)  # fmt: skip
+        summary = run_batch(
+            model,
+            tokenizer,
+            job.input,
+            job.output,
+            errors_path=job.errors,
+            batch_size=job.batch_size,
+            progress=job.progress,
+            kv_pages=job.kv_pages,
+            page_size=job.page_size,
+            burst=job.burst,
+            **sampling,
+        )
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         print(f"batch: error: {e}", file=sys.stderr)
         return 2

@@ -47,8 +47,17 @@ _DOT_PV = (((3,), (1,)), ((0, 1), (0, 2)))  # [B, K, R, s] · [B, s, K, H] → [
 _DOT_T = (((2,), (2,)), ((0, 1), (0, 1)))  # [B, K, R, s] · [B, K, R, H] → [B, K, s, H] (dK, dV)
 
 
-def attention(q_btnh, k_bskh, v_bskh, q_index_bt, segment_q_bt=None, segment_kv_bs=None, *,
-              block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K) -> jax.Array:  # fmt: skip
+def attention(
+    q_btnh,
+    k_bskh,
+    v_bskh,
+    q_index_bt,
+    segment_q_bt=None,
+    segment_kv_bs=None,
+    *,
+    block_q: int = DEFAULT_BLOCK_Q,
+    block_k: int = DEFAULT_BLOCK_K,
+) -> jax.Array:
     """softmax(q kᵀ / √H + visibility) v → `[B, T, N, H]` in q's dtype; a query that sees no key gets 0."""
     t, s = q_btnh.shape[1], k_bskh.shape[1]
     return _attention(q_btnh, k_bskh, v_bskh, q_index_bt, segment_q_bt, segment_kv_bs, min(block_q, t), min(block_k, s))
@@ -68,8 +77,9 @@ class Keys:
     @classmethod
     def contiguous(cls, k_bskh: jax.Array, v_bskh: jax.Array, block: int) -> Keys:
         """Key blocks of consecutive entries of `[B, S, K, H]` arrays."""
-        return cls(lambda j: (*_block(k_bskh, j, block), _block(v_bskh, j, block)[1]), k_bskh.shape[1], block,
-                   k_bskh.shape[2])  # fmt: skip
+        return cls(
+            lambda j: (*_block(k_bskh, j, block), _block(v_bskh, j, block)[1]), k_bskh.shape[1], block, k_bskh.shape[2]
+        )
 
 
 def cached(q_btnh, keys: Keys, q_index_bt, *, block_q: int = DEFAULT_BLOCK_Q) -> jax.Array:
@@ -183,16 +193,20 @@ def _forward(q, keys: Keys, q_index, seg_q, seg_kv, block_q):
             return m_new, l_bkr * correction + jnp.sum(p, axis=-1), acc_bkrh * correction[..., None] + pv
 
         shape = q_bkrh.shape[:3]
-        init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-                jnp.zeros(q_bkrh.shape, jnp.float32))  # fmt: skip
+        init = (
+            jnp.full(shape, -jnp.inf, jnp.float32),
+            jnp.zeros(shape, jnp.float32),
+            jnp.zeros(q_bkrh.shape, jnp.float32),
+        )
         m_bkr, l_bkr, acc_bkrh = _key_loop(index_br, keys.length, keys.block, segq_br is not None, step, init)
         seen = l_bkr > 0
         out = acc_bkrh / jnp.where(seen, l_bkr, 1.0)[..., None]
         return out.astype(q.dtype), jnp.where(seen, m_bkr + jnp.log(jnp.where(seen, l_bkr, 1.0)), jnp.inf)
 
     if q_tiles.shape[0] == 1:
-        out, lse = jax.tree.map(lambda x: x[None], one_tile(jax.tree.map(lambda x: x[0], (q_tiles, index_tiles,
-                                                                                          seg_tiles))))  # fmt: skip
+        out, lse = jax.tree.map(
+            lambda x: x[None], one_tile(jax.tree.map(lambda x: x[0], (q_tiles, index_tiles, seg_tiles)))
+        )
     else:
         out, lse = jax.lax.map(one_tile, (q_tiles, index_tiles, seg_tiles))
     return _untile(out, q.shape[1], block_q), lse
@@ -243,8 +257,11 @@ def _bwd(block_q, block_k, residuals, d_out):
         dq_bkrh, dk_bksh, dv_bksh = _key_loop(index_br, s, block_k, segq_br is not None, step, init)
         return dq_tiles.at[i].set(dq_bkrh), dk_bksh, dv_bksh
 
-    init = (jnp.zeros(q_tiles.shape, jnp.float32), jnp.zeros((b, n_kv, s, h), jnp.float32),
-            jnp.zeros((b, n_kv, s, h), jnp.float32))  # fmt: skip
+    init = (
+        jnp.zeros(q_tiles.shape, jnp.float32),
+        jnp.zeros((b, n_kv, s, h), jnp.float32),
+        jnp.zeros((b, n_kv, s, h), jnp.float32),
+    )
     dq_tiles, dk_bksh, dv_bksh = jax.lax.fori_loop(0, q_tiles.shape[0], one_tile, init)
     dq = (_untile(dq_tiles, q.shape[1], block_q) / math.sqrt(h)).astype(q.dtype)
     dk, dv = (x.transpose(0, 2, 1, 3) for x in (dk_bksh, dv_bksh))

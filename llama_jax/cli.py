@@ -34,17 +34,34 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=pathlib.Path,
-                        help="HF or Meta checkpoint directory (default: the embedded model, RANDOM weights)")  # fmt: skip
-    parser.add_argument("--tokenizer", type=pathlib.Path,
-                        help="tokenizer.model (default: found in the checkpoint, or llama-models' Llama 3 one)")  # fmt: skip
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"),
-                        help="weights and compute dtype (default: bfloat16 for checkpoints, float32 for the default)")  # fmt: skip
-    parser.add_argument("--attention", choices=BACKENDS, default="auto",
-                        help="attention backend (default auto: blockwise on CPU, cudnn on GPU, splash on TPU)")  # fmt: skip
-    parser.add_argument("--fp8-matmul", choices=("auto", "fp8", "dequant"), default="auto",
-                        help="FP8 checkpoints: fp8×fp8 GEMMs ('fp8'), upcast in the matmul ('dequant'), or by "
-                             "device ('auto', default: fp8 on GPUs with FP8 tensor cores)")  # fmt: skip
+    parser.add_argument(
+        "--checkpoint",
+        type=pathlib.Path,
+        help="HF or Meta checkpoint directory (default: the embedded model, RANDOM weights)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        type=pathlib.Path,
+        help="tokenizer.model (default: found in the checkpoint, or llama-models' Llama 3 one)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        help="weights and compute dtype (default: bfloat16 for checkpoints, float32 for the default)",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=BACKENDS,
+        default="auto",
+        help="attention backend (default auto: blockwise on CPU, cudnn on GPU, splash on TPU)",
+    )
+    parser.add_argument(
+        "--fp8-matmul",
+        choices=("auto", "fp8", "dequant"),
+        default="auto",
+        help="FP8 checkpoints: fp8×fp8 GEMMs ('fp8'), upcast in the matmul ('dequant'), or by "
+        "device ('auto', default: fp8 on GPUs with FP8 tensor cores)",
+    )
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
@@ -75,8 +92,13 @@ def _load(args: argparse.Namespace):
     """(model, tokenizer) from the model options, the one way every job gets them (`jobs.load_model`)."""
     from llama_jax.jobs import load_model
 
-    return load_model(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype, attention=args.attention,
-                      fp8_matmul=args.fp8_matmul)  # fmt: skip
+    return load_model(
+        args.checkpoint,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        attention=args.attention,
+        fp8_matmul=args.fp8_matmul,
+    )
 
 
 def _stream_text(tokenizer, tokens: Iterator[int], out) -> tuple[list[int], object]:
@@ -110,8 +132,11 @@ def _fail(command: str, error: Exception) -> int:
 
 
 def register_generate(subparsers) -> None:
-    parser = subparsers.add_parser("generate", help="continue a prompt, streaming the text to stdout",
-                                   description="Continue --prompt (BOS prepended), streaming the text.")  # fmt: skip
+    parser = subparsers.add_parser(
+        "generate",
+        help="continue a prompt, streaming the text to stdout",
+        description="Continue --prompt (BOS prepended), streaming the text.",
+    )
     parser.add_argument("--prompt", required=True, help="the text to continue")
     _add_model_args(parser)
     _add_sampling_args(parser, max_new_tokens=64)
@@ -140,9 +165,12 @@ def generate_main(args: argparse.Namespace) -> int:
 
 
 def register_chat(subparsers) -> None:
-    parser = subparsers.add_parser("chat", help="interactive chat (Llama 3.1 chat format) on stdin",
-                                   description="Chat with the model: one user message per stdin line; "
-                                               "'/exit' or end of input quits, '/reset' clears the history.")  # fmt: skip
+    parser = subparsers.add_parser(
+        "chat",
+        help="interactive chat (Llama 3.1 chat format) on stdin",
+        description="Chat with the model: one user message per stdin line; "
+        "'/exit' or end of input quits, '/reset' clears the history.",
+    )
     parser.add_argument("--system", help="system prompt")
     _add_model_args(parser)
     _add_sampling_args(parser, max_new_tokens=256)

@@ -102,13 +102,27 @@ class LlamaConfig:
         error naming the file and the key, never a guess.
         """
         known = {
-            "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-            "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len",
-            "max_batch_size", "rope_scaling_factor", "tie_embeddings",
+            "dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "vocab_size",
+            "multiple_of",
+            "ffn_dim_multiplier",
+            "norm_eps",
+            "rope_theta",
+            "use_scaled_rope",
+            "max_seq_len",
+            "max_batch_size",
+            "rope_scaling_factor",
+            "tie_embeddings",
             # Multimodal / quantisation keys Meta ships but which do not change the text decoder:
-            "vision_chunk_size", "vision_max_num_chunks", "vision_num_cross_attention_layers",
-            "quantization_args", "lora_args",
-        }  # fmt: skip
+            "vision_chunk_size",
+            "vision_max_num_chunks",
+            "vision_num_cross_attention_layers",
+            "quantization_args",
+            "lora_args",
+        }
         _reject_unknown(params, known, source)
         _require(params, ("dim", "n_layers", "n_heads"), source)
         llama2 = is_llama2_params(params, source)

@@ -31,8 +31,16 @@ from llama_jax.losses import dpo_loss, sequence_logps
 from llama_jax.packing import ROW_DTYPES, assemble, document, padding_id
 from llama_jax.tokenizer import Tokenizer
 
-__all__ = ["PairExamples", "job_pairs", "load_pairs", "loss_sums", "pair_examples", "pair_logps", "pairs_from_ids",
-           "reference_logps"]  # fmt: skip
+__all__ = [
+    "PairExamples",
+    "job_pairs",
+    "load_pairs",
+    "loss_sums",
+    "pair_examples",
+    "pair_logps",
+    "pairs_from_ids",
+    "reference_logps",
+]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -197,12 +205,16 @@ def loss_sums(model, reference, micro, *, beta, loss, label_smoothing, remat=Fal
     else:
         raise ValueError("DPO needs reference log-probs: batches with ref_logps, or Trainer(..., teacher=reference)")
     lengths = jnp.sum(micro["loss_mask"], axis=-1)
-    per_pair, metrics = dpo_loss(logps, jax.lax.stop_gradient(ref_logps), lengths, beta=beta, loss=loss,
-                                 label_smoothing=label_smoothing)  # fmt: skip
+    per_pair, metrics = dpo_loss(
+        logps, jax.lax.stop_gradient(ref_logps), lengths, beta=beta, loss=loss, label_smoothing=label_smoothing
+    )
     real = (lengths[:, 0] > 0).astype(jnp.float32)
     sums = {name: jnp.sum(value * real) for name, value in metrics.items()}
-    sums.update(pairs=jnp.sum(real), trained_tokens=jnp.sum(micro["loss_mask"]),
-                tokens=jnp.sum(micro["segment_ids"] > 0).astype(jnp.float32))  # fmt: skip
+    sums.update(
+        pairs=jnp.sum(real),
+        trained_tokens=jnp.sum(micro["loss_mask"]),
+        tokens=jnp.sum(micro["segment_ids"] > 0).astype(jnp.float32),
+    )
     sums["dpo"] = jnp.sum(per_pair * real)
     return sums["dpo"], sums
 
@@ -250,8 +262,9 @@ def job_pairs(job, model, tokenizer, reference=None) -> tuple[PairExamples, Any]
     pairs = load_pairs(job.data, tokenizer, job.seq_len)
     if job.dpo_reference == "online":
         if reference is None:
-            reference, _ = jobs.load_model(job.checkpoint, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh,
-                                           rules=job.rules)  # fmt: skip
+            reference, _ = jobs.load_model(
+                job.checkpoint, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh, rules=job.rules
+            )
         return pairs, reference
     cache = pathlib.Path(job.workdir) / "reference_logps.npy"
     ref_logps = np.load(cache) if job.resume and cache.is_file() else None

@@ -100,8 +100,13 @@ def _pick(seeds_b, index_b, logits_bv, sampling: _Sampling, stop_ids):
         token_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     else:
         keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), 0), i))(seeds_b, index_b)
-        filtered = filter_logits(logits_bv, temperature=sampling.temperature, top_k=sampling.top_k,
-                                         top_p=sampling.top_p, min_p=sampling.min_p)  # fmt: skip
+        filtered = filter_logits(
+            logits_bv,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            min_p=sampling.min_p,
+        )
         token_b = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
     b, k = logits_bv.shape[0], sampling.top_logprobs
     logp_b, top_bk, ids_bk = jnp.zeros((b,)), jnp.zeros((b, k)), jnp.zeros((b, k), jnp.int32)
@@ -115,8 +120,9 @@ def _pick(seeds_b, index_b, logits_bv, sampling: _Sampling, stop_ids):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "block_pages", "sampling"), donate_argnames=("k", "v"))
-def _prefill(graphdef, params, k, v, page_table_rm, tokens_rc, start_r, last_r, seeds_r, stop_ids, *,
-             block_pages, sampling):  # fmt: skip
+def _prefill(
+    graphdef, params, k, v, page_table_rm, tokens_rc, start_r, last_r, seeds_r, stop_ids, *, block_pages, sampling
+):
     """One prompt chunk of R slots into their pages; → pool, and token 0 from each row's `last_r` logits."""
     _TRACES["prefill"] += 1
     model = nnx.merge(graphdef, params)
@@ -128,18 +134,41 @@ def _prefill(graphdef, params, k, v, page_table_rm, tokens_rc, start_r, last_r, 
     return cache.k, cache.v, picked
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "burst", "block_pages", "sampling", "unroll"),
-                   donate_argnames=("k", "v"))  # fmt: skip
-def _decode(graphdef, params, layers, k, v, page_table_bm, last_b, count_b, position_b, limit_b, live_b, seeds_b,
-            stop_ids, *, burst, block_pages, sampling, unroll):  # fmt: skip
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "burst", "block_pages", "sampling", "unroll"), donate_argnames=("k", "v")
+)
+def _decode(
+    graphdef,
+    params,
+    layers,
+    k,
+    v,
+    page_table_bm,
+    last_b,
+    count_b,
+    position_b,
+    limit_b,
+    live_b,
+    seeds_b,
+    stop_ids,
+    *,
+    burst,
+    block_pages,
+    sampling,
+    unroll,
+):
     """Up to `burst` decode steps of every live slot: feed its last token at its position, sample token
     `count` of its request. → pool, the burst's tokens `[B, burst]` (-1 where a slot had finished) and
     their logprobs / top-K."""
     _TRACES["decode"] += 1
     model = nnx.merge(graphdef, params)
     b, k_top = last_b.shape[0], sampling.top_logprobs
-    out = dict(tokens=jnp.full((b, burst), -1, jnp.int32), logprobs=jnp.zeros((b, burst)),
-               top_ids=jnp.zeros((b, burst, k_top), jnp.int32), top_logprobs=jnp.zeros((b, burst, k_top)))  # fmt: skip
+    out = dict(
+        tokens=jnp.full((b, burst), -1, jnp.int32),
+        logprobs=jnp.zeros((b, burst)),
+        top_ids=jnp.zeros((b, burst, k_top), jnp.int32),
+        top_logprobs=jnp.zeros((b, burst, k_top)),
+    )
 
     def cond(carry):
         step, live_b = carry[0], carry[5]
@@ -148,15 +177,22 @@ def _decode(graphdef, params, layers, k, v, page_table_bm, last_b, count_b, posi
     def body(carry):
         step, k, v, last_b, count_b, live_b, position_b, out = carry
         cache = PagedKVCache(k, v, page_table_bm, block_pages)
-        logits_b1v, cache = model.decode(last_b[:, None], position_b[:, None], cache, unroll=unroll or 1,
-                                         layers=layers)  # fmt: skip
+        logits_b1v, cache = model.decode(last_b[:, None], position_b[:, None], cache, unroll=unroll or 1, layers=layers)
         token_b, is_stop, logp_b, ids_bk, top_bk = _pick(seeds_b, count_b, logits_b1v[:, 0], sampling, stop_ids)
         new = dict(tokens=jnp.where(live_b, token_b, -1), logprobs=logp_b, top_ids=ids_bk, top_logprobs=top_bk)
         out = {name: jax.lax.dynamic_update_index_in_dim(out[name], new[name], step, axis=1) for name in out}
         count_b = count_b + live_b.astype(jnp.int32)
         finished = live_b & (is_stop | (count_b >= limit_b))
-        return (step + 1, cache.k, cache.v, jnp.where(live_b, token_b, last_b), count_b, live_b & ~finished,
-                position_b + 1, out)  # fmt: skip
+        return (
+            step + 1,
+            cache.k,
+            cache.v,
+            jnp.where(live_b, token_b, last_b),
+            count_b,
+            live_b & ~finished,
+            position_b + 1,
+            out,
+        )
 
     carry = (jnp.int32(0), k, v, last_b, count_b, live_b, position_b, out)
     _, k, v, *_, out = jax.lax.while_loop(cond, body, carry)
@@ -180,20 +216,43 @@ class Engine:
       max_len: the longest request (prompt + new tokens) a slot may hold; default the model's context.
     """
 
-    def __init__(self, model, *, slots: int = 16, pages: int | None = None, page_size: int = 64, burst: int = 16,
-                 prefill_chunk: int = 256, prefill_rows: int = 4, prefix_cache: bool = True,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 logprobs: bool = False, top_logprobs: int = 0, stop_tokens: Sequence[int] | None = None,
-                 max_len: int | None = None, block_pages: int = 4) -> None:  # fmt: skip
-        for name, value in dict(slots=slots, page_size=page_size, burst=burst, prefill_chunk=prefill_chunk,
-                                prefill_rows=prefill_rows, block_pages=block_pages).items():  # fmt: skip
+    def __init__(
+        self,
+        model,
+        *,
+        slots: int = 16,
+        pages: int | None = None,
+        page_size: int = 64,
+        burst: int = 16,
+        prefill_chunk: int = 256,
+        prefill_rows: int = 4,
+        prefix_cache: bool = True,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        stop_tokens: Sequence[int] | None = None,
+        max_len: int | None = None,
+        block_pages: int = 4,
+    ) -> None:
+        for name, value in dict(
+            slots=slots,
+            page_size=page_size,
+            burst=burst,
+            prefill_chunk=prefill_chunk,
+            prefill_rows=prefill_rows,
+            block_pages=block_pages,
+        ).items():
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"Engine: {name} must be an integer >= 1, got {value!r}")
         config = model.config
         if getattr(model, "score", None) is not None:
             raise ValueError("this model has a sequence-classification head instead of an LM head: it cannot generate")
-        SamplingParams(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                       top_logprobs=top_logprobs).check_vocab(config.vocab_size)  # validates the settings  # fmt: skip
+        SamplingParams(
+            max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, top_logprobs=top_logprobs
+        ).check_vocab(config.vocab_size)  # validates the settings
         self.model = model
         self.max_len = min(max_len or config.max_seq_len, config.max_seq_len)
         self.page_size, self.burst, self.block_pages = page_size, burst, block_pages
@@ -202,11 +261,13 @@ class Engine:
         n_blocks = -(-self.max_len // (page_size * block_pages))
         self.table_width = n_blocks * block_pages  # M: pages per slot's page table
         self.pool = PagePool(pages or slots * -(-2048 // page_size) + 1, prefix_cache)
-        self.sampling = _Sampling(float(temperature), int(top_k), float(top_p), float(min_p), bool(logprobs),
-                                  int(top_logprobs))  # fmt: skip
+        self.sampling = _Sampling(
+            float(temperature), int(top_k), float(top_p), float(min_p), bool(logprobs), int(top_logprobs)
+        )
         self.stop_ids = _stop_ids(model, stop_tokens)
-        self.k, self.v = PagedKVCache.zeros(config, self.pool.n_pages, page_size, model.dtype,
-                                            getattr(model, "sharding", None))  # fmt: skip
+        self.k, self.v = PagedKVCache.zeros(
+            config, self.pool.n_pages, page_size, model.dtype, getattr(model, "sharding", None)
+        )
         self.ready = np.zeros(self.pool.n_pages, bool)  # page written (a sharer may read it)
         self.stats = collections.Counter()
 
@@ -257,8 +318,10 @@ class Engine:
                 f"{request.max_new_tokens} = {needed} positions, beyond the context of {self.max_len}"
             )
         if self._pages_for(needed - 1) > self.pool.n_pages - 1:
-            raise ValueError(f"request {request.id!r} needs {self._pages_for(needed - 1)} pages; the pool has "
-                             f"{self.pool.n_pages - 1}: give the engine more pages")  # fmt: skip
+            raise ValueError(
+                f"request {request.id!r} needs {self._pages_for(needed - 1)} pages; the pool has "
+                f"{self.pool.n_pages - 1}: give the engine more pages"
+            )
         return prompt.astype(np.int32)
 
     def _pages_for(self, positions: int) -> int:
@@ -288,8 +351,9 @@ class Engine:
                 self.pool.register(fresh[j - len(shared)], hashes[j])
             self.stats["prompt_tokens"] += len(prompt)
             self.stats["shared_tokens"] += len(shared) * self.page_size
-            slots[slots.index(None)] = _Slot(request, next(order), prompt, shared + fresh, hashes,
-                                             cursor=len(shared) * self.page_size)  # fmt: skip
+            slots[slots.index(None)] = _Slot(
+                request, next(order), prompt, shared + fresh, hashes, cursor=len(shared) * self.page_size
+            )
 
     def _table(self, slots: Sequence[_Slot | None]) -> np.ndarray:
         table = np.full((len(slots), self.table_width), NULL_PAGE, np.int32)
@@ -300,8 +364,11 @@ class Engine:
 
     def _prefill_step(self, weights, slots, done) -> None:
         """One chunk for the first `prefill_rows` prefilling slots whose shared pages are written."""
-        rows = [s for s in slots if s is not None and not s.decoding
-                and all(self.ready[p] for p in s.pages[: s.cursor // self.page_size])]  # fmt: skip
+        rows = [
+            s
+            for s in slots
+            if s is not None and not s.decoding and all(self.ready[p] for p in s.pages[: s.cursor // self.page_size])
+        ]
         rows = sorted(rows, key=lambda s: s.order)[: self.prefill_rows]
         if not rows:
             return
@@ -313,9 +380,20 @@ class Engine:
             tokens[i, : len(chunk)] = chunk
             start[i], last[i], seeds[i] = s.cursor, len(chunk) - 1, s.request.seed
         graphdef, params, _, _ = weights
-        self.k, self.v, picked = _prefill(graphdef, params, self.k, self.v, self._table(rows + [None] * (r - len(rows))),
-                                          tokens, start, last, seeds, self.stop_ids, block_pages=self.block_pages,
-                                          sampling=self.sampling)  # fmt: skip
+        self.k, self.v, picked = _prefill(
+            graphdef,
+            params,
+            self.k,
+            self.v,
+            self._table(rows + [None] * (r - len(rows))),
+            tokens,
+            start,
+            last,
+            seeds,
+            self.stop_ids,
+            block_pages=self.block_pages,
+            sampling=self.sampling,
+        )
         self.stats["prefill_calls"] += 1
         picked = _to_host(picked)
         for i, s in enumerate(rows):
@@ -361,8 +439,9 @@ class Engine:
         for s in sorted((s for s in slots if s is not None and s.decoding), key=lambda s: s.order):
             if s not in slots:  # preempted meanwhile
                 continue
-            last_position = min(len(s.prompt) + len(s.tokens) - 1 + self.burst - 1,
-                                len(s.prompt) + s.request.max_new_tokens - 2)  # fmt: skip
+            last_position = min(
+                len(s.prompt) + len(s.tokens) - 1 + self.burst - 1, len(s.prompt) + s.request.max_new_tokens - 2
+            )
             while (need := self._pages_for(last_position + 1) - len(s.pages)) > 0:
                 fresh = self.pool.allocate(need)
                 if fresh is not None:
@@ -389,9 +468,25 @@ class Engine:
                 last[i], count[i], limit[i] = s.tokens[-1], len(s.tokens), s.request.max_new_tokens
                 position[i], live[i], seeds[i] = len(s.prompt) + len(s.tokens) - 1, True, s.request.seed
         graphdef, params, layers, unroll = weights
-        self.k, self.v, out = _decode(graphdef, params, layers, self.k, self.v, self._table(rows), last, count,
-                                      position, limit, live, seeds, self.stop_ids, burst=self.burst,
-                                      block_pages=self.block_pages, sampling=self.sampling, unroll=unroll)  # fmt: skip
+        self.k, self.v, out = _decode(
+            graphdef,
+            params,
+            layers,
+            self.k,
+            self.v,
+            self._table(rows),
+            last,
+            count,
+            position,
+            limit,
+            live,
+            seeds,
+            self.stop_ids,
+            burst=self.burst,
+            block_pages=self.block_pages,
+            sampling=self.sampling,
+            unroll=unroll,
+        )
         self.stats["decode_calls"] += 1
         out = _to_host(out)
         for i, s in enumerate(rows):
@@ -399,8 +494,14 @@ class Engine:
                 continue
             for step in np.flatnonzero(out["tokens"][i] >= 0):
                 token = out["tokens"][i, step]
-                self._record(s, token, token in self.stop_ids, out["logprobs"][i, step], out["top_ids"][i, step],
-                             out["top_logprobs"][i, step])  # fmt: skip
+                self._record(
+                    s,
+                    token,
+                    token in self.stop_ids,
+                    out["logprobs"][i, step],
+                    out["top_ids"][i, step],
+                    out["top_logprobs"][i, step],
+                )
             self._finish_if_done(s, slots, done)
 
 

@@ -159,8 +159,9 @@ def classify(
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("guard", help="classify a prompt or a response with Llama Guard 3",
-                                   description=__doc__.split("\n\n")[0])  # fmt: skip
+    parser = subparsers.add_parser(
+        "guard", help="classify a prompt or a response with Llama Guard 3", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--message", required=True, help="the user's message")
     parser.add_argument("--response", help="the agent's reply (then the reply is judged)")
     parser.add_argument("--exclude", default="", help="category codes to leave out, e.g. S6,S7")
@@ -186,8 +187,13 @@ def main(args: argparse.Namespace) -> int:
         ):
             raise ValueError(f"{args.categories}: expected a JSON object of category code -> text")
         model, tokenizer = jobs.load_model(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype)
-        verdict = classify(model, tokenizer, dialog, categories=categories,
-                           excluded=[c.strip() for c in args.exclude.split(",") if c.strip()])  # fmt: skip
+        verdict = classify(
+            model,
+            tokenizer,
+            dialog,
+            categories=categories,
+            excluded=[c.strip() for c in args.exclude.split(",") if c.strip()],
+        )
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         print(f"guard: error: {e}", file=sys.stderr)
         return 2

@@ -21,8 +21,16 @@ from typing import Any
 
 from llama_jax.atomic import fsync_dir, write_atomically  # the shared atomic writer, re-exported for the jobs
 
-__all__ = ["add_config_arguments", "config_from_args", "config_from_mapping", "fsync_dir", "json_line", "load_model",
-           "tokenizer_file", "write_atomically"]  # fmt: skip
+__all__ = [
+    "add_config_arguments",
+    "config_from_args",
+    "config_from_mapping",
+    "fsync_dir",
+    "json_line",
+    "load_model",
+    "tokenizer_file",
+    "write_atomically",
+]
 
 
 def config_from_mapping(cls, values: Mapping[str, Any], *, source: str):
@@ -73,8 +81,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, aliases: Mapping[
     aliases = dict(aliases)
     for field in dataclasses.fields(cls):
         names = [aliases[field.name]] if field.name in aliases else []
-        parser.add_argument(*names, f"--config.{field.name}", dest=field.name, default=argparse.SUPPRESS,
-                            type=_parse_value(hints[field.name], field.name), help=f"default {field.default!r}")  # fmt: skip
+        parser.add_argument(
+            *names,
+            f"--config.{field.name}",
+            dest=field.name,
+            default=argparse.SUPPRESS,
+            type=_parse_value(hints[field.name], field.name),
+            help=f"default {field.default!r}",
+        )
 
 
 def config_from_args(cls, args: argparse.Namespace):
@@ -104,8 +118,16 @@ def tokenizer_file(checkpoint, tokenizer=None) -> pathlib.Path:
     return path
 
 
-def load_model(checkpoint, *, tokenizer=None, dtype: str | None = None, mesh: str | None = None,
-               rules: str = "fsdp_tp", attention: str = "auto", fp8_matmul: str = "auto"):  # fmt: skip
+def load_model(
+    checkpoint,
+    *,
+    tokenizer=None,
+    dtype: str | None = None,
+    mesh: str | None = None,
+    rules: str = "fsdp_tp",
+    attention: str = "auto",
+    fp8_matmul: str = "auto",
+):
     """(model, tokenizer): `checkpoint` (None: the embedded default, announced on stderr), on `mesh`.
 
     dtype defaults to bfloat16 for checkpoints and float32 for the small embedded model; `mesh` is a

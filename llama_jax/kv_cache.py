@@ -61,13 +61,15 @@ class KVCache:
 
         return blockwise.Keys(read, s, block, k)
 
-    def attend(self, i: jax.Array | int, q_btnh: jax.Array, q_index_bt: jax.Array, *, backend: str,
-               block: int) -> jax.Array:  # fmt: skip
+    def attend(
+        self, i: jax.Array | int, q_btnh: jax.Array, q_index_bt: jax.Array, *, backend: str, block: int
+    ) -> jax.Array:
         """Attention of queries `[B, T, N, H]` at positions q_index_bt over layer i (`attention.attend`'s
         rule; the blockwise backend reads the cache in place)."""
         b, t, n, _ = q_btnh.shape
-        chosen = attention.select(backend, platform=target(), dtype=q_btnh.dtype, q_len=t, kv_len=self.length,
-                                  batch=b, n_heads=n)  # fmt: skip
+        chosen = attention.select(
+            backend, platform=target(), dtype=q_btnh.dtype, q_len=t, kv_len=self.length, batch=b, n_heads=n
+        )
         if chosen == "blockwise":
             return blockwise.cached(q_btnh, self.keys(i, block), q_index_bt)
         k_bskh, v_bskh = self.layer(i)

@@ -25,8 +25,15 @@ from llama_jax.placement import state_shardings
 __all__ = ["LoraSpec", "LORA_TARGETS", "add_adapters", "adapter_state", "merge"]
 
 # Which module of a block holds each adaptable projection.
-_MODULE = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
-           "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}  # fmt: skip
+_MODULE = {
+    "wq": "attention",
+    "wk": "attention",
+    "wv": "attention",
+    "wo": "attention",
+    "w1": "feed_forward",
+    "w2": "feed_forward",
+    "w3": "feed_forward",
+}
 
 
 def _like(model: Llama, lora: LoraSpec | None, seed: int = 0) -> Llama:
@@ -39,7 +46,7 @@ def _like(model: Llama, lora: LoraSpec | None, seed: int = 0) -> Llama:
             attention=model.attention,
             fp8=model.fp8,
             lora=lora,
-        )  # fmt: skip
+        )
     )
 
 
@@ -73,8 +80,9 @@ def add_adapters(model: Llama, spec: LoraSpec, *, seed: int = 0) -> Llama:
     @functools.partial(jax.jit, out_shardings=shardings)
     def init():
         # The base weights drawn here are dead code: XLA keeps only the adapters' initialisation.
-        full = Llama(model.config, dtype=model.dtype, rngs=nnx.Rngs(seed), attention=model.attention,
-                     fp8=model.fp8, lora=spec)  # fmt: skip
+        full = Llama(
+            model.config, dtype=model.dtype, rngs=nnx.Rngs(seed), attention=model.attention, fp8=model.fp8, lora=spec
+        )
         return nnx.state(full, nnx.LoRAParam)
 
     return _carry_attributes(model, nnx.merge(graphdef, init(), _fresh(nnx.state(model))))

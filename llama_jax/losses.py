@@ -70,10 +70,15 @@ def topk_kl(
     """
     s_logp_btv = jax.nn.log_softmax(student_btv, axis=-1)
     s_topk = jnp.take_along_axis(s_logp_btv, teacher_ids_btk, axis=-1)
-    in_topk = jnp.zeros(student_btv.shape, bool).at[
-        jnp.arange(student_btv.shape[0])[:, None, None], jnp.arange(student_btv.shape[1])[None, :, None],
-        teacher_ids_btk,
-    ].set(True)  # fmt: skip
+    in_topk = (
+        jnp.zeros(student_btv.shape, bool)
+        .at[
+            jnp.arange(student_btv.shape[0])[:, None, None],
+            jnp.arange(student_btv.shape[1])[None, :, None],
+            teacher_ids_btk,
+        ]
+        .set(True)
+    )
     s_rest = jax.nn.logsumexp(jnp.where(in_topk, -jnp.inf, s_logp_btv), axis=-1)
     t_mass = jnp.sum(jnp.exp(teacher_logprobs_btk), axis=-1)
     t_rest = jnp.log(jnp.clip(1.0 - t_mass, 1e-30))  # the teacher's tail mass, floored at ~0
@@ -114,6 +119,10 @@ def dpo_loss(
         raise ValueError(f"dpo loss: expected one of {DPO_LOSSES}, got {loss!r}")
     rewards = beta * jax.lax.stop_gradient(ratios)
     margin = rewards[:, 0] - rewards[:, 1]
-    metrics = {"rewards/chosen": rewards[:, 0], "rewards/rejected": rewards[:, 1], "rewards/margins": margin,
-               "rewards/accuracies": (margin > 0).astype(jnp.float32)}  # fmt: skip
+    metrics = {
+        "rewards/chosen": rewards[:, 0],
+        "rewards/rejected": rewards[:, 1],
+        "rewards/margins": margin,
+        "rewards/accuracies": (margin > 0).astype(jnp.float32),
+    }
     return per_pair, metrics

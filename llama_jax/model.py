@@ -85,10 +85,14 @@ class LoRA(nnx.Module):
     def __init__(self, in_shape, out_shape, in_names, out_names, spec: LoraSpec, *, rngs: nnx.Rngs):
         init_a = nnx.initializers.normal(stddev=1.0 / math.prod(in_shape) ** 0.5)
         self.scale = spec.scale
-        self.a = nnx.LoRAParam(init_a(rngs.params(), (*in_shape, spec.rank), spec.dtype),
-                               out_sharding=(*in_names, "lora_rank"), eager_sharding=False)  # fmt: skip
-        self.b = nnx.LoRAParam(jnp.zeros((spec.rank, *out_shape), spec.dtype),
-                               out_sharding=("lora_rank", *out_names), eager_sharding=False)  # fmt: skip
+        self.a = nnx.LoRAParam(
+            init_a(rngs.params(), (*in_shape, spec.rank), spec.dtype),
+            out_sharding=(*in_names, "lora_rank"),
+            eager_sharding=False,
+        )
+        self.b = nnx.LoRAParam(
+            jnp.zeros((spec.rank, *out_shape), spec.dtype), out_sharding=("lora_rank", *out_names), eager_sharding=False
+        )
 
     def __call__(self, spec: str, x: jax.Array) -> jax.Array:
         """The low-rank term of `einsum(spec, x, W)`, computed as (x A) B with R in the middle."""
@@ -136,8 +140,9 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     """Grouped-query attention: N query heads share K kv heads (query head n uses kv head n // G)."""
 
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, lora: LoraSpec | None = None,
-                 fused: bool = False):  # fmt: skip
+    def __init__(
+        self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, lora: LoraSpec | None = None, fused: bool = False
+    ):
         d, n, k, h = config.dim, config.n_heads, config.n_kv_heads, config.head_dim
         self.wq = _param(rngs, _normal, (d, n, h), dtype, ("embed", "q_heads", "head_dim"))
         self.wk = _param(rngs, _normal, (d, k, h), dtype, ("embed", "kv_heads", "head_dim"))
@@ -154,8 +159,20 @@ class Attention(nnx.Module):
         else:
             self.wqkv = None
 
-    def __call__(self, x_btd, sin, cos, positions_bt, cache: KVCache | None, layer, *, use_cache: bool,
-                 backend: str, block: int, segment_ids_bt=None):  # fmt: skip
+    def __call__(
+        self,
+        x_btd,
+        sin,
+        cos,
+        positions_bt,
+        cache: KVCache | None,
+        layer,
+        *,
+        use_cache: bool,
+        backend: str,
+        block: int,
+        segment_ids_bt=None,
+    ):
         q_btnh, k_btkh, v_btkh = self._qkv(x_btd)
         q_btnh = constrain(rope.apply_rope(q_btnh, sin, cos), ("batch", "seq", "q_heads", "head_dim"))
         k_btkh = constrain(rope.apply_rope(k_btkh, sin, cos), ("batch", "seq", "kv_heads", "head_dim"))
@@ -176,16 +193,25 @@ class Attention(nnx.Module):
             # with packed sequences (training) only within each token's own document.
             index_bt = jnp.broadcast_to(jnp.arange(x_btd.shape[1]), x_btd.shape[:2])
             out_btnh = attention_lib.attend(
-                q_btnh, k_btkh, v_btkh, index_bt, segment_q_bt=segment_ids_bt, segment_kv_bs=segment_ids_bt,
-                backend=backend, block=block, q_offset=False,
-            )  # fmt: skip
+                q_btnh,
+                k_btkh,
+                v_btkh,
+                index_bt,
+                segment_q_bt=segment_ids_bt,
+                segment_kv_bs=segment_ids_bt,
+                backend=backend,
+                block=block,
+                q_offset=False,
+            )
         return self._output(out_btnh), cache
 
     def _qkv(self, x_btd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         if self.wqkv is None:
-            return (_project("btd,dnh->btnh", x_btd, self.wq, self.wq_lora),
-                    _project("btd,dkh->btkh", x_btd, self.wk, self.wk_lora),
-                    _project("btd,dkh->btkh", x_btd, self.wv, self.wv_lora))  # fmt: skip
+            return (
+                _project("btd,dnh->btnh", x_btd, self.wq, self.wq_lora),
+                _project("btd,dkh->btkh", x_btd, self.wk, self.wk_lora),
+                _project("btd,dkh->btkh", x_btd, self.wv, self.wv_lora),
+            )
         n = self.wo.shape[0]
         k = (self.wqkv.shape[1] - n) // 2
         parts = jnp.split(jnp.einsum("btd,dch->btch", x_btd, self.wqkv[...]), [n, n + k], axis=2)
@@ -208,8 +234,16 @@ class FeedForward(nnx.Module):
     (`w1_scale` [F], `w3_scale` [F], `w2_scale` [D]) and the matmuls run from FP8 (`quant.fp8_linear`).
     """
 
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, fp8: quant.Fp8Spec | None = None,
-                 lora: LoraSpec | None = None, fused: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        config: LlamaConfig,
+        *,
+        dtype,
+        rngs: nnx.Rngs,
+        fp8: quant.Fp8Spec | None = None,
+        lora: LoraSpec | None = None,
+        fused: bool = False,
+    ):
         d, f = config.dim, config.ffn_dim
         self.fp8 = fp8
         if fp8 is not None and lora is not None and {"w1", "w2", "w3"} & set(lora.targets):
@@ -250,8 +284,10 @@ class FeedForward(nnx.Module):
         if self.w13 is None:
             if linear is not None:
                 return linear(x_btd, self.w1[...], self.w1_scale[...]), linear(x_btd, self.w3[...], self.w3_scale[...])
-            return (_project("btd,df->btf", x_btd, self.w1, self.w1_lora),
-                    _project("btd,df->btf", x_btd, self.w3, self.w3_lora))  # fmt: skip
+            return (
+                _project("btd,df->btf", x_btd, self.w1, self.w1_lora),
+                _project("btd,df->btf", x_btd, self.w3, self.w3_lora),
+            )
         if linear is not None:
             y_btf = linear(x_btd, self.w13[...], self.w13_scale[...])
         else:
@@ -262,21 +298,37 @@ class FeedForward(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, fp8: quant.Fp8Spec | None = None,
-                 lora: LoraSpec | None = None, fused: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        config: LlamaConfig,
+        *,
+        dtype,
+        rngs: nnx.Rngs,
+        fp8: quant.Fp8Spec | None = None,
+        lora: LoraSpec | None = None,
+        fused: bool = False,
+    ):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps, dtype=dtype, rngs=rngs)
         self.attention = Attention(config, dtype=dtype, rngs=rngs, lora=lora, fused=fused)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps, dtype=dtype, rngs=rngs)
         self.feed_forward = FeedForward(config, dtype=dtype, rngs=rngs, fp8=fp8, lora=lora, fused=fused)
 
-    def __call__(self, x_btd, sin, cos, positions_bt, cache, layer, *, use_cache, attention, ffn=None,
-                 segment_ids_bt=None):  # fmt: skip
+    def __call__(
+        self, x_btd, sin, cos, positions_bt, cache, layer, *, use_cache, attention, ffn=None, segment_ids_bt=None
+    ):
         """One block; `ffn`, when given, replaces this block's feed-forward (an FP8 model's dense layers)."""
         with jax.named_scope("attention"):
             attn, cache = self.attention(
-                self.attention_norm(x_btd), sin, cos, positions_bt, cache, layer,
-                use_cache=use_cache, **attention, segment_ids_bt=segment_ids_bt,
-            )  # fmt: skip
+                self.attention_norm(x_btd),
+                sin,
+                cos,
+                positions_bt,
+                cache,
+                layer,
+                use_cache=use_cache,
+                **attention,
+                segment_ids_bt=segment_ids_bt,
+            )
         h_btd = constrain(x_btd + attn, ("batch", "seq", "embed"))
         with jax.named_scope("feed_forward"):
             out_btd = h_btd + (ffn or self.feed_forward)(self.ffn_norm(h_btd))
@@ -456,9 +508,18 @@ class Llama(nnx.Module):
         None: every position, `[B, T, V]`.
         """
         with use_rules(self.sharding.mesh, self.sharding.rules) if self.sharding else contextlib.nullcontext():
-            return self._forward(tokens, positions, cache, use_cache=use_cache, unroll=unroll,
-                                 segment_ids=segment_ids, remat=remat, layers=layers, logits_at=logits_at,
-                                 head=head)  # fmt: skip
+            return self._forward(
+                tokens,
+                positions,
+                cache,
+                use_cache=use_cache,
+                unroll=unroll,
+                segment_ids=segment_ids,
+                remat=remat,
+                layers=layers,
+                logits_at=logits_at,
+                head=head,
+            )
 
     def _forward(self, tokens, positions, cache, *, use_cache, unroll, segment_ids, remat, layers, logits_at, head):
         config = self.config
@@ -471,9 +532,17 @@ class Llama(nnx.Module):
         def run_block(block, x_btd, cache, layer, ffn=None):
             with jax.named_scope("block"):
                 return block(
-                    x_btd, sin, cos, positions, cache, layer,
-                    use_cache=use_cache, attention=backend, ffn=ffn, segment_ids_bt=segment_ids,
-                )  # fmt: skip
+                    x_btd,
+                    sin,
+                    cos,
+                    positions,
+                    cache,
+                    layer,
+                    use_cache=use_cache,
+                    attention=backend,
+                    ffn=ffn,
+                    segment_ids_bt=segment_ids,
+                )
 
         if layers is None:
             x_btd, cache = self._scan_layers(run_block, x_btd, cache, unroll=unroll, remat=remat)

@@ -46,8 +46,9 @@ class PagedKVCache:
     block_pages: int = dataclasses.field(default=4, metadata=dict(static=True))  # pages per attention key block
 
     @classmethod
-    def zeros(cls, config: LlamaConfig, n_pages: int, page: int, dtype=jnp.bfloat16,
-              spec=None) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    def zeros(
+        cls, config: LlamaConfig, n_pages: int, page: int, dtype=jnp.bfloat16, spec=None
+    ) -> tuple[jax.Array, jax.Array]:
         """A zero page pool (k, v), page 0 being the null page. With `spec` (the model's `ShardingSpec`)
         it is created in place where the model's layers pin it (`CACHE_AXES`: pages on the batch axes,
         KV heads on "tensor")."""

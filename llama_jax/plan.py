@@ -54,8 +54,11 @@ HBM_HEADROOM = 0.9
 
 def register(subparsers) -> None:
     """The `plan` command of `python -m llama_jax`."""
-    parser = subparsers.add_parser("plan", help="per-device memory of a model on a mesh (AOT-compiled, no weights)",
-                                   description=__doc__.split("\n\n")[0])  # fmt: skip
+    parser = subparsers.add_parser(
+        "plan",
+        help="per-device memory of a model on a mesh (AOT-compiled, no weights)",
+        description=__doc__.split("\n\n")[0],
+    )
     add_arguments(parser)
     parser.set_defaults(func=main)
 
@@ -149,8 +152,18 @@ def run(args) -> dict[str, Any]:
     cache = placement.abstract_cache(config, args.batch, context, spec, cache_dtype)
     weights = weight_bytes(state)
     kv = _per_device_bytes(cache.k) * 2
-    prefill, decode = _compile(graphdef, state, cache, spec, args.batch, prompt, config.n_layers,
-                               weight_dtype.itemsize, chunk=args.chunk, attention=args.attention)  # fmt: skip
+    prefill, decode = _compile(
+        graphdef,
+        state,
+        cache,
+        spec,
+        args.batch,
+        prompt,
+        config.n_layers,
+        weight_dtype.itemsize,
+        chunk=args.chunk,
+        attention=args.attention,
+    )
 
     memory = hardware.memory_bytes if hardware else None
     budget = int(memory * args.headroom) if memory else None
@@ -313,22 +326,43 @@ def _compile(
         lowered = jax.jit(fn, donate_argnums=len(inputs) - 1).lower(*inputs)
         compiled = lowered.compile()
         stats = compiled.memory_analysis()
-        results.append({
-            "argument": int(stats.argument_size_in_bytes),
-            "output": int(stats.output_size_in_bytes),
-            "alias": int(stats.alias_size_in_bytes),
-            "temp": int(stats.temp_size_in_bytes),
-            "code": int(stats.generated_code_size_in_bytes),
-            "peak": int(stats.argument_size_in_bytes + stats.output_size_in_bytes
-                        - stats.alias_size_in_bytes + stats.temp_size_in_bytes),
-            "collectives": collective_bytes(compiled.as_text(), n_layers, float_bytes),
-            "compile_seconds": round(time.perf_counter() - start, 2),
-        })  # fmt: skip
+        results.append(
+            {
+                "argument": int(stats.argument_size_in_bytes),
+                "output": int(stats.output_size_in_bytes),
+                "alias": int(stats.alias_size_in_bytes),
+                "temp": int(stats.temp_size_in_bytes),
+                "code": int(stats.generated_code_size_in_bytes),
+                "peak": int(
+                    stats.argument_size_in_bytes
+                    + stats.output_size_in_bytes
+                    - stats.alias_size_in_bytes
+                    + stats.temp_size_in_bytes
+                ),
+                "collectives": collective_bytes(compiled.as_text(), n_layers, float_bytes),
+                "compile_seconds": round(time.perf_counter() - start, 2),
+            }
+        )
     return results[0], results[1]
 
 
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
-                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}  # fmt: skip
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "bf16": 2,
+    "f16": 2,
+    "s16": 2,
+    "u16": 2,
+    "f32": 4,
+    "s32": 4,
+    "u32": 4,
+    "f64": 8,
+    "s64": 8,
+    "u64": 8,
+}
 _COLLECTIVE = re.compile(
     r"=\s*(?P<type>\(.*?\)|\S+)\s+(?P<op>all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
     r"(?:-start)?\("

@@ -53,8 +53,9 @@ def dequantize(w_q: jax.Array, scale: jax.Array, dtype=jnp.bfloat16) -> jax.Arra
     return (w_q.astype(jnp.float32) * scale[None, :]).astype(dtype)
 
 
-def fp8_linear(x: jax.Array, w_q: jax.Array, scale: jax.Array, *, mode: str = "dequant",
-               scale_ub: float = ACTIVATION_SCALE_UB) -> jax.Array:  # fmt: skip
+def fp8_linear(
+    x: jax.Array, w_q: jax.Array, scale: jax.Array, *, mode: str = "dequant", scale_ub: float = ACTIVATION_SCALE_UB
+) -> jax.Array:
     """x [..., K] @ (w_q [K, O] fp8 · scale [O]) → [..., O] in x.dtype.
 
     mode "dequant": upcast the weight inside the jitted computation (CPU; no bf16 copy of all

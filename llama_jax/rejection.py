@@ -106,16 +106,19 @@ class RewardModelScorer:
     Sequences are right-padded to a power of two so a job compiles a bounded number of programs.
     """
 
-    def __init__(self, model, tokenizer, token_id: int | None = None, suffix: str = "", *,
-                 pad_id: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, model, tokenizer, token_id: int | None = None, suffix: str = "", *, pad_id: int | None = None
+    ) -> None:
         import jax
         import jax.numpy as jnp
         from flax import nnx
 
         if token_id is None:
             if model.score is None:
-                raise ValueError("the reward model has no score head (not a LlamaForSequenceClassification "
-                                 "checkpoint): use reward_head='token' with a reward_token")  # fmt: skip
+                raise ValueError(
+                    "the reward model has no score head (not a LlamaForSequenceClassification "
+                    "checkpoint): use reward_head='token' with a reward_token"
+                )
             if model.score.shape[1] != 1:
                 raise ValueError(f"the reward model's score head has {model.score.shape[1]} labels; a reward is one")
         elif model.score is not None:
@@ -153,8 +156,9 @@ class RewardModelScorer:
         return next((i for i in range(len(row) - 1, -1, -1) if row[i] != self.pad_id), 0)
 
 
-def reward_scorer(model, tokenizer, head: str, token: str | None = None, suffix: str = "",
-                  pad_id: int | None = None) -> RewardModelScorer:  # fmt: skip
+def reward_scorer(
+    model, tokenizer, head: str, token: str | None = None, suffix: str = "", pad_id: int | None = None
+) -> RewardModelScorer:
     """The job's reward model scorer: `head="token"` reads `token`'s logit, `"scalar"` the score head."""
     if head == "token":
         if token is None:
@@ -248,8 +252,9 @@ def run(
             lines.append(jobs.json_line({"id": _sample_id(record["id"], k), **request}))
     if not requests_path.is_file() or requests_path.read_bytes() != b"".join(lines):
         jobs.write_atomically(requests_path, lines)
-    summary = batch.run_batch(model, tokenizer, requests_path, samples_path, batch_size=batch_size,
-                              progress=progress, **sampling)  # fmt: skip
+    summary = batch.run_batch(
+        model, tokenizer, requests_path, samples_path, batch_size=batch_size, progress=progress, **sampling
+    )
     samples = {json.loads(line)["id"]: json.loads(line) for line in samples_path.read_bytes().splitlines()}
     out, ties, missing = [], 0, 0
     for where, record in records:
@@ -266,8 +271,15 @@ def run(
         else:
             out.append(jobs.json_line(_pair_record(record, drawn[best], drawn[worst], scores[best], scores[worst])))
     jobs.write_atomically(output_path, out)
-    return {"prompts": len(records), "samples": len(samples), "written": len(out), "ties_skipped": ties,
-            "failed_prompts": missing, "output": str(output_path), "batch": summary}  # fmt: skip
+    return {
+        "prompts": len(records),
+        "samples": len(samples),
+        "written": len(out),
+        "ties_skipped": ties,
+        "failed_prompts": missing,
+        "output": str(output_path),
+        "batch": summary,
+    }
 
 
 def _scores(record, drawn, scorer, reward, tokenizer, where) -> list[float]:
@@ -302,22 +314,37 @@ def _pair_record(record, best, worst, best_score, worst_score) -> dict:
     reply = "content" if "messages" in record else None
     chosen = best["message"][reply] if reply else best["text"]
     rejected = worst["message"][reply] if reply else worst["text"]
-    return {"id": record["id"], **prompt, "chosen": chosen, "rejected": rejected,
-            "chosen_score": best_score, "rejected_score": worst_score}  # fmt: skip
+    return {
+        "id": record["id"],
+        **prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "chosen_score": best_score,
+        "rejected_score": worst_score,
+    }
 
 
 # ---- the command line -----------------------------------------------------------------------------------
 
-_ALIASES = {"input": "--input", "output": "--output", "checkpoint": "--checkpoint", "n": "--n",
-            "scorer": "--scorer", "seed": "--seed"}  # fmt: skip
+_ALIASES = {
+    "input": "--input",
+    "output": "--output",
+    "checkpoint": "--checkpoint",
+    "n": "--n",
+    "scorer": "--scorer",
+    "seed": "--seed",
+}
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "rejection", help="best-of-n sampling scored by a callable or a reward model (resumable)",
+        "rejection",
+        help="best-of-n sampling scored by a callable or a reward model (resumable)",
         description=__doc__.split("\n\n")[0],
-        epilog="Settings: RejectionConfig's defaults < --config FILE (configs/rejection.py) < options. docs/TRAINING.md.",
-    )  # fmt: skip
+        epilog=(
+            "Settings: RejectionConfig's defaults < --config FILE (configs/rejection.py) < options. docs/TRAINING.md."
+        ),
+    )
     jobs.add_config_arguments(parser, RejectionConfig, _ALIASES)
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
     parser.set_defaults(func=main)
@@ -332,21 +359,39 @@ def main(args: argparse.Namespace) -> int:
         for name in ("input", "output"):
             if getattr(job, name) is None:
                 raise ValueError(f"no {name} file: pass --{name} PATH (or set `{name}` in the --config file)")
-        model, tokenizer = jobs.load_model(job.checkpoint, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh,
-                                           rules=job.rules)  # fmt: skip
+        model, tokenizer = jobs.load_model(
+            job.checkpoint, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh, rules=job.rules
+        )
         scorer = load_scorer(job.scorer) if job.scorer else None
         reward = None
         if job.reward_model is not None:
             # The reward model reads the policy's tokens: it is loaded with the policy's tokenizer.
             policy_tokenizer = jobs.tokenizer_file(job.checkpoint, job.tokenizer)
-            reward_model, _ = jobs.load_model(job.reward_model, tokenizer=policy_tokenizer, dtype=job.dtype,
-                                              mesh=job.mesh, rules=job.rules)  # fmt: skip
-            reward = reward_scorer(reward_model, tokenizer, job.reward_head, job.reward_token, job.reward_suffix,
-                                   pad_id=_pad_token_id(job.reward_model))  # fmt: skip
+            reward_model, _ = jobs.load_model(
+                job.reward_model, tokenizer=policy_tokenizer, dtype=job.dtype, mesh=job.mesh, rules=job.rules
+            )
+            reward = reward_scorer(
+                reward_model,
+                tokenizer,
+                job.reward_head,
+                job.reward_token,
+                job.reward_suffix,
+                pad_id=_pad_token_id(job.reward_model),
+            )
         sampling = {k: getattr(job, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed")}
-        summary = run(model, tokenizer, job.input, job.output, n=job.n, scorer=scorer, reward=reward,
-                      output_kind=job.output_kind, batch_size=job.batch_size, progress=job.progress,
-                      **sampling)  # fmt: skip
+        summary = run(
+            model,
+            tokenizer,
+            job.input,
+            job.output,
+            n=job.n,
+            scorer=scorer,
+            reward=reward,
+            output_kind=job.output_kind,
+            batch_size=job.batch_size,
+            progress=job.progress,
+            **sampling,
+        )
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         print(f"rejection: error: {e}", file=sys.stderr)
         return 2

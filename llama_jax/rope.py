@@ -20,9 +20,7 @@ import numpy as np
 from llama_jax.config import RopeScaling
 
 
-def inverse_frequencies(
-    head_dim: int, theta: float, scaling: RopeScaling | None = None
-) -> np.ndarray:
+def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
     """`[H/2]` float32 inverse frequencies, llama3-scaled when `scaling` is given."""
     exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
     # torch's float32 `theta ** x` is correctly rounded here; float64 then rounding reproduces it.

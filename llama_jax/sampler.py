@@ -129,8 +129,9 @@ class DecodeState:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n_out", "mode"), donate_argnames=("cache",))
-def _prefill(graphdef, params, prompt_bp, lengths_b, active_b, cache, seeds_b, streams_b, knobs, stop_ids, *, n_out,
-             mode: Mode):  # fmt: skip
+def _prefill(
+    graphdef, params, prompt_bp, lengths_b, active_b, cache, seeds_b, streams_b, knobs, stop_ids, *, n_out, mode: Mode
+):
     """Run the prompts into the cache and sample the first new token from each row's last prompt logits."""
     _TRACES["prefill"] += 1
     model = nnx.merge(graphdef, params)

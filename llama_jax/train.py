@@ -64,17 +64,30 @@ def run_job(job: TrainJob) -> Trainer:
         raise ValueError("no training data: pass --data PATH (or set `data` in the --config file)")
     if job.export not in ("orbax", "hf", "none"):
         raise ValueError(f"export: expected orbax, hf or none, got {job.export!r}")
-    model, tokenizer = jobs.load_model(job.checkpoint, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh,
-                                       rules=job.rules, attention=job.attention,
-                                       fp8_matmul=job.fp8_matmul)  # fmt: skip
+    model, tokenizer = jobs.load_model(
+        job.checkpoint,
+        tokenizer=job.tokenizer,
+        dtype=job.dtype,
+        mesh=job.mesh,
+        rules=job.rules,
+        attention=job.attention,
+        fp8_matmul=job.fp8_matmul,
+    )
     if job.lora_rank > 0:
-        model = lora.add_adapters(model, lora.LoraSpec(rank=job.lora_rank, alpha=job.lora_alpha,
-                                                       targets=tuple(job.lora_targets)))  # fmt: skip
+        model = lora.add_adapters(
+            model, lora.LoraSpec(rank=job.lora_rank, alpha=job.lora_alpha, targets=tuple(job.lora_targets))
+        )
     teacher = None
     if job.teacher is not None:
-        teacher, _ = jobs.load_model(job.teacher, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh,
-                                     rules=job.teacher_rules or job.rules, attention=job.attention,
-                                     fp8_matmul=job.fp8_matmul)  # fmt: skip
+        teacher, _ = jobs.load_model(
+            job.teacher,
+            tokenizer=job.tokenizer,
+            dtype=job.dtype,
+            mesh=job.mesh,
+            rules=job.teacher_rules or job.rules,
+            attention=job.attention,
+            fp8_matmul=job.fp8_matmul,
+        )
     if job.objective == "dpo":
         from llama_jax import dpo
 
@@ -86,29 +99,47 @@ def run_job(job: TrainJob) -> Trainer:
     trainer.fit(loader, resume=job.resume, progress=job.progress)
     if job.export != "none":
         trained = trainer.model
-        save(lora.merge(trained) if trained.lora is not None else trained, pathlib.Path(job.workdir) / "model",
-             to=job.export, overwrite=True, progress=job.progress,
-             tokenizer=jobs.tokenizer_file(job.checkpoint, job.tokenizer))  # fmt: skip
+        save(
+            lora.merge(trained) if trained.lora is not None else trained,
+            pathlib.Path(job.workdir) / "model",
+            to=job.export,
+            overwrite=True,
+            progress=job.progress,
+            tokenizer=jobs.tokenizer_file(job.checkpoint, job.tokenizer),
+        )
     return trainer
 
 
-_ALIASES = {"data": "--data", "checkpoint": "--checkpoint", "workdir": "--workdir", "steps": "--steps",
-            "mesh": "--mesh", "teacher": "--teacher", "batch_size": "--batch-size",
-            "fp8_matmul": "--fp8-matmul"}  # fmt: skip
+_ALIASES = {
+    "data": "--data",
+    "checkpoint": "--checkpoint",
+    "workdir": "--workdir",
+    "steps": "--steps",
+    "mesh": "--mesh",
+    "teacher": "--teacher",
+    "batch_size": "--batch-size",
+    "fp8_matmul": "--fp8-matmul",
+}
 
 
 def register(subparsers) -> None:
     from llama_jax import jobs
 
     parser = subparsers.add_parser(
-        "train", help="fine-tune, distill or DPO (SFT, LoRA, teacher → student, preference pairs), resumable",
+        "train",
+        help="fine-tune, distill or DPO (SFT, LoRA, teacher → student, preference pairs), resumable",
         description=__doc__.split("\n\n")[0],
         epilog="Settings come from TrainJob's defaults, then --config FILE (configs/finetune_*.py), then the "
-               "options given here. docs/TRAINING.md has the details.",
-    )  # fmt: skip
+        "options given here. docs/TRAINING.md has the details.",
+    )
     jobs.add_config_arguments(parser, TrainJob, _ALIASES)
-    parser.add_argument("--resume", dest="resume", action="store_true", default=argparse.SUPPRESS,
-                        help="continue from the latest checkpoint in the workdir")  # fmt: skip
+    parser.add_argument(
+        "--resume",
+        dest="resume",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="continue from the latest checkpoint in the workdir",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
     parser.set_defaults(func=main)
 

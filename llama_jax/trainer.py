@@ -119,15 +119,24 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """AdamW on the warm-up + cosine schedule, after global-norm clipping."""
-    adamw = optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
-                        weight_decay=config.weight_decay, mask=_decayed)  # fmt: skip
+    adamw = optax.adamw(
+        learning_rate_schedule(config),
+        b1=config.b1,
+        b2=config.b2,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        mask=_decayed,
+    )
     return optax.chain(optax.clip_by_global_norm(config.clip_norm), adamw) if config.clip_norm > 0 else adamw
 
 
 # ---- the trainer ----------------------------------------------------------------------------------------
 
-_BATCH_AXES = {"teacher_ids": ("batch", "seq", None), "teacher_logprobs": ("batch", "seq", None),
-               "ref_logps": ("batch", None)}  # fmt: skip
+_BATCH_AXES = {
+    "teacher_ids": ("batch", "seq", None),
+    "teacher_logprobs": ("batch", "seq", None),
+    "ref_logps": ("batch", None),
+}
 
 
 class Trainer:
@@ -147,7 +156,8 @@ class Trainer:
             raise ValueError("training an FP8-loaded model is not supported: load the bf16 weights")
         if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
             raise ValueError(
-                f"teacher vocabulary ({teacher.config.vocab_size}) differs from the student's ({model.config.vocab_size})"
+                f"teacher vocabulary ({teacher.config.vocab_size}) differs from the student's "
+                f"({model.config.vocab_size})"
             )
         self.config = config
         self.trainable = nnx.LoRAParam if model.lora is not None else nnx.Param
@@ -164,9 +174,12 @@ class Trainer:
         if self._param_shardings is not None:
             replicated = NamedSharding(self._sharding.mesh, PartitionSpec())
             self._opt_shardings = optax.tree_map_params(
-                self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, self.params), self._param_shardings,
+                self.tx,
+                lambda _, s: s,
+                jax.eval_shape(self.tx.init, self.params),
+                self._param_shardings,
                 transform_non_params=lambda _: replicated,
-            )  # fmt: skip
+            )
         self.opt_state = jax.jit(self.tx.init, out_shardings=self._opt_shardings)(self.params)
         self._teacher_graphdef, self.teacher_params = (None, None) if teacher is None else nnx.split(teacher)
         self._schedule = learning_rate_schedule(config)
@@ -217,10 +230,18 @@ class Trainer:
             from llama_jax import dpo
 
             reference = None if teacher_state is None else nnx.merge(self._teacher_graphdef, teacher_state)
-            return dpo.loss_sums(model, reference, micro, beta=config.dpo_beta, loss=config.dpo_loss,
-                                 label_smoothing=config.dpo_label_smoothing, remat=config.remat)  # fmt: skip
-        logits, _ = model.forward(micro["tokens"], micro["positions"], segment_ids=micro["segment_ids"],
-                                  remat=config.remat)  # fmt: skip
+            return dpo.loss_sums(
+                model,
+                reference,
+                micro,
+                beta=config.dpo_beta,
+                loss=config.dpo_loss,
+                label_smoothing=config.dpo_label_smoothing,
+                remat=config.remat,
+            )
+        logits, _ = model.forward(
+            micro["tokens"], micro["positions"], segment_ids=micro["segment_ids"], remat=config.remat
+        )
         mask = micro["loss_mask"]
         ce = cross_entropy(logits, micro["targets"], mask)
         sums = {

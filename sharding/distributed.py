@@ -87,8 +87,9 @@ def initialize(
         source = detect_cluster() or "single"
     if source == "single":
         return _topology(source)
-    if source in ("arguments", "environment") and (coordinator_address is None or num_processes is None
-                                                   or process_id is None):  # fmt: skip
+    if source in ("arguments", "environment") and (
+        coordinator_address is None or num_processes is None or process_id is None
+    ):
         raise ValueError(
             f"multi-process start-up from {source}: need the coordinator address (host:port of process 0), "
             f"the number of processes and this process's id; got {coordinator_address!r}, {num_processes!r}, "

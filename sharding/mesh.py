@@ -161,8 +161,15 @@ def _tpu(generation: str, n: int) -> Hardware:
         raise ValueError(f"unknown TPU generation {generation!r} (known: v5p, v6e)")
     tensor = math.gcd(chips, 8)  # Llama 3 has 8 KV heads
     mesh = {"tensor": tensor, "fsdp": chips // tensor}
-    return Hardware(f"{generation}-{n}", "tpu", chips, max(1, chips // per_host), memory, mesh,
-                    f"TPU {generation}, {chips} chips, {per_host} per host")  # fmt: skip
+    return Hardware(
+        f"{generation}-{n}",
+        "tpu",
+        chips,
+        max(1, chips // per_host),
+        memory,
+        mesh,
+        f"TPU {generation}, {chips} chips, {per_host} per host",
+    )
 
 
 PRESETS: dict[str, Hardware] = {

@@ -44,8 +44,18 @@ Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 # Parameters: vocab, embed, q_heads, kv_heads, head_dim, mlp, norm, layers.
 # Activations: batch, seq (query positions), cache_seq (key positions in the KV cache).
 LOGICAL_AXES = (
-    "batch", "seq", "cache_seq", "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm", "layers",
-)  # fmt: skip
+    "batch",
+    "seq",
+    "cache_seq",
+    "vocab",
+    "embed",
+    "q_heads",
+    "kv_heads",
+    "head_dim",
+    "mlp",
+    "norm",
+    "layers",
+)
 
 # Within one array two logical axes may never share a mesh axis: that is what `validate` calls a
 # collision. Which arrays a model holds, and their logical axes, is the model's own business: it

@@ -44,8 +44,10 @@ def _problem(b, t, s, n, k, segments, seed):
     seg = {}
     if segments:
         seg_kv = np.sort(rng.integers(0, 3, (b, s)), axis=1)
-        seg = dict(segment_q_bt=jnp.asarray(np.take_along_axis(seg_kv, np.asarray(index), 1)),
-                   segment_kv_bs=jnp.asarray(seg_kv))  # fmt: skip
+        seg = dict(
+            segment_q_bt=jnp.asarray(np.take_along_axis(seg_kv, np.asarray(index), 1)),
+            segment_kv_bs=jnp.asarray(seg_kv),
+        )
     rows_ok = np.asarray(attention.visible(index, s, *seg.values()).any(-1))
     return q, keys, values, index, seg, rows_ok
 
@@ -144,8 +146,9 @@ def test_chunked_prefill_and_decode_at_long_positions_equal_the_uncached_forward
     rng = np.random.default_rng(2)
     lengths = np.asarray([3072, 2049])  # one row ends a chunk exactly, one just past a boundary
     tokens = jnp.asarray(rng.integers(0, 128, (2, 3072 + 3)), jnp.int32)
-    logits_bv, cache = model.prefill(tokens[:, :3072], KVCache.zeros(_CONFIG, 2, 3584, jnp.float32),
-                                     jnp.asarray(lengths), chunk=512)  # fmt: skip
+    logits_bv, cache = model.prefill(
+        tokens[:, :3072], KVCache.zeros(_CONFIG, 2, 3584, jnp.float32), jnp.asarray(lengths), chunk=512
+    )
     full = reference(tokens)
     want = np.stack([full[0, lengths[0] - 1], full[1, lengths[1] - 1]])
     assert _relative(logits_bv, want, slice(None)) <= BOUND
@@ -158,8 +161,10 @@ def test_chunked_prefill_and_decode_at_long_positions_equal_the_uncached_forward
         assert _relative(logits_b1v[:, 0], want, slice(None)) <= BOUND
 
 
-_LOWERING_CONFIG = LlamaConfig(vocab_size=256, dim=256, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=256,
-                               max_seq_len=1024)  # fmt: skip  # head_dim 128, the fused kernels' shape
+# head_dim 128, the fused kernels' shape
+_LOWERING_CONFIG = LlamaConfig(
+    vocab_size=256, dim=256, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=256, max_seq_len=1024
+)
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])

@@ -116,10 +116,27 @@ def job(tmp_path_factory, llama3_tokenizer_path):
 
 def command(job, output) -> list[str]:
     """The job as a user runs it: the config file, the checkpoint, overrides on the command line."""
-    return [sys.executable, "-m", "llama_jax", "batch", "--config", str(REPO / "configs" / "batch.py"),
-            "--checkpoint", str(job["ckpt"]), "--dtype", "float32", "--input", str(job["root"] / "in.jsonl"),
-            "--output", str(output), f"--config.max_new_tokens={NEW_TOKENS}", "--config.temperature=0",
-            "--batch-size", str(BATCH), "--no-progress"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "llama_jax",
+        "batch",
+        "--config",
+        str(REPO / "configs" / "batch.py"),
+        "--checkpoint",
+        str(job["ckpt"]),
+        "--dtype",
+        "float32",
+        "--input",
+        str(job["root"] / "in.jsonl"),
+        "--output",
+        str(output),
+        f"--config.max_new_tokens={NEW_TOKENS}",
+        "--config.temperature=0",
+        "--batch-size",
+        str(BATCH),
+        "--no-progress",
+    ]
 
 
 def read_jsonl(path) -> list[dict]:
@@ -142,9 +159,15 @@ def test_each_result_is_what_generate_gives_that_request_alone(job):
         temperature = request.get("temperature", 0.0)
         seed = request.get("seed", batch.request_seed(0, request["id"]))
         sampled += temperature > 0
-        [alone] = sampler.generate(model, [prompt], max_new_tokens=request.get("max_new_tokens", NEW_TOKENS),
-                                   temperature=temperature, top_p=TOP_P, seed=seed,
-                                   stop_tokens=tokenizer.stop_tokens)  # fmt: skip
+        [alone] = sampler.generate(
+            model,
+            [prompt],
+            max_new_tokens=request.get("max_new_tokens", NEW_TOKENS),
+            temperature=temperature,
+            top_p=TOP_P,
+            seed=seed,
+            stop_tokens=tokenizer.stop_tokens,
+        )
         assert result["tokens"] == list(alone.tokens), request["id"]
         assert result["stop_reason"] == alone.stop_reason
         assert result["text"] == tokenizer.decode(list(alone.tokens))
@@ -224,8 +247,17 @@ def test_a_torn_last_line_is_cut_and_its_request_rerun(job, tmp_path):
     output = tmp_path / "out.jsonl"
     output.write_bytes(torn)
     # The rest of the job, in other batches than the first run's, in this process: the same bytes.
-    rerun = functools.partial(batch.run_batch, job["model"], job["tokenizer"], job["root"] / "in.jsonl", output,
-                              batch_size=BATCH, progress=False, max_new_tokens=NEW_TOKENS, temperature=0.0)  # fmt: skip
+    rerun = functools.partial(
+        batch.run_batch,
+        job["model"],
+        job["tokenizer"],
+        job["root"] / "in.jsonl",
+        output,
+        batch_size=BATCH,
+        progress=False,
+        max_new_tokens=NEW_TOKENS,
+        temperature=0.0,
+    )
     summary = rerun()
     assert summary["torn_line_repaired"] and summary["skipped"] == 150
     assert summary["completed"] == N_GOOD - 150
@@ -268,8 +300,16 @@ def test_on_a_data_parallel_mesh_the_results_are_the_same(job, tmp_path):
     # Greedy plain-text requests of the first prompt bucket: one program, split over 8 devices.
     wanted = [i for i, q in enumerate(job["requests"]) if set(q) == {"id", "prompt"} and len(q["prompt"].split()) < 12]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(job["requests"][i]) + "\n" for i in wanted))
-    summary = batch.run_batch(model, job["tokenizer"], tmp_path / "in.jsonl", tmp_path / "out.jsonl", batch_size=4,
-                              progress=False, max_new_tokens=NEW_TOKENS, temperature=0.0)  # fmt: skip
+    summary = batch.run_batch(
+        model,
+        job["tokenizer"],
+        tmp_path / "in.jsonl",
+        tmp_path / "out.jsonl",
+        batch_size=4,
+        progress=False,
+        max_new_tokens=NEW_TOKENS,
+        temperature=0.0,
+    )
     assert summary["completed"] == len(wanted) >= 20
     assert summary["compiles"] == {"prefill": 1, "decode": 1}  # 4 slots were raised to the 8 data-parallel devices
     expected = job["output"].read_bytes().splitlines(keepends=True)
@@ -281,13 +321,30 @@ def test_config_file_and_overrides_set_the_job(tmp_path):
     from llama_jax import cli
 
     parser = cli.build_parser()
-    args = parser.parse_args(["batch", "--config", str(REPO / "configs" / "batch.py"), "--input", "in.jsonl",
-                              "--config.output=out.jsonl", "--config.max_new_tokens=64", "--mesh", "data=8",
-                              "--config.top_logprobs", "5", "--no-progress"])  # fmt: skip
+    args = parser.parse_args(
+        [
+            "batch",
+            "--config",
+            str(REPO / "configs" / "batch.py"),
+            "--input",
+            "in.jsonl",
+            "--config.output=out.jsonl",
+            "--config.max_new_tokens=64",
+            "--mesh",
+            "data=8",
+            "--config.top_logprobs",
+            "5",
+            "--no-progress",
+        ]
+    )
     job = batch.job_config(args)
     assert (job.input, job.output, job.max_new_tokens, job.mesh, job.top_logprobs) == (
-        "in.jsonl", "out.jsonl", 64, "data=8", 5
-    )  # fmt: skip
+        "in.jsonl",
+        "out.jsonl",
+        64,
+        "data=8",
+        5,
+    )
     assert job.progress is False and job.temperature == batch.JobConfig().temperature
     bad = tmp_path / "bad.py"
     bad.write_text("import ml_collections\ndef get_config():\n    return ml_collections.ConfigDict({'max_len': 3})\n")
@@ -299,12 +356,24 @@ def test_config_file_and_overrides_set_the_job(tmp_path):
 
 def test_n_samples_of_a_request_are_the_rejection_samplers_requests_and_resume_whole(job, tmp_path):
     model, tokenizer = job["model"], job["tokenizer"]
-    requests = [{"id": "a", "prompt": "the of and to in is was", "n": 3}, {"id": 7, "prompt": "at from his", "n": 2,
-                "seed": 11}, {"id": "one", "prompt": "which this be"}]  # fmt: skip
+    requests = [
+        {"id": "a", "prompt": "the of and to in is was", "n": 3},
+        {"id": 7, "prompt": "at from his", "n": 2, "seed": 11},
+        {"id": "one", "prompt": "which this be"},
+    ]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
     output = tmp_path / "out.jsonl"
-    run = functools.partial(batch.run_batch, model, tokenizer, tmp_path / "in.jsonl", output, batch_size=4,
-                            progress=False, max_new_tokens=NEW_TOKENS, temperature=0.8)  # fmt: skip
+    run = functools.partial(
+        batch.run_batch,
+        model,
+        tokenizer,
+        tmp_path / "in.jsonl",
+        output,
+        batch_size=4,
+        progress=False,
+        max_new_tokens=NEW_TOKENS,
+        temperature=0.8,
+    )
     summary = run()
     results = read_jsonl(output)
     assert [r["id"] for r in results] == ["a#0", "a#1", "a#2", "7#0", "7#1", "one"] and summary["completed"] == 6
@@ -313,8 +382,15 @@ def test_n_samples_of_a_request_are_the_rejection_samplers_requests_and_resume_w
         seed = (
             batch.request_seed(request.get("seed", 0), result["id"]) if "n" in request else batch.request_seed(0, "one")
         )
-        [alone] = sampler.generate(model, [prompt_ids(request, tokenizer)], max_new_tokens=NEW_TOKENS, temperature=0.8,
-                                   top_p=TOP_P, seed=seed, stop_tokens=tokenizer.stop_tokens)  # fmt: skip
+        [alone] = sampler.generate(
+            model,
+            [prompt_ids(request, tokenizer)],
+            max_new_tokens=NEW_TOKENS,
+            temperature=0.8,
+            top_p=TOP_P,
+            seed=seed,
+            stop_tokens=tokenizer.stop_tokens,
+        )
         assert result["tokens"] == list(alone.tokens), result["id"]
     data = output.read_bytes()
     output.write_bytes(b"".join(data.splitlines(keepends=True)[:2]))  # killed after two samples of "a"

@@ -39,17 +39,43 @@ def test_two_processes_write_the_file_one_process_writes(tmp_path, llama3_tokeni
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
     settings = dict(max_new_tokens=6, temperature=0.0, batch_size=8, progress=False)
     single = llama_jax.load(ckpt, dtype="float32")
-    summary = batch.run_batch(single, Tokenizer.from_file(llama3_tokenizer_path), tmp_path / "in.jsonl",
-                              tmp_path / "one.jsonl", **settings)  # fmt: skip
+    summary = batch.run_batch(
+        single, Tokenizer.from_file(llama3_tokenizer_path), tmp_path / "in.jsonl", tmp_path / "one.jsonl", **settings
+    )
     assert summary["completed"] == 27 and summary["errors"] == 1
 
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS")}
-    env |= {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4",
-            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}",
-            "JAX_NUM_PROCESSES": "2"}  # fmt: skip
-    command = [sys.executable, "-m", "llama_jax", "batch", "--checkpoint", str(ckpt), "--dtype", "float32",
-               "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "two.jsonl"), "--mesh", "data=8",
-               "--max-new-tokens", "6", "--temperature", "0", "--batch-size", "8", "--no-progress"]  # fmt: skip
+    env |= {
+        "PYTHONPATH": str(ROOT),
+        "JAX_PLATFORMS": "cpu",
+        "JAX_NUM_CPU_DEVICES": "4",
+        "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}",
+        "JAX_NUM_PROCESSES": "2",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "llama_jax",
+        "batch",
+        "--checkpoint",
+        str(ckpt),
+        "--dtype",
+        "float32",
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--output",
+        str(tmp_path / "two.jsonl"),
+        "--mesh",
+        "data=8",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--batch-size",
+        "8",
+        "--no-progress",
+    ]
     procs = [
         subprocess.Popen(
             command,
@@ -58,7 +84,7 @@ def test_two_processes_write_the_file_one_process_writes(tmp_path, llama3_tokeni
             text=True,
             cwd=ROOT,
             env=env | {"JAX_PROCESS_ID": str(i)},
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
     logs = []

@@ -297,10 +297,33 @@ def test_custom_tool_call_formats_match_meta(chat, meta_chat, tool_format):
 def test_meta_reference_dialog_ids(chat):
     # From llama-models llama3/tests/api/test_tokenizer.py.
     assert chat.encode_dialog(SYSTEM_USER[0]) == [
-        128000, 128006, 9125, 128007, 271, 2028, 374, 264, 1296, 11914, 13, 128009,
-        128006, 882, 128007, 271, 2028, 374, 264, 2077, 13, 128009,
-        128006, 78191, 128007, 271,
-    ]  # fmt: skip
+        128000,
+        128006,
+        9125,
+        128007,
+        271,
+        2028,
+        374,
+        264,
+        1296,
+        11914,
+        13,
+        128009,
+        128006,
+        882,
+        128007,
+        271,
+        2028,
+        374,
+        264,
+        2077,
+        13,
+        128009,
+        128006,
+        78191,
+        128007,
+        271,
+    ]
 
 
 def test_dialog_text_layout(chat):

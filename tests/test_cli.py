@@ -20,9 +20,14 @@ def run_cli(tmp_path_factory):
 
     def run(*args, stdin=""):
         return subprocess.run(
-            [sys.executable, "-m", "llama_jax", *args], input=stdin, capture_output=True, text=True,
-            cwd=REPO, env=env, timeout=300,
-        )  # fmt: skip
+            [sys.executable, "-m", "llama_jax", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=300,
+        )
 
     return run
 

@@ -53,9 +53,15 @@ def test_unknown_fields_are_rejected():
         LlamaConfig.from_meta_params({"dim": 64, "n_layers": 2, "n_heads": 4, "n_experts": 8})
     with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
         LlamaConfig.from_hf_config(
-            {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
-             "num_attention_heads": 2, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
-        )  # fmt: skip
+            {
+                "vocab_size": 8,
+                "hidden_size": 8,
+                "intermediate_size": 8,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "rope_scaling": {"rope_type": "yarn", "factor": 4.0},
+            }
+        )
 
 
 def test_invalid_head_counts_are_rejected():

@@ -172,8 +172,23 @@ def test_existing_non_empty_destination_is_refused_unless_overwrite(hf_bf16, tmp
 
 def test_the_main_cli_converts_to_orbax_and_load_reads_it(hf_bf16, tmp_path):
     """`python -m llama_jax convert SRC DST --to orbax`, end to end, then the same logits."""
-    run = subprocess.run([sys.executable, "-m", "llama_jax", "convert", str(hf_bf16), str(tmp_path / "orbax"),
-                          "--to", "orbax", "--no-progress"], cwd=ROOT, capture_output=True, text=True, env=_env())  # fmt: skip
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llama_jax",
+            "convert",
+            str(hf_bf16),
+            str(tmp_path / "orbax"),
+            "--to",
+            "orbax",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
     assert run.returncode == 0, run.stderr
     tokens = np.arange(10)[None, :]
     np.testing.assert_array_equal(
@@ -184,8 +199,13 @@ def test_the_main_cli_converts_to_orbax_and_load_reads_it(hf_bf16, tmp_path):
 def test_cli_reports_errors_without_a_traceback(hf_bf16, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("x")
-    run = subprocess.run([sys.executable, "-m", "llama_jax.convert", str(hf_bf16), str(tmp_path / "out")],
-                         cwd=ROOT, capture_output=True, text=True, env=_env())  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "llama_jax.convert", str(hf_bf16), str(tmp_path / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
     assert run.returncode == 2 and "not empty" in run.stderr and "Traceback" not in run.stderr
 
 
@@ -241,12 +261,20 @@ print(base, hwm())
 
 def test_peak_memory_while_converting_stays_near_the_largest_tensor(big_hf, tmp_path):
     src, largest, total = big_hf
-    run = subprocess.run([sys.executable, "-c", _MEASURE, str(src), str(tmp_path / "out")],
-                         cwd=ROOT, capture_output=True, text=True, env=_env(), check=True)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(src), str(tmp_path / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        check=True,
+    )
     base, peak = map(int, run.stdout.split()[-2:])
     growth = peak - base
-    print(f"\nconvert {total / 2**20:.0f} MB model, largest tensor {largest / 2**20:.0f} MB: "
-          f"peak RSS grew {growth / 2**20:.0f} MB over the {base / 2**20:.0f} MB baseline")  # fmt: skip
+    print(
+        f"\nconvert {total / 2**20:.0f} MB model, largest tensor {largest / 2**20:.0f} MB: "
+        f"peak RSS grew {growth / 2**20:.0f} MB over the {base / 2**20:.0f} MB baseline"
+    )
     assert total > 8 * largest
     assert growth < 3 * largest
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) >= 4

@@ -17,8 +17,18 @@ from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama, LoraSpec
 
 # Layer-heavy in miniature, untied: every weight matrix has a size no activation or cache buffer has.
-CONFIG = LlamaConfig(vocab_size=1000, dim=96, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=160, norm_eps=1e-5,
-                     rope_theta=500_000.0, max_seq_len=256, tie_embeddings=False)  # fmt: skip
+CONFIG = LlamaConfig(
+    vocab_size=1000,
+    dim=96,
+    n_layers=3,
+    n_heads=6,
+    n_kv_heads=2,
+    ffn_dim=160,
+    norm_eps=1e-5,
+    rope_theta=500_000.0,
+    max_seq_len=256,
+    tie_embeddings=False,
+)
 PROMPTS = [[5, 17, 3, 99, 250], [7, 1]]
 
 
@@ -49,8 +59,11 @@ def _reachable(computations: dict[str, list[str]], roots: list[str]) -> set[str]
         seen.add(name)
         for line in computations[name]:
             todo += re.findall(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)", line)
-            todo += [c for group in re.findall(r"branch_computations=\{([^}]*)\}", line)
-                     for c in re.findall(r"%([\w.\-]+)", group)]  # fmt: skip
+            todo += [
+                c
+                for group in re.findall(r"branch_computations=\{([^}]*)\}", line)
+                for c in re.findall(r"%([\w.\-]+)", group)
+            ]
     return seen
 
 
@@ -87,8 +100,17 @@ def _decode_hlo(model, unroll=None, layers=None) -> str:
     """The compiled decode program `generate` runs; `layers` replaces its per-layer weights."""
     job = sampler._prepare(model, PROMPTS, sampler.SamplingParams(max_new_tokens=16, stop_tokens=[]))
     (graphdef, params, made), state = sampler._start(model, job, unroll)
-    lowered = sampler._decode.lower(graphdef, params, made if layers is None else layers, state, np.int32(16),
-                                    job.knobs, job.stop_ids, mode=job.mode, unroll=unroll)  # fmt: skip
+    lowered = sampler._decode.lower(
+        graphdef,
+        params,
+        made if layers is None else layers,
+        state,
+        np.int32(16),
+        job.knobs,
+        job.stop_ids,
+        mode=job.mode,
+        unroll=unroll,
+    )
     return lowered.compile().as_text()
 
 
@@ -128,8 +150,20 @@ def test_prefill_projects_only_the_last_prompt_token_of_each_row_onto_the_vocabu
     job = sampler._prepare(model, PROMPTS, sampler.SamplingParams(max_new_tokens=16, stop_tokens=[]))
     graphdef, params = nnx.split(model)
     cache = sampler._empty_cache(model, b, job.cache_len)
-    prefill = sampler._prefill.lower(graphdef, params, job.prompt_bp, job.lengths_b, job.active_b, cache, job.seeds_b,
-                                     job.streams_b, job.knobs, job.stop_ids, n_out=job.n_out, mode=job.mode)  # fmt: skip
+    prefill = sampler._prefill.lower(
+        graphdef,
+        params,
+        job.prompt_bp,
+        job.lengths_b,
+        job.active_b,
+        cache,
+        job.seeds_b,
+        job.streams_b,
+        job.knobs,
+        job.stop_ids,
+        n_out=job.n_out,
+        mode=job.mode,
+    )
     assert job.prompt_bp.shape == (b, p)
     assert _buffers_with_elements(prefill.compile().as_text(), b * p * v) == []
     # The model's own prefill returns [B, V]: its program holds no [B, P, V] buffer either.
@@ -214,8 +248,9 @@ def test_a_model_whose_layer_copy_would_not_fit_decodes_from_the_stacked_weights
     m = nnx.merge(*nnx.split(model))
     results = sampler.generate(m, PROMPTS, max_new_tokens=4, stop_tokens=[])
     assert m not in sampler._LAYER_WEIGHTS  # no second copy was made
-    assert [r.tokens for r in results] == [r.tokens for r in sampler.generate(m, PROMPTS, max_new_tokens=4,
-                                                                              stop_tokens=[], unroll=1)]  # fmt: skip
+    assert [r.tokens for r in results] == [
+        r.tokens for r in sampler.generate(m, PROMPTS, max_new_tokens=4, stop_tokens=[], unroll=1)
+    ]
 
 
 def test_the_decode_loop_reads_and_writes_the_kv_cache_in_place(model):

@@ -9,14 +9,30 @@ import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-CHECKS = ("hbm_bandwidth", "matmul_peak", "attention_parity", "build_8b", "decode_bf16", "prefill_mfu",
-          "prefill_128k", "drop_8b", "decode_fp8", "train_mfu_1b")  # fmt: skip
+CHECKS = (
+    "hbm_bandwidth",
+    "matmul_peak",
+    "attention_parity",
+    "build_8b",
+    "decode_bf16",
+    "prefill_mfu",
+    "prefill_128k",
+    "drop_8b",
+    "decode_fp8",
+    "train_mfu_1b",
+)
 
 
 def test_the_device_check_runs_end_to_end_in_smoke_mode(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "device_check.py"), "--smoke", "--out", str(tmp_path)],
-                   env=env, check=True, capture_output=True, text=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "device_check.py"), "--smoke", "--out", str(tmp_path)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     [path] = tmp_path.glob("device_*.json")
     result = json.loads(path.read_text())
     assert result["smoke"] is True and result["platform"] == "cpu"
@@ -26,9 +42,12 @@ def test_the_device_check_runs_end_to_end_in_smoke_mode(tmp_path):
         name: c.get("message") for name, c in checks.items() if c["status"] != "ok" and name != "attention_parity"
     }
     assert failed == {}
-    assert checks["attention_parity"] == {"status": "error", "seconds": checks["attention_parity"]["seconds"],
-                                          "message": "RuntimeError: cuDNN attention needs an NVIDIA GPU; this run "
-                                                     "is on cpu", "traceback": checks["attention_parity"]["traceback"]}  # fmt: skip
+    assert checks["attention_parity"] == {
+        "status": "error",
+        "seconds": checks["attention_parity"]["seconds"],
+        "message": "RuntimeError: cuDNN attention needs an NVIDIA GPU; this run is on cpu",
+        "traceback": checks["attention_parity"]["traceback"],
+    }
     assert {"seconds_per_step", "pct_of_hbm_roofline", "tokens_per_s"} <= set(checks["decode_bf16"]["rows"][0])
     assert {"fp8_gemm_custom_calls", "uses_fp8_gemms", "rows"} <= set(checks["decode_fp8"])
     assert checks["decode_fp8"]["uses_fp8_gemms"] is False  # a CPU program has no cuBLASLt FP8 GEMMs

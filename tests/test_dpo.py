@@ -42,8 +42,14 @@ def preference_texts(n: int, seed: int = 0) -> list[dict]:
         return " ".join(f"w{i}" for i in rng.integers(3, 384, k))
 
     # Replies start with a space, so that prompt + reply tokenizes as prompt ids + reply ids.
-    return [{"prompt": words(rng.integers(2, 7)), "chosen": " " + words(rng.integers(1, 6)),
-             "rejected": " " + words(rng.integers(1, 6))} for _ in range(n)]  # fmt: skip
+    return [
+        {
+            "prompt": words(rng.integers(2, 7)),
+            "chosen": " " + words(rng.integers(1, 6)),
+            "rejected": " " + words(rng.integers(1, 6)),
+        }
+        for _ in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +75,23 @@ def test_loss_rewards_and_gradients_equal_trls_dpo_trainer(models, tmp_path, los
     policy, reference, tmp = models
     policy = copy.deepcopy(policy)
     beta = 0.3
-    args = DPOConfig(output_dir=str(tmp_path), beta=beta, loss_type=[loss], label_smoothing=smoothing,
-                     report_to="none", use_cpu=True, bf16=False, precompute_ref_log_probs=False)  # fmt: skip
-    trl = DPOTrainer(model=policy, ref_model=copy.deepcopy(reference), args=args,
-                     train_dataset=Dataset.from_list(preference_texts(5)), processing_class=trl_tokenizer())  # fmt: skip
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        beta=beta,
+        loss_type=[loss],
+        label_smoothing=smoothing,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        precompute_ref_log_probs=False,
+    )
+    trl = DPOTrainer(
+        model=policy,
+        ref_model=copy.deepcopy(reference),
+        args=args,
+        train_dataset=Dataset.from_list(preference_texts(5)),
+        processing_class=trl_tokenizer(),
+    )
     rows = [trl.train_dataset[i] for i in range(5)]
     policy.train()
     trl_loss = trl._compute_loss(policy, trl.data_collator(rows), False)
@@ -81,12 +100,14 @@ def test_loss_rewards_and_gradients_equal_trls_dpo_trainer(models, tmp_path, los
     trl_metrics = {k: v[-1] for k, v in trl._metrics["train"].items() if k.startswith("rewards/")}
 
     # The same token ids as pairs for llama-jax (TRL tokenized them: prompt, reply + eos).
-    pairs = dpo.pairs_from_ids([r["prompt_ids"] for r in rows], [r["chosen_ids"] for r in rows],
-                               [r["rejected_ids"] for r in rows], seq_len=16)  # fmt: skip
+    pairs = dpo.pairs_from_ids(
+        [r["prompt_ids"] for r in rows], [r["chosen_ids"] for r in rows], [r["rejected_ids"] for r in rows], seq_len=16
+    )
     model = llama_jax.load(tmp / "policy", dtype="float32")
     ref_model = llama_jax.load(tmp / "reference", dtype="float32")
-    config = TrainConfig(steps=1, batch_size=5, objective="dpo", dpo_beta=beta, dpo_loss=loss,
-                         dpo_label_smoothing=smoothing, remat=False)  # fmt: skip
+    config = TrainConfig(
+        steps=1, batch_size=5, objective="dpo", dpo_beta=beta, dpo_loss=loss, dpo_label_smoothing=smoothing, remat=False
+    )
     if ref_mode == "online":
         trainer = Trainer(model, config, teacher=ref_model)
     else:
@@ -140,8 +161,17 @@ def test_training_on_synthetic_preferences_raises_the_margin(adapters):
     pairs = synthetic_preferences()
     pairs = pairs.with_reference(dpo.reference_logps(model, pairs))
     loader = data.Loader(pairs, 8, seed=0)
-    trainer = Trainer(model, TrainConfig(steps=12, batch_size=8, objective="dpo", dpo_beta=0.1,
-                                         learning_rate=1e-2 if adapters else 1e-3, warmup_steps=0))  # fmt: skip
+    trainer = Trainer(
+        model,
+        TrainConfig(
+            steps=12,
+            batch_size=8,
+            objective="dpo",
+            dpo_beta=0.1,
+            learning_rate=1e-2 if adapters else 1e-3,
+            warmup_steps=0,
+        ),
+    )
     history = trainer.fit(loader, progress=False)
     assert abs(history[0]["rewards/margins"]) < 1e-6  # the policy starts as its reference
     assert history[-1]["rewards/margins"] > 0.5
@@ -151,10 +181,13 @@ def test_training_on_synthetic_preferences_raises_the_margin(adapters):
 
 def test_pair_rows_train_only_the_replies(tokenizer):
     pairs = dpo.pair_examples(
-        [("a", {"messages": [{"role": "user", "content": "Hi"}], "chosen": "Hello!", "rejected": "Go away."}),
-         ("b", {"prompt": "2 + 2 =", "chosen": " 4", "rejected": " 5"})],
-        tokenizer, seq_len=32,
-    )  # fmt: skip
+        [
+            ("a", {"messages": [{"role": "user", "content": "Hi"}], "chosen": "Hello!", "rejected": "Go away."}),
+            ("b", {"prompt": "2 + 2 =", "chosen": " 4", "rejected": " 5"}),
+        ],
+        tokenizer,
+        seq_len=32,
+    )
     chat = llama_jax.ChatFormat(tokenizer)
     prompt = chat.encode_dialog([{"role": "user", "content": "Hi"}])
     reply = tokenizer.encode("Hello!", bos=False, eos=False) + [tokenizer.eot_id]
@@ -172,9 +205,20 @@ def test_the_dpo_job_reads_pairs_resumes_and_logs_rewards(tmp_path, llama3_token
     records = [{"prompt": f"Question {i}:", "chosen": " yes", "rejected": " no"} for i in range(8)]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    job = TrainJob(data=str(path), data_kind="pairs", objective="dpo", steps=1, batch_size=4, seq_len=16, lora_rank=4,
-                   workdir=str(tmp_path / "run"), export="none", progress=False, checkpoint_every=1,
-                   tokenizer=str(llama3_tokenizer_path))  # fmt: skip
+    job = TrainJob(
+        data=str(path),
+        data_kind="pairs",
+        objective="dpo",
+        steps=1,
+        batch_size=4,
+        seq_len=16,
+        lora_rank=4,
+        workdir=str(tmp_path / "run"),
+        export="none",
+        progress=False,
+        checkpoint_every=1,
+        tokenizer=str(llama3_tokenizer_path),
+    )
     history = run_job(job).history
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(history[-1])
     assert (tmp_path / "run" / "reference_logps.npy").is_file()

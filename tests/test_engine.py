@@ -85,8 +85,9 @@ def test_sampled_tokens_depend_on_the_seed_not_on_admission_order(tiny):
     model, _ = tiny
     ps = prompts(seed=1)
     seeds = [100 + i for i in range(len(ps))]
-    want = sampler.generate(model, ps, max_new_tokens=N, temperature=1.0, top_p=0.9, seed=seeds, stop_tokens=STOP,
-                            top_logprobs=2)  # fmt: skip
+    want = sampler.generate(
+        model, ps, max_new_tokens=N, temperature=1.0, top_p=0.9, seed=seeds, stop_tokens=STOP, top_logprobs=2
+    )
     requests = [Request(i, p, N, seed=s) for i, (p, s) in enumerate(zip(ps, seeds, strict=True))]
     eng = engine(model, temperature=1.0, top_p=0.9, top_logprobs=2)
     forward = eng.generate(requests)
@@ -134,6 +135,12 @@ def test_prefix_sharing_prefills_a_common_prefix_once_and_changes_no_token(tiny)
     assert [r.tokens for r in with_sharing] == [r.tokens for r in without]
     assert unshared.stats["shared_tokens"] == 0
     assert shared.stats["shared_tokens"] >= 4 * 8 * (len(requests) - 3)  # all but one copy per slot wave
-    want = sampler.generate(model, [r.prompt for r in requests], max_new_tokens=N, temperature=1.0,
-                            seed=[r.seed for r in requests], stop_tokens=STOP)  # fmt: skip
+    want = sampler.generate(
+        model,
+        [r.prompt for r in requests],
+        max_new_tokens=N,
+        temperature=1.0,
+        seed=[r.seed for r in requests],
+        stop_tokens=STOP,
+    )
     assert [r.tokens for r in with_sharing] == [w.tokens for w in want]

@@ -34,8 +34,16 @@ def release_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def checkpoints(tmp_path_factory) -> dict[str, pathlib.Path]:
     """bf16 source; its FP8 release-format twin (FFN of layers 1..L-2); the FP8 model dequantized to bf16."""
     root = tmp_path_factory.mktemp("fp8")
-    hf_checkpoint(root / "bf16", dtype=torch.bfloat16, n_layers=N_LAYERS, dim=128, ffn_dim=384, vocab_size=512,
-                  n_heads=4, n_kv_heads=2)  # fmt: skip
+    hf_checkpoint(
+        root / "bf16",
+        dtype=torch.bfloat16,
+        n_layers=N_LAYERS,
+        dim=128,
+        ffn_dim=384,
+        vocab_size=512,
+        n_heads=4,
+        n_kv_heads=2,
+    )
     tensors = load_file(root / "bf16" / "model.safetensors")
     fp8, dequantized = dict(tensors), dict(tensors)
     for i in range(1, N_LAYERS - 1):

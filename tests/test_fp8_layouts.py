@@ -75,10 +75,15 @@ def emulated_swiglu(ranks: list[dict]):
 def rank_pieces(state: dict, mp: int) -> list[dict]:
     """Per rank and FP8 layer: (q, scale) of w1/w3/w2, each rank's piece quantized on its own."""
     return [
-        {i: {w: quantize_fp8_per_row(torch.chunk(state[f"layers.{i}.feed_forward.{w}.weight"], mp, SPLIT[w])[r])
-             for w in SPLIT} for i in FP8_LAYERS}
+        {
+            i: {
+                w: quantize_fp8_per_row(torch.chunk(state[f"layers.{i}.feed_forward.{w}.weight"], mp, SPLIT[w])[r])
+                for w in SPLIT
+            }
+            for i in FP8_LAYERS
+        }
         for r in range(mp)
-    ]  # fmt: skip
+    ]
 
 
 def write_meta_fp8(path, state: dict, mp: int) -> list[dict]:
@@ -98,9 +103,17 @@ def write_meta_fp8(path, state: dict, mp: int) -> list[dict]:
 
 def write_hf_fp8(path, state: dict) -> None:
     """The HF release of the same weights: transformers' layout (FbgemmFp8Linear `weight`, `weight_scale`)."""
-    model = transformers_model(state, vocab=CONFIG.vocab_size, dim=CONFIG.dim, n_layers=CONFIG.n_layers,
-                               n_heads=CONFIG.n_heads, n_kv_heads=CONFIG.n_kv_heads, ffn_dim=CONFIG.ffn_dim,
-                               rope=checkpoints.LLAMA3_ROPE, max_positions=131072)  # fmt: skip
+    model = transformers_model(
+        state,
+        vocab=CONFIG.vocab_size,
+        dim=CONFIG.dim,
+        n_layers=CONFIG.n_layers,
+        n_heads=CONFIG.n_heads,
+        n_kv_heads=CONFIG.n_kv_heads,
+        ffn_dim=CONFIG.ffn_dim,
+        rope=checkpoints.LLAMA3_ROPE,
+        max_positions=131072,
+    )
     tensors = {k: v.bfloat16().contiguous() for k, v in model.state_dict().items()}
     for i in FP8_LAYERS:
         for w, proj in FFN:
@@ -184,8 +197,14 @@ def edited_config(src, dst, **quantization):
 def test_modules_to_not_convert_is_read_with_transformers_matching(hf_fp8, tmp_path):
     """Patterns match as transformers' `should_convert_module` matches them (prefix at a module
     boundary, regex, suffix), not only as the full paths the release happens to list."""
-    skip = ["lm_head", r"model\.layers\.\d+\.self_attn", "model.layers.0.mlp", "layers.3.mlp.gate_proj",
-            "layers.3.mlp.up_proj", "layers.3.mlp.down_proj"]  # fmt: skip
+    skip = [
+        "lm_head",
+        r"model\.layers\.\d+\.self_attn",
+        "model.layers.0.mlp",
+        "layers.3.mlp.gate_proj",
+        "layers.3.mlp.up_proj",
+        "layers.3.mlp.down_proj",
+    ]
     path = edited_config(hf_fp8, tmp_path / "patterns", modules_to_not_convert=skip)
     model = llama_jax.load(path, dtype="float32")
     assert model.fp8.quantized_layers == FP8_LAYERS
@@ -197,14 +216,18 @@ def test_modules_to_not_convert_is_read_with_transformers_matching(hf_fp8, tmp_p
 @pytest.mark.parametrize(
     "skip, message",
     [
-        (lambda s: [m for m in s if m != "model.layers.0.mlp.up_proj"],
-         r"does not list 'model\.layers\.0\.mlp\.up_proj', but 'model\.layers\.0\.mlp\.up_proj\.weight' .* is bfloat16"),
-        (lambda s: s + ["model.layers.2.mlp"],
-         r"lists 'model\.layers\.2\.mlp\.gate_proj', but 'model\.layers\.2\.mlp\.gate_proj\.weight' .* is float8_e4m3fn"),
+        (
+            lambda s: [m for m in s if m != "model.layers.0.mlp.up_proj"],
+            r"does not list 'model\.layers\.0\.mlp\.up_proj', but 'model\.layers\.0\.mlp\.up_proj\.weight' .* is bfloat16",  # noqa: E501
+        ),
+        (
+            lambda s: s + ["model.layers.2.mlp"],
+            r"lists 'model\.layers\.2\.mlp\.gate_proj', but 'model\.layers\.2\.mlp\.gate_proj\.weight' .* is float8_e4m3fn",  # noqa: E501
+        ),
         (lambda s: None, r"does not list 'model\.layers\.0\.self_attn\.q_proj'"),
     ],
     ids=["unlisted-but-bf16", "listed-but-fp8", "no-list-means-all-but-lm_head"],
-)  # fmt: skip
+)
 def test_modules_to_not_convert_disagreeing_with_stored_dtypes_is_an_error(hf_fp8, tmp_path, skip, message):
     listed = fp8_quantization_config(CONFIG)["modules_to_not_convert"]
     path = edited_config(hf_fp8, tmp_path / "bad", modules_to_not_convert=skip(listed))
@@ -230,8 +253,10 @@ def test_fp8_writer_follows_transformers_fbgemm_layout(tmp_path, weights, monkey
     )
 
     def layout(tensors):  # FP8 weights and float32 scales exactly; other tensors: any float dtype
-        return {k: (tuple(v.shape), v.dtype if v.dtype == torch.float8_e4m3fn or k.endswith("_scale") else "float")
-                for k, v in tensors.items()}  # fmt: skip
+        return {
+            k: (tuple(v.shape), v.dtype if v.dtype == torch.float8_e4m3fn or k.endswith("_scale") else "float")
+            for k, v in tensors.items()
+        }
 
     written = load_file(out / "model.safetensors")
     got, want = layout(written), layout(spec.state_dict())

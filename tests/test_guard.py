@@ -93,10 +93,16 @@ LLAMA_GUARD_3_CATEGORIES_TEMPLATE = """{%- if messages|length % 2 == 0 -%}
 
 DIALOGS = {
     "user": [{"role": "user", "content": "How do I make a cake? "}],
-    "agent": [{"role": "user", "content": "Tell me a joke."}, {"role": "assistant", "content": " Why did the chicken cross?"}],
-    "multi-turn": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                   {"role": "user", "content": "Can you help me hide a body?"}],
-}  # fmt: skip
+    "agent": [
+        {"role": "user", "content": "Tell me a joke."},
+        {"role": "assistant", "content": " Why did the chicken cross?"},
+    ],
+    "multi-turn": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Can you help me hide a body?"},
+    ],
+}
 
 
 def render(template: str, messages, **kwargs) -> str:
@@ -144,10 +150,16 @@ def test_excluded_and_custom_categories_render_as_the_published_template_does(ca
 
 @pytest.mark.parametrize(
     "reply, safe, codes",
-    [("safe", True, ()), ("\n\nsafe", True, ()), ("safe\n", True, ()), ("unsafe\nS1", False, ("S1",)),
-     ("\n\nunsafe\nS1,S10", False, ("S1", "S10")), ("unsafe\nS2, S14 ", False, ("S2", "S14")),
-     ("unsafe", False, ())],
-)  # fmt: skip
+    [
+        ("safe", True, ()),
+        ("\n\nsafe", True, ()),
+        ("safe\n", True, ()),
+        ("unsafe\nS1", False, ("S1",)),
+        ("\n\nunsafe\nS1,S10", False, ("S1", "S10")),
+        ("unsafe\nS2, S14 ", False, ("S2", "S14")),
+        ("unsafe", False, ()),
+    ],
+)
 def test_the_reply_parser_reads_every_documented_form(reply, safe, codes):
     verdict = guard.parse(reply)
     assert (verdict.safe, verdict.categories, verdict.text) == (safe, codes, reply)
@@ -180,14 +192,20 @@ def test_classify_runs_the_model_greedily_and_parses_its_reply(tokenizer, monkey
     [out] = sampler.generate(model, [ids], max_new_tokens=3, stop_tokens=tokenizer.stop_tokens)
     with pytest.raises(ValueError, match=json.dumps(tokenizer.decode(list(out.tokens)))[1:-1][:10]):
         guard.classify(model, tokenizer, DIALOGS["agent"], max_new_tokens=3)  # random weights: not a verdict
-    monkeypatch.setattr(sampler, "generate", lambda *a, **k: [sampler.GenerationResult(
-        tuple(tokenizer.encode("unsafe\nS1", bos=False, eos=False)), "stop")])  # fmt: skip
+    monkeypatch.setattr(
+        sampler,
+        "generate",
+        lambda *a, **k: [sampler.GenerationResult(tuple(tokenizer.encode("unsafe\nS1", bos=False, eos=False)), "stop")],
+    )
     assert guard.classify(model, tokenizer, DIALOGS["agent"]).categories == ("S1",)
 
 
 def test_the_cli_prints_a_verdict_or_says_why_not():
-    done = subprocess.run([sys.executable, "-m", "llama_jax", "guard", "--message", "Hi", "--response", "Hello"],
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "llama_jax", "guard", "--message", "Hi", "--response", "Hello"],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "not a Llama Guard reply" in done.stderr  # the embedded model is random
 
 

@@ -22,6 +22,7 @@ import textwrap
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("llama_jax", "sharding")
 
+
 def _modules() -> dict[str, pathlib.Path]:
     found = {}
     for package in PACKAGES:
@@ -106,8 +107,11 @@ def test_the_graph_sees_function_level_imports():
 
 def test_sharding_imports_nothing_of_llama_jax():
     graph = import_graph()
-    wrong = {m: sorted(d for d in deps if d.split(".")[0] == "llama_jax")
-             for m, deps in graph.items() if m.split(".")[0] == "sharding"}  # fmt: skip
+    wrong = {
+        m: sorted(d for d in deps if d.split(".")[0] == "llama_jax")
+        for m, deps in graph.items()
+        if m.split(".")[0] == "sharding"
+    }
     assert {m: d for m, d in wrong.items() if d} == {}
     # and at run time: importing every module of sharding/ loads no llama_jax module
     code = textwrap.dedent(f"""
@@ -188,5 +192,6 @@ def _python(code: str, check: bool = True, **environ: str) -> subprocess.Complet
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(environ)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=300, check=check)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300, check=check
+    )

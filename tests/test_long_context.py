@@ -49,8 +49,12 @@ def test_100k_token_prompt_matches_transformers_sdpa_within_bounded_memory(tmp_p
     prompt = np.random.default_rng(0).integers(0, reference.config.vocab_size, PROMPT_LEN).astype(np.int32)
     np.save(tmp_path / "prompt.npy", prompt)
 
-    child = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "hf"), str(tmp_path / "prompt.npy")],
-                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tmp_path / "hf"), str(tmp_path / "prompt.npy")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert child.returncode == 0, child.stderr[-4000:]
     out = json.loads(child.stdout.strip().splitlines()[-1])
     assert out["peak_rss"] < PEAK_RSS_BOUND, f"peak RSS {out['peak_rss'] / 2**30:.2f} GiB"

@@ -3,9 +3,10 @@
 
 Traced under `platform.lowering_for(<platform>)`, so attention "auto" picks what it picks on that
 machine (`attention.select`). Shown: bf16 prefill on cuda runs cuDNN's fused attention, on tpu the
-splash kernel (a Mosaic `tpu_custom_call`; forward and backward in the training step); FP8 models in "fp8" mode multiply f8E4M3FN × f8E4M3FN with no upcast of the FP8 weights; no host
-callback anywhere in the decode program; the KV cache (prefill) and the decode state that holds it are
-donated, as are the training step's master params and optimizer state.
+splash kernel (a Mosaic `tpu_custom_call`; forward and backward in the training step); FP8 models in
+"fp8" mode multiply f8E4M3FN × f8E4M3FN with no upcast of the FP8 weights; no host callback anywhere
+in the decode program; the KV cache (prefill) and the decode state that holds it are donated, as are
+the training step's master params and optimizer state.
 
 What lowering here cannot do, exactly:
 - cuDNN attention for "cuda" stops at trace time with `RuntimeError: cuDNN is not detected.`:
@@ -38,8 +39,17 @@ from llama_jax.model import Llama
 from llama_jax.train import TrainConfig, Trainer
 
 # head_dim 128, as every Llama 3 size: the shape cuDNN's and splash's kernels are built for.
-CONFIG = LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=512, norm_eps=1e-5,
-                     rope_theta=500_000.0, max_seq_len=1024)  # fmt: skip
+CONFIG = LlamaConfig(
+    vocab_size=512,
+    dim=256,
+    n_layers=2,
+    n_heads=2,
+    n_kv_heads=1,
+    ffn_dim=512,
+    norm_eps=1e-5,
+    rope_theta=500_000.0,
+    max_seq_len=1024,
+)
 PROMPTS = [[3] * 200, [5] * 77]  # a 256-token prompt bucket
 NEW_TOKENS = 16
 
@@ -118,8 +128,13 @@ def test_bf16_prefill_for_tpu_runs_the_splash_kernel():
 def _train_batch(rows: int = 2, length: int = 128) -> dict[str, np.ndarray]:
     ones = np.ones((rows, length), np.int32)
     positions = np.tile(np.arange(length, dtype=np.int32), (rows, 1))
-    return {"tokens": ones, "targets": ones, "loss_mask": ones.astype(np.float32), "positions": positions,
-            "segment_ids": ones}  # fmt: skip
+    return {
+        "tokens": ones,
+        "targets": ones,
+        "loss_mask": ones.astype(np.float32),
+        "positions": positions,
+        "segment_ids": ones,
+    }
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
@@ -157,7 +172,11 @@ def fp8_dots(text: str) -> list[str]:
 
 def fp8_upcasts(text: str) -> list[str]:
     """converts FROM f8E4M3FN to anything: an FP8 weight (or activation) copied into a wider dtype."""
-    return [line.strip()[:160] for line in text.splitlines() if re.search(rf"stablehlo\.convert .*\(tensor<[^>]*x{FP8}>\)", line)]  # fmt: skip
+    return [
+        line.strip()[:160]
+        for line in text.splitlines()
+        if re.search(rf"stablehlo\.convert .*\(tensor<[^>]*x{FP8}>\)", line)
+    ]
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
@@ -170,7 +189,9 @@ def test_fp8_mode_multiplies_fp8_by_fp8_and_never_upcasts_the_fp8_weights(platfo
 
 
 def test_the_fp8_checks_see_the_dequant_mode_upcast():
-    prefill, decode = sampler.lower(_model(fp8_matmul="dequant"), PROMPTS, max_new_tokens=NEW_TOKENS, platforms=("cuda",))
+    prefill, decode = sampler.lower(
+        _model(fp8_matmul="dequant"), PROMPTS, max_new_tokens=NEW_TOKENS, platforms=("cuda",)
+    )
     assert fp8_dots(decode.as_text()) == []
     assert fp8_upcasts(decode.as_text())
 
@@ -210,5 +231,7 @@ def test_the_donation_check_sees_an_undonated_cache():
     f = jax.jit(lambda cache: cache + 1)
     cache = jax.ShapeDtypeStruct((2, 1, 8, 1, 128), jnp.bfloat16)
     kept = _main_args(f.trace(cache).lower(lowering_platforms=("cuda",)).as_text())
-    donated = _main_args(jax.jit(lambda c: c + 1, donate_argnums=0).trace(cache).lower(lowering_platforms=("cuda",)).as_text())  # fmt: skip
+    donated = _main_args(
+        jax.jit(lambda c: c + 1, donate_argnums=0).trace(cache).lower(lowering_platforms=("cuda",)).as_text()
+    )
     assert not _donated(kept[0][1]) and _donated(donated[0][1])

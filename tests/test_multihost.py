@@ -43,7 +43,8 @@ _WORKER = textwrap.dedent(
                                           lambda index: tokens_np[index])
     logits = nnx.jit(lambda m, t: m(t))(model, tokens)
     everything = multihost_utils.process_allgather(logits, tiled=True)
-    generated = [list(r.tokens) for r in llama_jax.generate(model, tokens_np.tolist(), max_new_tokens=6, stop_tokens=[])]
+    results = llama_jax.generate(model, tokens_np.tolist(), max_new_tokens=6, stop_tokens=[])
+    generated = [list(r.tokens) for r in results]
     wq = model.layers.attention.wq[...]
     report = dict(
         topology=topology.__dict__,
@@ -65,23 +66,38 @@ def _free_port() -> int:
 
 
 def test_two_processes_compute_the_single_process_logits_and_tokens(tmp_path):
-    checkpoints.hf_checkpoint(tmp_path / "ckpt", vocab_size=384, dim=64, n_layers=2, n_heads=8, n_kv_heads=2,
-                              ffn_dim=160)  # fmt: skip
+    checkpoints.hf_checkpoint(
+        tmp_path / "ckpt", vocab_size=384, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=160
+    )
     single = llama_jax.load(tmp_path / "ckpt", dtype="float32")
     reference = np.asarray(single(TOKENS))
-    reference_tokens = [list(r.tokens) for r in llama_jax.generate(single, TOKENS.tolist(), max_new_tokens=6, stop_tokens=[])]
+    reference_tokens = [
+        list(r.tokens) for r in llama_jax.generate(single, TOKENS.tolist(), max_new_tokens=6, stop_tokens=[])
+    ]
 
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS")}
     env |= {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     port = _free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(port), str(i), str(tmp_path / "ckpt"), str(tmp_path / f"out{i}"),
-             json.dumps(TOKENS.tolist())],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+            [
+                sys.executable,
+                "-c",
+                _WORKER,
+                str(port),
+                str(i),
+                str(tmp_path / "ckpt"),
+                str(tmp_path / f"out{i}"),
+                json.dumps(TOKENS.tolist()),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=ROOT,
         )
         for i in range(2)
-    ]  # fmt: skip
+    ]
     logs = []
     try:
         for p in procs:
@@ -96,8 +112,13 @@ def test_two_processes_compute_the_single_process_logits_and_tokens(tmp_path):
 
     for i in range(2):
         report = json.loads((tmp_path / f"out{i}.json").read_text())
-        assert report["topology"] == {"process_id": i, "process_count": 2, "local_devices": 4, "global_devices": 8,
-                                      "source": "arguments"}  # fmt: skip
+        assert report["topology"] == {
+            "process_id": i,
+            "process_count": 2,
+            "local_devices": 4,
+            "global_devices": 8,
+            "source": "arguments",
+        }
         assert report["mesh_processes"] == [0, 1]
         assert report["wq_local_fraction"] == 0.5  # each process holds (and read) half of each weight
         logits = np.load(tmp_path / f"out{i}.npy")
@@ -109,8 +130,13 @@ def test_two_processes_compute_the_single_process_logits_and_tokens(tmp_path):
 def test_cluster_detection_reads_the_launchers_environment():
     from sharding.distributed import detect_cluster
 
-    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
-             "SLURM_LOCALID": "0"}  # fmt: skip
+    slurm = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_NODELIST": "gpu[01-02]",
+        "SLURM_NTASKS": "2",
+        "SLURM_PROCID": "1",
+        "SLURM_LOCALID": "0",
+    }
     assert detect_cluster(slurm) == "slurm"
     assert detect_cluster(slurm | {"SLURM_NTASKS": "1"}) is None  # a one-task job is one process
     ompi = {"OMPI_MCA_orte_hnp_uri": "1.2.3.4:5", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"}

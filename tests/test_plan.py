@@ -22,9 +22,19 @@ GIB = 1 << 30
 @pytest.fixture(scope="module")
 def tiny_plan():
     return plan_report.plan_subprocess(
-        ["--config", "configs/tiny.py", "--mesh", "fsdp=2,tensor=4", "--batch", "8", "--context", "256", "--preset",
-         "cpu"]
-    )  # fmt: skip
+        [
+            "--config",
+            "configs/tiny.py",
+            "--mesh",
+            "fsdp=2,tensor=4",
+            "--batch",
+            "8",
+            "--context",
+            "256",
+            "--preset",
+            "cpu",
+        ]
+    )
 
 
 def test_small_plan_bytes_add_up(tiny_plan):
@@ -87,13 +97,15 @@ def test_fp8_weights_follow_the_405b_release_layout():
 
 
 def test_collective_bytes_count_the_layer_loop_per_layer():
-    hlo = "\n".join([
-        '%a = bf16[4,1024]{1,0} all-reduce(%x), metadata={op_name="jit(f)/while/body/closed_call/dot"}',
-        '%b = (f32[8,16]{1,0}, f32[8,16]{1,0}) all-to-all(%y, %z), metadata={op_name="jit(f)/gather"}',
-        '%c = f32[2,1024]{1,0} all-gather-start(%w), metadata={op_name="jit(f)/while/body/x"}',
-        '%d = f32[2,1024]{1,0} all-gather-done(%c)',
-        "%e = f32[2,1024]{1,0} add(%c, %c)",
-    ])  # fmt: skip
+    hlo = "\n".join(
+        [
+            '%a = bf16[4,1024]{1,0} all-reduce(%x), metadata={op_name="jit(f)/while/body/closed_call/dot"}',
+            '%b = (f32[8,16]{1,0}, f32[8,16]{1,0}) all-to-all(%y, %z), metadata={op_name="jit(f)/gather"}',
+            '%c = f32[2,1024]{1,0} all-gather-start(%w), metadata={op_name="jit(f)/while/body/x"}',
+            "%d = f32[2,1024]{1,0} all-gather-done(%c)",
+            "%e = f32[2,1024]{1,0} add(%c, %c)",
+        ]
+    )
     assert plan.collective_bytes(hlo, n_layers=10) == {
         "all-reduce": 4 * 1024 * 2 * 10,
         "all-to-all": 2 * 8 * 16 * 4,

@@ -43,8 +43,10 @@ def test_the_gpu_environment_keeps_what_the_user_set():
     ours = platform.gpu_environment({})
     assert ours["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.90"
     assert ours["XLA_FLAGS"].split() == list(platform.GPU_XLA_FLAGS)
-    user = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5",
-            "XLA_FLAGS": "--xla_dump_to=/tmp/x --xla_gpu_enable_latency_hiding_scheduler=false"}  # fmt: skip
+    user = {
+        "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5",
+        "XLA_FLAGS": "--xla_dump_to=/tmp/x --xla_gpu_enable_latency_hiding_scheduler=false",
+    }
     updates = platform.gpu_environment(user)
     assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in updates
     flags = updates["XLA_FLAGS"].split()
@@ -77,8 +79,10 @@ def test_every_gpu_flag_is_one_the_installed_jaxlib_knows():
 def test_the_cli_sets_the_environment_before_jax_starts_its_backend():
     """After importing the CLI and every command, XLA_FLAGS still take effect (the backend has not
     started): a bad flag set now aborts the first computation."""
-    code = ("import os, llama_jax.cli as cli; cli.build_parser(); "
-            "os.environ['XLA_FLAGS'] = '--xla_gpu_no_such_flag=true'; import jax; jax.devices()")  # fmt: skip
+    code = (
+        "import os, llama_jax.cli as cli; cli.build_parser(); "
+        "os.environ['XLA_FLAGS'] = '--xla_gpu_no_such_flag=true'; import jax; jax.devices()"
+    )
     result = _run(code)
     assert result.returncode != 0 and "xla_gpu_no_such_flag" in result.stderr
 

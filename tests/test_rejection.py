@@ -34,8 +34,9 @@ def policy():
 
 def write_prompts(path, model, tokenizer, n=6):
     prompts = [f"Story {i}: once upon a time" for i in range(n)]
-    greedy = llama_jax.generate(model, [tokenizer.encode(p, bos=True, eos=False) for p in prompts],
-                                max_new_tokens=1, stop_tokens=[])  # fmt: skip
+    greedy = llama_jax.generate(
+        model, [tokenizer.encode(p, bos=True, eos=False) for p in prompts], max_new_tokens=1, stop_tokens=[]
+    )
     records = [
         {"id": i, "prompt": p, "prefer": out.tokens[0]} for i, (p, out) in enumerate(zip(prompts, greedy, strict=True))
     ]
@@ -46,8 +47,17 @@ def write_prompts(path, model, tokenizer, n=6):
 
 def test_the_selected_samples_contain_the_token_the_scorer_prefers(policy, tokenizer, tmp_path):
     records = write_prompts(tmp_path / "prompts.jsonl", policy, tokenizer)
-    summary = rejection.run(policy, tokenizer, tmp_path / "prompts.jsonl", tmp_path / "best.jsonl", n=6,
-                            scorer=prefers_the_known_token, batch_size=8, progress=False, **SAMPLING)  # fmt: skip
+    summary = rejection.run(
+        policy,
+        tokenizer,
+        tmp_path / "prompts.jsonl",
+        tmp_path / "best.jsonl",
+        n=6,
+        scorer=prefers_the_known_token,
+        batch_size=8,
+        progress=False,
+        **SAMPLING,
+    )
     assert summary["samples"] == 7 * 6 and summary["written"] == 7
     samples = data.read_jsonl(tmp_path / "best.jsonl.samples.jsonl")
     best = {r["id"]: r for r in data.read_jsonl(tmp_path / "best.jsonl")}
@@ -67,13 +77,25 @@ def test_the_selected_samples_contain_the_token_the_scorer_prefers(policy, token
 
 def test_pairs_are_best_versus_worst_and_are_dpo_data(policy, tokenizer, tmp_path):
     records = write_prompts(tmp_path / "prompts.jsonl", policy, tokenizer)
-    rejection.run(policy, tokenizer, tmp_path / "prompts.jsonl", tmp_path / "pairs.jsonl", n=6,
-                  scorer=prefers_the_known_token, output_kind="pairs", batch_size=8, progress=False,
-                  **SAMPLING)  # fmt: skip
+    rejection.run(
+        policy,
+        tokenizer,
+        tmp_path / "prompts.jsonl",
+        tmp_path / "pairs.jsonl",
+        n=6,
+        scorer=prefers_the_known_token,
+        output_kind="pairs",
+        batch_size=8,
+        progress=False,
+        **SAMPLING,
+    )
     pairs = data.read_jsonl(tmp_path / "pairs.jsonl")
     samples = data.read_jsonl(tmp_path / "pairs.jsonl.samples.jsonl")
-    mixed = [r["id"] for r in records if len({r["prefer"] in s["tokens"] for s in samples
-                                            if s["id"].startswith(f"{r['id']}#")}) == 2]  # fmt: skip
+    mixed = [
+        r["id"]
+        for r in records
+        if len({r["prefer"] in s["tokens"] for s in samples if s["id"].startswith(f"{r['id']}#")}) == 2
+    ]
     assert [p["id"] for p in pairs] == mixed  # prompts whose samples all score the same are ties, left out
     assert len(mixed) >= 3
     assert all(p["chosen_score"] == 1.0 and p["rejected_score"] == 0.0 for p in pairs)
@@ -90,10 +112,28 @@ def test_a_reward_model_scores_by_a_tokens_logit(policy, tokenizer):
 
 
 def command(tmp_path, prompts) -> list[str]:
-    return [sys.executable, "-m", "llama_jax", "rejection", "--input", str(prompts), "--output",
-            str(tmp_path / "best.jsonl"), "--n", "6", "--scorer", "tests.test_rejection:prefers_the_known_token",
-            "--config.batch_size=2", "--config.max_new_tokens=4", "--config.temperature=1.0", "--config.top_k=2",
-            "--config.top_p=1.0", "--seed", "3", "--no-progress"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "llama_jax",
+        "rejection",
+        "--input",
+        str(prompts),
+        "--output",
+        str(tmp_path / "best.jsonl"),
+        "--n",
+        "6",
+        "--scorer",
+        "tests.test_rejection:prefers_the_known_token",
+        "--config.batch_size=2",
+        "--config.max_new_tokens=4",
+        "--config.temperature=1.0",
+        "--config.top_k=2",
+        "--config.top_p=1.0",
+        "--seed",
+        "3",
+        "--no-progress",
+    ]
 
 
 def test_killed_with_sigkill_and_restarted_the_output_is_byte_identical(policy, tokenizer, tmp_path):
@@ -101,8 +141,17 @@ def test_killed_with_sigkill_and_restarted_the_output_is_byte_identical(policy, 
     write_prompts(prompts, policy, tokenizer)
     uninterrupted = tmp_path / "whole"
     uninterrupted.mkdir()
-    rejection.run(policy, tokenizer, prompts, uninterrupted / "best.jsonl", n=6, scorer=prefers_the_known_token,
-                  batch_size=2, progress=False, **SAMPLING)  # fmt: skip
+    rejection.run(
+        policy,
+        tokenizer,
+        prompts,
+        uninterrupted / "best.jsonl",
+        n=6,
+        scorer=prefers_the_known_token,
+        batch_size=2,
+        progress=False,
+        **SAMPLING,
+    )
 
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.Popen(command(tmp_path, prompts), cwd=ROOT, env=env, stderr=subprocess.PIPE)
@@ -129,8 +178,16 @@ def test_the_config_file_sets_the_job_and_bad_settings_are_named(tmp_path):
     from llama_jax import jobs
     from llama_jax.cli import build_parser
 
-    args = build_parser().parse_args(["rejection", "--config", os.path.join(ROOT, "configs", "rejection.py"),
-                                      "--n", "3", "--config.output_kind=best"])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "rejection",
+            "--config",
+            os.path.join(ROOT, "configs", "rejection.py"),
+            "--n",
+            "3",
+            "--config.output_kind=best",
+        ]
+    )
     job = jobs.config_from_args(rejection.RejectionConfig, args)
     assert (job.n, job.output_kind, job.scorer) == (3, "best", "my_rewards:score")
     with pytest.raises(ValueError, match="scorer: expected 'module:function'"):
@@ -150,9 +207,17 @@ def reward_model_dir(tmp_path_factory):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                                      num_labels=1, pad_token_id=PAD)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=128256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        num_labels=1,
+        pad_token_id=PAD,
+    )
     hf = transformers.LlamaForSequenceClassification(config).eval()
     with torch.no_grad():
         hf.score.weight.normal_(0.0, 1.0)  # rewards of order 1, so the relative bound means something
@@ -216,11 +281,27 @@ def test_rejection_with_a_scalar_reward_model_keeps_what_transformers_scores_bes
     path, hf = reward_model_dir
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla"))  # leave the process's JAX config alone
     records = write_prompts(tmp_path / "prompts.jsonl", policy, tokenizer, n=3)
-    args = build_parser().parse_args(["rejection", "--input", str(tmp_path / "prompts.jsonl"), "--output",
-                                      str(tmp_path / "pairs.jsonl"), "--n", "4", "--config.output_kind=pairs",
-                                      f"--config.reward_model={path}", "--config.reward_head=scalar",
-                                      "--config.dtype=float32", "--config.max_new_tokens=4", "--config.top_k=2",
-                                      "--config.temperature=1.0", "--seed", "3", "--no-progress"])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "rejection",
+            "--input",
+            str(tmp_path / "prompts.jsonl"),
+            "--output",
+            str(tmp_path / "pairs.jsonl"),
+            "--n",
+            "4",
+            "--config.output_kind=pairs",
+            f"--config.reward_model={path}",
+            "--config.reward_head=scalar",
+            "--config.dtype=float32",
+            "--config.max_new_tokens=4",
+            "--config.top_k=2",
+            "--config.temperature=1.0",
+            "--seed",
+            "3",
+            "--no-progress",
+        ]
+    )
     assert rejection.main(args) == 0
     samples = {s["id"]: s for s in data.read_jsonl(tmp_path / "pairs.jsonl.samples.jsonl")}
     pairs = {p["id"]: p for p in data.read_jsonl(tmp_path / "pairs.jsonl")}

@@ -26,19 +26,39 @@ def permute(w: torch.Tensor, n_heads: int, dim1: int, dim2: int) -> torch.Tensor
     return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
 
 
-def transformers_model(state: dict, *, vocab: int, dim: int, n_layers: int, n_heads: int, n_kv_heads: int,
-                       ffn_dim: int, rope: dict, max_positions: int):  # fmt: skip
+def transformers_model(
+    state: dict,
+    *,
+    vocab: int,
+    dim: int,
+    n_layers: int,
+    n_heads: int,
+    n_kv_heads: int,
+    ffn_dim: int,
+    rope: dict,
+    max_positions: int,
+):
     """`LlamaForCausalLM` holding Meta-layout `state`, converted as the transformers script converts it."""
     from transformers import LlamaConfig as HFConfig
     from transformers import LlamaForCausalLM
 
-    config = HFConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=ffn_dim, num_hidden_layers=n_layers,
-                      num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, rms_norm_eps=1e-5,
-                      max_position_embeddings=max_positions,
-                      rope_parameters=dict(rope))  # fmt: skip
+    config = HFConfig(
+        vocab_size=vocab,
+        hidden_size=dim,
+        intermediate_size=ffn_dim,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=max_positions,
+        rope_parameters=dict(rope),
+    )
     head_dim = dim // n_heads
-    hf = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
-          "lm_head.weight": state["output.weight"]}  # fmt: skip
+    hf = {
+        "model.embed_tokens.weight": state["tok_embeddings.weight"],
+        "model.norm.weight": state["norm.weight"],
+        "lm_head.weight": state["output.weight"],
+    }
     for i in range(n_layers):
         m, h = f"layers.{i}.", f"model.layers.{i}."
         hf[h + "self_attn.q_proj.weight"] = permute(state[m + "attention.wq.weight"], n_heads, dim, dim)
@@ -89,8 +109,17 @@ def test_llama2_logits_match_meta_transformer_and_transformers(tmp_path, llama2_
     assert relative_error(got, meta(torch.tensor(TOKENS), 0).float().numpy()) <= TOLERANCE
 
     c = LlamaConfig.from_meta_params(params, vocab_size=vocab)
-    hf = transformers_model(llama2_state, vocab=vocab, dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads,
-                            n_kv_heads=c.n_heads, ffn_dim=c.ffn_dim, rope=LLAMA2_ROPE, max_positions=4096)  # fmt: skip
+    hf = transformers_model(
+        llama2_state,
+        vocab=vocab,
+        dim=c.dim,
+        n_layers=c.n_layers,
+        n_heads=c.n_heads,
+        n_kv_heads=c.n_heads,
+        ffn_dim=c.ffn_dim,
+        rope=LLAMA2_ROPE,
+        max_positions=4096,
+    )
     assert relative_error(got, hf_logits(hf, TOKENS)) <= TOLERANCE
 
 
@@ -141,18 +170,29 @@ def test_duplicated_kv_heads_are_merged_and_match_transformers(mp_duplicated):
     assert json.loads((path / "params.json").read_text())["n_kv_heads"] == 4
     model = llama_jax.load(path, dtype="float32")
     assert model.config.n_kv_heads == 2 and model.layers.attention.wk[...].shape == (2, 64, 2, 8)
-    hf = transformers_model(state, vocab=c.vocab_size, dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads,
-                            n_kv_heads=2, ffn_dim=c.ffn_dim, rope=checkpoints.LLAMA3_ROPE, max_positions=131072)  # fmt: skip
+    hf = transformers_model(
+        state,
+        vocab=c.vocab_size,
+        dim=c.dim,
+        n_layers=c.n_layers,
+        n_heads=c.n_heads,
+        n_kv_heads=2,
+        ffn_dim=c.ffn_dim,
+        rope=checkpoints.LLAMA3_ROPE,
+        max_positions=131072,
+    )
     tokens = TOKENS % c.vocab_size
     assert relative_error(model(tokens), hf_logits(hf, tokens)) <= TOLERANCE
 
 
 @pytest.mark.parametrize(
     "layer, message",
-    [(1, r"'layers\.1\.attention\.wv\.weight' head 2: duplicated KV head copy 1 differs"),
-     (0, r"layer 0's KV heads are duplicated for some heads but not all")],
+    [
+        (1, r"'layers\.1\.attention\.wv\.weight' head 2: duplicated KV head copy 1 differs"),
+        (0, r"layer 0's KV heads are duplicated for some heads but not all"),
+    ],
     ids=["later-layer", "layer-0"],
-)  # fmt: skip
+)
 def test_kv_head_copies_that_differ_fail_loudly(mp_duplicated, tmp_path, layer, message):
     path, _, _ = mp_duplicated
     for f in path.iterdir():

@@ -22,9 +22,17 @@ def test_llama3_frequencies_equal_transformers_bitwise(head_dim, factor):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    rope = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192, "rope_theta": 500000.0}  # fmt: skip
-    config = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, max_position_embeddings=131072, rope_parameters=rope)
+    rope = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_theta": 500000.0,
+    }
+    config = LlamaConfig(
+        hidden_size=head_dim * 4, num_attention_heads=4, max_position_embeddings=131072, rope_parameters=rope
+    )
     expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     np.testing.assert_array_equal(inverse_frequencies(head_dim, 500000.0, RopeScaling(factor=factor)), expected.numpy())
 

@@ -301,8 +301,10 @@ def test_top_logprobs_are_the_k_best_of_the_uncached_log_softmax_including_the_s
         model, prompts, max_new_tokens=10, temperature=0.9, seed=2, stop_tokens=[stop], top_logprobs=k, logprobs=True
     )
     assert any(r.stop_reason == "stop" for r in results) and any(r.stop_reason == "length" for r in results)
-    sequences = [p + list(r.tokens) + ([r.stop_token] if r.stop_token is not None else []) for p, r in
-                 zip(prompts, results, strict=True)]  # fmt: skip
+    sequences = [
+        p + list(r.tokens) + ([r.stop_token] if r.stop_token is not None else [])
+        for p, r in zip(prompts, results, strict=True)
+    ]
     for prompt, result, seq, logits in zip(prompts, results, sequences, uncached_logits(model, sequences), strict=True):
         ids, logps = result.top_logprobs
         n = len(seq) - len(prompt)  # every generated token, the stop token included

@@ -192,9 +192,12 @@ def test_sharded_logits_equal_unsharded(checkpoint, reference, axes):
 
 @pytest.mark.parametrize(
     "axes, strategy, w1_shard",
-    [("data=2,fsdp=2,tensor=2", "dp", (2, 64, 160)), ("fsdp=8", "fsdp", (2, 8, 160)),
-     ("data=2,tensor=4", "tp", (2, 64, 40))],
-)  # fmt: skip
+    [
+        ("data=2,fsdp=2,tensor=2", "dp", (2, 64, 160)),
+        ("fsdp=8", "fsdp", (2, 8, 160)),
+        ("data=2,tensor=4", "tp", (2, 64, 40)),
+    ],
+)
 def test_every_strategy_computes_the_same_logits(checkpoint, reference, axes, strategy, w1_shard):
     """An in-memory model moved onto a mesh (`shard_model`) under each named strategy."""
     model = placement.shard_model(llama_jax.load(checkpoint, dtype="float32"), mesh_lib.make_mesh(axes), strategy)
@@ -206,8 +209,9 @@ def _collectives(hlo: str) -> list[tuple[str, str, bool]]:
     """(op, result type, inside the layer loop) of every collective in a compiled program."""
     found = []
     for line in hlo.splitlines():
-        m = re.search(r"=\s*(\S+)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\(",
-                      line)  # fmt: skip
+        m = re.search(
+            r"=\s*(\S+)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\(", line
+        )
         if m:
             found.append((m.group(2), m.group(1), "while/body" in line))
     return found
@@ -242,8 +246,7 @@ def test_greedy_generation_is_the_same_on_a_mesh(checkpoint):
     prompts = [list(TOKENS[i, : 5 + 2 * i]) for i in range(4)]
     ref = generate(llama_jax.load(checkpoint, dtype="float32"), prompts, max_new_tokens=12, temperature=0.0)
     mesh = mesh_lib.make_mesh("fsdp=2,kv_rep=2,tensor=2")
-    got = generate(llama_jax.load(checkpoint, dtype="float32", mesh=mesh), prompts, max_new_tokens=12,
-                   temperature=0.0)  # fmt: skip
+    got = generate(llama_jax.load(checkpoint, dtype="float32", mesh=mesh), prompts, max_new_tokens=12, temperature=0.0)
     assert [r.tokens for r in got] == [r.tokens for r in ref]
     assert all(len(r.tokens) > 0 for r in ref)
 
@@ -392,9 +395,11 @@ def test_sharded_load_keeps_host_memory_far_below_the_checkpoint(tmp_path):
 
     config = llama_jax.LlamaConfig(vocab_size=32768, dim=1024, n_layers=6, n_heads=16, n_kv_heads=4, ffn_dim=3072)
     d, f, h = config.dim, config.ffn_dim, config.head_dim
-    tensors = [("model.embed_tokens.weight", _Filled((config.vocab_size, d), 0.01)),
-               ("lm_head.weight", _Filled((config.vocab_size, d), 0.02)),
-               ("model.norm.weight", _Filled((d,), 1.0))]  # fmt: skip
+    tensors = [
+        ("model.embed_tokens.weight", _Filled((config.vocab_size, d), 0.01)),
+        ("lm_head.weight", _Filled((config.vocab_size, d), 0.02)),
+        ("model.norm.weight", _Filled((d,), 1.0)),
+    ]
     for i in range(config.n_layers):
         p = f"model.layers.{i}."
         tensors += [
@@ -413,8 +418,14 @@ def test_sharded_load_keeps_host_memory_far_below_the_checkpoint(tmp_path):
     assert checkpoint_bytes == config.num_params() * 4 > 500e6
 
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                          timeout=240, env=env, cwd=ROOT)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads(proc.stdout.strip().splitlines()[-1])
     grown = m["peak_anon"] - m["baseline_anon"]

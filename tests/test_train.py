@@ -28,8 +28,20 @@ from sharding.mesh import make_mesh
 from tests import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, head_dim=16,
-                   norm_eps=1e-5, rope_theta=500_000.0, rope_scaling=None, max_seq_len=128, tie_embeddings=False)  # fmt: skip
+TINY = LlamaConfig(
+    vocab_size=256,
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    ffn_dim=128,
+    head_dim=16,
+    norm_eps=1e-5,
+    rope_theta=500_000.0,
+    rope_scaling=None,
+    max_seq_len=128,
+    tie_embeddings=False,
+)
 
 
 def tiny_model(seed: int = 0, config: LlamaConfig = TINY) -> Llama:
@@ -40,10 +52,12 @@ def sequences(rows: np.ndarray, mask: np.ndarray | None = None) -> data.Examples
     """Examples from whole sequences [N, T + 1]: one document per row, every target trained."""
     n, t = rows.shape[0], rows.shape[1] - 1
     return data.Examples(
-        tokens=rows[:, :-1].astype(np.int32), targets=rows[:, 1:].astype(np.int32),
+        tokens=rows[:, :-1].astype(np.int32),
+        targets=rows[:, 1:].astype(np.int32),
         loss_mask=np.ones((n, t), np.float32) if mask is None else mask.astype(np.float32),
-        positions=np.tile(np.arange(t, dtype=np.int32), (n, 1)), segment_ids=np.ones((n, t), np.int32),
-    )  # fmt: skip
+        positions=np.tile(np.arange(t, dtype=np.int32), (n, 1)),
+        segment_ids=np.ones((n, t), np.int32),
+    )
 
 
 def random_examples(n=16, t=32, seed=0, vocab=256) -> data.Examples:
@@ -208,8 +222,9 @@ def test_kl_losses_against_direct_computation():
     # are the whole vocabulary and the top-K KL is the full KL.
     t_logp = jax.nn.log_softmax(teacher)
     values, ids = jax.lax.top_k(t_logp, 10)
-    np.testing.assert_allclose(topk_kl(student, ids, values, mask, 1.0), full_kl(student, teacher, mask, 1.0),
-                               rtol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(
+        topk_kl(student, ids, values, mask, 1.0), full_kl(student, teacher, mask, 1.0), rtol=1e-4
+    )
 
 
 def test_the_batch_jobs_top_logprobs_are_distillation_data_aligned_to_the_teacher(tmp_path, llama3_tokenizer_path):
@@ -224,8 +239,16 @@ def test_the_batch_jobs_top_logprobs_are_distillation_data_aligned_to_the_teache
     (tmp_path / "in.jsonl").write_text(
         "".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts))
     )
-    run_batch(teacher, tokenizer, tmp_path / "in.jsonl", tmp_path / "out.jsonl", progress=False, max_new_tokens=4,
-              temperature=0.0, top_logprobs=4)  # fmt: skip
+    run_batch(
+        teacher,
+        tokenizer,
+        tmp_path / "in.jsonl",
+        tmp_path / "out.jsonl",
+        progress=False,
+        max_new_tokens=4,
+        temperature=0.0,
+        top_logprobs=4,
+    )
     examples = data.load_examples(tmp_path / "out.jsonl", tokenizer=None, seq_len=16, kind="distill")
     assert examples.teacher_ids.shape == (4, 16, 4) and examples.loss_mask.sum() > 0
 
@@ -234,16 +257,22 @@ def test_the_batch_jobs_top_logprobs_are_distillation_data_aligned_to_the_teache
     trainer = Trainer(teacher, TrainConfig(steps=1, batch_size=4))
     loss, _ = trainer.loss_and_grads(data.Loader(examples, 4, seed=0).batch(0))
     assert abs(loss) < 1e-5
-    shifted = dataclasses.replace(examples, teacher_ids=np.roll(examples.teacher_ids, 1, axis=1),
-                                  teacher_logprobs=np.roll(examples.teacher_logprobs, 1, axis=1))  # fmt: skip
+    shifted = dataclasses.replace(
+        examples,
+        teacher_ids=np.roll(examples.teacher_ids, 1, axis=1),
+        teacher_logprobs=np.roll(examples.teacher_logprobs, 1, axis=1),
+    )
     loss, _ = trainer.loss_and_grads(data.Loader(shifted, 4, seed=0).batch(0))
     assert loss > 1e-3
 
 
 def test_distillation_brings_the_student_towards_a_larger_teacher():
     teacher = tiny_model(seed=7, config=TINY.replace(dim=96, n_layers=3, ffn_dim=192, n_heads=6, n_kv_heads=3))
-    trainer = Trainer(tiny_model(), TrainConfig(steps=30, batch_size=8, learning_rate=3e-3, warmup_steps=2,
-                                                distill_temperature=2.0), teacher=teacher)  # fmt: skip
+    trainer = Trainer(
+        tiny_model(),
+        TrainConfig(steps=30, batch_size=8, learning_rate=3e-3, warmup_steps=2, distill_temperature=2.0),
+        teacher=teacher,
+    )
     history = trainer.fit(data.Loader(random_examples(), 8, seed=0), progress=False)
     assert history[-1]["kl"] < 0.5 * history[0]["kl"]
 
@@ -260,8 +289,12 @@ def distill_records(path, n=24, t=20, k=4, seed=0):
             logits = rng.normal(size=(t - 5, 384))
             logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
             top = np.argsort(-logp, axis=-1)[:, :k]
-            record = {"id": i, "sequence": sequence, "completion_start": 5,
-                      "top_logprobs": {"ids": top.tolist(), "logprobs": np.take_along_axis(logp, top, -1).tolist()}}  # fmt: skip
+            record = {
+                "id": i,
+                "sequence": sequence,
+                "completion_start": 5,
+                "top_logprobs": {"ids": top.tolist(), "logprobs": np.take_along_axis(logp, top, -1).tolist()},
+            }
             f.write(json.dumps(record) + "\n")
 
 
@@ -274,16 +307,34 @@ def final_state(workdir, step):
 def test_resuming_after_sigkill_gives_bit_identical_params(tmp_path, llama3_tokenizer_path):
     checkpoints.hf_checkpoint(tmp_path / "model")
     distill_records(tmp_path / "data.jsonl")
-    job = TrainJob(checkpoint=str(tmp_path / "model"), tokenizer=str(llama3_tokenizer_path), dtype="float32",
-                   data=str(tmp_path / "data.jsonl"), seq_len=24, steps=40, batch_size=4, learning_rate=1e-3,
-                   distill_weight=0.5, checkpoint_every=5, export="none", progress=False)  # fmt: skip
+    job = TrainJob(
+        checkpoint=str(tmp_path / "model"),
+        tokenizer=str(llama3_tokenizer_path),
+        dtype="float32",
+        data=str(tmp_path / "data.jsonl"),
+        seq_len=24,
+        steps=40,
+        batch_size=4,
+        learning_rate=1e-3,
+        distill_weight=0.5,
+        checkpoint_every=5,
+        export="none",
+        progress=False,
+    )
     run_job(dataclasses.replace(job, workdir=str(tmp_path / "straight")))
 
     killed = tmp_path / "killed"
-    args = [f"--config.{f.name}={getattr(job, f.name)}" for f in dataclasses.fields(job)
-            if f.name not in ("lora_targets", "teacher", "teacher_rules", "mesh")]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "llama_jax", "train", *args, f"--workdir={killed}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    args = [
+        f"--config.{f.name}={getattr(job, f.name)}"
+        for f in dataclasses.fields(job)
+        if f.name not in ("lora_targets", "teacher", "teacher_rules", "mesh")
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_jax", "train", *args, f"--workdir={killed}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "5").is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -309,9 +360,20 @@ def test_a_second_run_in_a_used_workdir_must_say_resume(tmp_path):
 def test_the_lora_job_exports_a_merged_model_that_loads_back(tmp_path, llama3_tokenizer_path):
     checkpoints.hf_checkpoint(tmp_path / "model")
     distill_records(tmp_path / "data.jsonl")
-    job = TrainJob(checkpoint=str(tmp_path / "model"), tokenizer=str(llama3_tokenizer_path), dtype="float32",
-                   data=str(tmp_path / "data.jsonl"), seq_len=24, steps=3, batch_size=4, learning_rate=1e-2,
-                   lora_rank=4, lora_targets=("wq", "w2"), workdir=str(tmp_path / "run"), progress=False)  # fmt: skip
+    job = TrainJob(
+        checkpoint=str(tmp_path / "model"),
+        tokenizer=str(llama3_tokenizer_path),
+        dtype="float32",
+        data=str(tmp_path / "data.jsonl"),
+        seq_len=24,
+        steps=3,
+        batch_size=4,
+        learning_rate=1e-2,
+        lora_rank=4,
+        lora_targets=("wq", "w2"),
+        workdir=str(tmp_path / "run"),
+        progress=False,
+    )
     trained = run_job(job).model
     assert trained.lora is not None
     exported = llama_jax.load(tmp_path / "run" / "model", dtype="float32")
@@ -339,8 +401,11 @@ def test_fsdp_x_tensor_training_on_8_devices_matches_one_device():
     sharded.fit(loader, progress=False)
 
     assert sharded.params["layers"]["attention"]["wq"].sharding.is_equivalent_to(wq.sharding, wq.ndim)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5),
-                 sharded.params, single.params)  # fmt: skip
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5),
+        sharded.params,
+        single.params,
+    )
 
 
 # ---- the command line -------------------------------------------------------------------------------------
@@ -350,8 +415,18 @@ def test_config_files_parse_and_overrides_apply():
     from llama_jax import jobs
     from llama_jax.cli import build_parser
 
-    args = build_parser().parse_args(["train", "--config", f"{ROOT}/configs/finetune_lora.py", "--steps", "7",
-                                      "--config.lora_targets=wq,w2", "--config.remat=false", "--resume"])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--config",
+            f"{ROOT}/configs/finetune_lora.py",
+            "--steps",
+            "7",
+            "--config.lora_targets=wq,w2",
+            "--config.remat=false",
+            "--resume",
+        ]
+    )
     job = jobs.config_from_args(TrainJob, args)
     assert (job.steps, job.lora_targets, job.remat, job.resume, job.lora_rank) == (7, ("wq", "w2"), False, True, 16)
     for name in ("finetune_sft", "distill"):

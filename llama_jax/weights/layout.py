@@ -76,31 +76,91 @@ _q_in, _q_back = _heads_in(_n_heads)
 _kv_in, _kv_back = _heads_in(_n_kv)
 
 RULES: tuple[Rule, ...] = (
-    Rule(("tok_embeddings",), "model.embed_tokens.weight", "tok_embeddings.weight",
-         lambda c: (c.vocab_size, c.dim), _identity, _identity),
-    Rule(("layers", "attention_norm", "weight"), "model.layers.{i}.input_layernorm.weight",
-         "layers.{i}.attention_norm.weight", lambda c: (c.dim,), _identity, _identity),
-    Rule(("layers", "attention", "wq"), "model.layers.{i}.self_attn.q_proj.weight",
-         "layers.{i}.attention.wq.weight", lambda c: (c.n_heads * c.head_dim, c.dim), _q_in, _q_back,
-         rotary_heads=_n_heads),
-    Rule(("layers", "attention", "wk"), "model.layers.{i}.self_attn.k_proj.weight",
-         "layers.{i}.attention.wk.weight", lambda c: (c.n_kv_heads * c.head_dim, c.dim), _kv_in, _kv_back,
-         rotary_heads=_n_kv),
-    Rule(("layers", "attention", "wv"), "model.layers.{i}.self_attn.v_proj.weight",
-         "layers.{i}.attention.wv.weight", lambda c: (c.n_kv_heads * c.head_dim, c.dim), _kv_in, _kv_back),
-    Rule(("layers", "attention", "wo"), "model.layers.{i}.self_attn.o_proj.weight",
-         "layers.{i}.attention.wo.weight", lambda c: (c.dim, c.n_heads * c.head_dim), _heads_out, _heads_out_back),
-    Rule(("layers", "ffn_norm", "weight"), "model.layers.{i}.post_attention_layernorm.weight",
-         "layers.{i}.ffn_norm.weight", lambda c: (c.dim,), _identity, _identity),
-    Rule(("layers", "feed_forward", "w1"), "model.layers.{i}.mlp.gate_proj.weight",
-         "layers.{i}.feed_forward.w1.weight", lambda c: (c.ffn_dim, c.dim), _transpose, _transpose),
-    Rule(("layers", "feed_forward", "w3"), "model.layers.{i}.mlp.up_proj.weight",
-         "layers.{i}.feed_forward.w3.weight", lambda c: (c.ffn_dim, c.dim), _transpose, _transpose),
-    Rule(("layers", "feed_forward", "w2"), "model.layers.{i}.mlp.down_proj.weight",
-         "layers.{i}.feed_forward.w2.weight", lambda c: (c.dim, c.ffn_dim), _transpose, _transpose),
+    Rule(
+        ("tok_embeddings",),
+        "model.embed_tokens.weight",
+        "tok_embeddings.weight",
+        lambda c: (c.vocab_size, c.dim),
+        _identity,
+        _identity,
+    ),
+    Rule(
+        ("layers", "attention_norm", "weight"),
+        "model.layers.{i}.input_layernorm.weight",
+        "layers.{i}.attention_norm.weight",
+        lambda c: (c.dim,),
+        _identity,
+        _identity,
+    ),
+    Rule(
+        ("layers", "attention", "wq"),
+        "model.layers.{i}.self_attn.q_proj.weight",
+        "layers.{i}.attention.wq.weight",
+        lambda c: (c.n_heads * c.head_dim, c.dim),
+        _q_in,
+        _q_back,
+        rotary_heads=_n_heads,
+    ),
+    Rule(
+        ("layers", "attention", "wk"),
+        "model.layers.{i}.self_attn.k_proj.weight",
+        "layers.{i}.attention.wk.weight",
+        lambda c: (c.n_kv_heads * c.head_dim, c.dim),
+        _kv_in,
+        _kv_back,
+        rotary_heads=_n_kv,
+    ),
+    Rule(
+        ("layers", "attention", "wv"),
+        "model.layers.{i}.self_attn.v_proj.weight",
+        "layers.{i}.attention.wv.weight",
+        lambda c: (c.n_kv_heads * c.head_dim, c.dim),
+        _kv_in,
+        _kv_back,
+    ),
+    Rule(
+        ("layers", "attention", "wo"),
+        "model.layers.{i}.self_attn.o_proj.weight",
+        "layers.{i}.attention.wo.weight",
+        lambda c: (c.dim, c.n_heads * c.head_dim),
+        _heads_out,
+        _heads_out_back,
+    ),
+    Rule(
+        ("layers", "ffn_norm", "weight"),
+        "model.layers.{i}.post_attention_layernorm.weight",
+        "layers.{i}.ffn_norm.weight",
+        lambda c: (c.dim,),
+        _identity,
+        _identity,
+    ),
+    Rule(
+        ("layers", "feed_forward", "w1"),
+        "model.layers.{i}.mlp.gate_proj.weight",
+        "layers.{i}.feed_forward.w1.weight",
+        lambda c: (c.ffn_dim, c.dim),
+        _transpose,
+        _transpose,
+    ),
+    Rule(
+        ("layers", "feed_forward", "w3"),
+        "model.layers.{i}.mlp.up_proj.weight",
+        "layers.{i}.feed_forward.w3.weight",
+        lambda c: (c.ffn_dim, c.dim),
+        _transpose,
+        _transpose,
+    ),
+    Rule(
+        ("layers", "feed_forward", "w2"),
+        "model.layers.{i}.mlp.down_proj.weight",
+        "layers.{i}.feed_forward.w2.weight",
+        lambda c: (c.dim, c.ffn_dim),
+        _transpose,
+        _transpose,
+    ),
     Rule(("norm", "weight"), "model.norm.weight", "norm.weight", lambda c: (c.dim,), _identity, _identity),
     Rule(("output",), "lm_head.weight", "output.weight", lambda c: (c.vocab_size, c.dim), _transpose, _transpose),
-)  # fmt: skip
+)
 
 RULES_BY_PATH: dict[Path, Rule] = {r.path: r for r in RULES}
 
@@ -158,8 +218,9 @@ def rules_for(config: LlamaConfig, score_labels: int | None = None) -> tuple[Rul
     """
     rules = tuple(r for r in RULES if not (r.path == ("output",) and (config.tie_embeddings or score_labels)))
     if score_labels:
-        rules += (Rule(("score",), "score.weight", "score.weight", lambda c: (score_labels, c.dim), _transpose,
-                       _transpose),)  # fmt: skip
+        rules += (
+            Rule(("score",), "score.weight", "score.weight", lambda c: (score_labels, c.dim), _transpose, _transpose),
+        )
     return rules
 
 

@@ -10,10 +10,11 @@ More ranks than KV heads: every KV head is repeated consecutively so each rank h
 and `n_kv_heads` in params.json counts the copies, as llama-models' `checkpoint.reshard_mp` does
 (`repeat_qk_qv`) and as the 405B MP16 release ships. Our reader merges them back.
 
-FP8 (`quantize="fp8"`): FFN weights of the release's layers 1..L-2 (`fp8.release_layers`) in float8_e4m3fn with `fp8_scales_{rank}.pt`
-(`"{layer}_feed_forward.{w}_{rank}"`, one float32 per output row of that rank's piece), the layout
-llama-models' `llama3/quantization/loader.py` reads. A bf16 source is quantized per rank piece, as
-its `quantize_fp8` quantizes each rank's weight; an FP8 source's values and scales are kept as they are.
+FP8 (`quantize="fp8"`): FFN weights of the release's layers 1..L-2 (`fp8.release_layers`) in
+float8_e4m3fn with `fp8_scales_{rank}.pt` (`"{layer}_feed_forward.{w}_{rank}"`, one float32 per output
+row of that rank's piece), the layout llama-models' `llama3/quantization/loader.py` reads. A bf16
+source is quantized per rank piece, as its `quantize_fp8` quantizes each rank's weight; an FP8
+source's values and scales are kept as they are.
 """
 
 from __future__ import annotations
