@@ -348,10 +348,10 @@ def fp8_gemm_calls(hlo: str) -> list[str]:
 
 
 def decode_fp8(run: Run) -> dict:
-    from llama_jax import sampler
+    from llama_jax import fp8, sampler
 
     config = run.config_8b
-    model = _random_model(config, fp8_layers=range(1, config.n_layers - 1))
+    model = _random_model(config, fp8_layers=fp8.release_layers(config.n_layers))
     rows = _decode_rows(run, model, config)
     prompt_len, steps, _ = _decode_shape(run)
     _, decode = sampler.lower(model, [[7] * prompt_len], max_new_tokens=steps)  # the batch-1 program timed above

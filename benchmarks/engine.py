@@ -3,7 +3,8 @@
 CPU, the ~35.8M-parameter fp32 Llama-3.1-shaped model of `benchmarks/decode.py` (128K vocabulary,
 dim 256, 4 layers, tied embeddings), random init by transformers, saved and loaded by
 `llama_jax.load`. Its <|eot_id|> row is set to beta x the mean direction of the model's final hidden
-states, beta chosen so that ~1.5% of sampled steps stop: lengths are geometric (mean ~60), cap 256.
+states, beta bisected on sampled completions until their mean length is 60 (cap 256): lengths decided
+by sampled stop tokens, ~1.5% of steps stopping.
 
 Workloads (same requests for every side, temperature 1, per-request seeds):
   stop:    `--requests` prompts of 20-600 random tokens, up to 256 new tokens, ending at sampled eot.
@@ -37,31 +38,46 @@ from benchmarks import report  # noqa: E402
 from benchmarks.decode import SHAPES, hf_config, model_shape  # noqa: E402
 
 EOT = 128_009
-STOP_RATE = 0.015
+TARGET_MEAN = 60  # sampled completion tokens (geometric, ~1.5% of steps stop), capped at MAX_NEW
 MAX_NEW = 256
+CALIBRATION_PROMPTS = 32
 
 
-def tune_eot(torch, hf_model, rng) -> float:
-    """Set the eot row (tied: input and output) to beta * the mean final hidden direction, beta such that
-    the mean eot probability over sampled-like positions is STOP_RATE."""
+def tune_eot(torch, hf_model, model, rng) -> dict:
+    """Set the eot row (tied: input and output, in both models) to beta x the mean final hidden direction,
+    beta bisected until sampled completions (temperature 1, cap 256; calibration prompts and seeds apart
+    from the benchmark's) have a mean length of TARGET_MEAN. (Matching the eot probability on prompt
+    positions instead gave sampled completions a mean of 246 tokens: the calibration must sample.)"""
+    import jax.numpy as jnp
+
+    from llama_jax import sampler
+
     ids = torch.tensor(rng.integers(0, 128_000, size=(4, 512)))
     with torch.no_grad():
         h = hf_model.model(ids).last_hidden_state.reshape(-1, hf_model.config.hidden_size)
-        direction = h.mean(0) / h.mean(0).norm()
-        weight = hf_model.model.embed_tokens.weight
-        logits = h @ weight.T
+        direction = (h.mean(0) / h.mean(0).norm()).numpy()
+    prompts = make_prompts(rng, CALIBRATION_PROMPTS, 20, 200)
+    table = model.tok_embeddings[...]
 
-        def rate(beta):
-            z = logits.clone()
-            z[:, EOT] = beta * (h @ direction)
-            return torch.softmax(z, -1)[:, EOT].mean().item()
+    def mean_length(beta: float) -> float:
+        model.tok_embeddings.value = table.at[EOT].set(jnp.asarray(beta * direction, table.dtype))
+        seeds = [1_000_000 + i for i in range(len(prompts))]
+        results = sampler.generate(
+            model, prompts, max_new_tokens=MAX_NEW, temperature=1.0, seed=seeds, stop_tokens=[EOT]
+        )
+        return float(np.mean([len(r.tokens) for r in results]))
 
-        lo, hi = 0.0, 100.0
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if rate(mid) < STOP_RATE else (lo, mid)
-        weight[EOT] = lo * direction
-    return lo
+    lo, hi = 0.0, 1.0
+    while mean_length(hi) > TARGET_MEAN:  # mean length falls as beta grows
+        lo, hi = hi, 2 * hi
+    for _ in range(6):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_length(mid) > TARGET_MEAN else (lo, mid)
+    beta = (lo + hi) / 2
+    calibrated = mean_length(beta)
+    with torch.no_grad():
+        hf_model.model.embed_tokens.weight[EOT] = torch.from_numpy(beta * direction)
+    return {"beta": round(beta, 4), "calibration_mean_length": round(calibrated, 1), "prompts": len(prompts)}
 
 
 def make_prompts(rng, n, lo, hi, system=None) -> list[list[int]]:
@@ -106,19 +122,20 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
 
     import llama_jax
     from llama_jax.engine import Engine, Request
+    from llama_jax.sampling import SamplingParams
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     hf_model = transformers.LlamaForCausalLM(hf_config(transformers, *SHAPES["default"])).eval()
-    beta = tune_eot(torch, hf_model, rng)
     with tempfile.TemporaryDirectory() as tmp:
         hf_model.save_pretrained(tmp)
         model = llama_jax.load(tmp, dtype="float32")
+    eot = tune_eot(torch, hf_model, model, rng)
     out = {
         "benchmark": "engine",
         "device": "cpu",
         "model": {"dtype": "float32", **model_shape(model.config)},
-        "eot_beta": round(beta, 4),
+        "eot": eot,
         "batch": batch,
         "max_new_tokens": MAX_NEW,
         "repeats": repeats,
@@ -130,7 +147,10 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
             system = [128_000, *rng.integers(0, 128_000, size=999).tolist()]
             prompts = make_prompts(rng, n_requests, 20, 100, system)
         seeds = list(range(len(prompts)))
-        requests = [Request(i, p, MAX_NEW, seed=s) for i, (p, s) in enumerate(zip(prompts, seeds, strict=True))]
+        requests = [
+            Request(i, p, SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, seed=s, stop_tokens=[EOT]))
+            for i, (p, s) in enumerate(zip(prompts, seeds, strict=True))
+        ]
         pages = batch * (max(map(len, prompts)) + MAX_NEW) // 64 + 64
 
         def engine_side(share, pages=pages, requests=requests):
@@ -140,8 +160,6 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
                 pages=pages,
                 page_size=64,
                 burst=16,
-                temperature=1.0,
-                stop_tokens=[EOT],
                 prefix_cache=share,
             )
             return lambda: [r.tokens for r in eng.generate(requests)]

@@ -1,8 +1,13 @@
 """A continuous-batching engine: fixed decode slots over a paged KV cache, with prefix sharing.
 
-    engine = Engine(model, slots=32, pages=4096, page_size=64, burst=16, temperature=0.6, top_p=0.9)
-    for request, result in engine.run(requests):      # Request(id, prompt, max_new_tokens, seed)
+    engine = Engine(model, slots=32, pages=4096, page_size=64, burst=16)
+    for request, result in engine.run(requests):      # Request(id, prompt, SamplingParams(...))
         ...                                            # in completion order; result: GenerationResult | ValueError
+
+Every request carries its own `SamplingParams` (max_new_tokens, temperature, top-k/p, min-p, seed,
+stop tokens, logprobs). Requests whose settings share a static `sampling.Mode` decode together, each
+row with its own traced knobs, seed and stop tokens; slots of another mode wait for their own burst.
+One engine, one page pool, whatever the mix of settings.
 
 docs/BATCH.md draws it. One scheduler iteration on the host:
 
@@ -26,50 +31,34 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax import sampler
+from llama_jax import decoding, sampler
 from llama_jax.paged_cache import NULL_PAGE, PagedKVCache, PagePool, block_hashes
-from llama_jax.sampling import SamplingParams, filter_logits
+from llama_jax.sampling import Mode, SamplingParams
 
 __all__ = ["Engine", "Request", "trace_counts"]
-
-_TRACES = {"prefill": 0, "decode": 0}
 
 
 def trace_counts() -> dict[str, int]:
     """How many times each engine program was traced (= compiled) in this process."""
-    return dict(_TRACES)
+    counts = decoding.trace_counts()
+    return {"prefill": counts["chunk_prefill"], "decode": counts["burst"]}
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One prompt (token ids) to continue by up to `max_new_tokens`, sampled from its own `seed`."""
+    """One prompt (token ids) to continue as `params` says (its `seed` an int: one stream per request)."""
 
     id: Any
     prompt: Sequence[int]
-    max_new_tokens: int
-    seed: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class _Sampling:
-    """The engine's sampling configuration (static: it shapes the compiled programs)."""
-
-    temperature: float
-    top_k: int
-    top_p: float
-    min_p: float
-    logprobs: bool
-    top_logprobs: int
+    params: SamplingParams
 
 
 @dataclasses.dataclass
@@ -78,6 +67,9 @@ class _Slot:
 
     request: Request
     order: int  # admission order (preemption takes the latest)
+    mode: Mode  # the compiled program its rows run in
+    knobs: np.ndarray  # [3] float32: temperature, top_p, min_p
+    stops: np.ndarray  # [MAX_STOP_TOKENS] int32, -1 padded
     prompt: np.ndarray
     pages: list[int]
     hashes: list[bytes]  # of the prompt's shareable blocks
@@ -93,112 +85,6 @@ class _Slot:
         return self.cursor == len(self.prompt)
 
 
-def _pick(seeds_b, index_b, logits_bv, sampling: _Sampling, stop_ids):
-    """Token index_b[b] of each row: sampled with the key fold_in(fold_in(key(seed), 0), index), the
-    sampler's per-row stream; plus its logprob and the top-K alternatives (untempered)."""
-    if sampling.temperature == 0:
-        token_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    else:
-        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), 0), i))(seeds_b, index_b)
-        filtered = filter_logits(
-            logits_bv,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            min_p=sampling.min_p,
-        )
-        token_b = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-    b, k = logits_bv.shape[0], sampling.top_logprobs
-    logp_b, top_bk, ids_bk = jnp.zeros((b,)), jnp.zeros((b, k)), jnp.zeros((b, k), jnp.int32)
-    if sampling.logprobs or k:
-        logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
-        logp_b = jnp.take_along_axis(logp_bv, token_b[:, None], axis=-1)[:, 0]
-        if k:
-            top_bk, ids_bk = jax.lax.top_k(logp_bv, k)
-    is_stop = jnp.any(token_b[:, None] == stop_ids[None, :], axis=-1)
-    return token_b, is_stop, logp_b, ids_bk.astype(jnp.int32), top_bk
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "block_pages", "sampling"), donate_argnames=("k", "v"))
-def _prefill(
-    graphdef, params, k, v, page_table_rm, tokens_rc, start_r, last_r, seeds_r, stop_ids, *, block_pages, sampling
-):
-    """One prompt chunk of R slots into their pages; → pool, and token 0 from each row's `last_r` logits."""
-    _TRACES["prefill"] += 1
-    model = nnx.merge(graphdef, params)
-    c = tokens_rc.shape[1]
-    positions_rc = start_r[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
-    cache = PagedKVCache(k, v, page_table_rm, block_pages)
-    logits_r1v, cache = model.forward(tokens_rc, positions_rc, cache, use_cache=True, logits_at=last_r[:, None])
-    picked = _pick(seeds_r, jnp.zeros_like(start_r), logits_r1v[:, 0], sampling, stop_ids)
-    return cache.k, cache.v, picked
-
-
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "burst", "block_pages", "sampling", "unroll"), donate_argnames=("k", "v")
-)
-def _decode(
-    graphdef,
-    params,
-    layers,
-    k,
-    v,
-    page_table_bm,
-    last_b,
-    count_b,
-    position_b,
-    limit_b,
-    live_b,
-    seeds_b,
-    stop_ids,
-    *,
-    burst,
-    block_pages,
-    sampling,
-    unroll,
-):
-    """Up to `burst` decode steps of every live slot: feed its last token at its position, sample token
-    `count` of its request. → pool, the burst's tokens `[B, burst]` (-1 where a slot had finished) and
-    their logprobs / top-K."""
-    _TRACES["decode"] += 1
-    model = nnx.merge(graphdef, params)
-    b, k_top = last_b.shape[0], sampling.top_logprobs
-    out = dict(
-        tokens=jnp.full((b, burst), -1, jnp.int32),
-        logprobs=jnp.zeros((b, burst)),
-        top_ids=jnp.zeros((b, burst, k_top), jnp.int32),
-        top_logprobs=jnp.zeros((b, burst, k_top)),
-    )
-
-    def cond(carry):
-        step, live_b = carry[0], carry[5]
-        return (step < burst) & jnp.any(live_b)
-
-    def body(carry):
-        step, k, v, last_b, count_b, live_b, position_b, out = carry
-        cache = PagedKVCache(k, v, page_table_bm, block_pages)
-        logits_b1v, cache = model.decode(last_b[:, None], position_b[:, None], cache, unroll=unroll or 1, layers=layers)
-        token_b, is_stop, logp_b, ids_bk, top_bk = _pick(seeds_b, count_b, logits_b1v[:, 0], sampling, stop_ids)
-        new = dict(tokens=jnp.where(live_b, token_b, -1), logprobs=logp_b, top_ids=ids_bk, top_logprobs=top_bk)
-        out = {name: jax.lax.dynamic_update_index_in_dim(out[name], new[name], step, axis=1) for name in out}
-        count_b = count_b + live_b.astype(jnp.int32)
-        finished = live_b & (is_stop | (count_b >= limit_b))
-        return (
-            step + 1,
-            cache.k,
-            cache.v,
-            jnp.where(live_b, token_b, last_b),
-            count_b,
-            live_b & ~finished,
-            position_b + 1,
-            out,
-        )
-
-    carry = (jnp.int32(0), k, v, last_b, count_b, live_b, position_b, out)
-    _, k, v, *_, out = jax.lax.while_loop(cond, body, carry)
-    return k, v, out
-
-
 class Engine:
     """Continuous batching over a paged KV cache (see the module doc).
 
@@ -210,9 +96,6 @@ class Engine:
       burst: decode steps per jitted call between host-side scheduling.
       prefill_chunk, prefill_rows: a prefill call runs `prefill_chunk` prompt tokens of up to `prefill_rows` slots.
       prefix_cache: share full prompt blocks between requests (off: every prompt is prefilled whole).
-      temperature, top_k, top_p, min_p: as `sampler.generate` (one setting per engine).
-      logprobs, top_logprobs: as `sampler.generate`.
-      stop_tokens: None: `sampler.default_stop_tokens(model)`.
       max_len: the longest request (prompt + new tokens) a slot may hold; default the model's context.
     """
 
@@ -227,13 +110,6 @@ class Engine:
         prefill_chunk: int = 256,
         prefill_rows: int = 4,
         prefix_cache: bool = True,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        stop_tokens: Sequence[int] | None = None,
         max_len: int | None = None,
         block_pages: int = 4,
     ) -> None:
@@ -250,9 +126,6 @@ class Engine:
         config = model.config
         if getattr(model, "score", None) is not None:
             raise ValueError("this model has a sequence-classification head instead of an LM head: it cannot generate")
-        SamplingParams(
-            max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, top_logprobs=top_logprobs
-        ).check_vocab(config.vocab_size)  # validates the settings
         self.model = model
         self.max_len = min(max_len or config.max_seq_len, config.max_seq_len)
         self.page_size, self.burst, self.block_pages = page_size, burst, block_pages
@@ -261,10 +134,7 @@ class Engine:
         n_blocks = -(-self.max_len // (page_size * block_pages))
         self.table_width = n_blocks * block_pages  # M: pages per slot's page table
         self.pool = PagePool(pages or slots * -(-2048 // page_size) + 1, prefix_cache)
-        self.sampling = _Sampling(
-            float(temperature), int(top_k), float(top_p), float(min_p), bool(logprobs), int(top_logprobs)
-        )
-        self.stop_ids = _stop_ids(model, stop_tokens)
+        self._stops: dict[tuple[int, ...] | None, np.ndarray] = {}  # stop_tokens -> padded ids
         self.k, self.v = PagedKVCache.zeros(
             config, self.pool.n_pages, page_size, model.dtype, getattr(model, "sharding", None)
         )
@@ -277,8 +147,8 @@ class Engine:
         """Run the requests (pulled from the iterable as slots free up); yield (request, result) as each
         finishes: a `GenerationResult`, or a `ValueError` for a request that cannot run (too long, bad ids)."""
         graphdef, params = nnx.split(self.model)
-        unroll = sampler.decode_unroll(self.model, None)
-        layers = sampler.layer_weights(self.model) if unroll is None else None
+        unroll = decoding.decode_unroll(self.model, None)
+        layers = decoding.layer_weights(self.model) if unroll is None else None
         weights = (graphdef, params, layers, unroll)
         pending = iter(requests)
         waiting: collections.deque[Request] = collections.deque()
@@ -302,27 +172,38 @@ class Engine:
         results = dict((id(r), out) for r, out in self.run(requests))
         return [results[id(r)] for r in requests]
 
-    def _check(self, request: Request) -> np.ndarray:
+    def _check(self, request: Request) -> tuple[np.ndarray, np.ndarray]:
+        """→ (the prompt as int32, the request's padded stop ids), or a ValueError naming the request."""
         prompt = np.asarray(request.prompt)
         vocab = self.model.config.vocab_size
+        params = request.params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"request {request.id!r}: params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(params.seed, (int, np.integer)):
+            raise ValueError(f"request {request.id!r}: seed must be one integer (one stream per request)")
         if prompt.ndim != 1 or prompt.size == 0 or not np.issubdtype(prompt.dtype, np.integer):
             raise ValueError(f"request {request.id!r}: the prompt must be a non-empty list of token ids")
         if np.any((prompt < 0) | (prompt >= vocab)):
             raise ValueError(f"request {request.id!r}: a prompt token id is outside the vocabulary [0, {vocab})")
-        if not (isinstance(request.max_new_tokens, (int, np.integer)) and request.max_new_tokens >= 1):
-            raise ValueError(f"request {request.id!r}: max_new_tokens must be an integer >= 1")
-        needed = prompt.size + request.max_new_tokens
+        try:
+            params.check_vocab(vocab)
+            key = None if params.stop_tokens is None else tuple(params.stop_tokens)
+            if key not in self._stops:
+                self._stops[key] = sampler.stop_ids(self.model, key)
+        except ValueError as e:
+            raise ValueError(f"request {request.id!r}: {e}") from None
+        needed = prompt.size + params.max_new_tokens
         if needed > self.max_len:
             raise ValueError(
                 f"request {request.id!r}: prompt too long: {prompt.size} tokens + max_new_tokens="
-                f"{request.max_new_tokens} = {needed} positions, beyond the context of {self.max_len}"
+                f"{params.max_new_tokens} = {needed} positions, beyond the context of {self.max_len}"
             )
         if self._pages_for(needed - 1) > self.pool.n_pages - 1:
             raise ValueError(
                 f"request {request.id!r} needs {self._pages_for(needed - 1)} pages; the pool has "
                 f"{self.pool.n_pages - 1}: give the engine more pages"
             )
-        return prompt.astype(np.int32)
+        return prompt.astype(np.int32), self._stops[key]
 
     def _pages_for(self, positions: int) -> int:
         return -(-positions // self.page_size)
@@ -331,7 +212,7 @@ class Engine:
         while waiting and None in slots:
             request = waiting[0]
             try:
-                prompt = self._check(request)
+                prompt, stops = self._check(request)
             except ValueError as e:
                 waiting.popleft()
                 done.append((request, e))
@@ -351,8 +232,17 @@ class Engine:
                 self.pool.register(fresh[j - len(shared)], hashes[j])
             self.stats["prompt_tokens"] += len(prompt)
             self.stats["shared_tokens"] += len(shared) * self.page_size
+            params = request.params
             slots[slots.index(None)] = _Slot(
-                request, next(order), prompt, shared + fresh, hashes, cursor=len(shared) * self.page_size
+                request,
+                next(order),
+                params.mode,
+                params.knobs(),
+                stops,
+                prompt,
+                shared + fresh,
+                hashes,
+                cursor=len(shared) * self.page_size,
             )
 
     def _table(self, slots: Sequence[_Slot | None]) -> np.ndarray:
@@ -369,18 +259,21 @@ class Engine:
             for s in slots
             if s is not None and not s.decoding and all(self.ready[p] for p in s.pages[: s.cursor // self.page_size])
         ]
-        rows = sorted(rows, key=lambda s: s.order)[: self.prefill_rows]
+        rows = sorted(rows, key=lambda s: s.order)
         if not rows:
             return
+        mode = rows[0].mode  # the earliest admitted; rows of other modes take a later chunk
+        rows = [s for s in rows if s.mode == mode][: self.prefill_rows]
         r, c = self.prefill_rows, self.prefill_chunk
         tokens = np.zeros((r, c), np.int32)
         start, last, seeds = np.zeros(r, np.int32), np.zeros(r, np.int32), np.zeros(r, np.uint32)
+        knobs, stops = _rows_of([s.knobs for s in rows], r), _rows_of([s.stops for s in rows], r)
         for i, s in enumerate(rows):
             chunk = s.prompt[s.cursor : s.cursor + c]
             tokens[i, : len(chunk)] = chunk
-            start[i], last[i], seeds[i] = s.cursor, len(chunk) - 1, s.request.seed
+            start[i], last[i], seeds[i] = s.cursor, len(chunk) - 1, s.request.params.seed
         graphdef, params, _, _ = weights
-        self.k, self.v, picked = _prefill(
+        self.k, self.v, picked = decoding.chunk_prefill(
             graphdef,
             params,
             self.k,
@@ -390,9 +283,10 @@ class Engine:
             start,
             last,
             seeds,
-            self.stop_ids,
+            knobs,
+            stops,
             block_pages=self.block_pages,
-            sampling=self.sampling,
+            mode=mode,
         )
         self.stats["prefill_calls"] += 1
         picked = _to_host(picked)
@@ -412,15 +306,15 @@ class Engine:
 
     def _finish_if_done(self, s: _Slot, slots, done) -> None:
         stopped = s.stopped
-        if not stopped and len(s.tokens) < s.request.max_new_tokens:
+        if not stopped and len(s.tokens) < s.request.params.max_new_tokens:
             return
         n = len(s.tokens) - stopped
-        k = len(s.tokens) if self.sampling.top_logprobs else 0
+        k = len(s.tokens) if s.mode.top_logprobs else 0
         result = sampler.GenerationResult(
             tokens=tuple(s.tokens[:n]),
             stop_reason="stop" if stopped else "length",
             stop_token=s.tokens[-1] if stopped else None,
-            logprobs=tuple(s.logprobs[:n]) if self.sampling.logprobs else None,
+            logprobs=tuple(s.logprobs[:n]) if s.mode.logprobs else None,
             top_logprobs=(tuple(map(tuple, s.top_ids[:k])), tuple(map(tuple, s.top_logprobs[:k]))) if k else None,
         )
         self._free(s, slots)
@@ -440,7 +334,7 @@ class Engine:
             if s not in slots:  # preempted meanwhile
                 continue
             last_position = min(
-                len(s.prompt) + len(s.tokens) - 1 + self.burst - 1, len(s.prompt) + s.request.max_new_tokens - 2
+                len(s.prompt) + len(s.tokens) - 1 + self.burst - 1, len(s.prompt) + s.request.params.max_new_tokens - 2
             )
             while (need := self._pages_for(last_position + 1) - len(s.pages)) > 0:
                 fresh = self.pool.allocate(need)
@@ -456,19 +350,27 @@ class Engine:
                     break
 
     def _decode_step(self, weights, slots, waiting, done) -> None:
+        """One burst per sampling mode among the decoding slots (one burst in all when they share one)."""
         self._grow(slots, waiting)
-        rows = [s if s is not None and s.decoding else None for s in slots]
-        if all(s is None for s in rows):
-            return
+        decoding = sorted((s for s in slots if s is not None and s.decoding), key=lambda s: s.order)
+        for mode in dict.fromkeys(s.mode for s in decoding):
+            self._burst(weights, [s if s is not None and s.decoding and s.mode == mode else None for s in slots], mode)
+            for s in decoding:
+                if s.mode == mode:
+                    self._finish_if_done(s, slots, done)
+
+    def _burst(self, weights, rows: list[_Slot | None], mode: Mode) -> None:
         b = self.slots
         last, count, position, limit = (np.zeros(b, np.int32) for _ in range(4))
         live, seeds = np.zeros(b, bool), np.zeros(b, np.uint32)
+        knobs = _rows_of([s.knobs if s else _NEUTRAL_KNOBS for s in rows], b)
+        stops = _rows_of([s.stops if s else _NO_STOPS for s in rows], b)
         for i, s in enumerate(rows):
             if s is not None:
-                last[i], count[i], limit[i] = s.tokens[-1], len(s.tokens), s.request.max_new_tokens
-                position[i], live[i], seeds[i] = len(s.prompt) + len(s.tokens) - 1, True, s.request.seed
+                last[i], count[i], limit[i] = s.tokens[-1], len(s.tokens), s.request.params.max_new_tokens
+                position[i], live[i], seeds[i] = len(s.prompt) + len(s.tokens) - 1, True, s.request.params.seed
         graphdef, params, layers, unroll = weights
-        self.k, self.v, out = _decode(
+        self.k, self.v, out = decoding.burst(
             graphdef,
             params,
             layers,
@@ -481,10 +383,11 @@ class Engine:
             limit,
             live,
             seeds,
-            self.stop_ids,
+            knobs,
+            stops,
             burst=self.burst,
             block_pages=self.block_pages,
-            sampling=self.sampling,
+            mode=mode,
             unroll=unroll,
         )
         self.stats["decode_calls"] += 1
@@ -497,12 +400,20 @@ class Engine:
                 self._record(
                     s,
                     token,
-                    token in self.stop_ids,
+                    token in s.stops,
                     out["logprobs"][i, step],
                     out["top_ids"][i, step],
                     out["top_logprobs"][i, step],
                 )
-            self._finish_if_done(s, slots, done)
+
+
+_NEUTRAL_KNOBS = SamplingParams(max_new_tokens=1).knobs()  # an idle row's (its tokens are dropped)
+_NO_STOPS = np.full(sampler.MAX_STOP_TOKENS, -1, np.int32)
+
+
+def _rows_of(values: list[np.ndarray], n: int) -> np.ndarray:
+    """`values` stacked and padded to n rows with copies of the first (rows nobody reads)."""
+    return np.stack(values + [values[0]] * (n - len(values)))
 
 
 def _to_host(tree):
@@ -514,12 +425,3 @@ def _to_host(tree):
         return jax.device_get(x) if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
 
     return jax.tree.map(one, tree)
-
-
-def _stop_ids(model, stop_tokens) -> np.ndarray:
-    stop = sorted({int(t) for t in (sampler.default_stop_tokens(model) if stop_tokens is None else stop_tokens)})
-    if len(stop) > sampler.MAX_STOP_TOKENS:
-        raise ValueError(f"at most {sampler.MAX_STOP_TOKENS} stop tokens are supported, got {len(stop)}")
-    if any(not 0 <= t < model.config.vocab_size for t in stop):
-        raise ValueError(f"a stop token is outside the vocabulary [0, {model.config.vocab_size})")
-    return np.asarray(stop + [-1] * (sampler.MAX_STOP_TOKENS - len(stop)), np.int32)

@@ -118,6 +118,16 @@ def tokenizer_file(checkpoint, tokenizer=None) -> pathlib.Path:
     return path
 
 
+_MODEL_FIELDS = ("checkpoint", "tokenizer", "dtype", "mesh", "rules", "attention", "fp8_matmul")
+
+
+def load_job_model(job, **overrides):
+    """`load_model` from a job's settings: its `checkpoint`, `tokenizer`, `dtype`, `mesh`, `rules` and,
+    where the job has them, `attention` and `fp8_matmul`; `overrides` replace any (a teacher's checkpoint)."""
+    settings = {name: getattr(job, name) for name in _MODEL_FIELDS if hasattr(job, name)} | overrides
+    return load_model(settings.pop("checkpoint"), **settings)
+
+
 def load_model(
     checkpoint,
     *,

@@ -129,6 +129,7 @@ def run(args) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
+    from llama_jax import fp8 as fp8_lib
     from llama_jax import placement, quant
     from llama_jax.config import model_config_from_file
     from sharding import mesh as mesh_lib
@@ -146,7 +147,7 @@ def run(args) -> dict[str, Any]:
     cache_dtype = jnp.dtype(args.cache_dtype)
     # FP8: the Llama 3.1 405B FP8 release layout, the FFNs of layers 1..L-2 in rowwise FP8 with the
     # H100 matmul (per-token activation quantization, fp8 x fp8 dot); the rest in bf16.
-    fp8 = quant.Fp8Spec(tuple(range(1, config.n_layers - 1)), matmul="fp8") if args.weight_dtype == "fp8" else None
+    fp8 = quant.Fp8Spec(fp8_lib.release_layers(config.n_layers), matmul="fp8") if args.weight_dtype == "fp8" else None
 
     graphdef, state = placement.abstract_state(config, spec, weight_dtype, fp8)
     cache = placement.abstract_cache(config, args.batch, context, spec, cache_dtype)

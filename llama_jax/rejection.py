@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from llama_jax import batch, jobs
+from llama_jax import batch, batch_files, jobs
 
 __all__ = ["RejectionConfig", "RewardModelScorer", "load_scorer", "register", "reward_scorer", "run"]
 
@@ -247,7 +247,7 @@ def run(
     samples_path = output_path.with_name(output_path.name + ".samples.jsonl")
     lines = []
     for _, record in records:
-        request = {k: v for k, v in record.items() if k in batch.REQUEST_FIELDS and k not in ("id", "seed")}
+        request = {k: v for k, v in record.items() if k in batch_files.REQUEST_FIELDS and k not in ("id", "seed")}
         for k in range(n):
             lines.append(jobs.json_line({"id": _sample_id(record["id"], k), **request}))
     if not requests_path.is_file() or requests_path.read_bytes() != b"".join(lines):
@@ -359,9 +359,7 @@ def main(args: argparse.Namespace) -> int:
         for name in ("input", "output"):
             if getattr(job, name) is None:
                 raise ValueError(f"no {name} file: pass --{name} PATH (or set `{name}` in the --config file)")
-        model, tokenizer = jobs.load_model(
-            job.checkpoint, tokenizer=job.tokenizer, dtype=job.dtype, mesh=job.mesh, rules=job.rules
-        )
+        model, tokenizer = jobs.load_job_model(job)
         scorer = load_scorer(job.scorer) if job.scorer else None
         reward = None
         if job.reward_model is not None:

@@ -20,11 +20,7 @@ How a batch of ragged prompts runs (Meta's `generation.py` does the same work in
 
 The model is used functionally: `nnx.split` once per call, and the jitted functions are pure in the
 parameter state (`nnx.merge` inside the trace), so there is no `nnx.jit` bookkeeping per call.
-The decode step runs the layers one by one from `layer_weights(model)`: each layer's weights as
-arrays of their own, cut from the stacked `[L, ...]` buffers once per model and kept with it. From
-the stacked buffers, XLA copies every layer's weights out of them on every step, inside the loop
-(scanned or unrolled alike; `tests/test_decode_program.py` reads the compiled loop to keep it so).
-The price: the layer weights are held twice, and the decode program's compile time grows with depth.
+The jitted programs and the per-layer weights the decode step reads are in `llama_jax/decoding.py`.
 
 What to sample is a `SamplingParams` (`llama_jax/sampling.py`, with the filters and Meta's rules):
 `generate(model, prompts, params)`, or its fields as keywords. Each prompt row has its own PRNG
@@ -41,20 +37,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import weakref
 from collections.abc import Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax import placement, platform
+from llama_jax import decoding, placement, platform
 from llama_jax.config import LLAMA3_VOCAB_SIZE
+from llama_jax.decoding import trace_counts
 from llama_jax.kv_cache import KVCache
-from llama_jax.model import LayerWeights
-from llama_jax.sampling import Mode, SamplingParams, sample_rows
+from llama_jax.sampling import Mode, SamplingParams
 
 __all__ = [
     "LLAMA3_STOP_TOKENS",
@@ -99,115 +92,6 @@ class GenerationResult:
     top_logprobs: tuple[tuple[tuple[int, ...], ...], tuple[tuple[float, ...], ...]] | None = None
 
 
-# ---- the jitted programs -------------------------------------------------------------------------------
-
-_TRACES = {"prefill": 0, "decode": 0}
-
-
-def trace_counts() -> dict[str, int]:
-    """How many times each jitted program was traced (= compiled) in this process."""
-    return dict(_TRACES)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DecodeState:
-    """The decode loop's carry. B rows (padding rows included), N output slots."""
-
-    cache: KVCache
-    last: jax.Array  # [B] int32: the token to feed next
-    positions: jax.Array  # [B] int32: its position (= the cache entry it writes)
-    step: jax.Array  # [] int32: loop steps done (= output slot of the next token)
-    tokens: jax.Array  # [B, N] int32: sampled tokens (valid up to `counts`, plus the stop token)
-    logprobs: jax.Array  # [B, N] float32 ([B, 0] when not asked for)
-    top_ids: jax.Array  # [B, N, K] int32: the K most likely ids at each step ([B, 0, 0] when K = 0)
-    top_logprobs: jax.Array  # [B, N, K] float32: their log-softmax
-    counts: jax.Array  # [B] int32: tokens emitted, stop token excluded
-    done: jax.Array  # [B] bool: stopped, or a padding row
-    stopped: jax.Array  # [B] bool: ended by a stop token
-    keys: jax.Array  # [B] PRNG keys, one stream per row
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_out", "mode"), donate_argnames=("cache",))
-def _prefill(
-    graphdef, params, prompt_bp, lengths_b, active_b, cache, seeds_b, streams_b, knobs, stop_ids, *, n_out, mode: Mode
-):
-    """Run the prompts into the cache and sample the first new token from each row's last prompt logits."""
-    _TRACES["prefill"] += 1
-    model = nnx.merge(graphdef, params)
-    logits_bv, cache = model.prefill(prompt_bp, cache, lengths_b)  # only the B last positions reach the head
-    b = prompt_bp.shape[0]
-    last = jnp.take_along_axis(prompt_bp, (lengths_b - 1)[:, None], axis=1)[:, 0]
-    keys = jax.vmap(lambda seed, stream: jax.random.fold_in(jax.random.key(seed), stream))(seeds_b, streams_b)
-    k, n_top = mode.top_logprobs, (n_out if mode.top_logprobs else 0)
-    state = DecodeState(
-        cache=cache,
-        last=last,
-        positions=lengths_b - 1,
-        step=jnp.int32(0),
-        tokens=jnp.zeros((b, n_out), jnp.int32),
-        logprobs=jnp.zeros((b, n_out if mode.logprobs else 0), jnp.float32),
-        top_ids=jnp.zeros((b, n_top, k), jnp.int32),
-        top_logprobs=jnp.zeros((b, n_top, k), jnp.float32),
-        counts=jnp.zeros((b,), jnp.int32),
-        done=~active_b,
-        stopped=jnp.zeros((b,), bool),
-        keys=keys,
-    )
-    return _advance(state, logits_bv, cache, knobs, stop_ids, mode)
-
-
-def _advance(s: DecodeState, logits_bv, cache, knobs, stop_ids, mode: Mode) -> DecodeState:
-    """Sample each row's next token from `logits_bv` (the logits at its current position), record it."""
-    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s.keys, s.step)
-    token = sample_rows(keys, logits_bv, knobs, mode)
-    is_stop = jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
-    live = ~s.done
-    logprobs, top_ids, top_logprobs = s.logprobs, s.top_ids, s.top_logprobs
-    if mode.logprobs or mode.top_logprobs:
-        logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
-    if mode.logprobs:
-        logp = jnp.take_along_axis(logp_bv, token[:, None], axis=-1)
-        logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, logp, s.step, axis=1)
-    if mode.top_logprobs:
-        top_bk, ids_bk = jax.lax.top_k(logp_bv, mode.top_logprobs)
-        top_ids = jax.lax.dynamic_update_slice_in_dim(top_ids, ids_bk[:, None].astype(jnp.int32), s.step, axis=1)
-        top_logprobs = jax.lax.dynamic_update_slice_in_dim(top_logprobs, top_bk[:, None], s.step, axis=1)
-    return DecodeState(
-        cache=cache,
-        last=jnp.where(live, token, s.last),
-        positions=jnp.where(live, s.positions + 1, s.positions),
-        step=s.step + 1,
-        tokens=jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.step, axis=1),
-        logprobs=logprobs,
-        top_ids=top_ids,
-        top_logprobs=top_logprobs,
-        counts=s.counts + (live & ~is_stop).astype(jnp.int32),
-        done=s.done | is_stop,
-        stopped=s.stopped | (live & is_stop),
-        keys=s.keys,
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "unroll"), donate_argnames=("state",))
-def _decode(graphdef, params, layers, state: DecodeState, limit, knobs, stop_ids, *, mode: Mode, unroll):
-    """Run decode steps until `state.step == limit` or every row is done.
-
-    layers: `LayerWeights` (each weight read in place), or None to scan the stacked weights with `unroll`.
-    """
-    _TRACES["decode"] += 1
-    model = nnx.merge(graphdef, params)
-
-    def cond(s: DecodeState):
-        return (s.step < limit) & ~jnp.all(s.done)
-
-    def body(s: DecodeState) -> DecodeState:
-        logits_b1v, cache = model.decode(s.last[:, None], s.positions[:, None], s.cache, unroll=unroll, layers=layers)
-        return _advance(s, logits_b1v[:, 0], cache, knobs, stop_ids, mode)
-
-    return jax.lax.while_loop(cond, body, state)
-
-
 # ---- host side: validation, bucketing, results -------------------------------------------------------
 
 
@@ -219,64 +103,6 @@ def prompt_bucket(length: int, max_seq_len: int) -> int:
     """The prompt buffer `generate` pads a batch to when its longest prompt has `length` tokens:
     batching prompts of one bucket together keeps each prompt's program what it is alone."""
     return min(_bucket(length, MIN_PROMPT_BUCKET), max_seq_len)
-
-
-# Per model: its `LayerWeights` and weak references to the stacked leaves they were cut from, so new
-# weights (a training step, `nnx.update`) are noticed. Weak on the model: the copy dies with it.
-_LAYER_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-# The per-layer decode copy may take at most this fraction of any device's memory. Past it (405B on
-# 8 or 16 H100s, say) the decode step scans the stacked weights instead: slower per step, but the
-# weights are not held twice where they barely fit once.
-LAYER_COPY_BUDGET = 0.25
-
-
-def device_memory_limit(device) -> int | None:
-    """Bytes the device can hold, or None where it does not say (CPU)."""
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    return (stats or {}).get("bytes_limit")
-
-
-def layer_copies_fit(model, budget: float = LAYER_COPY_BUDGET) -> bool:
-    """Whether the per-layer copy of the layer weights takes at most `budget` of every device's memory."""
-    per_device: dict = {}
-    for a in jax.tree.leaves([nnx.state(m) for m in (model.layers, model.dense_ffn) if m is not None]):
-        sharding = getattr(a, "sharding", None)
-        if sharding is None:
-            continue
-        nbytes = math.prod(sharding.shard_shape(a.shape)) * a.dtype.itemsize
-        for device in sharding.addressable_devices:
-            per_device[device] = per_device.get(device, 0) + nbytes
-    for device, nbytes in per_device.items():
-        limit = device_memory_limit(device)
-        if limit is not None and nbytes > budget * limit:
-            return False
-    return True
-
-
-def decode_unroll(model, unroll: int | bool | None) -> int | bool | None:
-    """What `unroll=None` means for this model: per-layer weights (None) where their copy fits
-    (`layer_copies_fit`), else a rolled scan over the stacked weights (1)."""
-    if unroll is not None:
-        return unroll
-    return None if layer_copies_fit(model) else 1
-
-
-def layer_weights(model) -> LayerWeights:
-    """The model's per-layer weights for the decode step (`Llama.unstack_layers`), made once per model
-    and reused while its stacked layer weights are the same arrays."""
-    stacked = jax.tree.leaves([nnx.state(m) for m in (model.layers, model.dense_ffn) if m is not None])
-    cached = _LAYER_WEIGHTS.get(model)
-    if (
-        cached is not None
-        and len(cached[0]) == len(stacked)
-        and all(r() is a for r, a in zip(cached[0], stacked, strict=True))
-    ):
-        return cached[1]
-    layers = model.unstack_layers()
-    _LAYER_WEIGHTS[model] = ([weakref.ref(a) for a in stacked], layers)
-    return layers
 
 
 def _check_prompts(prompts, vocab_size: int, max_seq_len: int, max_new_tokens: int) -> list[np.ndarray]:
@@ -320,7 +146,9 @@ def default_stop_tokens(model) -> tuple[int, ...]:
     return LLAMA3_STOP_TOKENS if model.config.vocab_size == LLAMA3_VOCAB_SIZE else ()
 
 
-def _stop_ids(model, stop_tokens) -> np.ndarray:
+def stop_ids(model, stop_tokens) -> np.ndarray:
+    """The stop tokens `stop_tokens` means (None: `default_stop_tokens`), checked against the vocabulary,
+    sorted and padded with -1 to `MAX_STOP_TOKENS`: the int32 array the programs compare tokens with."""
     vocab = model.config.vocab_size
     if stop_tokens is None:
         stop_tokens = default_stop_tokens(model)
@@ -399,7 +227,7 @@ def _prepare(model, prompts, params: SamplingParams, min_batch: int = 1) -> _Job
         active_b=np.arange(b) < len(rows),
         cache_len=cache_len,
         n_out=n_out,
-        stop_ids=_stop_ids(model, params.stop_tokens),
+        stop_ids=stop_ids(model, params.stop_tokens),
         knobs=params.knobs(),
         mode=params.mode,
         seeds_b=seeds_b,
@@ -418,7 +246,7 @@ def _empty_cache(model, batch: int, length: int) -> KVCache:
 def _start(model, job: _Job, unroll):
     """Prefill (which samples the first token); → the decode program's weights and its first state."""
     graphdef, params = nnx.split(model)
-    state = _prefill(
+    state = decoding.prefill(
         graphdef,
         params,
         job.prompt_bp,
@@ -432,7 +260,7 @@ def _start(model, job: _Job, unroll):
         n_out=job.n_out,
         mode=job.mode,
     )
-    layers = layer_weights(model) if unroll is None else None
+    layers = decoding.layer_weights(model) if unroll is None else None
     return (graphdef, params, layers), state
 
 
@@ -503,13 +331,13 @@ def generate(
     ]
 
 
-def _run(model, prompts, params: SamplingParams, *, min_batch=1, unroll=None) -> tuple[_Job, DecodeState]:
+def _run(model, prompts, params: SamplingParams, *, min_batch=1, unroll=None) -> tuple[_Job, decoding.DecodeState]:
     """`generate` up to the final device state (which tests inspect)."""
-    unroll = decode_unroll(model, unroll)
+    unroll = decoding.decode_unroll(model, unroll)
     job = _prepare(model, prompts, params, min_batch)
     weights, state = _start(model, job, unroll)
     limit = np.int32(params.max_new_tokens)
-    state = _decode(*weights, state, limit, job.knobs, job.stop_ids, mode=job.mode, unroll=unroll)
+    state = decoding.decode(*weights, state, limit, job.knobs, job.stop_ids, mode=job.mode, unroll=unroll)
     return job, state
 
 
@@ -531,7 +359,7 @@ def lower(
     """
     params = sampling_params(params, **sampling)
     job = _prepare(model, prompts, params)
-    unroll = decode_unroll(model, unroll)
+    unroll = decoding.decode_unroll(model, unroll)
     graphdef, params_state = nnx.split(model)
     cache = jax.eval_shape(lambda: _empty_cache(model, job.prompt_bp.shape[0], job.cache_len))
     prefill_args = (
@@ -546,12 +374,12 @@ def lower(
         job.knobs,
         job.stop_ids,
     )
-    layers = layer_weights(model) if unroll is None else None
+    layers = decoding.layer_weights(model) if unroll is None else None
     limit = np.int32(params.max_new_tokens)
     with platform.lowering_for(platforms[0] if platforms else None):  # what attention "auto" selects for
-        prefill = _prefill.trace(*prefill_args, n_out=job.n_out, mode=job.mode)
-        state = jax.eval_shape(functools.partial(_prefill, n_out=job.n_out, mode=job.mode), *prefill_args)
-        decode = _decode.trace(
+        prefill = decoding.prefill.trace(*prefill_args, n_out=job.n_out, mode=job.mode)
+        state = jax.eval_shape(functools.partial(decoding.prefill, n_out=job.n_out, mode=job.mode), *prefill_args)
+        decode = decoding.decode.trace(
             graphdef, params_state, layers, state, limit, job.knobs, job.stop_ids, mode=job.mode, unroll=unroll
         )
     return prefill.lower(lowering_platforms=platforms), decode.lower(lowering_platforms=platforms)
@@ -580,7 +408,7 @@ def stream(
     if params.logprobs or params.top_logprobs or isinstance(params.seed, tuple):
         raise ValueError("stream: logprobs, top_logprobs and per-prompt seeds are for generate; got " + repr(params))
     job = _prepare(model, [prompt_tokens], params)
-    return _stream(model, job, params.max_new_tokens, chunk, decode_unroll(model, unroll))
+    return _stream(model, job, params.max_new_tokens, chunk, decoding.decode_unroll(model, unroll))
 
 
 def _stream(model, job: _Job, max_new_tokens, chunk, unroll) -> Iterator[int]:
@@ -588,7 +416,7 @@ def _stream(model, job: _Job, max_new_tokens, chunk, unroll) -> Iterator[int]:
     emitted = 0
     while True:
         limit = min(emitted + chunk, max_new_tokens)
-        state = _decode(*weights, state, np.int32(limit), job.knobs, job.stop_ids, mode=job.mode, unroll=unroll)
+        state = decoding.decode(*weights, state, np.int32(limit), job.knobs, job.stop_ids, mode=job.mode, unroll=unroll)
         tokens, count, stopped = _to_host((state.tokens[0], state.counts[0], state.stopped[0]))
         yield from (int(t) for t in tokens[emitted:count])
         emitted = int(count)

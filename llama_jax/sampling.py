@@ -223,28 +223,36 @@ def _nucleus_threshold(sorted_bk: jax.Array, p) -> jax.Array:
     return jnp.take_along_axis(sorted_bk, n_kept - 1, axis=-1)
 
 
-def apply_filters(scaled_bv: jax.Array, knobs_3: jax.Array, mode: Mode) -> jax.Array:
-    """Tempered logits with every filtered-out token at -inf. knobs_3 = [temperature, top_p, min_p]."""
+def _knob(knobs: jax.Array, i: int) -> jax.Array:
+    """Knob i: a scalar for one setting `knobs [3]`, a column `[B, 1]` for one per row `knobs [B, 3]`."""
+    return knobs[i] if knobs.ndim == 1 else knobs[:, i : i + 1]
+
+
+def apply_filters(scaled_bv: jax.Array, knobs: jax.Array, mode: Mode) -> jax.Array:
+    """Tempered logits with every filtered-out token at -inf. knobs = [temperature, top_p, min_p], one
+    setting `[3]` for every row or one per row `[B, 3]` (the same arithmetic either way)."""
+    top_p, min_p = _knob(knobs, 1), _knob(knobs, 2)
     thresholds = []
     if mode.top_k:
         top_bk = jax.lax.top_k(scaled_bv, mode.top_k)[0]
         # top-p then runs on the top-k renormalised distribution (sorting k values, not V).
-        thresholds.append(_nucleus_threshold(top_bk, knobs_3[1]) if mode.top_p else top_bk[:, -1:])
+        thresholds.append(_nucleus_threshold(top_bk, top_p) if mode.top_p else top_bk[:, -1:])
     elif mode.top_p:
-        thresholds.append(top_p_threshold(scaled_bv, knobs_3[1]))
+        thresholds.append(top_p_threshold(scaled_bv, top_p))
     if mode.min_p:
-        thresholds.append(min_p_threshold(scaled_bv, knobs_3[2]))
+        thresholds.append(min_p_threshold(scaled_bv, min_p))
     if not thresholds:
         return scaled_bv
     threshold = functools.reduce(jnp.maximum, thresholds)
     return jnp.where(scaled_bv >= threshold, scaled_bv, -jnp.inf)
 
 
-def sample_rows(keys_b: jax.Array, logits_bv: jax.Array, knobs_3: jax.Array, mode: Mode) -> jax.Array:
-    """One token per row [B] int32, row b drawn with its own key `keys_b[b]` (greedy: argmax)."""
+def sample_rows(keys_b: jax.Array, logits_bv: jax.Array, knobs: jax.Array, mode: Mode) -> jax.Array:
+    """One token per row [B] int32, row b drawn with its own key `keys_b[b]` (greedy: argmax); knobs
+    `[3]` or per row `[B, 3]` (`apply_filters`)."""
     if mode.greedy:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    filtered = apply_filters(logits_bv / knobs_3[0], knobs_3, mode)
+    filtered = apply_filters(logits_bv / _knob(knobs, 0), knobs, mode)
     return jax.vmap(jax.random.categorical)(keys_b, filtered).astype(jnp.int32)
 
 

@@ -64,30 +64,14 @@ def run_job(job: TrainJob) -> Trainer:
         raise ValueError("no training data: pass --data PATH (or set `data` in the --config file)")
     if job.export not in ("orbax", "hf", "none"):
         raise ValueError(f"export: expected orbax, hf or none, got {job.export!r}")
-    model, tokenizer = jobs.load_model(
-        job.checkpoint,
-        tokenizer=job.tokenizer,
-        dtype=job.dtype,
-        mesh=job.mesh,
-        rules=job.rules,
-        attention=job.attention,
-        fp8_matmul=job.fp8_matmul,
-    )
+    model, tokenizer = jobs.load_job_model(job)
     if job.lora_rank > 0:
         model = lora.add_adapters(
             model, lora.LoraSpec(rank=job.lora_rank, alpha=job.lora_alpha, targets=tuple(job.lora_targets))
         )
     teacher = None
     if job.teacher is not None:
-        teacher, _ = jobs.load_model(
-            job.teacher,
-            tokenizer=job.tokenizer,
-            dtype=job.dtype,
-            mesh=job.mesh,
-            rules=job.teacher_rules or job.rules,
-            attention=job.attention,
-            fp8_matmul=job.fp8_matmul,
-        )
+        teacher, _ = jobs.load_job_model(job, checkpoint=job.teacher, rules=job.teacher_rules or job.rules)
     if job.objective == "dpo":
         from llama_jax import dpo
 

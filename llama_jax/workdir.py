@@ -14,6 +14,8 @@ import math
 import pathlib
 from typing import Any
 
+from llama_jax import atomic
+
 __all__ = ["Workdir"]
 
 
@@ -70,9 +72,7 @@ class Workdir:
         if not path.exists():
             return
         kept = [line for line in path.read_text().splitlines(keepends=True) if _logged_step(line) <= step]
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(path)
+        atomic.write_atomically(path, "".join(kept))
 
 
 def _logged_step(line: str) -> float:

@@ -396,3 +396,20 @@ def test_n_samples_of_a_request_are_the_rejection_samplers_requests_and_resume_w
     output.write_bytes(b"".join(data.splitlines(keepends=True)[:2]))  # killed after two samples of "a"
     summary = run()
     assert (summary["skipped"], summary["completed"]) == (0, 4) and output.read_bytes() == data
+
+
+def test_a_result_id_of_n_samples_cannot_be_taken_by_another_request(job, tmp_path):
+    model, tokenizer = job["model"], job["tokenizer"]
+    requests = [
+        {"id": "a", "prompt": "the of", "n": 2},  # results "a#0", "a#1"
+        {"id": "a#1", "prompt": "and to"},  # taken: an error line
+        {"id": "b#0", "prompt": "in is"},
+        {"id": "b", "prompt": "was at", "n": 2},  # would write a second "b#0": an error line
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
+    output = tmp_path / "out.jsonl"
+    batch.run_batch(model, tokenizer, tmp_path / "in.jsonl", output, batch_size=4, progress=False, max_new_tokens=2)
+    assert [r["id"] for r in read_jsonl(output)] == ["a#0", "a#1", "b#0"]
+    errors = read_jsonl(output.with_name("out.jsonl.errors.jsonl"))
+    assert [(e["line"], e["field"]) for e in errors] == [(2, "id"), (4, "id")]
+    assert "line 1" in errors[0]["error"] and "line 3" in errors[1]["error"]

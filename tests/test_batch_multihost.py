@@ -2,11 +2,8 @@
 over both): the same output file, byte for byte, as one process; process 0 alone writes it."""
 
 import json
-import os
 import pathlib
 import shutil
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -14,17 +11,11 @@ import numpy as np
 import llama_jax
 from llama_jax import batch
 from llama_jax.tokenizer import Tokenizer
-from tests import checkpoints
+from tests import checkpoints, processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORDS = "the of and to in is was for on that with as by at from his her an were are which this be".split()
 TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_write_the_file_one_process_writes(tmp_path, llama3_tokenizer_path):
@@ -44,13 +35,10 @@ def test_two_processes_write_the_file_one_process_writes(tmp_path, llama3_tokeni
     )
     assert summary["completed"] == 27 and summary["errors"] == 1
 
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS")}
-    env |= {
-        "PYTHONPATH": str(ROOT),
-        "JAX_PLATFORMS": "cpu",
+    env = processes.clean_env(ROOT) | {
         "JAX_NUM_CPU_DEVICES": "4",
         "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}",
+        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{processes.free_port()}",
         "JAX_NUM_PROCESSES": "2",
     }
     command = [
@@ -76,28 +64,9 @@ def test_two_processes_write_the_file_one_process_writes(tmp_path, llama3_tokeni
         "8",
         "--no-progress",
     ]
-    procs = [
-        subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=ROOT,
-            env=env | {"JAX_PROCESS_ID": str(i)},
-        )
-        for i in range(2)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:  # a stuck peer must not outlive the test
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-4000:] if i < len(logs) else ''}"
+    logs = processes.run_all(
+        [command] * 2, [env | {"JAX_PROCESS_ID": str(i)} for i in range(2)], cwd=ROOT, timeout=TIMEOUT_S
+    )
     assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
     errors = [json.loads(line) for line in (tmp_path / "two.jsonl.errors.jsonl").read_text().splitlines()]
     assert [e["id"] for e in errors] == ["bad"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax import attention, lora, quant, sampler
+from llama_jax import attention, decoding, lora, quant, sampler
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama, LoraSpec
 
@@ -100,7 +100,7 @@ def _decode_hlo(model, unroll=None, layers=None) -> str:
     """The compiled decode program `generate` runs; `layers` replaces its per-layer weights."""
     job = sampler._prepare(model, PROMPTS, sampler.SamplingParams(max_new_tokens=16, stop_tokens=[]))
     (graphdef, params, made), state = sampler._start(model, job, unroll)
-    lowered = sampler._decode.lower(
+    lowered = decoding.decode.lower(
         graphdef,
         params,
         made if layers is None else layers,
@@ -150,7 +150,7 @@ def test_prefill_projects_only_the_last_prompt_token_of_each_row_onto_the_vocabu
     job = sampler._prepare(model, PROMPTS, sampler.SamplingParams(max_new_tokens=16, stop_tokens=[]))
     graphdef, params = nnx.split(model)
     cache = sampler._empty_cache(model, b, job.cache_len)
-    prefill = sampler._prefill.lower(
+    prefill = decoding.prefill.lower(
         graphdef,
         params,
         job.prompt_bp,
@@ -222,12 +222,12 @@ def test_decoding_from_per_layer_weights_equals_the_stacked_scan(make):
 
 def test_per_layer_weights_are_made_once_per_model_and_remade_for_new_weights(model):
     m = nnx.merge(*nnx.split(model))
-    first = sampler.layer_weights(m)
-    assert sampler.layer_weights(m) is first
+    first = decoding.layer_weights(m)
+    assert decoding.layer_weights(m) is first
     before = sampler.generate(m, PROMPTS, max_new_tokens=4, stop_tokens=[], logprobs=True)
     w2 = m.layers.feed_forward.w2
     w2.set_value(w2[...] * 3.0)  # a new array, as a training step or `nnx.update` leaves
-    assert sampler.layer_weights(m) is not first
+    assert decoding.layer_weights(m) is not first
     after = sampler.generate(m, PROMPTS, max_new_tokens=4, stop_tokens=[], logprobs=True)
     scanned = sampler.generate(m, PROMPTS, max_new_tokens=4, stop_tokens=[], logprobs=True, unroll=1)
     assert [r.logprobs for r in after] != [r.logprobs for r in before]
@@ -238,16 +238,16 @@ def test_a_model_whose_layer_copy_would_not_fit_decodes_from_the_stacked_weights
     """The per-layer copy holds the layer weights twice: past `LAYER_COPY_BUDGET` of a device's memory
     (405B on 8 H100s) `unroll=None` scans the stacked weights instead of copying them."""
     layer_bytes = sum(a.nbytes for a in jax.tree.leaves(nnx.state(model.layers)))
-    assert sampler.device_memory_limit(jax.devices()[0]) is None  # CPU reports no limit: always fits
-    assert sampler.decode_unroll(model, None) is None
-    monkeypatch.setattr(sampler, "device_memory_limit", lambda device: int(layer_bytes / sampler.LAYER_COPY_BUDGET))
-    assert sampler.decode_unroll(model, None) is None  # exactly at the budget
-    monkeypatch.setattr(sampler, "device_memory_limit", lambda device: layer_bytes)
-    assert sampler.decode_unroll(model, None) == 1
-    assert sampler.decode_unroll(model, True) is True  # an explicit choice stands
+    assert decoding.device_memory_limit(jax.devices()[0]) is None  # CPU reports no limit: always fits
+    assert decoding.decode_unroll(model, None) is None
+    monkeypatch.setattr(decoding, "device_memory_limit", lambda device: int(layer_bytes / decoding.LAYER_COPY_BUDGET))
+    assert decoding.decode_unroll(model, None) is None  # exactly at the budget
+    monkeypatch.setattr(decoding, "device_memory_limit", lambda device: layer_bytes)
+    assert decoding.decode_unroll(model, None) == 1
+    assert decoding.decode_unroll(model, True) is True  # an explicit choice stands
     m = nnx.merge(*nnx.split(model))
     results = sampler.generate(m, PROMPTS, max_new_tokens=4, stop_tokens=[])
-    assert m not in sampler._LAYER_WEIGHTS  # no second copy was made
+    assert m not in decoding._LAYER_WEIGHTS  # no second copy was made
     assert [r.tokens for r in results] == [
         r.tokens for r in sampler.generate(m, PROMPTS, max_new_tokens=4, stop_tokens=[], unroll=1)
     ]

@@ -9,8 +9,10 @@ import torch
 
 import llama_jax
 from llama_jax import attention, sampler
+from llama_jax import engine as engine_module
 from llama_jax.engine import Engine, Request
 from llama_jax.paged_cache import NULL_PAGE, PagedKVCache, PagePool
+from llama_jax.sampling import SamplingParams
 from tests import checkpoints
 
 VOCAB = 384
@@ -32,8 +34,12 @@ def prompts(n=10, seed=0, longest=45):
 
 # One small configuration (few compiled programs): 3 slots, pages of 8, bursts of 4, chunks of 16.
 def engine(model, **kwargs):
-    settings = dict(slots=3, pages=40, page_size=8, burst=4, prefill_chunk=16, prefill_rows=2, stop_tokens=STOP)
+    settings = dict(slots=3, pages=40, page_size=8, burst=4, prefill_chunk=16, prefill_rows=2)
     return Engine(model, **{**settings, **kwargs})
+
+
+def request(id, prompt, max_new_tokens=N, **sampling):
+    return Request(id, prompt, SamplingParams(**{"max_new_tokens": max_new_tokens, "stop_tokens": STOP, **sampling}))
 
 
 def test_paged_attention_equals_dense_attention_over_the_gathered_pages():
@@ -69,10 +75,10 @@ def test_greedy_equals_generate_and_transformers_whatever_the_batching(tiny):
     model, reference = tiny
     ps = prompts()
     want = sampler.generate(model, ps, max_new_tokens=N, stop_tokens=STOP)
-    got = engine(model).generate([Request(i, p, N) for i, p in enumerate(ps)])
+    got = engine(model).generate([request(i, p) for i, p in enumerate(ps)])
     assert [g.tokens for g in got] == [w.tokens for w in want]
     assert [g.stop_reason for g in got] == [w.stop_reason for w in want]
-    alone = engine(model).generate([Request(0, ps[3], N)])  # batched with nobody
+    alone = engine(model).generate([request(0, ps[3])])  # batched with nobody
     assert alone[0].tokens == want[3].tokens
     for p, g in zip(ps[:4], got[:4], strict=True):  # transformers' argmax, one prompt at a time
         with torch.no_grad():
@@ -88,8 +94,9 @@ def test_sampled_tokens_depend_on_the_seed_not_on_admission_order(tiny):
     want = sampler.generate(
         model, ps, max_new_tokens=N, temperature=1.0, top_p=0.9, seed=seeds, stop_tokens=STOP, top_logprobs=2
     )
-    requests = [Request(i, p, N, seed=s) for i, (p, s) in enumerate(zip(ps, seeds, strict=True))]
-    eng = engine(model, temperature=1.0, top_p=0.9, top_logprobs=2)
+    sampled = dict(temperature=1.0, top_p=0.9, top_logprobs=2)
+    requests = [request(i, p, seed=s, **sampled) for i, (p, s) in enumerate(zip(ps, seeds, strict=True))]
+    eng = engine(model)
     forward = eng.generate(requests)
     backward = eng.generate(requests[::-1])[::-1]
     assert [r.tokens for r in forward] == [r.tokens for r in backward] == [w.tokens for w in want]
@@ -104,8 +111,8 @@ def test_page_exhaustion_preempts_and_recomputes_without_losing_a_result(tiny):
     ps = prompts(seed=2)
     want = sampler.generate(model, ps, max_new_tokens=N, temperature=1.0, seed=list(range(len(ps))), stop_tokens=STOP)
     # 9 usable pages of 8 for 3 slots of up to 56 positions: requests wait, and decoding ones are preempted.
-    eng = engine(model, pages=10, temperature=1.0)
-    got = eng.generate([Request(i, p, N, seed=i) for i, p in enumerate(ps)])
+    eng = engine(model, pages=10)
+    got = eng.generate([request(i, p, seed=i, temperature=1.0) for i, p in enumerate(ps)])
     assert eng.stats["preemptions"] > 0
     assert [g.tokens for g in got] == [w.tokens for w in want]
     assert eng.pool.available() == 9  # every page came back
@@ -114,10 +121,10 @@ def test_page_exhaustion_preempts_and_recomputes_without_losing_a_result(tiny):
 def test_a_request_that_cannot_run_gets_an_error_and_the_others_go_on(tiny):
     model, _ = tiny
     ps = prompts(n=3, seed=3)
-    too_long = Request("long", [1] * 40, model.config.max_seq_len)
-    too_big = Request("big", [1] * 20, 300)  # fits the context, not the 39 pages of 8
-    bad = Request("bad", [VOCAB], 4)
-    results = engine(model).generate([Request(0, ps[0], N), too_long, too_big, bad, Request(1, ps[1], N)])
+    too_long = request("long", [1] * 40, model.config.max_seq_len)
+    too_big = request("big", [1] * 20, 300)  # fits the context, not the 39 pages of 8
+    bad = request("bad", [VOCAB], 4)
+    results = engine(model).generate([request(0, ps[0]), too_long, too_big, bad, request(1, ps[1])])
     assert "prompt too long" in str(results[1]) and "context" in str(results[1])
     assert "pages" in str(results[2]) and "outside the vocabulary" in str(results[3])
     want = sampler.generate(model, ps[:2], max_new_tokens=N, stop_tokens=STOP)
@@ -128,9 +135,9 @@ def test_prefix_sharing_prefills_a_common_prefix_once_and_changes_no_token(tiny)
     model, _ = tiny
     system = prompts(n=1, seed=4, longest=2)[0] + list(range(10, 43))  # 33+ tokens: 4 full pages of 8
     ps = [system + p for p in prompts(n=6, seed=5, longest=12)]
-    requests = [Request(i, p, N, seed=i) for i, p in enumerate(ps)]
-    requests += [Request(f"0#{k}", ps[0], N, seed=50 + k) for k in range(3)]  # n=3 samples of one prompt
-    shared, unshared = engine(model, temperature=1.0), engine(model, temperature=1.0, prefix_cache=False)
+    requests = [request(i, p, seed=i, temperature=1.0) for i, p in enumerate(ps)]
+    requests += [request(f"0#{k}", ps[0], seed=50 + k, temperature=1.0) for k in range(3)]  # n=3 of one prompt
+    shared, unshared = engine(model), engine(model, prefix_cache=False)
     with_sharing, without = shared.generate(requests), unshared.generate(requests)
     assert [r.tokens for r in with_sharing] == [r.tokens for r in without]
     assert unshared.stats["shared_tokens"] == 0
@@ -140,7 +147,32 @@ def test_prefix_sharing_prefills_a_common_prefix_once_and_changes_no_token(tiny)
         [r.prompt for r in requests],
         max_new_tokens=N,
         temperature=1.0,
-        seed=[r.seed for r in requests],
+        seed=[r.params.seed for r in requests],
         stop_tokens=STOP,
     )
     assert [r.tokens for r in with_sharing] == [w.tokens for w in want]
+
+
+def test_one_engine_runs_requests_with_different_settings_each_as_generate_alone(tiny):
+    """Per-request SamplingParams: greedy, two temperatures with top-p (one mode, per-row knobs), top-k with
+    logprobs, and other stop tokens, mixed in one engine and one page pool, slots shared."""
+    model, _ = tiny
+    ps = prompts(n=8, seed=6)
+    settings = [
+        dict(),
+        dict(temperature=0.7, top_p=0.9, seed=1),
+        dict(temperature=1.3, top_p=0.5, seed=2),
+        dict(temperature=1.0, top_k=20, logprobs=True, seed=3),
+        dict(temperature=1.0, seed=4, stop_tokens=(9,)),
+    ]
+    requests = [request(i, p, **settings[i % len(settings)]) for i, p in enumerate(ps)]
+    before = engine_module.trace_counts()
+    got = engine(model).generate(requests)
+    compiled = {k: v - before[k] for k, v in engine_module.trace_counts().items()}
+    for r, g in zip(requests, got, strict=True):
+        [want] = sampler.generate(model, [list(r.prompt)], r.params)
+        assert g.tokens == want.tokens and g.stop_reason == want.stop_reason, r.id
+        if r.params.logprobs:
+            np.testing.assert_allclose(g.logprobs, want.logprobs, atol=1e-5)
+    # One program per static mode (greedy; top-p; top-k + logprobs; plain sampling), not per setting.
+    assert compiled["decode"] <= 4 and compiled["prefill"] <= 4

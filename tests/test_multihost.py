@@ -6,17 +6,14 @@ holding only its own half of every weight, and runs one sharded forward.
 """
 
 import json
-import os
 import pathlib
-import socket
-import subprocess
 import sys
 import textwrap
 
 import numpy as np
 
 import llama_jax
-from tests import checkpoints
+from tests import checkpoints, processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOKENS = np.random.RandomState(3).randint(0, 384, size=(4, 16))
@@ -59,12 +56,6 @@ _WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_compute_the_single_process_logits_and_tokens(tmp_path):
     checkpoints.hf_checkpoint(
         tmp_path / "ckpt", vocab_size=384, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=160
@@ -75,40 +66,22 @@ def test_two_processes_compute_the_single_process_logits_and_tokens(tmp_path):
         list(r.tokens) for r in llama_jax.generate(single, TOKENS.tolist(), max_new_tokens=6, stop_tokens=[])
     ]
 
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS")}
-    env |= {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                _WORKER,
-                str(port),
-                str(i),
-                str(tmp_path / "ckpt"),
-                str(tmp_path / f"out{i}"),
-                json.dumps(TOKENS.tolist()),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )
+    env = processes.clean_env(ROOT)
+    port = processes.free_port()
+    commands = [
+        [
+            sys.executable,
+            "-c",
+            _WORKER,
+            str(port),
+            str(i),
+            str(tmp_path / "ckpt"),
+            str(tmp_path / f"out{i}"),
+            json.dumps(TOKENS.tolist()),
+        ]
         for i in range(2)
     ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:  # a stuck peer must not outlive the test
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-4000:] if i < len(logs) else ''}"
+    processes.run_all(commands, [env] * 2, cwd=ROOT, timeout=TIMEOUT_S)
 
     for i in range(2):
         report = json.loads((tmp_path / f"out{i}.json").read_text())
