@@ -43,11 +43,12 @@ MAX_NEW = 256
 CALIBRATION_PROMPTS = 32
 
 
-def tune_eot(torch, hf_model, model, rng) -> dict:
+def tune_eot(torch, hf_model, model, rng, prompts) -> dict:
     """Set the eot row (tied: input and output, in both models) to beta x the mean final hidden direction,
-    beta bisected until sampled completions (temperature 1, cap 256; calibration prompts and seeds apart
-    from the benchmark's) have a mean length of TARGET_MEAN. (Matching the eot probability on prompt
-    positions instead gave sampled completions a mean of 246 tokens: the calibration must sample.)"""
+    beta bisected until sampled completions of `prompts` (calibration prompts shaped like the workload's,
+    apart from them; temperature 1, cap 256, seeds apart) have a mean length of TARGET_MEAN. (Matching the
+    eot probability on prompt positions gave sampled completions a mean of 246 tokens, and one beta for
+    every workload ended the 1,000-token-prefix prompts at once: the calibration samples, per workload.)"""
     import jax.numpy as jnp
 
     from llama_jax import sampler
@@ -56,7 +57,6 @@ def tune_eot(torch, hf_model, model, rng) -> dict:
     with torch.no_grad():
         h = hf_model.model(ids).last_hidden_state.reshape(-1, hf_model.config.hidden_size)
         direction = (h.mean(0) / h.mean(0).norm()).numpy()
-    prompts = make_prompts(rng, CALIBRATION_PROMPTS, 20, 200)
     table = model.tok_embeddings[...]
 
     def mean_length(beta: float) -> float:
@@ -130,12 +130,10 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         hf_model.save_pretrained(tmp)
         model = llama_jax.load(tmp, dtype="float32")
-    eot = tune_eot(torch, hf_model, model, rng)
     out = {
         "benchmark": "engine",
         "device": "cpu",
         "model": {"dtype": "float32", **model_shape(model.config)},
-        "eot": eot,
         "batch": batch,
         "max_new_tokens": MAX_NEW,
         "repeats": repeats,
@@ -143,9 +141,12 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
     for workload in workloads:
         if workload == "stop":
             prompts = make_prompts(rng, n_requests, 20, 600)
+            calibration = make_prompts(rng, CALIBRATION_PROMPTS, 20, 600)
         else:
             system = [128_000, *rng.integers(0, 128_000, size=999).tolist()]
             prompts = make_prompts(rng, n_requests, 20, 100, system)
+            calibration = make_prompts(rng, CALIBRATION_PROMPTS, 20, 100, system)
+        eot = tune_eot(torch, hf_model, model, rng, calibration)
         seeds = list(range(len(prompts)))
         requests = [
             Request(i, p, SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, seed=s, stop_tokens=[EOT]))
@@ -203,6 +204,7 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
             tokens[name] = sum(len([t for t in r if t != EOT]) for r in results[name])
         lengths = [len(r) for r in results["engine"]]
         out[workload] = {
+            "eot": eot,
             "requests": len(prompts),
             "prompt_tokens": {
                 "min": min(map(len, prompts)),

@@ -82,7 +82,7 @@ class KVCache:
         def write_rows(buf, new):
             if new.shape[0] == 1:  # one row: a single in-place update of the donated buffer
                 return jax.lax.dynamic_update_slice(buf, new[None].astype(buf.dtype), (i, 0, start[0], 0, 0))
-            if not _batch_is_split(buf):
+            if not batch_is_split(buf):
                 # Row after row, each an in-place update of the whole buffer: nothing else is copied.
                 def write_row(r, buf):
                     row = jax.lax.dynamic_index_in_dim(new, r, 0, keepdims=True)[None].astype(buf.dtype)
@@ -104,7 +104,7 @@ class KVCache:
         return KVCache(write_rows(self.k, k), write_rows(self.v, v))
 
 
-def _batch_is_split(buf: jax.Array) -> bool:
+def batch_is_split(buf: jax.Array) -> bool:
     """Whether the active sharding rules (`sharding.rules.use_rules`) split the cache's batch axis."""
     active = rules.active()
     if active is None:

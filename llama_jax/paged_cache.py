@@ -32,7 +32,7 @@ import numpy as np
 
 from llama_jax import blockwise
 from llama_jax.config import LlamaConfig
-from llama_jax.kv_cache import CACHE_AXES
+from llama_jax.kv_cache import CACHE_AXES, batch_is_split
 
 NULL_PAGE = 0
 
@@ -72,6 +72,9 @@ class PagedKVCache:
         offsets_bt = positions_bt % self.page
 
         def write_layer(buf, new_btkh):
+            if not batch_is_split(buf):  # one scatter into the whole pool, in place
+                return buf.at[i, pages_bt, offsets_bt].set(new_btkh.astype(buf.dtype))
+            # Pages split over devices: as `KVCache.write`, the layer goes out and back (see there).
             layer = jax.lax.dynamic_index_in_dim(buf, i, axis=0, keepdims=False)  # [P, page, K, H]
             layer = layer.at[pages_bt, offsets_bt].set(new_btkh.astype(buf.dtype))
             return jax.lax.dynamic_update_index_in_dim(buf, layer, i, axis=0)
@@ -87,8 +90,8 @@ class PagedKVCache:
 
         def read(j):
             pages_bj = jax.lax.dynamic_slice_in_dim(self.page_table, j * self.block_pages, self.block_pages, axis=1)
-            layer = (jax.lax.dynamic_index_in_dim(x, i, axis=0, keepdims=False) for x in (self.k, self.v))
-            return (j * block, *(x[pages_bj].reshape(b, block, k, h) for x in layer))
+            # Gathered straight from the [L, P, page, K, H] pool: no copy of the layer's pool.
+            return (j * block, *(x[i, pages_bj].reshape(b, block, k, h) for x in (self.k, self.v)))
 
         return blockwise.Keys(read, m * page, block, k)
 

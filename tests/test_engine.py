@@ -6,14 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import llama_jax
-from llama_jax import attention, sampler
+from llama_jax import attention, decoding, sampler
 from llama_jax import engine as engine_module
 from llama_jax.engine import Engine, Request
 from llama_jax.paged_cache import NULL_PAGE, PagedKVCache, PagePool
 from llama_jax.sampling import SamplingParams
 from tests import checkpoints
+from tests.test_decode_program import weight_copies_in_decode_loop
 
 VOCAB = 384
 STOP = (5, 7)  # frequent enough in a random model to end some requests early
@@ -176,3 +178,35 @@ def test_one_engine_runs_requests_with_different_settings_each_as_generate_alone
             np.testing.assert_allclose(g.logprobs, want.logprobs, atol=1e-5)
     # One program per static mode (greedy; top-p; top-k + logprobs; plain sampling), not per setting.
     assert compiled["decode"] <= 4 and compiled["prefill"] <= 4
+
+
+def test_a_decode_burst_reads_and_writes_the_page_pool_in_place(tiny):
+    """The burst's loop gathers key blocks straight from the `[L, P, page, K, H]` pool and scatters new
+    entries into it: no layer of the pool (`[P, page, K, H]`) is sliced out or copied per step."""
+    model, _ = tiny
+    eng = engine(model)
+    graphdef, params = nnx.split(model)
+    b = eng.slots
+    ints = np.zeros(b, np.int32)
+    lowered = decoding.burst.lower(
+        graphdef,
+        params,
+        decoding.layer_weights(model),
+        eng.k,
+        eng.v,
+        np.zeros((b, eng.table_width), np.int32),
+        ints,
+        ints,
+        ints,
+        ints + 4,
+        np.ones(b, bool),
+        np.zeros(b, np.uint32),
+        np.stack([SamplingParams(max_new_tokens=4).knobs()] * b),
+        np.full((b, sampler.MAX_STOP_TOKENS), -1, np.int32),
+        burst=eng.burst,
+        block_pages=eng.block_pages,
+        mode=SamplingParams(max_new_tokens=4).mode,
+        unroll=None,
+    )
+    layer_pool = int(np.prod(eng.k.shape[1:]))
+    assert weight_copies_in_decode_loop(lowered.compile().as_text(), {layer_pool}) == []
