@@ -312,10 +312,10 @@ def generate(
         with `params` they replace its fields.
       min_batch: pad the batch with idle rows to at least this many (then to a power of two), so a
         job's last, partial batches reuse its full batches' program and still span a data-parallel mesh.
-      unroll: None (default): the decode step reads each layer's own arrays in place (`layer_weights`,
-        a second copy of the layer weights, kept with the model) where that copy takes at most
-        `LAYER_COPY_BUDGET` of each device's memory, else it scans the stacked weights. An int: it scans
-        the stacked weights with that unrolling, with no second copy.
+      unroll: None (default): the decode step reads each layer's own arrays in place
+        (`decoding.layer_weights`, a second copy of the layer weights, kept with the model) where that
+        copy takes at most `decoding.LAYER_COPY_BUDGET` of each device's memory, else it scans the
+        stacked weights. An int: it scans the stacked weights with that unrolling, with no second copy.
 
     Returns:
       One `GenerationResult` per prompt, in order.
