@@ -14,7 +14,7 @@ docs/BATCH.md draws it. One scheduler iteration on the host:
 1. Admit: waiting requests take free slots while the page pool can hold their prompts. A prompt's
    full page-aligned blocks are looked up in the prefix cache first (`paged_cache.PagePool`): a hit
    shares the page (reference-counted) instead of prefilling it again.
-2. Prefill: one jitted call runs the next `prefill_chunk` prompt tokens of up to `prefill_rows` slots
+2. Prefill: one jitted call runs the next (up to) `prefill_chunk` prompt tokens of up to `prefill_rows` slots
    through the model into their pages; a slot whose prompt ends in the chunk samples its first token.
 3. Decode: one jitted burst of up to `burst` steps (`lax.while_loop`) over every decoding slot. Nothing
    per token crosses to the host: the burst returns its `[slots, burst]` tokens once.
@@ -94,7 +94,8 @@ class Engine:
       pages: pages in the pool (page 0 is the null page); default: `slots` x 2,048 tokens' worth.
       page_size: positions per page; prefix sharing works in whole pages.
       burst: decode steps per jitted call between host-side scheduling.
-      prefill_chunk, prefill_rows: a prefill call runs `prefill_chunk` prompt tokens of up to `prefill_rows` slots.
+      prefill_chunk, prefill_rows: a prefill call runs up to `prefill_chunk` prompt tokens (the rows' longest
+        remaining part, rounded up to a power of two) of up to `prefill_rows` slots (default: all of them).
       prefix_cache: share full prompt blocks between requests (off: every prompt is prefilled whole).
       max_len: the longest request (prompt + new tokens) a slot may hold; default the model's context.
     """
@@ -108,7 +109,7 @@ class Engine:
         page_size: int = 64,
         burst: int = 16,
         prefill_chunk: int = 256,
-        prefill_rows: int = 4,
+        prefill_rows: int | None = None,
         prefix_cache: bool = True,
         max_len: int | None = None,
         block_pages: int = 4,
@@ -118,7 +119,7 @@ class Engine:
             page_size=page_size,
             burst=burst,
             prefill_chunk=prefill_chunk,
-            prefill_rows=prefill_rows,
+            prefill_rows=slots if prefill_rows is None else prefill_rows,
             block_pages=block_pages,
         ).items():
             if not (isinstance(value, int) and value >= 1):
@@ -129,7 +130,7 @@ class Engine:
         self.model = model
         self.max_len = min(max_len or config.max_seq_len, config.max_seq_len)
         self.page_size, self.burst, self.block_pages = page_size, burst, block_pages
-        self.prefill_chunk, self.prefill_rows = prefill_chunk, min(prefill_rows, slots)
+        self.prefill_chunk, self.prefill_rows = prefill_chunk, min(prefill_rows or slots, slots)
         self.slots = slots
         n_blocks = -(-self.max_len // (page_size * block_pages))
         self.table_width = n_blocks * block_pages  # M: pages per slot's page table
@@ -264,7 +265,10 @@ class Engine:
             return
         mode = rows[0].mode  # the earliest admitted; rows of other modes take a later chunk
         rows = [s for s in rows if s.mode == mode][: self.prefill_rows]
-        r, c = self.prefill_rows, self.prefill_chunk
+        # The chunk: the rows' longest remaining prompt part, rounded up to a power of two (>= 16), at
+        # most `prefill_chunk`: short prompts are not padded to a full chunk (a few programs per mode).
+        longest = max(len(s.prompt) - s.cursor for s in rows)
+        r, c = self.prefill_rows, min(self.prefill_chunk, max(16, 1 << (longest - 1).bit_length()))
         tokens = np.zeros((r, c), np.int32)
         start, last, seeds = np.zeros(r, np.int32), np.zeros(r, np.int32), np.zeros(r, np.uint32)
         knobs, stops = _rows_of([s.knobs for s in rows], r), _rows_of([s.stops for s in rows], r)
