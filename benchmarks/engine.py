@@ -154,16 +154,16 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
         ]
         pages = batch * (max(map(len, prompts)) + MAX_NEW) // 64 + 64
 
-        def engine_side(share, pages=pages, requests=requests):
-            eng = Engine(
-                model,
-                slots=batch,
-                pages=pages,
-                page_size=64,
-                burst=16,
-                prefix_cache=share,
-            )
-            return lambda: [r.tokens for r in eng.generate(requests)]
+        engine_stats = {}
+
+        def engine_side(name, share, pages=pages, requests=requests, engine_stats=engine_stats):
+            def side():  # a fresh engine each time: its prefix cache starts empty
+                eng = Engine(model, slots=batch, pages=pages, page_size=64, burst=16, prefix_cache=share)
+                tokens = [r.tokens for r in eng.generate(requests)]
+                engine_stats[name] = eng.stats
+                return tokens
+
+            return side
 
         def hf_side(prompts=prompts):
             config = transformers.GenerationConfig(
@@ -184,12 +184,12 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
             return [list(r.generated_tokens) for r in res.values()]
 
         sides = {
-            "engine": engine_side(True),
+            "engine": engine_side("engine", True),
             "static": lambda prompts=prompts, seeds=seeds: [r.tokens for r in static(model, prompts, seeds, batch)],
             "transformers_generate_batch": hf_side,
         }
         if workload == "prefix":
-            sides["engine_noshare"] = engine_side(False)
+            sides["engine_noshare"] = engine_side("engine_noshare", False)
         times, tokens, results = {}, {}, {}
         for name, run in sides.items():
             if name != "transformers_generate_batch":
@@ -219,6 +219,7 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
                     "seconds": round(times[name], 3),
                     "completion_tokens": tokens[name],
                     "tokens_per_s": round(tokens[name] / times[name], 1),
+                    **_phases(engine_stats.get(name)),
                 }
                 for name in sides
             },
@@ -227,8 +228,18 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
         }
         if workload == "prefix":
             out[workload]["prefix_sharing_speedup"] = round(times["engine_noshare"] / times["engine"], 2)
+            prefill = {name: engine_stats[name]["prefill_seconds"] for name in ("engine", "engine_noshare")}
+            out[workload]["prefix_sharing_speedup_of_prefill"] = round(prefill["engine_noshare"] / prefill["engine"], 2)
         print(json.dumps({workload: out[workload]}), file=sys.stderr, flush=True)  # survives a timeout later
     return out
+
+
+def _phases(stats) -> dict:
+    """An engine run's split (its last timed run): seconds in prefill calls and in decode bursts."""
+    if stats is None:
+        return {}
+    keys = ("prefill_seconds", "decode_seconds", "prefill_calls", "decode_calls", "shared_tokens")
+    return {k: round(stats[k], 3) if isinstance(stats[k], float) else stats[k] for k in keys}
 
 
 def main(argv=None) -> dict:

@@ -14,8 +14,9 @@ docs/BATCH.md draws it. One scheduler iteration on the host:
 1. Admit: waiting requests take free slots while the page pool can hold their prompts. A prompt's
    full page-aligned blocks are looked up in the prefix cache first (`paged_cache.PagePool`): a hit
    shares the page (reference-counted) instead of prefilling it again.
-2. Prefill: one jitted call runs the next (up to) `prefill_chunk` prompt tokens of up to `prefill_rows` slots
-   through the model into their pages; a slot whose prompt ends in the chunk samples its first token.
+2. Prefill: jitted calls, each running the next (up to) `prefill_chunk` prompt tokens of up to
+   `prefill_rows` slots through the model into their pages, until the admitted prompts are in (or
+   `prefill_budget` tokens ran); a slot whose prompt ends in a chunk samples its first token.
 3. Decode: one jitted burst of up to `burst` steps (`lax.while_loop`) over every decoding slot. Nothing
    per token crosses to the host: the burst returns its `[slots, burst]` tokens once.
 4. Finished requests (stop token or `max_new_tokens`) free their slot and pages; they are yielded.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -96,6 +98,9 @@ class Engine:
       burst: decode steps per jitted call between host-side scheduling.
       prefill_chunk, prefill_rows: a prefill call runs up to `prefill_chunk` prompt tokens (the rows' longest
         remaining part, rounded up to a power of two) of up to `prefill_rows` slots (default: all of them).
+      prefill_budget: prompt tokens prefilled between two bursts (at least one call). Default None: every
+        admitted prompt entirely, so a slot decodes from the next burst on (throughput; the decoding
+        slots wait meanwhile). A number bounds that wait (latency), a long prompt then spanning bursts.
       prefix_cache: share full prompt blocks between requests (off: every prompt is prefilled whole).
       max_len: the longest request (prompt + new tokens) a slot may hold; default the model's context.
     """
@@ -110,6 +115,7 @@ class Engine:
         burst: int = 16,
         prefill_chunk: int = 256,
         prefill_rows: int | None = None,
+        prefill_budget: int | None = None,
         prefix_cache: bool = True,
         max_len: int | None = None,
         block_pages: int = 4,
@@ -124,6 +130,8 @@ class Engine:
         ).items():
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"Engine: {name} must be an integer >= 1, got {value!r}")
+        if prefill_budget is not None and not (isinstance(prefill_budget, int) and prefill_budget >= 1):
+            raise ValueError(f"Engine: prefill_budget must be None or an integer >= 1, got {prefill_budget!r}")
         config = model.config
         if getattr(model, "score", None) is not None:
             raise ValueError("this model has a sequence-classification head instead of an LM head: it cannot generate")
@@ -131,6 +139,7 @@ class Engine:
         self.max_len = min(max_len or config.max_seq_len, config.max_seq_len)
         self.page_size, self.burst, self.block_pages = page_size, burst, block_pages
         self.prefill_chunk, self.prefill_rows = prefill_chunk, min(prefill_rows or slots, slots)
+        self.prefill_budget = prefill_budget
         self.slots = slots
         n_blocks = -(-self.max_len // (page_size * block_pages))
         self.table_width = n_blocks * block_pages  # M: pages per slot's page table
@@ -153,18 +162,22 @@ class Engine:
         weights = (graphdef, params, layers, unroll)
         pending = iter(requests)
         waiting: collections.deque[Request] = collections.deque()
-        slots: list[_Slot | None] = [None] * self.slots
+        slots: list[_Slot | None] = [None] * self.slots  # decoding requests, one per decode row
+        staged: list[_Slot] = []  # admitted: prefilling, or prefilled and waiting for a slot
         order = itertools.count()
         done: list[tuple[Request, Any]] = []
         while True:
             if not waiting:
                 waiting.extend(itertools.islice(pending, self.slots))
-            self._admit(waiting, slots, order, done)
-            if not waiting and all(s is None for s in slots):
+            self._admit(waiting, staged, slots, order, done)
+            if not waiting and not staged and all(s is None for s in slots):
                 yield from done
                 return
-            self._prefill_step(weights, slots, done)
-            self._decode_step(weights, slots, waiting, done)
+            self._prefill(weights, staged, slots, done)
+            for s in [s for s in staged if s.decoding][: slots.count(None)]:  # seat the prefilled, in order
+                staged.remove(s)
+                slots[slots.index(None)] = s
+            self._decode_step(weights, slots, staged, waiting, done)
             yield from done
             done.clear()
 
@@ -209,8 +222,12 @@ class Engine:
     def _pages_for(self, positions: int) -> int:
         return -(-positions // self.page_size)
 
-    def _admit(self, waiting, slots, order, done) -> None:
-        while waiting and None in slots:
+    def _admit(self, waiting, staged, slots, order, done) -> None:
+        """Stage waiting requests (at most `prefill_rows`) while the pool holds their prompts, keeping the
+        pages the decoding slots' next burst needs."""
+        decoding = sum(s is not None for s in slots)
+        reserve = decoding * self._pages_for(self.burst)
+        while waiting and len(staged) < self.prefill_rows:
             request = waiting[0]
             try:
                 prompt, stops = self._check(request)
@@ -221,10 +238,11 @@ class Engine:
             shareable = (len(prompt) - 1) // self.page_size  # the last prompt token is always computed
             hashes = block_hashes(prompt, self.page_size, shareable) if self.pool.prefix_cache else []
             shared = self.pool.lookup(hashes)
-            fresh = self.pool.allocate(self._pages_for(len(prompt)) - len(shared))
+            needed = self._pages_for(len(prompt)) - len(shared)
+            fresh = self.pool.allocate(needed) if self.pool.available() - needed >= reserve else None
             if fresh is None:
                 self.pool.release(shared)
-                if all(s is None for s in slots):  # nothing will free pages: the pool is too small
+                if not staged and not decoding:  # nothing will free pages: the pool is too small
                     raise RuntimeError("page pool exhausted with no request running")
                 return  # wait for pages
             waiting.popleft()
@@ -234,16 +252,18 @@ class Engine:
             self.stats["prompt_tokens"] += len(prompt)
             self.stats["shared_tokens"] += len(shared) * self.page_size
             params = request.params
-            slots[slots.index(None)] = _Slot(
-                request,
-                next(order),
-                params.mode,
-                params.knobs(),
-                stops,
-                prompt,
-                shared + fresh,
-                hashes,
-                cursor=len(shared) * self.page_size,
+            staged.append(
+                _Slot(
+                    request,
+                    next(order),
+                    params.mode,
+                    params.knobs(),
+                    stops,
+                    prompt,
+                    shared + fresh,
+                    hashes,
+                    cursor=len(shared) * self.page_size,
+                )
             )
 
     def _table(self, slots: Sequence[_Slot | None]) -> np.ndarray:
@@ -253,22 +273,39 @@ class Engine:
                 table[row, : len(slot.pages)] = slot.pages
         return table
 
-    def _prefill_step(self, weights, slots, done) -> None:
-        """One chunk for the first `prefill_rows` prefilling slots whose shared pages are written."""
+    def _prefill(self, weights, staged, slots, done) -> None:
+        """Prefill calls on the staged prompts, up to `prefill_budget` tokens. A call runs when its rows are
+        full, or when a slot is free that no prefilled request can take; else the prompts wait for more
+        (a call costs the same with one prompt as with `prefill_rows`)."""
+        spent = 0
+        while self.prefill_budget is None or spent < self.prefill_budget:
+            prefilling = sum(not s.decoding for s in staged)
+            seats = slots.count(None) - sum(s.decoding for s in staged)
+            if not prefilling or (prefilling < self.prefill_rows and seats <= 0):
+                return
+            ran = self._prefill_step(weights, staged, slots, done)
+            if not ran:  # every prefilling prompt waits for shared pages another has not written yet
+                return
+            spent += ran
+
+    def _prefill_step(self, weights, staged, slots, done) -> int:
+        """One chunk for the first `prefill_rows` prefilling staged prompts whose shared pages are written;
+        → the prompt tokens it ran (0: none could run)."""
         rows = [
-            s
-            for s in slots
-            if s is not None and not s.decoding and all(self.ready[p] for p in s.pages[: s.cursor // self.page_size])
+            s for s in staged if not s.decoding and all(self.ready[p] for p in s.pages[: s.cursor // self.page_size])
         ]
         rows = sorted(rows, key=lambda s: s.order)
         if not rows:
-            return
+            return 0
         mode = rows[0].mode  # the earliest admitted; rows of other modes take a later chunk
         rows = [s for s in rows if s.mode == mode][: self.prefill_rows]
         # The chunk: the rows' longest remaining prompt part, rounded up to a power of two (>= 16), at
         # most `prefill_chunk`: short prompts are not padded to a full chunk (a few programs per mode).
+        # The rows stay `prefill_rows`, whatever the number of prompts: a row's numbers must not depend
+        # on how many others it ran with (a resumed batch job writes the same bytes), and XLA's matrix
+        # products round differently as their row count changes.
         longest = max(len(s.prompt) - s.cursor for s in rows)
-        r, c = self.prefill_rows, min(self.prefill_chunk, max(16, 1 << (longest - 1).bit_length()))
+        r, c = self.prefill_rows, min(self.prefill_chunk, max(16, _pow2(longest)))
         tokens = np.zeros((r, c), np.int32)
         start, last, seeds = np.zeros(r, np.int32), np.zeros(r, np.int32), np.zeros(r, np.uint32)
         knobs, stops = _rows_of([s.knobs for s in rows], r), _rows_of([s.stops for s in rows], r)
@@ -277,6 +314,7 @@ class Engine:
             tokens[i, : len(chunk)] = chunk
             start[i], last[i], seeds[i] = s.cursor, len(chunk) - 1, s.request.params.seed
         graphdef, params, _, _ = weights
+        started = time.perf_counter()
         self.k, self.v, picked = decoding.chunk_prefill(
             graphdef,
             params,
@@ -292,14 +330,18 @@ class Engine:
             block_pages=self.block_pages,
             mode=mode,
         )
-        self.stats["prefill_calls"] += 1
         picked = _to_host(picked)
+        self.stats["prefill_calls"] += 1
+        self.stats["prefill_seconds"] += time.perf_counter() - started
+        ran = 0
         for i, s in enumerate(rows):
+            ran += min(c, len(s.prompt) - s.cursor)
             s.cursor = min(s.cursor + c, len(s.prompt))
             self.ready[s.pages[: s.cursor // self.page_size]] = True
             if s.decoding:
                 self._record(s, *(x[i] for x in picked))
-                self._finish_if_done(s, slots, done)
+                self._finish_if_done(s, slots, staged, done)
+        return ran
 
     def _record(self, s: _Slot, token, is_stop, logp, ids, top) -> None:
         s.tokens.append(int(token))
@@ -308,7 +350,7 @@ class Engine:
         s.top_logprobs.append([float(x) for x in top])
         s.stopped = bool(is_stop)
 
-    def _finish_if_done(self, s: _Slot, slots, done) -> None:
+    def _finish_if_done(self, s: _Slot, slots, staged, done) -> None:
         stopped = s.stopped
         if not stopped and len(s.tokens) < s.request.params.max_new_tokens:
             return
@@ -321,20 +363,24 @@ class Engine:
             logprobs=tuple(s.logprobs[:n]) if s.mode.logprobs else None,
             top_logprobs=(tuple(map(tuple, s.top_ids[:k])), tuple(map(tuple, s.top_logprobs[:k]))) if k else None,
         )
-        self._free(s, slots)
+        self._free(s, slots, staged)
         self.stats["generated_tokens"] += n
         done.append((s.request, result))
 
-    def _free(self, s: _Slot, slots) -> None:
+    def _free(self, s: _Slot, slots, staged) -> None:
         for page in s.pages:  # an unwritten page must not stay in the prefix cache
             if not self.ready[page] and self.pool.refs[page] == 1:
                 self.pool.forget(page)
         self.pool.release(s.pages)
-        slots[slots.index(s)] = None
+        if s in staged:
+            staged.remove(s)
+        else:
+            slots[slots.index(s)] = None
 
-    def _grow(self, slots, waiting) -> None:
-        """Give every decoding slot the pages of its next burst, preempting the latest admitted when dry."""
-        for s in sorted((s for s in slots if s is not None and s.decoding), key=lambda s: s.order):
+    def _grow(self, slots, staged, waiting) -> None:
+        """Give every decoding slot the pages of its next burst, preempting the latest admitted (staged or
+        decoding) when dry."""
+        for s in sorted((s for s in slots if s is not None), key=lambda s: s.order):
             if s not in slots:  # preempted meanwhile
                 continue
             last_position = min(
@@ -346,22 +392,22 @@ class Engine:
                     self.ready[fresh] = False
                     s.pages.extend(fresh)
                     break
-                victim = max((v for v in slots if v is not None), key=lambda v: v.order)
-                self._free(victim, slots)
+                victim = max((v for v in [*slots, *staged] if v is not None), key=lambda v: v.order)
+                self._free(victim, slots, staged)
                 waiting.appendleft(victim.request)
                 self.stats["preemptions"] += 1
                 if victim is s:
                     break
 
-    def _decode_step(self, weights, slots, waiting, done) -> None:
+    def _decode_step(self, weights, slots, staged, waiting, done) -> None:
         """One burst per sampling mode among the decoding slots (one burst in all when they share one)."""
-        self._grow(slots, waiting)
-        decoding = sorted((s for s in slots if s is not None and s.decoding), key=lambda s: s.order)
+        self._grow(slots, staged, waiting)
+        decoding = sorted((s for s in slots if s is not None), key=lambda s: s.order)
         for mode in dict.fromkeys(s.mode for s in decoding):
-            self._burst(weights, [s if s is not None and s.decoding and s.mode == mode else None for s in slots], mode)
+            self._burst(weights, [s if s is not None and s.mode == mode else None for s in slots], mode)
             for s in decoding:
                 if s.mode == mode:
-                    self._finish_if_done(s, slots, done)
+                    self._finish_if_done(s, slots, staged, done)
 
     def _burst(self, weights, rows: list[_Slot | None], mode: Mode) -> None:
         b = self.slots
@@ -374,6 +420,7 @@ class Engine:
                 last[i], count[i], limit[i] = s.tokens[-1], len(s.tokens), s.request.params.max_new_tokens
                 position[i], live[i], seeds[i] = len(s.prompt) + len(s.tokens) - 1, True, s.request.params.seed
         graphdef, params, layers, unroll = weights
+        started = time.perf_counter()
         self.k, self.v, out = decoding.burst(
             graphdef,
             params,
@@ -394,8 +441,9 @@ class Engine:
             mode=mode,
             unroll=unroll,
         )
-        self.stats["decode_calls"] += 1
         out = _to_host(out)
+        self.stats["decode_calls"] += 1
+        self.stats["decode_seconds"] += time.perf_counter() - started
         for i, s in enumerate(rows):
             if s is None:
                 continue
@@ -413,6 +461,11 @@ class Engine:
 
 _NEUTRAL_KNOBS = SamplingParams(max_new_tokens=1).knobs()  # an idle row's (its tokens are dropped)
 _NO_STOPS = np.full(sampler.MAX_STOP_TOKENS, -1, np.int32)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n."""
+    return 1 << (n - 1).bit_length()
 
 
 def _rows_of(values: list[np.ndarray], n: int) -> np.ndarray:

@@ -13,7 +13,9 @@ Sampling follows Meta's `generation.py`: temperature 0 is greedy argmax; otherwi
 softmax(logits / temperature) restricted by top-k, then top-p (Meta's rule: keep tokens whose
 *exclusive* prefix mass is <= p, so the top token always stays), then min-p (keep tokens with
 p >= min_p * p_max). Each filter is a per-row threshold `[B, 1]`: a token is kept when its logit is
->= the threshold, and thresholds compose by `max`, so nothing scatters back through a sort.
+>= the threshold, and thresholds compose by `max`, so nothing scatters back through a sort. The
+draw is an inverse CDF in two levels (`categorical`: one exp per entry, no random bits per entry),
+25x cheaper than the Gumbel trick over a 128K vocabulary on CPU; greedy is `argmax`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ __all__ = [
     "META_TOP_P",
     "Mode",
     "SamplingParams",
+    "argmax",
+    "categorical",
     "filter_logits",
     "min_p_threshold",
     "sample",
@@ -251,9 +255,50 @@ def sample_rows(keys_b: jax.Array, logits_bv: jax.Array, knobs: jax.Array, mode:
     """One token per row [B] int32, row b drawn with its own key `keys_b[b]` (greedy: argmax); knobs
     `[3]` or per row `[B, 3]` (`apply_filters`)."""
     if mode.greedy:
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    filtered = apply_filters(logits_bv / _knob(knobs, 0), knobs, mode)
-    return jax.vmap(jax.random.categorical)(keys_b, filtered).astype(jnp.int32)
+        return argmax(logits_bv)
+    return categorical(keys_b, apply_filters(logits_bv / _knob(knobs, 0), knobs, mode))
+
+
+def argmax(logits_bv: jax.Array) -> jax.Array:
+    """`jnp.argmax` over the last axis (the first index of the maximum), as two plain reductions: XLA's
+    (value, index) reduction is 5x slower on CPU over a 128K vocabulary (2.3 vs 0.4 ms at [8, 128256])."""
+    v = logits_bv.shape[-1]
+    top = jnp.max(logits_bv, axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(logits_bv == top, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+    return jnp.minimum(first, v - 1)  # a NaN row has no maximum
+
+
+CDF_BLOCK = 512  # vocabulary entries per block of the two-level inverse CDF (~sqrt(128K))
+
+
+def categorical(keys_b: jax.Array, logits_bv: jax.Array) -> jax.Array:
+    """One draw per row from softmax(logits_bv) (-inf: never drawn), row b with key `keys_b[b]`: [B] int32.
+
+    By inverse CDF in two levels, as a CDF sampler such as `torch.multinomial` does in one: a block of
+    `CDF_BLOCK` entries is drawn by its mass, then an entry within it by its weight, each with its own
+    uniform (so float32's 2^-24 resolution applies to each level, not to 128K entries at once). One exp
+    per entry and two small cumulative sums: 0.4 ms at [8, 128256] on CPU against 10.1 ms for the Gumbel
+    trick (`jax.random.categorical`: random bits and two logs per entry). The same distribution; not
+    the same stream for a seed."""
+    b, v = logits_bv.shape
+    n = -(-v // CDF_BLOCK)
+    weights = jnp.exp(logits_bv - jnp.max(logits_bv, axis=-1, keepdims=True))
+    weights = jnp.pad(weights, ((0, 0), (0, n * CDF_BLOCK - v))).reshape(b, n, CDF_BLOCK)
+    u_b2 = jax.vmap(lambda key: jax.random.uniform(key, (2,)))(keys_b)
+    block_b = _inverse_cdf(jnp.sum(weights, axis=-1), u_b2[:, 0])
+    within = jnp.take_along_axis(weights, block_b[:, None, None], axis=1)[:, 0]
+    return block_b * CDF_BLOCK + _inverse_cdf(within, u_b2[:, 1])
+
+
+def _inverse_cdf(weights_bn: jax.Array, u_b: jax.Array) -> jax.Array:
+    """Per row, the first index whose cumulative weight exceeds u x the total: index i with probability
+    weight_i / total. A zero weight is never chosen (its cumulative sum equals its predecessor's), also
+    when rounding puts u x total past the end (then: the last index of positive weight)."""
+    n = weights_bn.shape[-1]
+    cumulative = jnp.cumsum(weights_bn, axis=-1)
+    index = jnp.sum(cumulative <= u_b[:, None] * cumulative[:, -1:], axis=-1, dtype=jnp.int32)
+    last = jnp.max(jnp.where(weights_bn > 0, jnp.arange(n, dtype=jnp.int32), 0), axis=-1)
+    return jnp.minimum(index, last)
 
 
 def filter_logits(

@@ -73,11 +73,13 @@ def test_page_pool_counts_references_and_keeps_prompt_blocks_for_reuse():
     assert pool.lookup([b"block0"]) == []
 
 
-def test_greedy_equals_generate_and_transformers_whatever_the_batching(tiny):
+# prefill_budget 16: one 16-token chunk between bursts, so longer prompts are prefilled across bursts.
+@pytest.mark.parametrize("prefill_budget", [None, 16])
+def test_greedy_equals_generate_and_transformers_whatever_the_batching(tiny, prefill_budget):
     model, reference = tiny
     ps = prompts()
     want = sampler.generate(model, ps, max_new_tokens=N, stop_tokens=STOP)
-    got = engine(model).generate([request(i, p) for i, p in enumerate(ps)])
+    got = engine(model, prefill_budget=prefill_budget).generate([request(i, p) for i, p in enumerate(ps)])
     assert [g.tokens for g in got] == [w.tokens for w in want]
     assert [g.stop_reason for g in got] == [w.stop_reason for w in want]
     alone = engine(model).generate([request(0, ps[3])])  # batched with nobody

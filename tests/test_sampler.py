@@ -225,6 +225,32 @@ def test_filtered_sampling_frequencies_follow_the_renormalised_distribution():
         assert_frequencies_match(draw(temperature=0.9, **knobs), expected)
 
 
+def test_argmax_is_numpys_first_maximum():
+    logits = np.array(jax.random.normal(jax.random.key(2), (16, 130_000)), np.float32)
+    logits[3, [7, 90_000]] = 100.0  # a tie: the first index wins, as np.argmax
+    logits[5] = 0.0
+    np.testing.assert_array_equal(sampling.argmax(logits), np.argmax(logits, -1))
+
+
+def test_categorical_follows_the_softmax_across_cdf_blocks():
+    """Support spread over several `CDF_BLOCK`s, a ragged last block, and -inf everywhere else."""
+    vocab = 3 * sampling.CDF_BLOCK + 77
+    support = np.array([0, 5, sampling.CDF_BLOCK - 1, sampling.CDF_BLOCK, 2 * sampling.CDF_BLOCK + 3, vocab - 1])
+    logits = np.full(vocab, -np.inf, np.float32)
+    logits[support] = [1.0, -2.0, 0.5, 2.0, -0.5, 1.5]
+    probs = np.exp(log_softmax(logits.astype(np.float64)))
+    draws = sampling.categorical(
+        jax.random.split(jax.random.key(4), N_DRAWS), np.broadcast_to(logits, (N_DRAWS, vocab))
+    )
+    assert_frequencies_match(np.asarray(draws), probs)
+
+
+def test_inverse_cdf_never_picks_a_zero_weight_even_past_the_end():
+    weights = np.array([[0.0, 0.0, 1.0, 0.0, 2.0, 0.0, 0.0]] * 4, np.float32)
+    u = np.array([0.0, 0.4, 0.99, 1.0], np.float32)  # 1.0: u x total rounds onto the end
+    np.testing.assert_array_equal(sampling._inverse_cdf(weights, u), [2, 4, 4, 4])
+
+
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.99])
 def test_top_p_keeps_exactly_metas_nucleus(temperature, top_p):
