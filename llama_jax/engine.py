@@ -11,18 +11,21 @@ One engine, one page pool, whatever the mix of settings.
 
 docs/BATCH.md draws it. One scheduler iteration on the host:
 
-1. Admit: waiting requests take free slots while the page pool can hold their prompts. A prompt's
-   full page-aligned blocks are looked up in the prefix cache first (`paged_cache.PagePool`): a hit
-   shares the page (reference-counted) instead of prefilling it again.
-2. Prefill: jitted calls, each running the next (up to) `prefill_chunk` prompt tokens of up to
-   `prefill_rows` slots through the model into their pages, until the admitted prompts are in (or
-   `prefill_budget` tokens ran); a slot whose prompt ends in a chunk samples its first token.
-3. Decode: one jitted burst of up to `burst` steps (`lax.while_loop`) over every decoding slot. Nothing
+1. Admit: waiting requests are staged (at most `prefill_rows` of them) while the page pool can hold
+   their prompts. A prompt's full page-aligned blocks are looked up in the prefix cache first
+   (`paged_cache.PagePool`): a hit shares the page (reference-counted) instead of prefilling it again.
+2. Prefill: a prompt needs pages, not a slot. Jitted calls each run the next (up to) `prefill_chunk`
+   prompt tokens of up to `prefill_rows` staged requests into their pages, until every staged prompt
+   is in (or `prefill_budget` tokens ran); a prompt that ends in a chunk samples its first token. A
+   call costs the same with one prompt as with all its rows, so calls wait until the staged prompts
+   fill one, unless a slot is free that no prefilled request can take.
+3. Seat: prefilled requests take the free slots, in admission order.
+4. Decode: one jitted burst of up to `burst` steps (`lax.while_loop`) over every decoding slot. Nothing
    per token crosses to the host: the burst returns its `[slots, burst]` tokens once.
-4. Finished requests (stop token or `max_new_tokens`) free their slot and pages; they are yielded.
+5. Finished requests (stop token or `max_new_tokens`) free their slot and pages; they are yielded.
 
 Before a burst every decoding slot gets the pages its next `burst` positions need. When the pool is
-dry the most recently admitted request is preempted: its pages go back and it waits at the head of the
+dry the most recently admitted request (staged or decoding) is preempted: its pages go back and it waits at the head of the
 queue, to be recomputed from its prompt. That is exact: token i of a request is drawn with the key
 `fold_in(fold_in(key(seed), 0), i)`, the stream `sampler.generate(seed=[seed, ...])` gives it, so a
 request's tokens depend on its prompt and seed, not on its neighbours, its slot, or when it ran.
@@ -97,12 +100,16 @@ class Engine:
       page_size: positions per page; prefix sharing works in whole pages.
       burst: decode steps per jitted call between host-side scheduling.
       prefill_chunk, prefill_rows: a prefill call runs up to `prefill_chunk` prompt tokens (the rows' longest
-        remaining part, rounded up to a power of two) of up to `prefill_rows` slots (default: all of them).
+        remaining part, rounded up to a power of two) of up to `prefill_rows` staged requests (default:
+        as many as slots); at most `prefill_rows` requests are staged.
       prefill_budget: prompt tokens prefilled between two bursts (at least one call). Default None: every
-        admitted prompt entirely, so a slot decodes from the next burst on (throughput; the decoding
-        slots wait meanwhile). A number bounds that wait (latency), a long prompt then spanning bursts.
+        staged prompt entirely (throughput; the decoding slots wait meanwhile). A number bounds that wait
+        (latency), a long prompt then spanning bursts.
       prefix_cache: share full prompt blocks between requests (off: every prompt is prefilled whole).
       max_len: the longest request (prompt + new tokens) a slot may hold; default the model's context.
+
+    `stats` counts, over the engine's life: prompt_tokens, shared_tokens (taken from the prefix cache),
+    prefill_calls and prefill_seconds, decode_calls and decode_seconds, generated_tokens, preemptions.
     """
 
     def __init__(
