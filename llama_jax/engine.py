@@ -25,10 +25,11 @@ docs/BATCH.md draws it. One scheduler iteration on the host:
 5. Finished requests (stop token or `max_new_tokens`) free their slot and pages; they are yielded.
 
 Before a burst every decoding slot gets the pages its next `burst` positions need. When the pool is
-dry the most recently admitted request (staged or decoding) is preempted: its pages go back and it waits at the head of the
-queue, to be recomputed from its prompt. That is exact: token i of a request is drawn with the key
-`fold_in(fold_in(key(seed), 0), i)`, the stream `sampler.generate(seed=[seed, ...])` gives it, so a
-request's tokens depend on its prompt and seed, not on its neighbours, its slot, or when it ran.
+dry the most recently admitted request (staged or decoding) is preempted: its pages go back and it
+waits at the head of the queue, to be recomputed from its prompt. That is exact: token i of a request
+is drawn with the key `fold_in(fold_in(key(seed), 0), i)`, the stream `sampler.generate(seed=[seed,
+...])` gives it, so a request's tokens depend on its prompt and seed, not on its neighbours, its slot,
+or when it ran.
 """
 
 from __future__ import annotations
