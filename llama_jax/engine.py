@@ -67,7 +67,7 @@ class Request:
     params: SamplingParams
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # a running request is itself: `in`, `index`, `remove` by identity
 class _Slot:
     """A running request, host side."""
 
@@ -233,8 +233,8 @@ class Engine:
     def _admit(self, waiting, staged, slots, order, done) -> None:
         """Stage waiting requests (at most `prefill_rows`) while the pool holds their prompts, keeping the
         pages the decoding slots' next burst needs."""
-        decoding = sum(s is not None for s in slots)
-        reserve = decoding * self._pages_for(self.burst)
+        n_decoding = sum(s is not None for s in slots)
+        reserve = n_decoding * self._pages_for(self.burst)
         while waiting and len(staged) < self.prefill_rows:
             request = waiting[0]
             try:
@@ -250,7 +250,7 @@ class Engine:
             fresh = self.pool.allocate(needed) if self.pool.available() - needed >= reserve else None
             if fresh is None:
                 self.pool.release(shared)
-                if not staged and not decoding:  # nothing will free pages: the pool is too small
+                if not staged and not n_decoding:  # nothing will free pages: the pool is too small
                     raise RuntimeError("page pool exhausted with no request running")
                 return  # wait for pages
             waiting.popleft()
@@ -313,7 +313,7 @@ class Engine:
         # on how many others it ran with (a resumed batch job writes the same bytes), and XLA's matrix
         # products round differently as their row count changes.
         longest = max(len(s.prompt) - s.cursor for s in rows)
-        r, c = self.prefill_rows, min(self.prefill_chunk, max(16, _pow2(longest)))
+        r, c = self.prefill_rows, min(self.prefill_chunk, max(16, 1 << (longest - 1).bit_length()))
         tokens = np.zeros((r, c), np.int32)
         start, last, seeds = np.zeros(r, np.int32), np.zeros(r, np.int32), np.zeros(r, np.uint32)
         knobs, stops = _rows_of([s.knobs for s in rows], r), _rows_of([s.stops for s in rows], r)
@@ -410,10 +410,10 @@ class Engine:
     def _decode_step(self, weights, slots, staged, waiting, done) -> None:
         """One burst per sampling mode among the decoding slots (one burst in all when they share one)."""
         self._grow(slots, staged, waiting)
-        decoding = sorted((s for s in slots if s is not None), key=lambda s: s.order)
-        for mode in dict.fromkeys(s.mode for s in decoding):
+        running = sorted((s for s in slots if s is not None), key=lambda s: s.order)
+        for mode in dict.fromkeys(s.mode for s in running):
             self._burst(weights, [s if s is not None and s.mode == mode else None for s in slots], mode)
-            for s in decoding:
+            for s in running:
                 if s.mode == mode:
                     self._finish_if_done(s, slots, staged, done)
 
@@ -469,11 +469,6 @@ class Engine:
 
 _NEUTRAL_KNOBS = SamplingParams(max_new_tokens=1).knobs()  # an idle row's (its tokens are dropped)
 _NO_STOPS = np.full(sampler.MAX_STOP_TOKENS, -1, np.int32)
-
-
-def _pow2(n: int) -> int:
-    """The smallest power of two >= n."""
-    return 1 << (n - 1).bit_length()
 
 
 def _rows_of(values: list[np.ndarray], n: int) -> np.ndarray:
