@@ -12,7 +12,9 @@ Workloads (same requests for every side, temperature 1, per-request seeds):
 
 Sides, each timed end to end on the token ids (best of `--repeats` after a warm-up that compiles):
   engine          `Engine.run` (slots = batch size, prefix cache on)
-  engine_noshare  the same, prefix cache off (prefix workload: the gain from sharing)
+  engine_noshare  the same, prefix cache off (prefix workload: the gain from sharing, reported beside
+                  `prefix_sharing_flop_bound`: the FLOPs the run must do without sharing over those with
+                  it, no padding, `prefix_sharing_bound`; decoding is the same on both sides)
   static          the previous batch job's schedule: `sampler.generate` on groups of `batch` requests
                   of one prompt bucket (`min_batch` padding), every row held until its batch ends
   transformers    `generate_batch` (continuous batching, paged cache), eager
@@ -40,6 +42,7 @@ from benchmarks.decode import SHAPES, hf_config, model_shape  # noqa: E402
 EOT = 128_009
 TARGET_MEAN = 60  # sampled completion tokens (geometric, ~1.5% of steps stop), capped at MAX_NEW
 MAX_NEW = 256
+PAGE = 64  # the engine's page: prefix sharing works in whole pages
 CALIBRATION_PROMPTS = 32
 
 
@@ -158,7 +161,7 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
 
         def engine_side(name, share, pages=pages, requests=requests, engine_stats=engine_stats):
             def side():  # a fresh engine each time: its prefix cache starts empty
-                eng = Engine(model, slots=batch, pages=pages, page_size=64, burst=16, prefix_cache=share)
+                eng = Engine(model, slots=batch, pages=pages, page_size=PAGE, burst=16, prefix_cache=share)
                 tokens = [r.tokens for r in eng.generate(requests)]
                 engine_stats[name] = eng.stats
                 return tokens
@@ -230,8 +233,53 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
             out[workload]["prefix_sharing_speedup"] = round(times["engine_noshare"] / times["engine"], 2)
             prefill = {name: engine_stats[name]["prefill_seconds"] for name in ("engine", "engine_noshare")}
             out[workload]["prefix_sharing_speedup_of_prefill"] = round(prefill["engine_noshare"] / prefill["engine"], 2)
+            bound = prefix_sharing_bound(model.config, prompts, results["engine"], page=PAGE)
+            out[workload]["prefix_sharing_flop_bound"] = bound
+            out[workload]["prefix_sharing_fraction_of_bound"] = round(
+                out[workload]["prefix_sharing_speedup"] / bound["speedup_bound"], 2
+            )
         print(json.dumps({workload: out[workload]}), file=sys.stderr, flush=True)  # survives a timeout later
     return out
+
+
+def forward_flops(config, positions: np.ndarray) -> float:
+    """FLOPs of running tokens at `positions` through the layers (no head): 2 per layer weight, plus q·k
+    and p·v over the positions each token sees (4 · N · H per key and layer)."""
+    d, n, k, h, f = config.dim, config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_dim
+    layer_weights = d * (n + 2 * k) * h + n * h * d + 3 * d * f
+    return float(config.n_layers * (2 * layer_weights * positions.size + 4 * n * h * np.sum(positions + 1.0)))
+
+
+def prefix_sharing_bound(config, prompts, completions, page: int) -> dict:
+    """The most prefix sharing can save on this workload: FLOPs without sharing over FLOPs with it, every
+    token computed once and nothing padded. Sharing removes the prefill of each prompt's leading whole
+    pages that an earlier prompt holds (what `Engine`'s prefix cache takes: the last prompt token is
+    always computed); decode (each completion token but the first through the layers, every sampled token
+    through the [D, V] head) is the same on both sides, and bounds the gain."""
+    head = 2.0 * config.dim * config.vocab_size
+    decode = sum(
+        forward_flops(config, len(p) + np.arange(len(c) - 1)) + head * len(c)
+        for p, c in zip(prompts, completions, strict=True)
+    )
+    shared = []
+    for i, prompt in enumerate(prompts):
+        common = 0
+        for earlier in prompts[:i]:
+            n = min(len(prompt), len(earlier))
+            diff = np.flatnonzero(np.asarray(prompt[:n]) != np.asarray(earlier[:n]))
+            common = max(common, int(diff[0]) if diff.size else n)
+        shared.append(min(common, len(prompt) - 1) // page * page)
+    unshared = decode + sum(forward_flops(config, np.arange(len(p))) for p in prompts)
+    with_sharing = decode + sum(
+        forward_flops(config, np.arange(s, len(p))) for p, s in zip(prompts, shared, strict=True)
+    )
+    return {
+        "gflop_unshared": round(unshared / 1e9, 1),
+        "gflop_shared": round(with_sharing / 1e9, 1),
+        "gflop_decode": round(decode / 1e9, 1),
+        "shared_tokens": sum(shared),
+        "speedup_bound": round(unshared / with_sharing, 2),
+    }
 
 
 def _phases(stats) -> dict:

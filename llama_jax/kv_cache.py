@@ -4,10 +4,11 @@ Layout `[L, B, S, K, H]`: layer first so the layer scan indexes it, then one slo
 one entry per absolute position (entry s holds position s), so masks are `s <= query position` and
 rows of different lengths need no offsets.
 
-Attention reads a row's entries in key blocks of `model.attention_block` consecutive positions
-straight from the `[L, B, S, K, H]` buffers (`keys`, `blockwise.cached`), only up to the batch's
-furthest position, and a step writes one entry per row in place: no layer is copied per step. The
-engine's `PagedKVCache` has the same interface (`write`, `attend`) over a pool of pages.
+Attention reads a row's entries in key blocks of `model.attention_block` consecutive positions (a
+long cache: of a few such pages, `blockwise.cached_tiles`) straight from the `[L, B, S, K, H]` buffers
+(`keys`, `blockwise.cached`), only up to the batch's furthest position, and a step writes one entry
+per row in place: no layer is copied per step. The engine's `PagedKVCache` has the same interface
+(`write`, `attend`) over a pool of pages.
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ class KVCache:
         chosen = attention.select(
             backend, platform=target(), dtype=q_btnh.dtype, q_len=t, kv_len=self.length, batch=b, n_heads=n
         )
-        if chosen == "blockwise":
-            return blockwise.cached(q_btnh, self.keys(i, block), q_index_bt)
+        if chosen == "blockwise":  # a long cache in larger tiles (`blockwise.cached_tiles`)
+            block_q, block_k = blockwise.cached_tiles(t, self.length, block)
+            return blockwise.cached(q_btnh, self.keys(i, block_k), q_index_bt, block_q=block_q)
         k_bskh, v_bskh = self.layer(i)
         return attention.attend(q_btnh, k_bskh, v_bskh, q_index_bt, backend=chosen, block=block)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax import attention
+from llama_jax import attention, blockwise
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import KVCache
 from llama_jax.model import Llama
@@ -137,9 +137,26 @@ def test_select_rule_is_logged_and_checks_what_it_is_asked(caplog):
 _CONFIG = LlamaConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=4096)
 
 
-def test_chunked_prefill_and_decode_at_long_positions_equal_the_uncached_forward():
+def test_a_long_cache_is_read_in_larger_tiles_of_whole_pages():
+    page = attention.DEFAULT_BLOCK
+    assert blockwise.cached_tiles(2048, blockwise.LONG_CACHE - 1, page) == (blockwise.DEFAULT_BLOCK_Q, page)
+    for q_len in (1, 2048):
+        for kv_len in (blockwise.LONG_CACHE, blockwise.LONGER_CACHE, 131_072):
+            block_q, block_k = blockwise.cached_tiles(q_len, kv_len, page)
+            assert block_q > blockwise.DEFAULT_BLOCK_Q and block_k >= page and block_k % page == 0
+    assert blockwise.cached_tiles(1, 131_072, 256)[1] == blockwise.DECODE_BLOCK_K
+    assert blockwise.cached_tiles(2048, 131_072, 768) == (1024, 768)  # a page larger than the target: one
+
+
+@pytest.mark.parametrize("tiles", ["pages", "long_cache_tiles"])
+def test_chunked_prefill_and_decode_at_long_positions_equal_the_uncached_forward(tiles, monkeypatch):
     """A 3,000-token ragged batch prefilled in 512-token chunks over 256-entry key blocks, then decoded
-    at positions up to ~3,000: every logit equals one dense uncached forward of the whole sequence."""
+    at positions up to ~3,000: every logit equals one dense uncached forward of the whole sequence.
+    long_cache_tiles: the same cache read as a long one is (`blockwise.cached_tiles`), in key blocks of
+    several pages (1,024 for the chunks, 2,048 for decode, neither dividing the 3,584 entries)."""
+    if tiles == "long_cache_tiles":
+        monkeypatch.setattr(blockwise, "LONG_CACHE", 0)
+        monkeypatch.setattr(blockwise, "LONGER_CACHE", 0)
     model = Llama(_CONFIG, dtype=jnp.float32, rngs=nnx.Rngs(0))
     model.attention_block = 256
     reference = Llama(_CONFIG, dtype=jnp.float32, rngs=nnx.Rngs(0), attention="dense")

@@ -157,6 +157,22 @@ def test_prefix_sharing_prefills_a_common_prefix_once_and_changes_no_token(tiny)
     assert [r.tokens for r in with_sharing] == [w.tokens for w in want]
 
 
+def test_the_prefix_sharing_bound_of_the_benchmark_counts_the_tokens_the_engine_shares(tiny):
+    """`benchmarks/engine.py` bounds what sharing can save from the prompts alone (each prompt's leading
+    whole pages that an earlier one holds); with pages to spare the engine shares exactly those."""
+    from benchmarks.engine import prefix_sharing_bound
+
+    model, _ = tiny
+    system = list(range(10, 30))  # 2 full pages of 8, and 4 tokens into the third
+    ps = [system + p for p in prompts(n=5, seed=6, longest=12)] + [system[:11]]
+    shared = engine(model, pages=200)
+    results = shared.generate([request(i, p) for i, p in enumerate(ps)])
+    bound = prefix_sharing_bound(model.config, ps, [r.tokens for r in results], page=8)
+    assert bound["shared_tokens"] == shared.stats["shared_tokens"] == 4 * 16 + 8
+    computed = len(ps[0]) + sum(len(p) - 16 for p in ps[1:-1]) + len(ps[-1]) - 8
+    assert 1 < bound["speedup_bound"] < sum(map(len, ps)) / computed  # decode and attention are not shared
+
+
 def test_one_engine_runs_requests_with_different_settings_each_as_generate_alone(tiny):
     """Per-request SamplingParams: greedy, two temperatures with top-p (one mode, per-row knobs), top-k with
     logprobs, and other stop tokens, mixed in one engine and one page pool, slots shared."""
