@@ -4,6 +4,13 @@ import json
 import pathlib
 
 
+def layer_matmul_weights(config) -> int:
+    """Weights one layer multiplies each token by (wq, wk, wv, wo, w1, w2, w3): 2 FLOPs each per token."""
+    c = config
+    attention = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim
+    return attention + 3 * c.dim * c.ffn_dim
+
+
 def report(result: dict, out: pathlib.Path | None) -> dict:
     """Print `result` as JSON and, given `out`, also write it there."""
     text = json.dumps(result, indent=2)

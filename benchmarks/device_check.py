@@ -240,11 +240,11 @@ def attention_parity(run: Run) -> dict:
 
 def _prefill_flops(config, tokens: int) -> float:
     """Matmul FLOPs of a causal forward over `tokens` tokens: 2 per weight per token (head: 1 token) + attention."""
+    from benchmarks import layer_matmul_weights
+
     c = config
-    per_layer = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim
-    per_layer += 3 * c.dim * c.ffn_dim
     attention = 2 * c.n_layers * c.n_heads * c.head_dim * tokens * tokens  # QK^T and PV, causal half of 2·2·T²
-    return 2.0 * c.n_layers * per_layer * tokens + attention + 2.0 * c.dim * c.vocab_size
+    return 2.0 * c.n_layers * layer_matmul_weights(c) * tokens + attention + 2.0 * c.dim * c.vocab_size
 
 
 def _prefill_seconds(model, tokens: int, repeats: int, **kw) -> float:

@@ -36,7 +36,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks import report  # noqa: E402
+from benchmarks import layer_matmul_weights, report  # noqa: E402
 from benchmarks.decode import SHAPES, hf_config, model_shape  # noqa: E402
 
 EOT = 128_009
@@ -155,7 +155,7 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
             Request(i, p, SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, seed=s, stop_tokens=[EOT]))
             for i, (p, s) in enumerate(zip(prompts, seeds, strict=True))
         ]
-        pages = batch * (max(map(len, prompts)) + MAX_NEW) // 64 + 64
+        pages = batch * (max(map(len, prompts)) + MAX_NEW) // PAGE + 64
 
         engine_stats = {}
 
@@ -245,9 +245,8 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
 def forward_flops(config, positions: np.ndarray) -> float:
     """FLOPs of running tokens at `positions` through the layers (no head): 2 per layer weight, plus q·k
     and p·v over the positions each token sees (4 · N · H per key and layer)."""
-    d, n, k, h, f = config.dim, config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_dim
-    layer_weights = d * (n + 2 * k) * h + n * h * d + 3 * d * f
-    return float(config.n_layers * (2 * layer_weights * positions.size + 4 * n * h * np.sum(positions + 1.0)))
+    attention = 4 * config.n_heads * config.head_dim * np.sum(positions + 1.0)
+    return float(config.n_layers * (2 * layer_matmul_weights(config) * positions.size + attention))
 
 
 def prefix_sharing_bound(config, prompts, completions, page: int) -> dict:

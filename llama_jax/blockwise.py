@@ -101,7 +101,12 @@ def cached_tiles(q_len: int, kv_len: int, block: int) -> tuple[int, int]:
     stays a multiple of `block`, so a key block is still whole pages."""
     if kv_len < LONG_CACHE:
         return DEFAULT_BLOCK_Q, block
-    target = DECODE_BLOCK_K if q_len == 1 else (2 * DEFAULT_BLOCK_K if kv_len >= LONGER_CACHE else DEFAULT_BLOCK_K)
+    if q_len == 1:
+        target = DECODE_BLOCK_K
+    elif kv_len >= LONGER_CACHE:
+        target = 2 * DEFAULT_BLOCK_K
+    else:
+        target = DEFAULT_BLOCK_K
     return 2 * DEFAULT_BLOCK_Q, max(1, target // block) * block
 
 

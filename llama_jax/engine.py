@@ -343,8 +343,9 @@ class Engine:
         self.stats["prefill_seconds"] += time.perf_counter() - started
         ran = 0
         for i, s in enumerate(rows):
-            ran += min(c, len(s.prompt) - s.cursor)
-            s.cursor = min(s.cursor + c, len(s.prompt))
+            step = min(c, len(s.prompt) - s.cursor)
+            s.cursor += step
+            ran += step
             self.ready[s.pages[: s.cursor // self.page_size]] = True
             if s.decoding:
                 self._record(s, *(x[i] for x in picked))
