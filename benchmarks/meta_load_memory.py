@@ -44,7 +44,7 @@ import json, sys, tracemalloc
 import numpy as np
 import llama_jax
 from llama_jax.weights.meta import MetaCheckpoint
-from sharding.mesh import make_mesh
+from llama_jax.sharding.mesh import make_mesh
 
 path, mode = sys.argv[1], sys.argv[2]
 if mode == "whole":

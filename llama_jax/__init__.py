@@ -3,31 +3,47 @@
 The public surface is small and stable: `load`, `save`, `Llama`, `LlamaConfig`, `KVCache`,
 `Tokenizer`, `ChatFormat`, `SamplingParams`, `generate`, `stream` and the CLI `python -m llama_jax`.
 Everything else may move.
+
+Each name is imported on first use, so `import llama_jax.sharding` (the generic layer, which imports
+nothing of the rest) loads only what it names, and `import llama_jax` starts neither JAX nor its backend.
 """
 
-from llama_jax.chat import ChatFormat
-from llama_jax.config import LlamaConfig, RopeScaling
-from llama_jax.convert import save
-from llama_jax.kv_cache import KVCache
-from llama_jax.loading import load, open_checkpoint
-from llama_jax.model import Llama
-from llama_jax.sampler import GenerationResult, generate, stream
-from llama_jax.sampling import SamplingParams
-from llama_jax.tokenizer import Tokenizer, find_tokenizer
+import importlib
+from typing import Any
 
-__all__ = [
-    "ChatFormat",
-    "GenerationResult",
-    "KVCache",
-    "Llama",
-    "LlamaConfig",
-    "RopeScaling",
-    "SamplingParams",
-    "Tokenizer",
-    "find_tokenizer",
-    "generate",
-    "load",
-    "open_checkpoint",
-    "save",
-    "stream",
-]
+_EXPORTS = {
+    "ChatFormat": "chat",
+    "GenerationResult": "sampler",
+    "KVCache": "kv_cache",
+    "Llama": "model",
+    "LlamaConfig": "config",
+    "RopeScaling": "config",
+    "SamplingParams": "sampling",
+    "Tokenizer": "tokenizer",
+    "find_tokenizer": "tokenizer",
+    "generate": "sampler",
+    "load": "loading",
+    "open_checkpoint": "loading",
+    "save": "convert",
+    "stream": "sampler",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """A public name from its module, or a submodule (`llama_jax.batch` after `import llama_jax`)."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    else:
+        try:
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

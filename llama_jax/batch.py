@@ -1,7 +1,7 @@
 """The batch-inference job: JSONL requests in, JSONL results out; resumable, continuously batched, data-parallel.
 
     python -m llama_jax batch --input prompts.jsonl --output results.jsonl [--checkpoint DIR]
-    python -m llama_jax batch --config configs/batch.py --config.max_new_tokens=64 --mesh data=8
+    python -m llama_jax batch --config llama_jax/configs/batch.py --config.max_new_tokens=64 --mesh data=8
     summary = run_batch(model, tokenizer, "prompts.jsonl", "results.jsonl", max_new_tokens=64)
 
 docs/BATCH.md has the formats. How it runs:
@@ -51,14 +51,14 @@ from llama_jax.batch_files import (
     request_seed,
     result_line,
 )
-from sharding import distributed
+from llama_jax.sharding import distributed
 
 __all__ = ["JobConfig", "job_config", "register", "request_seed", "run_batch"]
 
 
 @dataclasses.dataclass(frozen=True)
 class JobConfig:
-    """A batch job's settings: the fields of `configs/batch.py`, each also `--config.<field>` on the CLI."""
+    """A batch job's settings: the fields of `llama_jax/configs/batch.py`, each also `--config.<field>` on the CLI."""
 
     input: str | None = None  # JSONL requests
     output: str | None = None  # JSONL results
@@ -307,7 +307,7 @@ def register(subparsers) -> None:
         help="run a JSONL file of requests (resumable)",
         description=__doc__.split("\n\n")[0],
         epilog="Settings come from JobConfig's defaults, then --config FILE (a get_config() file such as "
-        "configs/batch.py), then the options given here. Formats: docs/BATCH.md.",
+        "llama_jax/configs/batch.py), then the options given here. Formats: docs/BATCH.md.",
     )
     jobs.add_config_arguments(parser, JobConfig, _ALIASES)
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)

@@ -1,5 +1,5 @@
 """The model architecture: one frozen dataclass, built from Meta's `params.json`, HF's `config.json`,
-or an ml-collections config file under `configs/`.
+or an ml-collections config file under `llama_jax/configs/`.
 
 Names follow Meta's (`dim`, `n_heads`, `n_kv_heads`, `rope_theta`, `norm_eps`) so this file reads
 beside `llama_models/llama3/args.py`.
@@ -226,7 +226,7 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any], *, source: str = "config") -> LlamaConfig:
-        """From our own field names (what `to_dict` and the `configs/*.py` files give)."""
+        """From our own field names (what `to_dict` and the `llama_jax/configs/*.py` files give)."""
         _reject_unknown(fields, {f.name for f in dataclasses.fields(cls)}, source)
         return cls(**fields)
 
@@ -261,7 +261,7 @@ def is_llama2_params(params: Mapping[str, Any], source: str = "params.json") -> 
 
 
 def load_config_file(path: str | pathlib.Path) -> Any:
-    """Import a `configs/*.py` file by path and return its `get_config()` (an ml_collections ConfigDict)."""
+    """Import a `llama_jax/configs/*.py` file by path and return its `get_config()` (an ml_collections ConfigDict)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
@@ -274,7 +274,7 @@ def load_config_file(path: str | pathlib.Path) -> Any:
 
 
 def model_config_from_file(path: str | pathlib.Path) -> LlamaConfig:
-    """The `LlamaConfig` described by a `configs/*.py` file's `model` (or top-level) section."""
+    """The `LlamaConfig` described by a `llama_jax/configs/*.py` file's `model` (or top-level) section."""
     cfg = load_config_file(path)
     section = cfg.model if "model" in cfg else cfg
     return config_from_spec(dict(section), source=str(path))

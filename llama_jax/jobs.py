@@ -148,8 +148,8 @@ def load_model(
     from llama_jax import default_model, platform
     from llama_jax.loading import load
     from llama_jax.placement import llama_rules, shard_model
+    from llama_jax.sharding.mesh import make_mesh
     from llama_jax.tokenizer import Tokenizer
-    from sharding.mesh import make_mesh
 
     if fp8_matmul not in platform.FP8_MATMUL_MODES:
         raise ValueError(f"fp8_matmul: expected one of {platform.FP8_MATMUL_MODES}, got {fp8_matmul!r}")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from llama_jax import attention, blockwise
 from llama_jax.config import LlamaConfig
 from llama_jax.platform import target
-from sharding import rules
+from llama_jax.sharding import rules
 
 CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 

@@ -23,11 +23,11 @@ from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 from llama_jax import fp8, platform
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama
+from llama_jax.sharding import rules as sharding_rules
 from llama_jax.weights import layout, orbax
 from llama_jax.weights.checkpoint import Checkpoint, Place
 from llama_jax.weights.hf import HFCheckpoint, is_hf_checkpoint
 from llama_jax.weights.meta import MetaCheckpoint, is_meta_checkpoint
-from sharding import rules as sharding_rules
 
 
 def open_checkpoint(path: str | pathlib.Path) -> Checkpoint:

@@ -5,7 +5,7 @@ Reads beside Meta's `llama_models/llama3/model.py`: same module and weight names
 (norms, RoPE and softmax in float32, logits returned in float32).
 
 Weights are stored input-dimension first so every projection is one readable einsum; each parameter
-carries logical axis names (see `sharding/rules.py`), never mesh axes. Layers are stacked along a
+carries logical axis names (see `llama_jax/sharding/rules.py`), never mesh axes. Layers are stacked along a
 leading "layers" axis and run under `lax.scan`, so compile time does not grow with depth. The decode
 step instead runs the layers one by one from `LayerWeights` (`Llama.unstack_layers`): inside a loop,
 XLA copies each slice of a stacked weight out of its buffer on every step; separate arrays are read
@@ -31,7 +31,7 @@ from llama_jax import attention as attention_lib
 from llama_jax import quant, rope
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import CACHE_AXES, KVCache
-from sharding.rules import ShardingSpec, constrain, use_rules
+from llama_jax.sharding.rules import ShardingSpec, constrain, use_rules
 
 # Prompt tokens per prefill step: bounds prefill activations ([B, chunk, F] in the FFN) at any length.
 DEFAULT_PREFILL_CHUNK = 2048

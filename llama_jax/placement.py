@@ -1,6 +1,6 @@
 """A Llama on a mesh: its parameters' logical axes, placed, sharded caches, and abstract shapes for planning.
 
-`sharding/` knows meshes and rules tables, nothing of Llama; this module is where the two meet.
+`llama_jax/sharding/` knows meshes and rules tables, nothing of Llama; this module is where the two meet.
 Which parameter carries which logical axes is read from the model itself (the `out_sharding`
 metadata every `nnx.Param` of `llama_jax.model` is created with), never restated in a table.
 
@@ -23,8 +23,8 @@ from llama_jax import quant
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import CACHE_AXES, KVCache
 from llama_jax.model import Llama
-from sharding import rules as sharding_rules
-from sharding.rules import ShardingSpec
+from llama_jax.sharding import rules as sharding_rules
+from llama_jax.sharding.rules import ShardingSpec
 
 
 def _is_variable(x) -> bool:

@@ -1,10 +1,10 @@
 """The memory planner: will this model, on this mesh, with this batch and context, fit?
 
-    python -m llama_jax plan --config configs/llama3_1_405b.py --preset h100x16 --mesh fsdp=2,tensor=8 \
+    python -m llama_jax plan --config llama_jax/configs/llama3_1_405b.py --preset h100x16 --mesh fsdp=2,tensor=8 \
         --batch 8 --context 131072 [--prompt N] [--chunk 2048] [--attention blockwise] [--weight-dtype bfloat16|fp8]
     python -m llama_jax plan --report docs/SHARDING.md     # regenerate the tables in the docs (plan_report.py)
 
-It sits on top of both layers: meshes and rules from `sharding/`, the abstract Llama and its cache from
+It sits on top of both layers: meshes and rules from `llama_jax/sharding/`, the abstract Llama and its cache from
 `llama_jax.placement`.
 
 It creates as many virtual CPU devices as the mesh has (before jax's backend starts), builds the
@@ -64,7 +64,7 @@ def register(subparsers) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="a configs/*.py file (its `model` section), e.g. configs/llama3_1_70b.py")
+    p.add_argument("--config", help="a get_config() file (its `model` section), e.g. llama_jax/configs/llama3_1_70b.py")
     p.add_argument("--mesh", help="axis sizes, e.g. data=1,fsdp=2,tensor=8 (default: the preset's)")
     p.add_argument("--preset", help="hardware: h100x1, h100x8, h100x16, v5p-128, v6e-256, h100xN, v5p-N, v6e-N")
     p.add_argument("--strategy", default="fsdp_tp", help="rules table: dp, fsdp, tp, fsdp_tp (default)")
@@ -97,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _mesh_sizes(args) -> tuple[dict[str, int], Any]:
-    from sharding import mesh as mesh_lib
+    from llama_jax.sharding import mesh as mesh_lib
 
     hardware = mesh_lib.preset(args.preset) if args.preset else None
     if args.mesh:
@@ -132,7 +132,7 @@ def run(args) -> dict[str, Any]:
     from llama_jax import fp8 as fp8_lib
     from llama_jax import placement, quant
     from llama_jax.config import model_config_from_file
-    from sharding import mesh as mesh_lib
+    from llama_jax.sharding import mesh as mesh_lib
 
     config = model_config_from_file(args.config)
     context = args.context
@@ -254,7 +254,7 @@ def kv_bytes_per_token_per_device(config, spec, itemsize: int = 2) -> int:
 def kv_bytes_per_token(config, spec, itemsize: int) -> dict[str, int]:
     """K and V of one token in all layers, on one device of those that hold its batch row."""
     from llama_jax.kv_cache import CACHE_AXES
-    from sharding.rules import shards
+    from llama_jax.sharding.rules import shards
 
     heads_spec = spec.spec(CACHE_AXES, (config.n_layers, 1, 1, config.n_kv_heads, config.head_dim))
     batch_spec = spec.spec(CACHE_AXES, (config.n_layers, 1 << 20, 1, config.n_kv_heads, config.head_dim))

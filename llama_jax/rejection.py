@@ -53,7 +53,7 @@ Scorer = Callable[[Mapping[str, Any], Mapping[str, Any]], float]
 
 @dataclasses.dataclass(frozen=True)
 class RejectionConfig:
-    """The job's settings: the fields of `configs/rejection.py`, each also `--config.<field>` on the CLI."""
+    """The job's settings: the fields of `llama_jax/configs/rejection.py`, each also `--config.<field>` on the CLI."""
 
     input: str | None = None  # JSONL requests (the batch job's format, extra fields go to the scorer)
     output: str | None = None
@@ -342,7 +342,8 @@ def register(subparsers) -> None:
         help="best-of-n sampling scored by a callable or a reward model (resumable)",
         description=__doc__.split("\n\n")[0],
         epilog=(
-            "Settings: RejectionConfig's defaults < --config FILE (configs/rejection.py) < options. docs/TRAINING.md."
+            "Settings: RejectionConfig's defaults < --config FILE (llama_jax/configs/rejection.py) < options. "
+            "docs/TRAINING.md."
         ),
     )
     jobs.add_config_arguments(parser, RejectionConfig, _ALIASES)

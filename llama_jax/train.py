@@ -1,7 +1,7 @@
 """Fine-tuning and distillation with optax: full SFT, LoRA, teacher → student; Orbax checkpoints, resume.
 
-The `train` job: `TrainJob` (the fields of `configs/finetune_*.py`, `configs/distill.py` and
-`configs/dpo.py`), `run_job` (load, add adapters, train, export the merged model) and the command
+The `train` job: `TrainJob` (the fields of `llama_jax/configs/finetune_*.py`, `llama_jax/configs/distill.py` and
+`llama_jax/configs/dpo.py`), `run_job` (load, add adapters, train, export the merged model) and the command
 `python -m llama_jax train`. The training itself is `llama_jax.trainer.Trainer`, importable from here
 too with its `TrainConfig`; the losses are `llama_jax.losses`.
 """
@@ -19,14 +19,14 @@ from llama_jax.trainer import TrainConfig, Trainer
 __all__ = ["TrainConfig", "TrainJob", "Trainer", "run_job"]
 
 
-# ---- the job: `python -m llama_jax train --config configs/finetune_lora.py` -----------------------------
+# ---- the job: `python -m llama_jax train --config llama_jax/configs/finetune_lora.py` -----------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainJob(TrainConfig):
     """A whole fine-tuning run: `TrainConfig` plus model, data, adapters, teacher, mesh and outputs.
 
-    The fields of `configs/finetune_*.py`; each is also `--config.<field>` on the command line.
+    The fields of `llama_jax/configs/finetune_*.py`; each is also `--config.<field>` on the command line.
     """
 
     data: str | None = None  # JSONL: chat {"messages"}, text {"text"} or the batch job's top_logprobs records
@@ -113,7 +113,7 @@ def register(subparsers) -> None:
         "train",
         help="fine-tune, distill or DPO (SFT, LoRA, teacher → student, preference pairs), resumable",
         description=__doc__.split("\n\n")[0],
-        epilog="Settings come from TrainJob's defaults, then --config FILE (configs/finetune_*.py), then the "
+        epilog="Settings come from TrainJob's defaults, then --config FILE (llama_jax/configs/finetune_*.py), then the "
         "options given here. docs/TRAINING.md has the details.",
     )
     jobs.add_config_arguments(parser, TrainJob, _ALIASES)

@@ -47,15 +47,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llama_jax.losses import DPO_LOSSES, cross_entropy, full_kl, topk_kl
 from llama_jax.model import Llama
 from llama_jax.placement import state_shardings
+from llama_jax.sharding.rules import logical_to_spec
 from llama_jax.workdir import Workdir
-from sharding.rules import logical_to_spec
 
 __all__ = ["TrainConfig", "Trainer", "learning_rate_schedule", "make_optimizer"]
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """How to optimise (the `train` fields of `configs/finetune_*.py`)."""
+    """How to optimise (the `train` fields of `llama_jax/configs/finetune_*.py`)."""
 
     steps: int = 100
     batch_size: int = 8  # sequences per optimizer step (the global batch)

@@ -22,14 +22,14 @@ import torch
 import llama_jax
 from llama_jax import batch, sampler
 from llama_jax.chat import ChatFormat
+from llama_jax.sharding.mesh import make_mesh
 from llama_jax.tokenizer import Tokenizer
-from sharding.mesh import make_mesh
 from tests import checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CONTEXT = 40  # the checkpoint's max_position_embeddings: small, so "too long" is easy to reach
 NEW_TOKENS = 5  # the job default in these tests; some requests ask for their own
-TOP_P = 0.9  # configs/batch.py's, for the sampled requests
+TOP_P = 0.9  # llama_jax/configs/batch.py's, for the sampled requests
 BATCH = 16
 N_GOOD = 240
 WORDS = "the of and to in is was for on that with as by at from his her an were are which this be".split()
@@ -122,7 +122,7 @@ def command(job, output) -> list[str]:
         "llama_jax",
         "batch",
         "--config",
-        str(REPO / "configs" / "batch.py"),
+        str(REPO / "llama_jax" / "configs" / "batch.py"),
         "--checkpoint",
         str(job["ckpt"]),
         "--dtype",
@@ -327,7 +327,7 @@ def test_config_file_and_overrides_set_the_job(tmp_path):
         [
             "batch",
             "--config",
-            str(REPO / "configs" / "batch.py"),
+            str(REPO / "llama_jax" / "configs" / "batch.py"),
             "--input",
             "in.jsonl",
             "--config.output=out.jsonl",

@@ -11,9 +11,9 @@ from llama_jax import atomic, fp8, loading
 from llama_jax.config import LlamaConfig
 from llama_jax.convert import convert
 from llama_jax.default_model import DefaultCheckpoint, default_model
+from llama_jax.sharding import mesh as mesh_lib
 from llama_jax.weights.checkpoint import Checkpoint
 from llama_jax.weights.orbax import OrbaxCheckpoint
-from sharding import mesh as mesh_lib
 from tests import checkpoints
 
 TINY = LlamaConfig(

@@ -23,7 +23,7 @@ PUBLISHED = [
 
 @pytest.mark.parametrize("name, params, ffn, head_dim, tied, factor", PUBLISHED, ids=[p[0] for p in PUBLISHED])
 def test_config_files_give_published_architectures(name, params, ffn, head_dim, tied, factor):
-    config = model_config_from_file(f"configs/{name}.py")
+    config = model_config_from_file(f"llama_jax/configs/{name}.py")
     assert config.ffn_dim == ffn
     assert config.head_dim == head_dim
     assert config.tie_embeddings == tied
@@ -43,7 +43,7 @@ def test_ffn_width_is_derived_as_meta_derives_it():
 def test_meta_params_json_and_hf_config_json_describe_the_same_model():
     from transformers import LlamaConfig as HFLlamaConfig
 
-    meta = model_config_from_file("configs/llama3_1_8b.py")
+    meta = model_config_from_file("llama_jax/configs/llama3_1_8b.py")
     hf = LlamaConfig.from_hf_config(HFLlamaConfig(**meta.to_hf_config()).to_dict())
     assert hf == meta
 
@@ -70,7 +70,7 @@ def test_invalid_head_counts_are_rejected():
 
 
 def _lowered_forward_size(n_layers: int) -> int:
-    config = model_config_from_file("configs/llama3_1_405b.py").replace(n_layers=n_layers)
+    config = model_config_from_file("llama_jax/configs/llama3_1_405b.py").replace(n_layers=n_layers)
     graphdef, state = nnx.split(abstract_model(config))  # shapes only: nothing is allocated
     tokens = jax.ShapeDtypeStruct((1, 16), jnp.int32)
     return len(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)).lower(state, tokens).as_text())
@@ -83,4 +83,4 @@ def test_compiled_program_does_not_grow_with_depth():
 
 def test_rope_scaling_is_config():
     assert RopeScaling().factor == 8.0
-    assert model_config_from_file("configs/llama3_2_1b.py").rope_scaling == RopeScaling(factor=32.0)
+    assert model_config_from_file("llama_jax/configs/llama3_2_1b.py").rope_scaling == RopeScaling(factor=32.0)

@@ -235,7 +235,7 @@ def dataclasses_replace(job, **changes):
 
 def test_dpo_on_a_mesh_matches_one_device():
     from llama_jax.placement import shard_model
-    from sharding.mesh import make_mesh
+    from llama_jax.sharding.mesh import make_mesh
 
     pairs = synthetic_preferences(n=8)
     with_ref = pairs.with_reference(dpo.reference_logps(Llama(TINY, dtype=jnp.float32, rngs=nnx.Rngs(0)), pairs))
@@ -254,5 +254,7 @@ def test_the_dpo_config_file_is_a_valid_train_job():
     from llama_jax import jobs
     from llama_jax.config import load_config_file
 
-    job = jobs.config_from_mapping(TrainJob, load_config_file("configs/dpo.py").to_dict(), source="configs/dpo.py")
+    job = jobs.config_from_mapping(
+        TrainJob, load_config_file("llama_jax/configs/dpo.py").to_dict(), source="llama_jax/configs/dpo.py"
+    )
     assert (job.objective, job.dpo_beta, job.dpo_reference) == ("dpo", 0.1, "precompute")

@@ -1,7 +1,7 @@
 """The layers, and that imports point one way (docs/ARCHITECTURE.md, "Layers").
 
-    sharding/  (meshes, rules tables, constraints, shard_map ops, jax.distributed)  imports nothing of llama_jax
-    llama_jax/ (the model, its placement on a mesh, loading, sampling, jobs, the CLI)  imports sharding/
+    llama_jax/sharding/  (meshes, rules, constraints, shard_map ops, jax.distributed)  imports nothing else of llama_jax
+    llama_jax/ (the model, its placement on a mesh, loading, sampling, jobs, the CLI)  imports llama_jax/sharding/
     llama_jax.plan (the memory planner) on top of both
 
 The import graph is read from the source (every `import`, at module level or inside a function), so
@@ -20,7 +20,8 @@ import sys
 import textwrap
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACKAGES = ("llama_jax", "sharding")
+PACKAGES = ("llama_jax",)
+GENERIC = "llama_jax.sharding"  # the generic layer: imports nothing else of llama_jax
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -105,22 +106,35 @@ def test_the_graph_sees_function_level_imports():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
 
 
-def test_sharding_imports_nothing_of_llama_jax():
+def _generic(module: str) -> bool:
+    return module == GENERIC or module.startswith(GENERIC + ".")
+
+
+def test_sharding_imports_nothing_else_of_llama_jax():
     graph = import_graph()
-    wrong = {
-        m: sorted(d for d in deps if d.split(".")[0] == "llama_jax")
-        for m, deps in graph.items()
-        if m.split(".")[0] == "sharding"
-    }
+    assert {"llama_jax.sharding.rules", "llama_jax.sharding.mesh"} <= set(graph)
+    wrong = {m: sorted(d for d in deps if not _generic(d)) for m, deps in graph.items() if _generic(m)}
     assert {m: d for m, d in wrong.items() if d} == {}
-    # and at run time: importing every module of sharding/ loads no llama_jax module
+    # and at run time: importing every module of llama_jax/sharding/ loads, besides them, only the
+    # package's facade, which imports nothing until a name is asked for
     code = textwrap.dedent(f"""
         import importlib, sys
-        for name in {sorted(m for m in MODULES if m.startswith("sharding"))!r}:
+        for name in {sorted(m for m in MODULES if _generic(m))!r}:
             importlib.import_module(name)
-        print(sorted(m for m in sys.modules if m.split(".")[0] == "llama_jax"))
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "llama_jax" and not m.startswith("{GENERIC}")))
     """)
-    assert _python(code).stdout.strip() == "[]"
+    assert _python(code).stdout.strip() == "['llama_jax']"
+
+
+def test_importing_llama_jax_imports_nothing_until_a_name_is_used():
+    code = textwrap.dedent("""
+        import sys
+        import llama_jax
+        before = sorted(m for m in sys.modules if m.split(".")[0] in ("llama_jax", "jax", "flax"))
+        llama_jax.generate, llama_jax.batch.run_batch
+        print(before, "load" in dir(llama_jax), "llama_jax.sampler" in sys.modules)
+    """)
+    assert _python(code).stdout.split() == ["['llama_jax']", "True", "True"]
 
 
 def test_the_import_graph_has_no_cycle():
@@ -129,7 +143,7 @@ def test_the_import_graph_has_no_cycle():
 
 
 def _module_aliases(name: str, path: pathlib.Path) -> dict[str, str]:
-    """Local names bound to package modules: `from llama_jax import loading`, `import sharding.rules as r`."""
+    """Local names bound to package modules: `from llama_jax import loading`, `import llama_jax.sharding.rules as r`."""
     aliases = {}
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):

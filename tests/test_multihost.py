@@ -23,7 +23,7 @@ _WORKER = textwrap.dedent(
     """
     import json, sys
     import numpy as np
-    from sharding import distributed, mesh as mesh_lib
+    from llama_jax.sharding import distributed, mesh as mesh_lib
 
     port, process_id, checkpoint, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     topology = distributed.initialize(f"127.0.0.1:{port}", 2, process_id, cpu_devices=4, timeout_s=120)
@@ -101,7 +101,7 @@ def test_two_processes_compute_the_single_process_logits_and_tokens(tmp_path):
 
 
 def test_cluster_detection_reads_the_launchers_environment():
-    from sharding.distributed import detect_cluster
+    from llama_jax.sharding.distributed import detect_cluster
 
     slurm = {
         "SLURM_JOB_ID": "7",

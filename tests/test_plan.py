@@ -13,7 +13,7 @@ import pytest
 from llama_jax import placement, plan, plan_report, quant
 from llama_jax.config import model_config_from_file
 from llama_jax.model import DEFAULT_PREFILL_CHUNK
-from sharding import mesh as mesh_lib
+from llama_jax.sharding import mesh as mesh_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GIB = 1 << 30
@@ -24,7 +24,7 @@ def tiny_plan():
     return plan_report.plan_subprocess(
         [
             "--config",
-            "configs/tiny.py",
+            "llama_jax/configs/tiny.py",
             "--mesh",
             "fsdp=2,tensor=4",
             "--batch",
@@ -39,7 +39,7 @@ def tiny_plan():
 
 def test_small_plan_bytes_add_up(tiny_plan):
     p = tiny_plan
-    config = model_config_from_file(ROOT / "configs/tiny.py")
+    config = model_config_from_file(ROOT / "llama_jax/configs/tiny.py")
     assert p["devices"] == 8 and p["mesh"] == {"data": 1, "fsdp": 2, "kv_rep": 1, "tensor": 4}
     assert p["params"] == config.num_params()
     assert p["weights_total"] == config.num_params() * 2  # bf16
@@ -61,7 +61,7 @@ def test_small_plan_bytes_add_up(tiny_plan):
 
 def test_eight_b_on_eight_devices_splits_weights_eight_ways():
     p = plan_report.plan_subprocess(
-        ["--config", "configs/llama3_1_8b.py", "--preset", "h100x8", "--batch", "8", "--context", "8192"]
+        ["--config", "llama_jax/configs/llama3_1_8b.py", "--preset", "h100x8", "--batch", "8", "--context", "8192"]
     )
     assert p["mesh"]["tensor"] == 8 and p["devices"] == 8
     assert p["weights_total"] == 16_060_522_496  # REFERENCE.md 1.3: the HF index total_size
@@ -80,7 +80,7 @@ def test_eight_b_on_eight_devices_splits_weights_eight_ways():
 
 def test_fp8_weights_follow_the_405b_release_layout():
     """FP8 bytes from the model's own FP8 parameters, sharded over 8 devices (no compile needed)."""
-    config = model_config_from_file(ROOT / "configs/llama3_1_405b.py")
+    config = model_config_from_file(ROOT / "llama_jax/configs/llama3_1_405b.py")
     spec = placement.sharding_spec(mesh_lib.make_mesh("tensor=8"))
     fp8 = quant.Fp8Spec(tuple(range(1, config.n_layers - 1)), matmul="fp8")
     _, state = placement.abstract_state(config, spec, jnp.bfloat16, fp8)
@@ -131,5 +131,7 @@ def test_report_regenerates_only_the_marked_table(tmp_path, tiny_plan):
 
 def test_planner_rejects_a_mesh_that_is_not_the_hardware():
     with pytest.raises(RuntimeError, match="has 4 devices; h100x8 has 8"):
-        plan_report.plan_subprocess(["--config", "configs/tiny.py", "--preset", "h100x8", "--mesh", "tensor=4"])
+        plan_report.plan_subprocess(
+            ["--config", "llama_jax/configs/tiny.py", "--preset", "h100x8", "--mesh", "tensor=4"]
+        )
     assert math.prod(mesh_lib.preset("h100x8").mesh.values()) == 8

@@ -24,10 +24,10 @@ from jax.sharding import AxisType, PartitionSpec
 import llama_jax
 from llama_jax import loading, placement
 from llama_jax.kv_cache import CACHE_AXES
+from llama_jax.sharding import mesh as mesh_lib
+from llama_jax.sharding import ops
+from llama_jax.sharding import rules as sharding_rules
 from llama_jax.weights import layout
-from sharding import mesh as mesh_lib
-from sharding import ops
-from sharding import rules as sharding_rules
 from tests import checkpoints
 
 TOLERANCE = 1e-5
@@ -336,7 +336,7 @@ _RSS_SCRIPT = textwrap.dedent(
     import jax
     jax.config.update("jax_num_cpu_devices", 8)
     import llama_jax
-    from sharding import mesh as mesh_lib
+    from llama_jax.sharding import mesh as mesh_lib
 
     def status():
         fields = {}

@@ -22,9 +22,9 @@ from llama_jax.config import LlamaConfig
 from llama_jax.losses import full_kl, topk_kl
 from llama_jax.model import Llama, LoraSpec
 from llama_jax.placement import shard_model
+from llama_jax.sharding.mesh import make_mesh
 from llama_jax.train import TrainConfig, Trainer, TrainJob, run_job
 from llama_jax.weights import layout
-from sharding.mesh import make_mesh
 from tests import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""Full supervised fine-tuning of Llama 3.2 1B (`python -m llama_jax train --config configs/finetune_sft.py`).
+"""Full supervised fine-tuning of Llama 3.2 1B (`python -m llama_jax train --config llama_jax/configs/finetune_sft.py`).
 
 Every field is `llama_jax.train.TrainJob`'s; override any of them with `--config.<field>=VALUE`.
 Full fine-tuning keeps a float32 master copy of the weights and AdamW's two float32 moments: about

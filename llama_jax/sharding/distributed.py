@@ -1,6 +1,6 @@
 """Multi-host start-up: one call on every process before anything touches a device.
 
-    from sharding import distributed, mesh
+    from llama_jax.sharding import distributed, mesh
     distributed.initialize()                       # no-op on one machine
     m = mesh.make_mesh("kv_rep=2,tensor=8")        # the same global mesh on every process
     model = llama_jax.load(path, mesh=m)           # each process reads only its devices' slices

@@ -1,6 +1,6 @@
 """LoRA fine-tuning of Llama 3.1 8B Instruct on chat data.
 
-    python -m llama_jax train --config configs/finetune_lora.py
+    python -m llama_jax train --config llama_jax/configs/finetune_lora.py
 
 Every field is `llama_jax.train.TrainJob`'s; unknown fields are an error. Override any of them on the
 command line, e.g. `--config.steps=200 --config.lora_rank=8`, or the aliases `--data`, `--checkpoint`,

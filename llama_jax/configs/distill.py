@@ -1,4 +1,4 @@
-"""Distil Llama 3.1 8B Instruct into Llama 3.2 1B (`python -m llama_jax train --config configs/distill.py`).
+"""Distil Llama 3.1 8B Instruct into Llama 3.2 1B (`python -m llama_jax train --config llama_jax/configs/distill.py`).
 
 Online: the teacher runs inside each training step (its own sharding rules on the same mesh) and the
 loss is (1 - distill_weight) · cross-entropy + distill_weight · τ² · KL(teacher_τ ‖ student_τ).

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from sharding import rules as sharding_rules
-from sharding.rules import ShardingSpec
+from llama_jax.sharding import rules as sharding_rules
+from llama_jax.sharding.rules import ShardingSpec
 
 
 def top_k(logits_bv: jax.Array, k: int, *, spec: ShardingSpec | None = None) -> tuple[jax.Array, jax.Array]:

@@ -5,7 +5,7 @@ names a mesh axis. A strategy is one rules table; `use_rules(mesh, rules)` activ
 duration of a trace, and `constrain` then pins activations. Outside that context `constrain` is
 the identity, so single-device code pays nothing.
 
-Mesh axes (see `sharding/mesh.py`): "data" (replicas: whole model copies, batch split),
+Mesh axes (see `llama_jax/sharding/mesh.py`): "data" (replicas: whole model copies, batch split),
 "fsdp" (batch split *and* the model dimension of every weight split, ZeRO-3 style), "tensor"
 (heads, FFN width and vocabulary split, Megatron style; keep it inside a node / ICI domain) and
 "kv_rep", a second tensor-parallel axis for grouped-query attention with fewer KV heads than
