@@ -255,7 +255,7 @@ def device_benchmark(name: str, repeats: int) -> dict:
 
     if name != "8b":
         raise SystemExit(f"--device-model: only '8b' is defined, got {name!r}")
-    config = model_config_from_file(REPO / "llama_jax" / "configs" / "llama3_1_8b.py")
+    config = model_config_from_file("llama3_1_8b")
     device = jax.devices()[0]
 
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))

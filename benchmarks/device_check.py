@@ -129,7 +129,7 @@ def _config(name: str, smoke: bool):
             rope_theta=500_000.0,
             max_seq_len=1024,
         )
-    return model_config_from_file(REPO / "llama_jax" / "configs" / f"{name}.py")
+    return model_config_from_file(name)
 
 
 def _random_model(config, *, fp8_layers=(), matmul="fp8"):

@@ -1,5 +1,5 @@
 """The model architecture: one frozen dataclass, built from Meta's `params.json`, HF's `config.json`,
-or an ml-collections config file under `llama_jax/configs/`.
+or an ml-collections `get_config()` file: a preset of `llama_jax/configs/` by name, or any path.
 
 Names follow Meta's (`dim`, `n_heads`, `n_kv_heads`, `rope_theta`, `norm_eps`) so this file reads
 beside `llama_models/llama3/args.py`.
@@ -25,8 +25,9 @@ LLAMA2_CONTEXT = 4096
 class RopeScaling:
     """Llama 3.1's "llama3" rotary frequency scaling (Meta's `apply_scaling`, HF `rope_type="llama3"`).
 
-    `factor` is 8 for Llama 3.1/3.3 and 32 for Llama 3.2 1B/3B (HF's value; Meta's reference
-    hard-codes 8, see REFERENCE.md 1.5).
+    `factor` is 8 for Llama 3.1/3.3 and 32 for Llama 3.2 1B/3B (HF's value, from transformers'
+    `convert_llama_weights_to_hf.py`; Meta's `apply_scaling` hard-codes 8, and Meta confirmed 32 for
+    1B/3B in meta-llama/llama-models issues 166 and 241).
     """
 
     factor: float = 8.0
@@ -260,11 +261,34 @@ def is_llama2_params(params: Mapping[str, Any], source: str = "params.json") -> 
     return True
 
 
-def load_config_file(path: str | pathlib.Path) -> Any:
-    """Import a `llama_jax/configs/*.py` file by path and return its `get_config()` (an ml_collections ConfigDict)."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+# The presets shipped in the package: `get_config()` per model size and per job.
+PRESETS_DIR = pathlib.Path(__file__).parent / "configs"
+
+
+def presets() -> list[str]:
+    """The names `--config` accepts besides a path: the modules of `llama_jax/configs/`."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.py") if p.stem != "__init__")
+
+
+def config_path(config: str | pathlib.Path) -> pathlib.Path:
+    """The file `--config` names: a packaged preset by name (`llama3_1_405b`, `finetune_lora`), or the path
+    of any `get_config()` .py file (one's own)."""
+    path = pathlib.Path(config)
+    if path.suffix == ".py" or len(path.parts) > 1:
+        if path.is_file():
+            return path
+        hint = f"; the packaged preset is --config {path.stem}" if path.stem in presets() else ""
+        raise FileNotFoundError(f"config file {path} does not exist{hint}")
+    if path.name in presets():
+        return PRESETS_DIR / f"{path.name}.py"
+    raise FileNotFoundError(
+        f"config {str(config)!r} is neither a .py file nor a packaged preset; presets: {', '.join(presets())}"
+    )
+
+
+def load_config_file(config: str | pathlib.Path) -> Any:
+    """The `get_config()` (an ml_collections ConfigDict) of a packaged preset or a .py file (`config_path`)."""
+    path = config_path(config)
     spec = importlib.util.spec_from_file_location(f"_llama_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -273,11 +297,11 @@ def load_config_file(path: str | pathlib.Path) -> Any:
     return module.get_config()
 
 
-def model_config_from_file(path: str | pathlib.Path) -> LlamaConfig:
-    """The `LlamaConfig` described by a `llama_jax/configs/*.py` file's `model` (or top-level) section."""
-    cfg = load_config_file(path)
+def model_config_from_file(config: str | pathlib.Path) -> LlamaConfig:
+    """The `LlamaConfig` of a preset or .py file (`config_path`): its `model` (or top-level) section."""
+    cfg = load_config_file(config)
     section = cfg.model if "model" in cfg else cfg
-    return config_from_spec(dict(section), source=str(path))
+    return config_from_spec(dict(section), source=str(config))
 
 
 def config_from_spec(spec: Mapping[str, Any], *, source: str) -> LlamaConfig:

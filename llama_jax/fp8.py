@@ -2,7 +2,8 @@
 
 The Llama 3.1 405B FP8 release (HF `fbgemm_fp8`; Meta `fp8_scales_{rank}.pt`) stores the FFN weights
 w1, w3, w2 of layers 1..L-2 as rowwise float8_e4m3fn with one float32 scale per output channel;
-attention, norms, embeddings, the head and the first and last layers' FFNs stay bf16 (REFERENCE.md 3.1).
+attention, norms, embeddings, the head and the first and last layers' FFNs stay bf16
+(llama-models `llama3/quantization/loader.py`, `convert_to_fp8_quantized_model`).
 This module is the one place that knows those paths (`PATHS`) and that layer choice (`release_layers`).
 
 The model (`Llama(fp8=quant.Fp8Spec(...))`, the math in `quant.py`) keeps the FP8 weights stacked over

@@ -75,8 +75,8 @@ def _parse_value(kind, name: str):
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls, aliases: Mapping[str, str] = ()) -> None:
-    """`--config FILE` and `--config.<field>` for every field of `cls`; `aliases` maps fields to plain flags."""
-    parser.add_argument("--config", type=pathlib.Path, help="a get_config() file describing the job")
+    """`--config NAME|FILE` and `--config.<field>` for every field of `cls`; `aliases` maps fields to plain flags."""
+    parser.add_argument("--config", help="the job's get_config(): a packaged preset's name or a .py file")
     hints = typing.get_type_hints(cls)
     aliases = dict(aliases)
     for field in dataclasses.fields(cls):

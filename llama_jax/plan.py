@@ -1,6 +1,6 @@
 """The memory planner: will this model, on this mesh, with this batch and context, fit?
 
-    python -m llama_jax plan --config llama_jax/configs/llama3_1_405b.py --preset h100x16 --mesh fsdp=2,tensor=8 \
+    python -m llama_jax plan --config llama3_1_405b --preset h100x16 --mesh fsdp=2,tensor=8 \
         --batch 8 --context 131072 [--prompt N] [--chunk 2048] [--attention blockwise] [--weight-dtype bfloat16|fp8]
     python -m llama_jax plan --report docs/SHARDING.md     # regenerate the tables in the docs (plan_report.py)
 
@@ -64,7 +64,7 @@ def register(subparsers) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="a get_config() file (its `model` section), e.g. llama_jax/configs/llama3_1_70b.py")
+    p.add_argument("--config", help="a preset (e.g. llama3_1_70b) or a get_config() .py file; its `model` section")
     p.add_argument("--mesh", help="axis sizes, e.g. data=1,fsdp=2,tensor=8 (default: the preset's)")
     p.add_argument("--preset", help="hardware: h100x1, h100x8, h100x16, v5p-128, v6e-256, h100xN, v5p-N, v6e-N")
     p.add_argument("--strategy", default="fsdp_tp", help="rules table: dp, fsdp, tp, fsdp_tp (default)")

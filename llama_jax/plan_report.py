@@ -33,7 +33,7 @@ REPORT_SETUPS: tuple[tuple[str, list[str]], ...] = (
         "405B FP8, 8x H100",
         [
             "--config",
-            "llama_jax/configs/llama3_1_405b.py",
+            "llama3_1_405b",
             "--preset",
             "h100x8",
             "--mesh",
@@ -50,7 +50,7 @@ REPORT_SETUPS: tuple[tuple[str, list[str]], ...] = (
         "405B bf16, 16x H100 (2 nodes)",
         [
             "--config",
-            "llama_jax/configs/llama3_1_405b.py",
+            "llama3_1_405b",
             "--preset",
             "h100x16",
             "--mesh",
@@ -65,7 +65,7 @@ REPORT_SETUPS: tuple[tuple[str, list[str]], ...] = (
         "405B bf16, 16x H100 (2 nodes)",
         [
             "--config",
-            "llama_jax/configs/llama3_1_405b.py",
+            "llama3_1_405b",
             "--preset",
             "h100x16",
             "--mesh",
@@ -80,7 +80,7 @@ REPORT_SETUPS: tuple[tuple[str, list[str]], ...] = (
         "405B bf16, 16x H100 (2 nodes)",
         [
             "--config",
-            "llama_jax/configs/llama3_1_405b.py",
+            "llama3_1_405b",
             "--preset",
             "h100x16",
             "--mesh",
@@ -95,7 +95,7 @@ REPORT_SETUPS: tuple[tuple[str, list[str]], ...] = (
         "70B bf16, 8x H100",
         [
             "--config",
-            "llama_jax/configs/llama3_1_70b.py",
+            "llama3_1_70b",
             "--preset",
             "h100x8",
             "--mesh",
@@ -110,7 +110,7 @@ REPORT_SETUPS: tuple[tuple[str, list[str]], ...] = (
         "8B bf16, 1x H100, 128K prompt",
         [
             "--config",
-            "llama_jax/configs/llama3_1_8b.py",
+            "llama3_1_8b",
             "--preset",
             "h100x1",
             "--mesh",
@@ -125,7 +125,7 @@ REPORT_SETUPS: tuple[tuple[str, list[str]], ...] = (
         "70B bf16, 8x H100, 128K prompt",
         [
             "--config",
-            "llama_jax/configs/llama3_1_70b.py",
+            "llama3_1_70b",
             "--preset",
             "h100x8",
             "--mesh",
@@ -140,7 +140,7 @@ REPORT_SETUPS: tuple[tuple[str, list[str]], ...] = (
         "405B bf16, 16x H100 (2 nodes), 128K prompt",
         [
             "--config",
-            "llama_jax/configs/llama3_1_405b.py",
+            "llama3_1_405b",
             "--preset",
             "h100x16",
             "--mesh",
@@ -155,7 +155,7 @@ REPORT_SETUPS: tuple[tuple[str, list[str]], ...] = (
         "405B bf16, TPU v5p-128 (64 chips)",
         [
             "--config",
-            "llama_jax/configs/llama3_1_405b.py",
+            "llama3_1_405b",
             "--preset",
             "v5p-128",
             "--mesh",
@@ -170,7 +170,7 @@ REPORT_SETUPS: tuple[tuple[str, list[str]], ...] = (
         "405B bf16, TPU v5p-128 (64 chips)",
         [
             "--config",
-            "llama_jax/configs/llama3_1_405b.py",
+            "llama3_1_405b",
             "--preset",
             "v5p-128",
             "--mesh",

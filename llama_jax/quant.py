@@ -1,6 +1,7 @@
 """Rowwise FP8 (float8_e4m3fn) quantization as FBGEMM does it, and matmuls that run from FP8 weights.
 
-FBGEMM `quantize_fp8_per_row` (REFERENCE.md 3.4), for each row r (a weight's output channel, or a
+FBGEMM `quantize_fp8_per_row` (pytorch/FBGEMM `fbgemm_gpu/experimental/gen_ai/src/quantize/quantize.cu`,
+`dynamicQuantizeMatrixRowwise`), for each row r (a weight's output channel, or a
 token of activations):
     amax_r = max_j |x[r, j]|, capped at `scale_ub` when given (activations: 1200)
     s_r    = max(amax_r / 448, 1 / (448 * 512))     # the dequant multiplier that is stored

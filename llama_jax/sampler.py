@@ -62,7 +62,7 @@ __all__ = [
     "trace_counts",
 ]
 
-# <|end_of_text|>, <|eom_id|>, <|eot_id|> (REFERENCE.md 6).
+# <|end_of_text|>, <|eom_id|>, <|eot_id|> (llama-models `llama3/generation.py`, its stop tokens).
 LLAMA3_STOP_TOKENS = (128_001, 128_008, 128_009)
 
 # Smallest buckets: a prompt buffer and an output buffer never shrink below these.

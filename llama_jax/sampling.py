@@ -44,7 +44,7 @@ __all__ = [
     "top_p_threshold",
 ]
 
-# Meta's defaults for chat (llama_models/llama3/generation.py `chat_completion`, REFERENCE.md 6).
+# Meta's defaults for chat (llama-models `llama3/generation.py`, `chat_completion`).
 META_TEMPERATURE = 0.6
 META_TOP_P = 0.9
 

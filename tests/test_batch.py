@@ -122,7 +122,7 @@ def command(job, output) -> list[str]:
         "llama_jax",
         "batch",
         "--config",
-        str(REPO / "llama_jax" / "configs" / "batch.py"),
+        "batch",
         "--checkpoint",
         str(job["ckpt"]),
         "--dtype",
@@ -327,7 +327,7 @@ def test_config_file_and_overrides_set_the_job(tmp_path):
         [
             "batch",
             "--config",
-            str(REPO / "llama_jax" / "configs" / "batch.py"),
+            "batch",
             "--input",
             "in.jsonl",
             "--config.output=out.jsonl",

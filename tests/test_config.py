@@ -7,10 +7,11 @@ import pytest
 from flax import nnx
 
 from llama_jax import LlamaConfig, RopeScaling
-from llama_jax.config import ffn_hidden_dim, model_config_from_file
+from llama_jax.config import config_path, ffn_hidden_dim, load_config_file, model_config_from_file, presets
 from llama_jax.loading import abstract_model
 
-# (config file, parameters, FFN width, head_dim, tied, rope factor) — REFERENCE.md 1.2-1.5
+# (preset, parameters, FFN width, head_dim, tied, rope factor) — llama-models `sku_list.py`; the rope
+# factor from transformers' `convert_llama_weights_to_hf.py`
 PUBLISHED = [
     ("llama3_1_8b", 8_030_261_248, 14_336, 128, False, 8.0),
     ("llama3_1_70b", 70_553_706_496, 28_672, 128, False, 8.0),
@@ -23,7 +24,7 @@ PUBLISHED = [
 
 @pytest.mark.parametrize("name, params, ffn, head_dim, tied, factor", PUBLISHED, ids=[p[0] for p in PUBLISHED])
 def test_config_files_give_published_architectures(name, params, ffn, head_dim, tied, factor):
-    config = model_config_from_file(f"llama_jax/configs/{name}.py")
+    config = model_config_from_file(name)
     assert config.ffn_dim == ffn
     assert config.head_dim == head_dim
     assert config.tie_embeddings == tied
@@ -32,6 +33,22 @@ def test_config_files_give_published_architectures(name, params, ffn, head_dim, 
     # the model built from it (abstractly: nothing is allocated) has exactly that many parameters
     state = nnx.state(abstract_model(config), nnx.Param)
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state)) == params
+
+
+def test_config_names_a_packaged_preset_or_any_py_file(tmp_path, monkeypatch):
+    """`--config` resolves the same way for every command: a preset by name, else a path to one's own file."""
+    assert {"llama3_1_8b", "llama3_1_405b", "tiny", "batch", "finetune_lora", "dpo", "rejection"} <= set(presets())
+    assert config_path("llama3_1_8b").read_text().startswith('"""Llama 3.1 8B')
+    own = tmp_path / "my_job.py"
+    own.write_text("import ml_collections\ndef get_config():\n    return ml_collections.ConfigDict({'steps': 3})\n")
+    assert load_config_file(own).steps == 3
+    monkeypatch.chdir(tmp_path)
+    assert load_config_file("my_job.py").steps == 3  # relative to the working directory, as a shell gives it
+    assert model_config_from_file("tiny").n_layers == model_config_from_file(config_path("tiny")).n_layers
+    with pytest.raises(FileNotFoundError, match="'llama3_1_9b' is neither a .py file nor a packaged preset; presets: "):
+        config_path("llama3_1_9b")
+    with pytest.raises(FileNotFoundError, match=r"configs/llama3_1_8b.py does not exist; the packaged preset is"):
+        config_path("configs/llama3_1_8b.py")  # the path before presets moved into the package
 
 
 def test_ffn_width_is_derived_as_meta_derives_it():
@@ -43,7 +60,7 @@ def test_ffn_width_is_derived_as_meta_derives_it():
 def test_meta_params_json_and_hf_config_json_describe_the_same_model():
     from transformers import LlamaConfig as HFLlamaConfig
 
-    meta = model_config_from_file("llama_jax/configs/llama3_1_8b.py")
+    meta = model_config_from_file("llama3_1_8b")
     hf = LlamaConfig.from_hf_config(HFLlamaConfig(**meta.to_hf_config()).to_dict())
     assert hf == meta
 
@@ -70,7 +87,7 @@ def test_invalid_head_counts_are_rejected():
 
 
 def _lowered_forward_size(n_layers: int) -> int:
-    config = model_config_from_file("llama_jax/configs/llama3_1_405b.py").replace(n_layers=n_layers)
+    config = model_config_from_file("llama3_1_405b").replace(n_layers=n_layers)
     graphdef, state = nnx.split(abstract_model(config))  # shapes only: nothing is allocated
     tokens = jax.ShapeDtypeStruct((1, 16), jnp.int32)
     return len(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)).lower(state, tokens).as_text())
@@ -83,4 +100,4 @@ def test_compiled_program_does_not_grow_with_depth():
 
 def test_rope_scaling_is_config():
     assert RopeScaling().factor == 8.0
-    assert model_config_from_file("llama_jax/configs/llama3_2_1b.py").rope_scaling == RopeScaling(factor=32.0)
+    assert model_config_from_file("llama3_2_1b").rope_scaling == RopeScaling(factor=32.0)

@@ -73,7 +73,7 @@ def test_meta_to_hf_is_bit_exact_after_the_qk_row_permutation(tmp_path):
             layout.source_names(rule, config, "meta"), layout.source_names(rule, config, "hf"), strict=True
         ):
             w = state[meta_name].bfloat16().view(torch.int16).numpy()
-            if rule.rotary_heads is not None:  # documented: HF rows are rotate-half ordered (REFERENCE.md 2.2)
+            if rule.rotary_heads is not None:  # HF rows are rotate-half ordered (transformers' `permute`)
                 w = layout.meta_to_hf_rows(w, rule.rotary_heads(config))
             want[hf_name] = w
     got = {n: a.view(np.int16) for n, a in hf_tensors(out).items()}

@@ -254,7 +254,5 @@ def test_the_dpo_config_file_is_a_valid_train_job():
     from llama_jax import jobs
     from llama_jax.config import load_config_file
 
-    job = jobs.config_from_mapping(
-        TrainJob, load_config_file("llama_jax/configs/dpo.py").to_dict(), source="llama_jax/configs/dpo.py"
-    )
+    job = jobs.config_from_mapping(TrainJob, load_config_file("dpo").to_dict(), source="dpo")
     assert (job.objective, job.dpo_beta, job.dpo_reference) == ("dpo", 0.1, "precompute")

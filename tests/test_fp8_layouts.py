@@ -33,7 +33,7 @@ FFN = (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))
 SPLIT = {"w1": 0, "w3": 0, "w2": 1}  # fairscale Column/RowParallelLinear
 
 
-# ---- FBGEMM's rowwise FP8, emulated from its spec (REFERENCE.md 3.4) -------------------------------------
+# ---- FBGEMM's rowwise FP8, emulated from quantize.cu and fp8_row_quantize_ref -------------------------------------
 
 
 def quantize_fp8_per_row(x: torch.Tensor, scale_ub: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:

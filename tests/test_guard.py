@@ -219,7 +219,7 @@ def test_the_guard_configs_have_the_published_shapes(name, layers, ffn, billions
     from llama_jax.config import LlamaConfig, load_config_file
     from llama_jax.model import Llama
 
-    config = LlamaConfig.from_meta_params(load_config_file(f"llama_jax/configs/{name}.py").model.to_dict())
+    config = LlamaConfig.from_meta_params(load_config_file(name).model.to_dict())
     assert (config.n_layers, config.ffn_dim) == (layers, ffn)
     abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
     count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract)))

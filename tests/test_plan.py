@@ -24,7 +24,7 @@ def tiny_plan():
     return plan_report.plan_subprocess(
         [
             "--config",
-            "llama_jax/configs/tiny.py",
+            "tiny",
             "--mesh",
             "fsdp=2,tensor=4",
             "--batch",
@@ -39,7 +39,7 @@ def tiny_plan():
 
 def test_small_plan_bytes_add_up(tiny_plan):
     p = tiny_plan
-    config = model_config_from_file(ROOT / "llama_jax/configs/tiny.py")
+    config = model_config_from_file("tiny")
     assert p["devices"] == 8 and p["mesh"] == {"data": 1, "fsdp": 2, "kv_rep": 1, "tensor": 4}
     assert p["params"] == config.num_params()
     assert p["weights_total"] == config.num_params() * 2  # bf16
@@ -61,10 +61,10 @@ def test_small_plan_bytes_add_up(tiny_plan):
 
 def test_eight_b_on_eight_devices_splits_weights_eight_ways():
     p = plan_report.plan_subprocess(
-        ["--config", "llama_jax/configs/llama3_1_8b.py", "--preset", "h100x8", "--batch", "8", "--context", "8192"]
+        ["--config", "llama3_1_8b", "--preset", "h100x8", "--batch", "8", "--context", "8192"]
     )
     assert p["mesh"]["tensor"] == 8 and p["devices"] == 8
-    assert p["weights_total"] == 16_060_522_496  # REFERENCE.md 1.3: the HF index total_size
+    assert p["weights_total"] == 16_060_522_496  # meta-llama/Llama-3.1-8B's safetensors index total_size
     # only the norms are replicated (a few hundred KB); everything else is split 8 ways
     assert p["weights_per_device"] == pytest.approx(p["weights_total"] / 8, rel=0.001)
     assert 0 < p["weights_replicated_per_device"] < 1 << 20
@@ -80,7 +80,7 @@ def test_eight_b_on_eight_devices_splits_weights_eight_ways():
 
 def test_fp8_weights_follow_the_405b_release_layout():
     """FP8 bytes from the model's own FP8 parameters, sharded over 8 devices (no compile needed)."""
-    config = model_config_from_file(ROOT / "llama_jax/configs/llama3_1_405b.py")
+    config = model_config_from_file("llama3_1_405b")
     spec = placement.sharding_spec(mesh_lib.make_mesh("tensor=8"))
     fp8 = quant.Fp8Spec(tuple(range(1, config.n_layers - 1)), matmul="fp8")
     _, state = placement.abstract_state(config, spec, jnp.bfloat16, fp8)
@@ -131,7 +131,5 @@ def test_report_regenerates_only_the_marked_table(tmp_path, tiny_plan):
 
 def test_planner_rejects_a_mesh_that_is_not_the_hardware():
     with pytest.raises(RuntimeError, match="has 4 devices; h100x8 has 8"):
-        plan_report.plan_subprocess(
-            ["--config", "llama_jax/configs/tiny.py", "--preset", "h100x8", "--mesh", "tensor=4"]
-        )
+        plan_report.plan_subprocess(["--config", "tiny", "--preset", "h100x8", "--mesh", "tensor=4"])
     assert math.prod(mesh_lib.preset("h100x8").mesh.values()) == 8

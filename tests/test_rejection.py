@@ -182,7 +182,7 @@ def test_the_config_file_sets_the_job_and_bad_settings_are_named(tmp_path):
         [
             "rejection",
             "--config",
-            os.path.join(ROOT, "llama_jax", "configs", "rejection.py"),
+            "rejection",
             "--n",
             "3",
             "--config.output_kind=best",

@@ -147,7 +147,7 @@ GQA = dict(checkpoints.META_PARAMS, rope_theta=500_000.0)
 
 def duplicate_kv_heads(state: dict, n_kv_heads: int, head_dim: int) -> dict:
     """What llama-models' `checkpoint.reshard_mp` writes when MP exceeds the KV heads: each head
-    repeated consecutively (`repeat_qk_qv`), kv'[2j] = kv'[2j+1] = kv[j] (REFERENCE.md 1.1)."""
+    repeated consecutively (`repeat_qk_qv`), kv'[2j] = kv'[2j+1] = kv[j]."""
     out = dict(state)
     for name, w in state.items():
         if name.endswith(("attention.wk.weight", "attention.wv.weight")):

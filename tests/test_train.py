@@ -419,7 +419,7 @@ def test_config_files_parse_and_overrides_apply():
         [
             "train",
             "--config",
-            f"{ROOT}/configs/finetune_lora.py",
+            "finetune_lora",
             "--steps",
             "7",
             "--config.lora_targets=wq,w2",
@@ -430,7 +430,7 @@ def test_config_files_parse_and_overrides_apply():
     job = jobs.config_from_args(TrainJob, args)
     assert (job.steps, job.lora_targets, job.remat, job.resume, job.lora_rank) == (7, ("wq", "w2"), False, True, 16)
     for name in ("finetune_sft", "distill"):
-        args = build_parser().parse_args(["train", "--config", f"{ROOT}/configs/{name}.py"])
+        args = build_parser().parse_args(["train", "--config", name])
         assert jobs.config_from_args(TrainJob, args).steps > 0
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--config.no_such_field=1"])

@@ -8,7 +8,7 @@ piece) and the pieces are joined lazily (`lazy.Concat`): a device reads only the
 from the shard(s) that hold it. Files are opened with `torch.load(weights_only=True, mmap=True)`:
 no code in an untrusted file runs, and bytes are read only when sliced.
 
-Released variants handled here (REFERENCE.md 1.1, 2.4, 3.2):
+Released variants handled here (llama-models `sku_list.py`, `checkpoint.py`, `quantization/loader.py`):
 - Llama 2: `vocab_size: -1`, no `rope_theta` (see `LlamaConfig.from_meta_params`); the vocabulary
   is the embedding's row count.
 - 405B bf16 MP16: `n_kv_heads: 16`, each real KV head stored twice consecutively so every rank
