@@ -1,7 +1,7 @@
 """The batch-inference job: JSONL requests in, JSONL results out; resumable, continuously batched, data-parallel.
 
     python -m llama_jax batch --input prompts.jsonl --output results.jsonl [--checkpoint DIR]
-    python -m llama_jax batch --config llama_jax/configs/batch.py --config.max_new_tokens=64 --mesh data=8
+    python -m llama_jax batch --config batch --config.max_new_tokens=64 --mesh data=8
     summary = run_batch(model, tokenizer, "prompts.jsonl", "results.jsonl", max_new_tokens=64)
 
 docs/BATCH.md has the formats. How it runs:

@@ -107,7 +107,7 @@ class KVCache:
 
 
 def batch_is_split(buf: jax.Array) -> bool:
-    """Whether the active sharding rules (`sharding.rules.use_rules`) split the cache's batch axis."""
+    """Whether the active sharding rules (`llama_jax.sharding.rules.use_rules`) split the cache's batch axis."""
     active = rules.active()
     if active is None:
         return False

@@ -69,7 +69,7 @@ def load(
         llama-jax Orbax directory (`python -m llama_jax convert SRC DST --to orbax`).
       dtype: parameter and compute dtype ("bfloat16", "float32", ...).
       mesh: place every parameter straight into its sharded home on this mesh (None: one device).
-      rules: logical-axis rules for `mesh` (default: `sharding.rules.DEFAULT_RULES`).
+      rules: logical-axis rules for `mesh` (default: `llama_jax.sharding.rules.DEFAULT_RULES`).
       attention: the attention backend (`llama_jax.attention.BACKENDS`; "auto" picks by platform and size).
       fp8_matmul: for FP8 checkpoints (HF fbgemm_fp8, Meta fp8_scales), whose FFN weights stay FP8 on the
         device: "dequant" upcasts inside jit (CPU), "fp8" quantizes activations per token and runs

@@ -19,7 +19,7 @@ from llama_jax.trainer import TrainConfig, Trainer
 __all__ = ["TrainConfig", "TrainJob", "Trainer", "run_job"]
 
 
-# ---- the job: `python -m llama_jax train --config llama_jax/configs/finetune_lora.py` -----------------------------
+# ---- the job: `python -m llama_jax train --config finetune_lora` -----------------------------
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Two processes on 127.0.0.1, 4 CPU devices each, one global mesh: the same logits as one process.
 
-Each process joins through `sharding.distributed.initialize` (jax.distributed + gloo collectives),
+Each process joins through `llama_jax.sharding.distributed.initialize` (jax.distributed + gloo collectives),
 builds the global fsdp=2 x tensor=4 mesh (fsdp across the two processes), loads the checkpoint
 holding only its own half of every weight, and runs one sharded forward.
 """

@@ -1,4 +1,4 @@
-"""The batch-inference job (`python -m llama_jax batch --config llama_jax/configs/batch.py`): a template.
+"""The batch-inference job (`python -m llama_jax batch --config batch`): a template.
 
 Every field is `llama_jax.batch.JobConfig`'s; unknown fields are an error. Override any of them on
 the command line, e.g. `--config.max_new_tokens=64 --config.mesh=data=8` (or the plain aliases

@@ -1,4 +1,4 @@
-"""Distil Llama 3.1 8B Instruct into Llama 3.2 1B (`python -m llama_jax train --config llama_jax/configs/distill.py`).
+"""Distil Llama 3.1 8B Instruct into Llama 3.2 1B (`python -m llama_jax train --config distill`).
 
 Online: the teacher runs inside each training step (its own sharding rules on the same mesh) and the
 loss is (1 - distill_weight) · cross-entropy + distill_weight · τ² · KL(teacher_τ ‖ student_τ).
@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
         dict(
             checkpoint="Llama-3.2-1B-Instruct",  # the student
             teacher="Meta-Llama-3.1-8B-Instruct",
-            teacher_rules="tp",  # the teacher is only run forward: tensor-parallel, no optimizer state
+            teacher_rules="dp",  # the teacher only runs forward: a whole copy per device, each on its rows
             data="prompts_and_answers.jsonl",
             seq_len=2048,
             distill_temperature=2.0,
@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
             grad_accum=4,
             learning_rate=5e-5,
             warmup_steps=100,
-            mesh="fsdp=2,tensor=4",
+            mesh="fsdp=-1",  # the student FSDP over every device present (one on a laptop, 8 on a node)
             rules="fsdp_tp",
             fp8_matmul="auto",  # FP8 checkpoints: fp8 GEMMs on FP8-tensor-core GPUs, else dequant
             workdir="runs/distill-8b-1b",

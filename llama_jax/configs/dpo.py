@@ -1,7 +1,7 @@
-"""DPO of Llama 3.1 8B Instruct on preference pairs (`python -m llama_jax train --config llama_jax/configs/dpo.py`).
+"""DPO of Llama 3.1 8B Instruct on preference pairs (`python -m llama_jax train --config dpo`).
 
 Pairs are `{"prompt" | "messages", "chosen", "rejected"}` per line, e.g. what `python -m llama_jax
-rejection --config llama_jax/configs/rejection.py --config.output_kind=pairs` writes. Every field is
+rejection --config rejection --config.output_kind=pairs` writes. Every field is
 `llama_jax.train.TrainJob`'s; override any with `--config.<field>=VALUE`. docs/TRAINING.md has the details.
 """
 
@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
             end_lr_ratio=0.1,
             clip_norm=1.0,
             remat=True,
-            mesh="fsdp=8",
+            mesh="fsdp=-1",  # FSDP over every device present (one on a laptop, 8 on an H100 node)
             rules="fsdp_tp",
             workdir="runs/dpo-8b",
             checkpoint_every=100,

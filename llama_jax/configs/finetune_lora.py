@@ -1,6 +1,6 @@
 """LoRA fine-tuning of Llama 3.1 8B Instruct on chat data.
 
-    python -m llama_jax train --config llama_jax/configs/finetune_lora.py
+    python -m llama_jax train --config finetune_lora
 
 Every field is `llama_jax.train.TrainJob`'s; unknown fields are an error. Override any of them on the
 command line, e.g. `--config.steps=200 --config.lora_rank=8`, or the aliases `--data`, `--checkpoint`,
@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
             weight_decay=0.0,
             clip_norm=1.0,
             remat=True,
-            mesh="fsdp=8",  # one H100 node; the frozen bf16 base and the adapters split over 8 GPUs
+            mesh="fsdp=-1",  # every device present: 1 on a laptop; on an 8-GPU node the base and adapters split 8 ways
             rules="fsdp_tp",
             fp8_matmul="auto",  # FP8 checkpoints: fp8 GEMMs on FP8-tensor-core GPUs, else dequant
             workdir="runs/lora-8b",

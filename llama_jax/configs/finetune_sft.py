@@ -1,4 +1,4 @@
-"""Full supervised fine-tuning of Llama 3.2 1B (`python -m llama_jax train --config llama_jax/configs/finetune_sft.py`).
+"""Full supervised fine-tuning of Llama 3.2 1B (`python -m llama_jax train --config finetune_sft`).
 
 Every field is `llama_jax.train.TrainJob`'s; override any of them with `--config.<field>=VALUE`.
 Full fine-tuning keeps a float32 master copy of the weights and AdamW's two float32 moments: about
@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
             weight_decay=0.1,
             clip_norm=1.0,
             remat=True,
-            mesh="fsdp=8",
+            mesh="fsdp=-1",  # FSDP over every device present (one on a laptop, 8 on an H100 node)
             workdir="runs/sft-1b",
             checkpoint_every=200,
             export="hf",

@@ -1,6 +1,6 @@
 """Rejection sampling with Llama 3.1 8B Instruct.
 
-    python -m llama_jax rejection --config llama_jax/configs/rejection.py
+    python -m llama_jax rejection --config rejection
 
 Every field is `llama_jax.rejection.RejectionConfig`'s; override any with `--config.<field>=VALUE` (or
 `--input`, `--output`, `--n`, `--scorer`, `--seed`). docs/TRAINING.md has the details.
@@ -25,6 +25,6 @@ def get_config() -> ml_collections.ConfigDict:
             top_p=0.95,
             seed=0,
             batch_size=64,
-            mesh="data=8",
+            mesh="data=-1",  # a policy copy per device present, the samples split between them
         )
     )
