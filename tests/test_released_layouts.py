@@ -128,6 +128,17 @@ def test_llama2_rope_freqs_that_disagree_with_theta_are_an_error_naming_file_and
     assert "unexpected tensor" not in message
 
 
+def test_llama2_rope_freqs_of_another_head_dim_is_an_error_naming_file_and_tensor(tmp_path, llama2_state):
+    checkpoints.write_meta_checkpoint(tmp_path, checkpoints.LLAMA2_PARAMS, llama2_state, mp=2)
+    shard = torch.load(tmp_path / "consolidated.01.pth", weights_only=True)
+    shard["rope.freqs"] = checkpoints.llama2_rope_freqs(16)
+    torch.save(shard, tmp_path / "consolidated.01.pth")
+    with pytest.raises(
+        ValueError, match=re.escape(f"'rope.freqs' in {tmp_path / 'consolidated.01.pth'} has shape [8]")
+    ):
+        llama_jax.load(tmp_path)
+
+
 # Llama-2-70b's params.json (7B and 13B give a subset: no n_kv_heads, no ffn_dim_multiplier)
 LLAMA2_70B_KEYS = {
     "dim",

@@ -162,7 +162,7 @@ class MetaCheckpoint(SourceCheckpoint):
                 problems.append(
                     f"tensor {ROPE_FREQS!r} in {f} is not the rotary inverse frequencies of rope_theta="
                     f"{self.config.rope_theta:g} (index {i}: {got[i]:.6g} stored, {want[i]:.6g} expected"
-                    f"{_theta_fit(got)}): the weights were trained with another θ than params.json gives"
+                    f"{_theta_fit(got)}): this shard and params.json disagree about the rotary base"
                 )
         return problems
 
@@ -187,7 +187,8 @@ class MetaCheckpoint(SourceCheckpoint):
             if all((h.reshape(-1, r, h.shape[1]) == h[::r][:, None]).all() for h in heads):
                 return r
         if raw.n_kv_heads % 2 == 0 and any((h[0::2] == h[1::2]).all(axis=1).any() for h in heads):
-            for name, h in zip(names, heads, strict=True):  # some heads are pairs: the first pair that is not fails
+            # Some heads are stored twice, so all should be: reading each pair raises at the first that differs.
+            for name, h in zip(names, heads, strict=True):
                 for head in self._merged_kv_heads(name, list(h), 2):
                     head[...]
         return 1
