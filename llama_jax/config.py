@@ -117,13 +117,12 @@ class LlamaConfig:
             "max_batch_size",
             "rope_scaling_factor",
             "tie_embeddings",
-            # Multimodal / quantisation keys Meta ships but which do not change the text decoder:
+            # Multimodal keys Meta ships but which do not change the text decoder:
             "vision_chunk_size",
             "vision_max_num_chunks",
             "vision_num_cross_attention_layers",
-            "quantization_args",
-            "lora_args",
         }
+        _reject_quantized_release(params, source)
         _reject_unknown(params, known, source)
         _require(params, ("dim", "n_layers", "n_heads"), source)
         llama2 = is_llama2_params(params, source)
@@ -283,6 +282,32 @@ def config_path(config: str | pathlib.Path) -> pathlib.Path:
         return PRESETS_DIR / f"{path.name}.py"
     raise FileNotFoundError(
         f"config {str(config)!r} is neither a .py file nor a packaged preset; presets: {', '.join(presets())}"
+    )
+
+
+def is_llama2_config(config: LlamaConfig) -> bool:
+    """What a Llama 1/2 `params.json` gives (θ 10,000, a 4,096 context, no rope scaling, untied): the
+    Meta writer writes such a model in Meta's Llama 2 layout."""
+    return (config.rope_theta, config.rope_scaling, config.max_seq_len, config.tie_embeddings) == (
+        LLAMA2_ROPE_THETA,
+        None,
+        LLAMA2_CONTEXT,
+        False,
+    )
+
+
+def _reject_quantized_release(params: Mapping[str, Any], source: str) -> None:
+    """Llama 3.2's int4 releases (QLoRA, SpinQuant) say `quantization_args` (llama-models `QuantizationArgs`,
+    `sku_list.llama3_2_quantized_models`); their shards hold int4/int8 weights and scales, which read
+    as bf16 would be a silently wrong model."""
+    args = params.get("quantization_args")
+    if args is None:
+        return
+    raise ValueError(
+        f"{source}: 'quantization_args' = {json.dumps(args)} marks a quantized Llama 3.2 release (QLoRA or "
+        f"SpinQuant: int4 weights, int8 dynamic activations; its shards hold quantized tensors and scales), which "
+        f"llama-jax does not load: use the bf16 release of the same model (e.g. Llama-3.2-1B-Instruct, not "
+        f"Llama-3.2-1B-Instruct-QLORA_INT4_EO8 or -SpinQuant_INT4_EO8)"
     )
 
 

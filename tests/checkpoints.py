@@ -117,21 +117,31 @@ def meta_state_dict(params: dict, seed: int = 0, *, vocab_size: int | None = Non
     return sd
 
 
+def llama2_rope_freqs(head_dim: int, theta: float = 10_000.0) -> torch.Tensor:
+    """The `rope.freqs` tensor in every Llama 1/2 release shard: the inverse frequencies of Meta's
+    llama/model.py `precompute_freqs_cis` (float32, θ 10,000), stored in bf16."""
+    return (1.0 / (theta ** (torch.arange(0, head_dim, 2)[: (head_dim // 2)].float() / head_dim))).bfloat16()
+
+
 def write_meta_checkpoint(directory: pathlib.Path, params: dict, state_dict: dict, *, mp: int = 1) -> None:
     """`params.json` + `consolidated.00.pth` ... split over `mp` ranks, stored as bf16.
 
-    Llama 2 (`vocab_size: -1`) split its embedding with fairscale's `ParallelEmbedding`, along the
-    model dimension (transformers' convert_llama_weights_to_hf.py: `concat_dim = 0 if is_llama_3 else 1`).
+    Llama 2 (`vocab_size: -1`) shards are written as Meta released them: the embedding split with
+    fairscale's `ParallelEmbedding`, along the model dimension (transformers' convert_llama_weights_to_hf.py:
+    `concat_dim = 0 if is_llama_3 else 1`), and `rope.freqs` in every shard.
     """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "params.json").write_text(json.dumps(params))
-    split = dict(_SPLIT, tok_embeddings=1) if params.get("vocab_size") == -1 else _SPLIT
+    llama2 = params.get("vocab_size") == -1
+    split = dict(_SPLIT, tok_embeddings=1) if llama2 else _SPLIT
     for rank in range(mp):
         shard = {}
         for name, t in state_dict.items():
             axis = split.get(name.split(".")[-2])
             shard[name] = t if axis is None else torch.chunk(t, mp, dim=axis)[rank].clone()
             shard[name] = shard[name].bfloat16()
+        if llama2:
+            shard["rope.freqs"] = llama2_rope_freqs(params["dim"] // params["n_heads"])
         torch.save(shard, directory / f"consolidated.{rank:02d}.pth")
 
 

@@ -1,10 +1,12 @@
-"""Meta's released layouts beyond Llama 3's own: Llama 2 params.json and shards, the 405B MP16 release's
-duplicated KV heads. Each is checked against code nobody here wrote: Meta's `Transformer` and
-transformers' `LlamaForCausalLM` on the HF conversion of the same weights (fp32, bound 1e-4)."""
+"""Meta's released layouts beyond Llama 3's own: Llama 2 params.json and shards (`rope.freqs` included),
+the 405B MP16 release's duplicated KV heads, Llama 3.2's int4 QLoRA/SpinQuant releases (refused). Each
+is checked against code nobody here wrote: Meta's `Transformer` and transformers' `LlamaForCausalLM`
+on the HF conversion of the same weights (fp32, bound 1e-4)."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ import torch
 
 import llama_jax
 from llama_jax.config import LlamaConfig
+from llama_jax.convert import convert
+from llama_jax.weights import meta
 from tests import checkpoints
 from tests.test_parity import TOLERANCE, hf_logits, relative_error
 
@@ -91,6 +95,84 @@ def test_llama2_params_json_reads_as_llama2(tmp_path, llama2_state):
     assert config.vocab_size == checkpoints.LLAMA2_VOCAB
     assert (config.rope_theta, config.max_seq_len, config.rope_scaling) == (10_000.0, 4096, None)
     assert config.n_kv_heads == config.n_heads == 8
+    for f in sorted(tmp_path.glob("consolidated.*.pth")):  # as released: Meta's training-time buffer in each shard
+        freqs = torch.load(f, weights_only=True)["rope.freqs"]
+        assert freqs.dtype == torch.bfloat16 and freqs.shape == (config.head_dim // 2,)
+
+
+@pytest.mark.parametrize(
+    "theta_in, params_change, bad_files",
+    [
+        (1e6, {}, ["consolidated.01.pth"]),  # one shard's rope.freqs of another θ (CodeLlama's)
+        (10_000.0, {"rope_theta": 500_000.0}, ["consolidated.00.pth", "consolidated.01.pth"]),  # params.json's θ
+    ],
+    ids=["shard-freqs-of-another-theta", "params-json-theta-disagrees"],
+)
+def test_llama2_rope_freqs_that_disagree_with_theta_are_an_error_naming_file_and_tensor(
+    tmp_path, llama2_state, theta_in, params_change, bad_files
+):
+    params = dict(checkpoints.LLAMA2_PARAMS, **params_change)
+    checkpoints.write_meta_checkpoint(tmp_path, params, llama2_state, mp=2)
+    shard = torch.load(tmp_path / "consolidated.01.pth", weights_only=True)
+    shard["rope.freqs"] = checkpoints.llama2_rope_freqs(params["dim"] // params["n_heads"], theta=theta_in)
+    torch.save(shard, tmp_path / "consolidated.01.pth")
+    with pytest.raises(ValueError) as error:
+        llama_jax.load(tmp_path)
+    message = str(error.value)
+    theta = params.get("rope_theta", 10_000.0)
+    for name in ("consolidated.00.pth", "consolidated.01.pth"):
+        wrong = (
+            f"tensor 'rope.freqs' in {tmp_path / name} is not the rotary inverse frequencies of rope_theta={theta:g}"
+        )
+        assert (wrong in message) == (name in bad_files), message
+    assert "unexpected tensor" not in message
+
+
+def test_llama2_rope_freqs_of_another_head_dim_is_an_error_naming_file_and_tensor(tmp_path, llama2_state):
+    checkpoints.write_meta_checkpoint(tmp_path, checkpoints.LLAMA2_PARAMS, llama2_state, mp=2)
+    shard = torch.load(tmp_path / "consolidated.01.pth", weights_only=True)
+    shard["rope.freqs"] = checkpoints.llama2_rope_freqs(16)
+    torch.save(shard, tmp_path / "consolidated.01.pth")
+    with pytest.raises(
+        ValueError, match=re.escape(f"'rope.freqs' in {tmp_path / 'consolidated.01.pth'} has shape [8]")
+    ):
+        llama_jax.load(tmp_path)
+
+
+# Llama-2-70b's params.json (7B and 13B give a subset: no n_kv_heads, no ffn_dim_multiplier)
+LLAMA2_70B_KEYS = {
+    "dim",
+    "multiple_of",
+    "ffn_dim_multiplier",
+    "n_heads",
+    "n_kv_heads",
+    "n_layers",
+    "norm_eps",
+    "vocab_size",
+}
+
+
+def test_llama2_meta_converts_and_our_meta_export_is_written_as_released(tmp_path, llama2_state):
+    """Meta Llama 2 → HF and → Meta (MP 2): the same logits; the Meta output has the release's
+    params.json keys, its embedding split and `rope.freqs` (Meta's own computation) in every shard."""
+    params = checkpoints.LLAMA2_PARAMS
+    checkpoints.write_meta_checkpoint(tmp_path / "src", params, llama2_state, mp=2)
+    want = np.asarray(llama_jax.load(tmp_path / "src", dtype="float32")(TOKENS))
+    for to in ("hf", "meta"):
+        out = convert(tmp_path / "src", tmp_path / to, to=to, mp=2 if to == "meta" else 1, progress=False)
+        assert relative_error(np.asarray(llama_jax.load(out, dtype="float32")(TOKENS)), want) == 0.0, to
+    written_params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    assert set(written_params) <= LLAMA2_70B_KEYS and written_params["vocab_size"] == -1
+    vocab = checkpoints.LLAMA2_VOCAB
+    assert LlamaConfig.from_meta_params(written_params, vocab_size=vocab) == LlamaConfig.from_meta_params(
+        params, vocab_size=vocab
+    )
+    for rank in range(2):
+        written = torch.load(tmp_path / "meta" / f"consolidated.{rank:02d}.pth", weights_only=True)
+        source = torch.load(tmp_path / "src" / f"consolidated.{rank:02d}.pth", weights_only=True)
+        assert written.keys() == source.keys()
+        for name, t in source.items():
+            assert t.dtype == written[name].dtype and torch.equal(t, written[name]), name
 
 
 @pytest.mark.parametrize("mp", [1, 2])
@@ -185,20 +267,70 @@ def test_duplicated_kv_heads_are_merged_and_match_transformers(mp_duplicated):
     assert relative_error(model(tokens), hf_logits(hf, tokens)) <= TOLERANCE
 
 
-@pytest.mark.parametrize(
-    "layer, message",
-    [
-        (1, r"'layers\.1\.attention\.wv\.weight' head 2: duplicated KV head copy 1 differs"),
-        (0, r"layer 0's KV heads are duplicated for some heads but not all"),
-    ],
-    ids=["later-layer", "layer-0"],
-)
-def test_kv_head_copies_that_differ_fail_loudly(mp_duplicated, tmp_path, layer, message):
+@pytest.mark.parametrize("tensor", ["wk", "wv"])
+@pytest.mark.parametrize("layer", [0, 1], ids=["layer-0-where-the-copies-are-detected", "later-layer"])
+def test_kv_head_copies_that_differ_fail_naming_file_tensor_and_head(mp_duplicated, tmp_path, layer, tensor):
     path, _, _ = mp_duplicated
     for f in path.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
     shard = torch.load(tmp_path / "consolidated.03.pth", weights_only=True)
-    shard[f"layers.{layer}.attention.wv.weight"][0, 0] += 1.0  # rank 3 holds the 2nd copy of real head 1
+    shard[f"layers.{layer}.attention.{tensor}.weight"][0, 0] += 1.0  # rank 3 holds the 2nd copy of real head 1
     torch.save(shard, tmp_path / "consolidated.03.pth")
-    with pytest.raises(ValueError, match=message):
+    name = f"layers.{layer}.attention.{tensor}.weight"
+    message = f"{tmp_path / 'consolidated.03.pth'}: '{name}' head 2: duplicated KV head copy 1 differs from copy 0 "
+    with pytest.raises(ValueError, match=re.escape(message + f"(in {tmp_path / 'consolidated.02.pth'})")):
         llama_jax.load(tmp_path)
+
+
+# ---- Llama 3.2 int4 QLoRA / SpinQuant: refused, pointing at the bf16 release ---------------------
+
+
+def write_int4_release(directory, quantization_args: dict, lora_args: dict | None) -> None:
+    """A Llama 3.2 int4 release at a tiny size: llama-models' `sku_list.llama3_2_quantized_models`
+    params.json (`arch_args` plus `quantization_args`, and `lora_args` for QLoRA), and a shard in the
+    state dict its `quantization/loader.py` loads: every linear's int4 values in int8 `weight` with
+    float32 group `scales` (and the LoRA `adaptor.A`/`adaptor.B`), int8 embedding and output with
+    row `scales`, bf16 norms."""
+    params = dict(checkpoints.META_PARAMS, quantization_args=quantization_args)
+    if lora_args:
+        params["lora_args"] = lora_args
+    group = quantization_args["group_size"]
+    shard = {}
+    for name, w in checkpoints.meta_state_dict(checkpoints.META_PARAMS).items():
+        if "norm" in name:
+            shard[name] = w.bfloat16()
+            continue
+        stem, rows = name.removesuffix(".weight"), w.shape[0]
+        per_group = w.shape[1] if stem in ("tok_embeddings", "output") else group
+        scales = w.reshape(rows, -1, per_group).abs().amax(-1) / (127 if per_group == w.shape[1] else 7)
+        shard[name] = (w.reshape(rows, -1, per_group) / scales[..., None]).round().to(torch.int8).reshape(w.shape)
+        shard[stem + ".scales"] = scales.squeeze(-1) if per_group == w.shape[1] else scales
+        if lora_args and per_group == group:
+            shard[stem + ".adaptor.A.weight"] = torch.zeros(lora_args["rank"], w.shape[1]).bfloat16()
+            shard[stem + ".adaptor.B.weight"] = torch.zeros(rows, lora_args["rank"]).bfloat16()
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "params.json").write_text(json.dumps(params))
+    torch.save(shard, directory / "consolidated.00.pth")
+
+
+INT4 = "int4_weight_int8_dynamic_activation"  # llama-models `QuantizationScheme`, the only one its loader takes
+
+
+@pytest.mark.parametrize(
+    "quantization_args, lora_args",
+    [
+        ({"group_size": 32, "scheme": INT4}, {"rank": 4, "scale": 2.0}),
+        ({"group_size": 32, "scheme": INT4, "spinquant": True}, None),
+    ],
+    ids=["qlora", "spinquant"],
+)
+def test_int4_release_is_refused_naming_params_json_and_quantization_args(
+    tmp_path, monkeypatch, quantization_args, lora_args
+):
+    write_int4_release(tmp_path, quantization_args, lora_args)
+    monkeypatch.setattr(meta, "torch_to_numpy", lambda t: pytest.fail("a tensor was read before the error"))
+    with pytest.raises(ValueError) as error:
+        llama_jax.load(tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'params.json'}: 'quantization_args' = ")
+    assert "QLoRA or SpinQuant" in message and "not load" in message and "use the bf16 release" in message

@@ -165,8 +165,7 @@ RULES: tuple[Rule, ...] = (
 RULES_BY_PATH: dict[Path, Rule] = {r.path: r for r in RULES}
 
 # Meta model-parallel shards: the axis each tensor is split along (fairscale Column/RowParallel,
-# VocabParallelEmbedding for Llama 3; Llama 1/2's ParallelEmbedding splits axis 1, see
-# weights/meta.py); None means replicated. Keyed by the Meta name's last parts.
+# VocabParallelEmbedding for Llama 3); None means replicated. Keyed by the Meta name's last parts.
 META_SPLIT_AXIS: dict[str, int | None] = {
     "tok_embeddings.weight": 0,
     "attention.wq.weight": 0,
@@ -183,7 +182,10 @@ META_SPLIT_AXIS: dict[str, int | None] = {
 }
 
 
-def meta_split_axis(meta_name: str) -> int | None:
+def meta_split_axis(meta_name: str, llama2: bool = False) -> int | None:
+    """Llama 1/2 shards split the embedding with fairscale's `ParallelEmbedding`: along the model dimension."""
+    if llama2 and meta_name == "tok_embeddings.weight":
+        return 1
     for suffix, axis in META_SPLIT_AXIS.items():
         if meta_name == suffix or meta_name.endswith("." + suffix):
             return axis

@@ -85,10 +85,10 @@ class Concat(LazyArray):
 
 class Identical(LazyArray):
     """One of several copies that must be identical (Meta's duplicated KV heads): every read compares
-    all copies' slices and fails, naming `what`, if they differ."""
+    all copies' slices and fails, naming `what` and the file of each copy (`where`), if they differ."""
 
-    def __init__(self, copies: Sequence, what: str):
-        self.copies, self.what = list(copies), what
+    def __init__(self, copies: Sequence, what: str, where: Sequence[str]):
+        self.copies, self.what, self.where = list(copies), what, list(where)
         self.shape, self.dtype = tuple(copies[0].shape), np.dtype(copies[0].dtype)
 
     def _read(self, index):
@@ -96,8 +96,8 @@ class Identical(LazyArray):
         for k, copy in enumerate(self.copies[1:], 1):
             if np.asarray(copy[index]).tobytes() != first.tobytes():
                 raise ValueError(
-                    f"{self.what}: duplicated KV head copy {k} differs from copy 0; the checkpoint's KV heads are "
-                    f"not exact duplicates, so they cannot be merged"
+                    f"{self.where[k]}: {self.what}: duplicated KV head copy {k} differs from copy 0 (in "
+                    f"{self.where[0]}); the checkpoint's KV heads are not exact duplicates, so they cannot be merged"
                 )
         return first
 

@@ -9,8 +9,11 @@ from the shard(s) that hold it. Files are opened with `torch.load(weights_only=T
 no code in an untrusted file runs, and bytes are read only when sliced.
 
 Released variants handled here (llama-models `sku_list.py`, `checkpoint.py`, `quantization/loader.py`):
-- Llama 2: `vocab_size: -1`, no `rope_theta` (see `LlamaConfig.from_meta_params`); the vocabulary
-  is the embedding's row count.
+- Llama 1/2: `vocab_size: -1`, no `rope_theta` (see `LlamaConfig.from_meta_params`); the vocabulary
+  is the embedding's row count. Every shard also holds `rope.freqs`, the bf16 inverse frequencies a
+  buffer of Meta's training code saved (Meta's own loader passes `strict=False`; no model reads it).
+  It is checked, not skipped: it must be the frequencies of the config's θ (`rope_freqs`), else the
+  params.json and the weights disagree about the rotary base.
 - 405B bf16 MP16: `n_kv_heads: 16`, each real KV head stored twice consecutively so every rank
   holds one (llama-models `checkpoint.reshard_mp`, `repeat_qk_qv`). Detected from layer 0 and
   merged back to the real heads; every read checks the copies are identical.
@@ -29,7 +32,7 @@ import re
 import ml_dtypes
 import numpy as np
 
-from llama_jax import fp8
+from llama_jax import fp8, rope
 from llama_jax.config import LlamaConfig, is_llama2_params, read_json
 from llama_jax.weights import layout
 from llama_jax.weights.checkpoint import ArrayLike
@@ -37,6 +40,10 @@ from llama_jax.weights.lazy import Concat, Identical, Rescaled
 from llama_jax.weights.source import SourceCheckpoint
 
 _SHARD = re.compile(r"consolidated\.(\d+)\.pth$")
+ROPE_FREQS = "rope.freqs"
+# One bf16 step: the release rounded float32 frequencies to bf16, and a float32 computation that
+# differs in its last bit may round the other way. A different θ moves them much further.
+_ROPE_FREQS_RTOL = 2.0**-7
 
 
 def is_meta_checkpoint(path: pathlib.Path) -> bool:
@@ -64,6 +71,12 @@ def torch_to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
+def rope_freqs(config: LlamaConfig) -> np.ndarray:
+    """What Llama 1/2 shards store as `rope.freqs`: the config's inverse frequencies `[H/2]` in bf16
+    (Meta's `precompute_freqs_cis`, float32, then the checkpoint's bf16)."""
+    return rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling).astype(ml_dtypes.bfloat16)
+
+
 def fp8_scale_key(layer: int, w: str, rank: int) -> str:
     return f"{layer}_feed_forward.{w}_{rank}"
 
@@ -79,6 +92,7 @@ def _torch_load(file: pathlib.Path, *, mmap: bool = True):
 
 class MetaCheckpoint(SourceCheckpoint):
     fmt = "meta"
+    buffers = frozenset({ROPE_FREQS})
 
     def __init__(self, path: str | pathlib.Path):
         try:
@@ -126,12 +140,31 @@ class MetaCheckpoint(SourceCheckpoint):
 
     def _axis(self, name: str) -> int | None:
         """The source-layout axis the ranks split `name` along (None: replicated or unknown)."""
-        if self.llama2 and name == "tok_embeddings.weight":
-            return 1  # fairscale ParallelEmbedding (Llama 1/2) splits the model dimension
         try:
-            return layout.meta_split_axis(name)
+            return layout.meta_split_axis(name, self.llama2)
         except KeyError:
             return None
+
+    def buffer_problems(self) -> list[str]:
+        """`rope.freqs` in every shard must be the inverse frequencies of the config's θ."""
+        if ROPE_FREQS not in self.names():
+            return []
+        want = rope_freqs(self.config).astype(np.float32)
+        problems = []
+        for f, shard in zip(self.files, self._shards, strict=True):
+            got = torch_to_numpy(shard[ROPE_FREQS]).astype(np.float32)
+            if got.shape != want.shape:
+                problems.append(
+                    f"tensor {ROPE_FREQS!r} in {f} has shape {list(got.shape)}, expected [{want.size}] (head_dim / 2)"
+                )
+            elif not np.allclose(got, want, rtol=_ROPE_FREQS_RTOL, atol=0):
+                i = int(np.argmax(np.abs(got - want) / want))
+                problems.append(
+                    f"tensor {ROPE_FREQS!r} in {f} is not the rotary inverse frequencies of rope_theta="
+                    f"{self.config.rope_theta:g} (index {i}: {got[i]:.6g} stored, {want[i]:.6g} expected"
+                    f"{_theta_fit(got)}): this shard and params.json disagree about the rotary base"
+                )
+        return problems
 
     def _kv_repeat(self, raw: LlamaConfig) -> int:
         """How many consecutive copies of each KV head the shards hold (2 for the 405B MP16 release).
@@ -154,11 +187,17 @@ class MetaCheckpoint(SourceCheckpoint):
             if all((h.reshape(-1, r, h.shape[1]) == h[::r][:, None]).all() for h in heads):
                 return r
         if raw.n_kv_heads % 2 == 0 and any((h[0::2] == h[1::2]).all(axis=1).any() for h in heads):
-            raise ValueError(
-                f"{self.path}: layer 0's KV heads are duplicated for some heads but not all (wk/wv of "
-                f"{', '.join(str(f.name) for f in self.files)}): the copies of a repeated head must be identical"
-            )
+            # Some heads are stored twice, so all should be: reading each pair raises at the first that differs.
+            for name, h in zip(names, heads, strict=True):
+                for head in self._merged_kv_heads(name, list(h), 2):
+                    head[...]
         return 1
+
+    def _merged_kv_heads(self, name: str, heads: list, r: int) -> list[Identical]:
+        """Each group of `r` consecutive stored KV heads of `name` as one head whose every read
+        compares the copies, naming the tensor, the head and the shard of each copy."""
+        files = [str(self.files[i * self.mp // len(heads)]) for i in range(len(heads))]
+        return [Identical(heads[g : g + r], f"{name!r} head {g}", files[g : g + r]) for g in range(0, len(heads), r)]
 
     # ---- shapes and reads ----------------------------------------------------------------------
 
@@ -193,10 +232,7 @@ class MetaCheckpoint(SourceCheckpoint):
         ours_axis = layout.ours_split_axis(rule, axis)
         if rule.path[-1] in ("wk", "wv") and self.kv_repeat > 1:
             heads = [p[:, j : j + 1] for p in pieces for j in range(p.shape[1])]
-            r = self.kv_repeat
-            pieces = [
-                Identical(heads[g : g + r], f"{self.where(name)}: {name!r} head {g}") for g in range(0, len(heads), r)
-            ]
+            pieces = self._merged_kv_heads(name, heads, self.kv_repeat)
         if layer in self.fp8_layers and rule.path[-1] == "w2" and self.mp > 1:
             scales = np.stack([self._rank_scale(layer, "w2", r) for r in range(self.mp)])
             top = scales.max(axis=0)
@@ -272,6 +308,14 @@ class MetaCheckpoint(SourceCheckpoint):
         if w == "w2":  # every rank scaled all D output channels over its own F/mp inputs: the largest covers all
             return np.max(np.stack(per_rank), axis=0)
         return np.concatenate(per_rank)
+
+
+def _theta_fit(freqs: np.ndarray) -> str:
+    """The θ stored inverse frequencies fit (from the lowest, `θ^-(H-2)/H`), as a hint in an error."""
+    head_dim = 2 * freqs.size
+    if head_dim <= 2 or not freqs[-1] > 0:
+        return ""
+    return f"; they fit θ ≈ {float(freqs[-1]) ** (-head_dim / (head_dim - 2)):.3g}"
 
 
 def _layer_of(name: str) -> int | None:

@@ -10,6 +10,11 @@ More ranks than KV heads: every KV head is repeated consecutively so each rank h
 and `n_kv_heads` in params.json counts the copies, as llama-models' `checkpoint.reshard_mp` does
 (`repeat_qk_qv`) and as the 405B MP16 release ships. Our reader merges them back.
 
+A Llama 1/2 model (`config.is_llama2_config`) is written as Meta released Llama 2: its params.json
+keys only (`vocab_size: -1`, no `rope_theta`), the embedding split along the model dimension, and
+`rope.freqs` (`meta.rope_freqs`, bf16) in every shard, so Meta's Llama 2 code and transformers'
+conversion script read it as they read the release.
+
 FP8 (`quantize="fp8"`): FFN weights of the release's layers 1..L-2 (`fp8.release_layers`) in
 float8_e4m3fn with `fp8_scales_{rank}.pt` (`"{layer}_feed_forward.{w}_{rank}"`, one float32 per output
 row of that rank's piece), the layout llama-models' `llama3/quantization/loader.py` reads. A bf16
@@ -26,10 +31,10 @@ import shutil
 import numpy as np
 
 from llama_jax import atomic, fp8, quant
-from llama_jax.config import LlamaConfig, ffn_hidden_dim
+from llama_jax.config import LlamaConfig, ffn_hidden_dim, is_llama2_config
 from llama_jax.weights import layout
 from llama_jax.weights.checkpoint import Checkpoint
-from llama_jax.weights.meta import fp8_scale_key
+from llama_jax.weights.meta import ROPE_FREQS, fp8_scale_key, rope_freqs
 
 
 def write_meta(ckpt: Checkpoint, out: pathlib.Path, dtype, quantize: str | None, mp: int, bar) -> None:
@@ -43,6 +48,7 @@ def write_meta(ckpt: Checkpoint, out: pathlib.Path, dtype, quantize: str | None,
     if (config.n_kv_heads * repeat) % mp:
         raise ValueError(f"--mp {mp}: n_kv_heads={config.n_kv_heads} cannot be split or repeated over {mp} ranks")
     quantized = set(fp8.release_layers(config.n_layers)) if quantize == "fp8" else set()
+    llama2 = is_llama2_config(config)
     staging = out / ".staging"
     names: list[list[tuple[str, pathlib.Path, tuple, str]]] = [[] for _ in range(mp)]
     scales: list[dict[str, torch.Tensor]] = [{} for _ in range(mp)]
@@ -56,7 +62,7 @@ def write_meta(ckpt: Checkpoint, out: pathlib.Path, dtype, quantize: str | None,
                 for r, s in enumerate(piece_scales):
                     scales[r][fp8_scale_key(i, rule.path[-1], r)] = torch.from_numpy(s)
             else:
-                pieces = _pieces(fp8.unquantized(ckpt, rule.path, i), rule, config, mp, repeat)
+                pieces = _pieces(fp8.unquantized(ckpt, rule.path, i), rule, config, mp, repeat, llama2)
                 pieces = [p.astype(tensor_dtype) for p in pieces]
             for r, piece in enumerate(pieces):
                 file = staging / f"{r:02d}" / f"{len(names[r]):05d}.bin"
@@ -66,6 +72,8 @@ def write_meta(ckpt: Checkpoint, out: pathlib.Path, dtype, quantize: str | None,
             bar()
     for r in range(mp):
         state = {name: _from_file(file, shape, dtype_name) for name, file, shape, dtype_name in names[r]}
+        if llama2:
+            state[ROPE_FREQS] = torch.from_numpy(rope_freqs(config).view(np.int16)).view(torch.bfloat16)
         torch.save(state, out / f"consolidated.{r:02d}.pth")
         del state
         shutil.rmtree(staging / f"{r:02d}")
@@ -73,7 +81,8 @@ def write_meta(ckpt: Checkpoint, out: pathlib.Path, dtype, quantize: str | None,
             torch.save(scales[r], out / f"fp8_scales_{r}.pt")
     shutil.rmtree(staging, ignore_errors=True)
     params = meta_params(config)
-    params["n_kv_heads"] = config.n_kv_heads * repeat
+    if "n_kv_heads" in params:  # absent only from a Llama 2 MHA params.json, whose heads never need repeating
+        params["n_kv_heads"] = config.n_kv_heads * repeat
     atomic.write_atomically(out / "params.json", json.dumps(params, indent=2))
 
 
@@ -84,12 +93,14 @@ def _meta_layout(w_ours: np.ndarray, rule: layout.Rule, config: LlamaConfig) -> 
     return w
 
 
-def _pieces(w_ours: np.ndarray, rule: layout.Rule, config: LlamaConfig, mp: int, repeat: int) -> list[np.ndarray]:
+def _pieces(
+    w_ours: np.ndarray, rule: layout.Rule, config: LlamaConfig, mp: int, repeat: int, llama2: bool
+) -> list[np.ndarray]:
     """One tensor in Meta's layout, split over `mp` ranks (KV heads repeated `repeat` times first)."""
     w = _meta_layout(w_ours, rule, config)
     if repeat > 1 and rule.path[-1] in ("wk", "wv"):
         w = np.repeat(w.reshape(config.n_kv_heads, config.head_dim, -1), repeat, axis=0).reshape(-1, w.shape[1])
-    axis = layout.meta_split_axis(rule.meta.replace("{i}", "0"))
+    axis = layout.meta_split_axis(rule.meta.replace("{i}", "0"), llama2)
     return [w] * mp if axis is None else np.split(w, mp, axis=axis)
 
 
@@ -119,7 +130,8 @@ def _from_file(file: pathlib.Path, shape: tuple, dtype_name: str):
 
 
 def meta_params(config: LlamaConfig) -> dict:
-    """Meta's `params.json` for `config`; the FFN width is given the way Meta derives it."""
+    """Meta's `params.json` for `config`; the FFN width is given the way Meta derives it. A Llama 1/2
+    model gets the release's keys only (`vocab_size: -1`: the reader takes the embedding's rows)."""
     if config.head_dim != config.dim // config.n_heads:
         raise ValueError(f"Meta's params.json cannot express head_dim={config.head_dim} != dim // n_heads")
     rope = config.rope_scaling
@@ -133,6 +145,18 @@ def meta_params(config: LlamaConfig) -> dict:
     candidates = [(m, mult) for m in (1024, 256, 4096) for mult in (None, 1.3, 1.5, 1.2, 1.0)]
     candidates.append((config.ffn_dim, config.ffn_dim / hidden))  # always exact: rounds up to ffn_dim
     multiple_of, multiplier = next((m, x) for m, x in candidates if ffn_hidden_dim(config.dim, x, m) == config.ffn_dim)
+    if is_llama2_config(config):  # the release's keys, in its order; 7B/13B (MHA) state no n_kv_heads
+        params = {
+            "dim": config.dim,
+            "multiple_of": multiple_of,
+            "ffn_dim_multiplier": multiplier,
+            "n_heads": config.n_heads,
+            "n_kv_heads": config.n_kv_heads if config.n_kv_heads != config.n_heads else None,
+            "n_layers": config.n_layers,
+            "norm_eps": config.norm_eps,
+            "vocab_size": -1,
+        }
+        return {k: v for k, v in params.items() if v is not None}
     params = {
         "dim": config.dim,
         "n_layers": config.n_layers,

@@ -20,6 +20,11 @@ _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 class SourceCheckpoint(Checkpoint):
     fmt: str  # "hf" or "meta": which of `layout.Rule`'s names the tensors carry
     quantization: dict | None = None  # set by FP8 checkpoints
+    buffers: frozenset[str] = frozenset()  # stored tensors that are no weights, checked by `buffer_problems`
+
+    def buffer_problems(self) -> list[str]:
+        """What is wrong with the `buffers` present (they are checked, never skipped)."""
+        return []
 
     def names(self) -> set[str]:
         raise NotImplementedError
@@ -75,7 +80,8 @@ class SourceCheckpoint(Checkpoint):
                 if dtype == fp8.DTYPE:
                     problems += fp8.check_source_tensor(self, rule, name, want, expected)
         tied_head = {"lm_head.weight", "output.weight"} if config.tie_embeddings else set()
-        unknown = sorted(n for n in names - expected - tied_head if not n.endswith(_IGNORED_SUFFIXES))
+        problems += self.buffer_problems()
+        unknown = sorted(n for n in names - expected - tied_head - self.buffers if not n.endswith(_IGNORED_SUFFIXES))
         if unknown:
             shown = ", ".join(repr(n) for n in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
             problems.append(f"{len(unknown)} unexpected tensor(s) for this config: {shown}")
