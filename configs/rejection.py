@@ -1,7 +1,7 @@
 """Rejection sampling with Llama 3.1 8B Instruct (`python -m llama_jax rejection --config configs/rejection.py`).
 
 Every field is `llama_jax.rejection.RejectionConfig`'s; override any with `--config.<field>=VALUE` (or
-`--input`, `--output`, `--n`, `--scorer`, `--seed`). docs/TRAINING.md has the details.
+`--input`, `--output`, `--n`, `--output-kind`, `--scorer`, `--seed`). docs/TRAINING.md has the details.
 """
 
 import ml_collections

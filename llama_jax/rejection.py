@@ -331,6 +331,7 @@ _ALIASES = {
     "output": "--output",
     "checkpoint": "--checkpoint",
     "n": "--n",
+    "output_kind": "--output-kind",
     "scorer": "--scorer",
     "seed": "--seed",
 }
