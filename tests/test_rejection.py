@@ -362,3 +362,18 @@ def test_dpo_given_best_of_n_records_names_the_line_and_the_flag(policy, tokeniz
     rejection.run(policy, tokenizer, tmp_path / "prompts.jsonl", best, n=2, scorer=prefers_the_known_token, **SAMPLING)
     with pytest.raises(ValueError, match=rf"^{best}:1: a best-of-n record .* --output-kind pairs"):
         dpo.load_pairs(best, tokenizer, seq_len=32)
+
+
+def test_a_resume_with_other_sampling_settings_is_refused_unless_forced(policy, tokenizer, tmp_path):
+    write_prompts(tmp_path / "prompts.jsonl", policy, tokenizer, n=2)
+    job = dict(n=2, scorer=prefers_the_known_token, batch_size=8, progress=False)
+    rejection.run(policy, tokenizer, tmp_path / "prompts.jsonl", tmp_path / "best.jsonl", **job, **SAMPLING)
+    hotter = SAMPLING | {"temperature": 0.5}
+    with pytest.raises(
+        ValueError, match=r"best\.jsonl\.samples\.jsonl holds results made with .*temperature: 1\.0 -> 0\.5"
+    ):
+        rejection.run(policy, tokenizer, tmp_path / "prompts.jsonl", tmp_path / "best.jsonl", **job, **hotter)
+    summary = rejection.run(
+        policy, tokenizer, tmp_path / "prompts.jsonl", tmp_path / "best.jsonl", **job, **hotter, force_resume=True
+    )
+    assert summary["batch"]["skipped"] == summary["samples"] == 3 * 2  # nothing redrawn: forced, it resumed
