@@ -20,6 +20,9 @@ docs/BATCH.md has the formats. How it runs:
   group of completions. A restart truncates a torn last line, skips ids already written, and at the end the file is
   rewritten in input order (temporary file + rename), so every complete run leaves the same bytes.
 - Bad lines go to the errors file (`<output>.errors.jsonl`), rewritten whole at the end of a run.
+- What decides a result (the model's identity, the per-request defaults, the job seed) is recorded in
+  `<output>.job.json` before the first result; a resume under other settings is refused, naming each
+  field that differs, unless `force_resume`. Paths, the mesh and the engine's sizes may change.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from llama_jax.batch_files import (
     JobRequest,
     Reader,
     Results,
+    check_settings,
     count_lines,
     error_record,
     id_key,
@@ -54,6 +58,9 @@ from llama_jax.batch_files import (
 from llama_jax.sharding import distributed
 
 __all__ = ["JobConfig", "job_config", "register", "request_seed", "run_batch"]
+
+# The job's fields that decide a result besides the model: the per-request defaults and the job seed.
+_DECISIVE = (*SAMPLING_FIELDS, "seed", "n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +82,8 @@ class JobConfig:
     page_size: int = 64  # positions per KV page (prefix sharing works in whole pages)
     burst: int = 16  # decode steps per jitted call between scheduling
     progress: bool = True  # a tqdm bar on stderr
+    force_resume: bool = False  # resume an output whose results were made with other settings (<output>.job.json)
+    peer_timeout_s: float = 60.0  # several processes: a peer silent this long stops the others (exit 75)
     # Per-request defaults; a request's own fields override them.
     max_new_tokens: int = 256
     temperature: float = sampling.META_TEMPERATURE  # Meta's defaults (0 = greedy)
@@ -150,6 +159,8 @@ def run_batch(
     output_path: str | os.PathLike,
     *,
     errors_path: str | os.PathLike | None = None,
+    model_identity: dict | None = None,
+    force_resume: bool = False,
     batch_size: int = 32,
     progress: bool = True,
     kv_pages: int | None = None,
@@ -164,6 +175,10 @@ def run_batch(
       input_path: JSONL requests (docs/BATCH.md).
       output_path: JSONL results; an existing file is resumed (its ids are skipped).
       errors_path: bad lines and failed requests (default: `<output>.errors.jsonl`), rewritten each run.
+      model_identity: what identifies the model, recorded in `<output>.job.json` with the defaults below
+        (default: `jobs.model_identity(model)`; pass the checkpoint and tokenizer paths to it, as the CLI
+        does, so that new weights under the same architecture are told apart).
+      force_resume: resume even if `<output>.job.json` records other settings (else a ValueError names them).
       batch_size: decode slots of the engine (requests run together); rounded up to a power of two and
         to the number of devices the slots are split over.
       progress: show a tqdm bar on stderr (requests done, generated tokens/s).
@@ -187,6 +202,9 @@ def run_batch(
     # On several processes (jax.distributed) every process runs the same schedule on its share of the
     # devices; process 0 alone writes the files.
     writer = jax.process_index() == 0
+    decisive = {name: getattr(job, name) for name in _DECISIVE}
+    identity = jobs.model_identity(model) if model_identity is None else model_identity
+    check_settings(output_path, {"model": identity, **decisive}, force=force_resume, writer=writer)
     results = Results(output_path, writer)
     reader = Reader(input_path, tokenizer, model.config, job, results.done)
     errors: list[dict] = []
@@ -298,6 +316,7 @@ _ALIASES = {
     "kv_pages": "--kv-pages",
     "page_size": "--page-size",
     "burst": "--burst",
+    "peer_timeout_s": "--peer-timeout",
 }
 
 
@@ -311,6 +330,7 @@ def register(subparsers) -> None:
     )
     jobs.add_config_arguments(parser, JobConfig, _ALIASES)
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
+    parser.add_argument("--force-resume", dest="force_resume", action="store_true", default=argparse.SUPPRESS)
     parser.set_defaults(func=main)
 
 
@@ -327,17 +347,21 @@ def main(args: argparse.Namespace) -> int:
     from llama_jax.platform import enable_compile_cache
 
     enable_compile_cache()
-    distributed.initialize()  # a multi-process job (jax.distributed coordinates in the environment), else nothing
+    finished = False
     try:
         job = job_config(args)
+        # A multi-process job (jax.distributed coordinates in the environment), else nothing.
+        distributed.initialize(peer_timeout_s=job.peer_timeout_s)
         model, tokenizer = jobs.load_job_model(job)
-        sampling = {name: getattr(job, name) for name in (*SAMPLING_FIELDS, "seed", "n")}
+        sampling = {name: getattr(job, name) for name in _DECISIVE}
         summary = run_batch(
             model,
             tokenizer,
             job.input,
             job.output,
             errors_path=job.errors,
+            model_identity=jobs.job_model_identity(job, model),
+            force_resume=job.force_resume,
             batch_size=job.batch_size,
             progress=job.progress,
             kv_pages=job.kv_pages,
@@ -345,9 +369,12 @@ def main(args: argparse.Namespace) -> int:
             burst=job.burst,
             **sampling,
         )
+        finished = True
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         print(f"batch: error: {e}", file=sys.stderr)
         return 2
+    finally:  # a process that failed goes silent: its peers stop within their peer timeout, naming it
+        (distributed.shutdown if finished else distributed.abandon)()
     print(
         f"[{summary['completed']} done, {summary['skipped']} already done, {summary['errors']} bad lines, "
         f"{summary['failed']} failed; {summary['generated_tokens_per_s']} tok/s; errors: {summary['errors_file']}]",

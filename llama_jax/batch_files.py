@@ -3,8 +3,9 @@ field), results out (repaired and indexed on open, whole-line appends, input ord
 
 `Reader` yields, for every input line, a `JobRequest`, a `BadLine` (the errors file's entry), `DONE`
 (its results are already in the output: not parsed again) or None (a blank line). `Results` is the
-output file of a resumable job; `result_line` is one result as the file holds it. docs/BATCH.md has
-the formats.
+output file of a resumable job; `result_line` is one result as the file holds it; `check_settings`
+keeps the settings its results were made with beside it (`<output>.job.json`) and refuses a resume
+under others. docs/BATCH.md has the formats.
 """
 
 from __future__ import annotations
@@ -21,7 +22,17 @@ from collections.abc import Iterator, Mapping
 from llama_jax import atomic, jobs, sampler, sampling
 from llama_jax.sampling import SamplingParams
 
-__all__ = ["DONE", "REQUEST_FIELDS", "SAMPLING_FIELDS", "BadLine", "JobRequest", "Reader", "Results", "request_seed"]
+__all__ = [
+    "DONE",
+    "REQUEST_FIELDS",
+    "SAMPLING_FIELDS",
+    "BadLine",
+    "JobRequest",
+    "Reader",
+    "Results",
+    "check_settings",
+    "request_seed",
+]
 
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "top_logprobs")
 REQUEST_FIELDS = {"id", "prompt", "messages", "seed", "n", *SAMPLING_FIELDS}
@@ -272,6 +283,64 @@ class Results:
             for _, offset, length in entries:
                 src.seek(offset)
                 dst.write(src.read(length))
+
+
+# ---- the settings the results were made with ------------------------------------------------------------
+
+
+def settings_path(output: pathlib.Path) -> pathlib.Path:
+    return output.with_name(output.name + ".job.json")
+
+
+def check_settings(output: pathlib.Path, settings: Mapping, *, force: bool, writer: bool = True) -> None:
+    """Refuse to resume `output` under other settings than its results were made with; record them.
+
+    `settings`: what decides a result (the model's identity, the per-request defaults, the job seed),
+    kept in `<output>.job.json`, written atomically before the first result. When `output` already
+    has results and the record differs, raises ValueError naming every differing field (old -> new),
+    unless `force`: the record then takes the new settings.
+    """
+    settings = json.loads(json.dumps(settings, default=str))  # as the record reads back: lists, not tuples
+    record = settings_path(output)
+    if output.is_file() and output.stat().st_size and record.is_file() and not force:
+        try:
+            recorded = json.loads(record.read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{record}: not a job settings record ({e}); pass --force-resume to replace it") from None
+        old, new = _flat(recorded), _flat(settings)
+        changes = [
+            f"{name}: {_shown(old, name)} -> {_shown(new, name)}"
+            for name in sorted(old.keys() | new.keys())
+            if old.get(name, _ABSENT) != new.get(name, _ABSENT)
+        ]
+        if not changes:
+            return
+        more = f" (and {len(changes) - 12} more)" if len(changes) > 12 else ""
+        raise ValueError(
+            f"{output} holds results made with other settings ({record}): {'; '.join(changes[:12])}{more}. "
+            f"Resuming would mix the two: run with the recorded settings, write to another --output, or pass "
+            f"--force-resume to resume anyway"
+        )
+    if writer:
+        atomic.write_atomically(record, json.dumps(settings, indent=1, ensure_ascii=False) + "\n")
+
+
+_ABSENT = object()
+
+
+def _flat(value, name: str = "") -> dict:
+    """{"model.config.dim": 4096, 'model.checkpoint.files["model.safetensors"]': [...], ...}"""
+    if not isinstance(value, dict) or not value:
+        return {name: value}
+    flat = {}
+    for key, sub in value.items():
+        part = f".{key}" if key.isidentifier() else f"[{json.dumps(key)}]"
+        flat.update(_flat(sub, f"{name}{part}" if name else key))
+    return flat
+
+
+def _shown(flat: dict, name: str) -> str:
+    return json.dumps(flat[name]) if name in flat else "(absent)"
 
 
 def result_line(request: JobRequest, result_id, result: sampler.GenerationResult, tokenizer, chat) -> bytes:

@@ -148,6 +148,11 @@ def pair_examples(records: Iterable[tuple[str, Mapping[str, Any]]], tokenizer: T
         if not isinstance(record, Mapping):
             raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
         missing = [k for k in ("chosen", "rejected") if k not in record]
+        if missing and "score" in record and ("text" in record or "messages" in record):
+            raise ValueError(
+                f"{where}: a best-of-n record (rejection's output_kind=best, SFT data for train), not a preference "
+                f"pair; write pairs with `python -m llama_jax rejection ... --output-kind pairs`"
+            )
         if missing or ("prompt" in record) == ("messages" in record):
             raise ValueError(
                 f"{where}: a preference pair needs 'chosen', 'rejected' and exactly one of 'prompt' (text) "

@@ -26,8 +26,10 @@ __all__ = [
     "config_from_args",
     "config_from_mapping",
     "fsync_dir",
+    "job_model_identity",
     "json_line",
     "load_model",
+    "model_identity",
     "tokenizer_file",
     "write_atomically",
 ]
@@ -170,6 +172,43 @@ def load_model(
             fp8_matmul=fp8_matmul,
         )
     return model, Tokenizer.from_file(tokenizer_path)
+
+
+def model_identity(model, checkpoint=None, tokenizer=None) -> dict:
+    """What tells a job's model from another without reading its weights: `model`'s architecture, dtype,
+    attention backend, FP8 and LoRA settings, and the `checkpoint` directory and `tokenizer` file it was read
+    from with the size and modification time of every file (weights rewritten under one path change them)."""
+
+    def spec(value):
+        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+    return {
+        "config": dataclasses.asdict(model.config),
+        "dtype": str(model.dtype),
+        "attention": model.attention,
+        "fp8": spec(model.fp8),
+        "lora": spec(model.lora),
+        "checkpoint": _file_stamps(checkpoint),
+        "tokenizer": _file_stamps(tokenizer),
+    }
+
+
+def job_model_identity(job, model) -> dict:
+    """`model_identity` of the model `load_job_model(job)` gave: with the checkpoint and tokenizer files it read."""
+    return model_identity(model, job.checkpoint, tokenizer_file(job.checkpoint, job.tokenizer))
+
+
+def _file_stamps(path) -> dict | None:
+    """{"path", "files": {name: [bytes, mtime_ns]}} for a file or every file under a directory."""
+    if path is None:
+        return None
+    path = pathlib.Path(path).absolute()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stamps = {}
+    for file in files:
+        stat = file.stat()
+        stamps[file.name if file == path else file.relative_to(path).as_posix()] = [stat.st_size, stat.st_mtime_ns]
+    return {"path": str(path), "files": stamps}
 
 
 def json_line(record: dict) -> bytes:

@@ -77,6 +77,7 @@ class RejectionConfig:
     min_p: float = 0.0
     seed: int = 0
     progress: bool = True
+    force_resume: bool = False  # resume samples drawn with other settings (<output>.samples.jsonl.job.json)
 
 
 # ---- scorers ------------------------------------------------------------------------------------------
@@ -222,6 +223,8 @@ def run(
     output_kind: str = "best",
     batch_size: int = 32,
     progress: bool = True,
+    model_identity: dict | None = None,
+    force_resume: bool = False,
     **sampling,
 ) -> dict[str, Any]:
     """Draw `n` samples per request of `input_path`, score them, write the best (or pairs) to `output_path`.
@@ -230,6 +233,7 @@ def run(
       model, tokenizer: the policy and its tokenizer.
       scorer: `score(request, sample) -> float`; or `reward`: a `RewardModelScorer`. Exactly one.
       output_kind: "best" or "pairs" (see the module doc).
+      model_identity, force_resume: as `batch.run_batch`'s, for the samples file.
       **sampling: the batch job's per-request defaults (max_new_tokens, temperature, top_p, top_k, min_p, seed).
     Returns the summary: prompts, samples, written lines, skipped ties, the batch job's summary.
     """
@@ -253,7 +257,15 @@ def run(
     if not requests_path.is_file() or requests_path.read_bytes() != b"".join(lines):
         jobs.write_atomically(requests_path, lines)
     summary = batch.run_batch(
-        model, tokenizer, requests_path, samples_path, batch_size=batch_size, progress=progress, **sampling
+        model,
+        tokenizer,
+        requests_path,
+        samples_path,
+        model_identity=model_identity,
+        force_resume=force_resume,
+        batch_size=batch_size,
+        progress=progress,
+        **sampling,
     )
     samples = {json.loads(line)["id"]: json.loads(line) for line in samples_path.read_bytes().splitlines()}
     out, ties, missing = [], 0, 0
@@ -331,6 +343,7 @@ _ALIASES = {
     "output": "--output",
     "checkpoint": "--checkpoint",
     "n": "--n",
+    "output_kind": "--output-kind",
     "scorer": "--scorer",
     "seed": "--seed",
 }
@@ -348,6 +361,7 @@ def register(subparsers) -> None:
     )
     jobs.add_config_arguments(parser, RejectionConfig, _ALIASES)
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
+    parser.add_argument("--force-resume", dest="force_resume", action="store_true", default=argparse.SUPPRESS)
     parser.set_defaults(func=main)
 
 
@@ -389,6 +403,8 @@ def main(args: argparse.Namespace) -> int:
             output_kind=job.output_kind,
             batch_size=job.batch_size,
             progress=job.progress,
+            model_identity=jobs.job_model_identity(job, model),
+            force_resume=job.force_resume,
             **sampling,
         )
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:

@@ -316,3 +316,64 @@ def test_rejection_with_a_scalar_reward_model_keeps_what_transformers_scores_bes
         pair = pairs[record["id"]]
         assert pair["chosen"] == reply[int(np.argmax(ref))] and pair["rejected"] == reply[int(np.argmin(ref))]
         assert abs(pair["chosen_score"] - max(ref)) <= 1e-4 * max(map(abs, ref))
+
+
+# ---- the README's post-training lines, run as written ------------------------------------------------------
+
+# Only what makes the lines run on the embedded model in seconds; every other setting is the README's.
+README_OVERRIDES = {
+    "rejection": ["--config.max_new_tokens=4", "--config.temperature=1.0", "--config.top_k=2", "--config.top_p=1.0"]
+    + ["--config.batch_size=8", "--no-progress"],
+    "train": ["--checkpoint", "none", "--mesh", "none", "--steps", "2", "--batch-size", "2", "--config.grad_accum=1"]
+    + ["--config.seq_len=32", "--config.export=none", "--workdir", "run", "--no-progress"],
+}
+
+
+def readme_line(command: str) -> list[str]:
+    """The README's `python -m llama_jax <command> ...` line, as argv for `cli.main` (its comment dropped)."""
+    import re
+    import shlex
+
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    [line] = re.findall(rf"^python -m llama_jax {re.escape(command)}.*$", readme, flags=re.M)
+    argv = shlex.split(line, comments=True)[3:]
+    return [a.replace("mod:fn", "tests.test_rejection:prefers_the_known_token") for a in argv]
+
+
+def test_the_readmes_rejection_then_dpo_lines_chain(policy, tokenizer, tmp_path, monkeypatch, capsys):
+    from llama_jax import cli
+
+    write_prompts(tmp_path / "prompts.jsonl", policy, tokenizer)
+    os.symlink(os.path.join(ROOT, "configs"), tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    rejection_argv = readme_line("rejection --input prompts.jsonl")
+    assert cli.main(rejection_argv + README_OVERRIDES["rejection"]) == 0, capsys.readouterr().err
+    pairs = data.read_jsonl(tmp_path / "pairs.jsonl")
+    assert pairs and all({"prompt", "chosen", "rejected"} <= set(p) for p in pairs)
+    train_argv = readme_line("train --config dpo")
+    assert cli.main(train_argv + README_OVERRIDES["train"]) == 0, capsys.readouterr().err
+    metrics = data.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert metrics[-1]["step"] == 2 and metrics[-1]["pairs"] > 0
+
+
+def test_dpo_given_best_of_n_records_names_the_line_and_the_flag(policy, tokenizer, tmp_path):
+    write_prompts(tmp_path / "prompts.jsonl", policy, tokenizer, n=2)
+    best = tmp_path / "best.jsonl"
+    rejection.run(policy, tokenizer, tmp_path / "prompts.jsonl", best, n=2, scorer=prefers_the_known_token, **SAMPLING)
+    with pytest.raises(ValueError, match=rf"^{best}:1: a best-of-n record .* --output-kind pairs"):
+        dpo.load_pairs(best, tokenizer, seq_len=32)
+
+
+def test_a_resume_with_other_sampling_settings_is_refused_unless_forced(policy, tokenizer, tmp_path):
+    write_prompts(tmp_path / "prompts.jsonl", policy, tokenizer, n=2)
+    job = dict(n=2, scorer=prefers_the_known_token, batch_size=8, progress=False)
+    rejection.run(policy, tokenizer, tmp_path / "prompts.jsonl", tmp_path / "best.jsonl", **job, **SAMPLING)
+    hotter = SAMPLING | {"temperature": 0.5}
+    with pytest.raises(
+        ValueError, match=r"best\.jsonl\.samples\.jsonl holds results made with .*temperature: 1\.0 -> 0\.5"
+    ):
+        rejection.run(policy, tokenizer, tmp_path / "prompts.jsonl", tmp_path / "best.jsonl", **job, **hotter)
+    summary = rejection.run(
+        policy, tokenizer, tmp_path / "prompts.jsonl", tmp_path / "best.jsonl", **job, **hotter, force_resume=True
+    )
+    assert summary["batch"]["skipped"] == summary["samples"] == 3 * 2  # nothing redrawn: forced, it resumed

@@ -28,6 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
             page_size=64,  # positions per KV page (prefix sharing works in whole pages)
             burst=16,  # decode steps per jitted call between scheduling steps
             progress=True,
+            force_resume=False,  # resume an output made with other settings (<output>.job.json)
+            peer_timeout_s=60.0,  # several processes: a peer silent this long stops the others (exit 75)
             # Per-request defaults (a request's own fields win):
             max_new_tokens=256,
             temperature=META_TEMPERATURE,  # Meta's defaults (0.6, 0.9); 0 = greedy

@@ -1,7 +1,7 @@
 """DPO of Llama 3.1 8B Instruct on preference pairs (`python -m llama_jax train --config dpo`).
 
 Pairs are `{"prompt" | "messages", "chosen", "rejected"}` per line, e.g. what `python -m llama_jax
-rejection --config rejection --config.output_kind=pairs` writes. Every field is
+rejection ... --output-kind pairs` writes. Every field is
 `llama_jax.train.TrainJob`'s; override any with `--config.<field>=VALUE`. docs/TRAINING.md has the details.
 """
 

@@ -3,7 +3,7 @@
     python -m llama_jax rejection --config rejection
 
 Every field is `llama_jax.rejection.RejectionConfig`'s; override any with `--config.<field>=VALUE` (or
-`--input`, `--output`, `--n`, `--scorer`, `--seed`). docs/TRAINING.md has the details.
+`--input`, `--output`, `--n`, `--output-kind`, `--scorer`, `--seed`). docs/TRAINING.md has the details.
 """
 
 import ml_collections
