@@ -93,7 +93,7 @@ def test_weights_rewritten_under_the_same_path_are_told_apart(tmp_path):
     (ckpt / "model.safetensors").write_bytes(b"weights")
     (ckpt / "config.json").write_text("{}")
     model = types.SimpleNamespace(
-        config=model_config_from_file(ROOT / "configs" / "tiny.py"),
+        config=model_config_from_file("tiny"),
         dtype="float32",
         attention="auto",
         fp8=None,

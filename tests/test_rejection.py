@@ -344,7 +344,6 @@ def test_the_readmes_rejection_then_dpo_lines_chain(policy, tokenizer, tmp_path,
     from llama_jax import cli
 
     write_prompts(tmp_path / "prompts.jsonl", policy, tokenizer)
-    os.symlink(os.path.join(ROOT, "configs"), tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
     rejection_argv = readme_line("rejection --input prompts.jsonl")
     assert cli.main(rejection_argv + README_OVERRIDES["rejection"]) == 0, capsys.readouterr().err
