@@ -7,7 +7,6 @@ Everything else may move.
 
 from llama_jax.chat import ChatFormat
 from llama_jax.config import LlamaConfig, RopeScaling
-from llama_jax.convert import save
 from llama_jax.kv_cache import KVCache
 from llama_jax.loading import load, open_checkpoint
 from llama_jax.model import Llama
@@ -31,3 +30,13 @@ __all__ = [
     "save",
     "stream",
 ]
+
+
+def __getattr__(name: str):
+    # `save` is imported on first use, so that importing the package does not import `llama_jax.convert`:
+    # `python -m llama_jax.convert` then runs it fresh, without runpy's "found in sys.modules" warning.
+    if name == "save":
+        from llama_jax.convert import save
+
+        return save
+    raise AttributeError(f"module 'llama_jax' has no attribute {name!r}")
