@@ -1,7 +1,7 @@
 """The command line: `python -m llama_jax <command> ...`.
 
     generate  --prompt TEXT [--checkpoint DIR]     stream a continuation to stdout
-    chat      [--checkpoint DIR] [--system TEXT]   an interactive chat on stdin (/exit or EOF ends it)
+    chat      [--checkpoint DIR] [--system TEXT]   an interactive chat on stdin (/exit, EOF or Ctrl-C ends it)
     convert   SRC DST [--to hf|meta|orbax]         see `llama_jax/convert.py`
     batch     --input F --output F [--config FILE]  a resumable JSONL job, see `llama_jax/batch.py`
     train     --config FILE [--data F --resume]     fine-tune / distill / DPO, see `llama_jax/train.py`

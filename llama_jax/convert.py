@@ -235,7 +235,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # `python -m llama_jax.convert ...`, the same command as `python -m llama_jax convert ...`
-    from llama_jax.cli import main as cli_main
-
-    sys.exit(cli_main(["convert", *sys.argv[1:]]))
+if __name__ == "__main__":  # `python -m llama_jax.convert ...`: the same command as `python -m llama_jax convert ...`
+    _parser = argparse.ArgumentParser(prog="python -m llama_jax.convert", description=__doc__.split("\n\n")[0])
+    add_arguments(_parser)
+    sys.exit(main(_parser.parse_args()))

@@ -91,5 +91,5 @@ def test_python_m_llama_jax_convert_runs_the_command_without_a_runtime_warning()
     proc = subprocess.run(
         [sys.executable, "-m", "llama_jax.convert", "--help"], cwd=ROOT, env=env, capture_output=True, text=True
     )
-    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m llama_jax convert")
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m llama_jax.convert [-h]")
     assert not re.search(r"\w+Warning:", proc.stderr), proc.stderr
