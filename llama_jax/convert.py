@@ -34,7 +34,16 @@ from llama_jax.weights.hf_writer import write_hf
 from llama_jax.weights.meta_writer import meta_params, write_meta
 from llama_jax.weights.orbax import write_orbax
 
-__all__ = ["FORMATS", "convert", "fp8_quantization_config", "meta_params", "parse_size", "save"]
+__all__ = [
+    "FORMATS",
+    "HF_TOKENIZER_FILES",
+    "convert",
+    "fp8_quantization_config",
+    "meta_params",
+    "parse_size",
+    "save",
+    "tokenizer_files",
+]
 
 FORMATS = ("hf", "orbax", "meta")
 # Hugging Face's tokenizer and generation files: `convert` carries them as they are (`tokenizer_files`).
