@@ -1,7 +1,7 @@
 """The command line: `python -m llama_jax <command> ...`.
 
     generate  --prompt TEXT [--checkpoint DIR]     stream a continuation to stdout
-    chat      [--checkpoint DIR] [--system TEXT]   an interactive chat on stdin (/exit or EOF ends it)
+    chat      [--checkpoint DIR] [--system TEXT]   an interactive chat on stdin (/exit, EOF or Ctrl-C ends it)
     convert   SRC DST [--to hf|meta|orbax]         see `llama_jax/convert.py`
     batch     --input F --output F [--config FILE]  a resumable JSONL job, see `llama_jax/batch.py`
     train     --config FILE [--data F --resume]     fine-tune / distill / DPO, see `llama_jax/train.py`
@@ -19,6 +19,7 @@ Without `--checkpoint`, generate and chat run the embedded default model, whose 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 import time
@@ -75,8 +76,9 @@ def _add_sampling_args(parser: argparse.ArgumentParser, *, max_new_tokens: int) 
     group.add_argument("--seed", type=int, default=0)
 
 
-def _sampling_params(args: argparse.Namespace, stop_tokens) -> sampling.SamplingParams:
-    """The sampling options as one `SamplingParams` (which validates them: a ValueError names the field)."""
+def _sampling_params(args: argparse.Namespace) -> sampling.SamplingParams:
+    """The sampling options as one `SamplingParams` (which validates them: a ValueError names the field);
+    the stop tokens are the tokenizer's, set once it is read."""
     return sampling.SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -84,7 +86,6 @@ def _sampling_params(args: argparse.Namespace, stop_tokens) -> sampling.Sampling
         top_k=args.top_k,
         min_p=args.min_p,
         seed=args.seed,
-        stop_tokens=stop_tokens,
     )
 
 
@@ -148,11 +149,12 @@ def generate_main(args: argparse.Namespace) -> int:
 
     platform.enable_compile_cache()
     try:
+        params = _sampling_params(args)  # checked before the model loads: a typo costs no loading time
         model, tokenizer = _load(args)
+        params = dataclasses.replace(params, stop_tokens=tokenizer.stop_tokens)
         prompt = tokenizer.encode(args.prompt, bos=True, eos=False)
         start = time.perf_counter()
-        tokens = sampler.stream(model, prompt, _sampling_params(args, tokenizer.stop_tokens))
-        ids, result = _stream_text(tokenizer, tokens, sys.stdout)
+        ids, result = _stream_text(tokenizer, sampler.stream(model, prompt, params), sys.stdout)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         return _fail("generate", e)
     elapsed = time.perf_counter() - start
@@ -168,8 +170,10 @@ def register_chat(subparsers) -> None:
     parser = subparsers.add_parser(
         "chat",
         help="interactive chat (Llama 3.1 chat format) on stdin",
-        description="Chat with the model: one user message per stdin line; "
-        "'/exit' or end of input quits, '/reset' clears the history.",
+        description="Chat with the model: one user message per stdin line; '/exit', end of input (Ctrl-D) "
+        "or Ctrl-C at the prompt quits, '/reset' clears the history. Ctrl-C during a reply stops it and "
+        "drops that turn (the question and the partial reply); the dialog before it stays. When the "
+        "dialog outgrows the context, the oldest turns are dropped (the system message stays).",
     )
     parser.add_argument("--system", help="system prompt")
     _add_model_args(parser)
@@ -178,44 +182,95 @@ def register_chat(subparsers) -> None:
 
 
 def chat_main(args: argparse.Namespace) -> int:
-    from llama_jax import platform, sampler
+    from llama_jax import platform
     from llama_jax.chat import ChatFormat
 
     platform.enable_compile_cache()
     try:
+        params = _sampling_params(args)
         model, tokenizer = _load(args)
         chat = ChatFormat(tokenizer)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         return _fail("chat", e)
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(system)
-    interactive = sys.stdin.isatty()
+    return chat_loop(model, chat, dataclasses.replace(params, stop_tokens=tokenizer.stop_tokens), system=args.system)
+
+
+def chat_loop(model, chat, params, *, system=None, stdin=None, stdout=None, stderr=None, context=None) -> int:
+    """The dialog of `chat` on `stdin` (one user message per line), replies streamed to `stdout`.
+
+    Ctrl-C during a reply stops it and drops the turn (the user's message and the partial reply, which
+    the user never finished reading and usually asks again differently); the dialog before it stays.
+    Ctrl-C or end of input at the prompt ends the chat. Before each reply, the oldest turns are dropped
+    until the dialog and `params.max_new_tokens` fit `context` (default: the model's `max_seq_len`); the
+    system message always stays, and stderr says what went.
+    """
+    from llama_jax import sampler
+
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    context = context or model.config.max_seq_len
+    head = [{"role": "system", "content": system}] if system else []
+    turns: list[dict] = []  # every message after the system one
+    interactive = stdin.isatty()
     while True:
         if interactive:
-            print("user> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+            print("user> ", end="", file=stderr, flush=True)
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            line = ""
         if not line or line.strip() == "/exit":
-            break
+            if interactive:
+                print(file=stderr)
+            return 0
         text = line.rstrip("\n")
         if text.strip() == "/reset":
-            messages = list(system)
+            turns = []
+            print("[history cleared" + (", the system message kept]" if system else "]"), file=stderr, flush=True)
             continue
         if not text.strip():
             continue
-        messages.append({"role": "user", "content": text})
-        print("assistant> ", end="", flush=True)
-        try:
-            tokens = sampler.stream(model, chat.encode_dialog(messages), _sampling_params(args, tokenizer.stop_tokens))
-            ids, result = _stream_text(tokenizer, tokens, sys.stdout)
-        except ValueError as e:  # e.g. the dialog outgrew the context: say so, keep the session
-            messages.pop()
-            print(file=sys.stdout, flush=True)
-            print(f"chat: error: {e}", file=sys.stderr, flush=True)
+        turns.append({"role": "user", "content": text})
+        kept = _fit_turns(chat, head, turns, context - params.max_new_tokens)
+        if kept is None:
+            turns.pop()
+            print(
+                f"chat: error: this message and a {params.max_new_tokens}-token reply do not fit the context "
+                f"of {context} tokens even alone: shorten it or lower --max-new-tokens",
+                file=stderr,
+                flush=True,
+            )
             continue
-        print(flush=True)
+        if kept < len(turns):
+            print(f"[context full: dropped the {len(turns) - kept} oldest message(s)]", file=stderr, flush=True)
+            turns = turns[len(turns) - kept :]
+        print("assistant> ", end="", file=stdout, flush=True)
+        try:
+            ids, result = _stream_text(
+                chat.tokenizer, sampler.stream(model, chat.encode_dialog(head + turns), params), stdout
+            )
+        except KeyboardInterrupt:
+            turns.pop()
+            print(file=stdout, flush=True)
+            print("[interrupted: reply discarded]", file=stderr, flush=True)
+            continue
+        except ValueError as e:  # a request the sampler refuses: say so, keep the session
+            turns.pop()
+            print(file=stdout, flush=True)
+            print(f"chat: error: {e}", file=stderr, flush=True)
+            continue
+        print(file=stdout, flush=True)
         reply = chat.decode_assistant(ids, stop_reason=chat.stop_reason(result.stop_token))
-        messages.append({k: v for k, v in reply.items() if k in ("role", "content", "tool_calls", "stop_reason")})
-    return 0
+        turns.append({k: v for k, v in reply.items() if k in ("role", "content", "tool_calls", "stop_reason")})
+
+
+def _fit_turns(chat, head: list[dict], turns: list[dict], budget: int) -> int | None:
+    """How many of the latest `turns` to keep so that `head` and them encode to at most `budget` tokens,
+    dropping whole turns (a dialog starts with a user message); None when the last message alone is too long."""
+    starts = [i for i, message in enumerate(turns) if message["role"] == "user"]
+    for start in starts:
+        if len(chat.encode_dialog(head + turns[start:])) <= budget:
+            return len(turns) - start
+    return None
 
 
 # ---- the parser ----------------------------------------------------------------------------------------
@@ -291,4 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(command).parse_args(argv)
     # Before any computation starts JAX's backend: XLA reads its flags and memory fraction only then.
     platform.configure_gpu_environment()
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C while loading or working: a line, not a traceback
+        print(f"\n{args.command}: interrupted", file=sys.stderr)
+        return 130

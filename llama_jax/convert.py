@@ -4,7 +4,8 @@ One pipeline for every pair: `open_checkpoint(SRC)` gives a `weights.checkpoint.
 whole before anything is written; a writer then reads it in our layout one (parameter, layer) at a
 time (`fp8.unquantized`: FP8 weights dequantized unless the output keeps FP8) and streams it out:
 `weights/hf_writer.py`, `weights/orbax.py`, `weights/meta_writer.py`. The host holds one tensor at a
-time, never the model. `save` writes an in-memory `Llama` through the same writers.
+time, never the model. `save` writes an in-memory `Llama` through the same writers. The source's
+tokenizer goes along (`tokenizer_files`), so every converted directory runs with `--checkpoint DST`.
 
 Output goes to a hidden sibling `.DST.tmp-<pid>` and is renamed to DST only when complete
 (`atomic.directory`), so a killed conversion leaves nothing `load` would accept; the next run removes
@@ -19,21 +20,34 @@ import pathlib
 import re
 import shutil
 import sys
+import warnings
 
 import ml_dtypes
 import numpy as np
 
 from llama_jax import atomic, fp8
 from llama_jax.loading import open_checkpoint
+from llama_jax.tokenizer import TOKENIZER_PLACES, find_tokenizer
 from llama_jax.weights import layout
 from llama_jax.weights.checkpoint import Checkpoint, ModelCheckpoint
 from llama_jax.weights.hf_writer import write_hf
 from llama_jax.weights.meta_writer import meta_params, write_meta
 from llama_jax.weights.orbax import write_orbax
 
-__all__ = ["FORMATS", "convert", "fp8_quantization_config", "meta_params", "parse_size", "save"]
+__all__ = [
+    "FORMATS",
+    "HF_TOKENIZER_FILES",
+    "convert",
+    "fp8_quantization_config",
+    "meta_params",
+    "parse_size",
+    "save",
+    "tokenizer_files",
+]
 
 FORMATS = ("hf", "orbax", "meta")
+# Hugging Face's tokenizer and generation files: `convert` carries them as they are (`tokenizer_files`).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 fp8_quantization_config = fp8.hf_quantization_config  # the name this module has always exported
 
 
@@ -79,7 +93,29 @@ def convert(
             f"{src}: a LlamaForSequenceClassification checkpoint (score head); convert handles causal LM "
             f"checkpoints only (load it directly: llama_jax.load)"
         )
-    return _write(ckpt, dst, **options, progress=progress)
+    return _write(ckpt, dst, **options, progress=progress, side_files=tokenizer_files(src, to, dst))
+
+
+def tokenizer_files(src: pathlib.Path, to: str, dst) -> dict[str, pathlib.Path]:
+    """The tokenizer files a conversion carries, name in the output → source file, copied as they are.
+
+    The `tokenizer.model` that `find_tokenizer` finds for `src`, to the output's root (where every layout
+    we write keeps it: HF's root, beside Meta's params.json, our Orbax root), so `--checkpoint DST` runs;
+    into HF and Orbax outputs also HF's own tokenizer and generation files where `src` has them (Meta's
+    layout has no place for them). Without a tokenizer.model, a warning says what DST will need.
+    """
+    found = find_tokenizer(src)
+    if found is None:
+        looked = " and ".join(str(src / place) for place in TOKENIZER_PLACES)
+        warnings.warn(
+            f"{src} has no tokenizer.model (looked for {looked}): {dst} will have none, so running it needs "
+            f"--tokenizer PATH (or copy the model's tokenizer.model into it)",
+            stacklevel=3,
+        )
+    files = {} if found is None else {"tokenizer.model": found}
+    if to != "meta":
+        files |= {name: src / name for name in HF_TOKENIZER_FILES if (src / name).is_file()}
+    return files
 
 
 def save(
@@ -185,26 +221,30 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        out = convert(
-            args.src,
-            args.dst,
-            to=args.to,
-            dtype=args.dtype,
-            quantize=args.quantize,
-            max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-            mp=args.mp,
-        )
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"convert: error: {e}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            out = convert(
+                args.src,
+                args.dst,
+                to=args.to,
+                dtype=args.dtype,
+                quantize=args.quantize,
+                max_shard_size=args.max_shard_size,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+                mp=args.mp,
+            )
+        except (FileExistsError, FileNotFoundError, ValueError) as e:
+            print(f"convert: error: {e}", file=sys.stderr)
+            return 2
+    for warning in caught:
+        print(f"convert: warning: {warning.message}", file=sys.stderr)
     print(out)
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m llama_jax.convert ...`: the same command as `python -m llama_jax convert ...`
     _parser = argparse.ArgumentParser(prog="python -m llama_jax.convert", description=__doc__.split("\n\n")[0])
     add_arguments(_parser)
     sys.exit(main(_parser.parse_args()))

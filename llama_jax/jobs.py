@@ -4,7 +4,8 @@
 
 Every field is also `--config.<field>=VALUE` on the command line (ml-collections' override style),
 and the common ones have a plain alias (`--steps`, `--checkpoint`). And the one way a job gets its
-model: a checkpoint (or the embedded default), on a mesh when one is given, with its tokenizer. And
+model: a checkpoint (or the embedded default), on a mesh when one is given, with its tokenizer, every
+setting checked before a weight is read (`check_job`, `check_backends`). And
 how their outputs reach the disk: whole JSON lines, files replaced atomically (temporary + rename + fsync).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 import typing
@@ -23,6 +25,8 @@ from llama_jax.atomic import fsync_dir, write_atomically  # the shared atomic wr
 
 __all__ = [
     "add_config_arguments",
+    "check_backends",
+    "check_job",
     "config_from_args",
     "config_from_mapping",
     "fsync_dir",
@@ -106,26 +110,100 @@ def config_from_args(cls, args: argparse.Namespace):
 
 
 def tokenizer_file(checkpoint, tokenizer=None) -> pathlib.Path:
-    """The tokenizer.model a job uses: `tokenizer` if given, else the checkpoint's, else (no checkpoint)
-    the Llama 3 one that llama-models ships."""
+    """The tokenizer.model a job uses: `tokenizer` if given, else the checkpoint's (`find_tokenizer`), else
+    (no checkpoint) the Llama 3 one that llama-models ships. The error says where it looked and what to do."""
     from llama_jax import default_model
-    from llama_jax.tokenizer import find_tokenizer
+    from llama_jax.tokenizer import TOKENIZER_PLACES, find_tokenizer
 
     if tokenizer is not None:
+        if not pathlib.Path(tokenizer).is_file():
+            raise FileNotFoundError(f"--tokenizer {tokenizer}: no such file")
         return pathlib.Path(tokenizer)
-    path = default_model.tokenizer_path() if checkpoint is None else find_tokenizer(checkpoint)
+    if checkpoint is None:
+        path = default_model.tokenizer_path()
+        if path is None:
+            raise FileNotFoundError(
+                "the embedded default model uses the Llama 3 tokenizer.model of the llama-models package, "
+                "which is not installed: `pip install llama-models`, or pass --tokenizer PATH"
+            )
+        return path
+    path = find_tokenizer(checkpoint)
     if path is None:
-        where = checkpoint or "the embedded model"
-        raise ValueError(f"{where}: no tokenizer.model found (install llama-models or pass --tokenizer PATH)")
+        looked = " and ".join(str(pathlib.Path(checkpoint) / place) for place in TOKENIZER_PLACES)
+        raise FileNotFoundError(
+            f"{checkpoint}: no tokenizer.model (looked for {looked}); copy the tokenizer.model of this "
+            f"model's download there, or pass --tokenizer PATH"
+        )
     return path
+
+
+# Fields a job may have, checked by `check_job` before its model loads: files it reads, paths it creates
+# (a file, or the directory `workdir`), and other checkpoints it loads later (their layout only).
+_INPUTS = ("input", "data")
+_OUTPUTS = ("output", "errors", "workdir")
+_OTHER_CHECKPOINTS = ("teacher", "reward_model")
+
+
+def check_job(job) -> None:
+    """What can be wrong with a job's settings without its model, raised before any weight is read: its
+    sampling fields (as one `SamplingParams`, whose error names the field), files it reads, paths it
+    will create, and the layout of the other checkpoints it loads."""
+    from llama_jax.loading import open_checkpoint
+    from llama_jax.sampling import SamplingParams
+
+    sampling = [f.name for f in dataclasses.fields(SamplingParams) if f.name != "stop_tokens" and hasattr(job, f.name)]
+    if "max_new_tokens" in sampling:
+        SamplingParams(**{name: getattr(job, name) for name in sampling})
+    for name in _INPUTS:
+        path = getattr(job, name, None)
+        if path is not None and not pathlib.Path(path).exists():
+            raise FileNotFoundError(f"{name}: {path} does not exist")
+    for name in _OUTPUTS:
+        if getattr(job, name, None) is not None:
+            _check_creatable(name, pathlib.Path(getattr(job, name)), directory=name == "workdir")
+    for name in _OTHER_CHECKPOINTS:
+        if getattr(job, name, None) is not None:
+            open_checkpoint(getattr(job, name))
+
+
+def _check_creatable(name: str, path: pathlib.Path, *, directory: bool) -> None:
+    """`path` can be written: not a directory where a file goes (or the reverse), under a writable directory."""
+    if path.exists() and path.is_dir() != directory:
+        raise ValueError(f"{name}: {path} is a {'file' if directory else 'directory'}")
+    parent = path.parent
+    while not parent.exists():  # the job creates the missing directories
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{name}: cannot create {path}: {parent} is a file")
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise ValueError(f"{name}: cannot write {path}: {parent} is not writable")
+
+
+def check_backends(dtype, attention: str = "auto", fp8_matmul: str = "auto") -> None:
+    """The dtype, FP8 matmul mode and attention backend a model would run with, checked on this platform
+    (`attention.select`'s own check: cudnn needs an NVIDIA GPU and bf16/fp16, splash a TPU) without it."""
+    import jax.numpy as jnp
+
+    from llama_jax import platform
+    from llama_jax.attention import select
+
+    if fp8_matmul not in platform.FP8_MATMUL_MODES:
+        raise ValueError(f"fp8_matmul: expected one of {platform.FP8_MATMUL_MODES}, got {fp8_matmul!r}")
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"dtype: expected bfloat16 or float32, got {dtype!r}") from None
+    select(attention, platform=platform.target(), dtype=dtype, q_len=1, kv_len=1, q_offset=False)
 
 
 _MODEL_FIELDS = ("checkpoint", "tokenizer", "dtype", "mesh", "rules", "attention", "fp8_matmul")
 
 
 def load_job_model(job, **overrides):
-    """`load_model` from a job's settings: its `checkpoint`, `tokenizer`, `dtype`, `mesh`, `rules` and,
-    where the job has them, `attention` and `fp8_matmul`; `overrides` replace any (a teacher's checkpoint)."""
+    """`load_model` from a job's settings, once `check_job` passed: its `checkpoint`, `tokenizer`, `dtype`,
+    `mesh`, `rules` and, where the job has them, `attention` and `fp8_matmul`; `overrides` replace any
+    (a teacher's checkpoint)."""
+    check_job(job)
     settings = {name: getattr(job, name) for name in _MODEL_FIELDS if hasattr(job, name)} | overrides
     return load_model(settings.pop("checkpoint"), **settings)
 
@@ -146,32 +224,34 @@ def load_model(
     `make_mesh` string ("fsdp=2,tensor=4"), `rules` a sharding strategy name, `attention` a backend
     of `llama_jax.attention.BACKENDS`, `fp8_matmul` how an FP8 checkpoint's FFNs multiply (auto | fp8 |
     dequant; checked even for a model without FP8 weights).
+
+    Weights are read last: first the settings (`check_backends`, the mesh and rules), then the checkpoint
+    (its layout, config and tensor list), then the tokenizer, so a typo or a wrong directory is reported
+    in seconds, and a missing tokenizer never hides a checkpoint that could not load anyway.
     """
-    from llama_jax import default_model, platform
-    from llama_jax.loading import load
+    from llama_jax import default_model
+    from llama_jax.loading import load_from, open_checkpoint
     from llama_jax.placement import llama_rules, shard_model
     from llama_jax.sharding.mesh import make_mesh
     from llama_jax.tokenizer import Tokenizer
 
-    if fp8_matmul not in platform.FP8_MATMUL_MODES:
-        raise ValueError(f"fp8_matmul: expected one of {platform.FP8_MATMUL_MODES}, got {fp8_matmul!r}")
-    tokenizer_path = tokenizer_file(checkpoint, tokenizer)
+    dtype = dtype or ("float32" if checkpoint is None else "bfloat16")
+    check_backends(dtype, attention, fp8_matmul)
     mesh = make_mesh(mesh) if mesh else None
-    if checkpoint is None:
+    rules_table = llama_rules(rules) if mesh else None
+    ckpt = None
+    if checkpoint is not None:
+        ckpt = open_checkpoint(checkpoint)
+        ckpt.check()
+    tokenizer = Tokenizer.from_file(tokenizer_file(checkpoint, tokenizer))
+    if ckpt is None:
         print(default_model.RANDOM_WEIGHTS_NOTICE, file=sys.stderr, flush=True)
-        model = default_model.default_model(dtype=dtype or "float32", warn=False, attention=attention)
+        model = default_model.default_model(dtype=dtype, warn=False, attention=attention)
         if mesh is not None:
             shard_model(model, mesh, rules)
     else:
-        model = load(
-            checkpoint,
-            dtype=dtype or "bfloat16",
-            mesh=mesh,
-            rules=llama_rules(rules) if mesh else None,
-            attention=attention,
-            fp8_matmul=fp8_matmul,
-        )
-    return model, Tokenizer.from_file(tokenizer_path)
+        model = load_from(ckpt, dtype=dtype, mesh=mesh, rules=rules_table, attention=attention, fp8_matmul=fp8_matmul)
+    return model, tokenizer
 
 
 def model_identity(model, checkpoint=None, tokenizer=None) -> dict:

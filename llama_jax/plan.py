@@ -39,6 +39,7 @@ import math
 import os
 import pathlib
 import re
+import sys
 import time
 from typing import Any
 
@@ -86,12 +87,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.report:
-        write_report(pathlib.Path(args.report))
-        return 0
-    if not args.config:
-        raise SystemExit("plan: --config is required (or --report)")
-    plan = run(args)
+    try:
+        if args.report:
+            write_report(pathlib.Path(args.report))
+            return 0
+        if not args.config:
+            raise ValueError("--config is required (or --report)")
+        plan = run(args)
+    except (FileNotFoundError, ValueError) as e:  # a bad argument: one line naming it, as argparse reports
+        print(f"plan: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0
 
@@ -99,21 +104,27 @@ def main(args: argparse.Namespace) -> int:
 def _mesh_sizes(args) -> tuple[dict[str, int], Any]:
     from llama_jax.sharding import mesh as mesh_lib
 
-    hardware = mesh_lib.preset(args.preset) if args.preset else None
-    if args.mesh:
-        sizes = mesh_lib.parse_axes(args.mesh)
-        if -1 in sizes.values():
-            if hardware is None:
-                raise SystemExit("--mesh with -1 needs --preset (to know the device count)")
-            sizes = mesh_lib.resolve_axes(sizes, hardware.n_devices)
-    elif hardware is not None:
-        sizes = mesh_lib.parse_axes(hardware.mesh)
-    else:
-        raise SystemExit("give --mesh, --preset or both")
+    if not (args.mesh or args.preset):
+        raise ValueError("give --mesh, --preset or both")
+    try:
+        hardware = mesh_lib.preset(args.preset) if args.preset else None
+    except ValueError as e:
+        raise ValueError(f"--preset: {e}") from None
+    try:
+        if args.mesh:
+            sizes = mesh_lib.parse_axes(args.mesh)
+            if -1 in sizes.values():
+                if hardware is None:
+                    raise ValueError(f"{args.mesh!r} has -1, which needs --preset (to know the device count)")
+                sizes = mesh_lib.resolve_axes(sizes, hardware.n_devices)
+        else:
+            sizes = mesh_lib.parse_axes(hardware.mesh)
+    except ValueError as e:
+        raise ValueError(f"--mesh: {e}") from None
     n = math.prod(sizes.values())
     if hardware is not None and n != hardware.n_devices:
-        raise SystemExit(
-            f"--mesh {mesh_lib.format_axes(sizes)} has {n} devices; {hardware.name} has {hardware.n_devices}"
+        raise ValueError(
+            f"--mesh {mesh_lib.format_axes(sizes)} has {n} devices; --preset {hardware.name} has {hardware.n_devices}"
         )
     return sizes, hardware
 
@@ -138,9 +149,9 @@ def run(args) -> dict[str, Any]:
     context = args.context
     prompt = args.prompt or context
     if prompt > context:
-        raise SystemExit(f"--prompt {prompt} is longer than --context {context}")
+        raise ValueError(f"--prompt {prompt} is longer than --context {context}")
     if context > config.max_seq_len:
-        raise SystemExit(f"--context {context} exceeds the model's max_seq_len {config.max_seq_len}")
+        raise ValueError(f"--context {context} exceeds the model's max_seq_len {config.max_seq_len}")
     mesh = mesh_lib.make_mesh(sizes, jax.devices()[:n_devices])
     spec = placement.sharding_spec(mesh, args.strategy)
     weight_dtype = jnp.dtype("bfloat16" if args.weight_dtype == "fp8" else args.weight_dtype)

@@ -18,7 +18,7 @@ from typing import Literal
 
 import tiktoken
 
-__all__ = ["Llama3Tokenizer", "SentencePieceTokenizer", "Tokenizer", "find_tokenizer"]
+__all__ = ["TOKENIZER_PLACES", "Llama3Tokenizer", "SentencePieceTokenizer", "Tokenizer", "find_tokenizer"]
 
 AllowedSpecial = Literal["all"] | Collection[str] | None
 DisallowedSpecial = Literal["all"] | Collection[str]
@@ -223,14 +223,19 @@ class SentencePieceTokenizer(Tokenizer):
         return self._model.decode(list(ids))
 
 
+# Where a checkpoint directory keeps its tokenizer.model, in the order looked at: beside the weights (Meta's
+# download, every directory `convert` writes), then where Meta's files sit in a Hugging Face repository.
+TOKENIZER_PLACES = ("tokenizer.model", "original/tokenizer.model")
+
+
 def find_tokenizer(checkpoint_dir: str | Path) -> Path | None:
-    """The `tokenizer.model` of a checkpoint directory: Meta layout first, then HF's `original/`."""
+    """The `tokenizer.model` of a checkpoint directory, from the first of `TOKENIZER_PLACES` that holds one."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise NotADirectoryError(f"checkpoint directory not found: {checkpoint_dir}")
-    for candidate in (checkpoint_dir / "tokenizer.model", checkpoint_dir / "original" / "tokenizer.model"):
-        if candidate.is_file():
-            return candidate
+    for place in TOKENIZER_PLACES:
+        if (checkpoint_dir / place).is_file():
+            return checkpoint_dir / place
     return None
 
 

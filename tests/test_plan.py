@@ -4,7 +4,6 @@ Each plan runs as `python -m llama_jax plan ... --json` in its own process, as a
 planner creates its own virtual devices (this test process already has 8).
 """
 
-import math
 import pathlib
 
 import jax.numpy as jnp
@@ -129,7 +128,22 @@ def test_report_regenerates_only_the_marked_table(tmp_path, tiny_plan):
     assert (tmp_path / "SHARDING.plans.json").is_file()
 
 
-def test_planner_rejects_a_mesh_that_is_not_the_hardware():
-    with pytest.raises(RuntimeError, match="has 4 devices; h100x8 has 8"):
-        plan_report.plan_subprocess(["--config", "tiny", "--preset", "h100x8", "--mesh", "tensor=4"])
-    assert math.prod(mesh_lib.preset("h100x8").mesh.values()) == 8
+# (arguments, the one-line error naming the value and what it may be)
+ARGUMENT_ERRORS = [
+    (["--preset", "a100x8"], "plan: error: --preset: unknown hardware preset 'a100x8'; known: ['cpu', 'h100x1'"),
+    (["--preset", "h100x8", "--mesh", "tensor=4"], "plan: error: --mesh data=1,fsdp=1,kv_rep=1,tensor=4 has 4 devices"),
+    (["--mesh", "fsdp=2,bogus=4"], "plan: error: --mesh: mesh axes ['bogus'] unknown; the axes are ('data', 'fsdp'"),
+    (["--mesh", "fsdp=x"], "plan: error: --mesh: mesh 'fsdp=x': expected name=size pairs like 'data=2,tensor=4'"),
+    (["--preset", "h100x8", "--mesh", "fsdp=-1,tensor=3"], "8 devices are not divisible by 3"),
+    (["--mesh", "fsdp=-1"], "plan: error: --mesh: 'fsdp=-1' has -1, which needs --preset"),
+    ([], "plan: error: give --mesh, --preset or both"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), ARGUMENT_ERRORS)
+def test_a_bad_argument_is_one_error_line_naming_it(argv, message, capsys):
+    from llama_jax import cli
+
+    assert cli.main(["plan", "--config", "tiny", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
