@@ -34,6 +34,7 @@ import time
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4}
 _DTYPE_BYTES.update({"f64": 8, "s64": 8, "u64": 8, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1})
 MOVES = ("copy", "transpose", "slice", "dynamic-slice", "gather", "copy-start")
+_LAYOUT_OR_CONVERT = ("convert", "bitcast", "copy", "transpose", "broadcast")
 _SKIP = ("bitcast", "reshape", "get-tuple-element", "tuple")
 
 _HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(.*\) -> .* \{$")
@@ -181,9 +182,9 @@ def _root(comp: list[Instr]) -> Instr | None:
     return None
 
 
-def _moves(comps, name: str, times: int, out: list[Move], loop: list[bool], in_step: bool = False) -> None:
+def _moves(comps, name: str, times: int, out: list[Move], loop: list, in_step: bool = False) -> None:
     """Append the moves of computation `name` (run `times` times per step) and of what it calls.
-    loop[0]: the step loop was found (the first `while` of unknown trip count)."""
+    loop: [the step loop was found (or is not looked for), trips of a loop of unknown trip count]."""
     for instr in comps.get(name, []):
         if instr.op == "while":
             trips = _trip_count(instr, comps)
@@ -191,7 +192,7 @@ def _moves(comps, name: str, times: int, out: list[Move], loop: list[bool], in_s
                 loop[0] = True
                 _moves(comps, instr.attr("body"), 1, out, loop, True)
             else:
-                _moves(comps, instr.attr("body"), times * (trips or 1), out, loop, in_step)
+                _moves(comps, instr.attr("body"), times * (trips or loop[1]), out, loop, in_step)
         elif instr.op == "conditional":
             for branch in re.findall(r"%([\w.\-]+)", instr.rest.split("branch_computations=")[-1].split("}")[0]):
                 _moves(comps, branch, times, out, loop, in_step)
@@ -223,25 +224,31 @@ def _dots(comps) -> list[Dot]:
             ops = [defs.get(o) for o in instr.operands[:2]]
             dtypes = [o.dtype if o else "?" for o in ops]
             upcast = ""
-            for o in ops:
-                seen = 0
-                while o is not None and o.op in ("convert", "bitcast", "copy", "transpose", "broadcast") and seen < 8:
-                    src = defs.get(o.operands[0]) if o.operands else None
-                    if src is not None and src.dtype.startswith("f8"):
+            for o in ops:  # follow layout-only ops back to a convert of an FP8 value
+                for _ in range(8):
+                    if o is None or o.op not in _LAYOUT_OR_CONVERT or not o.operands:
+                        break
+                    src = defs.get(o.operands[0])
+                    if o.op == "convert" and src is not None and src.dtype.startswith("f8") and o.dtype != src.dtype:
                         upcast = src.dtype
-                    o, seen = src, seen + 1
+                    o = src
             out.append(Dot(cname, instr.name, dtypes[0], dtypes[1], upcast))
     return out
 
 
-def read_text(hlo_text: str) -> Report:
-    """A `Report` of optimized HLO text alone (no memory or cost figures)."""
+def read_text(hlo_text: str, *, step_loop: bool = True, dynamic_trips: int = 1) -> Report:
+    """A `Report` of optimized HLO text alone (no memory or cost figures).
+
+    step_loop: the program's first loop of unknown trip count is its step loop (a decode loop, a
+    burst), whose body counts once; False: the program is one step (a prefill).
+    dynamic_trips: how many times any other loop of unknown trip count runs (the key blocks a
+    length-aware attention loop visits in the case reported)."""
     comps, entry = parse(hlo_text)
     moves: list[Move] = []
-    loop = [False]
+    loop = [not step_loop, dynamic_trips]
     _moves(comps, entry, 1, moves, loop)
     calls = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', hlo_text))
-    return Report(moves, _dots(comps), dict(calls), {}, None, _step_loop=loop[0])
+    return Report(moves, _dots(comps), dict(calls), {}, None, _step_loop=step_loop and loop[0])
 
 
 def memory(compiled) -> dict[str, int]:
@@ -254,9 +261,9 @@ def memory(compiled) -> dict[str, int]:
     return out
 
 
-def read(compiled, compile_seconds: float | None = None) -> Report:
-    """A `Report` of a `jax.stages.Compiled` program."""
-    report = read_text(compiled.as_text())
+def read(compiled, compile_seconds: float | None = None, **loops) -> Report:
+    """A `Report` of a `jax.stages.Compiled` program (`loops`: as `read_text`'s)."""
+    report = read_text(compiled.as_text(), **loops)
     report.memory = memory(compiled)
     cost = compiled.cost_analysis()
     if isinstance(cost, list):
@@ -266,7 +273,7 @@ def read(compiled, compile_seconds: float | None = None) -> Report:
     return report
 
 
-def compile_and_read(lowered) -> Report:
+def compile_and_read(lowered, **loops) -> Report:
     start = time.perf_counter()
     compiled = lowered.compile()
-    return read(compiled, round(time.perf_counter() - start, 1))
+    return read(compiled, round(time.perf_counter() - start, 1), **loops)

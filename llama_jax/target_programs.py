@@ -81,10 +81,13 @@ class Setup:
     def model(self):
         return nnx.merge(self.graphdef, self.state)
 
-    def layer_weights(self):
+    def layer_weights(self, stacked: bool | None = None):
         """What `generate` and the engine decode with (`decoding.decode_unroll`): per-layer weights where
-        their copy takes at most `LAYER_COPY_BUDGET` of the device's HBM, else the scanned stack."""
-        if self.layer_bytes_per_device() > decoding.LAYER_COPY_BUDGET * self.target.hbm_bytes:
+        their copy takes at most `LAYER_COPY_BUDGET` of the device's HBM, else (or with `stacked`) the
+        scanned stack. → (layer weights or None, unroll)."""
+        if stacked is None:
+            stacked = self.layer_bytes_per_device() > decoding.LAYER_COPY_BUDGET * self.target.hbm_bytes
+        if stacked:
             return None, 1
         graphdef, model = self.graphdef, self.model
         abstract = jax.eval_shape(lambda s: nnx.merge(graphdef, s).unstack_layers(fuse=False), self.state)
@@ -177,14 +180,15 @@ class Setup:
         args, params, _ = self._generate_inputs(batch, prompt, context)
         return self._lower(decoding.prefill, self.graphdef, self.state, *args, n_out=context - prompt, mode=params.mode)
 
-    def decode_loop(self, batch: int, context: int):
-        """`generate`'s decode loop (a `while_loop` of decode steps) over a `context`-entry cache."""
+    def decode_loop(self, batch: int, context: int, stacked: bool | None = None):
+        """`generate`'s decode loop (a `while_loop` of decode steps) over a `context`-entry cache; `stacked`:
+        as `layer_weights` (None: as `generate` decides for this model on this target)."""
         args, params, cache_shape = self._generate_inputs(batch, 16, context)
         prefill = functools.partial(decoding.prefill, n_out=context - 16, mode=params.mode)
         with self.tracing():
             state = jax.eval_shape(prefill, self.graphdef, self.state, *args)
         state = self.place(state, cache_shape)
-        layers, unroll = self.layer_weights()
+        layers, unroll = self.layer_weights(stacked)
         limit = self.place(np.int32(context - 16))
         return self._lower(
             decoding.decode,
@@ -207,7 +211,7 @@ class Setup:
         return pool, table
 
     def _rows(self, slots: int):
-        params = SamplingParams()
+        params = SamplingParams(max_new_tokens=1)
         knobs = self.place(np.stack([params.knobs()] * slots))
         stops = self.place(np.stack([sampler.stop_ids(self.model, params.stop_tokens)] * slots))
         return params, knobs, stops
