@@ -24,6 +24,12 @@ fp8 x fp8 dot); everything else bf16. The model stacks FP8 FFN weights over all 
 first and last layer's slots hold zeros; their bf16 FFNs live in `dense_ffn`), so the bytes are
 the release's plus two layers' FP8 FFN slots.
 
+`--target v5p-16 | h100x8 | ...` (`llama_jax.targets`) compiles the same two programs with that
+accelerator's own compiler (libtpu; the CUDA plugin with XLA's H100/H200 target configs), on its
+devices, without the hardware: the temporaries and the verdict are then the target compiler's, and
+attention "blockwise" is what runs there too. Where the plugin is missing the plan falls back to the
+CPU compile and says so ("compiled by").
+
 What the CPU compile cannot see: the fused kernels (cudnn, splash) do not lower on CPU, so the plan
 uses "blockwise" attention, whose tiles (`[B, N, block, block]`) bound what a fused kernel keeps
 too; fusion differs on GPU/TPU, and runtimes
@@ -67,6 +73,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a configs/*.py file (its `model` section), e.g. configs/llama3_1_70b.py")
     p.add_argument("--mesh", help="axis sizes, e.g. data=1,fsdp=2,tensor=8 (default: the preset's)")
     p.add_argument("--preset", help="hardware: h100x1, h100x8, h100x16, v5p-128, v6e-256, h100xN, v5p-N, v6e-N")
+    p.add_argument(
+        "--target",
+        help="compile with this accelerator's own compiler (llama_jax.targets: v5e-1/4/8, v5p-2/8/16/32, v6e-1/4/8, "
+        "h100x1, h100x8, h200x8); falls back to the CPU estimate, and says so, when its plugin is missing",
+    )
     p.add_argument("--strategy", default="fsdp_tp", help="rules table: dp, fsdp, tp, fsdp_tp (default)")
     p.add_argument("--batch", type=int, default=8, help="sequences decoded together (default 8)")
     p.add_argument("--context", type=int, default=8192, help="KV cache length in tokens (default 8192)")
@@ -96,9 +107,31 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target(args):
+    """The `--target` (None without one), checked before any compiling."""
+    if not getattr(args, "target", None):
+        return None
+    from llama_jax import targets
+
+    if args.preset:
+        raise SystemExit("give --target or --preset, not both")
+    try:
+        return targets.get(args.target)
+    except ValueError as e:
+        raise SystemExit(f"plan: --target: {e}") from None
+
+
 def _mesh_sizes(args) -> tuple[dict[str, int], Any]:
     from sharding import mesh as mesh_lib
 
+    target = _target(args)
+    if target is not None:
+        sizes = mesh_lib.parse_axes(args.mesh) if args.mesh else target.default_mesh()
+        if math.prod(sizes.values()) != target.n_devices:
+            raise SystemExit(
+                f"--mesh {args.mesh} has {math.prod(sizes.values())} devices; {target.name} has {target.n_devices}"
+            )
+        return sizes, target
     hardware = mesh_lib.preset(args.preset) if args.preset else None
     if args.mesh:
         sizes = mesh_lib.parse_axes(args.mesh)
@@ -124,7 +157,9 @@ def _mesh_sizes(args) -> tuple[dict[str, int], Any]:
 def run(args) -> dict[str, Any]:
     sizes, hardware = _mesh_sizes(args)
     n_devices = math.prod(sizes.values())
-    _start_virtual_devices(n_devices)
+    target, compiler = _compiler(hardware)
+    if target is None:
+        _start_virtual_devices(n_devices)
 
     import jax
     import jax.numpy as jnp
@@ -141,7 +176,7 @@ def run(args) -> dict[str, Any]:
         raise SystemExit(f"--prompt {prompt} is longer than --context {context}")
     if context > config.max_seq_len:
         raise SystemExit(f"--context {context} exceeds the model's max_seq_len {config.max_seq_len}")
-    mesh = mesh_lib.make_mesh(sizes, jax.devices()[:n_devices])
+    mesh = target.mesh(sizes) if target else mesh_lib.make_mesh(sizes, jax.devices()[:n_devices])
     spec = placement.sharding_spec(mesh, args.strategy)
     weight_dtype = jnp.dtype("bfloat16" if args.weight_dtype == "fp8" else args.weight_dtype)
     cache_dtype = jnp.dtype(args.cache_dtype)
@@ -164,6 +199,7 @@ def run(args) -> dict[str, Any]:
         weight_dtype.itemsize,
         chunk=args.chunk,
         attention=args.attention,
+        target=target,
     )
 
     memory = hardware.memory_bytes if hardware else None
@@ -177,6 +213,7 @@ def run(args) -> dict[str, Any]:
         "model": pathlib.Path(args.config).stem,
         "params": config.num_params(),
         "hardware": hardware.name if hardware else None,
+        "compiler": compiler,
         "mesh": sizes,
         "devices": n_devices,
         "strategy": args.strategy,
@@ -203,6 +240,10 @@ def run(args) -> dict[str, Any]:
         "needed_per_device": need,
         "fits": None if budget is None else need <= budget,
     }
+    refused = [p.get("refused") for p in (prefill, decode) if p.get("refused")]
+    if refused:
+        plan["fits"], plan["refused"] = False, refused[0]
+        plan["needed_per_device"] = max(need, prefill["peak"], decode["peak"])
     if budget is not None:
         free = budget - weights["per_device"] - temps - extra
         tokens = max(0, free) // kv_token["per_device"] * kv_token["batch_shards"]
@@ -210,6 +251,24 @@ def run(args) -> dict[str, Any]:
         plan["max_batch_at_context"] = _round_down(tokens // context, kv_token["batch_shards"])
         plan["max_context_at_batch"] = min(config.max_seq_len, tokens // args.batch)
     return plan
+
+
+def _compiler(hardware) -> tuple[Any, str]:
+    """(the target to compile for, or None for the CPU) and how the plan is compiled, in words."""
+    from llama_jax import targets
+
+    if not isinstance(hardware, targets.Target):
+        return None, "cpu (XLA:CPU estimate)"
+    try:
+        targets.check_plugin(hardware)
+    except targets.PluginMissing as e:
+        return None, f"cpu (XLA:CPU estimate: {e})"
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")  # jax runs on the CPU; the plugin only compiles
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    kind = "libtpu" if hardware.platform == "tpu" else "XLA GPU compiler, XLA's target config"
+    return hardware, f"{hardware.lowering_platform} ({kind}: {hardware.devices()[0].device_kind})"
 
 
 def _start_virtual_devices(n: int) -> None:
@@ -292,7 +351,10 @@ def _compile(
     *,
     chunk: int = DEFAULT_PREFILL_CHUNK,
     attention: str = "blockwise",
+    target=None,
 ) -> tuple[dict, dict]:
+    import contextlib
+
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -324,8 +386,17 @@ def _compile(
     results = []
     for fn, inputs in ((prefill, (state, prompt_tokens, cache)), (decode, (state, step_tokens, step_tokens, cache))):
         start = time.perf_counter()
-        lowered = jax.jit(fn, donate_argnums=len(inputs) - 1).lower(*inputs)
-        compiled = lowered.compile()
+        from llama_jax import targets
+
+        with targets.tracing(target) if target else contextlib.nullcontext():
+            lowered = jax.jit(fn, donate_argnums=len(inputs) - 1).lower(*inputs)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:  # libtpu refuses a program that cannot fit its HBM
+            if target is None or "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            results.append(_refused(str(e), round(time.perf_counter() - start, 2)))
+            continue
         stats = compiled.memory_analysis()
         results.append(
             {
@@ -345,6 +416,17 @@ def _compile(
             }
         )
     return results[0], results[1]
+
+
+def _refused(message: str, seconds: float) -> dict:
+    """A phase the target's compiler refused to compile for want of memory, with the bytes it said the
+    program needs in all (libtpu: "the total memory required for HLO temporaries (108.80G) exceeds
+    available HBM (95.74G)"; that total holds the arguments too)."""
+    m = re.search(r"required for HLO temporaries \(([\d.]+)G\)", message)
+    peak = int(float(m.group(1)) * (1 << 30)) if m else 0
+    line = next((x for x in message.splitlines() if "RESOURCE_EXHAUSTED" in x), message.splitlines()[0])
+    keys = ("argument", "output", "alias", "code", "temp")
+    return {**dict.fromkeys(keys, 0), "peak": peak, "collectives": {}, "compile_seconds": seconds, "refused": line}
 
 
 _DTYPE_BYTES = {
@@ -411,6 +493,7 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines = [
         f"{plan['model']} ({plan['params'] / 1e9:.1f}B params, weights {plan['weight_dtype']}) on "
         f"{plan['hardware'] or 'virtual devices'}: mesh {mesh}, strategy {plan['strategy']}",
+        f"compiled by: {plan['compiler']}",
         f"batch {plan['batch']}, context {plan['context']:,}, prompt {plan['prompt']:,} prefilled in chunks of "
         f"{plan['chunk']:,} ({plan['attention']} attention); "
         f"KV cache: heads in {plan['kv_head_shards']} shard(s) (tensor={plan['mesh'].get('tensor', 1)}), "
@@ -422,12 +505,17 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines.append("")
     for phase in ("prefill", "decode"):
         p = plan[phase]
+        if p.get("refused"):
+            lines.append(f"{phase:<8} refused by the compiler: needs {human(p['peak'])} in all")
+            continue
         coll = ", ".join(f"{k} {human(v)}" for k, v in sorted(p["collectives"].items()) if v) or "none"
         lines.append(
             f"{phase:<8} args {human(p['argument'])}, out {human(p['output'])}, aliased {human(p['alias'])}, "
             f"temp {human(p['temp'])}; compiled in {p['compile_seconds']}s; collectives per step: {coll}"
         )
-    if plan["fits"] is not None:
+    if plan.get("refused"):
+        lines.append(f"fits: NO: the target's compiler refused it: {plan['refused']}")
+    elif plan["fits"] is not None:
         lines.append(
             f"fits: {'yes' if plan['fits'] else 'NO'}; room for {plan['max_cached_tokens']:,} cached tokens "
             f"(batch {plan['max_batch_at_context']} at context {plan['context']:,}, or context "

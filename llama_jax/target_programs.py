@@ -15,7 +15,6 @@ Traced under `platform.lowering_for(<target platform>)`, so attention "auto" pic
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -26,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama_jax import decoding, fp8, placement, platform, quant, sampler
+from llama_jax import decoding, fp8, placement, quant, sampler, targets
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import CACHE_AXES, KVCache
 from llama_jax.sampling import SamplingParams
@@ -140,22 +139,8 @@ class Setup:
             traced = jitted.trace(*args, **static)
         return traced.lower(lowering_platforms=(self.target.lowering_platform,))
 
-    @contextlib.contextmanager
     def tracing(self):
-        """Trace for the target: attention "auto" picks its backend; on a GPU target jax's cuDNN attention
-        asks the CUDA plugin for the cuDNN version (which needs the CUDA libraries), so the target
-        config's version answers instead. That guard is all it asks: the fused-attention custom call
-        is built by jax itself."""
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(platform.lowering_for(self.target.lowering_platform))
-            if self.target.platform == "cuda":
-                from jax._src.cudnn import fused_attention_stablehlo as cudnn
-
-                version = self.target.cudnn_version()
-                saved = cudnn.check_cudnn_version
-                cudnn.check_cudnn_version = lambda: version
-                stack.callback(setattr, cudnn, "check_cudnn_version", saved)
-            yield
+        return targets.tracing(self.target)
 
     def _generate_inputs(self, batch: int, prompt: int, context: int):
         params = SamplingParams(max_new_tokens=context - prompt)

@@ -17,6 +17,7 @@ Names follow the planner's presets (`sharding.mesh.preset`): `v5p-N` counts Tens
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -53,6 +54,11 @@ class Target:
     n_devices: int
     hbm_bytes: int  # per device
     hbm_bandwidth: float  # bytes/s per device
+
+    @property
+    def memory_bytes(self) -> int:
+        """HBM per device, under the name the planner's `sharding.mesh.Hardware` gives it."""
+        return self.hbm_bytes
 
     @property
     def lowering_platform(self) -> str:
@@ -93,6 +99,26 @@ def _tpu(generation: str, chips_shape: tuple[int, ...]) -> Target:
         hbm,
         bandwidth,
     )
+
+
+@contextlib.contextmanager
+def tracing(target: Target):
+    """Trace programs for `target`: attention "auto" picks its backend (`platform.lowering_for`). On a GPU
+    target jax's cuDNN attention asks the CUDA plugin for the cuDNN version, which needs the CUDA
+    libraries; the target config's version answers instead. That guard is all it asks: the
+    fused-attention custom call is built by jax itself."""
+    from llama_jax import platform
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(platform.lowering_for(target.lowering_platform))
+        if target.platform == "cuda":
+            from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+            version = target.cudnn_version()
+            saved = cudnn.check_cudnn_version
+            cudnn.check_cudnn_version = lambda: version
+            stack.callback(setattr, cudnn, "check_cudnn_version", saved)
+        yield
 
 
 def _gpu(kind: str, n: int) -> Target:

@@ -221,3 +221,49 @@ def test_405b_fp8_decode_transposes_no_weight_per_call(decode_405b_fp8):
 def test_405b_fp8_decode_multiplies_f8_by_f8(decode_405b_fp8):
     _, report = decode_405b_fp8
     assert len(report.fp8_dots()) >= 2 and not report.fp8_upcast_dots()
+
+
+# ---- the planner, answered by the target's compiler -------------------------------------------------
+
+
+def test_plan_with_a_target_is_compiled_by_that_target_and_sized_by_its_memory():
+    from llama_jax import plan_report
+
+    argv = ["--config", "configs/tiny.py", "--batch", "8", "--context", "256"]
+    p = plan_report.plan_subprocess([*argv, "--target", "v5p-8"])
+    assert p["compiler"].startswith("tpu (libtpu: TPU v5") and p["hardware"] == "v5p-8" and p["devices"] == 4
+    assert p["device_memory"] == 95 * (1 << 30) and p["budget"] == int(0.9 * p["device_memory"])
+    # The TPU compiler's buffers: weights and cache in (8, 128) tiles, padded beyond their logical bytes.
+    assert p["decode"]["argument"] > p["weights_per_device"] + p["kv_cache_per_device"]
+    assert p["temp_per_device"] == max(p["prefill"]["temp"], p["decode"]["temp"]) and p["fits"] is True
+
+
+def test_plan_falls_back_to_the_cpu_estimate_and_says_so_without_the_plugin(monkeypatch):
+    from llama_jax import plan
+
+    def missing(target):
+        raise targets.PluginMissing(f"compiling for {target.name} needs the libtpu package")
+
+    monkeypatch.setattr(targets, "check_plugin", missing)
+    target, compiler = plan._compiler(targets.get("v5p-16"))
+    assert target is None and compiler == "cpu (XLA:CPU estimate: compiling for v5p-16 needs the libtpu package)"
+
+
+def test_plan_rejects_an_unknown_target_before_compiling():
+    import argparse
+
+    from llama_jax import plan
+
+    with pytest.raises(SystemExit, match="--target: unknown target 'v9-8'; known: v5e-1, v5e-4"):
+        plan._mesh_sizes(argparse.Namespace(target="v9-8", preset=None, mesh=None))
+
+
+def test_a_program_libtpu_refuses_for_memory_is_a_no_with_the_bytes_it_needs():
+    from llama_jax import plan
+
+    message = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+        "(108.80G) exceeds available HBM (95.74G)."
+    )
+    phase = plan._refused(f"jax.errors.JaxRuntimeError: {message}\nmore", 2.5)
+    assert phase["peak"] == int(108.80 * (1 << 30)) and phase["refused"].endswith(message)
