@@ -31,8 +31,9 @@ import math
 import re
 import time
 
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4}
-_DTYPE_BYTES.update({"f64": 8, "s64": 8, "u64": 8, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1})
+# Bytes per element of each HLO element type (the planner's collective counts read them too).
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4}
+DTYPE_BYTES.update({"f64": 8, "s64": 8, "u64": 8, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1})
 MOVES = ("copy", "transpose", "slice", "dynamic-slice", "gather", "copy-start")
 _LAYOUT_OR_CONVERT = ("convert", "bitcast", "copy", "transpose", "broadcast")
 _SKIP = ("bitcast", "reshape", "get-tuple-element", "tuple")
@@ -78,7 +79,7 @@ def array_bytes(type_str: str, hbm_only: bool = False) -> int:
     for dtype, dims, layout in _ARRAY.findall(type_str):
         if hbm_only and re.search(r"S\(\d+\)", layout or ""):
             continue
-        total += math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 4)
+        total += math.prod(int(d) for d in dims.split(",") if d) * DTYPE_BYTES.get(dtype, 4)
     return total
 
 

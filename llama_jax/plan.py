@@ -49,6 +49,8 @@ import time
 from typing import Any
 
 # Importing jax (and the model) does not start its backend: `_start_virtual_devices` still can, in `run`.
+from llama_jax import plan_target
+from llama_jax.compiled import DTYPE_BYTES
 from llama_jax.model import DEFAULT_PREFILL_CHUNK
 from llama_jax.plan_report import human, write_report
 
@@ -107,24 +109,10 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _target(args):
-    """The `--target` (None without one), checked before any compiling."""
-    if not getattr(args, "target", None):
-        return None
-    from llama_jax import targets
-
-    if args.preset:
-        raise SystemExit("give --target or --preset, not both")
-    try:
-        return targets.get(args.target)
-    except ValueError as e:
-        raise SystemExit(f"plan: --target: {e}") from None
-
-
 def _mesh_sizes(args) -> tuple[dict[str, int], Any]:
     from sharding import mesh as mesh_lib
 
-    target = _target(args)
+    target = plan_target.resolve(args)
     if target is not None:
         sizes = mesh_lib.parse_axes(args.mesh) if args.mesh else target.default_mesh()
         if math.prod(sizes.values()) != target.n_devices:
@@ -157,7 +145,7 @@ def _mesh_sizes(args) -> tuple[dict[str, int], Any]:
 def run(args) -> dict[str, Any]:
     sizes, hardware = _mesh_sizes(args)
     n_devices = math.prod(sizes.values())
-    target, compiler = _compiler(hardware)
+    target, compiler = plan_target.compiler(hardware)
     if target is None:
         _start_virtual_devices(n_devices)
 
@@ -251,24 +239,6 @@ def run(args) -> dict[str, Any]:
         plan["max_batch_at_context"] = _round_down(tokens // context, kv_token["batch_shards"])
         plan["max_context_at_batch"] = min(config.max_seq_len, tokens // args.batch)
     return plan
-
-
-def _compiler(hardware) -> tuple[Any, str]:
-    """(the target to compile for, or None for the CPU) and how the plan is compiled, in words."""
-    from llama_jax import targets
-
-    if not isinstance(hardware, targets.Target):
-        return None, "cpu (XLA:CPU estimate)"
-    try:
-        targets.check_plugin(hardware)
-    except targets.PluginMissing as e:
-        return None, f"cpu (XLA:CPU estimate: {e})"
-    import jax
-
-    jax.config.update("jax_platforms", "cpu")  # jax runs on the CPU; the plugin only compiles
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    kind = "libtpu" if hardware.platform == "tpu" else "XLA GPU compiler, XLA's target config"
-    return hardware, f"{hardware.lowering_platform} ({kind}: {hardware.devices()[0].device_kind})"
 
 
 def _start_virtual_devices(n: int) -> None:
@@ -395,7 +365,7 @@ def _compile(
         except jax.errors.JaxRuntimeError as e:  # libtpu refuses a program that cannot fit its HBM
             if target is None or "RESOURCE_EXHAUSTED" not in str(e):
                 raise
-            results.append(_refused(str(e), round(time.perf_counter() - start, 2)))
+            results.append(plan_target.refused(str(e), round(time.perf_counter() - start, 2)))
             continue
         stats = compiled.memory_analysis()
         results.append(
@@ -418,34 +388,6 @@ def _compile(
     return results[0], results[1]
 
 
-def _refused(message: str, seconds: float) -> dict:
-    """A phase the target's compiler refused to compile for want of memory, with the bytes it said the
-    program needs in all (libtpu: "the total memory required for HLO temporaries (108.80G) exceeds
-    available HBM (95.74G)"; that total holds the arguments too)."""
-    m = re.search(r"required for HLO temporaries \(([\d.]+)G\)", message)
-    peak = int(float(m.group(1)) * (1 << 30)) if m else 0
-    line = next((x for x in message.splitlines() if "RESOURCE_EXHAUSTED" in x), message.splitlines()[0])
-    keys = ("argument", "output", "alias", "code", "temp")
-    return {**dict.fromkeys(keys, 0), "peak": peak, "collectives": {}, "compile_seconds": seconds, "refused": line}
-
-
-_DTYPE_BYTES = {
-    "pred": 1,
-    "s8": 1,
-    "u8": 1,
-    "f8e4m3fn": 1,
-    "f8e5m2": 1,
-    "bf16": 2,
-    "f16": 2,
-    "s16": 2,
-    "u16": 2,
-    "f32": 4,
-    "s32": 4,
-    "u32": 4,
-    "f64": 8,
-    "s64": 8,
-    "u64": 8,
-}
 _COLLECTIVE = re.compile(
     r"=\s*(?P<type>\(.*?\)|\S+)\s+(?P<op>all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
     r"(?:-start)?\("
@@ -467,7 +409,7 @@ def collective_bytes(hlo_text: str, n_layers: int, float_bytes: int | None = Non
             continue
         size = 0
         for dtype, dims in _SHAPE.findall(m.group("type")):
-            itemsize = _DTYPE_BYTES.get(dtype, 4)
+            itemsize = DTYPE_BYTES.get(dtype, 4)
             if float_bytes and dtype in ("f32", "bf16", "f16"):
                 itemsize = float_bytes
             size += math.prod(int(d) for d in dims.split(",") if d) * itemsize

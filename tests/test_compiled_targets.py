@@ -239,13 +239,13 @@ def test_plan_with_a_target_is_compiled_by_that_target_and_sized_by_its_memory()
 
 
 def test_plan_falls_back_to_the_cpu_estimate_and_says_so_without_the_plugin(monkeypatch):
-    from llama_jax import plan
+    from llama_jax import plan_target
 
     def missing(target):
         raise targets.PluginMissing(f"compiling for {target.name} needs the libtpu package")
 
     monkeypatch.setattr(targets, "check_plugin", missing)
-    target, compiler = plan._compiler(targets.get("v5p-16"))
+    target, compiler = plan_target.compiler(targets.get("v5p-16"))
     assert target is None and compiler == "cpu (XLA:CPU estimate: compiling for v5p-16 needs the libtpu package)"
 
 
@@ -259,11 +259,11 @@ def test_plan_rejects_an_unknown_target_before_compiling():
 
 
 def test_a_program_libtpu_refuses_for_memory_is_a_no_with_the_bytes_it_needs():
-    from llama_jax import plan
+    from llama_jax import plan_target
 
     message = (
         "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
         "(108.80G) exceeds available HBM (95.74G)."
     )
-    phase = plan._refused(f"jax.errors.JaxRuntimeError: {message}\nmore", 2.5)
+    phase = plan_target.refused(f"jax.errors.JaxRuntimeError: {message}\nmore", 2.5)
     assert phase["peak"] == int(108.80 * (1 << 30)) and phase["refused"].endswith(message)
