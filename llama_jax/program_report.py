@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Any
 
-from llama_jax import compiled, targets
+from llama_jax import compiled, plan_target, targets
 from llama_jax.plan_report import human
 
 CONTEXT = 8192
@@ -81,6 +81,9 @@ def rows_to_run(models=("8b", "70b", "405b")) -> list[tuple[str, str, str, str, 
                 weight_kinds = ["fp8"]  # 405B bf16 does not fit 8 x 80 GB
             for weights in weight_kinds:
                 rest += [(model, weights, target, p, b) for p, b in PROGRAMS]
+    # Program by program, so that a regeneration cut short has the decode rows of every model and target.
+    priority = ("decode/8", "decode/1", "burst/8", "prefill/1", "decode/32", "burst/32")
+    rest.sort(key=lambda r: priority.index(f"{r[3]}/{r[4]}") if f"{r[3]}/{r[4]}" in priority else len(priority))
     return [r for r in first if r[0] in models] + [r for r in rest if r not in first]
 
 
@@ -160,7 +163,15 @@ def markdown(results: dict[str, dict]) -> str:
         r = results[key]
         model, weights, target, program, batch = key.split("/")
         if "error" in r:
-            lines.append(f"| {model} | {weights} | {target} | {program} | {batch} | | | | {r['error'][:100]} |||||")
+            if "RESOURCE_EXHAUSTED" in r["error"]:  # libtpu refuses what cannot fit its HBM
+                need = plan_target.refused(r["error"], 0)["peak"]
+                hbm = targets.get(target).hbm_bytes
+                lines.append(
+                    f"| {model} | {weights} | {target} | {program} | {batch} | | | | compiler refused "
+                    f"| {_gb(need)} / {_gb(hbm)} | **no** | | | |"
+                )
+            else:
+                lines.append(f"| {model} | {weights} | {target} | {program} | {batch} | | | | {r['error'][:90]} |||||")
             continue
         fp8 = f"{r['fp8_dots']} ({r['fp8_upcast_dots']})" if weights == "fp8" else "—"
         attention = ", ".join(f"{k} x{n}" for k, n in r["attention_kernels"].items()) or "—"
