@@ -38,7 +38,7 @@ MODEL_TARGETS = {
     "405b": ("v5p-16", "v5p-32", "h100x8", "h200x8"),
 }
 # (program, batch or slots): generate's prefill (one chunk; chunked), its decode loop, the engine's
-# decode burst and chunk prefill.
+# decode burst and chunk prefill, one training step (`TRAIN_SEQ` tokens per row).
 PROGRAMS = (
     ("decode", 1),
     ("decode", 8),
@@ -48,7 +48,9 @@ PROGRAMS = (
     ("prefill", 1),
     ("prefill_chunked", 1),
     ("chunk_prefill", 8),
+    ("train", 8),
 )
+TRAIN_SEQ = 2048
 DECODES = ("decode", "burst")
 BEGIN, END = "<!-- program-report:begin -->", "<!-- program-report:end -->"
 
@@ -80,7 +82,8 @@ def rows_to_run(models=("8b", "70b", "405b")) -> list[tuple[str, str, str, str, 
             if model == "405b" and target == "h100x8":
                 weight_kinds = ["fp8"]  # 405B bf16 does not fit 8 x 80 GB
             for weights in weight_kinds:
-                rest += [(model, weights, target, p, b) for p, b in PROGRAMS]
+                # Training runs on bf16 weights (float32 master copies): no FP8 training step.
+                rest += [(model, weights, target, p, b) for p, b in PROGRAMS if weights == "bf16" or p != "train"]
     # Program by program, so that a regeneration cut short has the decode rows of every model and target.
     priority = ("decode/8", "decode/1", "burst/8", "prefill/1", "decode/32", "burst/32")
     rest.sort(key=lambda r: priority.index(f"{r[3]}/{r[4]}") if f"{r[3]}/{r[4]}" in priority else len(priority))
@@ -106,6 +109,7 @@ def run_row(model: str, weights: str, target_name: str, program: str, batch: int
         "prefill": lambda: setup.prefill(batch, 2048, CONTEXT),
         "prefill_chunked": lambda: setup.prefill(batch, CONTEXT // 2, CONTEXT),
         "chunk_prefill": lambda: setup.chunk_prefill(batch, CONTEXT),
+        "train": lambda: setup.train_step(batch, TRAIN_SEQ),
     }[program]
     start = time.perf_counter()
     # Loops of unknown trip count inside a step (the engine's attention over key blocks) run over the
@@ -212,6 +216,7 @@ def main(argv=None) -> int:
     p.add_argument("--docs", default="docs/TARGETS.md", help="rewrite the table in this file (empty: don't)")
     p.add_argument("--models", default="8b,70b,405b")
     p.add_argument("--limit", type=int, default=None, help="compile at most this many new rows")
+    p.add_argument("--programs", default=None, help="only these programs, e.g. train,decode")
     args = p.parse_args(argv)
     models = tuple(args.models.split(","))
     unknown = [m for m in models if m not in CONFIGS]
@@ -219,7 +224,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--models: unknown {unknown}; known: {', '.join(CONFIGS)}")
     out = pathlib.Path(args.json)
     results = json.loads(out.read_text()) if out.exists() else {}
-    todo = [r for r in rows_to_run(models) if row_key(*r) not in results][: args.limit]
+    programs = args.programs.split(",") if args.programs else [p for p, _ in PROGRAMS]
+    todo = [r for r in rows_to_run(models) if row_key(*r) not in results and r[3] in programs][: args.limit]
     for i, row in enumerate(todo):
         key = row_key(*row)
         print(f"[{i + 1}/{len(todo)}] {key}", file=sys.stderr, flush=True)

@@ -249,6 +249,32 @@ class Setup:
             mode=params.mode,
         )
 
+    def train_step(self, batch: int, seq: int):
+        """One `Trainer` step (full fine-tuning, float32 master weights and AdamW state, the default
+        `TrainConfig`) on `batch` rows of `seq` tokens. The trainer is built inside `jax.eval_shape`,
+        so no master copy of the weights is ever allocated."""
+        from llama_jax.trainer import TrainConfig, Trainer
+
+        built = {}
+
+        def build(state):
+            built["trainer"] = Trainer(nnx.merge(self.graphdef, state), TrainConfig(batch_size=batch))
+            return built["trainer"].params, built["trainer"].opt_state, built["trainer"].frozen
+
+        params, opt_state, frozen = jax.eval_shape(build, self.state)
+        trainer = built["trainer"]
+        param_shardings, opt_shardings = trainer.shardings
+
+        def placed(tree, shardings):
+            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+        trainer.params, trainer.opt_state = placed(params, param_shardings), placed(opt_state, opt_shardings)
+        trainer.frozen = self.place(frozen)
+        ints, floats = (jax.ShapeDtypeStruct((batch, seq), dtype) for dtype in (jnp.int32, jnp.float32))
+        data = {"tokens": ints, "targets": ints, "loss_mask": floats, "positions": ints, "segment_ids": ints}
+        with self.tracing():
+            return trainer.lower_step(data, platforms=(self.target.lowering_platform,))
+
 
 def _is_var(x) -> bool:
     return isinstance(x, nnx.Variable)

@@ -267,3 +267,13 @@ def test_a_program_libtpu_refuses_for_memory_is_a_no_with_the_bytes_it_needs():
     )
     phase = plan_target.refused(f"jax.errors.JaxRuntimeError: {message}\nmore", 2.5)
     assert phase["peak"] == int(108.80 * (1 << 30)) and phase["refused"].endswith(message)
+
+
+def test_a_training_step_compiles_for_8_h100s_with_its_state_updated_in_place():
+    """`Trainer`'s step, built on abstract weights (no float32 master copy exists), compiled for 8 H100s:
+    the master params and AdamW state are donated, so the step's outputs alias its inputs."""
+    setup = Setup.create(CONFIG_8B, targets.get("h100x8"))
+    report = compiled.compile_and_read(setup.train_step(8, 1024), step_loop=False)
+    state = 3 * 4 * CONFIG_8B.num_params() // setup.mesh.size  # float32 master, Adam's two moments, sharded
+    assert state <= report.memory["alias"] <= 1.05 * state
+    assert report.memory["peak"] <= setup.target.hbm_bytes
