@@ -277,3 +277,18 @@ def test_a_training_step_compiles_for_8_h100s_with_its_state_updated_in_place():
     state = 3 * 4 * CONFIG_8B.num_params() // setup.mesh.size  # float32 master, Adam's two moments, sharded
     assert state <= report.memory["alias"] <= 1.05 * state
     assert report.memory["peak"] <= setup.target.hbm_bytes
+
+
+def test_every_named_target_has_its_devices_and_memory_and_says_what_is_missing(monkeypatch):
+    expected = {"v5e-8": (8, "TPU v5 lite", 16), "v5p-32": (16, "TPU v5", 95), "v6e-4": (4, "TPU v6 lite", 32)}
+    expected |= {"h100x8": (8, "NVIDIA H100 80GB HBM3", 84942979072 / (1 << 30)), "h200x8": (8, "NVIDIA H200", 141)}
+    for name, (n, kind, gib) in expected.items():
+        target = targets.get(name)
+        devices = target.devices()
+        assert len(devices) == target.n_devices == n and devices[0].device_kind.startswith(kind)
+        assert target.hbm_bytes == round(gib * (1 << 30))
+    monkeypatch.setattr(targets.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(targets.PluginMissing, match="v5p-2 needs the libtpu package"):
+        targets.check_plugin(targets.get("v5p-2"))
+    with pytest.raises(targets.PluginMissing, match="jax-cuda12-plugin and jax-cuda12-pjrt"):
+        targets.check_plugin(targets.get("h100x1"))
