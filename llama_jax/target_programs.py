@@ -143,21 +143,22 @@ class Setup:
         return targets.tracing(self.target)
 
     def _generate_inputs(self, batch: int, prompt: int, context: int):
+        """`decoding.prefill`'s inputs as `generate` passes them (`sampler._prepare`), abstract and placed."""
         params = SamplingParams(max_new_tokens=context - prompt)
         cache_shape = placement.cache_shape(self.config, batch, context)
         cache = self.place(jax.ShapeDtypeStruct(cache_shape, jnp.bfloat16), cache_shape)
-        inputs = (
-            np.zeros((batch, prompt), np.int32),
-            np.full((batch,), prompt, np.int32),
-            np.ones((batch,), bool),
-            None,
-            np.zeros((batch,), np.uint32),
-            np.arange(batch, dtype=np.int32),
-            params.knobs(),
-            sampler.stop_ids(self.model, params.stop_tokens),
+        prompts, lengths, active = self.place(
+            (np.zeros((batch, prompt), np.int32), np.full((batch,), prompt, np.int32), np.ones((batch,), bool))
         )
-        args = [self.place(x) if x is not None else cache for x in inputs]
-        args[3] = KVCache(cache, cache)
+        seeds, streams, knobs, stops = self.place(
+            (
+                np.zeros((batch,), np.uint32),
+                np.arange(batch, dtype=np.int32),
+                params.knobs(),
+                sampler.stop_ids(self.model, params.stop_tokens),
+            )
+        )
+        args = [prompts, lengths, active, KVCache(cache, cache), seeds, streams, knobs, stops]
         return args, params, cache_shape
 
     def prefill(self, batch: int, prompt: int, context: int):
