@@ -228,16 +228,16 @@ def run(args) -> dict[str, Any]:
         "needed_per_device": need,
         "fits": None if budget is None else need <= budget,
     }
-    refused = [p.get("refused") for p in (prefill, decode) if p.get("refused")]
-    if refused:
-        plan["fits"], plan["refused"] = False, refused[0]
-        plan["needed_per_device"] = max(need, prefill["peak"], decode["peak"])
     if budget is not None:
         free = budget - weights["per_device"] - temps - extra
         tokens = max(0, free) // kv_token["per_device"] * kv_token["batch_shards"]
         plan["max_cached_tokens"] = tokens  # batch x context that fits, over the whole mesh
         plan["max_batch_at_context"] = _round_down(tokens // context, kv_token["batch_shards"])
         plan["max_context_at_batch"] = min(config.max_seq_len, tokens // args.batch)
+    refused = [p["refused"] for p in (prefill, decode) if p.get("refused")]
+    if refused:  # the target's compiler said no: no room to report either
+        plan.update(fits=False, refused=refused[0], max_cached_tokens=0, max_batch_at_context=0)
+        plan.update(max_context_at_batch=0, needed_per_device=max(need, prefill["peak"], decode["peak"]))
     return plan
 
 
@@ -329,6 +329,7 @@ def _compile(
     import jax.numpy as jnp
     from flax import nnx
 
+    from llama_jax import targets
     from llama_jax.kv_cache import KVCache
 
     tokens_sharding = spec.sharding(("batch", "seq"), (batch, prompt))
@@ -356,8 +357,6 @@ def _compile(
     results = []
     for fn, inputs in ((prefill, (state, prompt_tokens, cache)), (decode, (state, step_tokens, step_tokens, cache))):
         start = time.perf_counter()
-        from llama_jax import targets
-
         with targets.tracing(target) if target else contextlib.nullcontext():
             lowered = jax.jit(fn, donate_argnums=len(inputs) - 1).lower(*inputs)
         try:
