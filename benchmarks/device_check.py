@@ -337,14 +337,17 @@ def decode_bf16(run: Run) -> dict:
 
 
 def fp8_gemm_calls(hlo: str) -> list[str]:
-    """GEMMs of a compiled GPU program on f8e4m3fn operands: cuBLASLt custom calls (`__cublas$lt$matmul$f8`)
-    or Triton GEMM fusions, whichever XLA picked."""
-    found = []
-    for line in hlo.splitlines():
-        for op, marker in (("custom-call(", "cublas"), ("fusion(", "triton_gemm")):
-            if op in line and marker in line and "f8e4m3fn" in line.split(op, 1)[1].split(")", 1)[0]:
-                found.append(line.strip()[:200])
-    return found
+    """GEMMs of a compiled GPU program that multiply f8e4m3fn by f8e4m3fn: cuBLASLt FP8 custom calls
+    (`__cublas$lt$matmul$f8`) or dots of GEMM fusions (Triton's `__triton_nested_gemm_fusion`) whose
+    operands are FP8 after compilation. The compiled HLO prints operands without their types; the
+    package's reader resolves them (`llama_jax.compiled`)."""
+    from llama_jax import compiled
+
+    report = compiled.read_text(hlo)
+    calls = report.custom_calls.items()
+    cublas = [f"custom-call {name} x{n}" for name, n in calls if "cublas" in name and "f8" in name]
+    dots = [f"{d.computation}: dot {d.instr} ({d.lhs} x {d.rhs})" for d in report.fp8_dots()]
+    return cublas + dots
 
 
 def decode_fp8(run: Run) -> dict:
@@ -356,6 +359,7 @@ def decode_fp8(run: Run) -> dict:
     prompt_len, steps, _ = _decode_shape(run)
     _, decode = sampler.lower(model, [[7] * prompt_len], max_new_tokens=steps)  # the batch-1 program timed above
     calls = fp8_gemm_calls(decode.compile().as_text())
+    # Per FP8 layer, w1 and w3 (one GEMM where XLA concatenates them, as for an unsharded model) and w2.
     quantized = config.n_layers - 2
     bf16 = {r["batch"]: r for r in getattr(run, "decode_bf16_rows", []) if "seconds_per_step" in r}
     for r in rows:
@@ -363,8 +367,8 @@ def decode_fp8(run: Run) -> dict:
             r["speedup_vs_bf16"] = bf16[r["batch"]]["seconds_per_step"] / r["seconds_per_step"]
     return {
         "fp8_gemm_custom_calls": len(calls),
-        "expected_at_least": 3 * quantized,
-        "uses_fp8_gemms": len(calls) >= 3 * quantized,
+        "expected_at_least": 2 * quantized,
+        "uses_fp8_gemms": len(calls) >= 2 * quantized,
         "examples": calls[:3],
         "rows": rows,
     }

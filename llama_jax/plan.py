@@ -24,6 +24,12 @@ fp8 x fp8 dot); everything else bf16. The model stacks FP8 FFN weights over all 
 first and last layer's slots hold zeros; their bf16 FFNs live in `dense_ffn`), so the bytes are
 the release's plus two layers' FP8 FFN slots.
 
+`--target v5p-16 | h100x8 | ...` (`llama_jax.targets`) compiles the same two programs with that
+accelerator's own compiler (libtpu; the CUDA plugin with XLA's H100/H200 target configs), on its
+devices, without the hardware: the temporaries and the verdict are then the target compiler's, and
+attention "blockwise" is what runs there too. Where the plugin is missing the plan falls back to the
+CPU compile and says so ("compiled by").
+
 What the CPU compile cannot see: the fused kernels (cudnn, splash) do not lower on CPU, so the plan
 uses "blockwise" attention, whose tiles (`[B, N, block, block]`) bound what a fused kernel keeps
 too; fusion differs on GPU/TPU, and runtimes
@@ -44,6 +50,8 @@ import time
 from typing import Any
 
 # Importing jax (and the model) does not start its backend: `_start_virtual_devices` still can, in `run`.
+from llama_jax import plan_target
+from llama_jax.compiled import DTYPE_BYTES
 from llama_jax.model import DEFAULT_PREFILL_CHUNK
 from llama_jax.plan_report import human, write_report
 
@@ -68,6 +76,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a preset (e.g. llama3_1_70b) or a get_config() .py file; its `model` section")
     p.add_argument("--mesh", help="axis sizes, e.g. data=1,fsdp=2,tensor=8 (default: the preset's)")
     p.add_argument("--preset", help="hardware: h100x1, h100x8, h100x16, v5p-128, v6e-256, h100xN, v5p-N, v6e-N")
+    p.add_argument(
+        "--target",
+        help="compile with this accelerator's own compiler (llama_jax.targets: v5e-1/4/8, v5p-2/8/16/32, v6e-1/4/8, "
+        "h100x1, h100x8, h200x8); falls back to the CPU estimate, and says so, when its plugin is missing",
+    )
     p.add_argument("--strategy", default="fsdp_tp", help="rules table: dp, fsdp, tp, fsdp_tp (default)")
     p.add_argument("--batch", type=int, default=8, help="sequences decoded together (default 8)")
     p.add_argument("--context", type=int, default=8192, help="KV cache length in tokens (default 8192)")
@@ -104,6 +117,17 @@ def main(args: argparse.Namespace) -> int:
 def _mesh_sizes(args) -> tuple[dict[str, int], Any]:
     from llama_jax.sharding import mesh as mesh_lib
 
+    target = plan_target.resolve(args)
+    if target is not None:
+        try:
+            sizes = mesh_lib.parse_axes(args.mesh) if args.mesh else target.default_mesh()
+        except ValueError as e:
+            raise ValueError(f"--mesh: {e}") from None
+        if math.prod(sizes.values()) != target.n_devices:
+            raise ValueError(
+                f"--mesh {args.mesh} has {math.prod(sizes.values())} devices; {target.name} has {target.n_devices}"
+            )
+        return sizes, target
     if not (args.mesh or args.preset):
         raise ValueError("give --mesh, --preset or both")
     try:
@@ -135,7 +159,9 @@ def _mesh_sizes(args) -> tuple[dict[str, int], Any]:
 def run(args) -> dict[str, Any]:
     sizes, hardware = _mesh_sizes(args)
     n_devices = math.prod(sizes.values())
-    _start_virtual_devices(n_devices)
+    target, compiler = plan_target.compiler(hardware)
+    if target is None:
+        _start_virtual_devices(n_devices)
 
     import jax
     import jax.numpy as jnp
@@ -152,7 +178,7 @@ def run(args) -> dict[str, Any]:
         raise ValueError(f"--prompt {prompt} is longer than --context {context}")
     if context > config.max_seq_len:
         raise ValueError(f"--context {context} exceeds the model's max_seq_len {config.max_seq_len}")
-    mesh = mesh_lib.make_mesh(sizes, jax.devices()[:n_devices])
+    mesh = target.mesh(sizes) if target else mesh_lib.make_mesh(sizes, jax.devices()[:n_devices])
     spec = placement.sharding_spec(mesh, args.strategy)
     weight_dtype = jnp.dtype("bfloat16" if args.weight_dtype == "fp8" else args.weight_dtype)
     cache_dtype = jnp.dtype(args.cache_dtype)
@@ -175,6 +201,7 @@ def run(args) -> dict[str, Any]:
         weight_dtype.itemsize,
         chunk=args.chunk,
         attention=args.attention,
+        target=target,
     )
 
     memory = hardware.memory_bytes if hardware else None
@@ -188,6 +215,7 @@ def run(args) -> dict[str, Any]:
         "model": pathlib.Path(args.config).stem,
         "params": config.num_params(),
         "hardware": hardware.name if hardware else None,
+        "compiler": compiler,
         "mesh": sizes,
         "devices": n_devices,
         "strategy": args.strategy,
@@ -220,6 +248,10 @@ def run(args) -> dict[str, Any]:
         plan["max_cached_tokens"] = tokens  # batch x context that fits, over the whole mesh
         plan["max_batch_at_context"] = _round_down(tokens // context, kv_token["batch_shards"])
         plan["max_context_at_batch"] = min(config.max_seq_len, tokens // args.batch)
+    refused = [p["refused"] for p in (prefill, decode) if p.get("refused")]
+    if refused:  # the target's compiler said no: no room to report either
+        plan.update(fits=False, refused=refused[0], max_cached_tokens=0, max_batch_at_context=0)
+        plan.update(max_context_at_batch=0, needed_per_device=max(need, prefill["peak"], decode["peak"]))
     return plan
 
 
@@ -303,11 +335,15 @@ def _compile(
     *,
     chunk: int = DEFAULT_PREFILL_CHUNK,
     attention: str = "blockwise",
+    target=None,
 ) -> tuple[dict, dict]:
+    import contextlib
+
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    from llama_jax import targets
     from llama_jax.kv_cache import KVCache
 
     tokens_sharding = spec.sharding(("batch", "seq"), (batch, prompt))
@@ -335,8 +371,15 @@ def _compile(
     results = []
     for fn, inputs in ((prefill, (state, prompt_tokens, cache)), (decode, (state, step_tokens, step_tokens, cache))):
         start = time.perf_counter()
-        lowered = jax.jit(fn, donate_argnums=len(inputs) - 1).lower(*inputs)
-        compiled = lowered.compile()
+        with targets.tracing(target) if target else contextlib.nullcontext():
+            lowered = jax.jit(fn, donate_argnums=len(inputs) - 1).lower(*inputs)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:  # libtpu refuses a program that cannot fit its HBM
+            if target is None or "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            results.append(plan_target.refused(str(e), round(time.perf_counter() - start, 2)))
+            continue
         stats = compiled.memory_analysis()
         results.append(
             {
@@ -358,23 +401,6 @@ def _compile(
     return results[0], results[1]
 
 
-_DTYPE_BYTES = {
-    "pred": 1,
-    "s8": 1,
-    "u8": 1,
-    "f8e4m3fn": 1,
-    "f8e5m2": 1,
-    "bf16": 2,
-    "f16": 2,
-    "s16": 2,
-    "u16": 2,
-    "f32": 4,
-    "s32": 4,
-    "u32": 4,
-    "f64": 8,
-    "s64": 8,
-    "u64": 8,
-}
 _COLLECTIVE = re.compile(
     r"=\s*(?P<type>\(.*?\)|\S+)\s+(?P<op>all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
     r"(?:-start)?\("
@@ -396,7 +422,7 @@ def collective_bytes(hlo_text: str, n_layers: int, float_bytes: int | None = Non
             continue
         size = 0
         for dtype, dims in _SHAPE.findall(m.group("type")):
-            itemsize = _DTYPE_BYTES.get(dtype, 4)
+            itemsize = DTYPE_BYTES.get(dtype, 4)
             if float_bytes and dtype in ("f32", "bf16", "f16"):
                 itemsize = float_bytes
             size += math.prod(int(d) for d in dims.split(",") if d) * itemsize
@@ -422,6 +448,7 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines = [
         f"{plan['model']} ({plan['params'] / 1e9:.1f}B params, weights {plan['weight_dtype']}) on "
         f"{plan['hardware'] or 'virtual devices'}: mesh {mesh}, strategy {plan['strategy']}",
+        f"compiled by: {plan['compiler']}",
         f"batch {plan['batch']}, context {plan['context']:,}, prompt {plan['prompt']:,} prefilled in chunks of "
         f"{plan['chunk']:,} ({plan['attention']} attention); "
         f"KV cache: heads in {plan['kv_head_shards']} shard(s) (tensor={plan['mesh'].get('tensor', 1)}), "
@@ -433,12 +460,17 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines.append("")
     for phase in ("prefill", "decode"):
         p = plan[phase]
+        if p.get("refused"):
+            lines.append(f"{phase:<8} refused by the compiler: needs {human(p['peak'])} in all")
+            continue
         coll = ", ".join(f"{k} {human(v)}" for k, v in sorted(p["collectives"].items()) if v) or "none"
         lines.append(
             f"{phase:<8} args {human(p['argument'])}, out {human(p['output'])}, aliased {human(p['alias'])}, "
             f"temp {human(p['temp'])}; compiled in {p['compile_seconds']}s; collectives per step: {coll}"
         )
-    if plan["fits"] is not None:
+    if plan.get("refused"):
+        lines.append(f"fits: NO: the target's compiler refused it: {plan['refused']}")
+    elif plan["fits"] is not None:
         lines.append(
             f"fits: {'yes' if plan['fits'] else 'NO'}; room for {plan['max_cached_tokens']:,} cached tokens "
             f"(batch {plan['max_batch_at_context']} at context {plan['context']:,}, or context "

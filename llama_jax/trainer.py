@@ -201,6 +201,11 @@ class Trainer:
             return None
         return nnx.to_pure_dict(state_shardings(params, self._sharding))
 
+    @property
+    def shardings(self) -> tuple[Any, Any]:
+        """(master params, optimizer state) shardings on the model's mesh; (None, None) on one device."""
+        return self._param_shardings, self._opt_shardings
+
     def _model_params(self, master) -> Any:
         """The master params cast to the dtypes the model stores them in (bf16 weights stay bf16)."""
         return jax.tree.map(lambda p, s: p.astype(s.dtype), master, self._stored)
@@ -323,7 +328,13 @@ class Trainer:
     def _place(self, batch: Mapping[str, np.ndarray]) -> dict:
         if self._sharding is None:
             return {k: jnp.asarray(v) for k, v in batch.items()}
-        return {k: jax.device_put(v, self._batch_sharding(k, v.shape)) for k, v in batch.items()}
+        # Abstract batches (ShapeDtypeStructs, to lower for a compile target) are placed without data.
+        return {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self._batch_sharding(k, v.shape))
+            if isinstance(v, jax.ShapeDtypeStruct)
+            else jax.device_put(v, self._batch_sharding(k, v.shape))
+            for k, v in batch.items()
+        }
 
     def train_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
         """One optimizer step on a global batch (`Loader.batch(step)`); returns its metrics."""

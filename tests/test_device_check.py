@@ -53,3 +53,31 @@ def test_the_device_check_runs_end_to_end_in_smoke_mode(tmp_path):
     assert checks["decode_fp8"]["uses_fp8_gemms"] is False  # a CPU program has no cuBLASLt FP8 GEMMs
     assert {"mfu_pct", "flops_per_s"} <= set(checks["prefill_mfu"]["rows"][0]) and "mfu_pct" in checks["train_mfu_1b"]
     assert {"memory_before", "memory_after", "seconds"} <= set(checks["prefill_128k"])
+
+
+def test_the_fp8_gemm_detector_finds_the_fp8_gemms_of_a_compiled_h100_program():
+    """Compiled for H100 on this CPU (llama_jax.targets): an f8 x f8 dot becomes a GEMM fusion whose
+    operands are printed untyped; the detector must still see it, and must not count a dot that
+    converts its FP8 operand up first."""
+    import jax
+    import jax.numpy as jnp
+    import pytest
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from benchmarks import device_check
+    from llama_jax import targets
+
+    target = targets.get("h100x1")
+    try:
+        targets.check_plugin(target)
+    except targets.PluginMissing as e:
+        pytest.skip(str(e))
+    sharding = NamedSharding(target.mesh({"x": 1}), PartitionSpec())
+    x = jax.ShapeDtypeStruct((64, 4096), jnp.float8_e4m3fn, sharding=sharding)
+    w = jax.ShapeDtypeStruct((4096, 4096), jnp.float8_e4m3fn, sharding=sharding)
+    dims = (((1,), (0,)), ((), ()))
+    fp8 = jax.jit(lambda x, w: jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32))
+    upcast = jax.jit(lambda x, w: jax.lax.dot_general(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), dims))
+    [call] = device_check.fp8_gemm_calls(fp8.lower(x, w).compile().as_text())
+    assert "f8e4m3fn x f8e4m3fn" in call
+    assert device_check.fp8_gemm_calls(upcast.lower(x, w).compile().as_text()) == []

@@ -17,9 +17,9 @@ What lowering here cannot do, exactly:
   'dot_product_attention_fwd' not found for platform tpu`): TPU programs must not select it.
 - A host callback cannot be lowered for "cuda" here at all (`the platform for the specified backend
   cpu is different from the lowering platform cuda`); callbacks are looked for in the cpu lowering too.
-- Compiling (`.compile()`) for either platform needs its plugin and hardware, so these tests read
-  lowered StableHLO; the compiled GPU program (cuBLAS FP8 GEMMs) is checked by
-  `benchmarks/device_check.py` on a GPU.
+- These tests read lowered StableHLO. The programs compiled for TPU and H100 (with libtpu and the CUDA
+  plugin, no hardware: layouts, copies, FP8 GEMMs, fused attention, memory) are read by
+  `tests/test_compiled_targets.py`; `benchmarks/device_check.py` times them on a GPU.
 """
 
 from __future__ import annotations

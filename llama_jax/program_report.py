@@ -1,0 +1,243 @@
+"""The program report: every program of the project compiled for TPUs and H100s on this CPU, and read.
+
+    JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 python -m llama_jax.program_report \\
+        [--json benchmarks/results/compiled_targets.json] [--docs docs/TARGETS.md] [--models 8b,70b] [--limit N]
+
+Per program (`target_programs.Setup`), per target (`targets`), on the planner's abstract weights:
+- minimum: the bytes one decode step must read per device, every weight but the embedding table and
+  the whole filled KV cache (decode programs only: `Setup.minimum_step_bytes`);
+- moved: minimum + the HBM copies, transposes, slices and gathers one step of the compiled program
+  makes (`compiled.Report.moved`); efficiency = minimum / moved, 1.0 when the program only reads;
+- memory: arguments + outputs - aliased + temporaries per device, against the device's HBM;
+- dots: how many run f8 x f8 after compilation, how many convert an FP8 operand up first;
+- attention: the fused-attention custom calls after compilation (`__cudnn$fmha*`, TPU `tpu_custom_call`);
+- compile time, and libtpu's own `bytes accessed` as it reports it (a `while` body counted once).
+
+Rows are written to the JSON as they finish and skipped when already there, so a long regeneration can
+stop and go on; `--docs` rewrites the table between the markers in that file from the JSON alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+from typing import Any
+
+from llama_jax import compiled, plan_target, targets
+from llama_jax.plan_report import human
+
+CONTEXT = 8192
+CONFIGS = {"8b": "llama3_1_8b", "70b": "llama3_1_70b", "405b": "llama3_1_405b"}
+# Where each model is compiled: the targets whose HBM can hold it (bf16, or the FP8 release layout).
+MODEL_TARGETS = {
+    "8b": tuple(targets.all_targets()),
+    "70b": ("v5e-8", "v5p-8", "v5p-16", "v6e-8", "h100x8", "h200x8"),
+    "405b": ("v5p-16", "v5p-32", "h100x8", "h200x8"),
+}
+# (program, batch or slots): generate's prefill (one chunk; chunked), its decode loop, the engine's
+# decode burst and chunk prefill, one training step (`TRAIN_SEQ` tokens per row).
+PROGRAMS = (
+    ("decode", 1),
+    ("decode", 8),
+    ("decode", 32),
+    ("burst", 8),
+    ("burst", 32),
+    ("prefill", 1),
+    ("prefill_chunked", 1),
+    ("chunk_prefill", 8),
+    ("train", 8),
+)
+TRAIN_SEQ = 2048
+DECODES = ("decode", "burst")
+BEGIN, END = "<!-- program-report:begin -->", "<!-- program-report:end -->"
+
+
+def row_key(model: str, weights: str, target: str, program: str, batch: int) -> str:
+    return f"{model}/{weights}/{target}/{program}/{batch}"
+
+
+def rows_to_run(models=("8b", "70b", "405b")) -> list[tuple[str, str, str, str, int]]:
+    """(model, weights, target, program, batch), the issue's headline rows first."""
+    first = [
+        ("8b", "bf16", "v5p-2", "decode", 1),
+        ("8b", "bf16", "v5p-2", "decode", 8),
+        ("8b", "bf16", "h100x1", "decode", 1),
+        ("8b", "bf16", "h100x1", "decode", 8),
+        ("8b", "bf16", "v6e-4", "decode", 8),
+        ("8b", "bf16", "v5e-4", "decode", 8),
+        ("405b", "fp8", "h100x8", "decode", 8),
+        ("8b", "fp8", "h100x1", "decode", 1),
+        ("8b", "bf16", "v5p-2", "prefill", 1),
+        ("8b", "bf16", "h100x1", "prefill", 1),
+    ]
+    rest = []
+    for model in models:
+        for target in MODEL_TARGETS[model]:
+            weight_kinds = ["bf16"]
+            if target.startswith(("h100", "h200")):  # FP8 GEMMs run on Hopper
+                weight_kinds.append("fp8")
+            if model == "405b" and target == "h100x8":
+                weight_kinds = ["fp8"]  # 405B bf16 does not fit 8 x 80 GB
+            for weights in weight_kinds:
+                # Training runs on bf16 weights (float32 master copies): no FP8 training step.
+                rest += [(model, weights, target, p, b) for p, b in PROGRAMS if weights == "bf16" or p != "train"]
+    # Program by program, so that a regeneration cut short has the decode rows of every model and target.
+    priority = ("decode/8", "decode/1", "burst/8", "prefill/1", "decode/32", "burst/32")
+    rest.sort(key=lambda r: priority.index(f"{r[3]}/{r[4]}") if f"{r[3]}/{r[4]}" in priority else len(priority))
+    return [r for r in first if r[0] in models] + [r for r in rest if r not in first]
+
+
+def run_row(model: str, weights: str, target_name: str, program: str, batch: int, layers: int | None = None):
+    """Compile one program and read it: the row of the report."""
+    import dataclasses
+
+    from llama_jax import target_programs
+    from llama_jax.config import model_config_from_file
+    from llama_jax.target_programs import Setup
+
+    config = model_config_from_file(CONFIGS[model])
+    if layers is not None:
+        config = dataclasses.replace(config, n_layers=layers)
+    target = targets.get(target_name)
+    setup = Setup.create(config, target, weights)
+    lower = {
+        "decode": lambda: setup.decode_loop(batch, CONTEXT),
+        "burst": lambda: setup.burst(batch, CONTEXT),
+        "prefill": lambda: setup.prefill(batch, 2048, CONTEXT),
+        "prefill_chunked": lambda: setup.prefill(batch, CONTEXT // 2, CONTEXT),
+        "chunk_prefill": lambda: setup.chunk_prefill(batch, CONTEXT),
+        "train": lambda: setup.train_step(batch, TRAIN_SEQ),
+    }[program]
+    start = time.perf_counter()
+    # Loops of unknown trip count inside a step (the engine's attention over key blocks) run over the
+    # whole filled context.
+    blocks = CONTEXT // (target_programs.PAGE_SIZE * target_programs.BLOCK_PAGES)
+    report = compiled.compile_and_read(lower(), step_loop=program in DECODES, dynamic_trips=blocks)
+    return summarize(setup, program, batch, report, round(time.perf_counter() - start, 1))
+
+
+def summarize(setup, program: str, batch: int, report: compiled.Report, seconds: float) -> dict[str, Any]:
+    target = setup.target
+    minimum = setup.minimum_step_bytes(batch * CONTEXT) if program in DECODES else None
+    moved = None if minimum is None else minimum + report.moved
+    largest = report.largest_moves(3)
+    return {
+        "target": target.name,
+        "device": target.devices()[0].device_kind,
+        "devices": target.n_devices,
+        "mesh": dict(setup.mesh.shape),
+        "layers": setup.config.n_layers,
+        "program": program,
+        "batch": batch,
+        "context": CONTEXT,
+        "minimum_bytes": minimum,
+        "copy_bytes": report.moved,
+        "moved_bytes": moved,
+        "efficiency": None if moved is None else round(minimum / moved, 3),
+        "largest_copies": [f"{m.kind} {human(m.bytes // 2)} x{m.times}" for m in largest if m.bytes > 1 << 20],
+        "memory": report.memory,
+        "hbm_bytes": target.hbm_bytes,
+        "fits": report.memory["peak"] <= target.hbm_bytes,
+        "dots": len(report.dots),
+        "fp8_dots": len(report.fp8_dots()),
+        "fp8_upcast_dots": len(report.fp8_upcast_dots()),
+        "attention_kernels": report.attention_kernels(),
+        "compile_seconds": seconds,
+        "libtpu_bytes_accessed": report.cost_bytes_accessed,
+    }
+
+
+# ---- output -------------------------------------------------------------------------------------
+
+
+def _gb(x) -> str:
+    return "—" if x is None else f"{x / 1e9:.1f}"
+
+
+def markdown(results: dict[str, dict]) -> str:
+    lines = [
+        "| model | weights | target | program | batch | minimum GB | moved GB | efficiency | largest copies "
+        "| peak / HBM GB | fits | fp8 dots (upcast) | attention | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(results, key=_order):
+        r = results[key]
+        model, weights, target, program, batch = key.split("/")
+        if "error" in r:
+            if "RESOURCE_EXHAUSTED" in r["error"]:  # libtpu refuses what cannot fit its HBM
+                need = plan_target.refused(r["error"], 0)["peak"]
+                hbm = targets.get(target).hbm_bytes
+                lines.append(
+                    f"| {model} | {weights} | {target} | {program} | {batch} | | | | compiler refused "
+                    f"| {_gb(need)} / {_gb(hbm)} | **no** | | | |"
+                )
+            else:
+                lines.append(f"| {model} | {weights} | {target} | {program} | {batch} | | | | {r['error'][:90]} |||||")
+            continue
+        fp8 = f"{r['fp8_dots']} ({r['fp8_upcast_dots']})" if weights == "fp8" else "—"
+        attention = ", ".join(f"{k} x{n}" for k, n in r["attention_kernels"].items()) or "—"
+        eff = "—" if r["efficiency"] is None else f"{r['efficiency']:.2f}"
+        lines.append(
+            f"| {model} | {weights} | {r['target']} | {r['program']} | {r['batch']} | {_gb(r['minimum_bytes'])} "
+            f"| {_gb(r['moved_bytes'])} | {eff} | {'; '.join(r['largest_copies']) or '—'} "
+            f"| {_gb(r['memory']['peak'])} / {_gb(r['hbm_bytes'])} | {'yes' if r['fits'] else '**no**'} "
+            f"| {fp8} | {attention} | {r['compile_seconds']} |"
+        )
+    return "\n".join(lines)
+
+
+def _order(key: str):
+    model, weights, target, program, batch = key.split("/")
+    programs = [p for p, _ in PROGRAMS]
+    return (
+        list(CONFIGS).index(model),
+        weights,
+        list(targets.all_targets()).index(target),
+        programs.index(program),
+        int(batch),
+    )
+
+
+def write_docs(results: dict[str, dict], path: pathlib.Path) -> None:
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path}: no {BEGIN} ... {END} markers to write the table between")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    path.write_text(f"{head}{BEGIN}\n{markdown(results)}\n{END}{tail}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", default="benchmarks/results/compiled_targets.json")
+    p.add_argument("--docs", default="docs/TARGETS.md", help="rewrite the table in this file (empty: don't)")
+    p.add_argument("--models", default="8b,70b,405b")
+    p.add_argument("--limit", type=int, default=None, help="compile at most this many new rows")
+    p.add_argument("--programs", default=None, help="only these programs, e.g. train,decode")
+    args = p.parse_args(argv)
+    models = tuple(args.models.split(","))
+    unknown = [m for m in models if m not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; known: {', '.join(CONFIGS)}")
+    out = pathlib.Path(args.json)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    programs = args.programs.split(",") if args.programs else [p for p, _ in PROGRAMS]
+    todo = [r for r in rows_to_run(models) if row_key(*r) not in results and r[3] in programs][: args.limit]
+    for i, row in enumerate(todo):
+        key = row_key(*row)
+        print(f"[{i + 1}/{len(todo)}] {key}", file=sys.stderr, flush=True)
+        try:
+            results[key] = run_row(*row)
+        except Exception as e:  # a program the target's compiler refuses is a result too
+            results[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        out.write_text(json.dumps(results, indent=1) + "\n")
+    if args.docs:
+        write_docs(results, pathlib.Path(args.docs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""The project's jitted programs, lowered for a named target on abstract weights (nothing is allocated).
+
+    setup = Setup.create(config, targets.get("v5p-2"), weights="bf16")
+    lowered = setup.decode_loop(batch=8, context=8192)      # `generate`'s decode loop
+    compiled = lowered.compile()                             # the TPU compiler's program
+
+The programs are the ones users run, called as their callers call them, not copies: `generate`'s
+prefill and decode loop (`decoding.prefill` / `decoding.decode`, with the per-layer decode weights
+where `generate` would make them), the engine's decode burst and chunk prefill (`decoding.burst` /
+`decoding.chunk_prefill`, over a page pool of the engine's layout). Weights are the planner's abstract
+sharded model (`placement.abstract_state`), on the target's devices; every other input is a
+`ShapeDtypeStruct` placed where the program pins it (the cache) or replicated.
+Traced under `platform.lowering_for(<target platform>)`, so attention "auto" picks what it picks there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llama_jax import decoding, fp8, placement, quant, sampler, targets
+from llama_jax.config import LlamaConfig
+from llama_jax.kv_cache import CACHE_AXES, KVCache
+from llama_jax.sampling import SamplingParams
+from llama_jax.targets import Target
+
+# The engine's defaults (`Engine.__init__`): a program of the report is the one an `Engine()` compiles.
+PAGE_SIZE, BLOCK_PAGES, BURST, PREFILL_CHUNK = 64, 4, 16, 256
+WEIGHTS = ("bf16", "fp8")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """A model (abstract, sharded) on a target's mesh, and what its programs need."""
+
+    config: LlamaConfig
+    target: Target
+    weights: str  # "bf16" or "fp8" (the Llama 3.1 FP8 release layout, "fp8" matmul)
+    mesh: jax.sharding.Mesh
+    spec: object  # the `ShardingSpec`
+    graphdef: nnx.GraphDef
+    state: nnx.State
+
+    @classmethod
+    def create(cls, config: LlamaConfig, target: Target, weights: str = "bf16", mesh: dict | None = None) -> Setup:
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights {weights!r}: expected one of {WEIGHTS}")
+        jax_mesh = target.mesh(mesh or target.default_mesh())
+        spec = placement.sharding_spec(jax_mesh, "fsdp_tp")
+        layers = fp8.release_layers(config.n_layers) if weights == "fp8" else None
+        fp8_spec = quant.Fp8Spec(layers, matmul="fp8") if layers else None
+        graphdef, state = placement.abstract_state(config, spec, jnp.bfloat16, fp8_spec)
+        return cls(config, target, weights, jax_mesh, spec, graphdef, state)
+
+    # ---- inputs ---------------------------------------------------------------------------------
+
+    def replicated(self, x) -> jax.ShapeDtypeStruct:
+        """An input of `x`'s shape and dtype (an array or a ShapeDtypeStruct), replicated over the mesh."""
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(self.mesh, PartitionSpec()))
+
+    def place(self, tree, cache_shape: tuple[int, ...] | None = None):
+        """Every leaf abstract and placed: cache-shaped leaves where the model pins the cache, the rest replicated."""
+        cache = None if cache_shape is None else self.spec.sharding(CACHE_AXES, cache_shape)
+
+        def one(x):
+            if cache is not None and tuple(x.shape) == cache_shape:
+                return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cache)
+            return self.replicated(x)
+
+        return jax.tree.map(one, tree)
+
+    @functools.cached_property
+    def model(self):
+        return nnx.merge(self.graphdef, self.state)
+
+    def layer_weights(self, stacked: bool | None = None):
+        """What `generate` and the engine decode with (`decoding.decode_unroll`): per-layer weights where
+        their copy takes at most `LAYER_COPY_BUDGET` of the device's HBM, else (or with `stacked`) the
+        scanned stack. → (layer weights or None, unroll)."""
+        if stacked is None:
+            stacked = self.layer_bytes_per_device() > decoding.LAYER_COPY_BUDGET * self.target.hbm_bytes
+        if stacked:
+            return None, 1
+        graphdef, model = self.graphdef, self.model
+        abstract = jax.eval_shape(lambda s: nnx.merge(graphdef, s).unstack_layers(fuse=False), self.state)
+
+        def rows(abstract_rows, module):  # layer i of a stacked [L, ...] weight: its sharding without "layers"
+            stacked = nnx.to_pure_dict(nnx.state(module))
+            return tuple(
+                jax.tree.map(
+                    lambda x, s: jax.ShapeDtypeStruct(
+                        x.shape, x.dtype, sharding=NamedSharding(self.mesh, PartitionSpec(*s.sharding.spec[1:]))
+                    ),
+                    row,
+                    stacked,
+                )
+                for row in abstract_rows
+            )
+
+        dense = rows(abstract.dense_ffn, model.dense_ffn) if abstract.dense_ffn else ()
+        return dataclasses.replace(abstract, blocks=rows(abstract.blocks, model.layers), dense_ffn=dense), None
+
+    def _layer_states(self):
+        model = self.model
+        return [nnx.state(m) for m in (model.layers, model.dense_ffn) if m is not None]
+
+    def layer_bytes_per_device(self) -> int:
+        total = 0
+        for v in jax.tree.leaves(self._layer_states(), is_leaf=_is_var):
+            x = v.get_value()
+            total += math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+        return total
+
+    # ---- what a decode step must read ------------------------------------------------------------
+
+    def minimum_step_bytes(self, tokens_cached: int) -> int:
+        """Bytes per device one decode step must read: every weight but the embedding table (a step
+        gathers B rows of it) and the K/V of `tokens_cached` tokens (over the whole batch)."""
+        total = 0
+        for path, v in nnx.to_flat_state(self.state):
+            if path[0] == "tok_embeddings":
+                continue
+            x = v.get_value()
+            total += math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+        per_token = 2 * self.config.n_layers * self.config.n_kv_heads * self.config.head_dim * 2
+        return total + tokens_cached * per_token // self.mesh.size
+
+    # ---- the programs ---------------------------------------------------------------------------
+
+    def _lower(self, jitted, *args, **static):
+        with self.tracing():
+            traced = jitted.trace(*args, **static)
+        return traced.lower(lowering_platforms=(self.target.lowering_platform,))
+
+    def tracing(self):
+        return targets.tracing(self.target)
+
+    def _generate_inputs(self, batch: int, prompt: int, context: int):
+        """`decoding.prefill`'s inputs as `generate` passes them (`sampler._prepare`), abstract and placed."""
+        params = SamplingParams(max_new_tokens=context - prompt)
+        cache_shape = placement.cache_shape(self.config, batch, context)
+        cache = self.place(jax.ShapeDtypeStruct(cache_shape, jnp.bfloat16), cache_shape)
+        prompts, lengths, active = self.place(
+            (np.zeros((batch, prompt), np.int32), np.full((batch,), prompt, np.int32), np.ones((batch,), bool))
+        )
+        seeds, streams, knobs, stops = self.place(
+            (
+                np.zeros((batch,), np.uint32),
+                np.arange(batch, dtype=np.int32),
+                params.knobs(),
+                sampler.stop_ids(self.model, params.stop_tokens),
+            )
+        )
+        args = [prompts, lengths, active, KVCache(cache, cache), seeds, streams, knobs, stops]
+        return args, params, cache_shape
+
+    def prefill(self, batch: int, prompt: int, context: int):
+        """`generate`'s prefill of `prompt` tokens per row (chunks of `DEFAULT_PREFILL_CHUNK`), `context` cache."""
+        args, params, _ = self._generate_inputs(batch, prompt, context)
+        return self._lower(decoding.prefill, self.graphdef, self.state, *args, n_out=context - prompt, mode=params.mode)
+
+    def decode_loop(self, batch: int, context: int, stacked: bool | None = None):
+        """`generate`'s decode loop (a `while_loop` of decode steps) over a `context`-entry cache; `stacked`:
+        as `layer_weights` (None: as `generate` decides for this model on this target)."""
+        args, params, cache_shape = self._generate_inputs(batch, 16, context)
+        prefill = functools.partial(decoding.prefill, n_out=context - 16, mode=params.mode)
+        with self.tracing():
+            state = jax.eval_shape(prefill, self.graphdef, self.state, *args)
+        state = self.place(state, cache_shape)
+        layers, unroll = self.layer_weights(stacked)
+        limit = self.place(np.int32(context - 16))
+        return self._lower(
+            decoding.decode,
+            self.graphdef,
+            self.state,
+            layers,
+            state,
+            limit,
+            args[6],
+            args[7],
+            mode=params.mode,
+            unroll=unroll,
+        )
+
+    def _pool(self, slots: int, context: int):
+        n_pages = slots * context // PAGE_SIZE + 1  # every slot full, and the null page
+        shape = (self.config.n_layers, n_pages, PAGE_SIZE, self.config.n_kv_heads, self.config.head_dim)
+        pool = self.place(jax.ShapeDtypeStruct(shape, jnp.bfloat16), shape)
+        table = self.place(np.zeros((slots, context // PAGE_SIZE), np.int32))
+        return pool, table
+
+    def _rows(self, slots: int):
+        params = SamplingParams(max_new_tokens=1)
+        knobs = self.place(np.stack([params.knobs()] * slots))
+        stops = self.place(np.stack([sampler.stop_ids(self.model, params.stop_tokens)] * slots))
+        return params, knobs, stops
+
+    def burst(self, slots: int, context: int):
+        """The engine's decode burst (`BURST` steps) over `slots` slots whose pages hold `context` tokens each."""
+        pool, table = self._pool(slots, context)
+        params, knobs, stops = self._rows(slots)
+        i32 = self.place(np.zeros((slots,), np.int32))
+        layers, unroll = self.layer_weights()
+        rows = (i32, i32, i32, i32, self.place(np.ones((slots,), bool)), self.place(np.zeros((slots,), np.uint32)))
+        return self._lower(
+            decoding.burst,
+            self.graphdef,
+            self.state,
+            layers,
+            pool,
+            pool,
+            table,
+            *rows,
+            knobs,
+            stops,
+            burst=BURST,
+            block_pages=BLOCK_PAGES,
+            mode=params.mode,
+            unroll=unroll,
+        )
+
+    def chunk_prefill(self, slots: int, context: int):
+        """The engine's prefill call: `PREFILL_CHUNK` prompt tokens of `slots` rows into their pages."""
+        pool, table = self._pool(slots, context)
+        params, knobs, stops = self._rows(slots)
+        i32 = self.place(np.zeros((slots,), np.int32))
+        tokens = self.place(np.zeros((slots, PREFILL_CHUNK), np.int32))
+        seeds = self.place(np.zeros((slots,), np.uint32))
+        return self._lower(
+            decoding.chunk_prefill,
+            self.graphdef,
+            self.state,
+            pool,
+            pool,
+            table,
+            tokens,
+            i32,
+            i32,
+            seeds,
+            knobs,
+            stops,
+            block_pages=BLOCK_PAGES,
+            mode=params.mode,
+        )
+
+    def train_step(self, batch: int, seq: int):
+        """One `Trainer` step (full fine-tuning, float32 master weights and AdamW state, the default
+        `TrainConfig`) on `batch` rows of `seq` tokens. The trainer is built inside `jax.eval_shape`,
+        so no master copy of the weights is ever allocated."""
+        from llama_jax.trainer import TrainConfig, Trainer
+
+        built = {}
+
+        def build(state):
+            built["trainer"] = Trainer(nnx.merge(self.graphdef, state), TrainConfig(batch_size=batch))
+            return built["trainer"].params, built["trainer"].opt_state, built["trainer"].frozen
+
+        params, opt_state, frozen = jax.eval_shape(build, self.state)
+        trainer = built["trainer"]
+        param_shardings, opt_shardings = trainer.shardings
+
+        def placed(tree, shardings):
+            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+        trainer.params, trainer.opt_state = placed(params, param_shardings), placed(opt_state, opt_shardings)
+        trainer.frozen = self.place(frozen)
+        ints, floats = (jax.ShapeDtypeStruct((batch, seq), dtype) for dtype in (jnp.int32, jnp.float32))
+        data = {"tokens": ints, "targets": ints, "loss_mask": floats, "positions": ints, "segment_ids": ints}
+        with self.tracing():
+            return trainer.lower_step(data, platforms=(self.target.lowering_platform,))
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
