@@ -57,8 +57,8 @@ WEIGHT_STD = 0.02
 class DefaultCheckpoint(Checkpoint):
     """The default model's random weights as a checkpoint: N(0, 0.02²) matrices and unit norms from `seed`.
 
-    Drawn from numpy's generator (about 1 s) rather than module initialisation, which draws the 32.8M
-    embedding values several times slower on CPU. Parameters are drawn whole (stacked over layers) in
+    Drawn from numpy's generator rather than module initialisation, which draws the embedding's values
+    several times slower on CPU. Parameters are drawn whole (stacked over layers) in
     sorted path order: the same seed gives the same weights.
     """
 

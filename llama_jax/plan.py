@@ -273,7 +273,7 @@ def _start_virtual_devices(n: int) -> None:
     jax.config.update("jax_num_cpu_devices", n)
     # XLA:CPU has no bf16 dot: it converts bf16 operands to f32, and loop-invariant code motion then
     # hoists the convert of every *stacked* weight out of the layer loop, an f32 copy of all weights
-    # (123 GB of temporaries for 405B on 16 devices instead of 23 GB). GPUs and TPUs multiply bf16
+    # (several times the real temporaries of a 405B plan). GPUs and TPUs multiply bf16
     # natively and have no such convert, so the planner compiles without that pass.
     flags = os.environ.get("XLA_FLAGS", "")
     if "--xla_disable_hlo_passes" not in flags:

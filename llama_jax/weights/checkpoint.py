@@ -90,7 +90,7 @@ def _release_mapped_pages(array: ArrayLike) -> None:
 
     Every device has its slice by now. Left mapped, each page read stays resident until the file
     is closed, so RSS climbs by the whole checkpoint while loading (reclaimable page cache, but
-    counted against the process: 0.9 GB peak for a 0.53 GB checkpoint in tests/test_sharding.py).
+    counted against the process; tests/test_sharding.py bounds the peak).
     The mapping is read-only and shared: a page touched again faults back in from the file.
     """
     base = array
