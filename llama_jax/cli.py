@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
-from llama_jax import sampling
+from llama_jax import sampling, settings
 from llama_jax.attention import BACKENDS
 
 __all__ = ["COMMANDS", "build_parser", "main"]
@@ -65,28 +65,29 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_sampling_args(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
+_META_DEFAULTS = dict(temperature=sampling.META_TEMPERATURE, top_p=sampling.META_TOP_P)
+
+
+@settings.declare(sampling.SamplingParams, "top_k", "min_p", "seed", max_new_tokens=64, **_META_DEFAULTS)
+class GenerateSampling:
+    """generate's sampling options: `SamplingParams`' settings, with Meta's chat defaults."""
+
+
+@settings.declare(sampling.SamplingParams, "top_k", "min_p", "seed", max_new_tokens=256, **_META_DEFAULTS)
+class ChatSampling:
+    """chat's sampling options: generate's, with room for a longer reply."""
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser, options) -> None:
     t, p = sampling.META_TEMPERATURE, sampling.META_TOP_P
-    group = parser.add_argument_group(f"sampling (Meta's defaults: temperature {t}, top-p {p})")
-    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
-    group.add_argument("--temperature", type=float, default=t, help="0 = greedy")
-    group.add_argument("--top-p", type=float, default=p, help="nucleus mass, 1 = off")
-    group.add_argument("--top-k", type=int, default=0, help="0 = off")
-    group.add_argument("--min-p", type=float, default=0.0, help="keep p >= min_p * p_max, 0 = off")
-    group.add_argument("--seed", type=int, default=0)
+    settings.add_options(parser.add_argument_group(f"sampling (Meta's defaults: temperature {t}, top-p {p})"), options)
+    parser.set_defaults(sampling_options=options)
 
 
 def _sampling_params(args: argparse.Namespace) -> sampling.SamplingParams:
     """The sampling options as one `SamplingParams` (which validates them: a ValueError names the field);
     the stop tokens are the tokenizer's, set once it is read."""
-    return sampling.SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        seed=args.seed,
-    )
+    return sampling.SamplingParams(**{name: getattr(args, name) for name in settings.declared(args.sampling_options)})
 
 
 def _load(args: argparse.Namespace):
@@ -140,7 +141,7 @@ def register_generate(subparsers) -> None:
     )
     parser.add_argument("--prompt", required=True, help="the text to continue")
     _add_model_args(parser)
-    _add_sampling_args(parser, max_new_tokens=64)
+    _add_sampling_args(parser, GenerateSampling)
     parser.set_defaults(func=generate_main)
 
 
@@ -177,7 +178,7 @@ def register_chat(subparsers) -> None:
     )
     parser.add_argument("--system", help="system prompt")
     _add_model_args(parser)
-    _add_sampling_args(parser, max_new_tokens=256)
+    _add_sampling_args(parser, ChatSampling)
     parser.set_defaults(func=chat_main)
 
 
