@@ -77,7 +77,7 @@ class JobConfig:
 
     input: str | None = setting(None, "JSONL requests (required)", flag=True)
     output: str | None = setting(None, "JSONL results (required); an existing file is resumed", flag=True)
-    errors: str | None = setting(None, "bad lines and failed requests (none: <output>.errors.jsonl)", flag=True)
+    errors: str | None = setting(None, "bad lines and failed requests (none: OUTPUT.errors.jsonl)", flag=True)
     checkpoint: str | None = setting(
         None, "HF, Meta or Orbax directory (none: the embedded model, RANDOM weights)", flag=True
     )
@@ -99,7 +99,7 @@ class JobConfig:
     burst: int = setting(16, "decode steps per jitted call between scheduling steps", flag=True)
     progress: bool = setting(True, "a tqdm bar on stderr", flag=True)
     force_resume: bool = setting(
-        False, "resume an output whose results were made with other settings (<output>.job.json)", flag=True
+        False, "resume an output whose results were made with other settings (OUTPUT.job.json)", flag=True
     )
     peer_timeout_s: float = setting(
         60.0, "several processes: a peer silent this long stops the others (exit 75)", flag="--peer-timeout"
@@ -107,7 +107,7 @@ class JobConfig:
     seed: int = setting(
         0, "the job seed: a request without its own seed samples with request_seed(seed, id)", flag=True, request=True
     )
-    n: int = setting(1, "samples per request; n > 1 writes results <id>#<k>", flag=True, request=True)
+    n: int = setting(1, "samples per request; n > 1 writes results ID#K", flag=True, request=True)
 
 
 # What a request line may hold: its id and prompt, and the settings it may set for itself.
