@@ -70,25 +70,15 @@ __all__ = ["REQUEST_FIELDS", "JobConfig", "job_config", "register", "request_see
     temperature=sampling.META_TEMPERATURE,  # Meta's chat defaults
     top_p=sampling.META_TOP_P,
 )
-class JobConfig:
+class JobConfig(jobs.ModelSettings):
     """A batch job's settings, each declared once (`llama_jax.settings`): `llama_jax/configs/batch.py`'s fields,
-    `--config.<field>` and the flag named on the CLI, and (per request) a request line's field. The sampling
-    settings are `SamplingParams`' own, with the job's defaults; a request's own fields override them."""
+    `--config.<field>` and the flag named on the CLI, and (per request) a request line's field. The model's
+    are `jobs.ModelSettings`'; the sampling ones `SamplingParams`', with the job's defaults (a request's own
+    fields override them)."""
 
     input: str | None = setting(None, "JSONL requests (required)", flag=True)
     output: str | None = setting(None, "JSONL results (required); an existing file is resumed", flag=True)
     errors: str | None = setting(None, "bad lines and failed requests (none: OUTPUT.errors.jsonl)", flag=True)
-    checkpoint: str | None = setting(
-        None, "HF, Meta or Orbax directory (none: the embedded model, RANDOM weights)", flag=True
-    )
-    tokenizer: str | None = setting(None, "tokenizer.model (none: the checkpoint's)", flag=True)
-    dtype: str | None = setting(None, "none: bfloat16 for a checkpoint, float32 for the embedded model", flag=True)
-    mesh: str | None = setting(
-        None, "e.g. data=8, data=2,tensor=4, data=-1 (every device); none: one device", flag=True
-    )
-    rules: str = setting("fsdp_tp", "sharding strategy on the mesh: dp, fsdp, tp, fsdp_tp")
-    attention: str = setting("auto", "attention backend: auto, dense, blockwise, cudnn, splash", flag=True)
-    fp8_matmul: str = setting("auto", "FP8 checkpoints: auto, fp8 (fp8 GEMMs) or dequant", flag=True)
     batch_size: int = setting(
         32, "decode slots: requests run together (rounded up to a power of two >= data parallelism)", flag=True
     )

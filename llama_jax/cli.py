@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import pathlib
 import sys
 import time
 from collections.abc import Callable, Iterator
 
-from llama_jax import sampling, settings
-from llama_jax.attention import BACKENDS
+from llama_jax import jobs, sampling, settings
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -34,35 +32,9 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 # ---- shared options and helpers ------------------------------------------------------------------------
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint",
-        type=pathlib.Path,
-        help="HF or Meta checkpoint directory (default: the embedded model, RANDOM weights)",
-    )
-    parser.add_argument(
-        "--tokenizer",
-        type=pathlib.Path,
-        help="tokenizer.model (default: found in the checkpoint, or llama-models' Llama 3 one)",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=("bfloat16", "float32"),
-        help="weights and compute dtype (default: bfloat16 for checkpoints, float32 for the default)",
-    )
-    parser.add_argument(
-        "--attention",
-        choices=BACKENDS,
-        default="auto",
-        help="attention backend (default auto: blockwise on CPU, cudnn on GPU, splash on TPU)",
-    )
-    parser.add_argument(
-        "--fp8-matmul",
-        choices=("auto", "fp8", "dequant"),
-        default="auto",
-        help="FP8 checkpoints: fp8×fp8 GEMMs ('fp8'), upcast in the matmul ('dequant'), or by "
-        "device ('auto', default: fp8 on GPUs with FP8 tensor cores)",
-    )
+@settings.declare(jobs.ModelSettings, "checkpoint", "tokenizer", "dtype", "attention", "fp8_matmul")
+class ModelOptions:
+    """generate's and chat's model options: the jobs' (`jobs.ModelSettings`), all but the mesh and its rules."""
 
 
 _META_DEFAULTS = dict(temperature=sampling.META_TEMPERATURE, top_p=sampling.META_TOP_P)
@@ -92,15 +64,7 @@ def _sampling_params(args: argparse.Namespace) -> sampling.SamplingParams:
 
 def _load(args: argparse.Namespace):
     """(model, tokenizer) from the model options, the one way every job gets them (`jobs.load_model`)."""
-    from llama_jax.jobs import load_model
-
-    return load_model(
-        args.checkpoint,
-        tokenizer=args.tokenizer,
-        dtype=args.dtype,
-        attention=args.attention,
-        fp8_matmul=args.fp8_matmul,
-    )
+    return jobs.load_model(**{name: getattr(args, name) for name in settings.declared(ModelOptions)})
 
 
 def _stream_text(tokenizer, tokens: Iterator[int], out) -> tuple[list[int], object]:
@@ -140,7 +104,7 @@ def register_generate(subparsers) -> None:
         description="Continue --prompt (BOS prepended), streaming the text.",
     )
     parser.add_argument("--prompt", required=True, help="the text to continue")
-    _add_model_args(parser)
+    settings.add_options(parser, ModelOptions)
     _add_sampling_args(parser, GenerateSampling)
     parser.set_defaults(func=generate_main)
 
@@ -177,7 +141,7 @@ def register_chat(subparsers) -> None:
         "dialog outgrows the context, the oldest turns are dropped (the system message stays).",
     )
     parser.add_argument("--system", help="system prompt")
-    _add_model_args(parser)
+    settings.add_options(parser, ModelOptions)
     _add_sampling_args(parser, ChatSampling)
     parser.set_defaults(func=chat_main)
 

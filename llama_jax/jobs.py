@@ -18,10 +18,12 @@ import os
 import pathlib
 import sys
 
+from llama_jax import settings
 from llama_jax.atomic import fsync_dir, write_atomically  # the shared atomic writer, re-exported for the jobs
-from llama_jax.settings import add_config_arguments, config_from_args, config_from_mapping  # re-exported too
+from llama_jax.settings import add_config_arguments, config_from_args, config_from_mapping, setting  # re-exported too
 
 __all__ = [
+    "ModelSettings",
     "add_config_arguments",
     "check_backends",
     "check_job",
@@ -124,7 +126,36 @@ def check_backends(dtype, attention: str = "auto", fp8_matmul: str = "auto") -> 
     select(attention, platform=platform.target(), dtype=dtype, q_len=1, kv_len=1, q_offset=False)
 
 
-_MODEL_FIELDS = ("checkpoint", "tokenizer", "dtype", "mesh", "rules", "attention", "fp8_matmul")
+@settings.declare()
+class ModelSettings:
+    """How a job (and generate, chat) gets its model: these settings' one declaration (`llama_jax.settings`)."""
+
+    checkpoint: str | None = setting(
+        None, "HF, Meta or Orbax directory (none: the embedded model, RANDOM weights)", flag=True
+    )
+    tokenizer: str | None = setting(
+        None, "tokenizer.model (none: the checkpoint's, or llama-models' Llama 3 one)", flag=True
+    )
+    dtype: str | None = setting(
+        None, "bfloat16 or float32 (none: bfloat16 for a checkpoint, float32 for the embedded model)", flag=True
+    )
+    mesh: str | None = setting(
+        None, "e.g. data=8, data=2,tensor=4, data=-1 (every device); none: one device", flag=True
+    )
+    rules: str = setting("fsdp_tp", "sharding strategy on the mesh: dp, fsdp, tp, fsdp_tp")
+    attention: str = setting(
+        "auto",
+        "attention backend: auto (blockwise on CPU, cudnn on GPU, splash on TPU), dense, blockwise, cudnn, splash",
+        flag=True,
+    )
+    fp8_matmul: str = setting(
+        "auto",
+        "FP8 checkpoints: fp8 (fp8 GEMMs), dequant (upcast in the matmul) or auto (fp8 on FP8-tensor-core GPUs)",
+        flag=True,
+    )
+
+
+_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSettings))
 
 
 def load_job_model(job, **overrides):
@@ -163,6 +194,7 @@ def load_model(
     from llama_jax.sharding.mesh import make_mesh
     from llama_jax.tokenizer import Tokenizer
 
+    checkpoint = None if checkpoint is None else pathlib.Path(checkpoint)  # a flag's text or a caller's path
     dtype = dtype or ("float32" if checkpoint is None else "bfloat16")
     check_backends(dtype, attention, fp8_matmul)
     mesh = make_mesh(mesh) if mesh else None

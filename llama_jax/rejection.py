@@ -53,16 +53,15 @@ Scorer = Callable[[Mapping[str, Any], Mapping[str, Any]], float]
 
 @settings.declare(
     batch.JobConfig,
-    *("input", "output", "checkpoint", "tokenizer", "dtype", "mesh", "rules", "batch_size", "progress", "force_resume"),
-    *("seed", "max_new_tokens", "top_k", "min_p"),
+    *("input", "output", "batch_size", "progress", "force_resume", "seed", "max_new_tokens", "top_k", "min_p"),
     n=4,
     temperature=0.8,
     top_p=0.95,
 )
-class RejectionConfig:
+class RejectionConfig(jobs.ModelSettings):
     """The job's settings: `llama_jax/configs/rejection.py`'s fields, `--config.<field>` and the flag named
-    on the CLI. Its own are declared here; those it shares with the batch job (files, model, sampling) are
-    the batch job's (`batch.JobConfig`), with this job's defaults."""
+    on the CLI. Its own are declared here; the model's are `jobs.ModelSettings`'; those it shares with the
+    batch job (files, sampling) are the batch job's (`batch.JobConfig`), with this job's defaults."""
 
     output_kind: str = setting("best", "best (SFT data) or pairs (best vs worst: DPO data)", flag=True)
     scorer: str | None = setting(None, "module:function, score(request, sample) -> float", flag=True)
@@ -362,9 +361,7 @@ def main(args: argparse.Namespace) -> int:
         if job.reward_model is not None:
             # The reward model reads the policy's tokens: it is loaded with the policy's tokenizer.
             policy_tokenizer = jobs.tokenizer_file(job.checkpoint, job.tokenizer)
-            reward_model, _ = jobs.load_model(
-                job.reward_model, tokenizer=policy_tokenizer, dtype=job.dtype, mesh=job.mesh, rules=job.rules
-            )
+            reward_model, _ = jobs.load_job_model(job, checkpoint=job.reward_model, tokenizer=policy_tokenizer)
             reward = reward_scorer(
                 reward_model,
                 tokenizer,

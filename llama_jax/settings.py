@@ -143,7 +143,8 @@ def _add_flag(parser, field: dataclasses.Field, kind, default, *extra: str) -> N
         parser.add_argument(about.flag, dest=field.name, action="store_const", const=not field.default, default=default)
         names = []
     if names or extra:
-        help_text = f"{text} (default {field.default!r})" if text else f"default {field.default!r}"
+        shown = "none" if field.default is None else repr(field.default)
+        help_text = f"{text} (default {shown})" if text else f"default {shown}"
         parser.add_argument(
             *names, *extra, dest=field.name, type=_parse_value(kind, field.name), default=default, help=help_text
         )

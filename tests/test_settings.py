@@ -23,14 +23,19 @@ from llama_jax.sampling import SamplingParams
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# command -> (the class declaring its settings, the arguments it needs besides them, its --config preset)
+# command -> (the classes declaring its settings, the arguments it needs besides them, its --config preset)
 COMMANDS = {
-    "generate": (cli.GenerateSampling, ["--prompt", "x"], None),
-    "chat": (cli.ChatSampling, [], None),
-    "batch": (JobConfig, [], "batch"),
-    "rejection": (RejectionConfig, [], "rejection"),
+    "generate": ((cli.ModelOptions, cli.GenerateSampling), ["--prompt", "x"], None),
+    "chat": ((cli.ModelOptions, cli.ChatSampling), [], None),
+    "batch": ((JobConfig,), [], "batch"),
+    "rejection": ((RejectionConfig,), [], "rejection"),
 }
-SETTINGS = [(command, name) for command, (cls, _, _) in COMMANDS.items() for name in settings.declared(cls)]
+SETTINGS = [
+    (command, cls, name)
+    for command, (classes, _, _) in COMMANDS.items()
+    for cls in classes
+    for name in settings.declared(cls)
+]
 
 
 def other_value(kind, default):
@@ -46,16 +51,15 @@ def other_value(kind, default):
 
 
 def parse(command: str, *options: str):
-    cls, needed, _ = COMMANDS[command]
+    (cls, *_), needed, _ = COMMANDS[command]
     args = cli.build_parser(command).parse_args([command, *needed, *options])
     if command in ("generate", "chat"):
         return args
     return jobs.config_from_args(cls, args)
 
 
-@pytest.mark.parametrize("command, name", SETTINGS, ids=[f"{c}-{n}" for c, n in SETTINGS])
-def test_every_setting_is_a_flag_of_its_command_with_the_declared_default(command, name):
-    cls = COMMANDS[command][0]
+@pytest.mark.parametrize("command, cls, name", SETTINGS, ids=[f"{c}-{n}" for c, _, n in SETTINGS])
+def test_every_setting_is_a_flag_of_its_command_with_the_declared_default(command, cls, name):
     field = settings.declared(cls)[name]
     flag = settings.flag(cls, name)
     assert getattr(parse(command), name) == field.default
@@ -73,7 +77,7 @@ def test_every_setting_is_a_flag_of_its_command_with_the_declared_default(comman
 
 @pytest.mark.parametrize("command", ["batch", "rejection"])
 def test_every_job_setting_is_a_field_of_its_preset(command):
-    cls, _, preset = COMMANDS[command]
+    (cls,), _, preset = COMMANDS[command]
     config = load_config_file(preset).to_dict()
     assert set(config) == {f.name for f in dataclasses.fields(cls)}
     if command == "batch":  # the template: every default as declared
@@ -83,14 +87,15 @@ def test_every_job_setting_is_a_field_of_its_preset(command):
 def test_a_shared_setting_is_its_source_declaration_with_the_commands_default():
     """A command that offers another class's setting keeps its type, help, flag and request-ness."""
     sources = {cli.GenerateSampling: SamplingParams, cli.ChatSampling: SamplingParams, RejectionConfig: JobConfig}
-    sources[JobConfig] = SamplingParams
+    sources |= {JobConfig: SamplingParams, cli.ModelOptions: jobs.ModelSettings}
     for cls, source in sources.items():
         own, theirs = settings.declared(cls), settings.declared(source)
         shared = [name for name in own if name in theirs and own[name].metadata == theirs[name].metadata]
         assert shared, cls
         for name in shared:
             assert typing.get_type_hints(cls)[name] == typing.get_type_hints(source)[name]
-    assert {settings.flag(cls, "temperature") for cls, _, _ in COMMANDS.values()} == {"--temperature"}
+    assert {settings.flag(classes[-1], "temperature") for classes, _, _ in COMMANDS.values()} == {"--temperature"}
+    assert {settings.flag(classes[0], "fp8_matmul") for classes, _, _ in COMMANDS.values()} == {"--fp8-matmul"}
     assert [cli.GenerateSampling().max_new_tokens, cli.ChatSampling().max_new_tokens] == [64, 256]
     assert (JobConfig().temperature, JobConfig().top_p) == (0.6, 0.9)  # Meta's chat defaults
     assert (RejectionConfig().temperature, RejectionConfig().top_p, RejectionConfig().n) == (0.8, 0.95, 4)
