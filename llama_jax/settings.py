@@ -140,7 +140,9 @@ def _add_flag(parser, field: dataclasses.Field, kind, default, *extra: str) -> N
     text = about.help.replace("%", "%%")
     names = [about.flag] if about.flag else []
     if about.flag and _base(kind) is bool:  # a switch, and --config.<field>=true|false beside it
-        parser.add_argument(about.flag, dest=field.name, action="store_const", const=not field.default, default=default)
+        parser.add_argument(
+            about.flag, dest=field.name, action="store_const", const=not field.default, default=default, help=text
+        )
         names = []
     if names or extra:
         shown = "none" if field.default is None else repr(field.default)
