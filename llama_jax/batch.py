@@ -41,10 +41,9 @@ from typing import Any
 
 import jax
 
-from llama_jax import atomic, engine, jobs, sampler, sampling
+from llama_jax import atomic, engine, jobs, sampler, sampling, settings
 from llama_jax.batch_files import (
     DONE,
-    SAMPLING_FIELDS,
     JobRequest,
     Reader,
     Results,
@@ -55,44 +54,56 @@ from llama_jax.batch_files import (
     request_seed,
     result_line,
 )
+from llama_jax.sampling import SamplingParams
+from llama_jax.settings import setting
 from llama_jax.sharding import distributed
 
-__all__ = ["JobConfig", "job_config", "register", "request_seed", "run_batch"]
-
-# The job's fields that decide a result besides the model: the per-request defaults and the job seed.
-_DECISIVE = (*SAMPLING_FIELDS, "seed", "n")
+__all__ = ["REQUEST_FIELDS", "JobConfig", "job_config", "register", "request_seed", "run_batch"]
 
 
-@dataclasses.dataclass(frozen=True)
-class JobConfig:
-    """A batch job's settings: the fields of `llama_jax/configs/batch.py`, each also `--config.<field>` on the CLI."""
+@settings.declare(
+    SamplingParams,
+    "top_k",
+    "min_p",
+    "top_logprobs",
+    max_new_tokens=256,
+    temperature=sampling.META_TEMPERATURE,  # Meta's chat defaults
+    top_p=sampling.META_TOP_P,
+)
+class JobConfig(jobs.ModelSettings):
+    """A batch job's settings, each declared once (`llama_jax.settings`): `llama_jax/configs/batch.py`'s fields,
+    `--config.<field>` and the flag named on the CLI, and (per request) a request line's field. The model's
+    are `jobs.ModelSettings`'; the sampling ones `SamplingParams`', with the job's defaults (a request's own
+    fields override them)."""
 
-    input: str | None = None  # JSONL requests
-    output: str | None = None  # JSONL results
-    errors: str | None = None  # bad lines and failures (default: <output>.errors.jsonl)
-    checkpoint: str | None = None  # HF / Meta / Orbax directory (None: the embedded model, RANDOM weights)
-    tokenizer: str | None = None  # tokenizer.model (default: found in the checkpoint)
-    dtype: str | None = None  # bfloat16 for checkpoints, float32 for the embedded model
-    mesh: str | None = None  # e.g. "data=8" or "data=2,tensor=4" (None: one device)
-    rules: str = "fsdp_tp"  # sharding strategy on the mesh: dp, fsdp, tp, fsdp_tp
-    attention: str = "auto"  # attention backend: auto | dense | blockwise | cudnn | splash (llama_jax/attention.py)
-    fp8_matmul: str = "auto"  # FP8 checkpoints: auto | fp8 | dequant (llama_jax.platform.fp8_matmul)
-    batch_size: int = 32  # decode slots: requests run together (rounded up to a power of two >= data parallelism)
-    kv_pages: int | None = None  # KV cache pages per engine (None: batch_size x 2,048 tokens' worth)
-    page_size: int = 64  # positions per KV page (prefix sharing works in whole pages)
-    burst: int = 16  # decode steps per jitted call between scheduling
-    progress: bool = True  # a tqdm bar on stderr
-    force_resume: bool = False  # resume an output whose results were made with other settings (<output>.job.json)
-    peer_timeout_s: float = 60.0  # several processes: a peer silent this long stops the others (exit 75)
-    # Per-request defaults; a request's own fields override them.
-    max_new_tokens: int = 256
-    temperature: float = sampling.META_TEMPERATURE  # Meta's defaults (0 = greedy)
-    top_p: float = sampling.META_TOP_P
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int = 0  # job seed: a request without `seed` gets request_seed(seed, id)
-    n: int = 1  # samples per request (n > 1: results "<id>#<k>")
-    top_logprobs: int = 0  # K > 0: record the K most likely tokens per step (distillation data)
+    input: str | None = setting(None, "JSONL requests (required)", flag=True)
+    output: str | None = setting(None, "JSONL results (required); an existing file is resumed", flag=True)
+    errors: str | None = setting(None, "bad lines and failed requests (none: OUTPUT.errors.jsonl)", flag=True)
+    batch_size: int = setting(
+        32, "decode slots: requests run together (rounded up to a power of two >= data parallelism)", flag=True
+    )
+    kv_pages: int | None = setting(
+        None, "KV cache pages per engine (none: batch_size x 2,048 tokens' worth)", flag=True
+    )
+    page_size: int = setting(64, "positions per KV page (prefix sharing works in whole pages)", flag=True)
+    burst: int = setting(16, "decode steps per jitted call between scheduling steps", flag=True)
+    progress: bool = setting(True, "a tqdm bar on stderr", flag=True)
+    force_resume: bool = setting(
+        False, "resume an output whose results were made with other settings (OUTPUT.job.json)", flag=True
+    )
+    peer_timeout_s: float = setting(
+        60.0, "several processes: a peer silent this long stops the others (exit 75)", flag="--peer-timeout"
+    )
+    seed: int = setting(
+        0, "the job seed: a request without its own seed samples with request_seed(seed, id)", flag=True, request=True
+    )
+    n: int = setting(1, "samples per request; n > 1 writes results ID#K", flag=True, request=True)
+
+
+# What a request line may hold: its id and prompt, and the settings it may set for itself.
+REQUEST_FIELDS = frozenset({"id", "prompt", "messages", *settings.request_fields(JobConfig)})
+# What decides a result besides the model: the per-request defaults (with the job seed and n).
+_DECISIVE = settings.request_fields(JobConfig)
 
 
 # ---- the job ----------------------------------------------------------------------------------------------
@@ -293,33 +304,6 @@ def run_batch(
 # ---- loading and the command line ---------------------------------------------------------------------------
 
 
-# Plain aliases for the settings one sets on every run; every field is also --config.<field>.
-_ALIASES = {
-    "input": "--input",
-    "output": "--output",
-    "errors": "--errors",
-    "checkpoint": "--checkpoint",
-    "tokenizer": "--tokenizer",
-    "dtype": "--dtype",
-    "mesh": "--mesh",
-    "attention": "--attention",
-    "batch_size": "--batch-size",
-    "fp8_matmul": "--fp8-matmul",
-    "max_new_tokens": "--max-new-tokens",
-    "temperature": "--temperature",
-    "top_p": "--top-p",
-    "top_k": "--top-k",
-    "min_p": "--min-p",
-    "seed": "--seed",
-    "top_logprobs": "--top-logprobs",
-    "n": "--n",
-    "kv_pages": "--kv-pages",
-    "page_size": "--page-size",
-    "burst": "--burst",
-    "peer_timeout_s": "--peer-timeout",
-}
-
-
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "batch",
@@ -328,9 +312,7 @@ def register(subparsers) -> None:
         epilog="Settings come from JobConfig's defaults, then --config FILE (a get_config() file such as "
         "llama_jax/configs/batch.py), then the options given here. Formats: docs/BATCH.md.",
     )
-    jobs.add_config_arguments(parser, JobConfig, _ALIASES)
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
-    parser.add_argument("--force-resume", dest="force_resume", action="store_true", default=argparse.SUPPRESS)
+    settings.add_config_arguments(parser, JobConfig)
     parser.set_defaults(func=main)
 
 

@@ -19,12 +19,11 @@ import os
 import pathlib
 from collections.abc import Iterator, Mapping
 
-from llama_jax import atomic, jobs, sampler, sampling
+from llama_jax import atomic, jobs, sampler, sampling, settings
 from llama_jax.sampling import SamplingParams
 
 __all__ = [
     "DONE",
-    "REQUEST_FIELDS",
     "SAMPLING_FIELDS",
     "BadLine",
     "JobRequest",
@@ -34,8 +33,8 @@ __all__ = [
     "request_seed",
 ]
 
-SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "top_logprobs")
-REQUEST_FIELDS = {"id", "prompt", "messages", "seed", "n", *SAMPLING_FIELDS}
+# The `SamplingParams` settings a request line may set (the seed is per sample: `JobRequest.samples`).
+SAMPLING_FIELDS = settings.request_fields(SamplingParams)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +117,8 @@ class Reader:
         self.tokenizer = tokenizer
         self.config = model_config
         self.defaults = defaults
+        # What a line may hold: its id and prompt, and the settings of the job's that a request may set.
+        self.fields = {"id", "prompt", "messages", *settings.request_fields(type(defaults))}
         self.first_line: dict[str, int] = {}  # id key -> line of its first appearance
         self.order: dict[str, float] = {}  # result id key -> its place in the output (input line, sample)
         try:
@@ -177,9 +178,9 @@ class Reader:
         todo = [k for k, sample_id in enumerate(ids) if id_key(sample_id) not in self.done]
         if not todo:
             return DONE
-        unknown = sorted(set(record) - REQUEST_FIELDS)
+        unknown = sorted(set(record) - self.fields)
         if unknown:
-            raise BadLine(unknown[0], f"unknown field(s) {unknown}; expected a subset of {sorted(REQUEST_FIELDS)}")
+            raise BadLine(unknown[0], f"unknown field(s) {unknown}; expected a subset of {sorted(self.fields)}")
         vocab = self.config.vocab_size
         sampling = _sampling({k: record.get(k, getattr(self.defaults, k)) for k in SAMPLING_FIELDS}, vocab)
         if "seed" in record:

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import pathlib
 import sys
 import time
 from collections.abc import Callable, Iterator
 
-from llama_jax import sampling
-from llama_jax.attention import BACKENDS
+from llama_jax import jobs, sampling, settings
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -34,72 +32,39 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 # ---- shared options and helpers ------------------------------------------------------------------------
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint",
-        type=pathlib.Path,
-        help="HF or Meta checkpoint directory (default: the embedded model, RANDOM weights)",
-    )
-    parser.add_argument(
-        "--tokenizer",
-        type=pathlib.Path,
-        help="tokenizer.model (default: found in the checkpoint, or llama-models' Llama 3 one)",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=("bfloat16", "float32"),
-        help="weights and compute dtype (default: bfloat16 for checkpoints, float32 for the default)",
-    )
-    parser.add_argument(
-        "--attention",
-        choices=BACKENDS,
-        default="auto",
-        help="attention backend (default auto: blockwise on CPU, cudnn on GPU, splash on TPU)",
-    )
-    parser.add_argument(
-        "--fp8-matmul",
-        choices=("auto", "fp8", "dequant"),
-        default="auto",
-        help="FP8 checkpoints: fp8×fp8 GEMMs ('fp8'), upcast in the matmul ('dequant'), or by "
-        "device ('auto', default: fp8 on GPUs with FP8 tensor cores)",
-    )
+@settings.declare(jobs.ModelSettings, "checkpoint", "tokenizer", "dtype", "attention", "fp8_matmul")
+class ModelOptions:
+    """generate's and chat's model options: the jobs' (`jobs.ModelSettings`), all but the mesh and its rules."""
 
 
-def _add_sampling_args(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
+_META_DEFAULTS = dict(temperature=sampling.META_TEMPERATURE, top_p=sampling.META_TOP_P)
+
+
+@settings.declare(sampling.SamplingParams, "top_k", "min_p", "seed", max_new_tokens=64, **_META_DEFAULTS)
+class GenerateSampling:
+    """generate's sampling options: `SamplingParams`' settings, with Meta's chat defaults."""
+
+
+@settings.declare(sampling.SamplingParams, "top_k", "min_p", "seed", max_new_tokens=256, **_META_DEFAULTS)
+class ChatSampling:
+    """chat's sampling options: generate's, with room for a longer reply."""
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser, options) -> None:
     t, p = sampling.META_TEMPERATURE, sampling.META_TOP_P
-    group = parser.add_argument_group(f"sampling (Meta's defaults: temperature {t}, top-p {p})")
-    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
-    group.add_argument("--temperature", type=float, default=t, help="0 = greedy")
-    group.add_argument("--top-p", type=float, default=p, help="nucleus mass, 1 = off")
-    group.add_argument("--top-k", type=int, default=0, help="0 = off")
-    group.add_argument("--min-p", type=float, default=0.0, help="keep p >= min_p * p_max, 0 = off")
-    group.add_argument("--seed", type=int, default=0)
+    settings.add_options(parser.add_argument_group(f"sampling (Meta's defaults: temperature {t}, top-p {p})"), options)
+    parser.set_defaults(sampling_options=options)
 
 
 def _sampling_params(args: argparse.Namespace) -> sampling.SamplingParams:
     """The sampling options as one `SamplingParams` (which validates them: a ValueError names the field);
     the stop tokens are the tokenizer's, set once it is read."""
-    return sampling.SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        seed=args.seed,
-    )
+    return sampling.SamplingParams(**{name: getattr(args, name) for name in settings.declared(args.sampling_options)})
 
 
 def _load(args: argparse.Namespace):
     """(model, tokenizer) from the model options, the one way every job gets them (`jobs.load_model`)."""
-    from llama_jax.jobs import load_model
-
-    return load_model(
-        args.checkpoint,
-        tokenizer=args.tokenizer,
-        dtype=args.dtype,
-        attention=args.attention,
-        fp8_matmul=args.fp8_matmul,
-    )
+    return jobs.load_model(**{name: getattr(args, name) for name in settings.declared(ModelOptions)})
 
 
 def _stream_text(tokenizer, tokens: Iterator[int], out) -> tuple[list[int], object]:
@@ -139,8 +104,8 @@ def register_generate(subparsers) -> None:
         description="Continue --prompt (BOS prepended), streaming the text.",
     )
     parser.add_argument("--prompt", required=True, help="the text to continue")
-    _add_model_args(parser)
-    _add_sampling_args(parser, max_new_tokens=64)
+    settings.add_options(parser, ModelOptions)
+    _add_sampling_args(parser, GenerateSampling)
     parser.set_defaults(func=generate_main)
 
 
@@ -176,8 +141,8 @@ def register_chat(subparsers) -> None:
         "dialog outgrows the context, the oldest turns are dropped (the system message stays).",
     )
     parser.add_argument("--system", help="system prompt")
-    _add_model_args(parser)
-    _add_sampling_args(parser, max_new_tokens=256)
+    settings.add_options(parser, ModelOptions)
+    _add_sampling_args(parser, ChatSampling)
     parser.set_defaults(func=chat_main)
 
 

@@ -263,6 +263,37 @@ def is_llama2_params(params: Mapping[str, Any], source: str = "params.json") -> 
 # The presets shipped in the package: `get_config()` per model size and per job.
 PRESETS_DIR = pathlib.Path(__file__).parent / "configs"
 
+# Meta's params.json of each published size (llama-models `sku_list.py`), the one table the model presets
+# of `llama_jax/configs/` read (`model_preset`); the FFN width follows from `ffn_dim_multiplier` and
+# `multiple_of` as Meta derives it.
+_LLAMA3 = dict(
+    vocab_size=LLAMA3_VOCAB_SIZE, norm_eps=1e-05, rope_theta=500000.0, use_scaled_rope=True, max_seq_len=131072
+)
+_LLAMA3_2 = dict(_LLAMA3, ffn_dim_multiplier=1.5, multiple_of=256, rope_scaling_factor=32.0, tie_embeddings=True)
+_LLAMA2 = dict(
+    vocab_size=32000, norm_eps=1e-05, rope_theta=LLAMA2_ROPE_THETA, use_scaled_rope=False, max_seq_len=LLAMA2_CONTEXT
+)
+_8B = dict(_LLAMA3, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=1024)
+_1B = dict(_LLAMA3_2, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8)
+MODEL_PARAMS: dict[str, dict[str, Any]] = {
+    "llama3_1_8b": _8B,
+    "llama3_1_70b": dict(_8B, dim=8192, n_layers=80, n_heads=64, multiple_of=4096),
+    "llama3_1_405b": dict(_8B, dim=16384, n_layers=126, n_heads=128, ffn_dim_multiplier=1.2, multiple_of=4096),
+    "llama3_2_1b": _1B,
+    "llama3_2_3b": dict(_LLAMA3_2, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim_multiplier=1.0),
+    "llama_guard3_8b": dict(_8B, use_scaled_rope=False),  # Meta lists it without rope scaling
+    "llama_guard3_1b": _1B,
+    "llama2_7b": dict(_LLAMA2, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, multiple_of=256),
+    "tiny": dict(_LLAMA3, vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32),
+}
+
+
+def model_preset(name: str):
+    """The `get_config()` of model preset `name`: an ml-collections dict whose `model` is `MODEL_PARAMS[name]`."""
+    import ml_collections
+
+    return ml_collections.ConfigDict({"model": dict(MODEL_PARAMS[name])})
+
 
 def presets() -> list[str]:
     """The names `--config` accepts besides a path: the modules of `llama_jax/configs/`."""

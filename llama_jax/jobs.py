@@ -3,27 +3,27 @@
     defaults of the dataclass  <  --config FILE (a `get_config()` ml-collections file)  <  options given
 
 Every field is also `--config.<field>=VALUE` on the command line (ml-collections' override style),
-and the common ones have a plain alias (`--steps`, `--checkpoint`). And the one way a job gets its
-model: a checkpoint (or the embedded default), on a mesh when one is given, with its tokenizer, every
-setting checked before a weight is read (`check_job`, `check_backends`). And
-how their outputs reach the disk: whole JSON lines, files replaced atomically (temporary + rename + fsync).
+and the common ones have a plain flag (`--steps`, `--checkpoint`): all of it derived from the fields'
+declarations (`llama_jax.settings`). And the one way a job gets its model: a checkpoint (or the
+embedded default), on a mesh when one is given, with its tokenizer, every setting checked before a
+weight is read (`check_job`, `check_backends`). And how their outputs reach the disk: whole JSON lines,
+files replaced atomically (temporary + rename + fsync).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import pathlib
 import sys
-import typing
-from collections.abc import Mapping
-from typing import Any
 
+from llama_jax import settings
 from llama_jax.atomic import fsync_dir, write_atomically  # the shared atomic writer, re-exported for the jobs
+from llama_jax.settings import add_config_arguments, config_from_args, config_from_mapping, setting  # re-exported too
 
 __all__ = [
+    "ModelSettings",
     "add_config_arguments",
     "check_backends",
     "check_job",
@@ -37,76 +37,6 @@ __all__ = [
     "tokenizer_file",
     "write_atomically",
 ]
-
-
-def config_from_mapping(cls, values: Mapping[str, Any], *, source: str):
-    """`cls(**values)`, refusing unknown fields by name (a typo must not silently keep a default)."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{source}: unknown field(s) {unknown}; expected a subset of {sorted(known)}")
-    hints = typing.get_type_hints(cls)
-    values = {k: tuple(v) if _base(hints[k]) is tuple and isinstance(v, list) else v for k, v in values.items()}
-    return cls(**values)
-
-
-def _base(kind):
-    """The type of a field, without `| None`; `tuple[str, ...]` → tuple."""
-    args = typing.get_args(kind)
-    if type(None) in args:  # X | None
-        kind = next(t for t in args if t is not type(None))
-    return typing.get_origin(kind) or kind
-
-
-def _parse_value(kind, name: str):
-    """An argparse `type` for a field: its type, "none" for optional ones, true/false for bools, a,b,c for tuples."""
-    optional = type(None) in typing.get_args(kind)
-    base = _base(kind)
-
-    def parse(text: str):
-        if optional and text.lower() in ("none", "null"):
-            return None
-        if base is bool:
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise argparse.ArgumentTypeError(f"{name}: expected true or false, got {text!r}")
-            return text.lower() in ("true", "1")
-        if base is tuple:
-            return tuple(part.strip() for part in text.split(",") if part.strip())
-        try:
-            return base(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected {base.__name__}, got {text!r}") from None
-
-    return parse
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, cls, aliases: Mapping[str, str] = ()) -> None:
-    """`--config NAME|FILE` and `--config.<field>` for every field of `cls`; `aliases` maps fields to plain flags."""
-    parser.add_argument("--config", help="the job's get_config(): a packaged preset's name or a .py file")
-    hints = typing.get_type_hints(cls)
-    aliases = dict(aliases)
-    for field in dataclasses.fields(cls):
-        names = [aliases[field.name]] if field.name in aliases else []
-        parser.add_argument(
-            *names,
-            f"--config.{field.name}",
-            dest=field.name,
-            default=argparse.SUPPRESS,
-            type=_parse_value(hints[field.name], field.name),
-            help=f"default {field.default!r}",
-        )
-
-
-def config_from_args(cls, args: argparse.Namespace):
-    """The dataclass's defaults, overridden by `--config FILE`, overridden by the options given."""
-    from llama_jax.config import load_config_file
-
-    values: dict[str, Any] = {}
-    if args.config is not None:
-        values.update(load_config_file(args.config).to_dict())
-    config = config_from_mapping(cls, values, source=str(args.config))
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    return dataclasses.replace(config, **given)
 
 
 def tokenizer_file(checkpoint, tokenizer=None) -> pathlib.Path:
@@ -196,7 +126,36 @@ def check_backends(dtype, attention: str = "auto", fp8_matmul: str = "auto") -> 
     select(attention, platform=platform.target(), dtype=dtype, q_len=1, kv_len=1, q_offset=False)
 
 
-_MODEL_FIELDS = ("checkpoint", "tokenizer", "dtype", "mesh", "rules", "attention", "fp8_matmul")
+@settings.declare()
+class ModelSettings:
+    """How a job (and generate, chat) gets its model: these settings' one declaration (`llama_jax.settings`)."""
+
+    checkpoint: str | None = setting(
+        None, "HF, Meta or Orbax directory (none: the embedded model, RANDOM weights)", flag=True
+    )
+    tokenizer: str | None = setting(
+        None, "tokenizer.model (none: the checkpoint's, or llama-models' Llama 3 one)", flag=True
+    )
+    dtype: str | None = setting(
+        None, "bfloat16 or float32 (none: bfloat16 for a checkpoint, float32 for the embedded model)", flag=True
+    )
+    mesh: str | None = setting(
+        None, "e.g. data=8, data=2,tensor=4, data=-1 (every device); none: one device", flag=True
+    )
+    rules: str = setting("fsdp_tp", "sharding strategy on the mesh: dp, fsdp, tp, fsdp_tp")
+    attention: str = setting(
+        "auto",
+        "attention backend: auto (blockwise on CPU, cudnn on GPU, splash on TPU), dense, blockwise, cudnn, splash",
+        flag=True,
+    )
+    fp8_matmul: str = setting(
+        "auto",
+        "FP8 checkpoints: fp8 (fp8 GEMMs), dequant (upcast in the matmul) or auto (fp8 on FP8-tensor-core GPUs)",
+        flag=True,
+    )
+
+
+_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSettings))
 
 
 def load_job_model(job, **overrides):
@@ -235,6 +194,7 @@ def load_model(
     from llama_jax.sharding.mesh import make_mesh
     from llama_jax.tokenizer import Tokenizer
 
+    checkpoint = None if checkpoint is None else pathlib.Path(checkpoint)  # a flag's text or a caller's path
     dtype = dtype or ("float32" if checkpoint is None else "bfloat16")
     check_backends(dtype, attention, fp8_matmul)
     mesh = make_mesh(mesh) if mesh else None

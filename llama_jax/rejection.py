@@ -33,7 +33,6 @@ the lowest k.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import json
 import os
@@ -44,40 +43,34 @@ from typing import Any
 
 import numpy as np
 
-from llama_jax import batch, batch_files, jobs
+from llama_jax import batch, jobs, settings
+from llama_jax.settings import setting
 
 __all__ = ["RejectionConfig", "RewardModelScorer", "load_scorer", "register", "reward_scorer", "run"]
 
 Scorer = Callable[[Mapping[str, Any], Mapping[str, Any]], float]
 
 
-@dataclasses.dataclass(frozen=True)
-class RejectionConfig:
-    """The job's settings: the fields of `llama_jax/configs/rejection.py`, each also `--config.<field>` on the CLI."""
+@settings.declare(
+    batch.JobConfig,
+    *("input", "output", "batch_size", "progress", "force_resume", "seed", "max_new_tokens", "top_k", "min_p"),
+    n=4,
+    temperature=0.8,
+    top_p=0.95,
+)
+class RejectionConfig(jobs.ModelSettings):
+    """The job's settings: `llama_jax/configs/rejection.py`'s fields, `--config.<field>` and the flag named
+    on the CLI. Its own are declared here; the model's are `jobs.ModelSettings`'; those it shares with the
+    batch job (files, sampling) are the batch job's (`batch.JobConfig`), with this job's defaults."""
 
-    input: str | None = None  # JSONL requests (the batch job's format, extra fields go to the scorer)
-    output: str | None = None
-    checkpoint: str | None = None  # the policy that samples (None: the embedded model, RANDOM weights)
-    tokenizer: str | None = None
-    dtype: str | None = None
-    mesh: str | None = None
-    rules: str = "fsdp_tp"
-    n: int = 4  # samples per prompt
-    output_kind: str = "best"  # best (SFT data) | pairs (best vs worst, DPO data)
-    scorer: str | None = None  # "module:function", score(request, sample) -> float
-    reward_model: str | None = None  # or a checkpoint that scores: see reward_head
-    reward_head: str = "token"  # token: the logit of reward_token | scalar: the checkpoint's score head (1 label)
-    reward_token: str | None = None  # text of one token (e.g. " yes"), or its id as digits
-    reward_suffix: str = ""  # text appended after the sample before reading the logit
-    batch_size: int = 32
-    max_new_tokens: int = 256
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int = 0
-    progress: bool = True
-    force_resume: bool = False  # resume samples drawn with other settings (<output>.samples.jsonl.job.json)
+    output_kind: str = setting("best", "best (SFT data) or pairs (best vs worst: DPO data)", flag=True)
+    scorer: str | None = setting(None, "module:function, score(request, sample) -> float", flag=True)
+    reward_model: str | None = setting(None, "or a checkpoint that scores the samples: see reward_head")
+    reward_head: str = setting(
+        "token", "token: the logit of reward_token; scalar: the checkpoint's score head (one label)"
+    )
+    reward_token: str | None = setting(None, 'the text of one token (e.g. " yes"), or its id as digits')
+    reward_suffix: str = setting("", "text appended after the sample before the reward model reads it")
 
 
 # ---- scorers ------------------------------------------------------------------------------------------
@@ -251,7 +244,7 @@ def run(
     samples_path = output_path.with_name(output_path.name + ".samples.jsonl")
     lines = []
     for _, record in records:
-        request = {k: v for k, v in record.items() if k in batch_files.REQUEST_FIELDS and k not in ("id", "seed")}
+        request = {k: v for k, v in record.items() if k in batch.REQUEST_FIELDS and k not in ("id", "seed")}
         for k in range(n):
             lines.append(jobs.json_line({"id": _sample_id(record["id"], k), **request}))
     if not requests_path.is_file() or requests_path.read_bytes() != b"".join(lines):
@@ -338,16 +331,6 @@ def _pair_record(record, best, worst, best_score, worst_score) -> dict:
 
 # ---- the command line -----------------------------------------------------------------------------------
 
-_ALIASES = {
-    "input": "--input",
-    "output": "--output",
-    "checkpoint": "--checkpoint",
-    "n": "--n",
-    "output_kind": "--output-kind",
-    "scorer": "--scorer",
-    "seed": "--seed",
-}
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -359,9 +342,7 @@ def register(subparsers) -> None:
             "docs/TRAINING.md."
         ),
     )
-    jobs.add_config_arguments(parser, RejectionConfig, _ALIASES)
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
-    parser.add_argument("--force-resume", dest="force_resume", action="store_true", default=argparse.SUPPRESS)
+    settings.add_config_arguments(parser, RejectionConfig)
     parser.set_defaults(func=main)
 
 
@@ -380,9 +361,7 @@ def main(args: argparse.Namespace) -> int:
         if job.reward_model is not None:
             # The reward model reads the policy's tokens: it is loaded with the policy's tokenizer.
             policy_tokenizer = jobs.tokenizer_file(job.checkpoint, job.tokenizer)
-            reward_model, _ = jobs.load_model(
-                job.reward_model, tokenizer=policy_tokenizer, dtype=job.dtype, mesh=job.mesh, rules=job.rules
-            )
+            reward_model, _ = jobs.load_job_model(job, checkpoint=job.reward_model, tokenizer=policy_tokenizer)
             reward = reward_scorer(
                 reward_model,
                 tokenizer,
@@ -391,13 +370,12 @@ def main(args: argparse.Namespace) -> int:
                 job.reward_suffix,
                 pad_id=_pad_token_id(job.reward_model),
             )
-        sampling = {k: getattr(job, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed")}
+        sampling = {name: getattr(job, name) for name in settings.request_fields(RejectionConfig)}  # with n, seed
         summary = run(
             model,
             tokenizer,
             job.input,
             job.output,
-            n=job.n,
             scorer=scorer,
             reward=reward,
             output_kind=job.output_kind,

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax.settings import setting
+
 __all__ = [
     "InvalidSampling",
     "META_TEMPERATURE",
@@ -110,26 +112,30 @@ class Mode:
 class SamplingParams:
     """How to continue a prompt. Immutable and checked when made (a ValueError names the field).
 
-    max_new_tokens: upper bound on new tokens per prompt.
-    temperature: 0 = greedy (argmax); otherwise sample from softmax(logits / temperature).
-    top_k, top_p, min_p: filters (0, 1.0, 0.0 = off), applied in that order.
-    seed: PRNG seed; the same seed and prompt give the same tokens. A list gives each prompt its own
-      seed: prompt i then samples exactly as it would alone with `seed=seed[i]`.
-    stop_tokens: ids that end a row (not included in the result). None: the attached tokenizer's
-      (`model.tokenizer.stop_tokens`), else Llama 3's when the vocabulary is Llama 3's; () = none.
-    logprobs: also return each token's float32 log-softmax under the untempered logits.
-    top_logprobs: K > 0 also returns, per token, the K most likely ids and their log-softmax.
+    Each field is declared once, here: its type, default, help, command-line flag and whether a batch
+    request line may set it (`llama_jax.settings`); the commands and jobs that offer it name it with
+    their own default (Meta's chat defaults for generate, chat and batch). The filters top_k, top_p,
+    min_p apply in that order. A list of seeds gives each prompt its own: prompt i then samples exactly
+    as it would alone with `seed=seed[i]`.
     """
 
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int | tuple[int, ...] = 0
-    stop_tokens: tuple[int, ...] | None = None
-    logprobs: bool = False
-    top_logprobs: int = 0
+    max_new_tokens: int = setting(help="new tokens per prompt at most", flag=True, request=True)
+    temperature: float = setting(
+        0.0, "0 = greedy (argmax), else sample softmax(logits / temperature)", flag=True, request=True
+    )
+    top_k: int = setting(0, "keep the k most likely tokens; 0 = off", flag=True, request=True)
+    top_p: float = setting(
+        1.0, "nucleus: keep a token when the mass above it is <= p (Meta's rule); 1 = off", flag=True, request=True
+    )
+    min_p: float = setting(0.0, "keep the tokens with p >= min_p * p_max; 0 = off", flag=True, request=True)
+    seed: int | tuple[int, ...] = setting(0, "PRNG seed: the same seed and prompt give the same tokens", flag=True)
+    stop_tokens: tuple[int, ...] | None = setting(
+        None, "ids that end a row (not in the result); none: the tokenizer's, else Llama 3's; () = none"
+    )
+    logprobs: bool = setting(False, "also return each token's float32 log-softmax under the untempered logits")
+    top_logprobs: int = setting(
+        0, "K > 0: also record the K most likely ids per step and their log-softmax", flag=True, request=True
+    )
 
     def __post_init__(self) -> None:
         # Lists become tuples, so params hash (they key compiled programs and batch groups).

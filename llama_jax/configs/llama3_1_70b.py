@@ -1,27 +1,7 @@
-"""Llama 3.1 70B (and Instruct).
+"""Llama 3.1 70B (and Instruct)."""
 
-`model` holds Meta's params.json keys (source: llama_models/sku_list.py); the FFN width is derived
-from `ffn_dim_multiplier` and `multiple_of` exactly as Meta derives it.
-"""
-
-import ml_collections
+from llama_jax.config import model_preset
 
 
-def get_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        dict(
-            model=dict(
-                dim=8192,
-                n_layers=80,
-                n_heads=64,
-                n_kv_heads=8,
-                vocab_size=128256,
-                ffn_dim_multiplier=1.3,
-                multiple_of=4096,
-                norm_eps=1e-05,
-                rope_theta=500000.0,
-                use_scaled_rope=True,
-                max_seq_len=131072,
-            ),
-        )
-    )
+def get_config():
+    return model_preset("llama3_1_70b")

@@ -6,26 +6,8 @@ file with no loadable weights here). It was not trained for S14 (Code Interprete
 `excluded=["S14"]` to `guard.classify`, as its own chat template lists S1-S13.
 """
 
-import ml_collections
+from llama_jax.config import model_preset
 
 
-def get_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        dict(
-            model=dict(
-                dim=2048,
-                n_layers=16,
-                n_heads=32,
-                n_kv_heads=8,
-                vocab_size=128256,
-                ffn_dim_multiplier=1.5,
-                multiple_of=256,
-                norm_eps=1e-05,
-                rope_theta=500000.0,
-                use_scaled_rope=True,
-                rope_scaling_factor=32.0,
-                tie_embeddings=True,
-                max_seq_len=131072,
-            ),
-        )
-    )
+def get_config():
+    return model_preset("llama_guard3_1b")
