@@ -251,14 +251,14 @@ def device_benchmark(name: str, repeats: int) -> dict:
 
     from llama_jax import sampler
     from llama_jax.config import model_config_from_file
-    from llama_jax.model import Llama
+    from llama_jax.model import Llama, abstract
 
     if name != "8b":
         raise SystemExit(f"--device-model: only '8b' is defined, got {name!r}")
     config = model_config_from_file("llama3_1_8b")
     device = jax.devices()[0]
 
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
+    graphdef = nnx.graphdef(abstract(config, jnp.bfloat16))
 
     @jax.jit
     def init():

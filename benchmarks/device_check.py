@@ -139,10 +139,10 @@ def _random_model(config, *, fp8_layers=(), matmul="fp8"):
     from flax import nnx
 
     from llama_jax import quant
-    from llama_jax.model import Llama
+    from llama_jax.model import Llama, Options
 
     fp8 = quant.Fp8Spec(tuple(fp8_layers), matmul=matmul) if fp8_layers else None
-    model = Llama(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), fp8=fp8)
+    model = Llama(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), options=Options(fp8=fp8))
     if fp8 is not None:
         ffn = model.layers.feed_forward
         for i, name in enumerate(("w1", "w2", "w3")):

@@ -92,6 +92,7 @@ def run_ours(checkpoint: str, length: int, steps: int) -> dict:
     from flax import nnx
 
     import llama_jax
+    from llama_jax import decoding
     from llama_jax.kv_cache import KVCache
 
     result = {"side": "llama_jax", "length": length}
@@ -121,9 +122,9 @@ def run_ours(checkpoint: str, length: int, steps: int) -> dict:
         for name, size in (("bucket", bucket), ("full_cache", MAX_POSITIONS)):
             if attention == "dense" and length > 32768:
                 continue  # the dense [1, 4, 1, S] decode step is fine, but keep the run short
-            model.attention = attention
-            graphdef_a, params_a = nnx.split(model)
-            layers = model.unstack_layers()
+            model_a = model.with_options(attention_backend=attention)
+            graphdef_a, params_a = nnx.split(model_a)
+            layers = decoding.layer_weights(model_a)
 
             def step(params, layers, token, position, cache, graphdef=graphdef_a):
                 return nnx.merge(graphdef, params).decode(token, position, cache, layers=layers)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama_jax.kv_cache import KVCache
-from llama_jax.model import LayerWeights
+from llama_jax.model import BlockWeights
 from llama_jax.paged_cache import PagedKVCache
 from llama_jax.sampling import Mode, sample_rows
 
@@ -39,6 +39,7 @@ __all__ = [
     "decode",
     "decode_unroll",
     "layer_weights",
+    "unstack",
     "pick_rows",
     "prefill",
     "trace_counts",
@@ -258,6 +259,8 @@ def burst(
 
 # ---- the per-layer weights of the decode step ---------------------------------------------------------
 
+# Each layer's weights as arrays of their own, in the order the decode step runs them (`Llama.forward(layers=)`).
+LayerWeights = tuple[BlockWeights, ...]
 
 # Per model: its `LayerWeights` and weak references to the stacked leaves they were cut from, so new
 # weights (a training step, `nnx.update`) are noticed. Weak on the model: the copy dies with it.
@@ -276,10 +279,14 @@ def device_memory_limit(device) -> int | None:
     return (stats or {}).get("bytes_limit")
 
 
+def _stacked_leaves(model) -> list:
+    return jax.tree.leaves([nnx.state(m) for m in (model.layers, model.dense_ffn) if m is not None])
+
+
 def layer_copies_fit(model, budget: float = LAYER_COPY_BUDGET) -> bool:
     """Whether the per-layer copy of the layer weights takes at most `budget` of every device's memory."""
     per_device: dict = {}
-    for a in jax.tree.leaves([nnx.state(m) for m in (model.layers, model.dense_ffn) if m is not None]):
+    for a in _stacked_leaves(model):
         sharding = getattr(a, "sharding", None)
         if sharding is None:
             continue
@@ -301,17 +308,53 @@ def decode_unroll(model, unroll: int | bool | None) -> int | bool | None:
     return None if layer_copies_fit(model) else 1
 
 
-def layer_weights(model) -> LayerWeights:
-    """The model's per-layer weights for the decode step (`Llama.unstack_layers`), made once per model
-    and reused while its stacked layer weights are the same arrays."""
-    stacked = jax.tree.leaves([nnx.state(m) for m in (model.layers, model.dense_ffn) if m is not None])
+def layer_weights(model, fuse: bool | None = None) -> LayerWeights:
+    """The model's per-layer weights for the decode step, made once per model and reused while its
+    stacked layer weights are the same arrays (`unstack` builds them).
+
+    fuse: store wq|wk|wv as one `[D, N + 2K, H]` weight and w1|w3 as one `[D, 2F]` (FP8: with their
+    scales, `BlockWeights.fused`), so a decode step runs 4 projection dots per layer instead of 7.
+    Default: on a single device. On a mesh the head and FFN axes are split over the tensor axis, where
+    a concatenated axis would put q, k and v rows on the wrong devices, so the projections stay
+    separate there.
+    """
+    fuse = model.sharding is None if fuse is None else fuse
+    stacked = _stacked_leaves(model)
     cached = _LAYER_WEIGHTS.get(model)
     if (
         cached is not None
-        and len(cached[0]) == len(stacked)
-        and all(r() is a for r, a in zip(cached[0], stacked, strict=True))
+        and cached[0] == fuse
+        and len(cached[1]) == len(stacked)
+        and all(r() is a for r, a in zip(cached[1], stacked, strict=True))
     ):
-        return cached[1]
-    layers = model.unstack_layers()
-    _LAYER_WEIGHTS[model] = ([weakref.ref(a) for a in stacked], layers)
+        return cached[2]
+    graphdef, state = nnx.split(model)
+    layers = unstack(graphdef, state, fuse=fuse)
+    _LAYER_WEIGHTS[model] = (fuse, [weakref.ref(a) for a in stacked], layers)
     return layers
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "fuse"))
+def unstack(graphdef, state, *, fuse: bool) -> LayerWeights:
+    """Layer i's `BlockWeights` cut out of the stacked `[L, ...]` weights, one copy; an FP8 model's
+    unquantized layers with their `dense_ffn` feed-forward in place of the (unused) FP8 slot.
+
+    Inside the decode `while_loop` XLA materialises every static slice of a stacked weight on every
+    step (a `slice` fusion per weight, per layer, per step); arrays of their own are read in place."""
+    model = nnx.merge(graphdef, state)
+    n = model.config.n_layers
+    fp8 = model.options.fp8
+    slots = fp8.dense_slots(n) if fp8 is not None else (-1,) * n
+    layers = []
+    for i, slot in enumerate(slots):
+        w = _row(model.layers, i).weights()
+        if slot >= 0:
+            w = dataclasses.replace(w, feed_forward=_row(model.dense_ffn, slot).weights())
+        layers.append(w.fused() if fuse else w)
+    return tuple(layers)
+
+
+def _row(stacked: nnx.Module, i: int) -> nnx.Module:
+    """Row i of a module stacked over layers."""
+    graphdef, state = nnx.split(stacked)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))

@@ -208,7 +208,7 @@ def load_model(
         print(default_model.RANDOM_WEIGHTS_NOTICE, file=sys.stderr, flush=True)
         model = default_model.default_model(dtype=dtype, warn=False, attention=attention)
         if mesh is not None:
-            shard_model(model, mesh, rules)
+            model = shard_model(model, mesh, rules)
     else:
         model = load_from(ckpt, dtype=dtype, mesh=mesh, rules=rules_table, attention=attention, fp8_matmul=fp8_matmul)
     return model, tokenizer
@@ -225,7 +225,7 @@ def model_identity(model, checkpoint=None, tokenizer=None) -> dict:
     return {
         "config": dataclasses.asdict(model.config),
         "dtype": str(model.dtype),
-        "attention": model.attention,
+        "attention": model.options.attention_backend,
         "fp8": spec(model.fp8),
         "lora": spec(model.lora),
         "checkpoint": _file_stamps(checkpoint),

@@ -21,8 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 
 from llama_jax import fp8, platform
-from llama_jax.config import LlamaConfig
-from llama_jax.model import Llama
+from llama_jax.model import Llama, Options, abstract
 from llama_jax.sharding import rules as sharding_rules
 from llama_jax.weights import layout, orbax
 from llama_jax.weights.checkpoint import Checkpoint, Place
@@ -94,19 +93,11 @@ def load_from(
     """Fill a `Llama` of `ckpt.config` from `ckpt` (any source), parameter by parameter, onto `mesh`."""
     dtype = jnp.dtype(dtype)
     fp8_spec = fp8.spec(ckpt, fp8_matmul, mesh.devices.flat[0] if mesh is not None else None)
-    abstract = nnx.eval_shape(
-        lambda: Llama(
-            ckpt.config,
-            dtype=dtype,
-            rngs=nnx.Rngs(0),
-            attention=attention,
-            fp8=fp8_spec,
-            score_labels=ckpt.score_labels,
-        )
-    )
-    graphdef, state = nnx.split(abstract)
     if mesh is not None and rules is None:
         rules = sharding_rules.DEFAULT_RULES
+    spec = sharding_rules.ShardingSpec(mesh, tuple(rules)) if mesh is not None else None
+    options = Options(attention_backend=attention, fp8=fp8_spec, score_labels=ckpt.score_labels, sharding=spec)
+    graphdef, state = nnx.split(abstract(ckpt.config, dtype, options))
     flat = dict(nnx.to_flat_state(state))
     unfilled = set(flat)
     for path, value_dtype, places in fills(ckpt, fp8_spec):
@@ -116,10 +107,7 @@ def load_from(
         variable.set_value(place(shape, jnp.dtype(value_dtype or dtype), names, places, mesh, rules))
     if unfilled:
         raise ValueError(f"internal: no source for parameter(s) {sorted('.'.join(p) for p in unfilled)}")
-    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
-    if mesh is not None:
-        model.sharding = sharding_rules.ShardingSpec(mesh, tuple(rules))
-    return model
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def fills(ckpt: Checkpoint, fp8_spec=None) -> Iterator[tuple[layout.Path, np.dtype | None, list[Place | None]]]:
@@ -177,11 +165,6 @@ def _zeros_program(shape, dtype, sharding: Sharding):
 @functools.partial(jax.jit, donate_argnums=0)
 def _set_layer(stacked: jax.Array, layer: jax.Array, i: int) -> jax.Array:
     return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), i, axis=0)
-
-
-def abstract_model(config: LlamaConfig, dtype="bfloat16") -> Llama:
-    """A `Llama` whose parameters are shape/dtype structs only (for planning and checks)."""
-    return nnx.eval_shape(lambda: Llama(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
 
 
 def partition_specs(model: Llama, mesh: Mesh, rules: sharding_rules.Rules) -> nnx.State:

@@ -7,19 +7,20 @@
     llama_jax.convert / save merged as any other model
 
 The adapters live beside the weights they adapt (`layers.attention.wq_lora.a`, `.b`; see
-`llama_jax/model.py` `LoRA`), stacked over layers like every layer weight, and carry logical axis
+`llama_jax/linear.py` `LoRA`), stacked over layers like every layer weight, and carry logical axis
 names, so they are sharded by the same rules (their rank axis, "lora_rank", is replicated).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama_jax.model import LORA_TARGETS, Llama, LoraSpec
+from llama_jax.model import LORA_TARGETS, Llama, LoraSpec, abstract
 from llama_jax.placement import state_shardings
 
 __all__ = ["LoraSpec", "LORA_TARGETS", "add_adapters", "adapter_state", "merge"]
@@ -36,33 +37,9 @@ _MODULE = {
 }
 
 
-def _like(model: Llama, lora: LoraSpec | None, seed: int = 0) -> Llama:
-    """An abstract `Llama` shaped like `model` but with (or without) adapters."""
-    return nnx.eval_shape(
-        lambda: Llama(
-            model.config,
-            dtype=model.dtype,
-            rngs=nnx.Rngs(seed),
-            attention=model.attention,
-            fp8=model.fp8,
-            lora=lora,
-        )
-    )
-
-
 def _fresh(state: nnx.State) -> nnx.State:
     """New Variable objects over the same arrays: the new model shares memory, not mutations."""
     return jax.tree.map(lambda x: x, state)
-
-
-def _carry_attributes(src: Llama, dst: Llama) -> Llama:
-    # Attributes set after construction: the mesh rules, and a tokenizer attached by the loader/user.
-    dst.sharding = src.sharding
-    dst.attention_block = src.attention_block
-    dst.prefill_chunk = src.prefill_chunk
-    if hasattr(src, "tokenizer"):
-        dst.tokenizer = src.tokenizer
-    return dst
 
 
 def add_adapters(model: Llama, spec: LoraSpec, *, seed: int = 0) -> Llama:
@@ -73,19 +50,17 @@ def add_adapters(model: Llama, spec: LoraSpec, *, seed: int = 0) -> Llama:
     """
     if model.lora is not None:
         raise ValueError(f"the model already has adapters ({model.lora}); merge them first (lora.merge)")
-    abstract = _like(model, spec, seed)
-    graphdef, abstract_adapters, _ = nnx.split(abstract, nnx.LoRAParam, ...)
+    options = dataclasses.replace(model.options, lora=spec)
+    graphdef, abstract_adapters, _ = nnx.split(abstract(model.config, model.dtype, options), nnx.LoRAParam, ...)
     shardings = None if model.sharding is None else state_shardings(abstract_adapters, model.sharding)
 
     @functools.partial(jax.jit, out_shardings=shardings)
     def init():
         # The base weights drawn here are dead code: XLA keeps only the adapters' initialisation.
-        full = Llama(
-            model.config, dtype=model.dtype, rngs=nnx.Rngs(seed), attention=model.attention, fp8=model.fp8, lora=spec
-        )
+        full = Llama(model.config, dtype=model.dtype, rngs=nnx.Rngs(seed), options=options)
         return nnx.state(full, nnx.LoRAParam)
 
-    return _carry_attributes(model, nnx.merge(graphdef, init(), _fresh(nnx.state(model))))
+    return nnx.merge(graphdef, init(), _fresh(nnx.state(model)))
 
 
 def adapter_state(model: Llama) -> nnx.State:
@@ -108,8 +83,8 @@ def merge(model: Llama) -> Llama:
     """
     if model.lora is None:
         raise ValueError("the model has no adapters to merge")
-    graphdef = nnx.graphdef(_like(model, None))
-    merged = _carry_attributes(model, nnx.merge(graphdef, _fresh(nnx.state(model, nnx.Not(nnx.LoRAParam)))))
+    graphdef = nnx.graphdef(abstract(model.config, model.dtype, dataclasses.replace(model.options, lora=None)))
+    merged = nnx.merge(graphdef, _fresh(nnx.state(model, nnx.Not(nnx.LoRAParam))))
     for name in model.lora.targets:
         adapted = getattr(model.layers, _MODULE[name])
         adapter = getattr(adapted, f"{name}_lora")

@@ -6,12 +6,13 @@ metadata every `nnx.Param` of `llama_jax.model` is created with), never restated
 
 `llama_jax.load(path, mesh=..., rules=...)` streams a checkpoint straight into place; these helpers
 cover the rest: an in-memory model moved onto a mesh (`shard_model`), a KV cache created directly
-in its sharded home (`zeros_cache`), and abstract, sharded shapes of both (`abstract_state`,
-`abstract_cache`) that `jax.jit(...).lower` accepts without allocating a byte.
+in its sharded home (`zeros_cache`), and abstract, sharded shapes of both (`abstract_state`, over
+`model.abstract`, and `abstract_cache`) that `jax.jit(...).lower` accepts without allocating a byte.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -22,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from llama_jax import quant
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import CACHE_AXES, KVCache
-from llama_jax.model import Llama
+from llama_jax.model import Llama, Options, abstract
 from llama_jax.sharding import rules as sharding_rules
 from llama_jax.sharding.rules import ShardingSpec
 
@@ -49,8 +50,8 @@ def array_axes() -> dict[str, tuple[str, ...]]:
     (its per-channel scales and the unquantized layers' `dense_ffn`), and the KV cache. Rules are
     validated against these (`llama_rules`). Read from a tiny abstract model: shapes do not matter."""
     config = LlamaConfig(dim=8, n_layers=3, n_heads=2, n_kv_heads=1, vocab_size=16, ffn_dim=16, max_seq_len=16)
-    axes = parameter_axes(abstract_model(config))
-    axes.update(parameter_axes(abstract_model(config, fp8=quant.Fp8Spec((1,)))))
+    axes = parameter_axes(abstract(config))
+    axes.update(parameter_axes(abstract(config, options=Options(fp8=quant.Fp8Spec((1,))))))
     return {**axes, "kv_cache": CACHE_AXES}
 
 
@@ -75,17 +76,16 @@ def state_shardings(state: nnx.State, spec: ShardingSpec) -> nnx.State:
 
 
 def shard_model(model: Llama, mesh: Mesh, rules: str | sharding_rules.Rules = "fsdp_tp") -> Llama:
-    """Move an in-memory model's parameters onto `mesh` (in place) and activate the rules in its forward."""
+    """An in-memory model's parameters moved onto `mesh`: a new model (`Options.sharding` set, so its
+    forward pins activations by the same rules) over the placed arrays."""
     spec = sharding_spec(mesh, rules)
-    state = nnx.state(model)
     placed = jax.tree.map(
         lambda v: v.replace(jax.device_put(v.get_value(), spec.sharding(logical_axes(v), v.shape))),
-        state,
+        nnx.state(model),
         is_leaf=_is_variable,
     )
-    nnx.update(model, placed)
-    model.sharding = spec
-    return model
+    graphdef = nnx.graphdef(abstract(model.config, model.dtype, dataclasses.replace(model.options, sharding=spec)))
+    return nnx.merge(graphdef, placed)
 
 
 def cache_shape(config: LlamaConfig, batch: int, length: int) -> tuple[int, ...]:
@@ -111,17 +111,13 @@ def zeros_cache(config: LlamaConfig, batch: int, length: int, spec: ShardingSpec
     return make()
 
 
-def abstract_model(config: LlamaConfig, dtype=jnp.bfloat16, fp8: quant.Fp8Spec | None = None) -> Llama:
-    return nnx.eval_shape(lambda: Llama(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0), fp8=fp8))
-
-
-def abstract_state(
-    config: LlamaConfig, spec: ShardingSpec, dtype=jnp.bfloat16, fp8: quant.Fp8Spec | None = None
-) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, state) of a `Llama` whose parameters are sharded `jax.ShapeDtypeStruct`s: no memory."""
-    model = abstract_model(config, dtype, fp8)
-    model.sharding = spec
-    graphdef, state = nnx.split(model)
+def abstract_state(config: LlamaConfig, options: Options, dtype=jnp.bfloat16) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state) of `model.abstract(config, dtype, options)` with each parameter a
+    `jax.ShapeDtypeStruct` sharded by `options.sharding`: no memory."""
+    spec = options.sharding
+    if spec is None:
+        raise ValueError("abstract_state: options.sharding must say the mesh and rules the parameters are placed by")
+    graphdef, state = nnx.split(abstract(config, dtype, options))
     state = jax.tree.map(
         lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=spec.sharding(logical_axes(v), v.shape))),
         state,

@@ -52,7 +52,7 @@ from typing import Any
 # Importing jax (and the model) does not start its backend: `_start_virtual_devices` still can, in `run`.
 from llama_jax import plan_target
 from llama_jax.compiled import DTYPE_BYTES
-from llama_jax.model import DEFAULT_PREFILL_CHUNK
+from llama_jax.model import DEFAULT_PREFILL_CHUNK, Options
 from llama_jax.plan_report import human, write_report
 
 HBM_HEADROOM = 0.9
@@ -186,7 +186,8 @@ def run(args) -> dict[str, Any]:
     # H100 matmul (per-token activation quantization, fp8 x fp8 dot); the rest in bf16.
     fp8 = quant.Fp8Spec(fp8_lib.release_layers(config.n_layers), matmul="fp8") if args.weight_dtype == "fp8" else None
 
-    graphdef, state = placement.abstract_state(config, spec, weight_dtype, fp8)
+    options = Options(attention_backend=args.attention, fp8=fp8, sharding=spec)
+    graphdef, state = placement.abstract_state(config, options, weight_dtype)
     cache = placement.abstract_cache(config, args.batch, context, spec, cache_dtype)
     weights = weight_bytes(state)
     kv = _per_device_bytes(cache.k) * 2
@@ -200,7 +201,6 @@ def run(args) -> dict[str, Any]:
         config.n_layers,
         weight_dtype.itemsize,
         chunk=args.chunk,
-        attention=args.attention,
         target=target,
     )
 
@@ -334,7 +334,6 @@ def _compile(
     float_bytes: int,
     *,
     chunk: int = DEFAULT_PREFILL_CHUNK,
-    attention: str = "blockwise",
     target=None,
 ) -> tuple[dict, dict]:
     import contextlib
@@ -355,17 +354,12 @@ def _compile(
     def pin(c: KVCache) -> KVCache:
         return KVCache(*(jax.lax.with_sharding_constraint(x, cache_sharding) for x in (c.k, c.v)))
 
-    def merge(state):
-        model = nnx.merge(graphdef, state)
-        model.attention = attention
-        return model
-
     def prefill(state, tokens, cache):
-        logits, cache = merge(state).prefill(tokens, cache, chunk=chunk)
+        logits, cache = nnx.merge(graphdef, state).prefill(tokens, cache, chunk=chunk)
         return logits, pin(cache)
 
     def decode(state, tokens, positions, cache):
-        logits, cache = merge(state).decode(tokens, positions, cache)
+        logits, cache = nnx.merge(graphdef, state).decode(tokens, positions, cache)
         return logits[:, -1], pin(cache)
 
     results = []

@@ -127,9 +127,9 @@ class RewardModelScorer:
         def reward(state, tokens_bt, last_b):
             model = nnx.merge(graphdef, state)
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-            h_btd, _ = model.forward(tokens_bt, positions_bt, head=False)
+            h_btd, _ = model.forward(tokens_bt, positions_bt, logits=False)
             h_bd = h_btd[jnp.arange(tokens_bt.shape[0]), last_b]
-            return jnp.einsum("bd,d->b", h_bd, model.head()[:, column], preferred_element_type=jnp.float32)
+            return jnp.einsum("bd,d->b", h_bd, model.output_weight()[:, column], preferred_element_type=jnp.float32)
 
         self._state = state
         self._reward = jax.jit(reward)

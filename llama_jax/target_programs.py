@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llama_jax import decoding, fp8, placement, quant, sampler, targets
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import CACHE_AXES, KVCache
+from llama_jax.model import Options
 from llama_jax.sampling import SamplingParams
 from llama_jax.targets import Target
 
@@ -56,7 +57,7 @@ class Setup:
         spec = placement.sharding_spec(jax_mesh, "fsdp_tp")
         layers = fp8.release_layers(config.n_layers) if weights == "fp8" else None
         fp8_spec = quant.Fp8Spec(layers, matmul="fp8") if layers else None
-        graphdef, state = placement.abstract_state(config, spec, jnp.bfloat16, fp8_spec)
+        graphdef, state = placement.abstract_state(config, Options(fp8=fp8_spec, sharding=spec), jnp.bfloat16)
         return cls(config, target, weights, jax_mesh, spec, graphdef, state)
 
     # ---- inputs ---------------------------------------------------------------------------------
@@ -88,24 +89,19 @@ class Setup:
             stacked = self.layer_bytes_per_device() > decoding.LAYER_COPY_BUDGET * self.target.hbm_bytes
         if stacked:
             return None, 1
-        graphdef, model = self.graphdef, self.model
-        abstract = jax.eval_shape(lambda s: nnx.merge(graphdef, s).unstack_layers(fuse=False), self.state)
+        graphdef, leaves = self.graphdef, jax.tree.leaves(self.state)
+        abstract = jax.eval_shape(lambda s: decoding.unstack(graphdef, s, fuse=False), self.state)
+        # Which stacked weight each leaf of a layer's copy is: the same cut run on the weights' indices.
+        indices = jax.tree.unflatten(
+            jax.tree.structure(self.state), [np.full(x.shape[:1] or (1,), i) for i, x in enumerate(leaves)]
+        )
+        sources = decoding.unstack(graphdef, indices, fuse=False)
 
-        def rows(abstract_rows, module):  # layer i of a stacked [L, ...] weight: its sharding without "layers"
-            stacked = nnx.to_pure_dict(nnx.state(module))
-            return tuple(
-                jax.tree.map(
-                    lambda x, s: jax.ShapeDtypeStruct(
-                        x.shape, x.dtype, sharding=NamedSharding(self.mesh, PartitionSpec(*s.sharding.spec[1:]))
-                    ),
-                    row,
-                    stacked,
-                )
-                for row in abstract_rows
-            )
+        def one(x, source):  # layer i of a stacked [L, ...] weight: its sharding without "layers"
+            spec = leaves[int(source)].sharding.spec
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(self.mesh, PartitionSpec(*spec[1:])))
 
-        dense = rows(abstract.dense_ffn, model.dense_ffn) if abstract.dense_ffn else ()
-        return dataclasses.replace(abstract, blocks=rows(abstract.blocks, model.layers), dense_ffn=dense), None
+        return jax.tree.map(one, abstract, sources), None
 
     def _layer_states(self):
         model = self.model

@@ -213,9 +213,7 @@ class Trainer:
     @property
     def model(self) -> Llama:
         """The model with the current trained parameters (a new `Llama`; the arrays are copies)."""
-        model = nnx.merge(self._graphdef, jax.jit(self._model_params)(self.params), self.frozen)
-        model.sharding = self._sharding
-        return model
+        return nnx.merge(self._graphdef, jax.jit(self._model_params)(self.params), self.frozen)
 
     # -- one step --------------------------------------------------------------------------------------
 
@@ -230,7 +228,6 @@ class Trainer:
         """(loss Σ, metric Σs) of one micro-batch; the loss is later divided by the global token count."""
         config = self.config
         model = nnx.merge(self._graphdef, self._model_params(master), frozen)
-        model.sharding = self._sharding
         if config.objective == "dpo":
             from llama_jax import dpo
 

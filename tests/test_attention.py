@@ -11,7 +11,7 @@ from flax import nnx
 from llama_jax import attention, blockwise
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import KVCache
-from llama_jax.model import Llama
+from llama_jax.model import Llama, Options
 
 BOUND = 1e-5  # fp32: max|diff| / max|ref|
 
@@ -131,7 +131,7 @@ def test_select_rule_is_logged_and_checks_what_it_is_asked(caplog):
     with pytest.raises(ValueError, match="must be one of"):
         attention.select("flash", platform="cpu", dtype=jnp.float32, **common)
     with pytest.raises(ValueError, match="must be one of"):
-        Llama(_CONFIG, rngs=nnx.Rngs(0), attention="flash")
+        Options(attention_backend="flash")
 
 
 _CONFIG = LlamaConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=4096)
@@ -157,9 +157,8 @@ def test_chunked_prefill_and_decode_at_long_positions_equal_the_uncached_forward
     if tiles == "long_cache_tiles":
         monkeypatch.setattr(blockwise, "LONG_CACHE", 0)
         monkeypatch.setattr(blockwise, "LONGER_CACHE", 0)
-    model = Llama(_CONFIG, dtype=jnp.float32, rngs=nnx.Rngs(0))
-    model.attention_block = 256
-    reference = Llama(_CONFIG, dtype=jnp.float32, rngs=nnx.Rngs(0), attention="dense")
+    model = Llama(_CONFIG, dtype=jnp.float32, rngs=nnx.Rngs(0), options=Options(attention_block=256))
+    reference = model.with_options(attention_backend="dense")
     rng = np.random.default_rng(2)
     lengths = np.asarray([3072, 2049])  # one row ends a chunk exactly, one just past a boundary
     tokens = jnp.asarray(rng.integers(0, 128, (2, 3072 + 3)), jnp.int32)

@@ -8,7 +8,7 @@ from flax import nnx
 
 from llama_jax import LlamaConfig, RopeScaling
 from llama_jax.config import config_path, ffn_hidden_dim, load_config_file, model_config_from_file, presets
-from llama_jax.loading import abstract_model
+from llama_jax.model import abstract
 
 # (preset, parameters, FFN width, head_dim, tied, rope factor) — llama-models `sku_list.py`; the rope
 # factor from transformers' `convert_llama_weights_to_hf.py`
@@ -31,7 +31,7 @@ def test_config_files_give_published_architectures(name, params, ffn, head_dim, 
     assert (config.rope_scaling.factor if config.rope_scaling else None) == factor
     assert config.num_params() == params
     # the model built from it (abstractly: nothing is allocated) has exactly that many parameters
-    state = nnx.state(abstract_model(config), nnx.Param)
+    state = nnx.state(abstract(config), nnx.Param)
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state)) == params
 
 
@@ -88,7 +88,7 @@ def test_invalid_head_counts_are_rejected():
 
 def _lowered_forward_size(n_layers: int) -> int:
     config = model_config_from_file("llama3_1_405b").replace(n_layers=n_layers)
-    graphdef, state = nnx.split(abstract_model(config))  # shapes only: nothing is allocated
+    graphdef, state = nnx.split(abstract(config))  # shapes only: nothing is allocated
     tokens = jax.ShapeDtypeStruct((1, 16), jnp.int32)
     return len(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)).lower(state, tokens).as_text())
 

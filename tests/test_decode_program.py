@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax import attention, decoding, lora, quant, sampler
+from llama_jax import decoding, lora, quant, sampler
 from llama_jax.config import LlamaConfig
-from llama_jax.model import Llama, LoraSpec
+from llama_jax.model import Llama, LoraSpec, Options
 
 # Layer-heavy in miniature, untied: every weight matrix has a size no activation or cache buffer has.
 CONFIG = LlamaConfig(
@@ -127,10 +127,10 @@ def _dots_in_decode_loop(hlo: str) -> int:
 
 
 def test_the_decode_step_runs_one_dot_for_wq_wk_wv_and_one_for_w1_w3(model):
-    """The decode copy fuses wq|wk|wv and w1|w3 (`unstack_layers(fuse=True)`, the default on one device):
+    """The decode copy fuses wq|wk|wv and w1|w3 (`decoding.layer_weights`, fused by default on one device):
     3 dots fewer per layer than the same step from separate projections."""
     fused = _dots_in_decode_loop(_decode_hlo(model))
-    separate = _dots_in_decode_loop(_decode_hlo(model, layers=model.unstack_layers(fuse=False)))
+    separate = _dots_in_decode_loop(_decode_hlo(model, layers=decoding.layer_weights(model, fuse=False)))
     assert separate - fused == 3 * CONFIG.n_layers
 
 
@@ -191,7 +191,7 @@ def test_prefill_logits_are_the_forward_logits_at_each_rows_last_prompt_token(mo
 
 def _fp8_model():
     """Layer 1 of 3 in rowwise FP8 (random values), layers 0 and 2 in `dense_ffn`, as the release."""
-    m = Llama(CONFIG, dtype=jnp.float32, rngs=nnx.Rngs(1), fp8=quant.Fp8Spec(quantized_layers=(1,)))
+    m = Llama(CONFIG, dtype=jnp.float32, rngs=nnx.Rngs(1), options=Options(fp8=quant.Fp8Spec(quantized_layers=(1,))))
     rng = np.random.default_rng(0)
     for name in ("w1", "w2", "w3"):
         w = getattr(m.layers.feed_forward, name)
@@ -256,11 +256,8 @@ def test_a_model_whose_layer_copy_would_not_fit_decodes_from_the_stacked_weights
 def test_the_decode_loop_reads_and_writes_the_kv_cache_in_place(model):
     """A step reads key blocks straight from the `[L, B, S, K, H]` cache and writes one entry per row:
     no layer of the cache (`[B, S, K, H]`) is sliced out or copied inside the loop."""
-    model.attention_block = 8  # several key blocks in the 32-entry cache
-    try:
-        job = sampler._prepare(model, PROMPTS, sampler.SamplingParams(max_new_tokens=16, stop_tokens=[]))
-        _, state = sampler._start(model, job, None)
-        layer_elements = math.prod(state.cache.k.shape[1:])
-        assert weight_copies_in_decode_loop(_decode_hlo(model), {layer_elements}) == []
-    finally:
-        model.attention_block = attention.DEFAULT_BLOCK
+    model = model.with_options(attention_block=8)  # several key blocks in the 32-entry cache
+    job = sampler._prepare(model, PROMPTS, sampler.SamplingParams(max_new_tokens=16, stop_tokens=[]))
+    _, state = sampler._start(model, job, None)
+    layer_elements = math.prod(state.cache.k.shape[1:])
+    assert weight_copies_in_decode_loop(_decode_hlo(model), {layer_elements}) == []

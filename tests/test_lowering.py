@@ -35,7 +35,7 @@ from flax import nnx
 from llama_jax import platform as platform_module
 from llama_jax import quant, sampler
 from llama_jax.config import LlamaConfig
-from llama_jax.model import Llama
+from llama_jax.model import Llama, Options
 from llama_jax.train import TrainConfig, Trainer
 
 # head_dim 128, as every Llama 3 size: the shape cuDNN's and splash's kernels are built for.
@@ -66,7 +66,7 @@ def cudnn():
 
 def _model(*, attention="auto", fp8_matmul=None) -> Llama:
     fp8 = None if fp8_matmul is None else quant.Fp8Spec(tuple(range(CONFIG.n_layers)), matmul=fp8_matmul)
-    return Llama(CONFIG, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), attention=attention, fp8=fp8)
+    return Llama(CONFIG, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), options=Options(attention_backend=attention, fp8=fp8))
 
 
 def _custom_calls(text: str) -> set[str]:

@@ -11,7 +11,7 @@ import pytest
 
 from llama_jax import placement, plan, plan_report, quant
 from llama_jax.config import model_config_from_file
-from llama_jax.model import DEFAULT_PREFILL_CHUNK
+from llama_jax.model import DEFAULT_PREFILL_CHUNK, Options
 from llama_jax.sharding import mesh as mesh_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def test_fp8_weights_follow_the_405b_release_layout():
     config = model_config_from_file("llama3_1_405b")
     spec = placement.sharding_spec(mesh_lib.make_mesh("tensor=8"))
     fp8 = quant.Fp8Spec(tuple(range(1, config.n_layers - 1)), matmul="fp8")
-    _, state = placement.abstract_state(config, spec, jnp.bfloat16, fp8)
+    _, state = placement.abstract_state(config, Options(fp8=fp8, sharding=spec), jnp.bfloat16)
     got = plan.weight_bytes(state)
     d, f, L = config.dim, config.ffn_dim, config.n_layers
     ffn = 3 * d * f

@@ -24,6 +24,7 @@ from jax.sharding import AxisType, PartitionSpec
 import llama_jax
 from llama_jax import loading, placement
 from llama_jax.kv_cache import CACHE_AXES
+from llama_jax.model import abstract
 from llama_jax.sharding import mesh as mesh_lib
 from llama_jax.sharding import ops
 from llama_jax.sharding import rules as sharding_rules
@@ -111,7 +112,7 @@ def test_presets_name_their_hardware():
 
 def test_parameter_axes_are_read_from_the_model():
     """Which logical axes a parameter carries is the model's own metadata; rules are checked against all of them."""
-    model = placement.abstract_model(llama_jax.LlamaConfig(**MODEL))
+    model = abstract(llama_jax.LlamaConfig(**MODEL))
     axes = placement.parameter_axes(model)
     assert axes["layers.attention.wq"] == ("layers", "embed", "q_heads", "head_dim")
     assert axes["output"] == ("embed", "vocab") and axes["norm"] == ("norm",)
