@@ -15,6 +15,11 @@ the state (the cache with it). Nothing per token returns to the host: the loop r
 logprobs and top-K alternatives on device. Every token is picked by one function (`_pick`:
 `sampling.sample_rows`, stop ids, logprobs, top-K) with the key of one rule (`token_keys`).
 
+To lower a program without running it: `prefill.trace(weights, state, prompt)` and
+`decode.trace(weights, state, until)`, with `generate`'s inputs from `sampler.inputs(..., abstract=True)`
+and the engine's from `DecodeState.start` over a `PagedKVCache` (`Engine._state`); the state after
+prefill is `jax.eval_shape(prefill, weights, state, prompt)`.
+
 The decode step runs the layers one by one from `layer_weights(model)`: each layer's weights as
 arrays of their own, cut from the stacked `[L, ...]` buffers once per model and kept with it. From
 the stacked buffers, XLA copies every layer's weights out of them on every step, inside the loop
