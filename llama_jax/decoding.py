@@ -1,12 +1,24 @@
-"""The jitted generation programs, and the weights their decode steps read.
+"""The jitted generation programs, one pair for every caller, and the weights their decode steps read.
 
-    prefill(graphdef, params, prompts, lengths, ...) → DecodeState   `generate`: the prompts into the cache, token 0
-    decode(graphdef, params, layers, state, limit, ...) → DecodeState `generate`: a `lax.while_loop` of decode steps
-    chunk_prefill(...), burst(...)                                    the engine's, over the paged cache
+    prefill(weights, state, prompt) -> DecodeState   a prompt (or a chunk of one) into the cache, and the
+                                                      next token of each row whose prompt ends there
+    decode(weights, state, until) -> DecodeState     a `lax.while_loop` of decode steps until output slot
+                                                      `until` or every row is done
 
-All are pure in the parameter state (`nnx.merge` inside the trace) and donate the cache. Nothing per
-token returns to the host: the loops record tokens, logprobs and top-K alternatives on device. Every
-token is picked by one function (`_pick`: `sampling.sample_rows`, stop ids, logprobs, top-K).
+`generate` and `stream` (`llama_jax.sampler`: a contiguous `KVCache`, one state for the whole request)
+and the engine (`llama_jax.engine`: a `PagedKVCache` over a page pool, a fresh state per prefill chunk
+and per decode burst) run these two programs; the cache is any `kv_cache.Cache`. Their inputs are
+registered dataclasses: `Weights` (the split model, the per-layer decode weights), `DecodeState` (the
+cache, each row's sampling inputs `Rows`, its position and counts, the `generation.Outputs` recorded
+so far) and `Prompt`. Both are pure in the parameter state (`nnx.merge` inside the trace) and donate
+the state (the cache with it). Nothing per token returns to the host: the loop records tokens,
+logprobs and top-K alternatives on device. Every token is picked by one function (`_pick`:
+`sampling.sample_rows`, stop ids, logprobs, top-K) with the key of one rule (`token_keys`).
+
+To lower a program without running it: `prefill.trace(weights, state, prompt)` and
+`decode.trace(weights, state, until)`, with `generate`'s inputs from `sampler.inputs(..., abstract=True)`
+and the engine's from `DecodeState.start` over a `PagedKVCache` (`Engine._state`); the state after
+prefill is `jax.eval_shape(prefill, weights, state, prompt)`.
 
 The decode step runs the layers one by one from `layer_weights(model)`: each layer's weights as
 arrays of their own, cut from the stacked `[L, ...]` buffers once per model and kept with it. From
@@ -25,27 +37,32 @@ import weakref
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from llama_jax.kv_cache import KVCache
+from llama_jax.generation import Outputs
+from llama_jax.kv_cache import Cache
 from llama_jax.model import BlockWeights
-from llama_jax.paged_cache import PagedKVCache
 from llama_jax.sampling import Mode, sample_rows
+
+# One `BlockWeights` per layer: the decode step's own copy of the layers (`layer_weights`).
+LayerWeights = tuple[BlockWeights, ...]
 
 __all__ = [
     "DecodeState",
-    "burst",
-    "chunk_prefill",
+    "Prompt",
+    "Rows",
+    "Weights",
     "decode",
     "decode_unroll",
     "layer_weights",
     "unstack",
-    "pick_rows",
     "prefill",
+    "token_keys",
     "trace_counts",
 ]
 
-_TRACES = {"prefill": 0, "decode": 0, "chunk_prefill": 0, "burst": 0}
+_TRACES = {"prefill": 0, "decode": 0}
 
 
 def trace_counts() -> dict[str, int]:
@@ -53,58 +70,99 @@ def trace_counts() -> dict[str, int]:
     return dict(_TRACES)
 
 
+def _static(**kwargs):
+    return dataclasses.field(metadata=dict(static=True), **kwargs)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """What the programs compute with: the model split (`nnx.split`) and the decode step's layers."""
+
+    params: nnx.State
+    layers: LayerWeights | None  # per-layer weights read in place, or None: scan the stacked ones with `unroll`
+    graphdef: nnx.GraphDef = _static()
+    unroll: int | bool | None = _static(default=None)
+
+    @classmethod
+    def of(cls, model, unroll: int | bool | None = None) -> Weights:
+        """The model's weights for generation; `unroll` as `decode_unroll` reads it (None: per-layer
+        weights where their copy fits)."""
+        unroll = decode_unroll(model, unroll)
+        graphdef, params = nnx.split(model)
+        return cls(params, layer_weights(model) if unroll is None else None, graphdef, unroll)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """How each of B rows samples: token i of a row is drawn with `token_keys(seeds, streams, i)`."""
+
+    seeds: jax.Array  # [B] uint32
+    streams: jax.Array  # [B] int32
+    knobs: jax.Array  # [3] or [B, 3] float32: temperature, top_p, min_p (`SamplingParams.knobs`)
+    stops: jax.Array  # [1 or B, MAX_STOP_TOKENS] int32, -1 padded
+
+
+def token_keys(seeds_b, streams_b, index_b):
+    """The PRNG key of token `index_b[b]` of row b: fold_in(fold_in(key(seed), stream), index). A request
+    generated alone (stream 0) draws token i with the same key wherever and with whatever it runs."""
+    return jax.vmap(lambda s, r, i: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), r), i))(
+        seeds_b, streams_b, index_b
+    )
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
-    """The decode loop's carry. B rows (padding rows included), N output slots."""
+    """The programs' state: B rows (idle rows included), N output slots."""
 
-    cache: KVCache
+    cache: Cache
+    rows: Rows
     last: jax.Array  # [B] int32: the token to feed next
     positions: jax.Array  # [B] int32: its position (= the cache entry it writes)
-    step: jax.Array  # [] int32: loop steps done (= output slot of the next token)
-    tokens: jax.Array  # [B, N] int32: sampled tokens (valid up to `counts`, plus the stop token)
-    logprobs: jax.Array  # [B, N] float32 ([B, 0] when not asked for)
-    top_ids: jax.Array  # [B, N, K] int32: the K most likely ids at each step ([B, 0, 0] when K = 0)
-    top_logprobs: jax.Array  # [B, N, K] float32: their log-softmax
-    counts: jax.Array  # [B] int32: tokens emitted, stop token excluded
-    done: jax.Array  # [B] bool: stopped, or a padding row
+    count: jax.Array  # [B] int32: tokens the row sampled (its next token's index), stop token included
+    limit: jax.Array  # [B] int32: the row's max_new_tokens
+    live: jax.Array  # [B] bool: still sampling (not stopped, under its limit, not idle)
     stopped: jax.Array  # [B] bool: ended by a stop token
-    keys: jax.Array  # [B] PRNG keys, one stream per row
+    step: jax.Array  # [] int32: the output slot the next token goes to
+    out: Outputs  # [B, N, ...]
+    mode: Mode = _static()
+
+    @classmethod
+    def start(cls, cache: Cache, rows: Rows, *, last, positions, count, limit, live, n_out: int, mode: Mode):
+        """A state before its first token (host arrays, moved by the program call): output slot 0 of N."""
+        return cls(
+            cache=cache,
+            rows=rows,
+            last=np.asarray(last, np.int32),
+            positions=np.asarray(positions, np.int32),
+            count=np.asarray(count, np.int32),
+            limit=np.asarray(limit, np.int32),
+            live=np.asarray(live, bool),
+            stopped=np.zeros(len(live), bool),
+            step=np.int32(0),
+            out=Outputs.empty(len(live), n_out, mode),
+            mode=mode,
+        )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_out", "mode"), donate_argnames=("cache",))
-def prefill(
-    graphdef, params, prompt_bp, lengths_b, active_b, cache, seeds_b, streams_b, knobs, stop_ids, *, n_out, mode: Mode
-):
-    """Run the prompts into the cache and sample the first new token from each row's last prompt logits."""
-    _TRACES["prefill"] += 1
-    model = nnx.merge(graphdef, params)
-    logits_bv, cache = model.prefill(prompt_bp, cache, lengths_b)  # only the B last positions reach the head
-    b = prompt_bp.shape[0]
-    last = jnp.take_along_axis(prompt_bp, (lengths_b - 1)[:, None], axis=1)[:, 0]
-    keys = jax.vmap(lambda seed, stream: jax.random.fold_in(jax.random.key(seed), stream))(seeds_b, streams_b)
-    k, n_top = mode.top_logprobs, (n_out if mode.top_logprobs else 0)
-    state = DecodeState(
-        cache=cache,
-        last=last,
-        positions=lengths_b - 1,
-        step=jnp.int32(0),
-        tokens=jnp.zeros((b, n_out), jnp.int32),
-        logprobs=jnp.zeros((b, n_out if mode.logprobs else 0), jnp.float32),
-        top_ids=jnp.zeros((b, n_top, k), jnp.int32),
-        top_logprobs=jnp.zeros((b, n_top, k), jnp.float32),
-        counts=jnp.zeros((b,), jnp.int32),
-        done=~active_b,
-        stopped=jnp.zeros((b,), bool),
-        keys=keys,
-    )
-    return advance(state, logits_bv, cache, knobs, stop_ids, mode)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """Prompt tokens for `prefill`: `[B, T]`, right-padded."""
+
+    tokens: jax.Array  # [B, T] int32
+    last: jax.Array  # [B] int32: index into T of each row's last prompt token (its logits pick the next token)
+    # [B] int32: the position of tokens[:, 0]; None: every row starts at 0 in an empty cache, run as the
+    # model's chunked prefill (`Llama.prefill`)
+    start: jax.Array | None = None
 
 
 def _pick(keys_b, logits_bv, knobs, stops_bs, mode: Mode):
     """Each row's token drawn with its key (`sampling.sample_rows`), whether it is one of the row's stop
-    ids (`stops_bs [B or 1, S]`), its log-softmax under the untempered logits and the top-K
-    alternatives (zeros where the mode does not ask for them)."""
+    ids (`stops_bs [B or 1, S]`), and its per-token outputs: the token's log-softmax under the
+    untempered logits and the top-K alternatives (zeros where the mode does not ask for them)."""
     token_b = sample_rows(keys_b, logits_bv, knobs, mode)
     b, k = logits_bv.shape[0], mode.top_logprobs
     logp_b, top_bk, ids_bk = jnp.zeros((b,)), jnp.zeros((b, k)), jnp.zeros((b, k), jnp.int32)
@@ -114,153 +172,69 @@ def _pick(keys_b, logits_bv, knobs, stops_bs, mode: Mode):
         if k:
             top_bk, ids_bk = jax.lax.top_k(logp_bv, k)
     is_stop = jnp.any(token_b[:, None] == stops_bs, axis=-1)
-    return token_b, is_stop, logp_b, ids_bk.astype(jnp.int32), top_bk
+    return token_b, is_stop, Outputs(token_b, logp_b, ids_bk.astype(jnp.int32), top_bk)
 
 
-def advance(s: DecodeState, logits_bv, cache, knobs, stop_ids, mode: Mode) -> DecodeState:
-    """Sample each row's next token from `logits_bv` (the logits at its current position), record it."""
-    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s.keys, s.step)
-    token, is_stop, logp_b, ids_bk, top_bk = _pick(keys, logits_bv, knobs, stop_ids[None, :], mode)
-    live = ~s.done
-    logprobs, top_ids, top_logprobs = s.logprobs, s.top_ids, s.top_logprobs
-    if mode.logprobs:
-        logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, logp_b[:, None], s.step, axis=1)
-    if mode.top_logprobs:
-        top_ids = jax.lax.dynamic_update_slice_in_dim(top_ids, ids_bk[:, None], s.step, axis=1)
-        top_logprobs = jax.lax.dynamic_update_slice_in_dim(top_logprobs, top_bk[:, None], s.step, axis=1)
-    return DecodeState(
+def advance(s: DecodeState, logits_bv, cache: Cache) -> DecodeState:
+    """Sample each live row's next token from `logits_bv` (the logits at its current position), record it."""
+    keys = token_keys(s.rows.seeds, s.rows.streams, s.count)
+    token, is_stop, new = _pick(keys, logits_bv, s.rows.knobs, s.rows.stops, s.mode)
+    live = s.live
+    count = s.count + live.astype(jnp.int32)
+    finished = live & (is_stop | (count >= s.limit))
+    new = dataclasses.replace(new, tokens=jnp.where(live, token, -1))
+    return dataclasses.replace(
+        s,
         cache=cache,
         last=jnp.where(live, token, s.last),
         positions=jnp.where(live, s.positions + 1, s.positions),
-        step=s.step + 1,
-        tokens=jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.step, axis=1),
-        logprobs=logprobs,
-        top_ids=top_ids,
-        top_logprobs=top_logprobs,
-        counts=s.counts + (live & ~is_stop).astype(jnp.int32),
-        done=s.done | is_stop,
+        count=count,
+        live=live & ~finished,
         stopped=s.stopped | (live & is_stop),
-        keys=s.keys,
+        step=s.step + 1,
+        out=s.out.record(s.step, new),
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "unroll"), donate_argnames=("state",))
-def decode(graphdef, params, layers, state: DecodeState, limit, knobs, stop_ids, *, mode: Mode, unroll):
-    """Run decode steps until `state.step == limit` or every row is done.
+@functools.partial(jax.jit, donate_argnames=("state",))
+def prefill(weights: Weights, state: DecodeState, prompt: Prompt) -> DecodeState:
+    """Run the prompt tokens into `state.cache` and sample each live row's next token from the logits at
+    its `prompt.last`, into output slot `state.step`."""
+    _TRACES["prefill"] += 1
+    model = nnx.merge(weights.graphdef, weights.params)
+    if prompt.start is None:  # whole prompts: the chunked prefill (only the B last positions reach the head)
+        logits_bv, cache = model.prefill(prompt.tokens, state.cache, prompt.last + 1)
+    else:  # a chunk of each row's prompt, after the part already in the cache
+        c = prompt.tokens.shape[1]
+        positions_bc = prompt.start[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
+        logits_b1v, cache = model.forward(
+            prompt.tokens, positions_bc, state.cache, use_cache=True, logits_at=prompt.last[:, None]
+        )
+        logits_bv = logits_b1v[:, 0]
+    return advance(state, logits_bv, cache)
 
-    layers: `LayerWeights` (each weight read in place), or None to scan the stacked weights with `unroll`.
-    """
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def decode(weights: Weights, state: DecodeState, until) -> DecodeState:
+    """Run decode steps until `state.step == until` or no row is live."""
     _TRACES["decode"] += 1
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(weights.graphdef, weights.params)
 
     def cond(s: DecodeState):
-        return (s.step < limit) & ~jnp.all(s.done)
+        return (s.step < until) & jnp.any(s.live)
 
     def body(s: DecodeState) -> DecodeState:
-        logits_b1v, cache = model.decode(s.last[:, None], s.positions[:, None], s.cache, unroll=unroll, layers=layers)
-        return advance(s, logits_b1v[:, 0], cache, knobs, stop_ids, mode)
+        logits_b1v, cache = model.decode(
+            s.last[:, None], s.positions[:, None], s.cache, unroll=weights.unroll, layers=weights.layers
+        )
+        return advance(s, logits_b1v[:, 0], cache)
 
     return jax.lax.while_loop(cond, body, state)
-
-
-# ---- the engine's programs: chunked prefill and decode bursts over the paged cache ---------------------
-
-
-def pick_rows(seeds_b, index_b, logits_bv, knobs_b3, stops_bs, mode: Mode):
-    """Token index_b[b] of each row: sampled with the key fold_in(fold_in(key(seed), 0), index), the
-    sampler's per-row stream, under the row's own knobs; plus its logprob and the top-K alternatives
-    (untempered), and whether it is one of the row's stop tokens."""
-    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), 0), i))(seeds_b, index_b)
-    return _pick(keys, logits_bv, knobs_b3, stops_bs, mode)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "block_pages", "mode"), donate_argnames=("k", "v"))
-def chunk_prefill(
-    graphdef, params, k, v, page_table_rm, tokens_rc, start_r, last_r, seeds_r, knobs_r3, stops_rs, *, block_pages, mode
-):
-    """One prompt chunk of R slots into their pages; → pool, and token 0 from each row's `last_r` logits."""
-    _TRACES["chunk_prefill"] += 1
-    model = nnx.merge(graphdef, params)
-    c = tokens_rc.shape[1]
-    positions_rc = start_r[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
-    cache = PagedKVCache(k, v, page_table_rm, block_pages)
-    logits_r1v, cache = model.forward(tokens_rc, positions_rc, cache, use_cache=True, logits_at=last_r[:, None])
-    picked = pick_rows(seeds_r, jnp.zeros_like(start_r), logits_r1v[:, 0], knobs_r3, stops_rs, mode)
-    return cache.k, cache.v, picked
-
-
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "burst", "block_pages", "mode", "unroll"), donate_argnames=("k", "v")
-)
-def burst(
-    graphdef,
-    params,
-    layers,
-    k,
-    v,
-    page_table_bm,
-    last_b,
-    count_b,
-    position_b,
-    limit_b,
-    live_b,
-    seeds_b,
-    knobs_b3,
-    stops_bs,
-    *,
-    burst,
-    block_pages,
-    mode,
-    unroll,
-):
-    """Up to `burst` decode steps of every live slot: feed its last token at its position, sample token
-    `count` of its request. → pool, the burst's tokens `[B, burst]` (-1 where a slot had finished) and
-    their logprobs / top-K."""
-    _TRACES["burst"] += 1
-    model = nnx.merge(graphdef, params)
-    b, k_top = last_b.shape[0], mode.top_logprobs
-    out = dict(
-        tokens=jnp.full((b, burst), -1, jnp.int32),
-        logprobs=jnp.zeros((b, burst)),
-        top_ids=jnp.zeros((b, burst, k_top), jnp.int32),
-        top_logprobs=jnp.zeros((b, burst, k_top)),
-    )
-
-    def cond(carry):
-        step, live_b = carry[0], carry[5]
-        return (step < burst) & jnp.any(live_b)
-
-    def body(carry):
-        step, k, v, last_b, count_b, live_b, position_b, out = carry
-        cache = PagedKVCache(k, v, page_table_bm, block_pages)
-        logits_b1v, cache = model.decode(last_b[:, None], position_b[:, None], cache, unroll=unroll or 1, layers=layers)
-        token_b, is_stop, logp_b, ids_bk, top_bk = pick_rows(
-            seeds_b, count_b, logits_b1v[:, 0], knobs_b3, stops_bs, mode
-        )
-        new = dict(tokens=jnp.where(live_b, token_b, -1), logprobs=logp_b, top_ids=ids_bk, top_logprobs=top_bk)
-        out = {name: jax.lax.dynamic_update_index_in_dim(out[name], new[name], step, axis=1) for name in out}
-        count_b = count_b + live_b.astype(jnp.int32)
-        finished = live_b & (is_stop | (count_b >= limit_b))
-        return (
-            step + 1,
-            cache.k,
-            cache.v,
-            jnp.where(live_b, token_b, last_b),
-            count_b,
-            live_b & ~finished,
-            position_b + 1,
-            out,
-        )
-
-    carry = (jnp.int32(0), k, v, last_b, count_b, live_b, position_b, out)
-    _, k, v, *_, out = jax.lax.while_loop(cond, body, carry)
-    return k, v, out
 
 
 # ---- the per-layer weights of the decode step ---------------------------------------------------------
 
 # Each layer's weights as arrays of their own, in the order the decode step runs them (`Llama.forward(layers=)`).
-LayerWeights = tuple[BlockWeights, ...]
 
 # Per model: its `LayerWeights` and weak references to the stacked leaves they were cut from, so new
 # weights (a training step, `nnx.update`) are noticed. Weak on the model: the copy dies with it.

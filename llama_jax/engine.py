@@ -27,9 +27,13 @@ docs/BATCH.md draws it. One scheduler iteration on the host:
 Before a burst every decoding slot gets the pages its next `burst` positions need. When the pool is
 dry the most recently admitted request (staged or decoding) is preempted: its pages go back and it
 waits at the head of the queue, to be recomputed from its prompt. That is exact: token i of a request
-is drawn with the key `fold_in(fold_in(key(seed), 0), i)`, the stream `sampler.generate(seed=[seed,
+is drawn with the key `decoding.token_keys(seed, 0, i)`, the stream `sampler.generate(seed=[seed,
 ...])` gives it, so a request's tokens depend on its prompt and seed, not on its neighbours, its slot,
 or when it ran.
+
+The programs are `generate`'s (`decoding.prefill` on a prompt chunk, `decoding.decode` for a burst),
+each call on a fresh `decoding.DecodeState` over the pool (`PagedKVCache`); the request check, the
+stop tokens, the results and the host transfer are `llama_jax.generation`'s.
 """
 
 from __future__ import annotations
@@ -41,11 +45,11 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import jax
 import numpy as np
-from flax import nnx
 
-from llama_jax import decoding, sampler
+from llama_jax import decoding, generation
+from llama_jax.decoding import DecodeState, Prompt, Rows, Weights
+from llama_jax.generation import MAX_STOP_TOKENS, GenerationResult, Outputs
 from llama_jax.paged_cache import NULL_PAGE, PagedKVCache, PagePool, block_hashes
 from llama_jax.sampling import Mode, SamplingParams
 
@@ -54,8 +58,7 @@ __all__ = ["Engine", "Request", "trace_counts"]
 
 def trace_counts() -> dict[str, int]:
     """How many times each engine program was traced (= compiled) in this process."""
-    counts = decoding.trace_counts()
-    return {"prefill": counts["chunk_prefill"], "decode": counts["burst"]}
+    return decoding.trace_counts()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +84,9 @@ class _Slot:
     hashes: list[bytes]  # of the prompt's shareable blocks
     cursor: int  # prompt tokens in the cache
     stopped: bool = False  # the last token is a stop token
-    tokens: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[float] = dataclasses.field(default_factory=list)
-    top_ids: list[list[int]] = dataclasses.field(default_factory=list)
-    top_logprobs: list[list[float]] = dataclasses.field(default_factory=list)
+    count: int = 0  # tokens sampled
+    last: int = 0  # the last of them
+    out: list[Outputs] = dataclasses.field(default_factory=list)  # their host outputs, piece by piece
 
     @property
     def decoding(self) -> bool:
@@ -141,8 +143,7 @@ class Engine:
         if prefill_budget is not None and not (isinstance(prefill_budget, int) and prefill_budget >= 1):
             raise ValueError(f"Engine: prefill_budget must be None or an integer >= 1, got {prefill_budget!r}")
         config = model.config
-        if getattr(model, "score", None) is not None:
-            raise ValueError("this model has a sequence-classification head instead of an LM head: it cannot generate")
+        generation.check_can_generate(model)
         self.model = model
         self.max_len = min(max_len or config.max_seq_len, config.max_seq_len)
         self.page_size, self.burst, self.block_pages = page_size, burst, block_pages
@@ -161,13 +162,10 @@ class Engine:
 
     # ---- the scheduler ---------------------------------------------------------------------------------
 
-    def run(self, requests: Iterable[Request]) -> Iterator[tuple[Request, sampler.GenerationResult | ValueError]]:
+    def run(self, requests: Iterable[Request]) -> Iterator[tuple[Request, GenerationResult | ValueError]]:
         """Run the requests (pulled from the iterable as slots free up); yield (request, result) as each
         finishes: a `GenerationResult`, or a `ValueError` for a request that cannot run (too long, bad ids)."""
-        graphdef, params = nnx.split(self.model)
-        unroll = decoding.decode_unroll(self.model, None)
-        layers = decoding.layer_weights(self.model) if unroll is None else None
-        weights = (graphdef, params, layers, unroll)
+        weights = Weights.of(self.model)
         pending = iter(requests)
         waiting: collections.deque[Request] = collections.deque()
         slots: list[_Slot | None] = [None] * self.slots  # decoding requests, one per decode row
@@ -189,43 +187,34 @@ class Engine:
             yield from done
             done.clear()
 
-    def generate(self, requests: Sequence[Request]) -> list[sampler.GenerationResult | ValueError]:
+    def generate(self, requests: Sequence[Request]) -> list[GenerationResult | ValueError]:
         """`run`, with the results in the order of `requests`."""
         results = dict((id(r), out) for r, out in self.run(requests))
         return [results[id(r)] for r in requests]
 
     def _check(self, request: Request) -> tuple[np.ndarray, np.ndarray]:
         """→ (the prompt as int32, the request's padded stop ids), or a ValueError naming the request."""
-        prompt = np.asarray(request.prompt)
-        vocab = self.model.config.vocab_size
         params = request.params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"request {request.id!r}: params must be a SamplingParams, got {type(params).__name__}")
         if not isinstance(params.seed, (int, np.integer)):
             raise ValueError(f"request {request.id!r}: seed must be one integer (one stream per request)")
-        if prompt.ndim != 1 or prompt.size == 0 or not np.issubdtype(prompt.dtype, np.integer):
-            raise ValueError(f"request {request.id!r}: the prompt must be a non-empty list of token ids")
-        if np.any((prompt < 0) | (prompt >= vocab)):
-            raise ValueError(f"request {request.id!r}: a prompt token id is outside the vocabulary [0, {vocab})")
+        vocab = self.model.config.vocab_size
         try:
+            prompt = generation.check_prompt(request.prompt, "prompt", vocab, self.max_len, params.max_new_tokens)
             params.check_vocab(vocab)
             key = None if params.stop_tokens is None else tuple(params.stop_tokens)
             if key not in self._stops:
-                self._stops[key] = sampler.stop_ids(self.model, key)
+                self._stops[key] = generation.stop_ids(self.model, key)
         except ValueError as e:
             raise ValueError(f"request {request.id!r}: {e}") from None
         needed = prompt.size + params.max_new_tokens
-        if needed > self.max_len:
-            raise ValueError(
-                f"request {request.id!r}: prompt too long: {prompt.size} tokens + max_new_tokens="
-                f"{params.max_new_tokens} = {needed} positions, beyond the context of {self.max_len}"
-            )
         if self._pages_for(needed - 1) > self.pool.n_pages - 1:
             raise ValueError(
                 f"request {request.id!r} needs {self._pages_for(needed - 1)} pages; the pool has "
                 f"{self.pool.n_pages - 1}: give the engine more pages"
             )
-        return prompt.astype(np.int32), self._stops[key]
+        return prompt, self._stops[key]
 
     def _pages_for(self, positions: int) -> int:
         return -(-positions // self.page_size)
@@ -315,30 +304,30 @@ class Engine:
         longest = max(len(s.prompt) - s.cursor for s in rows)
         r, c = self.prefill_rows, min(self.prefill_chunk, max(16, 1 << (longest - 1).bit_length()))
         tokens = np.zeros((r, c), np.int32)
-        start, last, seeds = np.zeros(r, np.int32), np.zeros(r, np.int32), np.zeros(r, np.uint32)
+        start, last, limit, seeds = *(np.zeros(r, np.int32) for _ in range(3)), np.zeros(r, np.uint32)
+        ends = np.zeros(r, bool)  # the row's prompt ends in this chunk: it samples its first token
         knobs, stops = _rows_of([s.knobs for s in rows], r), _rows_of([s.stops for s in rows], r)
         for i, s in enumerate(rows):
             chunk = s.prompt[s.cursor : s.cursor + c]
             tokens[i, : len(chunk)] = chunk
             start[i], last[i], seeds[i] = s.cursor, len(chunk) - 1, s.request.params.seed
-        graphdef, params, _, _ = weights
-        started = time.perf_counter()
-        self.k, self.v, picked = decoding.chunk_prefill(
-            graphdef,
-            params,
-            self.k,
-            self.v,
-            self._table(rows + [None] * (r - len(rows))),
-            tokens,
-            start,
-            last,
-            seeds,
-            knobs,
-            stops,
-            block_pages=self.block_pages,
-            mode=mode,
+            limit[i], ends[i] = s.request.params.max_new_tokens, s.cursor + len(chunk) == len(s.prompt)
+        zeros = np.zeros(r, np.int32)
+        state = self._state(
+            rows + [None] * (r - len(rows)),
+            Rows(seeds, zeros, knobs, stops),
+            mode,
+            n_out=1,
+            last=zeros,
+            positions=zeros,
+            count=zeros,
+            limit=limit,
+            live=ends,
         )
-        picked = _to_host(picked)
+        started = time.perf_counter()
+        state = decoding.prefill(weights, state, Prompt(tokens, last, start))
+        self.k, self.v = state.cache.k, state.cache.v
+        out, stopped = generation.to_host((state.out, state.stopped))
         self.stats["prefill_calls"] += 1
         self.stats["prefill_seconds"] += time.perf_counter() - started
         ran = 0
@@ -348,32 +337,29 @@ class Engine:
             ran += step
             self.ready[s.pages[: s.cursor // self.page_size]] = True
             if s.decoding:
-                self._record(s, *(x[i] for x in picked))
+                self._record(s, out.row(i, 1), stopped[i])
                 self._finish_if_done(s, slots, staged, done)
         return ran
 
-    def _record(self, s: _Slot, token, is_stop, logp, ids, top) -> None:
-        s.tokens.append(int(token))
-        s.logprobs.append(float(logp))
-        s.top_ids.append([int(x) for x in ids])
-        s.top_logprobs.append([float(x) for x in top])
-        s.stopped = bool(is_stop)
+    def _state(self, rows: list[_Slot | None], sampling: Rows, mode: Mode, **fields) -> DecodeState:
+        """A program state over the pool for these slots (None: an idle row); `fields` as `DecodeState.start`."""
+        cache = PagedKVCache(self.k, self.v, self._table(rows), self.block_pages)
+        return DecodeState.start(cache, sampling, mode=mode, **fields)
+
+    def _record(self, s: _Slot, piece: Outputs, stopped) -> None:
+        """Add the host outputs of the slot's newest tokens (`piece`: one row, its tokens in order)."""
+        if len(piece.tokens):
+            s.out.append(piece)
+            s.count += len(piece.tokens)
+            s.last = int(piece.tokens[-1])
+        s.stopped = bool(stopped)
 
     def _finish_if_done(self, s: _Slot, slots, staged, done) -> None:
-        stopped = s.stopped
-        if not stopped and len(s.tokens) < s.request.params.max_new_tokens:
+        if not s.stopped and s.count < s.request.params.max_new_tokens:
             return
-        n = len(s.tokens) - stopped
-        k = len(s.tokens) if s.mode.top_logprobs else 0
-        result = sampler.GenerationResult(
-            tokens=tuple(s.tokens[:n]),
-            stop_reason="stop" if stopped else "length",
-            stop_token=s.tokens[-1] if stopped else None,
-            logprobs=tuple(s.logprobs[:n]) if s.mode.logprobs else None,
-            top_logprobs=(tuple(map(tuple, s.top_ids[:k])), tuple(map(tuple, s.top_logprobs[:k]))) if k else None,
-        )
+        result = generation.result(generation.concat(s.out), s.stopped, s.mode)
         self._free(s, slots, staged)
-        self.stats["generated_tokens"] += n
+        self.stats["generated_tokens"] += len(result.tokens)
         done.append((s.request, result))
 
     def _free(self, s: _Slot, slots, staged) -> None:
@@ -393,7 +379,7 @@ class Engine:
             if s not in slots:  # preempted meanwhile
                 continue
             last_position = min(
-                len(s.prompt) + len(s.tokens) - 1 + self.burst - 1, len(s.prompt) + s.request.params.max_new_tokens - 2
+                len(s.prompt) + s.count - 1 + self.burst - 1, len(s.prompt) + s.request.params.max_new_tokens - 2
             )
             while (need := self._pages_for(last_position + 1) - len(s.pages)) > 0:
                 fresh = self.pool.allocate(need)
@@ -418,7 +404,7 @@ class Engine:
                 if s.mode == mode:
                     self._finish_if_done(s, slots, staged, done)
 
-    def _burst(self, weights, rows: list[_Slot | None], mode: Mode) -> None:
+    def _burst(self, weights: Weights, rows: list[_Slot | None], mode: Mode) -> None:
         b = self.slots
         last, count, position, limit = (np.zeros(b, np.int32) for _ in range(4))
         live, seeds = np.zeros(b, bool), np.zeros(b, np.uint32)
@@ -426,63 +412,27 @@ class Engine:
         stops = _rows_of([s.stops if s else _NO_STOPS for s in rows], b)
         for i, s in enumerate(rows):
             if s is not None:
-                last[i], count[i], limit[i] = s.tokens[-1], len(s.tokens), s.request.params.max_new_tokens
-                position[i], live[i], seeds[i] = len(s.prompt) + len(s.tokens) - 1, True, s.request.params.seed
-        graphdef, params, layers, unroll = weights
-        started = time.perf_counter()
-        self.k, self.v, out = decoding.burst(
-            graphdef,
-            params,
-            layers,
-            self.k,
-            self.v,
-            self._table(rows),
-            last,
-            count,
-            position,
-            limit,
-            live,
-            seeds,
-            knobs,
-            stops,
-            burst=self.burst,
-            block_pages=self.block_pages,
-            mode=mode,
-            unroll=unroll,
+                last[i], count[i], limit[i] = s.last, s.count, s.request.params.max_new_tokens
+                position[i], live[i], seeds[i] = len(s.prompt) + s.count - 1, True, s.request.params.seed
+        sampling = Rows(seeds, np.zeros(b, np.int32), knobs, stops)
+        state = self._state(
+            rows, sampling, mode, n_out=self.burst, last=last, positions=position, count=count, limit=limit, live=live
         )
-        out = _to_host(out)
+        started = time.perf_counter()
+        state = decoding.decode(weights, state, np.int32(self.burst))
+        self.k, self.v = state.cache.k, state.cache.v
+        out, new_count, stopped = generation.to_host((state.out, state.count, state.stopped))
         self.stats["decode_calls"] += 1
         self.stats["decode_seconds"] += time.perf_counter() - started
         for i, s in enumerate(rows):
-            if s is None:
-                continue
-            for step in np.flatnonzero(out["tokens"][i] >= 0):
-                token = out["tokens"][i, step]
-                self._record(
-                    s,
-                    token,
-                    token in s.stops,
-                    out["logprobs"][i, step],
-                    out["top_ids"][i, step],
-                    out["top_logprobs"][i, step],
-                )
+            if s is not None:
+                self._record(s, out.row(i, new_count[i] - count[i]), stopped[i])
 
 
 _NEUTRAL_KNOBS = SamplingParams(max_new_tokens=1).knobs()  # an idle row's (its tokens are dropped)
-_NO_STOPS = np.full(sampler.MAX_STOP_TOKENS, -1, np.int32)
+_NO_STOPS = np.full(MAX_STOP_TOKENS, -1, np.int32)
 
 
 def _rows_of(values: list[np.ndarray], n: int) -> np.ndarray:
     """`values` stacked and padded to n rows with copies of the first (rows nobody reads)."""
     return np.stack(values + [values[0]] * (n - len(values)))
-
-
-def _to_host(tree):
-    """Fetch outputs to this host; on several processes an output spanning devices of others is
-    all-gathered first (every process then schedules from the same values)."""
-    from jax.experimental import multihost_utils
-
-    def one(x):
-        return jax.device_get(x) if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
-
-    return jax.tree.map(one, tree)

@@ -4,16 +4,22 @@ Layout `[L, B, S, K, H]`: layer first so the layer scan indexes it, then one slo
 one entry per absolute position (entry s holds position s), so masks are `s <= query position` and
 rows of different lengths need no offsets.
 
-Attention reads a row's entries in key blocks of `model.attention_block` consecutive positions (a
+Attention reads a row's entries in key blocks of `model.options.attention_block` consecutive positions (a
 long cache: of a few such pages, `blockwise.cached_tiles`) straight from the `[L, B, S, K, H]` buffers
 (`keys`, `blockwise.cached`), only up to the batch's furthest position, and a step writes one entry
-per row in place: no layer is copied per step. The engine's `PagedKVCache` has the same interface
-(`write`, `attend`) over a pool of pages.
+per row in place: no layer is copied per step.
+
+`Cache` is what the model and the generation programs (`llama_jax.decoding`) need of a cache: this
+contiguous one (`generate`, `stream`) and the engine's `PagedKVCache` over a pool of pages implement
+it, so one set of programs serves both. The contiguous cache is kept beside the paged one, not as its
+one-page-per-row case, because its attention picks the platform's fused backends (cuDNN, splash)
+where the paged cache gathers key blocks through the blockwise loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +30,21 @@ from llama_jax.platform import target
 from llama_jax.sharding import rules
 
 CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+
+class Cache(Protocol):
+    """A KV cache as the model uses it: a registered-dataclass pytree with `k` and `v` buffers (their
+    sharding pinned to `CACHE_AXES` after a write) that writes a layer's new entries and attends over
+    a layer's entries up to each query's position."""
+
+    k: jax.Array
+    v: jax.Array
+
+    def write(self, i: jax.Array | int, k: jax.Array, v: jax.Array, start: jax.Array) -> Cache: ...
+
+    def attend(
+        self, i: jax.Array | int, q_btnh: jax.Array, q_index_bt: jax.Array, *, backend: str, block: int
+    ) -> jax.Array: ...
 
 
 @jax.tree_util.register_dataclass

@@ -8,7 +8,7 @@ How a batch of ragged prompts runs (Meta's `generation.py` does the same work in
 1. Prompts are right-padded into a `[B, P]` buffer; B, P and the output length N are rounded up to
    powers of two so a stream of differently sized requests compiles a bounded number of programs.
    The cache holds S = P + N positions (entry s = position s), so rows need no offsets.
-2. Prefill runs the buffer through the model in chunks of `model.prefill_chunk` tokens (a scan
+2. Prefill runs the buffer through the model in chunks of `model.options.prefill_chunk` tokens (a scan
    inside the one jitted prefill; chunks past every prompt skipped), filling the cache, and projects onto the
    vocabulary only each row's last prompt token (`[B, V]`, never `[B, P, V]`), from which the
    first new token is sampled. Pad tokens write garbage entries at positions a row has not reached
@@ -20,14 +20,16 @@ How a batch of ragged prompts runs (Meta's `generation.py` does the same work in
 
 The model is used functionally: `nnx.split` once per call, and the jitted functions are pure in the
 parameter state (`nnx.merge` inside the trace), so there is no `nnx.jit` bookkeeping per call.
-The jitted programs and the per-layer weights the decode step reads are in `llama_jax/decoding.py`.
+The jitted programs (the engine's too) and the per-layer weights the decode step reads are in
+`llama_jax/decoding.py`; the request check, stop tokens, results and host transfer in
+`llama_jax/generation.py`.
 
 What to sample is a `SamplingParams` (`llama_jax/sampling.py`, with the filters and Meta's rules):
 `generate(model, prompts, params)`, or its fields as keywords. Each prompt row has its own PRNG
-stream, `fold_in(key(seed), row)`, so a prompt's sample does not depend on what it was batched with;
-with one seed per prompt (`seed=[s0, s1, ...]`) row i's stream is `fold_in(key(s_i), 0)`, the stream
-of that prompt generated alone with `seed=s_i`, so it does not depend on its row either (the batch
-job relies on this).
+stream, `fold_in(key(seed), row)` (`decoding.token_keys`), so a prompt's sample does not depend on
+what it was batched with; with one seed per prompt (`seed=[s0, s1, ...]`) row i's stream is
+`fold_in(key(s_i), 0)`, the stream of that prompt generated alone with `seed=s_i`, so it does not
+depend on its row either (the batch job and the engine rely on this).
 
 `top_logprobs=K` also records, at every step, the K most likely ids and their log-softmax under the
 untempered logits (on device, `lax.top_k`), for distillation data.
@@ -36,63 +38,50 @@ untempered logits (on device, `lax.top_k`), for distillation data.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 
 from llama_jax import decoding, placement, platform
-from llama_jax.config import LLAMA3_VOCAB_SIZE
-from llama_jax.decoding import trace_counts
+from llama_jax.decoding import DecodeState, Prompt, Rows, Weights, trace_counts
+from llama_jax.generation import (
+    LLAMA3_STOP_TOKENS,
+    MAX_STOP_TOKENS,
+    GenerationResult,
+    check_can_generate,
+    check_prompt,
+    default_stop_tokens,
+    result,
+    stop_ids,
+    to_host,
+)
 from llama_jax.kv_cache import KVCache
-from llama_jax.sampling import Mode, SamplingParams
+from llama_jax.sampling import SamplingParams
 
 __all__ = [
     "LLAMA3_STOP_TOKENS",
+    "MAX_STOP_TOKENS",
     "GenerationResult",
+    "Inputs",
     "SamplingParams",
     "default_stop_tokens",
     "generate",
+    "inputs",
     "lower",
     "prompt_bucket",
     "sampling_params",
+    "stop_ids",
     "stream",
     "trace_counts",
 ]
 
-# <|end_of_text|>, <|eom_id|>, <|eot_id|> (llama-models `llama3/generation.py`, its stop tokens).
-LLAMA3_STOP_TOKENS = (128_001, 128_008, 128_009)
-
 # Smallest buckets: a prompt buffer and an output buffer never shrink below these.
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 16
-# Stop ids are passed as a fixed-size array (padded with -1) so a new stop set is not a new program.
-MAX_STOP_TOKENS = 8
 
 
-@dataclasses.dataclass(frozen=True)
-class GenerationResult:
-    """What one prompt produced.
-
-    tokens: the new tokens, the stop token excluded.
-    stop_reason: "stop" (a stop token was sampled) or "length" (`max_new_tokens` reached).
-    stop_token: the stop token sampled (eot vs eom matters to chat), None for "length".
-    logprobs: float32 log-softmax of the untempered logits at each token of `tokens`, when asked.
-    top_logprobs: with `top_logprobs=K`, `(ids, logprobs)`: for each token of `tokens` and for the
-      stop token when stop_reason == "stop", the K most likely ids (most likely first) and their
-      float32 log-softmax under the untempered logits, i.e. the distribution that token was drawn from.
-    """
-
-    tokens: tuple[int, ...]
-    stop_reason: str
-    stop_token: int | None = None
-    logprobs: tuple[float, ...] | None = None
-    top_logprobs: tuple[tuple[tuple[int, ...], ...], tuple[tuple[float, ...], ...]] | None = None
-
-
-# ---- host side: validation, bucketing, results -------------------------------------------------------
+# ---- host side: validation, bucketing ------------------------------------------------------------------
 
 
 def _bucket(n: int, minimum: int) -> int:
@@ -112,70 +101,7 @@ def _check_prompts(prompts, vocab_size: int, max_seq_len: int, max_new_tokens: i
         raise ValueError("prompts must be a non-empty list of token-id lists, e.g. [[128000, 9906]]")
     if isinstance(prompts[0], (int, np.integer)):
         raise ValueError("prompts must be a list of token-id lists; wrap a single prompt: [tokens]")
-    checked = []
-    for i, prompt in enumerate(prompts):
-        ids = np.asarray(prompt)
-        if ids.ndim != 1:
-            raise ValueError(f"prompt {i}: expected a flat list of token ids, got shape {ids.shape}")
-        if ids.size == 0:
-            raise ValueError(f"prompt {i} is empty; expected at least one token (e.g. the BOS id 128000)")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"prompt {i}: expected integer token ids, got dtype {ids.dtype}")
-        bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
-        if bad.size:
-            j = int(bad[0])
-            raise ValueError(
-                f"prompt {i}: token id {int(ids[j])} at position {j} is outside the vocabulary [0, {vocab_size})"
-            )
-        if ids.size + max_new_tokens > max_seq_len:
-            raise ValueError(
-                f"prompt {i} has {ids.size} tokens; with max_new_tokens={max_new_tokens} it needs "
-                f"{ids.size + max_new_tokens} positions, beyond the model's context of {max_seq_len} "
-                f"(config.max_seq_len): shorten the prompt or lower max_new_tokens"
-            )
-        checked.append(ids.astype(np.int32))
-    return checked
-
-
-def default_stop_tokens(model) -> tuple[int, ...]:
-    """What `stop_tokens=None` means: the attached tokenizer's (`model.tokenizer.stop_tokens`), else
-    Llama 3's (<|end_of_text|>, <|eom_id|>, <|eot_id|>) for a Llama 3 vocabulary, else none."""
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is not None:
-        return tuple(tokenizer.stop_tokens)
-    return LLAMA3_STOP_TOKENS if model.config.vocab_size == LLAMA3_VOCAB_SIZE else ()
-
-
-def stop_ids(model, stop_tokens) -> np.ndarray:
-    """The stop tokens `stop_tokens` means (None: `default_stop_tokens`), checked against the vocabulary,
-    sorted and padded with -1 to `MAX_STOP_TOKENS`: the int32 array the programs compare tokens with."""
-    vocab = model.config.vocab_size
-    if stop_tokens is None:
-        stop_tokens = default_stop_tokens(model)
-    stop_tokens = sorted({int(t) for t in stop_tokens})
-    if len(stop_tokens) > MAX_STOP_TOKENS:
-        raise ValueError(f"stop_tokens: at most {MAX_STOP_TOKENS} are supported, got {len(stop_tokens)}")
-    for t in stop_tokens:
-        if not 0 <= t < vocab:
-            raise ValueError(f"stop_tokens: token {t} is outside the vocabulary [0, {vocab})")
-    return np.asarray(stop_tokens + [-1] * (MAX_STOP_TOKENS - len(stop_tokens)), np.int32)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Job:
-    """A validated, bucketed request ready to run."""
-
-    n_prompts: int
-    prompt_bp: np.ndarray
-    lengths_b: np.ndarray
-    active_b: np.ndarray
-    cache_len: int
-    n_out: int
-    stop_ids: np.ndarray
-    knobs: np.ndarray
-    mode: Mode
-    seeds_b: np.ndarray  # [B] uint32: row i's stream is fold_in(key(seeds_b[i]), streams_b[i])
-    streams_b: np.ndarray  # [B] int32
+    return [check_prompt(p, f"prompt {i}", vocab_size, max_seq_len, max_new_tokens) for i, p in enumerate(prompts)]
 
 
 def sampling_params(params: SamplingParams | None = None, **fields) -> SamplingParams:
@@ -187,52 +113,16 @@ def sampling_params(params: SamplingParams | None = None, **fields) -> SamplingP
     return dataclasses.replace(params, **fields) if fields else params
 
 
-def _prepare(model, prompts, params: SamplingParams, min_batch: int = 1) -> _Job:
-    config = model.config
-    if getattr(model, "score", None) is not None:
-        raise ValueError(
-            f"this model has a sequence-classification head (score [D, {model.score.shape[1]}]) instead of an LM "
-            "head: it scores sequences (llama_jax.rejection.reward_scorer) and cannot generate"
-        )
-    params.check_vocab(config.vocab_size)
-    if not (isinstance(min_batch, (int, np.integer)) and not isinstance(min_batch, bool) and min_batch >= 1):
-        raise ValueError(f"min_batch must be an integer >= 1, got {min_batch!r}")
-    rows = _check_prompts(prompts, config.vocab_size, config.max_seq_len, params.max_new_tokens)
-    seed = params.seed
-    per_row_seeds = isinstance(seed, tuple)
-    if per_row_seeds and len(seed) != len(rows):
-        raise ValueError(f"seed: got {len(seed)} seeds for {len(rows)} prompts; expected one per prompt")
-    longest = max(len(r) for r in rows)
-    b = _bucket(max(len(rows), min_batch), 1)
-    p = prompt_bucket(longest, config.max_seq_len)
-    n_out = _bucket(params.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
-    # Entry s holds position s; positions reach at most longest + max_new_tokens - 1 < P + N.
-    cache_len = min(p + n_out, config.max_seq_len)
-    prompt_bp = np.zeros((b, p), np.int32)
-    lengths_b = np.ones((b,), np.int32)
-    for i, r in enumerate(rows):
-        prompt_bp[i, : len(r)] = r
-        lengths_b[i] = len(r)
-    if per_row_seeds:  # a prompt's stream is the one it has alone (row 0), wherever it sits
-        seeds_b = np.zeros((b,), np.uint32)
-        seeds_b[: len(rows)] = seed
-        streams_b = np.zeros((b,), np.int32)
-    else:
-        seeds_b = np.full((b,), seed, np.uint32)
-        streams_b = np.arange(b, dtype=np.int32)
-    return _Job(
-        n_prompts=len(rows),
-        prompt_bp=prompt_bp,
-        lengths_b=lengths_b,
-        active_b=np.arange(b) < len(rows),
-        cache_len=cache_len,
-        n_out=n_out,
-        stop_ids=stop_ids(model, params.stop_tokens),
-        knobs=params.knobs(),
-        mode=params.mode,
-        seeds_b=seeds_b,
-        streams_b=streams_b,
-    )
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """A checked, bucketed request as the programs take it:
+    `decoding.decode(weights, decoding.prefill(weights, state, prompt), until)`."""
+
+    weights: Weights
+    state: DecodeState  # before the first token; its cache abstract with `inputs(..., abstract=True)`
+    prompt: Prompt
+    until: np.ndarray  # [] int32: max_new_tokens
+    n_prompts: int
 
 
 def _empty_cache(model, batch: int, length: int) -> KVCache:
@@ -243,53 +133,57 @@ def _empty_cache(model, batch: int, length: int) -> KVCache:
     return KVCache.zeros(model.config, batch, length, dtype=model.dtype, sharding=sharding)
 
 
-def _start(model, job: _Job, unroll):
-    """Prefill (which samples the first token); → the decode program's weights and its first state."""
-    graphdef, params = nnx.split(model)
-    state = decoding.prefill(
-        graphdef,
-        params,
-        job.prompt_bp,
-        job.lengths_b,
-        job.active_b,
-        _empty_cache(model, job.prompt_bp.shape[0], job.cache_len),
-        job.seeds_b,
-        job.streams_b,
-        job.knobs,
-        job.stop_ids,
-        n_out=job.n_out,
-        mode=job.mode,
+def inputs(
+    model, prompts, params: SamplingParams, *, min_batch: int = 1, unroll=None, abstract: bool = False
+) -> Inputs:
+    """What `generate` runs for these arguments (`abstract`: the cache as `ShapeDtypeStruct`s, nothing
+    allocated). The request is checked here, before any device work."""
+    config = model.config
+    check_can_generate(model)
+    params.check_vocab(config.vocab_size)
+    if not (isinstance(min_batch, (int, np.integer)) and not isinstance(min_batch, bool) and min_batch >= 1):
+        raise ValueError(f"min_batch must be an integer >= 1, got {min_batch!r}")
+    rows = _check_prompts(prompts, config.vocab_size, config.max_seq_len, params.max_new_tokens)
+    seed = params.seed
+    per_row_seeds = isinstance(seed, tuple)
+    if per_row_seeds and len(seed) != len(rows):
+        raise ValueError(f"seed: got {len(seed)} seeds for {len(rows)} prompts; expected one per prompt")
+    stops = stop_ids(model, params.stop_tokens)
+    b = _bucket(max(len(rows), min_batch), 1)
+    p = prompt_bucket(max(len(r) for r in rows), config.max_seq_len)
+    n_out = _bucket(params.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
+    # Entry s holds position s; positions reach at most longest + max_new_tokens - 1 < P + N.
+    cache_len = min(p + n_out, config.max_seq_len)
+    tokens_bp = np.zeros((b, p), np.int32)
+    lengths_b = np.ones((b,), np.int32)
+    for i, r in enumerate(rows):
+        tokens_bp[i, : len(r)] = r
+        lengths_b[i] = len(r)
+    if per_row_seeds:  # a prompt's stream is the one it has alone (stream 0), wherever it sits
+        seeds_b = np.zeros((b,), np.uint32)
+        seeds_b[: len(rows)] = seed
+        streams_b = np.zeros((b,), np.int32)
+    else:
+        seeds_b = np.full((b,), seed, np.uint32)
+        streams_b = np.arange(b, dtype=np.int32)
+
+    def make_cache():
+        return _empty_cache(model, b, cache_len)
+
+    cache = jax.eval_shape(make_cache) if abstract else make_cache()
+    state = DecodeState.start(
+        cache,
+        Rows(seeds_b, streams_b, params.knobs(), stops[None, :]),
+        last=np.zeros(b),
+        positions=lengths_b - 1,
+        count=np.zeros(b),
+        limit=np.full(b, params.max_new_tokens),
+        live=np.arange(b) < len(rows),
+        n_out=n_out,
+        mode=params.mode,
     )
-    layers = decoding.layer_weights(model) if unroll is None else None
-    return (graphdef, params, layers), state
-
-
-def _to_host(tree):
-    """Fetch results to this host. On several processes the arrays span devices this process cannot
-    address, so they are all-gathered first (every process gets every row)."""
-    if all(x.is_fully_addressable for x in jax.tree.leaves(tree)):
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(tree, tiled=True)
-
-
-def _result(tokens, logprobs, count, stopped, want_logprobs, top_ids=None, top_logprobs=None) -> GenerationResult:
-    count = int(count)
-    top = None
-    if top_ids is not None and top_ids.shape[-1]:
-        n = count + bool(stopped)  # the stop token's distribution too
-        top = (
-            tuple(tuple(int(i) for i in row) for row in top_ids[:n]),
-            tuple(tuple(float(x) for x in row) for row in top_logprobs[:n]),
-        )
-    return GenerationResult(
-        tokens=tuple(int(t) for t in tokens[:count]),
-        stop_reason="stop" if stopped else "length",
-        stop_token=int(tokens[count]) if stopped else None,
-        logprobs=tuple(float(x) for x in logprobs[:count]) if want_logprobs else None,
-        top_logprobs=top,
-    )
+    prompt = Prompt(tokens_bp, lengths_b - 1)
+    return Inputs(Weights.of(model, unroll), state, prompt, np.int32(params.max_new_tokens), len(rows))
 
 
 def generate(
@@ -322,23 +216,15 @@ def generate(
     """
     params = sampling_params(params, **sampling)
     job, state = _run(model, prompts, params, min_batch=min_batch, unroll=unroll)
-    tokens, lps, counts, stopped, top_ids, top_lps = _to_host(
-        (state.tokens, state.logprobs, state.counts, state.stopped, state.top_ids, state.top_logprobs)
-    )
-    return [
-        _result(tokens[i], lps[i], counts[i], stopped[i], params.logprobs, top_ids[i], top_lps[i])
-        for i in range(job.n_prompts)
-    ]
+    out, count, stopped = to_host((state.out, state.count, state.stopped))
+    return [result(out.row(i, count[i]), stopped[i], state.mode) for i in range(job.n_prompts)]
 
 
-def _run(model, prompts, params: SamplingParams, *, min_batch=1, unroll=None) -> tuple[_Job, decoding.DecodeState]:
+def _run(model, prompts, params: SamplingParams, *, min_batch=1, unroll=None) -> tuple[Inputs, DecodeState]:
     """`generate` up to the final device state (which tests inspect)."""
-    unroll = decoding.decode_unroll(model, unroll)
-    job = _prepare(model, prompts, params, min_batch)
-    weights, state = _start(model, job, unroll)
-    limit = np.int32(params.max_new_tokens)
-    state = decoding.decode(*weights, state, limit, job.knobs, job.stop_ids, mode=job.mode, unroll=unroll)
-    return job, state
+    job = inputs(model, prompts, params, min_batch=min_batch, unroll=unroll)
+    state = decoding.prefill(job.weights, job.state, job.prompt)
+    return job, decoding.decode(job.weights, state, job.until)
 
 
 def lower(
@@ -357,31 +243,11 @@ def lower(
     nothing executes; the per-layer weights of the decode step are made as `generate` makes them.
     Traced under `platform.lowering_for(platforms[0])`, so attention "auto" picks that platform's backend.
     """
-    params = sampling_params(params, **sampling)
-    job = _prepare(model, prompts, params)
-    unroll = decoding.decode_unroll(model, unroll)
-    graphdef, params_state = nnx.split(model)
-    cache = jax.eval_shape(lambda: _empty_cache(model, job.prompt_bp.shape[0], job.cache_len))
-    prefill_args = (
-        graphdef,
-        params_state,
-        job.prompt_bp,
-        job.lengths_b,
-        job.active_b,
-        cache,
-        job.seeds_b,
-        job.streams_b,
-        job.knobs,
-        job.stop_ids,
-    )
-    layers = decoding.layer_weights(model) if unroll is None else None
-    limit = np.int32(params.max_new_tokens)
+    job = inputs(model, prompts, sampling_params(params, **sampling), unroll=unroll, abstract=True)
     with platform.lowering_for(platforms[0] if platforms else None):  # what attention "auto" selects for
-        prefill = decoding.prefill.trace(*prefill_args, n_out=job.n_out, mode=job.mode)
-        state = jax.eval_shape(functools.partial(decoding.prefill, n_out=job.n_out, mode=job.mode), *prefill_args)
-        decode = decoding.decode.trace(
-            graphdef, params_state, layers, state, limit, job.knobs, job.stop_ids, mode=job.mode, unroll=unroll
-        )
+        prefill = decoding.prefill.trace(job.weights, job.state, job.prompt)
+        state = jax.eval_shape(decoding.prefill, job.weights, job.state, job.prompt)
+        decode = decoding.decode.trace(job.weights, state, job.until)
     return prefill.lower(lowering_platforms=platforms), decode.lower(lowering_platforms=platforms)
 
 
@@ -407,18 +273,17 @@ def stream(
     params = sampling_params(params, **sampling)
     if params.logprobs or params.top_logprobs or isinstance(params.seed, tuple):
         raise ValueError("stream: logprobs, top_logprobs and per-prompt seeds are for generate; got " + repr(params))
-    job = _prepare(model, [prompt_tokens], params)
-    return _stream(model, job, params.max_new_tokens, chunk, decoding.decode_unroll(model, unroll))
+    return _stream(inputs(model, [prompt_tokens], params, unroll=unroll), params.max_new_tokens, chunk)
 
 
-def _stream(model, job: _Job, max_new_tokens, chunk, unroll) -> Iterator[int]:
-    weights, state = _start(model, job, unroll)
+def _stream(job: Inputs, max_new_tokens: int, chunk: int) -> Iterator[int]:
+    state = decoding.prefill(job.weights, job.state, job.prompt)
     emitted = 0
     while True:
-        limit = min(emitted + chunk, max_new_tokens)
-        state = decoding.decode(*weights, state, np.int32(limit), job.knobs, job.stop_ids, mode=job.mode, unroll=unroll)
-        tokens, count, stopped = _to_host((state.tokens[0], state.counts[0], state.stopped[0]))
-        yield from (int(t) for t in tokens[emitted:count])
-        emitted = int(count)
+        state = decoding.decode(job.weights, state, np.int32(min(emitted + chunk, max_new_tokens)))
+        out, count, stopped = to_host((state.out, state.count[0], state.stopped[0]))
+        n = int(count) - bool(stopped)
+        yield from (int(t) for t in out.tokens[0, emitted:n])
+        emitted = n
         if stopped or emitted >= max_new_tokens:
-            return _result(tokens, np.zeros(0), count, stopped, False)
+            return result(out.row(0, count), stopped, state.mode)

@@ -130,7 +130,7 @@ class SamplingParams:
     min_p: float = setting(0.0, "keep the tokens with p >= min_p * p_max; 0 = off", flag=True, request=True)
     seed: int | tuple[int, ...] = setting(0, "PRNG seed: the same seed and prompt give the same tokens", flag=True)
     stop_tokens: tuple[int, ...] | None = setting(
-        None, "ids that end a row (not in the result); none: the tokenizer's, else Llama 3's; () = none"
+        None, "ids that end a row (not in the result); none: Llama 3's for a Llama 3 vocabulary; () = none"
     )
     logprobs: bool = setting(False, "also return each token's float32 log-softmax under the untempered logits")
     top_logprobs: int = setting(

@@ -4,10 +4,10 @@
     lowered = setup.decode_loop(batch=8, context=8192)      # `generate`'s decode loop
     compiled = lowered.compile()                             # the TPU compiler's program
 
-The programs are the ones users run, called as their callers call them, not copies: `generate`'s
-prefill and decode loop (`decoding.prefill` / `decoding.decode`, with the per-layer decode weights
-where `generate` would make them), the engine's decode burst and chunk prefill (`decoding.burst` /
-`decoding.chunk_prefill`, over a page pool of the engine's layout). Weights are the planner's abstract
+The programs are the ones users run, called as their callers call them, not copies: the two programs
+every caller runs, `decoding.prefill` and `decoding.decode`, over `generate`'s contiguous cache (with the
+per-layer decode weights where `generate` would make them) and over the engine's page pool (its chunk
+prefill and decode burst). Weights are the planner's abstract
 sharded model (`placement.abstract_state`), on the target's devices; every other input is a
 `ShapeDtypeStruct` placed where the program pins it (the cache) or replicated.
 Traced under `platform.lowering_for(<target platform>)`, so attention "auto" picks what it picks there.
@@ -27,8 +27,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax import decoding, fp8, placement, quant, sampler, targets
 from llama_jax.config import LlamaConfig
+from llama_jax.decoding import DecodeState, Prompt, Rows
 from llama_jax.kv_cache import CACHE_AXES, KVCache
 from llama_jax.model import Options
+from llama_jax.paged_cache import PagedKVCache
 from llama_jax.sampling import SamplingParams
 from llama_jax.targets import Target
 
@@ -138,113 +140,82 @@ class Setup:
     def tracing(self):
         return targets.tracing(self.target)
 
-    def _generate_inputs(self, batch: int, prompt: int, context: int):
-        """`decoding.prefill`'s inputs as `generate` passes them (`sampler._prepare`), abstract and placed."""
+    def weights(self, stacked: bool | None = None) -> decoding.Weights:
+        """What the programs compute with, as `decoding.Weights.of` makes it for this model on this target."""
+        layers, unroll = self.layer_weights(stacked)
+        return decoding.Weights(self.state, layers, self.graphdef, unroll)
+
+    def _generate_state(self, batch: int, prompt: int, context: int):
+        """`generate`'s program state and prompt (`sampler.inputs`), abstract and placed."""
         params = SamplingParams(max_new_tokens=context - prompt)
         cache_shape = placement.cache_shape(self.config, batch, context)
-        cache = self.place(jax.ShapeDtypeStruct(cache_shape, jnp.bfloat16), cache_shape)
-        prompts, lengths, active = self.place(
-            (np.zeros((batch, prompt), np.int32), np.full((batch,), prompt, np.int32), np.ones((batch,), bool))
+        cache = jax.ShapeDtypeStruct(cache_shape, jnp.bfloat16)
+        stops = sampler.stop_ids(self.model, params.stop_tokens)[None]
+        rows = Rows(np.zeros((batch,), np.uint32), np.arange(batch, dtype=np.int32), params.knobs(), stops)
+        state = DecodeState.start(
+            KVCache(cache, cache),
+            rows,
+            last=np.zeros(batch),
+            positions=np.full(batch, prompt - 1),
+            count=np.zeros(batch),
+            limit=np.full(batch, context - prompt),
+            live=np.ones(batch, bool),
+            n_out=context - prompt,
+            mode=params.mode,
         )
-        seeds, streams, knobs, stops = self.place(
-            (
-                np.zeros((batch,), np.uint32),
-                np.arange(batch, dtype=np.int32),
-                params.knobs(),
-                sampler.stop_ids(self.model, params.stop_tokens),
-            )
-        )
-        args = [prompts, lengths, active, KVCache(cache, cache), seeds, streams, knobs, stops]
-        return args, params, cache_shape
+        tokens = Prompt(np.zeros((batch, prompt), np.int32), np.full((batch,), prompt - 1, np.int32))
+        return self.place(state, cache_shape), self.place(tokens), cache_shape
 
     def prefill(self, batch: int, prompt: int, context: int):
         """`generate`'s prefill of `prompt` tokens per row (chunks of `DEFAULT_PREFILL_CHUNK`), `context` cache."""
-        args, params, _ = self._generate_inputs(batch, prompt, context)
-        return self._lower(decoding.prefill, self.graphdef, self.state, *args, n_out=context - prompt, mode=params.mode)
+        state, tokens, _ = self._generate_state(batch, prompt, context)
+        return self._lower(decoding.prefill, self.weights(), state, tokens)
 
     def decode_loop(self, batch: int, context: int, stacked: bool | None = None):
         """`generate`'s decode loop (a `while_loop` of decode steps) over a `context`-entry cache; `stacked`:
         as `layer_weights` (None: as `generate` decides for this model on this target)."""
-        args, params, cache_shape = self._generate_inputs(batch, 16, context)
-        prefill = functools.partial(decoding.prefill, n_out=context - 16, mode=params.mode)
+        state, tokens, cache_shape = self._generate_state(batch, 16, context)
+        weights = self.weights(stacked)
         with self.tracing():
-            state = jax.eval_shape(prefill, self.graphdef, self.state, *args)
-        state = self.place(state, cache_shape)
-        layers, unroll = self.layer_weights(stacked)
-        limit = self.place(np.int32(context - 16))
-        return self._lower(
-            decoding.decode,
-            self.graphdef,
-            self.state,
-            layers,
-            state,
-            limit,
-            args[6],
-            args[7],
-            mode=params.mode,
-            unroll=unroll,
-        )
+            state = jax.eval_shape(decoding.prefill, weights, state, tokens)
+        return self._lower(decoding.decode, weights, self.place(state, cache_shape), self.place(np.int32(context - 16)))
 
-    def _pool(self, slots: int, context: int):
+    def _engine_state(self, slots: int, context: int, n_out: int):
+        """The engine's program state (`Engine._state`) over a pool where `slots` slots hold `context` tokens."""
         n_pages = slots * context // PAGE_SIZE + 1  # every slot full, and the null page
         shape = (self.config.n_layers, n_pages, PAGE_SIZE, self.config.n_kv_heads, self.config.head_dim)
-        pool = self.place(jax.ShapeDtypeStruct(shape, jnp.bfloat16), shape)
-        table = self.place(np.zeros((slots, context // PAGE_SIZE), np.int32))
-        return pool, table
-
-    def _rows(self, slots: int):
+        pool = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+        table = np.zeros((slots, context // PAGE_SIZE), np.int32)
         params = SamplingParams(max_new_tokens=1)
-        knobs = self.place(np.stack([params.knobs()] * slots))
-        stops = self.place(np.stack([sampler.stop_ids(self.model, params.stop_tokens)] * slots))
-        return params, knobs, stops
+        stops = np.stack([sampler.stop_ids(self.model, params.stop_tokens)] * slots)
+        rows = Rows(
+            np.zeros((slots,), np.uint32), np.zeros((slots,), np.int32), np.stack([params.knobs()] * slots), stops
+        )
+        zeros = np.zeros(slots)
+        state = DecodeState.start(
+            PagedKVCache(pool, pool, table, BLOCK_PAGES),
+            rows,
+            last=zeros,
+            positions=zeros,
+            count=zeros,
+            limit=np.full(slots, n_out),
+            live=np.ones(slots, bool),
+            n_out=n_out,
+            mode=params.mode,
+        )
+        return self.place(state, shape)
 
     def burst(self, slots: int, context: int):
         """The engine's decode burst (`BURST` steps) over `slots` slots whose pages hold `context` tokens each."""
-        pool, table = self._pool(slots, context)
-        params, knobs, stops = self._rows(slots)
-        i32 = self.place(np.zeros((slots,), np.int32))
-        layers, unroll = self.layer_weights()
-        rows = (i32, i32, i32, i32, self.place(np.ones((slots,), bool)), self.place(np.zeros((slots,), np.uint32)))
-        return self._lower(
-            decoding.burst,
-            self.graphdef,
-            self.state,
-            layers,
-            pool,
-            pool,
-            table,
-            *rows,
-            knobs,
-            stops,
-            burst=BURST,
-            block_pages=BLOCK_PAGES,
-            mode=params.mode,
-            unroll=unroll,
-        )
+        state = self._engine_state(slots, context, BURST)
+        return self._lower(decoding.decode, self.weights(), state, self.place(np.int32(BURST)))
 
     def chunk_prefill(self, slots: int, context: int):
         """The engine's prefill call: `PREFILL_CHUNK` prompt tokens of `slots` rows into their pages."""
-        pool, table = self._pool(slots, context)
-        params, knobs, stops = self._rows(slots)
-        i32 = self.place(np.zeros((slots,), np.int32))
-        tokens = self.place(np.zeros((slots, PREFILL_CHUNK), np.int32))
-        seeds = self.place(np.zeros((slots,), np.uint32))
-        return self._lower(
-            decoding.chunk_prefill,
-            self.graphdef,
-            self.state,
-            pool,
-            pool,
-            table,
-            tokens,
-            i32,
-            i32,
-            seeds,
-            knobs,
-            stops,
-            block_pages=BLOCK_PAGES,
-            mode=params.mode,
-        )
+        state = self._engine_state(slots, context, 1)
+        i32 = np.zeros((slots,), np.int32)
+        tokens = self.place(Prompt(np.zeros((slots, PREFILL_CHUNK), np.int32), i32, i32))
+        return self._lower(decoding.prefill, self.weights(), state, tokens)
 
     def train_step(self, batch: int, seq: int):
         """One `Trainer` step (full fine-tuning, float32 master weights and AdamW state, the default

@@ -3,6 +3,7 @@ per-step slice, transpose or copy of a parameter-sized buffer inside the `while`
 only each row's last prompt token through the vocabulary projection, and the per-layer weights the
 decode step reads compute what the stacked scan computes, for plain, FP8 and LoRA models."""
 
+import dataclasses
 import math
 import re
 
@@ -98,20 +99,10 @@ def _weight_sizes(model) -> set[int]:
 
 def _decode_hlo(model, unroll=None, layers=None) -> str:
     """The compiled decode program `generate` runs; `layers` replaces its per-layer weights."""
-    job = sampler._prepare(model, PROMPTS, sampler.SamplingParams(max_new_tokens=16, stop_tokens=[]))
-    (graphdef, params, made), state = sampler._start(model, job, unroll)
-    lowered = decoding.decode.lower(
-        graphdef,
-        params,
-        made if layers is None else layers,
-        state,
-        np.int32(16),
-        job.knobs,
-        job.stop_ids,
-        mode=job.mode,
-        unroll=unroll,
-    )
-    return lowered.compile().as_text()
+    job = sampler.inputs(model, PROMPTS, sampler.SamplingParams(max_new_tokens=16, stop_tokens=[]), unroll=unroll)
+    weights = job.weights if layers is None else dataclasses.replace(job.weights, layers=layers)
+    state = decoding.prefill(job.weights, job.state, job.prompt)
+    return decoding.decode.lower(weights, state, job.until).compile().as_text()
 
 
 def test_the_decode_loop_reads_every_weight_in_place(model):
@@ -147,30 +138,19 @@ def _buffers_with_elements(hlo: str, n: int) -> list[str]:
 
 def test_prefill_projects_only_the_last_prompt_token_of_each_row_onto_the_vocabulary(model):
     b, p, v = 2, 16, CONFIG.vocab_size
-    job = sampler._prepare(model, PROMPTS, sampler.SamplingParams(max_new_tokens=16, stop_tokens=[]))
+    job = sampler.inputs(model, PROMPTS, sampler.SamplingParams(max_new_tokens=16, stop_tokens=[]))
     graphdef, params = nnx.split(model)
-    cache = sampler._empty_cache(model, b, job.cache_len)
-    prefill = decoding.prefill.lower(
-        graphdef,
-        params,
-        job.prompt_bp,
-        job.lengths_b,
-        job.active_b,
-        cache,
-        job.seeds_b,
-        job.streams_b,
-        job.knobs,
-        job.stop_ids,
-        n_out=job.n_out,
-        mode=job.mode,
-    )
-    assert job.prompt_bp.shape == (b, p)
+    cache = job.state.cache
+    prefill = decoding.prefill.lower(job.weights, job.state, job.prompt)
+    assert job.prompt.tokens.shape == (b, p)
     assert _buffers_with_elements(prefill.compile().as_text(), b * p * v) == []
     # The model's own prefill returns [B, V]: its program holds no [B, P, V] buffer either.
-    model_prefill = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).prefill(t, c)).lower(params, job.prompt_bp, cache)
+    model_prefill = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).prefill(t, c)).lower(
+        params, job.prompt.tokens, cache
+    )
     assert _buffers_with_elements(model_prefill.compile().as_text(), b * p * v) == []
     # ... while the full forward pass, by design, does: the check can see one.
-    forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)).lower(params, job.prompt_bp)
+    forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)).lower(params, job.prompt.tokens)
     assert _buffers_with_elements(forward.compile().as_text(), b * p * v)
 
 
@@ -257,7 +237,6 @@ def test_the_decode_loop_reads_and_writes_the_kv_cache_in_place(model):
     """A step reads key blocks straight from the `[L, B, S, K, H]` cache and writes one entry per row:
     no layer of the cache (`[B, S, K, H]`) is sliced out or copied inside the loop."""
     model = model.with_options(attention_block=8)  # several key blocks in the 32-entry cache
-    job = sampler._prepare(model, PROMPTS, sampler.SamplingParams(max_new_tokens=16, stop_tokens=[]))
-    _, state = sampler._start(model, job, None)
-    layer_elements = math.prod(state.cache.k.shape[1:])
+    job = sampler.inputs(model, PROMPTS, sampler.SamplingParams(max_new_tokens=16, stop_tokens=[]))
+    layer_elements = math.prod(job.state.cache.k.shape[1:])
     assert weight_copies_in_decode_loop(_decode_hlo(model), {layer_elements}) == []

@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 import llama_jax
 from llama_jax import attention, decoding, sampler
 from llama_jax import engine as engine_module
+from llama_jax.decoding import Rows, Weights
 from llama_jax.engine import Engine, Request
+from llama_jax.generation import MAX_STOP_TOKENS
 from llama_jax.paged_cache import NULL_PAGE, PagedKVCache, PagePool
 from llama_jax.sampling import SamplingParams
 from tests import checkpoints
@@ -203,28 +204,46 @@ def test_a_decode_burst_reads_and_writes_the_page_pool_in_place(tiny):
     entries into it: no layer of the pool (`[P, page, K, H]`) is sliced out or copied per step."""
     model, _ = tiny
     eng = engine(model)
-    graphdef, params = nnx.split(model)
-    b = eng.slots
-    ints = np.zeros(b, np.int32)
-    lowered = decoding.burst.lower(
-        graphdef,
-        params,
-        decoding.layer_weights(model),
-        eng.k,
-        eng.v,
-        np.zeros((b, eng.table_width), np.int32),
-        ints,
-        ints,
-        ints,
-        ints + 4,
-        np.ones(b, bool),
-        np.zeros(b, np.uint32),
-        np.stack([SamplingParams(max_new_tokens=4).knobs()] * b),
-        np.full((b, sampler.MAX_STOP_TOKENS), -1, np.int32),
-        burst=eng.burst,
-        block_pages=eng.block_pages,
-        mode=SamplingParams(max_new_tokens=4).mode,
-        unroll=None,
+    b, params, zeros = eng.slots, SamplingParams(max_new_tokens=4), np.zeros(eng.slots, np.int32)
+    rows = Rows(
+        np.zeros(b, np.uint32), zeros, np.stack([params.knobs()] * b), np.full((b, MAX_STOP_TOKENS), -1, np.int32)
     )
+    state = eng._state(
+        [None] * b,
+        rows,
+        params.mode,
+        n_out=eng.burst,
+        last=zeros,
+        positions=zeros,
+        count=zeros,
+        limit=zeros + 4,
+        live=np.ones(b, bool),
+    )
+    lowered = decoding.decode.lower(Weights.of(model), state, np.int32(eng.burst))
     layer_pool = int(np.prod(eng.k.shape[1:]))
     assert weight_copies_in_decode_loop(lowered.compile().as_text(), {layer_pool}) == []
+
+
+def test_generate_stream_and_the_engine_run_the_same_two_programs_on_dataclass_state(tiny, monkeypatch):
+    """One inference path: `decoding.prefill` and `decoding.decode` for every caller, each on its cache
+    (contiguous for generate/stream, the page pool for the engine), their inputs registered dataclasses."""
+    model, _ = tiny
+    calls = set()
+
+    def spying(name, real):
+        def spy(weights, state, *rest):
+            assert isinstance(weights, Weights) and isinstance(state, decoding.DecodeState)
+            assert all(isinstance(x, decoding.Prompt) or np.ndim(x) == 0 for x in rest)
+            calls.add((name, type(state.cache).__name__))
+            return real(weights, state, *rest)
+
+        return spy
+
+    for name in ("prefill", "decode"):
+        monkeypatch.setattr(decoding, name, spying(name, getattr(decoding, name)))
+    prompt = prompts(n=1, seed=9)[0]
+    sampler.generate(model, [prompt], max_new_tokens=3, stop_tokens=[])
+    list(sampler.stream(model, prompt, max_new_tokens=3, stop_tokens=[]))
+    assert calls == {("prefill", "KVCache"), ("decode", "KVCache")}
+    engine(model).generate([request(0, prompt, 6)])
+    assert calls == {(p, c) for p in ("prefill", "decode") for c in ("KVCache", "PagedKVCache")}

@@ -149,8 +149,8 @@ def test_decode_loop_exits_as_soon_as_every_row_is_done(tiny):
     stops = [r.tokens[i] for r, i in zip(free, (2, 4, 1, 3), strict=True)]
     job, state = sampler._run(model, prompts, sampler.SamplingParams(max_new_tokens=100, stop_tokens=stops))
     last_stop = max(min(r.tokens.index(s) for s in stops if s in r.tokens) for r in free)
-    assert int(state.step) == last_stop + 1  # not 100: the while_loop checked `done` on device
-    assert job.n_out == 128
+    assert int(state.step) == last_stop + 1  # not 100: the while_loop checked `live` on device
+    assert state.out.tokens.shape[1] == 128
 
 
 def test_llama3_vocabulary_defaults_to_llama3_stop_tokens():
@@ -352,7 +352,7 @@ def test_min_batch_pads_with_idle_rows_that_change_nothing(tiny):
     prompts = ragged_prompts((5, 9))
     knobs = dict(max_new_tokens=6, temperature=0.9, seed=[3, 4])
     job, state = sampler._run(model, prompts, sampler.SamplingParams(**knobs), min_batch=6)
-    assert state.tokens.shape[0] == 8 and not job.active_b[2:].any()  # 6 rounded to a power of two, idle
+    assert state.out.tokens.shape[0] == 8 and not job.state.live[2:].any()  # 6 rounded to a power of two, idle
     assert int(state.step) == 6  # idle rows do not keep the loop going, nor stop it early
     assert sampler.generate(model, prompts, **knobs, min_batch=6) == sampler.generate(model, prompts, **knobs)
 
