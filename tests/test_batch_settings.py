@@ -95,7 +95,7 @@ def test_weights_rewritten_under_the_same_path_are_told_apart(tmp_path):
     model = types.SimpleNamespace(
         config=model_config_from_file("tiny"),
         dtype="float32",
-        attention="auto",
+        options=types.SimpleNamespace(attention_backend="auto"),
         fp8=None,
         lora=None,
     )
