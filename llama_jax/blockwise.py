@@ -36,21 +36,14 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-# Key block: the cache page. Measured on CPU (2 cores, a 2,048-query chunk over 4,096 keys, 4 q / 2 kv
-# heads of 16): (block_q, block_k) = (512, 512) 19 ms, (256, 512) 23, (1024, 512) 22, (512, 1024) 23,
-# (1024, 1024) 38, (128, 512) 28 ms; the previous kernel (query-major tiles, transposed K per block) 54 ms.
+# Key block: the cache page. The tile sizes here and below were chosen by measurement on CPU
+# (benchmarks/results/blockwise_tiles_cpu.json).
 DEFAULT_BLOCK_K = 512
 DEFAULT_BLOCK_Q = 512
 
 # A long contiguous cache is read in larger tiles (`cached_tiles`): with a dynamic trip count over
-# hundreds of key blocks, fewer and larger blocks win. Measured on CPU (2 cores, 4 q / 2 kv heads of 16,
-# fp32), a 2,048-query chunk at the end of S keys, ms for (block_q, block_k):
-#   S = 4,096:   (512, 512) 34,  (1024, 512) 35,  (1024, 1024) 42
-#   S = 16,384:  (512, 512) 158, (1024, 512) 131, (1024, 1024) 135
-#   S = 65,536:  (512, 512) 533, (1024, 1024) 416, (2048, 1024) 427, (1024, 2048) 501, (2048, 2048) 561
-#   S = 131,072: (512, 512) 1113, (1024, 512) 978, (1024, 1024) 920, (2048, 1024) 932
-# and one decode query at position 120,000 of 131,072, ms per layer for block_k: 512 7.3, 1024 6.2,
-# 2048 5.9, 4096 5.9, 8192 5.8.
+# hundreds of key blocks, fewer and larger blocks win; below 16K keys the page-sized tiles stay faster
+# (benchmarks/results/blockwise_tiles_cpu.json).
 LONG_CACHE = 16_384  # from here on: block_q 1024
 LONGER_CACHE = 32_768  # from here on: block_k 1024 for query chunks
 DECODE_BLOCK_K = 2_048  # a single query's key block over a long cache

@@ -113,8 +113,8 @@ class KVCache:
 
                 return jax.lax.fori_loop(0, new.shape[0], write_row, buf)
             # Rows split over devices: a row index into the whole buffer would make the partitioner
-            # all-gather the cache (8 GiB per prefill for 8B on data=8, measured by the planner), and a
-            # scatter over it materialised 2-3 copies (405B: 20.9 GiB of temporaries). Layer i is taken out,
+            # all-gather the cache (gigabytes per prefill for 8B on data=8, measured by the planner), and a
+            # scatter over it materialised several copies of it as temporaries. Layer i is taken out,
             # each device writes its own rows there, and it is put back.
             layer = jax.lax.dynamic_index_in_dim(buf, i, axis=0, keepdims=False)  # [B, S, K, H]
 
