@@ -140,7 +140,7 @@ class Setup:
     def tracing(self):
         return targets.tracing(self.target)
 
-    def weights(self, stacked: bool | None = None) -> decoding.Weights:
+    def program_weights(self, stacked: bool | None = None) -> decoding.Weights:
         """What the programs compute with, as `decoding.Weights.of` makes it for this model on this target."""
         layers, unroll = self.layer_weights(stacked)
         return decoding.Weights(self.state, layers, self.graphdef, unroll)
@@ -169,13 +169,13 @@ class Setup:
     def prefill(self, batch: int, prompt: int, context: int):
         """`generate`'s prefill of `prompt` tokens per row (chunks of `DEFAULT_PREFILL_CHUNK`), `context` cache."""
         state, tokens, _ = self._generate_state(batch, prompt, context)
-        return self._lower(decoding.prefill, self.weights(), state, tokens)
+        return self._lower(decoding.prefill, self.program_weights(), state, tokens)
 
     def decode_loop(self, batch: int, context: int, stacked: bool | None = None):
         """`generate`'s decode loop (a `while_loop` of decode steps) over a `context`-entry cache; `stacked`:
         as `layer_weights` (None: as `generate` decides for this model on this target)."""
         state, tokens, cache_shape = self._generate_state(batch, 16, context)
-        weights = self.weights(stacked)
+        weights = self.program_weights(stacked)
         with self.tracing():
             state = jax.eval_shape(decoding.prefill, weights, state, tokens)
         return self._lower(decoding.decode, weights, self.place(state, cache_shape), self.place(np.int32(context - 16)))
@@ -208,14 +208,14 @@ class Setup:
     def burst(self, slots: int, context: int):
         """The engine's decode burst (`BURST` steps) over `slots` slots whose pages hold `context` tokens each."""
         state = self._engine_state(slots, context, BURST)
-        return self._lower(decoding.decode, self.weights(), state, self.place(np.int32(BURST)))
+        return self._lower(decoding.decode, self.program_weights(), state, self.place(np.int32(BURST)))
 
     def chunk_prefill(self, slots: int, context: int):
         """The engine's prefill call: `PREFILL_CHUNK` prompt tokens of `slots` rows into their pages."""
         state = self._engine_state(slots, context, 1)
         i32 = np.zeros((slots,), np.int32)
         tokens = self.place(Prompt(np.zeros((slots, PREFILL_CHUNK), np.int32), i32, i32))
-        return self._lower(decoding.prefill, self.weights(), state, tokens)
+        return self._lower(decoding.prefill, self.program_weights(), state, tokens)
 
     def train_step(self, batch: int, seq: int):
         """One `Trainer` step (full fine-tuning, float32 master weights and AdamW state, the default
