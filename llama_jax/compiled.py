@@ -110,6 +110,7 @@ class Move:
     bytes: int  # read + write, once
     times: int  # per step (or per call, outside the step loop)
     in_step: bool  # inside the step loop
+    dtype: str = ""  # the element type it writes ("f8e4m3fn": an FP8 weight moved)
 
 
 @dataclasses.dataclass
@@ -212,7 +213,7 @@ def _moves(comps, name: str, times: int, out: list[Move], loop: list, in_step: b
             else:
                 nbytes = array_bytes(instr.type, hbm_only=True)
             if nbytes:
-                out.append(Move(name, instr.name, kind, 2 * nbytes, times, in_step))
+                out.append(Move(name, instr.name, kind, 2 * nbytes, times, in_step, instr.dtype))
 
 
 def _dots(comps) -> list[Dot]:

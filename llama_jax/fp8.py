@@ -9,7 +9,9 @@ This module is the one place that knows those paths (`PATHS`) and that layer cho
 The model (`Llama(fp8=quant.Fp8Spec(...))`, the math in `quant.py`) keeps the FP8 weights stacked over
 all L layers, so the scan over layers stays uniform: the unquantized layers' slots hold zeros (never
 read) and scale 1, and those layers' weights live in `Llama.dense_ffn`, stacked over them only. `fills`
-says where each stored tensor goes; `unquantized` is what a writer that does not keep FP8 stores.
+says where each stored tensor goes (the FP8 ones output channel first, as the release stores them and
+the FP8 GEMM reads them; checkpoints answer in our input-first layout, so writers are unchanged);
+`unquantized` is what a writer that does not keep FP8 stores.
 """
 
 from __future__ import annotations
@@ -55,13 +57,19 @@ def fills(
     """
     w, n = param[-1], ckpt.config.n_layers
     quantized = set(fp8_spec.quantized_layers)
-    slots = [functools.partial(ckpt.place, param, i) if i in quantized else None for i in range(n)]
+    slots = [functools.partial(_place_fp8, ckpt, param, i) if i in quantized else None for i in range(n)]
     scales = [functools.partial(_place_scale, ckpt, param, i if i in quantized else None) for i in range(n)]
     out = [(param, np.dtype(quant.FP8), slots), (param[:-1] + (w + "_scale",), np.dtype(np.float32), scales)]
     dense = fp8_spec.dense_layers(n)
     if dense:
         out.append((("dense_ffn", w), None, [functools.partial(ckpt.place, param, i) for i in dense]))
     return out
+
+
+def _place_fp8(ckpt: Checkpoint, param: layout.Path, layer: int, target: jax.ShapeDtypeStruct) -> jax.Array:
+    """FP8 weight `param` of `layer` placed output channel first (`quant`'s FP8 layout, the release's
+    own): transposed here, once, as each device reads its slice, so that no program transposes it."""
+    return to_device(ckpt.tensor(param, layer).T, target)
 
 
 def _place_scale(ckpt: Checkpoint, param: layout.Path, layer: int | None, target: jax.ShapeDtypeStruct) -> jax.Array:

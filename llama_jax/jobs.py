@@ -150,7 +150,8 @@ class ModelSettings:
     )
     fp8_matmul: str = setting(
         "auto",
-        "FP8 checkpoints: fp8 (fp8 GEMMs), dequant (upcast in the matmul) or auto (fp8 on FP8-tensor-core GPUs)",
+        "FP8 checkpoints: fp8 (fp8 GEMMs), dequant (upcast in the matmul) or auto (on FP8-tensor-core GPUs: "
+        "dequant for decode's few rows, fp8 GEMMs for prefill; dequant elsewhere)",
         flag=True,
     )
 

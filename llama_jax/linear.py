@@ -107,8 +107,9 @@ def adapter_params(spec: LoraSpec | None, name: str, w: nnx.Param, n_in: int, rn
 class Weight:
     """One projection: `einsum(spec, x, w)`, from FP8 when it has a `scale`, plus its adapter's term.
 
-    scale: FP8 only, float32 per output channel of a 2-D `w` [in, out] (the matmul is `quant.fp8_linear`,
-    run as `fp8.matmul` says). adapter: LoRA only.
+    scale: FP8 only, float32 per output channel of a 2-D `w` stored [out, in], the FP8 GEMM's layout
+    (the matmul is `quant.fp8_linear`, run as `fp8.matmul` says); the einsum spec still names `w`
+    input first. adapter: LoRA only.
     """
 
     w: jax.Array
@@ -122,6 +123,11 @@ class Weight:
         else:
             y = quant.fp8_linear(x, self.w, self.scale, mode=self.fp8.matmul, scale_ub=self.fp8.activation_scale_ub)
         return y if self.adapter is None else y + self.adapter(spec, x)
+
+    @property
+    def out_axis(self) -> int:
+        """`w`'s first output axis: 1 (input first), 0 for FP8 (output first)."""
+        return 1 if self.scale is None else 0
 
 
 def _dot(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
@@ -161,10 +167,10 @@ class Separate:
 
     def fused(self) -> Fused:
         """The parts concatenated along their first output axis (FP8: with their scales): one dot."""
-        parts = self.parts
-        w = jnp.concatenate([p.w for p in parts], axis=1)
+        parts, axis = self.parts, self.parts[0].out_axis
+        w = jnp.concatenate([p.w for p in parts], axis=axis)
         scale = None if parts[0].scale is None else jnp.concatenate([p.scale for p in parts])
-        sizes = tuple(p.w.shape[1] for p in parts)
+        sizes = tuple(p.w.shape[axis] for p in parts)
         return Fused(Weight(w, scale, None, parts[0].fp8), tuple(p.adapter for p in parts), sizes)
 
 

@@ -153,17 +153,22 @@ class AttentionWeights:
 class FeedForward(nnx.Module):
     """SwiGLU's weights: w2(silu(x w1) * (x w3)).
 
-    With `fp8` set, w1/w3/w2 are float8_e4m3fn with a float32 scale per output channel
-    (`w1_scale` [F], `w3_scale` [F], `w2_scale` [D]) and the matmuls run from FP8 (`quant.fp8_linear`).
+    With `fp8` set, w1/w3/w2 are float8_e4m3fn in the FP8 GEMM's layout, output channel first (w1, w3
+    [F, D], w2 [D, F]: `quant`), with a float32 scale per output channel (`w1_scale` [F], `w3_scale`
+    [F], `w2_scale` [D]), and the matmuls run from FP8 (`quant.fp8_linear`).
     """
 
     def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, fp8=None, lora: LoraSpec | None = None):
         d, f = config.dim, config.ffn_dim
         self.fp8 = fp8
-        init, wdtype = (nnx.initializers.zeros, quant.FP8) if fp8 is not None else (_normal, dtype)
-        self.w1 = _param(rngs, init, (d, f), wdtype, ("embed", "mlp"))
-        self.w3 = _param(rngs, init, (d, f), wdtype, ("embed", "mlp"))
-        self.w2 = _param(rngs, init, (f, d), wdtype, ("mlp", "embed"))
+        if fp8 is None:
+            self.w1 = _param(rngs, _normal, (d, f), dtype, ("embed", "mlp"))
+            self.w3 = _param(rngs, _normal, (d, f), dtype, ("embed", "mlp"))
+            self.w2 = _param(rngs, _normal, (f, d), dtype, ("mlp", "embed"))
+        else:
+            self.w1 = _param(rngs, nnx.initializers.zeros, (f, d), quant.FP8, ("mlp", "embed"))
+            self.w3 = _param(rngs, nnx.initializers.zeros, (f, d), quant.FP8, ("mlp", "embed"))
+            self.w2 = _param(rngs, nnx.initializers.zeros, (d, f), quant.FP8, ("embed", "mlp"))
         if fp8 is not None:
             self.w1_scale = _param(rngs, nnx.initializers.ones, (f,), jnp.float32, ("mlp",))
             self.w3_scale = _param(rngs, nnx.initializers.ones, (f,), jnp.float32, ("mlp",))
@@ -181,8 +186,8 @@ class FeedForward(nnx.Module):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class FeedForwardWeights:
-    w13: Separate | Fused  # w1 (gate), w3 (up): [D, F] each
-    w2: Weight  # [F, D]
+    w13: Separate | Fused  # w1 (gate), w3 (up): [D, F] each (FP8: [F, D])
+    w2: Weight  # [F, D] (FP8: [D, F])
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         gate_btf, up_btf = self.w13("btd,df->btf", x_btd)
@@ -219,7 +224,7 @@ class BlockWeights:
     eps: float = dataclasses.field(metadata={"static": True})
 
     def fused(self) -> BlockWeights:
-        """wq|wk|wv as one `[D, N + 2K, H]` weight and w1|w3 as one `[D, 2F]` (FP8: with their scales):
+        """wq|wk|wv as one `[D, N + 2K, H]` weight and w1|w3 as one `[D, 2F]` (FP8: `[2F, D]` with their scales):
         4 projection dots per layer instead of 7."""
         attention = dataclasses.replace(self.attention, wqkv=self.attention.wqkv.fused())
         feed_forward = dataclasses.replace(self.feed_forward, w13=self.feed_forward.w13.fused())

@@ -1,9 +1,10 @@
 """What differs by platform, decided in one place: the FP8 matmul mode, and the environment a GPU job runs in.
 
-- FP8 matmul (`quant.Fp8Spec.matmul`): "fp8" (per-token activation quantization, fp8×fp8 dots that
-  XLA lowers to cuBLASLt FP8 GEMMs) where the GPU has FP8 tensor cores, i.e. CUDA compute capability
-  8.9 (Ada) or newer (Hopper 9.0, Blackwell 10.x); "dequant" (upcast the weight inside the jitted
-  matmul) everywhere else: CPUs, older GPUs, TPUs.
+- FP8 matmul (`quant.Fp8Spec.matmul`): where the GPU has FP8 tensor cores, i.e. CUDA compute
+  capability 8.9 (Ada) or newer (Hopper 9.0, Blackwell 10.x), "auto": FP8 GEMMs (per-token activation
+  quantization, fp8×fp8 dots) for products of many rows, the weight-only FP8 read with bf16 compute
+  for decode's few (`quant.matmul_mode`); "dequant" (upcast the weight inside the jitted matmul)
+  everywhere else: CPUs, older GPUs, TPUs.
 - The attention backend is chosen by `llama_jax.attention.select`, per platform, dtype and length;
   this module does not repeat that rule, it supplies the platform: `target()`, the one programs are
   being built for. That is JAX's default backend, unless `lowering_for("cuda")` (or "tpu") says a
@@ -23,7 +24,9 @@ from collections.abc import MutableMapping
 
 import jax
 
-FP8_MATMUL_MODES = ("auto", "fp8", "dequant")
+from llama_jax import quant
+
+FP8_MATMUL_MODES = quant.MODES
 FP8_TENSOR_CORES = (8, 9)  # compute capability of the first GPUs with FP8 tensor cores (Ada, sm_89)
 
 # XLA's default is 75% of the GPU; the rest is left to cuDNN/cuBLAS workspaces and the CUDA context.
@@ -67,12 +70,13 @@ def has_fp8_tensor_cores(device: jax.Device) -> bool:
 
 
 def fp8_matmul(requested: str = "auto", device: jax.Device | None = None) -> str:
-    """The FP8 matmul mode to run: `requested` unless "auto", then "fp8" on FP8-tensor-core GPUs, else "dequant"."""
+    """The FP8 matmul mode to run: `requested` unless "auto", which stays "auto" (decided per product by its
+    rows, `quant.matmul_mode`) on FP8-tensor-core GPUs and is "dequant" elsewhere."""
     if requested not in FP8_MATMUL_MODES:
         raise ValueError(f"fp8 matmul {requested!r}: expected one of {FP8_MATMUL_MODES}")
     if requested != "auto":
         return requested
-    return "fp8" if has_fp8_tensor_cores(device or jax.devices()[0]) else "dequant"
+    return "auto" if has_fp8_tensor_cores(device or jax.devices()[0]) else "dequant"
 
 
 def cuda_expected(environ: MutableMapping[str, str] | None = None) -> bool:

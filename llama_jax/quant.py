@@ -8,13 +8,16 @@ token of activations):
     q[r]   = fp8(clip(x[r] / s_r, -448, 448))
 The clip matters: JAX and ml_dtypes casts do not saturate (465 -> nan); CUDA's conversion does.
 
-Weights are kept in our layout, input dimension first ([D, F] for w1/w3, [F, D] for w2), so the
-scale is per column of our weight: `scale[f]` multiplies output channel f.
+FP8 weights are kept as the release stores them, output channel first ([F, D] for w1/w3, [D, F] for
+w2; our bf16 weights are input first): the contracting dimension is minor, the layout the FP8 GEMM
+reads (cuBLASLt and XLA's FP8 GEMM fusions take both operands K-minor), so no program transposes a
+weight per call. `scale[o]` multiplies output channel o, row o of the weight.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +28,11 @@ FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0
 MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
 ACTIVATION_SCALE_UB = 1200.0
+MODES = ("auto", "fp8", "dequant")
+# "auto" multiplies products of fewer rows weight-only ("dequant"), larger ones as FP8 GEMMs: below
+# it, bf16 compute on an H100 keeps up with reading the FP8 weight (docs/GPU.md).
+FP8_GEMM_MIN_ROWS = 128
+FP8_GEMM_PAD_ROWS = 2  # an "fp8" product has at least this many rows (`fp8_linear`)
 
 
 def quantize_rowwise_np(w: np.ndarray, scale_ub: float | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -49,28 +57,45 @@ def quantize_rows(x: jax.Array, scale_ub: float | None = None) -> tuple[jax.Arra
     return q, scale
 
 
-def dequantize(w_q: jax.Array, scale: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
-    """Our layout: w_q [K, O] fp8, scale [O] → [K, O] in `dtype` (inside jit: fused into the matmul)."""
-    return (w_q.astype(jnp.float32) * scale[None, :]).astype(dtype)
+def matmul_mode(mode: str, rows: int) -> str:
+    """How a product of `rows` rows multiplies under `mode`: "auto" is "dequant" below `FP8_GEMM_MIN_ROWS`
+    (decode: the compiled H100 step reads the same FP8 weight bytes either way, and the weight-only
+    path adds no activation-quantization error), "fp8" from there (prefill: FP8 tensor-core throughput).
+    docs/GPU.md has the compiled programs behind the choice."""
+    if mode not in MODES:
+        raise ValueError(f"fp8 matmul mode {mode!r}: expected one of {MODES}")
+    if mode == "auto":
+        return "dequant" if rows < FP8_GEMM_MIN_ROWS else "fp8"
+    return mode
 
 
 def fp8_linear(
     x: jax.Array, w_q: jax.Array, scale: jax.Array, *, mode: str = "dequant", scale_ub: float = ACTIVATION_SCALE_UB
 ) -> jax.Array:
-    """x [..., K] @ (w_q [K, O] fp8 · scale [O]) → [..., O] in x.dtype.
+    """x [..., K] @ (w_q [O, K] fp8 · scale [O])ᵀ → [..., O] in x.dtype.
 
-    mode "dequant": upcast the weight inside the jitted computation (CPU; no bf16 copy of all
-    weights is kept). mode "fp8": FBGEMM's `f8f8bf16_rowwise` — quantize activations per token
-    (scale capped by `scale_ub`), an fp8×fp8 dot with float32 accumulation, then both scales;
-    the form XLA can lower to FP8 tensor-core GEMMs on Hopper.
+    mode "dequant": the weight-only FP8 read, upcast inside the jitted computation, the product in
+    x.dtype with float32 accumulation, then the weight's scale (no wider copy of the weight is kept).
+    mode "fp8": FBGEMM's `f8f8bf16_rowwise` — quantize activations per token (scale capped by
+    `scale_ub`), an fp8×fp8 dot with float32 accumulation, then both scales; the form XLA lowers to
+    FP8 tensor-core GEMMs on Hopper. mode "auto": by the product's rows, as `matmul_mode` says.
     """
+    rows = math.prod(x.shape[:-1])
+    mode = matmul_mode(mode, rows)
+    w_scale = scale.reshape((1,) * (x.ndim - 1) + (-1,))
     if mode == "dequant":
-        return jnp.einsum("...k,ko->...o", x, dequantize(w_q, scale, x.dtype))
-    if mode != "fp8":
-        raise ValueError(f"fp8 matmul mode {mode!r}: expected 'dequant' or 'fp8'")
+        # The scale multiplies the product, not the weight: the weight enters the dot as a bare convert,
+        # which XLA's GPU compiler fuses into the GEMM (it reads FP8); scaled first, it is written out wide.
+        y = jnp.einsum("...k,ok->...o", x, w_q.astype(x.dtype), preferred_element_type=jnp.float32)
+        return (y * w_scale).astype(x.dtype)
     x_q, x_scale = quantize_rows(x, scale_ub)
-    y = jax.lax.dot_general(x_q, w_q, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    w_scale = scale.reshape((1,) * (y.ndim - 1) + (-1,))
+    x_q = x_q.reshape(rows, -1)
+    if rows < FP8_GEMM_PAD_ROWS:
+        # XLA's GPU compiler runs a one-row product as a matrix-vector dot with both FP8 operands
+        # converted to f32; zero rows (dropped after) keep it an FP8 GEMM.
+        x_q = jnp.pad(x_q, ((0, FP8_GEMM_PAD_ROWS - rows), (0, 0)))
+    y = jax.lax.dot_general(x_q, w_q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    y = y[:rows].reshape(*x.shape[:-1], -1)
     return (y * x_scale[..., None] * w_scale).astype(x.dtype)
 
 
@@ -80,8 +105,8 @@ class Fp8Spec:
 
     quantized_layers: layer indices whose w1/w3/w2 are FP8 (+ float32 scales); the others keep
       `dtype` weights in `Llama.dense_ffn` (the FP8 release skips layer 0 and the last layer).
-    matmul: "dequant" (upcast inside jit; CPU) or "fp8" (per-token activation quantization and an
-      fp8×fp8 dot, for Hopper).
+    matmul: "dequant" (upcast inside jit; CPU), "fp8" (per-token activation quantization and an
+      fp8×fp8 dot, for Hopper) or "auto" (by each product's rows: `matmul_mode`).
     """
 
     quantized_layers: tuple[int, ...]
@@ -89,8 +114,8 @@ class Fp8Spec:
     activation_scale_ub: float = ACTIVATION_SCALE_UB
 
     def __post_init__(self):
-        if self.matmul not in ("dequant", "fp8"):
-            raise ValueError(f"fp8 matmul {self.matmul!r}: expected 'dequant' or 'fp8'")
+        if self.matmul not in MODES:
+            raise ValueError(f"fp8 matmul {self.matmul!r}: expected one of {MODES}")
 
     def dense_layers(self, n_layers: int) -> tuple[int, ...]:
         return tuple(i for i in range(n_layers) if i not in self.quantized_layers)

@@ -45,20 +45,23 @@ class Setup:
 
     config: LlamaConfig
     target: Target
-    weights: str  # "bf16" or "fp8" (the Llama 3.1 FP8 release layout, "fp8" matmul)
+    weights: str  # "bf16" or "fp8" (the Llama 3.1 FP8 release layout)
     mesh: jax.sharding.Mesh
     spec: object  # the `ShardingSpec`
     graphdef: nnx.GraphDef
     state: nnx.State
 
     @classmethod
-    def create(cls, config: LlamaConfig, target: Target, weights: str = "bf16", mesh: dict | None = None) -> Setup:
+    def create(
+        cls, config: LlamaConfig, target: Target, weights: str = "bf16", mesh: dict | None = None, fp8_matmul="fp8"
+    ) -> Setup:
+        """`fp8_matmul`: how FP8 weights multiply (`quant.MODES`); "auto" is what a GPU with FP8 tensor cores runs."""
         if weights not in WEIGHTS:
             raise ValueError(f"weights {weights!r}: expected one of {WEIGHTS}")
         jax_mesh = target.mesh(mesh or target.default_mesh())
         spec = placement.sharding_spec(jax_mesh, "fsdp_tp")
         layers = fp8.release_layers(config.n_layers) if weights == "fp8" else None
-        fp8_spec = quant.Fp8Spec(layers, matmul="fp8") if layers else None
+        fp8_spec = quant.Fp8Spec(layers, matmul=fp8_matmul) if layers else None
         graphdef, state = placement.abstract_state(config, Options(fp8=fp8_spec, sharding=spec), jnp.bfloat16)
         return cls(config, target, weights, jax_mesh, spec, graphdef, state)
 

@@ -93,18 +93,31 @@ def test_rowwise_quantization_is_fbgemms_and_saturates():
 def test_fp8_matmul_modes_agree_with_the_dequantized_product():
     key_w, key_x = jax.random.split(jax.random.key(0))
     w = jax.random.normal(key_w, (64, 48))  # our layout [in, out]
-    q, s = quant.quantize_rows(w.T)  # rows = output channels
+    q, s = quant.quantize_rows(w.T)  # rows = output channels: the FP8 weight layout [out, in]
     x = jax.random.normal(key_x, (2, 3, 64)).astype(jnp.bfloat16)
     exact = np.asarray(x.astype(jnp.float32) @ (q.T.astype(jnp.float32) * s[None, :]))
     for mode, tol in (("dequant", 0.02), ("fp8", 0.08)):
-        got = np.asarray(quant.fp8_linear(x, q.T, s, mode=mode).astype(jnp.float32))
+        got = np.asarray(quant.fp8_linear(x, q, s, mode=mode).astype(jnp.float32))
         assert np.max(np.abs(got - exact)) <= tol * np.max(np.abs(exact)), mode
+
+
+def test_auto_multiplies_decode_rows_weight_only_and_prefill_rows_as_fp8_gemms():
+    w = jax.random.normal(jax.random.key(0), (48, 64))  # [out, in], the FP8 layout
+    q, s = quant.quantize_rows(w)
+    x = jax.random.normal(jax.random.key(1), (quant.FP8_GEMM_MIN_ROWS, 1, 64)).astype(jnp.bfloat16)
+    small, large = x[:8], x
+    assert quant.matmul_mode("auto", 8) == "dequant" and quant.matmul_mode("auto", large.shape[0]) == "fp8"
+    np.testing.assert_array_equal(quant.fp8_linear(small, q, s, mode="auto"), quant.fp8_linear(small, q, s))
+    np.testing.assert_array_equal(quant.fp8_linear(large, q, s, mode="auto"), quant.fp8_linear(large, q, s, mode="fp8"))
+    # One row is padded for the GPU compiler's FP8 GEMM; the padding does not change it.
+    np.testing.assert_array_equal(quant.fp8_linear(x[:1], q, s, mode="fp8"), quant.fp8_linear(x, q, s, mode="fp8")[:1])
 
 
 def test_fp8_checkpoint_loads_with_ffn_weights_kept_in_fp8(checkpoints):
     model = llama_jax.load(checkpoints["fp8"])
     ff = model.layers.feed_forward
-    assert ff.w1[...].dtype == jnp.float8_e4m3fn and ff.w1[...].shape == (N_LAYERS, 128, 384)
+    # in the FP8 GEMM's layout, output channel first (the release's [out, in])
+    assert ff.w1[...].dtype == jnp.float8_e4m3fn and ff.w1[...].shape == (N_LAYERS, 384, 128)
     assert ff.w2_scale[...].dtype == jnp.float32 and ff.w2_scale[...].shape == (N_LAYERS, 128)
     assert model.fp8.quantized_layers == (1, 2)
     # layers 0 and L-1 were not quantized by the release: they stay bf16, exactly as stored
@@ -187,7 +200,7 @@ def test_fp8_checkpoint_places_onto_a_mesh(checkpoints):
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("fsdp", "tensor"))
     sharded = llama_jax.load(checkpoints["fp8"], mesh=mesh)
     w2, scale = sharded.layers.feed_forward.w2[...], sharded.layers.feed_forward.w2_scale[...]
-    assert w2.dtype == jnp.float8_e4m3fn and {s.data.shape for s in w2.addressable_shards} == {(N_LAYERS, 96, 64)}
+    assert w2.dtype == jnp.float8_e4m3fn and {s.data.shape for s in w2.addressable_shards} == {(N_LAYERS, 64, 96)}
     assert {s.data.shape for s in scale.addressable_shards} == {(N_LAYERS, 64)}
     tokens = jnp.asarray([[1, 50, 300, 7, 9, 411, 2, 33]])
     single = llama_jax.load(checkpoints["fp8"])
@@ -197,14 +210,14 @@ def test_fp8_checkpoint_places_onto_a_mesh(checkpoints):
 
 def test_compiled_forward_keeps_weights_fp8_and_the_fp8_mode_dots_in_fp8(checkpoints):
     tokens = jnp.zeros((1, 8), jnp.int32)
-    stacked_fp8, stacked_bf16 = f"f8e4m3fn[{N_LAYERS},128,384]", f"bf16[{N_LAYERS},128,384]"
+    stacked_fp8, stacked_bf16 = f"f8e4m3fn[{N_LAYERS},384,128]", f"bf16[{N_LAYERS},384,128]"
     for mode in ("dequant", "fp8"):
         model = llama_jax.load(checkpoints["fp8"], fp8_matmul=mode)
         compiled = nnx.jit(lambda m, t: m(t)).lower(model, tokens).compile().as_text()
         assert stacked_fp8 in compiled, mode  # the weights enter the program as FP8 ...
         assert stacked_bf16 not in compiled, mode  # ... and no bf16 copy of all layers' weights is made
     lowered = jax.jit(functools.partial(quant.fp8_linear, mode="fp8")).lower(
-        jnp.zeros((4, 128), jnp.bfloat16), jnp.zeros((128, 384), jnp.float8_e4m3fn), jnp.ones((384,), jnp.float32)
+        jnp.zeros((4, 128), jnp.bfloat16), jnp.zeros((384, 128), jnp.float8_e4m3fn), jnp.ones((384,), jnp.float32)
     )
     dots = [line for line in lowered.as_text().splitlines() if "dot_general" in line]
     assert dots and all("f8E4M3FN" in line for line in dots)

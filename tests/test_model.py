@@ -68,13 +68,13 @@ def test_the_abstract_model_has_the_loaded_models_parameters_and_options():
 
 
 def _weights(rng, fp8: bool, adapters: bool):
-    """w1, w3 as `Weight`s [D, F]: FP8 with scales, or float32 with LoRA adapters."""
+    """w1, w3 as `Weight`s: FP8 [F, D] with scales, or float32 [D, F] with LoRA adapters."""
     out = []
     for _ in range(2):
         w = jnp.asarray(rng.normal(0, 0.2, (32, 48)), jnp.float32)
         if fp8:
-            q, scale = quant.quantize_rows(w.T)
-            out.append(Weight(q.T, scale, fp8=quant.Fp8Spec((0,))))
+            q, scale = quant.quantize_rows(w.T)  # rows = output channels: the FP8 layout
+            out.append(Weight(q, scale, fp8=quant.Fp8Spec((0,))))
         else:
             a = jnp.asarray(rng.normal(0, 0.5, (32, 2)), jnp.float32) if adapters else None
             b = jnp.asarray(rng.normal(0, 0.5, (2, 48)), jnp.float32) if adapters else None
@@ -88,7 +88,7 @@ def test_a_fused_weight_computes_what_its_separate_parts_compute(fp8, adapters):
     separate = _weights(rng, fp8, adapters)
     x = jnp.asarray(rng.normal(0, 1, (2, 3, 32)), jnp.float32)
     fused = separate.fused()
-    assert fused.weight.w.shape == (32, 96) and (fused.weight.scale is not None) == fp8
+    assert fused.weight.w.shape == ((96, 32) if fp8 else (32, 96)) and (fused.weight.scale is not None) == fp8
     for got, want in zip(fused("btd,df->btf", x), separate("btd,df->btf", x), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     if fp8:  # the FP8 weight multiplies as `quant.fp8_linear` does, from its own scale

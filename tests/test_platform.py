@@ -19,15 +19,17 @@ def _device(kind: str, capability: str | None = None):
 @pytest.mark.parametrize(
     ("device", "mode"),
     [
-        (_device("gpu", "9.0"), "fp8"),  # H100 / H200
-        (_device("gpu", "8.9"), "fp8"),  # L4 / L40S (Ada)
-        (_device("gpu", "10.0"), "fp8"),  # B200
+        (_device("gpu", "9.0"), "auto"),  # H100 / H200
+        (_device("gpu", "8.9"), "auto"),  # L4 / L40S (Ada)
+        (_device("gpu", "10.0"), "auto"),  # B200
         (_device("gpu", "8.0"), "dequant"),  # A100: no FP8 tensor cores
         (_device("tpu"), "dequant"),
         (_device("cpu"), "dequant"),
     ],
 )
-def test_auto_fp8_matmul_is_fp8_exactly_on_gpus_with_fp8_tensor_cores(device, mode):
+def test_auto_fp8_matmul_decides_per_product_exactly_on_gpus_with_fp8_tensor_cores(device, mode):
+    """`auto` stays "auto" (FP8 GEMMs or the weight-only read, by each product's rows:
+    `quant.matmul_mode`) where FP8 tensor cores exist, and is "dequant" everywhere else."""
     assert platform.fp8_matmul("auto", device) == mode
     assert platform.fp8_matmul("dequant", device) == "dequant"  # an explicit choice is kept
     assert platform.fp8_matmul("fp8", device) == "fp8"

@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
             remat=True,
             mesh="fsdp=-1",  # every device present: 1 on a laptop; on an 8-GPU node the base and adapters split 8 ways
             rules="fsdp_tp",
-            fp8_matmul="auto",  # FP8 checkpoints: fp8 GEMMs on FP8-tensor-core GPUs, else dequant
+            fp8_matmul="auto",  # FP8 checkpoints: llama_jax.platform.fp8_matmul
             workdir="runs/lora-8b",
             checkpoint_every=100,
             keep_checkpoints=3,

@@ -54,6 +54,10 @@ class LazyArray:
     def _read(self, index: tuple[slice, ...]) -> np.ndarray:
         raise NotImplementedError
 
+    @property
+    def T(self) -> Transposed:  # noqa: N802 (numpy's name: `tensor.T` reads the same for views and lazy arrays)
+        return Transposed(self)
+
 
 class Concat(LazyArray):
     """`np.concatenate(parts, axis)`, evaluated one requested slice at a time."""
@@ -119,3 +123,13 @@ class Rescaled(LazyArray):
         shape[self.axis] = -1
         factor = self.factor[index[self.axis]].reshape(shape)
         return np.clip(values * factor, -448.0, 448.0).astype(self.dtype)
+
+
+class Transposed(LazyArray):
+    """`base.T`: a slice reads the base's mirrored slice (an FP8 weight placed in the release's [out, in])."""
+
+    def __init__(self, base):
+        self.base, self.shape, self.dtype = base, tuple(base.shape)[::-1], np.dtype(base.dtype)
+
+    def _read(self, index):
+        return np.asarray(self.base[index[::-1]]).T
