@@ -169,7 +169,6 @@ class FeedForward(nnx.Module):
             self.w1 = _param(rngs, nnx.initializers.zeros, (f, d), quant.FP8, ("mlp", "embed"))
             self.w3 = _param(rngs, nnx.initializers.zeros, (f, d), quant.FP8, ("mlp", "embed"))
             self.w2 = _param(rngs, nnx.initializers.zeros, (d, f), quant.FP8, ("embed", "mlp"))
-        if fp8 is not None:
             self.w1_scale = _param(rngs, nnx.initializers.ones, (f,), jnp.float32, ("mlp",))
             self.w3_scale = _param(rngs, nnx.initializers.ones, (f,), jnp.float32, ("mlp",))
             self.w2_scale = _param(rngs, nnx.initializers.ones, (d,), jnp.float32, ("embed",))

@@ -9,9 +9,9 @@ token of activations):
 The clip matters: JAX and ml_dtypes casts do not saturate (465 -> nan); CUDA's conversion does.
 
 FP8 weights are kept as the release stores them, output channel first ([F, D] for w1/w3, [D, F] for
-w2; our bf16 weights are input first): the contracting dimension is minor, the layout the FP8 GEMM
-reads (cuBLASLt and XLA's FP8 GEMM fusions take both operands K-minor), so no program transposes a
-weight per call. `scale[o]` multiplies output channel o, row o of the weight.
+w2; our bf16 weights are input first): the contracting dimension minor, the layout the FP8 GEMM
+reads (cuBLASLt's FP8 GEMMs take both operands so, its "TN" layout; given input-first FP8 weights,
+XLA's compiled H100 decode transposed them on every call). `scale[o]` multiplies output channel o.
 """
 
 from __future__ import annotations

@@ -53,7 +53,12 @@ class Setup:
 
     @classmethod
     def create(
-        cls, config: LlamaConfig, target: Target, weights: str = "bf16", mesh: dict | None = None, fp8_matmul="fp8"
+        cls,
+        config: LlamaConfig,
+        target: Target,
+        weights: str = "bf16",
+        mesh: dict | None = None,
+        fp8_matmul: str = "fp8",
     ) -> Setup:
         """`fp8_matmul`: how FP8 weights multiply (`quant.MODES`); "auto" is what a GPU with FP8 tensor cores runs."""
         if weights not in WEIGHTS:

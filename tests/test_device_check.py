@@ -49,7 +49,7 @@ def test_the_device_check_runs_end_to_end_in_smoke_mode(tmp_path):
         "traceback": checks["attention_parity"]["traceback"],
     }
     assert {"seconds_per_step", "pct_of_hbm_roofline", "tokens_per_s"} <= set(checks["decode_bf16"]["rows"][0])
-    assert {"fp8_gemm_custom_calls", "uses_fp8_gemms", "rows"} <= set(checks["decode_fp8"])
+    assert {"fp8_gemm_custom_calls", "uses_fp8_gemms", "rows", "auto_rows"} <= set(checks["decode_fp8"])
     assert checks["decode_fp8"]["uses_fp8_gemms"] is False  # a CPU program has no cuBLASLt FP8 GEMMs
     assert {"mfu_pct", "flops_per_s"} <= set(checks["prefill_mfu"]["rows"][0]) and "mfu_pct" in checks["train_mfu_1b"]
     assert {"memory_before", "memory_after", "seconds"} <= set(checks["prefill_128k"])
