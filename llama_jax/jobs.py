@@ -77,7 +77,8 @@ _OTHER_CHECKPOINTS = ("teacher", "reward_model")
 def check_job(job) -> None:
     """What can be wrong with a job's settings without its model, raised before any weight is read: its
     sampling fields (as one `SamplingParams`, whose error names the field), files it reads, paths it
-    will create, and the layout of the other checkpoints it loads."""
+    will create, the layout of the other checkpoints it loads, and, for a job that runs the engine (it
+    has `page_size`), an attention backend its paged cache can run."""
     from llama_jax.loading import open_checkpoint
     from llama_jax.sampling import SamplingParams
 
@@ -94,6 +95,10 @@ def check_job(job) -> None:
     for name in _OTHER_CHECKPOINTS:
         if getattr(job, name, None) is not None:
             open_checkpoint(getattr(job, name))
+    if hasattr(job, "page_size") and hasattr(job, "attention"):  # a job that runs the engine's paged cache
+        from llama_jax.attention import check_paged
+
+        check_paged(job.attention)
 
 
 def _check_creatable(name: str, path: pathlib.Path, *, directory: bool) -> None:
@@ -145,7 +150,8 @@ class ModelSettings:
     rules: str = setting("fsdp_tp", "sharding strategy on the mesh: dp, fsdp, tp, fsdp_tp")
     attention: str = setting(
         "auto",
-        "attention backend: auto (blockwise on CPU, cudnn on GPU, splash on TPU), dense, blockwise, cudnn, splash",
+        "attention backend: auto (blockwise on CPU, cudnn on GPU, splash on TPU; the engine's pages: a Pallas "
+        "kernel on TPU/GPU), dense, blockwise, cudnn, splash (batch and rejection: auto or blockwise only)",
         flag=True,
     )
     fp8_matmul: str = setting(
