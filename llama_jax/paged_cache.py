@@ -83,8 +83,12 @@ class PagedKVCache:
         offsets_bt = positions_bt % self.page
 
         def write_layer(buf, new_btkh):
-            if self.heads_first:  # one scatter into [K, L, P, page, H]: the (B, T) index dims land after K
-                return buf.at[:, i, pages_bt, offsets_bt].set(new_btkh.transpose(2, 0, 1, 3).astype(buf.dtype))
+            if self.heads_first:  # one scatter into [K, L, P, page, H] of rows of H, in place
+                # The kv head is an index, not a window: with (K, H) windows the TPU compiler lays the
+                # pool out K-minor for the scatter and copies it back for the kernel, every layer and step.
+                heads_k11 = jnp.arange(buf.shape[0])[:, None, None]
+                at = buf.at[heads_k11, i, pages_bt[None], offsets_bt[None]]
+                return at.set(new_btkh.transpose(2, 0, 1, 3).astype(buf.dtype))
             if not batch_is_split(buf):  # one scatter into the whole pool, in place
                 return buf.at[i, pages_bt, offsets_bt].set(new_btkh.astype(buf.dtype))
             # Pages split over devices: as `KVCache.write`, the layer goes out and back (see there).

@@ -124,9 +124,9 @@ def model_16(tmp_path_factory):
 
 def test_an_engine_on_the_triton_kernel_writes_what_the_blockwise_engine_writes(model_16, monkeypatch):
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, 384, size=n).tolist() for n in (5, 23, 40)]
-    requests = [Request(i, p, SamplingParams(max_new_tokens=9)) for i, p in enumerate(prompts)]
-    settings = dict(slots=3, pages=24, page_size=8, burst=4, prefill_chunk=16)
+    prompts = [rng.integers(0, 384, size=n).tolist() for n in (5, 27)]  # rows of different lengths, mid-page
+    requests = [Request(i, p, SamplingParams(max_new_tokens=8)) for i, p in enumerate(prompts)]
+    settings = dict(slots=2, pages=16, page_size=8, burst=4, prefill_chunk=32)
     want = Engine(model_16, **settings).generate(requests)
     monkeypatch.setattr(engine_module.attention, "select_paged", lambda *a, **k: "triton")
     fused = Engine(model_16, **settings)
