@@ -77,8 +77,7 @@ _OTHER_CHECKPOINTS = ("teacher", "reward_model")
 def check_job(job) -> None:
     """What can be wrong with a job's settings without its model, raised before any weight is read: its
     sampling fields (as one `SamplingParams`, whose error names the field), files it reads, paths it
-    will create, the layout of the other checkpoints it loads, and, for a job that runs the engine (it
-    has `page_size`), an attention backend its paged cache can run."""
+    will create, and the layout of the other checkpoints it loads."""
     from llama_jax.loading import open_checkpoint
     from llama_jax.sampling import SamplingParams
 
@@ -95,10 +94,6 @@ def check_job(job) -> None:
     for name in _OTHER_CHECKPOINTS:
         if getattr(job, name, None) is not None:
             open_checkpoint(getattr(job, name))
-    if hasattr(job, "page_size") and hasattr(job, "attention"):  # a job that runs the engine's paged cache
-        from llama_jax.attention import check_paged
-
-        check_paged(job.attention)
 
 
 def _check_creatable(name: str, path: pathlib.Path, *, directory: bool) -> None:
@@ -164,11 +159,16 @@ class ModelSettings:
 _MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSettings))
 
 
-def load_job_model(job, **overrides):
+def load_job_model(job, *, engine: bool = False, **overrides):
     """`load_model` from a job's settings, once `check_job` passed: its `checkpoint`, `tokenizer`, `dtype`,
     `mesh`, `rules` and, where the job has them, `attention` and `fp8_matmul`; `overrides` replace any
-    (a teacher's checkpoint)."""
+    (a teacher's checkpoint). `engine`: the model will run the engine's paged cache (batch, rejection),
+    so its attention must be one that cache runs (`attention.check_paged`)."""
     check_job(job)
+    if engine:
+        from llama_jax.attention import check_paged
+
+        check_paged(job.attention)
     settings = {name: getattr(job, name) for name in _MODEL_FIELDS if hasattr(job, name)} | overrides
     return load_model(settings.pop("checkpoint"), **settings)
 

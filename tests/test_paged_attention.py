@@ -100,9 +100,6 @@ def test_the_paged_decode_rule_picks_the_kernel_of_one_accelerator_and_the_loop_
 def test_a_backend_that_cannot_serve_paged_decode_is_rejected_naming_the_flag(backend):
     with pytest.raises(ValueError, match=f"--attention {backend}: the engine's paged KV cache"):
         _select(backend)
-    job = type("Job", (), {"page_size": 64, "attention": backend})()  # a batch or rejection job's settings
-    with pytest.raises(ValueError, match=f"--attention {backend}"):
-        jobs.check_job(job)  # before any weight is read
 
 
 @pytest.mark.parametrize("backend, kernel", [("auto", "triton"), ("blockwise", "blockwise")])
