@@ -30,6 +30,12 @@ multiples of 128), GPU → cudnn in bf16/fp16 for multi-token queries (at an off
 boolean mask stays under the budget), CPU → blockwise; everything else → dense
 while the score matrix fits `DENSE_BUDGET_BYTES`, blockwise beyond. The choice is logged.
 
+`select_paged(requested, ...)`: the engine's paged KV cache (batch and rejection jobs) decodes with a
+Pallas paged-attention kernel (`llama_jax/paged_attention.py`) on one TPU ("mosaic") or one NVIDIA GPU
+("triton", bf16/fp16) where its tiles fit the model, and with the blockwise loop elsewhere (CPU,
+sharded pools) and for every prefill chunk; "blockwise" forces the loop. dense, cudnn and splash cannot
+serve a paged cache: the engine rejects them, naming `--attention`. The choice is logged.
+
 Key blocks are `block` consecutive cache entries of one row: the unit a paged cache hands over as
 pages (`block` = a multiple of the page size), so the engine's paged KV cache feeds the same loop.
 """
@@ -116,6 +122,45 @@ def select(
         # Splash's mask is static (numpy, built at trace time); a prefill chunk's offset is a traced value.
         log.info("attention: splash not used: queries at a traced offset into the cache (a prefill chunk)")
     log.info("attention: %s (requested %s; %s, %s, T=%d, S=%d)", choice, requested, platform, dtype, q_len, kv_len)
+    return choice
+
+
+PAGED_BACKENDS = ("auto", "blockwise")  # what the engine's paged cache accepts
+
+
+def check_paged(requested: str) -> None:
+    """Raise unless `requested` can serve the engine's paged KV cache (before any model is loaded)."""
+    if requested not in PAGED_BACKENDS:
+        raise ValueError(
+            f"--attention {requested}: the engine's paged KV cache (batch and rejection jobs) cannot run it; "
+            "use auto (a Pallas paged-attention kernel on TPU and GPU, blockwise on CPU) or blockwise"
+        )
+
+
+def select_paged(requested: str, *, platform: str, dtype, head_dim: int, page: int, block_pages: int, devices: int):
+    """The attention the engine's paged cache decodes with: "blockwise", or a `paged_attention.KERNELS` kernel.
+
+    "auto": "mosaic" on a TPU, "triton" on an NVIDIA GPU in bf16/fp16, when the pool sits on one device
+    and the kernel's tiles fit (TPU: head_dim a multiple of 128 and whole bf16 tiles per page; GPU:
+    head_dim and the key block `page · block_pages` powers of two of at least 16); "blockwise" otherwise.
+    """
+    check_paged(requested)
+    dtype = jnp.dtype(dtype)
+    pow2 = lambda x: x >= 16 and x & (x - 1) == 0  # noqa: E731
+    choice, why = "blockwise", "requested"
+    if requested == "auto":
+        why = f"{platform}, {devices} device(s), {dtype}, head_dim {head_dim}, page {page}"
+        if devices == 1 and platform == "tpu" and head_dim % 128 == 0 and page % 16 == 0:
+            choice = "mosaic"
+        elif (
+            devices == 1
+            and platform in ("gpu", "cuda")
+            and dtype in (jnp.bfloat16, jnp.float16)
+            and pow2(head_dim)
+            and pow2(page * block_pages)
+        ):
+            choice = "triton"
+    log.info("attention (paged decode): %s (requested %s; %s)", choice, requested, why)
     return choice
 
 

@@ -334,7 +334,7 @@ def main(args: argparse.Namespace) -> int:
         job = job_config(args)
         # A multi-process job (jax.distributed coordinates in the environment), else nothing.
         distributed.initialize(peer_timeout_s=job.peer_timeout_s)
-        model, tokenizer = jobs.load_job_model(job)
+        model, tokenizer = jobs.load_job_model(job, engine=True)
         sampling = {name: getattr(job, name) for name in _DECISIVE}
         summary = run_batch(
             model,

@@ -4,7 +4,7 @@
     report.moved        # bytes per run of the program's outer loop body spent copying in HBM
     report.memory       # argument / output / alias / temp bytes per device (memory_analysis)
     report.dots         # every dot's operand dtypes after compilation
-    report.custom_calls # {"__cudnn$fmhaSoftmax": 1, "tpu_custom_call": 2, ...}
+    report.custom_calls # {"__cudnn$fmhaSoftmax": 1, "tpu_custom_call": 2, "__gpu$xla.gpu.triton": 2, ...}
 
 The optimized HLO (`compiled.as_text()`) is the program the device would run: layouts chosen, fusions
 made, FP8 rewrites done. What it does *besides* the math shows there as data movement: a `copy`,
@@ -35,6 +35,8 @@ import time
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4}
 DTYPE_BYTES.update({"f64": 8, "s64": 8, "u64": 8, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1})
 MOVES = ("copy", "transpose", "slice", "dynamic-slice", "gather", "copy-start")
+# The custom-call targets of Pallas kernels: Mosaic (TPU) and Triton (GPU).
+TPU_KERNEL, TRITON_KERNEL = "tpu_custom_call", "__gpu$xla.gpu.triton"
 _LAYOUT_OR_CONVERT = ("convert", "bitcast", "copy", "transpose", "broadcast")
 _SKIP = ("bitcast", "reshape", "get-tuple-element", "tuple")
 
@@ -156,7 +158,9 @@ class Report:
         return [d for d in self.dots if d.upcast_from.startswith("f8")]
 
     def attention_kernels(self) -> dict[str, int]:
-        return {k: n for k, n in self.custom_calls.items() if "fmha" in k or k == "tpu_custom_call"}
+        """cuDNN's fused attention, and the Pallas kernels (Mosaic on TPU, Triton on GPU: only attention
+        kernels are Pallas calls in this project's programs)."""
+        return {k: n for k, n in self.custom_calls.items() if "fmha" in k or k in (TPU_KERNEL, TRITON_KERNEL)}
 
 
 def _trip_count(instr: Instr, comps) -> int | None:

@@ -31,6 +31,10 @@ is drawn with the key `decoding.token_keys(seed, 0, i)`, the stream `sampler.gen
 ...])` gives it, so a request's tokens depend on its prompt and seed, not on its neighbours, its slot,
 or when it ran.
 
+Decode attention over the pages is chosen once, when the engine is built, from the model's attention
+backend (`--attention`): `attention.select_paged` (a Pallas paged-attention kernel on one TPU or GPU, the
+blockwise loop on CPU), which also lays out the pool for it (`paged_cache.pool_shape`).
+
 The programs are `generate`'s (`decoding.prefill` on a prompt chunk, `decoding.decode` for a burst),
 each call on a fresh `decoding.DecodeState` over the pool (`PagedKVCache`); the request check, the
 stop tokens, the results and the host transfer are `llama_jax.generation`'s.
@@ -47,10 +51,11 @@ from typing import Any
 
 import numpy as np
 
-from llama_jax import decoding, generation
+from llama_jax import attention, decoding, generation
 from llama_jax.decoding import DecodeState, Prompt, Rows, Weights
 from llama_jax.generation import MAX_STOP_TOKENS, GenerationResult, Outputs
 from llama_jax.paged_cache import NULL_PAGE, PagedKVCache, PagePool, block_hashes
+from llama_jax.platform import target as target_platform
 from llama_jax.sampling import Mode, SamplingParams
 
 __all__ = ["Engine", "Request", "trace_counts"]
@@ -154,9 +159,17 @@ class Engine:
         self.table_width = n_blocks * block_pages  # M: pages per slot's page table
         self.pool = PagePool(pages or slots * -(-2048 // page_size) + 1, prefix_cache)
         self._stops: dict[tuple[int, ...] | None, np.ndarray] = {}  # stop_tokens -> padded ids
-        self.k, self.v = PagedKVCache.zeros(
-            config, self.pool.n_pages, page_size, model.dtype, getattr(model, "sharding", None)
+        spec = getattr(model, "sharding", None)
+        self.attention = attention.select_paged(
+            model.options.attention_backend,
+            platform=target_platform(),
+            dtype=model.dtype,
+            head_dim=config.head_dim,
+            page=page_size,
+            block_pages=block_pages,
+            devices=1 if spec is None else spec.mesh.size,
         )
+        self.k, self.v = PagedKVCache.zeros(config, self.pool.n_pages, page_size, model.dtype, spec, self.attention)
         self.ready = np.zeros(self.pool.n_pages, bool)  # page written (a sharer may read it)
         self.stats = collections.Counter()
 
@@ -343,7 +356,7 @@ class Engine:
 
     def _state(self, rows: list[_Slot | None], sampling: Rows, mode: Mode, **fields) -> DecodeState:
         """A program state over the pool for these slots (None: an idle row); `fields` as `DecodeState.start`."""
-        cache = PagedKVCache(self.k, self.v, self._table(rows), self.block_pages)
+        cache = PagedKVCache(self.k, self.v, self._table(rows), self.block_pages, self.attention)
         return DecodeState.start(cache, sampling, mode=mode, **fields)
 
     def _record(self, s: _Slot, piece: Outputs, stopped) -> None:

@@ -145,7 +145,8 @@ class ModelSettings:
     rules: str = setting("fsdp_tp", "sharding strategy on the mesh: dp, fsdp, tp, fsdp_tp")
     attention: str = setting(
         "auto",
-        "attention backend: auto (blockwise on CPU, cudnn on GPU, splash on TPU), dense, blockwise, cudnn, splash",
+        "attention backend: auto (blockwise on CPU, cudnn on GPU, splash on TPU; the engine's pages: a Pallas "
+        "kernel on TPU/GPU), dense, blockwise, cudnn, splash (batch and rejection: auto or blockwise only)",
         flag=True,
     )
     fp8_matmul: str = setting(
@@ -159,11 +160,16 @@ class ModelSettings:
 _MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSettings))
 
 
-def load_job_model(job, **overrides):
+def load_job_model(job, *, engine: bool = False, **overrides):
     """`load_model` from a job's settings, once `check_job` passed: its `checkpoint`, `tokenizer`, `dtype`,
     `mesh`, `rules` and, where the job has them, `attention` and `fp8_matmul`; `overrides` replace any
-    (a teacher's checkpoint)."""
+    (a teacher's checkpoint). `engine`: the model will run the engine's paged cache (batch, rejection),
+    so its attention must be one that cache runs (`attention.check_paged`)."""
     check_job(job)
+    if engine:
+        from llama_jax.attention import check_paged
+
+        check_paged(job.attention)
     settings = {name: getattr(job, name) for name in _MODEL_FIELDS if hasattr(job, name)} | overrides
     return load_model(settings.pop("checkpoint"), **settings)
 

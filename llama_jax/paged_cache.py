@@ -10,9 +10,14 @@ Page 0 is the null page: never handed out, it stands in every unused page-table 
 makes beyond its pages (an idle slot, a prefill chunk's padding) land there; reads of it are masked
 (a key is visible only at positions <= the query's), so its contents never matter.
 
-Attention over the pages is `blockwise.cached`, the blockwise online softmax (FlashAttention's
-recurrence) with key blocks = `block_pages` consecutive page-table entries, gathered from the pool one
-block at a time: a step reads the blocks up to the slot batch's furthest position, never a whole row.
+Attention over the pages (`kernel`, chosen by `attention.select_paged`):
+- "blockwise" (CPU, sharded pools, and every prefill chunk): `blockwise.cached`, the blockwise online
+  softmax (FlashAttention's recurrence) with key blocks = `block_pages` consecutive page-table entries,
+  gathered from the pool one block at a time: a step reads the blocks up to the slot batch's furthest
+  position, never a whole row. Each gathered block is written out and read back.
+- "mosaic" (TPU) / "triton" (GPU), decode steps: a Pallas paged-attention kernel (`paged_attention`) that
+  reads each row's own filled pages from the pool in place. Those kernels want the pool kv-heads first,
+  so their pool is `[K, L, P, page, H]` (`pool_shape`); the blockwise loop reads either layout.
 
 Host side, `PagePool`: the free list, reference counts, and the prefix cache (page-aligned prompt
 blocks hashed by their whole prefix, so a block is shared only by requests that agree on every token
@@ -30,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax import blockwise
+from llama_jax import blockwise, paged_attention
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import CACHE_AXES, batch_is_split
 
@@ -40,26 +45,32 @@ NULL_PAGE = 0
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedKVCache:
-    k: jax.Array  # [L, P, page, K, H]: the page pool
-    v: jax.Array  # [L, P, page, K, H]
+    k: jax.Array  # [L, P, page, K, H]: the page pool ([K, L, P, page, H] for a kernel: `pool_shape`)
+    v: jax.Array
     page_table: jax.Array  # [B, M] int32: slot b's pages, in position order (NULL_PAGE where none)
     block_pages: int = dataclasses.field(default=4, metadata=dict(static=True))  # pages per attention key block
+    kernel: str = dataclasses.field(default="blockwise", metadata=dict(static=True))  # `attention.select_paged`
 
     @classmethod
     def zeros(
-        cls, config: LlamaConfig, n_pages: int, page: int, dtype=jnp.bfloat16, spec=None
+        cls, config: LlamaConfig, n_pages: int, page: int, dtype=jnp.bfloat16, spec=None, kernel: str = "blockwise"
     ) -> tuple[jax.Array, jax.Array]:
-        """A zero page pool (k, v), page 0 being the null page. With `spec` (the model's `ShardingSpec`)
-        it is created in place where the model's layers pin it (`CACHE_AXES`: pages on the batch axes,
-        KV heads on "tensor")."""
-        shape = (config.n_layers, n_pages, page, config.n_kv_heads, config.head_dim)
+        """A zero page pool (k, v) laid out for `kernel`, page 0 being the null page. With `spec` (the model's
+        `ShardingSpec`) it is created in place where the model's layers pin it (`CACHE_AXES`: pages on the
+        batch axes, KV heads on "tensor")."""
+        shape = pool_shape(config, n_pages, page, kernel)
         sharding = None if spec is None else spec.sharding(CACHE_AXES, shape)
         make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
         return make(), make()
 
     @property
+    def heads_first(self) -> bool:
+        """The pool is `[K, L, P, page, H]` (a kernel's), not `[L, P, page, K, H]`."""
+        return self.kernel != "blockwise"
+
+    @property
     def page(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3 if self.heads_first else 2]
 
     def write(self, i: jax.Array | int, k_btkh: jax.Array, v_btkh: jax.Array, start_b: jax.Array) -> PagedKVCache:
         """Write new entries `[B, T, K, H]` of layer i at positions start[b] ... start[b] + T - 1."""
@@ -72,6 +83,12 @@ class PagedKVCache:
         offsets_bt = positions_bt % self.page
 
         def write_layer(buf, new_btkh):
+            if self.heads_first:  # one scatter into [K, L, P, page, H] of rows of H, in place
+                # The kv head is an index, not a window: with (K, H) windows the TPU compiler lays the
+                # pool out K-minor for the scatter and copies it back for the kernel, every layer and step.
+                heads_k11 = jnp.arange(buf.shape[0])[:, None, None]
+                at = buf.at[heads_k11, i, pages_bt[None], offsets_bt[None]]
+                return at.set(new_btkh.transpose(2, 0, 1, 3).astype(buf.dtype))
             if not batch_is_split(buf):  # one scatter into the whole pool, in place
                 return buf.at[i, pages_bt, offsets_bt].set(new_btkh.astype(buf.dtype))
             # Pages split over devices: as `KVCache.write`, the layer goes out and back (see there).
@@ -83,22 +100,44 @@ class PagedKVCache:
 
     def keys(self, i: jax.Array | int) -> blockwise.Keys:
         """Layer i's key blocks: `block_pages` consecutive page-table entries per block, each row's pages
-        gathered from the pool `[L, P, page, K, H]` one block at a time."""
-        _, _, page, k, h = self.k.shape
+        gathered from the pool one block at a time."""
+        page, k, h = self.page, self.k.shape[0 if self.heads_first else 3], self.k.shape[-1]
         b, m = self.page_table.shape
         block = page * self.block_pages
 
+        def gather(x, pages_bj):
+            if self.heads_first:  # [K, B, pages, page, H] → [B, block, K, H]: a block, not the pool
+                return jnp.moveaxis(x[:, i, pages_bj], 0, -2).reshape(b, block, k, h)
+            # Gathered straight from the [L, P, page, K, H] pool: no copy of the layer's pool.
+            return x[i, pages_bj].reshape(b, block, k, h)
+
         def read(j):
             pages_bj = jax.lax.dynamic_slice_in_dim(self.page_table, j * self.block_pages, self.block_pages, axis=1)
-            # Gathered straight from the [L, P, page, K, H] pool: no copy of the layer's pool.
-            return (j * block, *(x[i, pages_bj].reshape(b, block, k, h) for x in (self.k, self.v)))
+            return (j * block, gather(self.k, pages_bj), gather(self.v, pages_bj))
 
         return blockwise.Keys(read, m * page, block, k)
 
     def attend(self, i, q_btnh: jax.Array, q_index_bt: jax.Array, **_) -> jax.Array:
-        """Attention of queries `[B, T, N, H]` at positions q_index_bt over slot b's pages of layer i: the
-        blockwise loop (`blockwise.cached`), its key blocks gathered from the pages."""
+        """Attention of queries `[B, T, N, H]` at positions q_index_bt over slot b's pages of layer i. A decode
+        step (T = 1) on a kernel's pool runs the kernel over each row's first q_index + 1 entries; otherwise
+        the blockwise loop (`blockwise.cached`), its key blocks gathered from the pages. The model's
+        `backend` is not read here: the engine chose `kernel` for its pool (`attention.select_paged`)."""
+        if self.heads_first and q_btnh.shape[1] == 1:
+            n_kv, n_layers, n_pages = self.k.shape[:3]
+            pool = [x.reshape(n_kv, n_layers * n_pages, *x.shape[3:]) for x in (self.k, self.v)]  # free
+            table = self.page_table + i * n_pages  # layer i's pages in the [K, L·P, page, H] view
+            out_bnh = paged_attention.decode(
+                q_btnh[:, 0], *pool, q_index_bt[:, 0] + 1, table, kernel=self.kernel, pages_per_block=self.block_pages
+            )
+            return out_bnh[:, None]
         return blockwise.cached(q_btnh, self.keys(i), q_index_bt)
+
+
+def pool_shape(config: LlamaConfig, n_pages: int, page: int, kernel: str = "blockwise") -> tuple[int, ...]:
+    """The page pool's shape for `kernel`: `[L, P, page, K, H]` for the blockwise loop, kv-heads first
+    `[K, L, P, page, H]` for the Pallas kernels (`paged_attention`)."""
+    shape = (config.n_layers, n_pages, page, config.n_kv_heads, config.head_dim)
+    return shape if kernel == "blockwise" else (config.n_kv_heads, *shape[:3], config.head_dim)
 
 
 # ---- host side: the free list, reference counts, the prefix cache ------------------------------------

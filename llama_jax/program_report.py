@@ -10,7 +10,8 @@ Per program (`target_programs.Setup`), per target (`targets`), on the planner's 
   makes (`compiled.Report.moved`); efficiency = minimum / moved, 1.0 when the program only reads;
 - memory: arguments + outputs - aliased + temporaries per device, against the device's HBM;
 - dots: how many run f8 x f8 after compilation, how many convert an FP8 operand up first;
-- attention: the fused-attention custom calls after compilation (`__cudnn$fmha*`, TPU `tpu_custom_call`);
+- attention: the fused-attention custom calls after compilation (`__cudnn$fmha*`, TPU `tpu_custom_call`,
+  the Pallas Triton `__gpu$xla.gpu.triton`: the engine's burst on one device decodes with a paged kernel);
 - compile time, and libtpu's own `bytes accessed` as it reports it (a `while` body counted once).
 
 Rows are written to the JSON as they finish and skipped when already there, so a long regeneration can

@@ -355,7 +355,7 @@ def main(args: argparse.Namespace) -> int:
         for name in ("input", "output"):
             if getattr(job, name) is None:
                 raise ValueError(f"no {name} file: pass --{name} PATH (or set `{name}` in the --config file)")
-        model, tokenizer = jobs.load_job_model(job)
+        model, tokenizer = jobs.load_job_model(job, engine=True)
         scorer = load_scorer(job.scorer) if job.scorer else None
         reward = None
         if job.reward_model is not None:

@@ -25,12 +25,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama_jax import decoding, fp8, placement, quant, sampler, targets
+from llama_jax import attention, decoding, fp8, placement, platform, quant, sampler, targets
 from llama_jax.config import LlamaConfig
 from llama_jax.decoding import DecodeState, Prompt, Rows
 from llama_jax.kv_cache import CACHE_AXES, KVCache
 from llama_jax.model import Options
-from llama_jax.paged_cache import PagedKVCache
+from llama_jax.paged_cache import PagedKVCache, pool_shape
 from llama_jax.sampling import SamplingParams
 from llama_jax.targets import Target
 
@@ -188,10 +188,25 @@ class Setup:
             state = jax.eval_shape(decoding.prefill, weights, state, tokens)
         return self._lower(decoding.decode, weights, self.place(state, cache_shape), self.place(np.int32(context - 16)))
 
-    def _engine_state(self, slots: int, context: int, n_out: int):
-        """The engine's program state (`Engine._state`) over a pool where `slots` slots hold `context` tokens."""
+    def paged_attention(self, requested: str = "auto") -> str:
+        """What an `Engine` of this model picks on this target (`attention.select_paged`)."""
+        with self.tracing():
+            return attention.select_paged(
+                requested,
+                platform=platform.target(),
+                dtype=jnp.bfloat16,
+                head_dim=self.config.head_dim,
+                page=PAGE_SIZE,
+                block_pages=BLOCK_PAGES,
+                devices=self.mesh.size,
+            )
+
+    def _engine_state(self, slots: int, context: int, n_out: int, requested: str = "auto"):
+        """The engine's program state (`Engine._state`) over a pool where `slots` slots hold `context` tokens,
+        laid out for the paged attention an `Engine` with `requested` picks here."""
         n_pages = slots * context // PAGE_SIZE + 1  # every slot full, and the null page
-        shape = (self.config.n_layers, n_pages, PAGE_SIZE, self.config.n_kv_heads, self.config.head_dim)
+        kernel = self.paged_attention(requested)
+        shape = pool_shape(self.config, n_pages, PAGE_SIZE, kernel)
         pool = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
         table = np.zeros((slots, context // PAGE_SIZE), np.int32)
         params = SamplingParams(max_new_tokens=1)
@@ -201,7 +216,7 @@ class Setup:
         )
         zeros = np.zeros(slots)
         state = DecodeState.start(
-            PagedKVCache(pool, pool, table, BLOCK_PAGES),
+            PagedKVCache(pool, pool, table, BLOCK_PAGES, kernel),
             rows,
             last=zeros,
             positions=zeros,
@@ -213,9 +228,10 @@ class Setup:
         )
         return self.place(state, shape)
 
-    def burst(self, slots: int, context: int):
-        """The engine's decode burst (`BURST` steps) over `slots` slots whose pages hold `context` tokens each."""
-        state = self._engine_state(slots, context, BURST)
+    def burst(self, slots: int, context: int, attention: str = "auto"):
+        """The engine's decode burst (`BURST` steps) over `slots` slots whose pages hold `context` tokens each,
+        with the paged attention an `Engine` loaded with `attention` runs here (`paged_attention`)."""
+        state = self._engine_state(slots, context, BURST, attention)
         return self._lower(decoding.decode, self.program_weights(), state, self.place(np.int32(BURST)))
 
     def chunk_prefill(self, slots: int, context: int):

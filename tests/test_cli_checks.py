@@ -52,6 +52,8 @@ def run(argv, capsys):
     return code, capsys.readouterr().err
 
 
+# The engine's paged cache (batch, rejection) runs auto or blockwise attention only.
+PAGED_ONLY = "--attention %s: the engine's paged KV cache (batch and rejection jobs) cannot run it"
 # (argv with {ckpt} and {dir} placeholders, what the error must say)
 SETTINGS_ERRORS = [
     (["generate", "--prompt", "x", "--top-p", "1.5"], "top_p: expected a number in (0, 1]"),
@@ -63,7 +65,12 @@ SETTINGS_ERRORS = [
     (["batch", "--input", "{dir}/in.jsonl", "--output", "{dir}/a_file/out.jsonl"], "{dir}/a_file is a file"),
     (["batch", "--input", "{dir}/in.jsonl", "--output", "{dir}"], "output: {dir} is a directory"),
     (["batch", "--input", "{dir}/in.jsonl", "--output", "{dir}/o.jsonl", "--top-p", "1.5"], "top_p: expected"),
-    (["batch", "--input", "{dir}/in.jsonl", "--output", "{dir}/o.jsonl", "--attention", "cudnn"], "needs an NVIDIA"),
+    (["batch", "--input", "{dir}/in.jsonl", "--output", "{dir}/o.jsonl", "--attention", "cudnn"], PAGED_ONLY % "cudnn"),
+    (["batch", "--input", "{dir}/in.jsonl", "--output", "{dir}/o.jsonl", "--attention", "dense"], PAGED_ONLY % "dense"),
+    (
+        ["rejection", "--input", "{dir}/in.jsonl", "--output", "{dir}/o.jsonl", "--attention", "dense"],
+        PAGED_ONLY % "dense",
+    ),
     (
         ["batch", "--input", "{dir}/in.jsonl", "--output", "{dir}/o.jsonl", "--fp8-matmul", "fp9"],
         "fp8_matmul: expected",

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama_jax import compiled, quant, targets
+from llama_jax import compiled, quant, target_programs, targets
 from llama_jax.config import model_config_from_file
 from llama_jax.target_programs import Setup
 
@@ -179,6 +179,19 @@ def test_prefill_runs_the_fused_attention_after_compiling(name, kernel):
     setup = Setup.create(dataclasses.replace(CONFIG_8B, n_layers=1), targets.get(name))
     report = compiled.compile_and_read(setup.prefill(1, 512, 1024), step_loop=False)  # one chunk
     assert any(k.startswith(kernel) for k in report.attention_kernels()), report.custom_calls
+
+
+@pytest.mark.parametrize("name, kernel", [("v5p-2", compiled.TPU_KERNEL), ("h100x1", compiled.TRITON_KERNEL)])
+def test_the_engine_burst_runs_the_paged_attention_kernel_and_copies_no_key_block(name, kernel):
+    """One device: the engine decodes with the Pallas paged kernel, which reads the pages in place, so no
+    gathered key block goes through HBM (the blockwise loop's copies: docs/TARGETS.md)."""
+    setup = Setup.create(dataclasses.replace(CONFIG_8B, n_layers=1), targets.get(name))
+    assert setup.paged_attention() in ("mosaic", "triton")
+    report = compiled.compile_and_read(setup.burst(8, CONTEXT))
+    assert report.attention_kernels().get(kernel, 0) >= 1, report.custom_calls
+    keys = target_programs.PAGE_SIZE * target_programs.BLOCK_PAGES
+    block = 8 * keys * CONFIG_8B.n_kv_heads * CONFIG_8B.head_dim * 2  # one layer's K block for 8 slots, bf16
+    assert [m for m in report.step_moves if m.bytes >= block] == []  # nor a copy of the pool for the kernel
 
 
 @pytest.fixture(scope="module")

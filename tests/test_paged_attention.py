@@ -1,0 +1,132 @@
+"""Fused paged decode attention (llama_jax.paged_attention): the TPU (Mosaic) and GPU (Triton) Pallas
+kernels, run here in Pallas interpret mode, give what the blockwise loop gives over the same pages, read
+only each row's own filled pages, and are what the engine runs where `attention.select_paged` says."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import llama_jax
+from llama_jax import attention, jobs, platform
+from llama_jax import engine as engine_module
+from llama_jax.engine import Engine, Request
+from llama_jax.paged_cache import NULL_PAGE, PagedKVCache, pool_shape
+from llama_jax.sampling import SamplingParams
+from tests import checkpoints
+
+# Tiny, but with what the kernels must get right: GQA (4 query heads per kv head), rows of different
+# lengths ending mid-page, pages in no order, a table wider than any row, the null page in its tail.
+K, G, H, PAGE, BLOCK_PAGES, M, N_PAGES = 2, 4, 128, 16, 2, 8, 40
+LENGTHS = (37, 1, 100, 16)  # mid-page, one entry, mid-page late in the row, exactly one page
+TOLERANCE = {"triton": 1e-5, "mosaic": 2e-2}  # the TPU interpreter multiplies in bf16 passes, as a TPU does
+
+
+def _pages(rng):
+    """A `[B, M]` table: each row's pages drawn out of order from the pool, NULL_PAGE past its length."""
+    table = np.full((len(LENGTHS), M), NULL_PAGE, np.int32)
+    free = rng.permutation(np.arange(1, N_PAGES))
+    for b, length in enumerate(LENGTHS):
+        n = -(-length // PAGE)
+        table[b, :n], free = free[:n], free[n:]
+    return table
+
+
+def _caches(kernel, rng):
+    """The same K/V entries in the blockwise pool and in `kernel`'s pool, and the queries."""
+    config = dataclasses.make_dataclass("C", ["n_layers", "n_kv_heads", "head_dim"])(2, K, H)
+    k_lpskh, v_lpskh = (rng.normal(size=pool_shape(config, N_PAGES, PAGE)).astype(np.float32) for _ in range(2))
+    table = jnp.asarray(_pages(rng))
+    reference = PagedKVCache(jnp.asarray(k_lpskh), jnp.asarray(v_lpskh), table, BLOCK_PAGES)
+    heads_first = [jnp.asarray(np.moveaxis(x, 3, 0)) for x in (k_lpskh, v_lpskh)]
+    assert heads_first[0].shape == pool_shape(config, N_PAGES, PAGE, kernel)
+    fused = PagedKVCache(*heads_first, table, BLOCK_PAGES, kernel)
+    q_b1nh = jnp.asarray(rng.normal(size=(len(LENGTHS), 1, K * G, H)), jnp.float32)
+    positions_b1 = jnp.asarray(LENGTHS, jnp.int32)[:, None] - 1
+    return reference, fused, q_b1nh, positions_b1
+
+
+@pytest.mark.parametrize("kernel", ["triton", "mosaic"])
+def test_the_kernel_equals_the_blockwise_loop_and_reads_no_page_past_a_rows_length(kernel):
+    """Layer 1 (its pages sit past layer 0's in the kernel's `[K, L·P, page, H]` view), with NaN in every
+    block of pages past each row's length and in every page of no row: a row's reads stop at its own
+    length, not at the table's width or the batch's longest row."""
+    reference, fused, q, positions = _caches(kernel, np.random.default_rng(0))
+    table = np.asarray(fused.page_table)
+    used = set()
+    for b, length in enumerate(LENGTHS):
+        used.update(table[b, : -(-length // (PAGE * BLOCK_PAGES)) * BLOCK_PAGES].tolist())
+    unread = np.asarray([p for p in range(N_PAGES) if p not in used])
+    poisoned = dataclasses.replace(
+        fused, k=fused.k.at[:, 1, unread].set(jnp.nan), v=fused.v.at[:, 1, unread].set(jnp.nan)
+    )
+    got = jax.jit(poisoned.attend, static_argnums=0)(1, q, positions)
+    np.testing.assert_allclose(got, reference.attend(1, q, positions), atol=TOLERANCE[kernel], rtol=TOLERANCE[kernel])
+
+
+@pytest.mark.parametrize("kernel", ["triton", "mosaic"])
+def test_a_write_to_the_kernels_pool_lands_where_the_blockwise_pool_puts_it(kernel):
+    reference, fused, _, _ = _caches(kernel, np.random.default_rng(2))
+    new = [jnp.asarray(np.random.default_rng(3).normal(size=(len(LENGTHS), 3, K, H)), jnp.float32) for _ in "kv"]
+    start = jnp.asarray([30, 0, 95, 14], jnp.int32)  # across page boundaries
+    want, got = reference.write(1, *new, start), fused.write(1, *new, start)
+    np.testing.assert_array_equal(np.moveaxis(np.asarray(got.k), 0, 3), want.k)
+    np.testing.assert_array_equal(np.moveaxis(np.asarray(got.v), 0, 3), want.v)
+
+
+# ---- the rule, and the engine that runs it ------------------------------------------------------------
+
+
+def _select(requested="auto", platform="tpu", dtype=jnp.bfloat16, head_dim=128, page=64, devices=1):
+    return attention.select_paged(
+        requested, platform=platform, dtype=dtype, head_dim=head_dim, page=page, block_pages=4, devices=devices
+    )
+
+
+def test_the_paged_decode_rule_picks_the_kernel_of_one_accelerator_and_the_loop_elsewhere():
+    assert _select(platform="tpu") == "mosaic"
+    assert _select(platform="gpu") == "triton"
+    assert _select(platform="cpu") == "blockwise"  # the CPU keeps its measured loop
+    assert _select(platform="gpu", dtype=jnp.float32) == "blockwise"  # Triton's f32 dots would be tf32
+    assert _select(platform="gpu", head_dim=96) == "blockwise"  # Triton tiles are powers of two
+    assert _select(platform="tpu", head_dim=64) == "blockwise"  # Mosaic lanes are 128 wide
+    assert _select(platform="tpu", devices=8) == "blockwise"  # a sharded pool: no shard_map around the kernel
+    assert _select("blockwise", platform="gpu") == "blockwise"  # the override
+
+
+@pytest.mark.parametrize("backend", ["dense", "cudnn", "splash"])
+def test_a_backend_that_cannot_serve_paged_decode_is_rejected_naming_the_flag(backend):
+    with pytest.raises(ValueError, match=f"--attention {backend}: the engine's paged KV cache"):
+        _select(backend)
+
+
+@pytest.mark.parametrize("backend, kernel", [("auto", "triton"), ("blockwise", "blockwise")])
+def test_the_engine_decodes_with_the_attention_its_model_was_loaded_with(backend, kernel):
+    model, _ = jobs.load_model(None, dtype="bfloat16", attention=backend)  # as batch and rejection load it
+    with platform.lowering_for("gpu"):
+        engine = Engine(model, slots=2, pages=8, page_size=16)
+    assert engine.attention == kernel
+    assert engine.k.shape == pool_shape(model.config, 8, 16, kernel)
+
+
+@pytest.fixture(scope="module")
+def model_16(tmp_path_factory):
+    """A tiny checkpoint with 16-wide heads, the narrowest Triton tile."""
+    directory = tmp_path_factory.mktemp("hf16")
+    checkpoints.hf_checkpoint(directory, dim=128, n_heads=8, n_kv_heads=2)
+    return llama_jax.load(directory, dtype="float32")
+
+
+def test_an_engine_on_the_triton_kernel_writes_what_the_blockwise_engine_writes(model_16, monkeypatch):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 384, size=n).tolist() for n in (5, 27)]  # rows of different lengths, mid-page
+    requests = [Request(i, p, SamplingParams(max_new_tokens=8)) for i, p in enumerate(prompts)]
+    settings = dict(slots=2, pages=16, page_size=8, burst=4, prefill_chunk=32)
+    want = Engine(model_16, **settings).generate(requests)
+    monkeypatch.setattr(engine_module.attention, "select_paged", lambda *a, **k: "triton")
+    fused = Engine(model_16, **settings)
+    assert fused.attention == "triton"
+    got = fused.generate(requests)
+    assert [g.tokens for g in got] == [w.tokens for w in want]
