@@ -101,7 +101,7 @@ def test_a_misspelt_fp8_matmul_is_refused_by_load_and_the_jobs_before_anything_i
     import llama_jax
     from llama_jax import jobs
 
-    with pytest.raises(ValueError, match="fp8_matmul='fp16'"):
+    with pytest.raises(ValueError, match="fp8_matmul: expected one of .*, got 'fp16'"):  # before the path
         llama_jax.load(tmp_path / "missing", fp8_matmul="fp16")
     with pytest.raises(ValueError, match="fp8_matmul: expected one of"):  # even for the embedded model
         jobs.load_model(None, fp8_matmul="FP8")
