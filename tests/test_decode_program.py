@@ -18,18 +18,7 @@ from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama, LoraSpec, Options
 
 # Layer-heavy in miniature, untied: every weight matrix has a size no activation or cache buffer has.
-CONFIG = LlamaConfig(
-    vocab_size=1000,
-    dim=96,
-    n_layers=3,
-    n_heads=6,
-    n_kv_heads=2,
-    ffn_dim=160,
-    norm_eps=1e-5,
-    rope_theta=500_000.0,
-    max_seq_len=256,
-    tie_embeddings=False,
-)
+CONFIG = LlamaConfig(vocab_size=1000, dim=96, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=160, max_seq_len=256)
 PROMPTS = [[5, 17, 3, 99, 250], [7, 1]]
 
 
