@@ -24,7 +24,7 @@ The decode step runs the layers one by one from `layer_weights(model)`: each lay
 arrays of their own, cut from the stacked `[L, ...]` buffers once per model and kept with it. From
 the stacked buffers, XLA copies every layer's weights out of them on every step, inside the loop
 (scanned or unrolled alike; `tests/test_decode_program.py` reads the compiled loop to keep it so).
-The price: the layer weights are held twice (`decode_unroll` falls back to the scan where that copy
+The price: the layer weights are held twice (`Weights.of` falls back to the scan where that copy
 would not fit, `LAYER_COPY_BUDGET`), and the decode program's compile time grows with depth.
 """
 
@@ -54,7 +54,6 @@ __all__ = [
     "Rows",
     "Weights",
     "decode",
-    "decode_unroll",
     "layer_weights",
     "unstack",
     "prefill",
@@ -80,17 +79,19 @@ class Weights:
     """What the programs compute with: the model split (`nnx.split`) and the decode step's layers."""
 
     params: nnx.State
-    layers: LayerWeights | None  # per-layer weights read in place, or None: scan the stacked ones with `unroll`
+    layers: LayerWeights | None  # per-layer weights read in place, or None: scan the stacked ones
     graphdef: nnx.GraphDef = _static()
-    unroll: int | bool | None = _static(default=None)
+    unroll: int | bool = _static(default=1)  # the scan's unroll factor, where it scans the stacked weights
 
     @classmethod
     def of(cls, model, unroll: int | bool | None = None) -> Weights:
-        """The model's weights for generation; `unroll` as `decode_unroll` reads it (None: per-layer
-        weights where their copy fits)."""
-        unroll = decode_unroll(model, unroll)
+        """The model's weights for generation. `unroll` not given: per-layer weights where their copy
+        fits (`layer_copies_fit`), else the stacked ones under a rolled scan; given: the stacked ones
+        scanned with that unroll factor, and no copy."""
         graphdef, params = nnx.split(model)
-        return cls(params, layer_weights(model) if unroll is None else None, graphdef, unroll)
+        if unroll is None and layer_copies_fit(model):
+            return cls(params, layer_weights(model), graphdef)
+        return cls(params, None, graphdef, 1 if unroll is None else unroll)
 
 
 @jax.tree_util.register_dataclass
@@ -272,14 +273,6 @@ def layer_copies_fit(model, budget: float = LAYER_COPY_BUDGET) -> bool:
         if limit is not None and nbytes > budget * limit:
             return False
     return True
-
-
-def decode_unroll(model, unroll: int | bool | None) -> int | bool | None:
-    """What `unroll=None` means for this model: per-layer weights (None) where their copy fits
-    (`layer_copies_fit`), else a rolled scan over the stacked weights (1)."""
-    if unroll is not None:
-        return unroll
-    return None if layer_copies_fit(model) else 1
 
 
 def layer_weights(model, fuse: bool | None = None) -> LayerWeights:

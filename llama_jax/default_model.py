@@ -11,6 +11,7 @@ package is installed.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import warnings
 
@@ -64,16 +65,22 @@ class DefaultCheckpoint(Checkpoint):
 
     def __init__(self, seed: int = 0, config: LlamaConfig = DEFAULT_CONFIG):
         self.config = config
-        rng = np.random.default_rng(seed)
-        self._values: dict[layout.Path, np.ndarray] = {}
+        self.seed = seed
+
+    @functools.cached_property
+    def _values(self) -> dict[layout.Path, np.ndarray]:
+        """Drawn when first read, so that opening this checkpoint costs nothing before the checks."""
+        config, rng = self.config, np.random.default_rng(self.seed)
+        values = {}
         for rule in sorted(layout.rules_for(config), key=lambda r: r.path):
             ours = rule.to_ours(np.broadcast_to(np.float32(0), rule.source_shape(config)), config).shape
             shape = (config.n_layers, *ours) if rule.per_layer else ours
             if rule.path[-1] == "weight":  # the RMSNorm scales
-                self._values[rule.path] = np.ones(shape, np.float32)
+                values[rule.path] = np.ones(shape, np.float32)
             else:
-                self._values[rule.path] = rng.standard_normal(shape, dtype=np.float32)
-                self._values[rule.path] *= np.float32(WEIGHT_STD)
+                values[rule.path] = rng.standard_normal(shape, dtype=np.float32)
+                values[rule.path] *= np.float32(WEIGHT_STD)
+        return values
 
     def check(self) -> None:
         """Generated for its own config: nothing can be missing."""

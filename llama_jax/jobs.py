@@ -6,7 +6,7 @@ Every field is also `--config.<field>=VALUE` on the command line (ml-collections
 and the common ones have a plain flag (`--steps`, `--checkpoint`): all of it derived from the fields'
 declarations (`llama_jax.settings`). And the one way a job gets its model: a checkpoint (or the
 embedded default), on a mesh when one is given, with its tokenizer, every setting checked before a
-weight is read (`check_job`, `check_backends`). And how their outputs reach the disk: whole JSON lines,
+weight is read (`check_job`, then `loading.load`'s own order). And how their outputs reach the disk: whole JSON lines,
 files replaced atomically (temporary + rename + fsync).
 """
 
@@ -25,7 +25,6 @@ from llama_jax.settings import add_config_arguments, config_from_args, config_fr
 __all__ = [
     "ModelSettings",
     "add_config_arguments",
-    "check_backends",
     "check_job",
     "config_from_args",
     "config_from_mapping",
@@ -109,23 +108,6 @@ def _check_creatable(name: str, path: pathlib.Path, *, directory: bool) -> None:
         raise ValueError(f"{name}: cannot write {path}: {parent} is not writable")
 
 
-def check_backends(dtype, attention: str = "auto", fp8_matmul: str = "auto") -> None:
-    """The dtype, FP8 matmul mode and attention backend a model would run with, checked on this platform
-    (`attention.select`'s own check: cudnn needs an NVIDIA GPU and bf16/fp16, splash a TPU) without it."""
-    import jax.numpy as jnp
-
-    from llama_jax import platform
-    from llama_jax.attention import select
-
-    if fp8_matmul not in platform.FP8_MATMUL_MODES:
-        raise ValueError(f"fp8_matmul: expected one of {platform.FP8_MATMUL_MODES}, got {fp8_matmul!r}")
-    try:
-        dtype = jnp.dtype(dtype)
-    except TypeError:
-        raise ValueError(f"dtype: expected bfloat16 or float32, got {dtype!r}") from None
-    select(attention, platform=platform.target(), dtype=dtype, q_len=1, kv_len=1, q_offset=False)
-
-
 @settings.declare()
 class ModelSettings:
     """How a job (and generate, chat) gets its model: these settings' one declaration (`llama_jax.settings`)."""
@@ -191,34 +173,36 @@ def load_model(
     of `llama_jax.attention.BACKENDS`, `fp8_matmul` how an FP8 checkpoint's FFNs multiply (auto | fp8 |
     dequant; checked even for a model without FP8 weights).
 
-    Weights are read last: first the settings (`check_backends`, the mesh and rules), then the checkpoint
-    (its layout, config and tensor list), then the tokenizer, so a typo or a wrong directory is reported
+    One sequence for every source, `loading.load`'s (the embedded model is its `DefaultCheckpoint`):
+    the settings (the mesh and rules, `loading.check_backends`), then the checkpoint (its layout, config
+    and tensor list), then the tokenizer, then the weights; so a typo or a wrong directory is reported
     in seconds, and a missing tokenizer never hides a checkpoint that could not load anyway.
     """
-    from llama_jax import default_model
-    from llama_jax.loading import load_from, open_checkpoint
-    from llama_jax.placement import llama_rules, shard_model
+    from llama_jax import default_model, loading
+    from llama_jax.placement import llama_rules
     from llama_jax.sharding.mesh import make_mesh
     from llama_jax.tokenizer import Tokenizer
 
     checkpoint = None if checkpoint is None else pathlib.Path(checkpoint)  # a flag's text or a caller's path
-    dtype = dtype or ("float32" if checkpoint is None else "bfloat16")
-    check_backends(dtype, attention, fp8_matmul)
     mesh = make_mesh(mesh) if mesh else None
     rules_table = llama_rules(rules) if mesh else None
-    ckpt = None
-    if checkpoint is not None:
-        ckpt = open_checkpoint(checkpoint)
-        ckpt.check()
-    tokenizer = Tokenizer.from_file(tokenizer_file(checkpoint, tokenizer))
-    if ckpt is None:
-        print(default_model.RANDOM_WEIGHTS_NOTICE, file=sys.stderr, flush=True)
-        model = default_model.default_model(dtype=dtype, warn=False, attention=attention)
-        if mesh is not None:
-            model = shard_model(model, mesh, rules)
-    else:
-        model = load_from(ckpt, dtype=dtype, mesh=mesh, rules=rules_table, attention=attention, fp8_matmul=fp8_matmul)
-    return model, tokenizer
+    tokenizers = []
+
+    def before_weights(_):
+        tokenizers.append(Tokenizer.from_file(tokenizer_file(checkpoint, tokenizer)))
+        if checkpoint is None:
+            print(default_model.RANDOM_WEIGHTS_NOTICE, file=sys.stderr, flush=True)
+
+    model = loading.load(
+        default_model.DefaultCheckpoint() if checkpoint is None else checkpoint,
+        dtype=dtype or ("float32" if checkpoint is None else "bfloat16"),
+        mesh=mesh,
+        rules=rules_table,
+        attention=attention,
+        fp8_matmul=fp8_matmul,
+        before_weights=before_weights,
+    )
+    return model, tokenizers[0]
 
 
 def model_identity(model, checkpoint=None, tokenizer=None) -> dict:

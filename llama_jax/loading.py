@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import pathlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,20 +52,40 @@ def open_checkpoint(path: str | pathlib.Path) -> Checkpoint:
     )
 
 
+def check_backends(dtype, attention: str = "auto", fp8_matmul: str = "auto") -> None:
+    """The dtype, FP8 matmul mode and attention backend a model would run with, checked on this platform
+    (`attention.select`'s own check: cudnn needs an NVIDIA GPU and bf16/fp16, splash a TPU) without it."""
+    from llama_jax.attention import select
+
+    if fp8_matmul not in platform.FP8_MATMUL_MODES:
+        raise ValueError(f"fp8_matmul: expected one of {platform.FP8_MATMUL_MODES}, got {fp8_matmul!r}")
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"dtype: expected bfloat16 or float32, got {dtype!r}") from None
+    select(attention, platform=platform.target(), dtype=dtype, q_len=1, kv_len=1, q_offset=False)
+
+
 def load(
-    path: str | pathlib.Path,
+    path: str | pathlib.Path | Checkpoint,
     *,
     dtype: str | jnp.dtype = "bfloat16",
     mesh: Mesh | None = None,
     rules: sharding_rules.Rules | None = None,
     attention: str = "auto",
     fp8_matmul: str = "auto",
+    before_weights: Callable[[Checkpoint], object] | None = None,
 ) -> Llama:
     """Load a Llama checkpoint directory into a `Llama` module.
 
+    Every step that can fail fast runs before a weight is read, in this order: the settings
+    (`check_backends`), the checkpoint's layout, config and tensor list (`Checkpoint.check`), then
+    `before_weights`; a typo or a wrong directory is reported in seconds.
+
     Args:
       path: a Hugging Face checkpoint directory, a Meta `consolidated.*.pth` directory, or a
-        llama-jax Orbax directory (`python -m llama_jax convert SRC DST --to orbax`).
+        llama-jax Orbax directory (`python -m llama_jax convert SRC DST --to orbax`); or a `Checkpoint`
+        already open (the embedded `default_model.DefaultCheckpoint`).
       dtype: parameter and compute dtype ("bfloat16", "float32", ...).
       mesh: place every parameter straight into its sharded home on this mesh (None: one device).
       rules: logical-axis rules for `mesh` (default: `llama_jax.sharding.rules.DEFAULT_RULES`).
@@ -73,11 +93,15 @@ def load(
       fp8_matmul: for FP8 checkpoints (HF fbgemm_fp8, Meta fp8_scales), whose FFN weights stay FP8 on the
         device: "dequant" upcasts inside jit (CPU), "fp8" quantizes activations per token and runs
         fp8×fp8 dots (Hopper), "auto" picks by device (`platform.fp8_matmul`). See docs/CONVERT.md.
+      before_weights: called with the checked checkpoint before a weight is read (a job reads its
+        tokenizer there: a missing tokenizer is reported before the loading, and never hides a
+        checkpoint that could not load anyway).
     """
-    if fp8_matmul not in platform.FP8_MATMUL_MODES:
-        raise ValueError(f"fp8_matmul={fp8_matmul!r}: expected one of {platform.FP8_MATMUL_MODES}")
-    ckpt = open_checkpoint(path)
+    check_backends(dtype, attention, fp8_matmul)
+    ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
     ckpt.check()
+    if before_weights is not None:
+        before_weights(ckpt)
     return load_from(ckpt, dtype=dtype, mesh=mesh, rules=rules, attention=attention, fp8_matmul=fp8_matmul)
 
 

@@ -2,7 +2,9 @@
 
     python -m llama_jax plan --config llama3_1_405b --preset h100x16 --mesh fsdp=2,tensor=8 \
         --batch 8 --context 131072 [--prompt N] [--chunk 2048] [--attention blockwise] [--weight-dtype bfloat16|fp8]
-    python -m llama_jax plan --report docs/SHARDING.md     # regenerate the tables in the docs (plan_report.py)
+    python -m llama_jax plan --report docs/SHARDING.md     # regenerate the tables in the docs
+
+What it prints, and the docs' tables, are written by `llama_jax.plan_report`.
 
 It sits on top of both layers: meshes and rules from `llama_jax/sharding/`, the abstract Llama and its cache from
 `llama_jax.placement`.
@@ -53,7 +55,7 @@ from typing import Any
 from llama_jax import plan_target
 from llama_jax.compiled import DTYPE_BYTES
 from llama_jax.model import DEFAULT_PREFILL_CHUNK, Options
-from llama_jax.plan_report import human, write_report
+from llama_jax.plan_report import format_plan, write_report
 
 HBM_HEADROOM = 0.9
 
@@ -424,50 +426,3 @@ def collective_bytes(hlo_text: str, n_layers: int, float_bytes: int | None = Non
             size *= n_layers
         out[m.group("op")] = out.get(m.group("op"), 0) + size
     return out
-
-
-# ---- output -------------------------------------------------------------------------------------
-
-
-def format_plan(plan: dict[str, Any]) -> str:
-    mesh = ",".join(f"{k}={v}" for k, v in plan["mesh"].items() if v > 1) or "1 device"
-    rows = [
-        ("weights", plan["weights_per_device"]),
-        ("KV cache", plan["kv_cache_per_device"]),
-        ("temporaries (max of prefill, decode)", plan["temp_per_device"]),
-        ("needed", plan["needed_per_device"]),
-        ("budget (headroom x memory)", plan["budget"]),
-        ("device memory", plan["device_memory"]),
-    ]
-    lines = [
-        f"{plan['model']} ({plan['params'] / 1e9:.1f}B params, weights {plan['weight_dtype']}) on "
-        f"{plan['hardware'] or 'virtual devices'}: mesh {mesh}, strategy {plan['strategy']}",
-        f"compiled by: {plan['compiler']}",
-        f"batch {plan['batch']}, context {plan['context']:,}, prompt {plan['prompt']:,} prefilled in chunks of "
-        f"{plan['chunk']:,} ({plan['attention']} attention); "
-        f"KV cache: heads in {plan['kv_head_shards']} shard(s) (tensor={plan['mesh'].get('tensor', 1)}), "
-        f"batch rows in {plan['kv_batch_shards']}",
-        "",
-        f"{'per device':<40}{'':>12}",
-    ]
-    lines += [f"{name:<40}{human(value):>12}" for name, value in rows]
-    lines.append("")
-    for phase in ("prefill", "decode"):
-        p = plan[phase]
-        if p.get("refused"):
-            lines.append(f"{phase:<8} refused by the compiler: needs {human(p['peak'])} in all")
-            continue
-        coll = ", ".join(f"{k} {human(v)}" for k, v in sorted(p["collectives"].items()) if v) or "none"
-        lines.append(
-            f"{phase:<8} args {human(p['argument'])}, out {human(p['output'])}, aliased {human(p['alias'])}, "
-            f"temp {human(p['temp'])}; compiled in {p['compile_seconds']}s; collectives per step: {coll}"
-        )
-    if plan.get("refused"):
-        lines.append(f"fits: NO: the target's compiler refused it: {plan['refused']}")
-    elif plan["fits"] is not None:
-        lines.append(
-            f"fits: {'yes' if plan['fits'] else 'NO'}; room for {plan['max_cached_tokens']:,} cached tokens "
-            f"(batch {plan['max_batch_at_context']} at context {plan['context']:,}, or context "
-            f"{plan['max_context_at_batch']:,} at batch {plan['batch']})"
-        )
-    return "\n".join(lines)

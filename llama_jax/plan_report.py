@@ -1,6 +1,7 @@
-"""The planner's tables in docs/SHARDING.md: each setup planned in its own process, written as markdown.
+"""The planner in words: one plan as `plan` prints it (`format_plan`), and the tables in docs/SHARDING.md,
+each setup planned in its own process and written as markdown.
 
-    python -m llama_jax plan --report docs/SHARDING.md     # regenerate every table (about 3 min)
+    python -m llama_jax plan --report docs/SHARDING.md     # regenerate every table
 
 Each plan needs its own number of virtual devices, so each runs as `python -m llama_jax plan ... --json`
 in a fresh process (`plan_subprocess`). The tables sit between generated-table markers; the plans
@@ -28,159 +29,47 @@ def table_markers(name: str) -> tuple[str, str]:
 TABLE_BEGIN, TABLE_END = table_markers("plan-table")
 
 # The setups in docs/SHARDING.md: (label, arguments).
-REPORT_SETUPS: tuple[tuple[str, list[str]], ...] = (
-    (
-        "405B FP8, 8x H100",
-        [
-            "--config",
-            "llama3_1_405b",
-            "--preset",
-            "h100x8",
-            "--mesh",
-            "tensor=8",
-            "--weight-dtype",
-            "fp8",
-            "--batch",
-            "4",
-            "--context",
-            "16384",
-        ],
-    ),
-    (
-        "405B bf16, 16x H100 (2 nodes)",
-        [
-            "--config",
-            "llama3_1_405b",
-            "--preset",
-            "h100x16",
-            "--mesh",
-            "kv_rep=2,tensor=8",
-            "--batch",
-            "8",
-            "--context",
-            "16384",
-        ],
-    ),
-    (
-        "405B bf16, 16x H100 (2 nodes)",
-        [
-            "--config",
-            "llama3_1_405b",
-            "--preset",
-            "h100x16",
-            "--mesh",
-            "fsdp=2,tensor=8",
-            "--batch",
-            "8",
-            "--context",
-            "16384",
-        ],
-    ),
-    (
-        "405B bf16, 16x H100 (2 nodes)",
-        [
-            "--config",
-            "llama3_1_405b",
-            "--preset",
-            "h100x16",
-            "--mesh",
-            "tensor=16",
-            "--batch",
-            "8",
-            "--context",
-            "16384",
-        ],
-    ),
-    (
-        "70B bf16, 8x H100",
-        [
-            "--config",
-            "llama3_1_70b",
-            "--preset",
-            "h100x8",
-            "--mesh",
-            "tensor=8",
-            "--batch",
-            "16",
-            "--context",
-            "16384",
-        ],
-    ),
-    (
-        "8B bf16, 1x H100, 128K prompt",
-        [
-            "--config",
-            "llama3_1_8b",
-            "--preset",
-            "h100x1",
-            "--mesh",
-            "tensor=1",
-            "--batch",
-            "1",
-            "--context",
-            "131072",
-        ],
-    ),
-    (
-        "70B bf16, 8x H100, 128K prompt",
-        [
-            "--config",
-            "llama3_1_70b",
-            "--preset",
-            "h100x8",
-            "--mesh",
-            "tensor=8",
-            "--batch",
-            "1",
-            "--context",
-            "131072",
-        ],
-    ),
-    (
-        "405B bf16, 16x H100 (2 nodes), 128K prompt",
-        [
-            "--config",
-            "llama3_1_405b",
-            "--preset",
-            "h100x16",
-            "--mesh",
-            "fsdp=2,tensor=8",
-            "--batch",
-            "1",
-            "--context",
-            "131072",
-        ],
-    ),
-    (
-        "405B bf16, TPU v5p-128 (64 chips)",
-        [
-            "--config",
-            "llama3_1_405b",
-            "--preset",
-            "v5p-128",
-            "--mesh",
-            "kv_rep=8,tensor=8",
-            "--batch",
-            "32",
-            "--context",
-            "32768",
-        ],
-    ),
-    (
-        "405B bf16, TPU v5p-128 (64 chips)",
-        [
-            "--config",
-            "llama3_1_405b",
-            "--preset",
-            "v5p-128",
-            "--mesh",
-            "fsdp=8,tensor=8",
-            "--batch",
-            "32",
-            "--context",
-            "32768",
-        ],
-    ),
+REPORT_SETUPS: tuple[tuple[str, list[str]], ...] = tuple(
+    (label, argv.split())
+    for label, argv in (
+        (
+            "405B FP8, 8x H100",
+            "--config llama3_1_405b --preset h100x8 --mesh tensor=8 --weight-dtype fp8 --batch 4 --context 16384",
+        ),
+        (
+            "405B bf16, 16x H100 (2 nodes)",
+            "--config llama3_1_405b --preset h100x16 --mesh kv_rep=2,tensor=8 --batch 8 --context 16384",
+        ),
+        (
+            "405B bf16, 16x H100 (2 nodes)",
+            "--config llama3_1_405b --preset h100x16 --mesh fsdp=2,tensor=8 --batch 8 --context 16384",
+        ),
+        (
+            "405B bf16, 16x H100 (2 nodes)",
+            "--config llama3_1_405b --preset h100x16 --mesh tensor=16 --batch 8 --context 16384",
+        ),
+        ("70B bf16, 8x H100", "--config llama3_1_70b --preset h100x8 --mesh tensor=8 --batch 16 --context 16384"),
+        (
+            "8B bf16, 1x H100, 128K prompt",
+            "--config llama3_1_8b --preset h100x1 --mesh tensor=1 --batch 1 --context 131072",
+        ),
+        (
+            "70B bf16, 8x H100, 128K prompt",
+            "--config llama3_1_70b --preset h100x8 --mesh tensor=8 --batch 1 --context 131072",
+        ),
+        (
+            "405B bf16, 16x H100 (2 nodes), 128K prompt",
+            "--config llama3_1_405b --preset h100x16 --mesh fsdp=2,tensor=8 --batch 1 --context 131072",
+        ),
+        (
+            "405B bf16, TPU v5p-128 (64 chips)",
+            "--config llama3_1_405b --preset v5p-128 --mesh kv_rep=8,tensor=8 --batch 32 --context 32768",
+        ),
+        (
+            "405B bf16, TPU v5p-128 (64 chips)",
+            "--config llama3_1_405b --preset v5p-128 --mesh fsdp=8,tensor=8 --batch 32 --context 32768",
+        ),
+    )
 )
 REPORT_TABLES: tuple[tuple[str, tuple[int, ...], list[str]], ...] = (
     ("plan-table", tuple(range(len(REPORT_SETUPS))), []),
@@ -198,6 +87,55 @@ def human(x: int | None) -> str:
         if x >= size:
             return f"{x / size:.2f} {unit}"
     return f"{x} B"
+
+
+def mesh_text(sizes: dict[str, int]) -> str:
+    """The mesh axes that split something ("" for one device)."""
+    return ",".join(f"{k}={v}" for k, v in sizes.items() if v > 1)
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    mesh = mesh_text(plan["mesh"]) or "1 device"
+    rows = [
+        ("weights", plan["weights_per_device"]),
+        ("KV cache", plan["kv_cache_per_device"]),
+        ("temporaries (max of prefill, decode)", plan["temp_per_device"]),
+        ("needed", plan["needed_per_device"]),
+        ("budget (headroom x memory)", plan["budget"]),
+        ("device memory", plan["device_memory"]),
+    ]
+    lines = [
+        f"{plan['model']} ({plan['params'] / 1e9:.1f}B params, weights {plan['weight_dtype']}) on "
+        f"{plan['hardware'] or 'virtual devices'}: mesh {mesh}, strategy {plan['strategy']}",
+        f"compiled by: {plan['compiler']}",
+        f"batch {plan['batch']}, context {plan['context']:,}, prompt {plan['prompt']:,} prefilled in chunks of "
+        f"{plan['chunk']:,} ({plan['attention']} attention); "
+        f"KV cache: heads in {plan['kv_head_shards']} shard(s) (tensor={plan['mesh'].get('tensor', 1)}), "
+        f"batch rows in {plan['kv_batch_shards']}",
+        "",
+        f"{'per device':<40}{'':>12}",
+    ]
+    lines += [f"{name:<40}{human(value):>12}" for name, value in rows]
+    lines.append("")
+    for phase in ("prefill", "decode"):
+        p = plan[phase]
+        if p.get("refused"):
+            lines.append(f"{phase:<8} refused by the compiler: needs {human(p['peak'])} in all")
+            continue
+        coll = ", ".join(f"{k} {human(v)}" for k, v in sorted(p["collectives"].items()) if v) or "none"
+        lines.append(
+            f"{phase:<8} args {human(p['argument'])}, out {human(p['output'])}, aliased {human(p['alias'])}, "
+            f"temp {human(p['temp'])}; compiled in {p['compile_seconds']}s; collectives per step: {coll}"
+        )
+    if plan.get("refused"):
+        lines.append(f"fits: NO: the target's compiler refused it: {plan['refused']}")
+    elif plan["fits"] is not None:
+        lines.append(
+            f"fits: {'yes' if plan['fits'] else 'NO'}; room for {plan['max_cached_tokens']:,} cached tokens "
+            f"(batch {plan['max_batch_at_context']} at context {plan['context']:,}, or context "
+            f"{plan['max_context_at_batch']:,} at batch {plan['batch']})"
+        )
+    return "\n".join(lines)
 
 
 def plan_subprocess(argv: list[str], timeout: float = 300) -> dict[str, Any]:
@@ -226,7 +164,7 @@ def report_table(results: list[tuple[str, dict[str, Any]]]) -> str:
     )
     rows = []
     for label, p in results:
-        mesh = ",".join(f"{k}={v}" for k, v in p["mesh"].items() if v > 1) or "1"
+        mesh = mesh_text(p["mesh"]) or "1"
         coll = p["decode"]["collectives"]
         comm = ", ".join(f"{k} {human(v)}" for k, v in sorted(coll.items()) if v >= 1 << 20) or "< 1 MiB"
         compile_s = p["prefill"]["compile_seconds"] + p["decode"]["compile_seconds"]

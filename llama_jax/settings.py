@@ -159,26 +159,17 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
         _add_flag(parser, field, hints[name], field.default)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls, aliases: Mapping[str, str] = ()) -> None:
-    """`--config NAME|FILE`, `--config.<field>` for every field of `cls`, and each setting's plain flag
-    (`aliases` maps the other fields to plain flags). Nothing given keeps the field out of the namespace,
-    so `config_from_args` layers the defaults, the file and the options given."""
+def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """`--config NAME|FILE`, and `--config.<field>` and the declared plain flag of every field of `cls`, each
+    a setting. Nothing given keeps the field out of the namespace, so `config_from_args` layers the
+    defaults, the file and the options given."""
+    undeclared = [f.name for f in dataclasses.fields(cls) if f.name not in declared(cls)]
+    if undeclared:
+        raise TypeError(f"{cls.__name__}: every field of a job is a setting (settings.setting); not {undeclared}")
     parser.add_argument("--config", help="the job's get_config(): a packaged preset's name or a .py file")
     hints = typing.get_type_hints(cls)
-    settings = declared(cls)
-    for field in dataclasses.fields(cls):
-        if field.name in settings:
-            _add_flag(parser, field, hints[field.name], argparse.SUPPRESS, f"--config.{field.name}")
-            continue
-        names = [aliases[field.name]] if field.name in aliases else []
-        parser.add_argument(
-            *names,
-            f"--config.{field.name}",
-            dest=field.name,
-            default=argparse.SUPPRESS,
-            type=_parse_value(hints[field.name], field.name),
-            help=f"default {field.default!r}",
-        )
+    for name, field in declared(cls).items():
+        _add_flag(parser, field, hints[name], argparse.SUPPRESS, f"--config.{name}")
 
 
 def config_from_mapping(cls, values: Mapping[str, Any], *, source: str):
@@ -222,17 +213,20 @@ def _cell(value) -> str:
         return "none"
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, tuple):  # as the flag takes it
+        value = ",".join(map(str, value))
     return f"`{value}`" if isinstance(value, str) else str(value)
 
 
 def markdown_table(cls) -> str:
-    """The docs' table of `cls`'s settings: field, flag, default, per request, what it is."""
-    rows = ["| field | flag | default | per request | |", "|---|---|---|---|---|"]
-    for name, field in declared(cls).items():
+    """The docs' table of `cls`'s settings: field, flag, default, per request (where any is), what it is."""
+    fields = declared(cls)
+    per_request = any(info(field).request for field in fields.values())  # else no such column
+    columns = ["field", "flag", "default", *(["per request"] if per_request else [])]
+    rows = ["| " + " | ".join(columns) + " | |", "|---" * (len(columns) + 1) + "|"]
+    for name, field in fields.items():
         about = info(field)
-        flag_cell = f"`{about.flag}`" if about.flag else ""
-        rows.append(
-            f"| `{name}` | {flag_cell} | {_cell(field.default)} | {'yes' if about.request else ''} | "
-            f"{about.help.replace('|', '&#124;')} |"
-        )
+        cells = [f"`{name}`", f"`{about.flag}`" if about.flag else "", _cell(field.default)]
+        cells += ["yes" if about.request else ""] if per_request else []
+        rows.append("| " + " | ".join([*cells, about.help.replace("|", "&#124;")]) + " |")
     return "\n".join(rows) + "\n"

@@ -92,13 +92,13 @@ class Setup:
         return nnx.merge(self.graphdef, self.state)
 
     def layer_weights(self, stacked: bool | None = None):
-        """What `generate` and the engine decode with (`decoding.decode_unroll`): per-layer weights where
-        their copy takes at most `LAYER_COPY_BUDGET` of the device's HBM, else (or with `stacked`) the
-        scanned stack. → (layer weights or None, unroll)."""
+        """What `generate` and the engine decode with (`decoding.Weights.of`): per-layer weights where
+        their copy takes at most `LAYER_COPY_BUDGET` of the device's HBM, else (or with `stacked`) None,
+        the scanned stack."""
         if stacked is None:
             stacked = self.layer_bytes_per_device() > decoding.LAYER_COPY_BUDGET * self.target.hbm_bytes
         if stacked:
-            return None, 1
+            return None
         graphdef, leaves = self.graphdef, jax.tree.leaves(self.state)
         abstract = jax.eval_shape(lambda s: decoding.unstack(graphdef, s, fuse=False), self.state)
         # Which stacked weight each leaf of a layer's copy is: the same cut run on the weights' indices.
@@ -111,7 +111,7 @@ class Setup:
             spec = leaves[int(source)].sharding.spec
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(self.mesh, PartitionSpec(*spec[1:])))
 
-        return jax.tree.map(one, abstract, sources), None
+        return jax.tree.map(one, abstract, sources)
 
     def _layer_states(self):
         model = self.model
@@ -150,8 +150,7 @@ class Setup:
 
     def program_weights(self, stacked: bool | None = None) -> decoding.Weights:
         """What the programs compute with, as `decoding.Weights.of` makes it for this model on this target."""
-        layers, unroll = self.layer_weights(stacked)
-        return decoding.Weights(self.state, layers, self.graphdef, unroll)
+        return decoding.Weights(self.state, self.layer_weights(stacked), self.graphdef)
 
     def _generate_state(self, batch: int, prompt: int, context: int):
         """`generate`'s program state and prompt (`sampler.inputs`), abstract and placed."""

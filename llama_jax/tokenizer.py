@@ -14,7 +14,7 @@ import binascii
 import re
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import tiktoken
 
@@ -79,6 +79,7 @@ class Tokenizer(abc.ABC):
     python_tag_id: int | None
     stop_tokens: tuple[int, ...]
     n_words: int
+    _model: Any  # tiktoken's Encoding or sentencepiece's processor: both decode a list of ids
 
     @property
     def vocab_size(self) -> int:
@@ -102,7 +103,6 @@ class Tokenizer(abc.ABC):
             "('<base64 token> <rank>' per line) or a Llama 2 sentencepiece model (protobuf)"
         )
 
-    @abc.abstractmethod
     def encode(
         self,
         s: str,
@@ -113,10 +113,18 @@ class Tokenizer(abc.ABC):
         disallowed_special: DisallowedSpecial = (),
     ) -> list[int]:
         """Token ids of `s`, with bos prepended / eos appended only when asked."""
+        if not isinstance(s, str):
+            raise TypeError(f"encode expects str, got {type(s).__name__}")
+        ids = self._encode(s, allowed_special, disallowed_special)
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     @abc.abstractmethod
+    def _encode(self, s: str, allowed_special: AllowedSpecial, disallowed_special: DisallowedSpecial) -> list[int]:
+        """The ids of the text itself, special-token text handled as asked."""
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; special ids decode to their own text."""
+        return self._model.decode(list(ids))
 
 
 class Llama3Tokenizer(Tokenizer):
@@ -150,27 +158,12 @@ class Llama3Tokenizer(Tokenizer):
         self.python_tag_id = self.special_tokens["<|python_tag|>"]
         self.stop_tokens = (self.eos_id, self.eom_id, self.eot_id)
 
-    def encode(
-        self,
-        s: str,
-        *,
-        bos: bool,
-        eos: bool,
-        allowed_special: AllowedSpecial = None,
-        disallowed_special: DisallowedSpecial = (),
-    ) -> list[int]:
-        if not isinstance(s, str):
-            raise TypeError(f"encode expects str, got {type(s).__name__}")
+    def _encode(self, s: str, allowed_special: AllowedSpecial, disallowed_special: DisallowedSpecial) -> list[int]:
         allowed = set() if allowed_special is None else allowed_special
-        ids = [self.bos_id] if bos else []
+        ids = []
         for piece in _meta_slices(s):
             ids += self._model.encode(piece, allowed_special=allowed, disallowed_special=disallowed_special)
-        if eos:
-            ids.append(self.eos_id)
         return ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._model.decode(list(ids))
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -200,27 +193,13 @@ class SentencePieceTokenizer(Tokenizer):
             if self._model.is_control(i) or self._model.is_unknown(i)
         }
 
-    def encode(
-        self,
-        s: str,
-        *,
-        bos: bool,
-        eos: bool,
-        allowed_special: AllowedSpecial = None,
-        disallowed_special: DisallowedSpecial = (),
-    ) -> list[int]:
-        if not isinstance(s, str):
-            raise TypeError(f"encode expects str, got {type(s).__name__}")
+    def _encode(self, s: str, allowed_special: AllowedSpecial, disallowed_special: DisallowedSpecial) -> list[int]:
         if allowed_special or disallowed_special:
             raise ValueError(
                 "sentencepiece tokenizers never parse special tokens from text; "
                 "allowed_special/disallowed_special must be left at their defaults"
             )
-        ids = list(self._model.encode(s))
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._model.decode(list(ids))
+        return list(self._model.encode(s))
 
 
 # Where a checkpoint directory keeps its tokenizer.model, in the order looked at: beside the weights (Meta's

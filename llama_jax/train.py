@@ -14,6 +14,8 @@ import json
 import pathlib
 import sys
 
+from llama_jax import jobs
+from llama_jax.settings import setting
 from llama_jax.trainer import TrainConfig, Trainer
 
 __all__ = ["TrainConfig", "TrainJob", "Trainer", "run_job"]
@@ -23,33 +25,32 @@ __all__ = ["TrainConfig", "TrainJob", "Trainer", "run_job"]
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainJob(TrainConfig):
-    """A whole fine-tuning run: `TrainConfig` plus model, data, adapters, teacher, mesh and outputs.
+class TrainJob(TrainConfig, jobs.ModelSettings):
+    """A whole fine-tuning run: the model's settings (`jobs.ModelSettings`), how to optimise (`TrainConfig`),
+    and the data, adapters, teacher and outputs declared here, each once (`llama_jax.settings`).
 
-    The fields of `llama_jax/configs/finetune_*.py`; each is also `--config.<field>` on the command line.
+    The fields of `llama_jax/configs/finetune_*.py`; each is also `--config.<field>` on the command line,
+    and the flag it declares (docs/TRAINING.md's table is `settings.markdown_table(TrainJob)`).
     """
 
-    data: str | None = None  # JSONL: chat {"messages"}, text {"text"} or the batch job's top_logprobs records
-    data_kind: str = "auto"  # auto | chat | text | distill | pairs (preference pairs; implied by objective=dpo)
-    seq_len: int = 512
-    seed: int = 0  # data order
-    checkpoint: str | None = None  # the model to train (None: the embedded default, RANDOM weights)
-    tokenizer: str | None = None
-    dtype: str | None = None  # bfloat16 for checkpoints, float32 for the embedded model
-    lora_rank: int = 0  # > 0: train LoRA adapters only; 0: full fine-tuning
-    lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
-    teacher: str | None = None  # online teacher checkpoint (distillation); with objective=dpo, the reference
-    dpo_reference: str = "precompute"  # precompute (one pass, cached in workdir) | online (a reference model)
-    teacher_rules: str | None = None  # the teacher's sharding strategy on the mesh (default: `rules`)
-    mesh: str | None = None  # e.g. "fsdp=2,tensor=4" (None: one device)
-    rules: str = "fsdp_tp"
-    attention: str = "auto"  # attention backend (llama_jax/attention.py)
-    fp8_matmul: str = "auto"  # FP8 checkpoints: auto | fp8 | dequant (llama_jax.platform.fp8_matmul)
-    workdir: str = "runs/train"  # checkpoints/, metrics.jsonl, model/
-    resume: bool = False  # continue from the latest checkpoint in workdir
-    export: str = "orbax"  # the trained model (LoRA merged) to workdir/model: orbax | hf | none
-    progress: bool = True
+    data: str | None = setting(
+        None, 'JSONL: chat {"messages"}, text {"text"}, the batch job\'s top_logprobs records or pairs', flag=True
+    )
+    data_kind: str = setting("auto", "auto, chat, text, distill or pairs (preference pairs; implied by objective=dpo)")
+    seq_len: int = setting(512, "tokens per row")
+    seed: int = setting(0, "data order")
+    lora_rank: int = setting(0, "> 0: train LoRA adapters only; 0: full fine-tuning")
+    lora_alpha: float = setting(16.0, "the adapters' scale: W + (alpha / rank) · A B")
+    lora_targets: tuple[str, ...] = setting(("wq", "wk", "wv", "wo"), "the projections adapted (a comma list)")
+    teacher: str | None = setting(
+        None, "online teacher checkpoint (distillation); with objective=dpo, the reference", flag=True
+    )
+    dpo_reference: str = setting("precompute", "precompute (one pass, cached in workdir) or online (a reference model)")
+    teacher_rules: str | None = setting(None, "the teacher's sharding strategy on the mesh (none: `rules`)")
+    workdir: str = setting("runs/train", "checkpoints/, metrics.jsonl, model/", flag=True)
+    resume: bool = setting(False, "continue from the latest checkpoint in workdir", flag=True)
+    export: str = setting("orbax", "the trained model (LoRA merged) to workdir/model: orbax, hf or none")
+    progress: bool = setting(True, "a progress bar on stderr", flag=True)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
@@ -57,7 +58,7 @@ class TrainJob(TrainConfig):
 
 def run_job(job: TrainJob) -> Trainer:
     """Load, train (resuming if asked), export; returns the `Trainer` (`.model`, `.history`)."""
-    from llama_jax import data, jobs, lora
+    from llama_jax import data, lora
     from llama_jax.convert import save
 
     if job.data is None:
@@ -94,21 +95,7 @@ def run_job(job: TrainJob) -> Trainer:
     return trainer
 
 
-_ALIASES = {
-    "data": "--data",
-    "checkpoint": "--checkpoint",
-    "workdir": "--workdir",
-    "steps": "--steps",
-    "mesh": "--mesh",
-    "teacher": "--teacher",
-    "batch_size": "--batch-size",
-    "fp8_matmul": "--fp8-matmul",
-}
-
-
 def register(subparsers) -> None:
-    from llama_jax import jobs
-
     parser = subparsers.add_parser(
         "train",
         help="fine-tune, distill or DPO (SFT, LoRA, teacher → student, preference pairs), resumable",
@@ -116,20 +103,11 @@ def register(subparsers) -> None:
         epilog="Settings come from TrainJob's defaults, then --config FILE (llama_jax/configs/finetune_*.py), then the "
         "options given here. docs/TRAINING.md has the details.",
     )
-    jobs.add_config_arguments(parser, TrainJob, _ALIASES)
-    parser.add_argument(
-        "--resume",
-        dest="resume",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="continue from the latest checkpoint in the workdir",
-    )
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
+    jobs.add_config_arguments(parser, TrainJob)
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    from llama_jax import jobs
     from llama_jax.platform import enable_compile_cache
 
     enable_compile_cache()

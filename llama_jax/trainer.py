@@ -47,6 +47,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llama_jax.losses import DPO_LOSSES, cross_entropy, full_kl, topk_kl
 from llama_jax.model import Llama
 from llama_jax.placement import state_shardings
+from llama_jax.settings import setting
 from llama_jax.sharding.rules import logical_to_spec
 from llama_jax.workdir import Workdir
 
@@ -55,29 +56,30 @@ __all__ = ["TrainConfig", "Trainer", "learning_rate_schedule", "make_optimizer"]
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """How to optimise (the `train` fields of `llama_jax/configs/finetune_*.py`)."""
+    """How to optimise (the `train` fields of `llama_jax/configs/finetune_*.py`), each declared once
+    (`llama_jax.settings`)."""
 
-    steps: int = 100
-    batch_size: int = 8  # sequences per optimizer step (the global batch)
-    grad_accum: int = 1  # micro-batches per step; batch_size % grad_accum == 0
-    learning_rate: float = 1e-4  # peak, after the linear warm-up
-    warmup_steps: int = 10
-    end_lr_ratio: float = 0.1  # cosine decay to learning_rate * end_lr_ratio at `steps`
-    weight_decay: float = 0.0  # AdamW, on matrices only (not norms)
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    clip_norm: float = 1.0  # global gradient norm; 0 = off
-    remat: bool = True  # rematerialise each layer in the backward pass
-    distill_temperature: float = 1.0
-    distill_weight: float = 1.0  # weight of the KL term when there is a teacher signal
-    checkpoint_every: int = 0  # steps between Orbax checkpoints (0: only at the end); needs a workdir
-    keep_checkpoints: int = 3
-    log_every: int = 1  # steps between metrics lines (workdir/metrics.jsonl) and progress updates
-    objective: str = "sft"  # sft (cross-entropy, + KL with a teacher signal) | dpo (preference pairs)
-    dpo_beta: float = 0.1
-    dpo_loss: str = "sigmoid"  # sigmoid (DPO; with label smoothing: conservative DPO) | robust | ipo
-    dpo_label_smoothing: float = 0.0
+    steps: int = setting(100, "optimizer steps", flag=True)
+    batch_size: int = setting(8, "sequences per optimizer step (the global batch)", flag=True)
+    grad_accum: int = setting(1, "micro-batches per step; batch_size % grad_accum == 0")
+    learning_rate: float = setting(1e-4, "peak, after the linear warm-up")
+    warmup_steps: int = setting(10, "steps of linear warm-up")
+    end_lr_ratio: float = setting(0.1, "cosine decay to learning_rate * end_lr_ratio at `steps`")
+    weight_decay: float = setting(0.0, "AdamW, on matrices only (not norms)")
+    b1: float = setting(0.9, "AdamW's first-moment decay")
+    b2: float = setting(0.95, "AdamW's second-moment decay")
+    eps: float = setting(1e-8, "AdamW's epsilon")
+    clip_norm: float = setting(1.0, "global gradient norm; 0 = off")
+    remat: bool = setting(True, "rematerialise each layer in the backward pass")
+    distill_temperature: float = setting(1.0, "the temperature both distributions are softened by")
+    distill_weight: float = setting(1.0, "weight of the KL term when there is a teacher signal")
+    checkpoint_every: int = setting(0, "steps between Orbax checkpoints (0: only at the end); needs a workdir")
+    keep_checkpoints: int = setting(3, "checkpoints kept in the workdir")
+    log_every: int = setting(1, "steps between metrics lines (workdir/metrics.jsonl) and progress updates")
+    objective: str = setting("sft", "sft (cross-entropy, + KL with a teacher signal) | dpo (preference pairs)")
+    dpo_beta: float = setting(0.1, "DPO's beta")
+    dpo_loss: str = setting("sigmoid", "sigmoid (DPO; with label smoothing: conservative DPO) | robust | ipo")
+    dpo_label_smoothing: float = setting(0.0, "cDPO's label smoothing, in [0, 0.5)")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every"):

@@ -17,16 +17,7 @@ from llama_jax.weights.orbax import OrbaxCheckpoint
 from tests import checkpoints
 
 TINY = LlamaConfig(
-    vocab_size=64,
-    dim=32,
-    n_layers=3,
-    n_heads=4,
-    n_kv_heads=2,
-    ffn_dim=64,
-    norm_eps=1e-5,
-    rope_theta=10000.0,
-    max_seq_len=64,
-    tie_embeddings=False,
+    vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, rope_theta=10000.0, max_seq_len=64
 )
 
 

@@ -116,7 +116,8 @@ def test_a_missing_tokenizer_says_where_it_looked_and_what_to_do(ckpt, tmp_path,
     assert code == 2 and f"--tokenizer {tmp_path / 'nope'}: no such file" in err
 
 
-def test_without_llama_models_the_default_model_asks_for_it_or_a_tokenizer(monkeypatch, capsys):
+def test_without_llama_models_the_default_model_asks_for_it_or_a_tokenizer(monkeypatch, loader_spy, capsys):
     monkeypatch.setattr(default_model, "tokenizer_path", lambda: None)
     code, err = run(["generate", "--prompt", "x"], capsys)
     assert code == 2 and "pip install llama-models" in err and "--tokenizer PATH" in err
+    assert not loader_spy[1]  # the embedded model goes through the same sequence: no weight drawn or placed

@@ -18,18 +18,7 @@ from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama, LoraSpec, Options
 
 # Layer-heavy in miniature, untied: every weight matrix has a size no activation or cache buffer has.
-CONFIG = LlamaConfig(
-    vocab_size=1000,
-    dim=96,
-    n_layers=3,
-    n_heads=6,
-    n_kv_heads=2,
-    ffn_dim=160,
-    norm_eps=1e-5,
-    rope_theta=500_000.0,
-    max_seq_len=256,
-    tie_embeddings=False,
-)
+CONFIG = LlamaConfig(vocab_size=1000, dim=96, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=160, max_seq_len=256)
 PROMPTS = [[5, 17, 3, 99, 250], [7, 1]]
 
 
@@ -219,12 +208,15 @@ def test_a_model_whose_layer_copy_would_not_fit_decodes_from_the_stacked_weights
     (405B on 8 H100s) `unroll=None` scans the stacked weights instead of copying them."""
     layer_bytes = sum(a.nbytes for a in jax.tree.leaves(nnx.state(model.layers)))
     assert decoding.device_memory_limit(jax.devices()[0]) is None  # CPU reports no limit: always fits
-    assert decoding.decode_unroll(model, None) is None
+    fits = decoding.Weights.of(model)
+    assert fits.layers is not None and fits.unroll == 1  # `unroll` only ever means the scan's unroll factor
     monkeypatch.setattr(decoding, "device_memory_limit", lambda device: int(layer_bytes / decoding.LAYER_COPY_BUDGET))
-    assert decoding.decode_unroll(model, None) is None  # exactly at the budget
+    assert decoding.Weights.of(model).layers is not None  # exactly at the budget
     monkeypatch.setattr(decoding, "device_memory_limit", lambda device: layer_bytes)
-    assert decoding.decode_unroll(model, None) == 1
-    assert decoding.decode_unroll(model, True) is True  # an explicit choice stands
+    stacked = decoding.Weights.of(model)
+    assert stacked.layers is None and stacked.unroll == 1  # a rolled scan
+    unrolled = decoding.Weights.of(model, True)
+    assert unrolled.layers is None and unrolled.unroll is True  # an explicit choice stands
     m = nnx.merge(*nnx.split(model))
     results = sampler.generate(m, PROMPTS, max_new_tokens=4, stop_tokens=[])
     assert m not in decoding._LAYER_WEIGHTS  # no second copy was made

@@ -103,17 +103,7 @@ def write_meta_fp8(path, state: dict, mp: int) -> list[dict]:
 
 def write_hf_fp8(path, state: dict) -> None:
     """The HF release of the same weights: transformers' layout (FbgemmFp8Linear `weight`, `weight_scale`)."""
-    model = transformers_model(
-        state,
-        vocab=CONFIG.vocab_size,
-        dim=CONFIG.dim,
-        n_layers=CONFIG.n_layers,
-        n_heads=CONFIG.n_heads,
-        n_kv_heads=CONFIG.n_kv_heads,
-        ffn_dim=CONFIG.ffn_dim,
-        rope=checkpoints.LLAMA3_ROPE,
-        max_positions=131072,
-    )
+    model = transformers_model(state, CONFIG, rope=checkpoints.LLAMA3_ROPE, max_positions=131072)
     tensors = {k: v.bfloat16().contiguous() for k, v in model.state_dict().items()}
     for i in FP8_LAYERS:
         for w, proj in FFN:

@@ -12,6 +12,7 @@ really imports: never the training stack.
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import os
 import pathlib
@@ -140,6 +141,38 @@ def test_importing_llama_jax_imports_nothing_until_a_name_is_used():
 def test_the_import_graph_has_no_cycle():
     found = cycles(import_graph())
     assert found == [], "import cycle(s)"
+
+
+# docs/ARCHITECTURE.md, "The path data takes": each path through the modules, every one importing the next.
+DATA_PATHS = {
+    "--temperature: the flag to the token it draws": ("cli", "sampler", "decoding", "sampling"),
+    "a batch request: its JSONL line to its result": ("batch", "engine", "decoding", "generation"),
+}
+
+
+def _module(short: str) -> str:
+    """The package module named `short`, whichever folder holds it (a preset of llama_jax/configs/ aside)."""
+    (name,) = [m for m in MODULES if m.rpartition(".")[2] == short and ".configs" not in m]
+    return name
+
+
+def test_each_documented_data_path_is_one_chain_of_imports():
+    graph = import_graph()
+    architecture = " ".join((ROOT / "docs" / "ARCHITECTURE.md").read_text().split())  # lines joined
+    for path, chain in DATA_PATHS.items():
+        assert " ─► ".join(f"`{m}`" for m in chain) in architecture, path
+        modules = [_module(m) for m in chain]
+        for a, b in itertools.pairwise(modules):
+            assert b in graph[a], f"{path}: {a} does not import {b}"
+
+    # where the two paths meet: one token picker (called by decoding alone), one result builder, and no
+    # sideways step from the engine into generate's module
+    def calling(text: str) -> set[str]:
+        return {m.rpartition(".")[2] for m, file in MODULES.items() if text in file.read_text()}
+
+    assert calling("sample_rows(") == {"sampling", "decoding"}
+    assert calling("GenerationResult(") == {"generation"}
+    assert _module("sampler") not in graph[_module("engine")]
 
 
 def _module_aliases(name: str, path: pathlib.Path) -> dict[str, str]:

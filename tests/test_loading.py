@@ -158,3 +158,21 @@ def test_meta_mp8_onto_8_devices_holds_about_one_slice_on_the_host(tmp_path):
     result = bench.measure(tmp_path, "slices")
     assert result["embedding_slice_shape"] == [c.vocab_size // 8, c.dim]
     assert result["peak_host_bytes"] <= 1.5 * largest / bench.MP  # measured 0.68 of one slice
+
+
+def test_the_embedded_model_on_a_mesh_is_the_default_model_sharded():
+    """`jobs.load_model(None, mesh=...)` places the embedded `DefaultCheckpoint` through `loading.load`, as
+    a checkpoint is placed: the same weights, shardings and options as the default model moved onto it."""
+    import jax
+    from flax import nnx
+
+    from llama_jax import default_model, jobs
+    from llama_jax.placement import shard_model
+    from llama_jax.sharding.mesh import make_mesh
+
+    model, _ = jobs.load_model(None, mesh="fsdp=2,tensor=4")
+    moved = shard_model(default_model.default_model(warn=False), make_mesh("fsdp=2,tensor=4"), "fsdp_tp")
+    assert model.options == moved.options and model.dtype == moved.dtype
+    for got, want in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(moved)), strict=True):
+        assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

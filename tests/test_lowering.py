@@ -39,17 +39,7 @@ from llama_jax.model import Llama, Options
 from llama_jax.train import TrainConfig, Trainer
 
 # head_dim 128, as every Llama 3 size: the shape cuDNN's and splash's kernels are built for.
-CONFIG = LlamaConfig(
-    vocab_size=512,
-    dim=256,
-    n_layers=2,
-    n_heads=2,
-    n_kv_heads=1,
-    ffn_dim=512,
-    norm_eps=1e-5,
-    rope_theta=500_000.0,
-    max_seq_len=1024,
-)
+CONFIG = LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=512, max_seq_len=1024)
 PROMPTS = [[3] * 200, [5] * 77]  # a 256-token prompt bucket
 NEW_TOKENS = 16
 

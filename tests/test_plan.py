@@ -114,6 +114,17 @@ def test_collective_bytes_count_the_layer_loop_per_layer():
     assert plan.collective_bytes(hlo, n_layers=10, float_bytes=2)["all-gather"] == 2 * 1024 * 2 * 10
 
 
+def test_a_plan_prints_as_its_verdict_and_a_table_of_bytes_per_device(tiny_plan):
+    lines = plan_report.format_plan(tiny_plan).splitlines()
+    assert lines[0].startswith("tiny (") and lines[0].endswith("on cpu: mesh fsdp=2,tensor=4, strategy fsdp_tp")
+    assert lines[1] == "compiled by: cpu (XLA:CPU estimate)"
+    rows = {line[:40].strip(): line[40:].strip() for line in lines[5:11]}
+    assert rows["weights"] == plan_report.human(tiny_plan["weights_per_device"])
+    assert rows["needed"] == plan_report.human(tiny_plan["needed_per_device"])
+    assert [line.split()[0] for line in lines[12:14]] == ["prefill", "decode"]
+    assert lines[-1].startswith(f"fits: yes; room for {tiny_plan['max_cached_tokens']:,} cached tokens")
+
+
 def test_report_regenerates_only_the_marked_table(tmp_path, tiny_plan):
     doc = tmp_path / "SHARDING.md"
     doc.write_text(

@@ -99,11 +99,16 @@ def test_programs_are_traced_for_this_machine_unless_lowering_for_another():
         platform.lowering_for("h100")
 
 
-def test_a_misspelt_fp8_matmul_is_refused_by_load_and_the_jobs_before_anything_is_read(tmp_path):
+def test_load_and_the_jobs_refuse_a_setting_this_platform_cannot_run_before_anything_is_read(tmp_path):
+    """One loading sequence (`loading.load`): the settings first, then the checkpoint, for every caller."""
     import llama_jax
     from llama_jax import jobs
 
-    with pytest.raises(ValueError, match="fp8_matmul='fp16'"):
+    with pytest.raises(ValueError, match="fp8_matmul: expected one of .*, got 'fp16'"):  # before the path
         llama_jax.load(tmp_path / "missing", fp8_matmul="fp16")
+    with pytest.raises(ValueError, match="attention='cudnn' needs an NVIDIA GPU"):
+        llama_jax.load(tmp_path / "missing", attention="cudnn")
+    with pytest.raises(ValueError, match="dtype: expected bfloat16 or float32"):
+        llama_jax.load(tmp_path / "missing", dtype="bfloat17")
     with pytest.raises(ValueError, match="fp8_matmul: expected one of"):  # even for the embedded model
         jobs.load_model(None, fp8_matmul="FP8")

@@ -30,30 +30,21 @@ def permute(w: torch.Tensor, n_heads: int, dim1: int, dim2: int) -> torch.Tensor
     return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
 
 
-def transformers_model(
-    state: dict,
-    *,
-    vocab: int,
-    dim: int,
-    n_layers: int,
-    n_heads: int,
-    n_kv_heads: int,
-    ffn_dim: int,
-    rope: dict,
-    max_positions: int,
-):
-    """`LlamaForCausalLM` holding Meta-layout `state`, converted as the transformers script converts it."""
+def transformers_model(state: dict, c: LlamaConfig, *, rope: dict, max_positions: int):
+    """`LlamaForCausalLM` of architecture `c` holding Meta-layout `state`, converted as the transformers
+    script converts it."""
     from transformers import LlamaConfig as HFConfig
     from transformers import LlamaForCausalLM
 
+    dim, n_layers, n_heads, n_kv_heads = c.dim, c.n_layers, c.n_heads, c.n_kv_heads
     config = HFConfig(
-        vocab_size=vocab,
+        vocab_size=c.vocab_size,
         hidden_size=dim,
-        intermediate_size=ffn_dim,
+        intermediate_size=c.ffn_dim,
         num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
         num_key_value_heads=n_kv_heads,
-        rms_norm_eps=1e-5,
+        rms_norm_eps=c.norm_eps,
         max_position_embeddings=max_positions,
         rope_parameters=dict(rope),
     )
@@ -191,17 +182,8 @@ def test_llama2_logits_match_meta_transformer_and_transformers(tmp_path, llama2_
     assert relative_error(got, meta(torch.tensor(TOKENS), 0).float().numpy()) <= TOLERANCE
 
     c = LlamaConfig.from_meta_params(params, vocab_size=vocab)
-    hf = transformers_model(
-        llama2_state,
-        vocab=vocab,
-        dim=c.dim,
-        n_layers=c.n_layers,
-        n_heads=c.n_heads,
-        n_kv_heads=c.n_heads,
-        ffn_dim=c.ffn_dim,
-        rope=LLAMA2_ROPE,
-        max_positions=4096,
-    )
+    assert c.n_kv_heads == c.n_heads  # Llama 2 7B: multi-head attention
+    hf = transformers_model(llama2_state, c, rope=LLAMA2_ROPE, max_positions=4096)
     assert relative_error(got, hf_logits(hf, TOKENS)) <= TOLERANCE
 
 
@@ -252,17 +234,8 @@ def test_duplicated_kv_heads_are_merged_and_match_transformers(mp_duplicated):
     assert json.loads((path / "params.json").read_text())["n_kv_heads"] == 4
     model = llama_jax.load(path, dtype="float32")
     assert model.config.n_kv_heads == 2 and model.layers.attention.wk[...].shape == (2, 64, 2, 8)
-    hf = transformers_model(
-        state,
-        vocab=c.vocab_size,
-        dim=c.dim,
-        n_layers=c.n_layers,
-        n_heads=c.n_heads,
-        n_kv_heads=2,
-        ffn_dim=c.ffn_dim,
-        rope=checkpoints.LLAMA3_ROPE,
-        max_positions=131072,
-    )
+    assert c.n_kv_heads == 2  # the real heads, not the release's duplicated ones
+    hf = transformers_model(state, c, rope=checkpoints.LLAMA3_ROPE, max_positions=131072)
     tokens = TOKENS % c.vocab_size
     assert relative_error(model(tokens), hf_logits(hf, tokens)) <= TOLERANCE
 

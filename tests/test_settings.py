@@ -7,6 +7,7 @@ a field of the job's `--config` preset, a field a request line may set (reaching
 `SamplingParams`), and a row of the docs' table.
 """
 
+import argparse
 import dataclasses
 import json
 import pathlib
@@ -20,6 +21,7 @@ from llama_jax.batch_files import SAMPLING_FIELDS, BadLine, Reader
 from llama_jax.config import load_config_file, model_config_from_file
 from llama_jax.rejection import RejectionConfig
 from llama_jax.sampling import SamplingParams
+from llama_jax.train import TrainConfig, TrainJob
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -29,7 +31,11 @@ COMMANDS = {
     "chat": ((cli.ModelOptions, cli.ChatSampling), [], None),
     "batch": ((JobConfig,), [], "batch"),
     "rejection": ((RejectionConfig,), [], "rejection"),
+    "train": ((TrainJob,), [], None),
 }
+JOBS = ("batch", "rejection", "train")  # settings from defaults < --config < options, each --config.<field>
+# Values the type allows that a job's own checks would refuse as the other value.
+OTHER = {"objective": "dpo", "dpo_loss": "ipo", "lora_targets": ("w1", "w2")}
 SETTINGS = [
     (command, cls, name)
     for command, (classes, _, _) in COMMANDS.items()
@@ -38,16 +44,23 @@ SETTINGS = [
 ]
 
 
-def other_value(kind, default):
+def other_value(kind, default, name=""):
     """A valid value of the field's type that is not its default."""
     base = settings._base(kind)
+    if name in OTHER:
+        return OTHER[name]
     if base is bool:
         return not default
     if base is int:
-        return (default or 0) + 2
+        return 2 * default if default else 2
     if base is float:
-        return default / 2 if default else 0.5
+        return default / 2 if default else 0.25
     return "other"
+
+
+def as_flag(value) -> str:
+    """A value as a flag takes it."""
+    return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
 def parse(command: str, *options: str):
@@ -63,16 +76,16 @@ def test_every_setting_is_a_flag_of_its_command_with_the_declared_default(comman
     field = settings.declared(cls)[name]
     flag = settings.flag(cls, name)
     assert getattr(parse(command), name) == field.default
-    value = other_value(typing.get_type_hints(cls)[name], field.default)
+    value = other_value(typing.get_type_hints(cls)[name], field.default, name)
     if flag is None:
-        assert command in ("batch", "rejection")  # a job field without a flag is still --config.<field>
+        assert command in JOBS  # a job field without a flag is still --config.<field>
     elif isinstance(value, bool):
         assert flag == f"--{'no-' if field.default else ''}{name.replace('_', '-')}"
         assert getattr(parse(command, flag), name) == value
     else:
-        assert getattr(parse(command, flag, str(value)), name) == value
-    if command in ("batch", "rejection"):
-        assert getattr(parse(command, f"--config.{name}={value}"), name) == value
+        assert getattr(parse(command, flag, as_flag(value)), name) == value
+    if command in JOBS:
+        assert getattr(parse(command, f"--config.{name}={as_flag(value)}"), name) == value
 
 
 @pytest.mark.parametrize("command", ["batch", "rejection"])
@@ -87,14 +100,15 @@ def test_every_job_setting_is_a_field_of_its_preset(command):
 def test_a_shared_setting_is_its_source_declaration_with_the_commands_default():
     """A command that offers another class's setting keeps its type, help, flag and request-ness."""
     sources = {cli.GenerateSampling: SamplingParams, cli.ChatSampling: SamplingParams, RejectionConfig: JobConfig}
-    sources |= {JobConfig: SamplingParams, cli.ModelOptions: jobs.ModelSettings}
+    sources |= {JobConfig: SamplingParams, cli.ModelOptions: jobs.ModelSettings, TrainJob: jobs.ModelSettings}
     for cls, source in sources.items():
         own, theirs = settings.declared(cls), settings.declared(source)
         shared = [name for name in own if name in theirs and own[name].metadata == theirs[name].metadata]
         assert shared, cls
         for name in shared:
             assert typing.get_type_hints(cls)[name] == typing.get_type_hints(source)[name]
-    assert {settings.flag(classes[-1], "temperature") for classes, _, _ in COMMANDS.values()} == {"--temperature"}
+    sampling = [classes[-1] for classes, _, _ in COMMANDS.values() if "temperature" in settings.declared(classes[-1])]
+    assert {settings.flag(cls, "temperature") for cls in sampling} == {"--temperature"}
     assert {settings.flag(classes[0], "fp8_matmul") for classes, _, _ in COMMANDS.values()} == {"--fp8-matmul"}
     assert [cli.GenerateSampling().max_new_tokens, cli.ChatSampling().max_new_tokens] == [64, 256]
     assert (JobConfig().temperature, JobConfig().top_p) == (0.6, 0.9)  # Meta's chat defaults
@@ -126,7 +140,10 @@ def test_every_per_request_setting_is_a_request_field_that_reaches_the_request(r
         reader._parse(99, json.dumps({"id": 99, "prompt": "hi", "rules": "dp"}).encode())
 
 
-@pytest.mark.parametrize("doc, cls", [("docs/BATCH.md", JobConfig), ("docs/TRAINING.md", RejectionConfig)])
+DOCS_TABLES = [("docs/BATCH.md", JobConfig), ("docs/TRAINING.md", RejectionConfig), ("docs/TRAINING.md", TrainJob)]
+
+
+@pytest.mark.parametrize("doc, cls", DOCS_TABLES)
 def test_the_docs_table_of_settings_is_the_declarations(doc, cls):
     text = (ROOT / doc).read_text()
     table = settings.markdown_table(cls)
@@ -134,3 +151,16 @@ def test_the_docs_table_of_settings_is_the_declarations(doc, cls):
     start = text.index(header)
     shown = text[start : text.index("\n\n", start) + 1]
     assert shown == table, f"{doc}: replace the table with settings.markdown_table({cls.__name__}):\n{table}"
+
+
+def test_every_field_of_a_job_is_a_declared_setting():
+    """A field without a declaration would have no help, no flag and no docs row: a job refuses it."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Job(jobs.ModelSettings):
+        extra: int = 0
+
+    with pytest.raises(TypeError, match=r"Job: every field of a job is a setting .* not \['extra'\]"):
+        settings.add_config_arguments(argparse.ArgumentParser(), Job)
+    assert set(settings.declared(TrainJob)) == {f.name for f in dataclasses.fields(TrainJob)}
+    assert set(settings.declared(TrainConfig)) < set(settings.declared(TrainJob))

@@ -29,18 +29,7 @@ from tests import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = LlamaConfig(
-    vocab_size=256,
-    dim=64,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    ffn_dim=128,
-    head_dim=16,
-    norm_eps=1e-5,
-    rope_theta=500_000.0,
-    rope_scaling=None,
-    max_seq_len=128,
-    tie_embeddings=False,
+    vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, rope_scaling=None, max_seq_len=128
 )
 
 
@@ -304,22 +293,31 @@ def final_state(workdir, step):
     return ocp.StandardCheckpointer().restore((workdir / "checkpoints" / str(step) / "state").absolute())
 
 
-def test_resuming_after_sigkill_gives_bit_identical_params(tmp_path, llama3_tokenizer_path):
+def distill_job(tmp_path, tokenizer_path, **fields) -> TrainJob:
+    """A job training a tiny HF checkpoint on batch-job records with teacher log-probs, both written here."""
     checkpoints.hf_checkpoint(tmp_path / "model")
     distill_records(tmp_path / "data.jsonl")
-    job = TrainJob(
+    return TrainJob(
         checkpoint=str(tmp_path / "model"),
-        tokenizer=str(llama3_tokenizer_path),
+        tokenizer=str(tokenizer_path),
         dtype="float32",
         data=str(tmp_path / "data.jsonl"),
         seq_len=24,
-        steps=40,
         batch_size=4,
+        progress=False,
+        **fields,
+    )
+
+
+def test_resuming_after_sigkill_gives_bit_identical_params(tmp_path, llama3_tokenizer_path):
+    job = distill_job(
+        tmp_path,
+        llama3_tokenizer_path,
+        steps=40,
         learning_rate=1e-3,
         distill_weight=0.5,
         checkpoint_every=5,
         export="none",
-        progress=False,
     )
     run_job(dataclasses.replace(job, workdir=str(tmp_path / "straight")))
 
@@ -358,21 +356,14 @@ def test_a_second_run_in_a_used_workdir_must_say_resume(tmp_path):
 
 
 def test_the_lora_job_exports_a_merged_model_that_loads_back(tmp_path, llama3_tokenizer_path):
-    checkpoints.hf_checkpoint(tmp_path / "model")
-    distill_records(tmp_path / "data.jsonl")
-    job = TrainJob(
-        checkpoint=str(tmp_path / "model"),
-        tokenizer=str(llama3_tokenizer_path),
-        dtype="float32",
-        data=str(tmp_path / "data.jsonl"),
-        seq_len=24,
+    job = distill_job(
+        tmp_path,
+        llama3_tokenizer_path,
         steps=3,
-        batch_size=4,
         learning_rate=1e-2,
         lora_rank=4,
         lora_targets=("wq", "w2"),
         workdir=str(tmp_path / "run"),
-        progress=False,
     )
     trained = run_job(job).model
     assert trained.lora is not None

@@ -3,8 +3,8 @@
     python -m llama_jax train --config finetune_lora
 
 Every field is `llama_jax.train.TrainJob`'s; unknown fields are an error. Override any of them on the
-command line, e.g. `--config.steps=200 --config.lora_rank=8`, or the aliases `--data`, `--checkpoint`,
-`--workdir`, `--steps`, `--mesh`, `--resume`. docs/TRAINING.md has the details.
+command line, e.g. `--config.steps=200 --config.lora_rank=8`, or the common ones' flags (`--data`,
+`--checkpoint`, `--steps`, `--resume`, ...). docs/TRAINING.md has the table.
 """
 
 import ml_collections
