@@ -1,7 +1,7 @@
 """llama-jax: Meta's Llama 3.1 family in JAX/Flax.
 
 The public surface is small and stable: `load`, `save`, `Llama`, `LlamaConfig`, `KVCache`,
-`Tokenizer`, `ChatFormat`, `SamplingParams`, `generate`, `stream` and the CLI `python -m llama_jax`.
+`Tokenizer`, `ChatFormat`, `SamplingParams`, `generate`, `stream`, `score` and the CLI `python -m llama_jax`.
 Everything else may move.
 
 Each name is imported on first use, so `import llama_jax.sharding` (the generic layer, which imports
@@ -25,6 +25,7 @@ _EXPORTS = {
     "load": "loading",
     "open_checkpoint": "loading",
     "save": "convert",
+    "score": "sampler",
     "stream": "sampler",
 }
 __all__ = sorted(_EXPORTS)

@@ -66,6 +66,9 @@ __all__ = ["REQUEST_FIELDS", "JobConfig", "job_config", "register", "request_see
     "top_k",
     "min_p",
     "top_logprobs",
+    "logprobs",
+    "prompt_logprobs",
+    "logprobs_mode",
     max_new_tokens=256,
     temperature=sampling.META_TEMPERATURE,  # Meta's chat defaults
     top_p=sampling.META_TOP_P,

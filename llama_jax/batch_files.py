@@ -356,13 +356,23 @@ def result_line(request: JobRequest, result_id, result: sampler.GenerationResult
     }
     if request.chat:
         record["message"] = chat.decode_result(result)
+    if request.sampling.logprobs:
+        record["logprobs"] = _finite(result.logprobs)
+    if request.sampling.prompt_logprobs:
+        record["prompt_logprobs"] = _finite(result.prompt_logprobs)
     if request.sampling.top_logprobs:
         ids, logprobs = result.top_logprobs
         stop = [] if result.stop_token is None else [result.stop_token]
         record["sequence"] = [*request.prompt, *tokens, *stop]
         record["completion_start"] = len(request.prompt)
-        record["top_logprobs"] = {"ids": [list(r) for r in ids], "logprobs": [list(r) for r in logprobs]}
+        record["top_logprobs"] = {"ids": [list(r) for r in ids], "logprobs": [_finite(r) for r in logprobs]}
     return jobs.json_line(record)
+
+
+def _finite(logprobs) -> list:
+    """Log-probs for JSON: a token the processed distribution filtered out (-inf, which JSON cannot
+    write) is null, as is a first prompt token's (nothing precedes it)."""
+    return [x if x is not None and math.isfinite(x) else None for x in logprobs]
 
 
 def count_lines(path: pathlib.Path) -> int:

@@ -1,7 +1,8 @@
 """The jitted generation programs, one pair for every caller, and the weights their decode steps read.
 
     prefill(weights, state, prompt) -> DecodeState   a prompt (or a chunk of one) into the cache, and the
-                                                      next token of each row whose prompt ends there
+                                                      next token of each row whose prompt ends there (with
+                                                      `Prompt.targets`: each prompt token's log-prob too)
     decode(weights, state, until) -> DecodeState     a `lax.while_loop` of decode steps until output slot
                                                       `until` or every row is done
 
@@ -43,7 +44,7 @@ from flax import nnx
 from llama_jax.generation import Outputs
 from llama_jax.kv_cache import Cache
 from llama_jax.model import BlockWeights
-from llama_jax.sampling import Mode, sample_rows
+from llama_jax.sampling import Mode, processed_logits, sample_rows
 
 # One `BlockWeights` per layer: the decode step's own copy of the layers (`layer_weights`).
 LayerWeights = tuple[BlockWeights, ...]
@@ -57,6 +58,7 @@ __all__ = [
     "layer_weights",
     "unstack",
     "prefill",
+    "score_prompt",
     "token_keys",
     "trace_counts",
 ]
@@ -129,6 +131,8 @@ class DecodeState:
     step: jax.Array  # [] int32: the output slot the next token goes to
     out: Outputs  # [B, N, ...]
     mode: Mode = _static()
+    # [B, T] float32: the prompt scores of the last prefill (`Prompt.targets`), None when it was not asked
+    prompt_logprobs: jax.Array | None = None
 
     @classmethod
     def start(cls, cache: Cache, rows: Rows, *, last, positions, count, limit, live, n_out: int, mode: Mode):
@@ -158,17 +162,26 @@ class Prompt:
     # [B] int32: the position of tokens[:, 0]; None: every row starts at 0 in an empty cache, run as the
     # model's chunked prefill (`Llama.prefill`)
     start: jax.Array | None = None
+    # [B, T] int32: the token each position is scored on (the next prompt token; -1: none), or None: no
+    # prompt log-probs, and the prefill projects only the last positions onto the vocabulary
+    targets: jax.Array | None = None
+
+
+def _log_probs(logits_bv, knobs, mode: Mode):
+    """The log-probs a request asks for: log_softmax of the raw logits, or of the processed ones
+    (`sampling.processed_logits`, when `mode.processed`)."""
+    return jax.nn.log_softmax(processed_logits(logits_bv, knobs, mode) if mode.processed else logits_bv, axis=-1)
 
 
 def _pick(keys_b, logits_bv, knobs, stops_bs, mode: Mode):
     """Each row's token drawn with its key (`sampling.sample_rows`), whether it is one of the row's stop
-    ids (`stops_bs [B or 1, S]`), and its per-token outputs: the token's log-softmax under the
-    untempered logits and the top-K alternatives (zeros where the mode does not ask for them)."""
+    ids (`stops_bs [B or 1, S]`), and its per-token outputs: the token's log-prob (`_log_probs`) and the
+    top-K alternatives (zeros where the mode does not ask for them)."""
     token_b = sample_rows(keys_b, logits_bv, knobs, mode)
     b, k = logits_bv.shape[0], mode.top_logprobs
     logp_b, top_bk, ids_bk = jnp.zeros((b,)), jnp.zeros((b, k)), jnp.zeros((b, k), jnp.int32)
     if mode.logprobs or k:
-        logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
+        logp_bv = _log_probs(logits_bv, knobs, mode)
         logp_b = jnp.take_along_axis(logp_bv, token_b[:, None], axis=-1)[:, 0]
         if k:
             top_bk, ids_bk = jax.lax.top_k(logp_bv, k)
@@ -197,21 +210,52 @@ def advance(s: DecodeState, logits_bv, cache: Cache) -> DecodeState:
     )
 
 
+# Prompt positions projected onto the vocabulary at once when prompt log-probs are asked: `[B,
+# SCORE_BLOCK, V]` logits at most, never `[B, T, V]` (a long prompt's would not fit), and one head
+# program whatever the prompt or chunk length.
+SCORE_BLOCK = 16
+
+
+def score_prompt(model, h_btd, targets_bt, knobs, mode: Mode):
+    """Each position's log-prob of its target (`Prompt.targets`; 0 where -1) → `[B, T]` float32, from the
+    final-normed hidden states `h_btd`, SCORE_BLOCK positions at a time (`_log_probs` per position)."""
+    b, t, _ = h_btd.shape
+    pad = -t % SCORE_BLOCK
+    h_btd = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0)))
+    targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)), constant_values=-1)
+    knobs_rows = knobs if knobs.ndim == 1 else jnp.repeat(knobs, SCORE_BLOCK, axis=0)  # per (row, position)
+
+    def block(start):
+        h_bkd = jax.lax.dynamic_slice_in_dim(h_btd, start, SCORE_BLOCK, axis=1)
+        target_bk = jax.lax.dynamic_slice_in_dim(targets_bt, start, SCORE_BLOCK, axis=1)
+        logits_nv = model.head(h_bkd).reshape(b * SCORE_BLOCK, -1)
+        logp_bkv = _log_probs(logits_nv, knobs_rows, mode).reshape(b, SCORE_BLOCK, -1)
+        logp_bk = jnp.take_along_axis(logp_bkv, jnp.maximum(target_bk, 0)[:, :, None], axis=-1)[:, :, 0]
+        return jnp.where(target_bk >= 0, logp_bk, 0.0)
+
+    scores_nbk = jax.lax.map(block, jnp.arange(0, t + pad, SCORE_BLOCK))
+    return jnp.moveaxis(scores_nbk, 0, 1).reshape(b, t + pad)[:, :t]
+
+
 @functools.partial(jax.jit, donate_argnames=("state",))
 def prefill(weights: Weights, state: DecodeState, prompt: Prompt) -> DecodeState:
     """Run the prompt tokens into `state.cache` and sample each live row's next token from the logits at
-    its `prompt.last`, into output slot `state.step`."""
+    its `prompt.last`, into output slot `state.step`; with `prompt.targets`, score every position too
+    (`score_prompt`, into `prompt_logprobs`)."""
     _TRACES["prefill"] += 1
     model = nnx.merge(weights.graphdef, weights.params)
+    scoring = prompt.targets is not None
     if prompt.start is None:  # whole prompts: the chunked prefill (only the B last positions reach the head)
-        logits_bv, cache = model.prefill(prompt.tokens, state.cache, prompt.last + 1)
+        logits_bv, cache, *hidden = model.prefill(prompt.tokens, state.cache, prompt.last + 1, hidden=scoring)
     else:  # a chunk of each row's prompt, after the part already in the cache
         c = prompt.tokens.shape[1]
         positions_bc = prompt.start[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
-        logits_b1v, cache = model.forward(
-            prompt.tokens, positions_bc, state.cache, use_cache=True, logits_at=prompt.last[:, None]
-        )
-        logits_bv = logits_b1v[:, 0]
+        h_bcd, cache = model.forward(prompt.tokens, positions_bc, state.cache, use_cache=True, logits=False)
+        logits_bv = model.head(jnp.take_along_axis(h_bcd, prompt.last[:, None, None], axis=1))[:, 0]
+        hidden = [h_bcd]
+    if scoring:
+        scores_bt = score_prompt(model, hidden[0], prompt.targets, state.rows.knobs, state.mode)
+        state = dataclasses.replace(state, prompt_logprobs=scores_bt)
     return advance(state, logits_bv, cache)
 
 

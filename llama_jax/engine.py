@@ -92,6 +92,7 @@ class _Slot:
     count: int = 0  # tokens sampled
     last: int = 0  # the last of them
     out: list[Outputs] = dataclasses.field(default_factory=list)  # their host outputs, piece by piece
+    scores: list[np.ndarray] = dataclasses.field(default_factory=list)  # prompt log-probs, chunk by chunk
 
     @property
     def decoding(self) -> bool:
@@ -247,7 +248,9 @@ class Engine:
                 continue
             shareable = (len(prompt) - 1) // self.page_size  # the last prompt token is always computed
             hashes = block_hashes(prompt, self.page_size, shareable) if self.pool.prefix_cache else []
-            shared = self.pool.lookup(hashes)
+            # Prompt log-probs need every prompt position's logits: such a prompt is prefilled whole (its
+            # pages are still offered to the requests after it).
+            shared = [] if request.params.prompt_logprobs else self.pool.lookup(hashes)
             needed = self._pages_for(len(prompt)) - len(shared)
             fresh = self.pool.allocate(needed) if self.pool.available() - needed >= reserve else None
             if fresh is None:
@@ -307,24 +310,33 @@ class Engine:
         rows = sorted(rows, key=lambda s: s.order)
         if not rows:
             return 0
-        mode = rows[0].mode  # the earliest admitted; rows of other modes take a later chunk
-        rows = [s for s in rows if s.mode == mode][: self.prefill_rows]
+        # The earliest admitted decides; rows of another mode, or scoring when it does not (prompt
+        # log-probs), take a later call.
+        mode, scoring = rows[0].mode, rows[0].request.params.prompt_logprobs
+        rows = [s for s in rows if (s.mode, s.request.params.prompt_logprobs) == (mode, scoring)]
+        rows = rows[: self.prefill_rows]
         # The chunk: the rows' longest remaining prompt part, rounded up to a power of two (>= 16), at
         # most `prefill_chunk`: short prompts are not padded to a full chunk (a few programs per mode).
         # The rows stay `prefill_rows`, whatever the number of prompts: a row's numbers must not depend
         # on how many others it ran with (a resumed batch job writes the same bytes), and XLA's matrix
-        # products round differently as their row count changes.
+        # products round differently as their row count changes. For the same reason a call that scores
+        # prompts (prompt log-probs, every position's value written out) runs whole `prefill_chunk` chunks:
+        # a scored prompt is then cut the same way whatever its neighbours' lengths.
         longest = max(len(s.prompt) - s.cursor for s in rows)
-        r, c = self.prefill_rows, min(self.prefill_chunk, max(16, 1 << (longest - 1).bit_length()))
+        c = self.prefill_chunk if scoring else min(self.prefill_chunk, max(16, 1 << (longest - 1).bit_length()))
+        r = self.prefill_rows
         tokens = np.zeros((r, c), np.int32)
         start, last, limit, seeds = *(np.zeros(r, np.int32) for _ in range(3)), np.zeros(r, np.uint32)
         ends = np.zeros(r, bool)  # the row's prompt ends in this chunk: it samples its first token
         knobs, stops = _rows_of([s.knobs for s in rows], r), _rows_of([s.stops for s in rows], r)
+        targets = np.full((r, c), -1, np.int32)  # position j scores the prompt token after it
         for i, s in enumerate(rows):
             chunk = s.prompt[s.cursor : s.cursor + c]
             tokens[i, : len(chunk)] = chunk
             start[i], last[i], seeds[i] = s.cursor, len(chunk) - 1, s.request.params.seed
             limit[i], ends[i] = s.request.params.max_new_tokens, s.cursor + len(chunk) == len(s.prompt)
+            after = s.prompt[s.cursor + 1 : s.cursor + c + 1]
+            targets[i, : len(after)] = after
         zeros = np.zeros(r, np.int32)
         state = self._state(
             rows + [None] * (r - len(rows)),
@@ -335,22 +347,24 @@ class Engine:
             positions=zeros,
             count=zeros,
             limit=limit,
-            live=ends,
+            live=ends & (limit > 0),
         )
         started = time.perf_counter()
-        state = decoding.prefill(weights, state, Prompt(tokens, last, start))
+        state = decoding.prefill(weights, state, Prompt(tokens, last, start, targets if scoring else None))
         self.k, self.v = state.cache.k, state.cache.v
-        out, stopped = generation.to_host((state.out, state.stopped))
+        out, count, stopped, scores = generation.to_host((state.out, state.count, state.stopped, state.prompt_logprobs))
         self.stats["prefill_calls"] += 1
         self.stats["prefill_seconds"] += time.perf_counter() - started
         ran = 0
         for i, s in enumerate(rows):
             step = min(c, len(s.prompt) - s.cursor)
+            if scoring:
+                s.scores.append(scores[i, : min(step, len(s.prompt) - 1 - s.cursor)])
             s.cursor += step
             ran += step
             self.ready[s.pages[: s.cursor // self.page_size]] = True
             if s.decoding:
-                self._record(s, out.row(i, 1), stopped[i])
+                self._record(s, out.row(i, count[i]), stopped[i])
                 self._finish_if_done(s, slots, staged, done)
         return ran
 
@@ -370,7 +384,9 @@ class Engine:
     def _finish_if_done(self, s: _Slot, slots, staged, done) -> None:
         if not s.stopped and s.count < s.request.params.max_new_tokens:
             return
-        result = generation.result(generation.concat(s.out), s.stopped, s.mode)
+        out = generation.concat(s.out) if s.out else Outputs.empty(1, 0, s.mode).row(0, 0)  # max_new_tokens=0
+        prompt_scores = np.concatenate(s.scores) if s.request.params.prompt_logprobs else None
+        result = generation.result(out, s.stopped, s.mode, prompt_scores)
         self._free(s, slots, staged)
         self.stats["generated_tokens"] += len(result.tokens)
         done.append((s.request, result))

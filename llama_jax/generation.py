@@ -11,7 +11,9 @@ request means the same and gives the same result whichever runs it:
 
 A new per-token output is a field of `Outputs` (its empty shape in `Outputs.empty`, written in
 `Outputs.record`, computed by `decoding._pick`) and read in `result`: the programs, the engine's
-per-request pieces and the transfers carry `Outputs` whole, so nothing else changes.
+per-request pieces and the transfers carry `Outputs` whole, so nothing else changes. Prompt log-probs
+are per prompt token, not per output slot: the prefill that asked for them (`decoding.Prompt.targets`)
+leaves them in `DecodeState.prompt_logprobs`, and `result` takes a row's.
 """
 
 from __future__ import annotations
@@ -52,10 +54,15 @@ class GenerationResult:
     tokens: the new tokens, the stop token excluded.
     stop_reason: "stop" (a stop token was sampled) or "length" (`max_new_tokens` reached).
     stop_token: the stop token sampled (eot vs eom matters to chat), None for "length".
-    logprobs: float32 log-softmax of the untempered logits at each token of `tokens`, when asked.
+    logprobs: float32 log-prob of each token of `tokens`, when asked: the log-softmax of the model's
+      logits (`logprobs_mode="raw"`), or of the processed logits it was drawn from ("processed":
+      tempered, filtered tokens at -inf).
     top_logprobs: with `top_logprobs=K`, `(ids, logprobs)`: for each token of `tokens` and for the
       stop token when stop_reason == "stop", the K most likely ids (most likely first) and their
-      float32 log-softmax under the untempered logits, i.e. the distribution that token was drawn from.
+      float32 log-probs under the same distribution as `logprobs`.
+    prompt_logprobs: with `prompt_logprobs=True`, one entry per prompt token, as vLLM gives them: None
+      for the first (nothing precedes it), then each token's float32 log-prob given the tokens before it,
+      under the same distribution as `logprobs`.
     """
 
     tokens: tuple[int, ...]
@@ -63,6 +70,7 @@ class GenerationResult:
     stop_token: int | None = None
     logprobs: tuple[float, ...] | None = None
     top_logprobs: tuple[tuple[tuple[int, ...], ...], tuple[tuple[float, ...], ...]] | None = None
+    prompt_logprobs: tuple[float | None, ...] | None = None
 
 
 # ---- the request check and the stop-token rule ---------------------------------------------------------
@@ -176,9 +184,10 @@ def concat(pieces: Sequence[Outputs]) -> Outputs:
     return jax.tree.map(lambda *xs: np.concatenate(xs), *pieces)
 
 
-def result(row: Outputs, stopped: bool, mode: Mode) -> GenerationResult:
+def result(row: Outputs, stopped: bool, mode: Mode, prompt_scores: np.ndarray | None = None) -> GenerationResult:
     """The `GenerationResult` of one row's host outputs: every token it sampled, the stop token last when
-    `stopped`."""
+    `stopped`; `prompt_scores`: the log-probs of prompt tokens 1.. (`DecodeState.prompt_logprobs` of the
+    row, trimmed to its prompt), when asked."""
     n = len(row.tokens) - bool(stopped)
     top = None
     if mode.top_logprobs:  # the stop token's distribution too
@@ -192,4 +201,5 @@ def result(row: Outputs, stopped: bool, mode: Mode) -> GenerationResult:
         stop_token=int(row.tokens[n]) if stopped else None,
         logprobs=tuple(float(x) for x in row.logprobs[:n]) if mode.logprobs else None,
         top_logprobs=top,
+        prompt_logprobs=None if prompt_scores is None else (None, *(float(x) for x in prompt_scores)),
     )

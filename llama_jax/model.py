@@ -299,12 +299,20 @@ class Llama(nnx.Module):
         return logits
 
     def prefill(
-        self, tokens: jax.Array, cache: KVCache, lengths: jax.Array | None = None, *, chunk: int | None = None
-    ) -> tuple[jax.Array, KVCache]:
+        self,
+        tokens: jax.Array,
+        cache: KVCache,
+        lengths: jax.Array | None = None,
+        *,
+        chunk: int | None = None,
+        hidden: bool = False,
+    ):
         """Run prompts `[B, T]` (positions 0..T-1, right-padded) into an empty cache.
 
-        → (float32 logits `[B, V]` of each row's last prompt token, at `lengths - 1` (default T - 1), cache).
-        Only those B rows go through the vocabulary projection, never all `[B, T, V]`.
+        → (float32 logits `[B, V]` of each row's last prompt token, at `lengths - 1` (default T - 1), cache),
+        and with `hidden` the final-normed hidden states of every position `[B, T, D]` (for `head`; chunks
+        past every prompt give zeros). Only those B rows go through the vocabulary projection, never all
+        `[B, T, V]`.
 
         A prompt longer than `chunk` (default `options.prefill_chunk`) runs as a `lax.scan` over chunks of
         that many tokens, each attending over the cache the chunks before it filled: activations stay
@@ -313,10 +321,14 @@ class Llama(nnx.Module):
         b, t = tokens.shape
         last_b = jnp.full((b,), t - 1, jnp.int32) if lengths is None else lengths - 1
         c = min(chunk or self.options.prefill_chunk, t)
+
+        def run(tokens_bc, positions_bc, cache, at_b, **kw):
+            h_bcd, cache = self.forward(tokens_bc, positions_bc, cache, logits=False, **kw)
+            return self.head(jnp.take_along_axis(h_bcd, at_b[:, None, None], axis=1))[:, 0], h_bcd, cache
+
         if t == c:  # one chunk: causal within it (the fused kernels' own causal mask applies)
-            positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
-            logits_b1v, cache = self.forward(tokens, positions, cache, logits_at=last_b[:, None])
-            return logits_b1v[:, 0], cache
+            logits_bv, h_btd, cache = run(tokens, jnp.broadcast_to(jnp.arange(t), tokens.shape), cache, last_b)
+            return (logits_bv, cache, h_btd) if hidden else (logits_bv, cache)
         if t % c:
             raise ValueError(f"prefill: the prompt length {t} must be a multiple of the chunk ({c})")
 
@@ -325,18 +337,23 @@ class Llama(nnx.Module):
             tokens_bc = jax.lax.dynamic_slice_in_dim(tokens, start, c, axis=1)
             positions_bc = start + jnp.broadcast_to(jnp.arange(c), (b, c))
             at_b = jnp.clip(last_b - start, 0, c - 1)
-            chunk_b1v, cache = self.forward(tokens_bc, positions_bc, cache, use_cache=True, logits_at=at_b[:, None])
+            chunk_bv, h_bcd, cache = run(tokens_bc, positions_bc, cache, at_b, use_cache=True)
             here_b = (last_b >= start) & (last_b < start + c)
-            return cache, jnp.where(here_b[:, None], chunk_b1v[:, 0], logits_bv)
+            return (cache, jnp.where(here_b[:, None], chunk_bv, logits_bv)), h_bcd if hidden else None
+
+        def skip(carry, _):
+            return carry, jnp.zeros((b, c, self.config.dim), self.dtype) if hidden else None
 
         def one_chunk(carry, i):
             # Chunks past every row's prompt (bucket padding) are skipped: the cost follows the prompt.
             start = i * c
-            return jax.lax.cond(start <= jnp.max(last_b), run_chunk, lambda carry, _: carry, carry, start), None
+            return jax.lax.cond(start <= jnp.max(last_b), run_chunk, skip, carry, start)
 
         init = (cache, jnp.zeros((b, self.config.vocab_size), jnp.float32))
-        (cache, logits_bv), _ = jax.lax.scan(one_chunk, init, jnp.arange(t // c))
-        return logits_bv, cache
+        (cache, logits_bv), h_nbcd = jax.lax.scan(one_chunk, init, jnp.arange(t // c))
+        if not hidden:
+            return logits_bv, cache
+        return logits_bv, cache, jnp.moveaxis(h_nbcd, 0, 1).reshape(b, t, -1)
 
     def decode(
         self,
@@ -398,8 +415,14 @@ class Llama(nnx.Module):
                 h_btd = jnp.take_along_axis(h_btd, logits_at[:, :, None], axis=1)
             if not logits:
                 return h_btd, cache
+            return self.head(h_btd), cache
+
+    def head(self, h_btd: jax.Array) -> jax.Array:
+        """Final-normed hidden states `[B, T, D]` (`forward(..., logits=False)`) → float32 logits `[B, T, V]`."""
+        spec = self.options.sharding
+        with use_rules(spec.mesh, spec.rules) if spec else contextlib.nullcontext():
             out = jnp.einsum("btd,dv->btv", h_btd, self.output_weight(), preferred_element_type=jnp.float32)
-            return constrain(out, ("batch", "seq", "vocab")), cache
+            return constrain(out, ("batch", "seq", "vocab"))
 
     def _layers(self, run_block, x_btd, cache, *, layers, unroll, remat):
         """The layer loop. Each layer's `BlockWeights` come from the decode step's own copy (`layers`,

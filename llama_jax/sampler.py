@@ -31,8 +31,11 @@ what it was batched with; with one seed per prompt (`seed=[s0, s1, ...]`) row i'
 `fold_in(key(s_i), 0)`, the stream of that prompt generated alone with `seed=s_i`, so it does not
 depend on its row either (the batch job and the engine rely on this).
 
-`top_logprobs=K` also records, at every step, the K most likely ids and their log-softmax under the
-untempered logits (on device, `lax.top_k`), for distillation data.
+`logprobs=True` records each new token's log-prob, `top_logprobs=K` the K most likely ids and theirs
+(on device, `lax.top_k`, for distillation data), `prompt_logprobs=True` each prompt token's (the
+prefill then projects every prompt position onto the vocabulary, `decoding.score`); all under the
+model's own distribution, or the processed one with `logprobs_mode="processed"`. `max_new_tokens=0`
+samples nothing: with `prompt_logprobs`, that scores a given text (`score`).
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ __all__ = [
     "lower",
     "prompt_bucket",
     "sampling_params",
+    "score",
     "stop_ids",
     "stream",
     "trace_counts",
@@ -156,9 +160,11 @@ def inputs(
     cache_len = min(p + n_out, config.max_seq_len)
     tokens_bp = np.zeros((b, p), np.int32)
     lengths_b = np.ones((b,), np.int32)
+    targets_bp = np.full((b, p), -1, np.int32)  # position j scores prompt token j + 1
     for i, r in enumerate(rows):
         tokens_bp[i, : len(r)] = r
         lengths_b[i] = len(r)
+        targets_bp[i, : len(r) - 1] = r[1:]
     if per_row_seeds:  # a prompt's stream is the one it has alone (stream 0), wherever it sits
         seeds_b = np.zeros((b,), np.uint32)
         seeds_b[: len(rows)] = seed
@@ -178,11 +184,11 @@ def inputs(
         positions=lengths_b - 1,
         count=np.zeros(b),
         limit=np.full(b, params.max_new_tokens),
-        live=np.arange(b) < len(rows),
+        live=(np.arange(b) < len(rows)) & (params.max_new_tokens > 0),
         n_out=n_out,
         mode=params.mode,
     )
-    prompt = Prompt(tokens_bp, lengths_b - 1)
+    prompt = Prompt(tokens_bp, lengths_b - 1, targets=targets_bp if params.prompt_logprobs else None)
     return Inputs(Weights.of(model, unroll), state, prompt, np.int32(params.max_new_tokens), len(rows))
 
 
@@ -216,14 +222,40 @@ def generate(
     """
     params = sampling_params(params, **sampling)
     job, state = _run(model, prompts, params, min_batch=min_batch, unroll=unroll)
-    out, count, stopped = to_host((state.out, state.count, state.stopped))
-    return [result(out.row(i, count[i]), stopped[i], state.mode) for i in range(job.n_prompts)]
+    out, count, stopped, scores = to_host((state.out, state.count, state.stopped, state.prompt_logprobs))
+    lengths = job.prompt.last + 1
+    return [
+        result(out.row(i, count[i]), stopped[i], state.mode, None if scores is None else scores[i, : lengths[i] - 1])
+        for i in range(job.n_prompts)
+    ]
+
+
+def score(
+    model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]] | None = None, **sampling
+) -> list[tuple[float, ...]]:
+    """The log-prob of each given token under the model, nothing sampled: for each prompt, the float32
+    log-prob of each of its tokens after the first given the ones before it; with `completions`, of each
+    completion token given its prompt and the completion tokens before it (scoring a given answer).
+
+    The `prompt_logprobs` of `generate(model, prompts + completions, max_new_tokens=0,
+    prompt_logprobs=True)`; `**sampling` as in `generate` (`logprobs_mode="processed"` with a
+    temperature and filters scores under the distribution sampling would draw from).
+    """
+    params = sampling_params(None, **{"max_new_tokens": 0, **sampling, "prompt_logprobs": True})
+    if completions is None:
+        return [r.prompt_logprobs[1:] for r in generate(model, prompts, params)]
+    if isinstance(completions, (str, bytes)) or len(completions) != len(prompts):
+        raise ValueError(f"score: expected one completion (a token-id list) per prompt, {len(prompts)} in all")
+    joined = [[*p, *c] for p, c in zip(prompts, completions, strict=True)]
+    return [r.prompt_logprobs[len(p) :] for p, r in zip(prompts, generate(model, joined, params), strict=True)]
 
 
 def _run(model, prompts, params: SamplingParams, *, min_batch=1, unroll=None) -> tuple[Inputs, DecodeState]:
     """`generate` up to the final device state (which tests inspect)."""
     job = inputs(model, prompts, params, min_batch=min_batch, unroll=unroll)
     state = decoding.prefill(job.weights, job.state, job.prompt)
+    if not params.max_new_tokens:  # scoring only: no row is live, no decode program to compile
+        return job, state
     return job, decoding.decode(job.weights, state, job.until)
 
 
@@ -262,17 +294,17 @@ def stream(
 ) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are produced (stop token excluded).
 
-    `params` / `**sampling` as in `generate` (one seed; logprobs are not streamed). The same prefill
-    and decode programs as `generate` (same bucketing, same tokens for the same seed), run `chunk`
-    steps per call so the host sees tokens as they come. The request is checked here, before the
-    first token is asked for. The generator's return value (`StopIteration.value`, or the value of
-    `yield from`) is the `GenerationResult`.
+    `params` / `**sampling` as in `generate` (one seed). The same prefill and decode programs as
+    `generate` (same bucketing, same tokens for the same seed), run `chunk` steps per call so the host
+    sees tokens as they come. The request is checked here, before the first token is asked for. The
+    generator's return value (`StopIteration.value`, or the value of `yield from`) is the
+    `GenerationResult`, with the log-probs asked for (`logprobs`, `top_logprobs`, `prompt_logprobs`).
     """
     if not (isinstance(chunk, int) and chunk >= 1):
         raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
     params = sampling_params(params, **sampling)
-    if params.logprobs or params.top_logprobs or isinstance(params.seed, tuple):
-        raise ValueError("stream: logprobs, top_logprobs and per-prompt seeds are for generate; got " + repr(params))
+    if isinstance(params.seed, tuple):
+        raise ValueError(f"stream: one prompt, one seed; got seed={params.seed!r}")
     return _stream(inputs(model, [prompt_tokens], params, unroll=unroll), params.max_new_tokens, chunk)
 
 
@@ -286,4 +318,5 @@ def _stream(job: Inputs, max_new_tokens: int, chunk: int) -> Iterator[int]:
         yield from (int(t) for t in out.tokens[0, emitted:n])
         emitted = n
         if stopped or emitted >= max_new_tokens:
-            return result(out.row(0, count), stopped, state.mode)
+            scores = None if state.prompt_logprobs is None else to_host(state.prompt_logprobs[0, : job.prompt.last[0]])
+            return result(out.row(0, count), stopped, state.mode, scores)

@@ -33,6 +33,7 @@ from llama_jax.settings import setting
 
 __all__ = [
     "InvalidSampling",
+    "LOGPROBS_MODES",
     "META_TEMPERATURE",
     "META_TOP_P",
     "Mode",
@@ -41,6 +42,7 @@ __all__ = [
     "categorical",
     "filter_logits",
     "min_p_threshold",
+    "processed_logits",
     "sample",
     "top_k_threshold",
     "top_p_threshold",
@@ -49,6 +51,12 @@ __all__ = [
 # Meta's defaults for chat (llama-models `llama3/generation.py`, `chat_completion`).
 META_TEMPERATURE = 0.6
 META_TOP_P = 0.9
+
+
+# What log-probs are of: "raw", the model's own distribution (log_softmax of its logits); "processed",
+# the distribution the token is drawn from (temperature, then top-k, top-p, min-p; filtered tokens -inf).
+# vLLM's `logprobs_mode` names the same two (raw_logprobs, processed_logprobs).
+LOGPROBS_MODES = ("raw", "processed")
 
 
 def _is_int(x) -> bool:
@@ -66,7 +74,7 @@ def _is_seed(x) -> bool:
 # field -> (valid?, what was expected). The vocabulary bounds of top_k and top_logprobs are checked
 # against a model by `SamplingParams.check_vocab`; stop tokens (given or the model's default ones) by the sampler.
 _RULES = {
-    "max_new_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "max_new_tokens": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = score the prompt, sample nothing)"),
     "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (0 = greedy)"),
     "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
     "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1] (1 = off)"),
@@ -78,6 +86,8 @@ _RULES = {
     "stop_tokens": (lambda v: v is None or (isinstance(v, tuple) and all(map(_is_int, v))), "a list of token ids"),
     "logprobs": (lambda v: isinstance(v, bool), "true or false"),
     "top_logprobs": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
+    "prompt_logprobs": (lambda v: isinstance(v, bool), "true or false"),
+    "logprobs_mode": (lambda v: v in LOGPROBS_MODES, f"one of {', '.join(map(repr, LOGPROBS_MODES))}"),
 }
 
 
@@ -106,6 +116,7 @@ class Mode:
     min_p: bool
     logprobs: bool
     top_logprobs: int = 0  # K alternatives recorded per step (0: off)
+    processed: bool = False  # log-probs of the processed distribution (`processed_logits`), not the raw one
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -119,7 +130,9 @@ class SamplingParams:
     as it would alone with `seed=seed[i]`.
     """
 
-    max_new_tokens: int = setting(help="new tokens per prompt at most", flag=True, request=True)
+    max_new_tokens: int = setting(
+        help="new tokens per prompt at most (0: none, the prompt is only scored)", flag=True, request=True
+    )
     temperature: float = setting(
         0.0, "0 = greedy (argmax), else sample softmax(logits / temperature)", flag=True, request=True
     )
@@ -132,9 +145,25 @@ class SamplingParams:
     stop_tokens: tuple[int, ...] | None = setting(
         None, "ids that end a row (not in the result); none: Llama 3's for a Llama 3 vocabulary; () = none"
     )
-    logprobs: bool = setting(False, "also return each token's float32 log-softmax under the untempered logits")
+    logprobs: bool = setting(
+        False, "also return each new token's float32 log-prob (see logprobs_mode)", flag=True, request=True
+    )
     top_logprobs: int = setting(
-        0, "K > 0: also record the K most likely ids per step and their log-softmax", flag=True, request=True
+        0, "K > 0: also record the K most likely ids per step and their log-probs", flag=True, request=True
+    )
+    prompt_logprobs: bool = setting(
+        False,
+        "also return each prompt token's log-prob given the tokens before it (vLLM's prompt_logprobs; the "
+        "first token has none): with max_new_tokens=0, scoring a given text",
+        flag=True,
+        request=True,
+    )
+    logprobs_mode: str = setting(
+        "raw",
+        "raw: log-probs of the model's own distribution; processed: of the one sampling draws from "
+        "(after temperature, top-k, top-p, min-p; a filtered token is -inf; greedy: raw)",
+        flag=True,
+        request=True,
     )
 
     def __post_init__(self) -> None:
@@ -175,6 +204,10 @@ class SamplingParams:
             min_p=not self.greedy and self.min_p > 0.0,
             logprobs=self.logprobs,
             top_logprobs=int(self.top_logprobs),
+            # Greedy decoding draws from no processed distribution (`processed_logits`): raw is what it has.
+            processed=self.logprobs_mode == "processed"
+            and not self.greedy
+            and bool(self.logprobs or self.top_logprobs or self.prompt_logprobs),
         )
 
     def knobs(self) -> np.ndarray:
@@ -257,12 +290,20 @@ def apply_filters(scaled_bv: jax.Array, knobs: jax.Array, mode: Mode) -> jax.Arr
     return jnp.where(scaled_bv >= threshold, scaled_bv, -jnp.inf)
 
 
+def processed_logits(logits_bv: jax.Array, knobs: jax.Array, mode: Mode) -> jax.Array:
+    """The logits a token is drawn from: tempered, the filtered-out tokens at -inf (greedy: the logits
+    themselves, whose argmax it takes); knobs `[3]` or per row `[B, 3]` (`apply_filters`)."""
+    if mode.greedy:
+        return logits_bv
+    return apply_filters(logits_bv / _knob(knobs, 0), knobs, mode)
+
+
 def sample_rows(keys_b: jax.Array, logits_bv: jax.Array, knobs: jax.Array, mode: Mode) -> jax.Array:
-    """One token per row [B] int32, row b drawn with its own key `keys_b[b]` (greedy: argmax); knobs
-    `[3]` or per row `[B, 3]` (`apply_filters`)."""
+    """One token per row [B] int32, row b drawn with its own key `keys_b[b]` from `processed_logits`
+    (greedy: argmax)."""
     if mode.greedy:
         return argmax(logits_bv)
-    return categorical(keys_b, apply_filters(logits_bv / _knob(knobs, 0), knobs, mode))
+    return categorical(keys_b, processed_logits(logits_bv, knobs, mode))
 
 
 def argmax(logits_bv: jax.Array) -> jax.Array:

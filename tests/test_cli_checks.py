@@ -57,7 +57,7 @@ PAGED_ONLY = "--attention %s: the engine's paged KV cache (batch and rejection j
 # (argv with {ckpt} and {dir} placeholders, what the error must say)
 SETTINGS_ERRORS = [
     (["generate", "--prompt", "x", "--top-p", "1.5"], "top_p: expected a number in (0, 1]"),
-    (["generate", "--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens: expected an integer >= 1"),
+    (["generate", "--prompt", "x", "--max-new-tokens", "-1"], "max_new_tokens: expected an integer >= 0"),
     (["generate", "--prompt", "x", "--attention", "cudnn"], "attention='cudnn' needs an NVIDIA GPU"),
     (["generate", "--prompt", "x", "--attention", "splash"], "attention='splash' needs a TPU"),
     (["chat", "--temperature", "-1"], "temperature: expected a number >= 0"),

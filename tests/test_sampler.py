@@ -416,7 +416,7 @@ def short_context_model(tiny):
         ([[5, -1]], 4, r"prompt 0: token id -1 at position 1"),
         ([], 4, r"non-empty list"),
         ([1, 2, 3], 4, r"list of token-id lists"),
-        ([[1, 2]], 0, r"max_new_tokens: expected an integer >= 1"),
+        ([[1, 2]], -1, r"max_new_tokens: expected an integer >= 0"),
     ],
 )
 def test_bad_prompts_raise_a_value_error_naming_the_prompt(short_context_model, prompts, max_new_tokens, message):

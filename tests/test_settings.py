@@ -20,7 +20,7 @@ from llama_jax.batch import REQUEST_FIELDS, JobConfig
 from llama_jax.batch_files import SAMPLING_FIELDS, BadLine, Reader
 from llama_jax.config import load_config_file, model_config_from_file
 from llama_jax.rejection import RejectionConfig
-from llama_jax.sampling import SamplingParams
+from llama_jax.sampling import LOGPROBS_MODES, SamplingParams
 from llama_jax.train import TrainConfig, TrainJob
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -55,6 +55,8 @@ def other_value(kind, default, name=""):
         return 2 * default if default else 2
     if base is float:
         return default / 2 if default else 0.25
+    if default in LOGPROBS_MODES:  # a choice among names
+        return next(mode for mode in LOGPROBS_MODES if mode != default)
     return "other"
 
 
