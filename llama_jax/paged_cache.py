@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +33,10 @@ import numpy as np
 
 from llama_jax import blockwise
 from llama_jax.config import LlamaConfig
-from llama_jax.kv_cache import CACHE_AXES, batch_is_split
+from llama_jax.kv_cache import batch_is_split
 
 NULL_PAGE = 0
+POOL_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")  # the pool's `[L, P, page, K, H]`
 
 
 @jax.tree_util.register_dataclass
@@ -44,16 +46,17 @@ class PagedKVCache:
     v: jax.Array  # [L, P, page, K, H]
     page_table: jax.Array  # [B, M] int32: slot b's pages, in position order (NULL_PAGE where none)
     block_pages: int = dataclasses.field(default=4, metadata=dict(static=True))  # pages per attention key block
+    axes: ClassVar[tuple[str, ...]] = POOL_AXES
 
     @classmethod
     def zeros(
         cls, config: LlamaConfig, n_pages: int, page: int, dtype=jnp.bfloat16, spec=None
     ) -> tuple[jax.Array, jax.Array]:
         """A zero page pool (k, v), page 0 being the null page. With `spec` (the model's `ShardingSpec`)
-        it is created in place where the model's layers pin it (`CACHE_AXES`: pages on the batch axes,
+        it is created in place where the model's layers pin it (`POOL_AXES`: pages on the batch axes,
         KV heads on "tensor")."""
         shape = (config.n_layers, n_pages, page, config.n_kv_heads, config.head_dim)
-        sharding = None if spec is None else spec.sharding(CACHE_AXES, shape)
+        sharding = None if spec is None else spec.sharding(POOL_AXES, shape)
         make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
         return make(), make()
 
