@@ -11,7 +11,8 @@ head n uses kv head n // G, and K/V are never repeated.
 
 Backends (`BACKENDS`):
 - "dense": `jax.nn.dot_product_attention(implementation="xla")` with an explicit mask, the readable
-  reference the others are tested against. Materialises the `[B, N, T, S]` scores.
+  reference the others are tested against. Materialises the `[B, N, T, S]` scores. Over a cache's
+  kv-head-major `[B, K, S, H]` layer, `dense_kv_major` is the same math with dots that read it in place.
 - "blockwise": online softmax over key blocks in plain JAX (Rabe & Staats; FlashAttention's
   recurrence). Queries go in blocks of `block`, each reading key blocks only up to the furthest key
   any of its queries may see (a dynamic trip count): causal blocks are skipped, and a decode step reads
@@ -216,6 +217,23 @@ def attend(
     return blockwise.attention(
         q_btnh, k_bskh, v_bskh, q_index_bt, segment_q_bt, segment_kv_bs, block_q=block_q, block_k=block
     )
+
+
+def dense_kv_major(q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array, q_index_bt: jax.Array) -> jax.Array:
+    """The dense backend over keys and values laid out `[B, K, S, H]` (the contiguous KV cache's layer):
+    both dots batch over (B, K) and contract H, then S, of a (b, k) pair's `[S, H]` matrix as it lies,
+    so neither K nor V is transposed or copied. Same math as "dense": float32 scores and softmax,
+    the probabilities cast to V's dtype for the second dot."""
+    b, t, n, h = q_btnh.shape
+    k = k_bksh.shape[1]
+    q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q_btkgh, k_bksh, preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(1.0 / math.sqrt(h))
+    mask_bts = visible(q_index_bt, k_bksh.shape[2])
+    scores = jnp.where(mask_bts[:, None, None], scores, -0.7 * jnp.finfo(jnp.float32).max)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bksh.dtype)
+    out_btkgh = jnp.einsum("bkgts,bksh->btkgh", probs, v_bksh)
+    return out_btkgh.reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
 # ---- fused kernels -----------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ trip count): causal blocks are skipped, and a decode step reads the filled part 
 the bucket. The leading blocks every query of the tile sees in full run without a mask; only the
 diagonal blocks (and every block, with segment ids) build one. Scores accumulate in float32.
 
-The cache is read where it lies, `[B, S, K, H]`: a key block is `dynamic_slice` of `block_k`
-consecutive entries of each row, multiplied by dot dimension numbers that batch over (B, K) on
-both operands, so no transposed copy of the cache is made here.
+The cache is read where it lies, `[B, S, K, H]` or kv-head-major `[B, K, S, H]` (`Keys.kv_major`, the
+contiguous cache's layout): a key block is `dynamic_slice` of `block_k` consecutive entries of each
+row, multiplied by dot dimension numbers that batch over (B, K) on both operands, so no transposed
+copy of the cache is made here.
 
 Block/page contract (the paged cache of the batch engine): key block j is entries
 [j·block_k, (j+1)·block_k) of a row, so a page of `block_k` entries is exactly one key block and the
@@ -50,6 +51,8 @@ DECODE_BLOCK_K = 2_048  # a single query's key block over a long cache
 
 _DOT_SCORES = (((3,), (3,)), ((0, 1), (0, 2)))  # [B, K, R, H] · [B, s, K, H] → [B, K, R, s]
 _DOT_PV = (((3,), (1,)), ((0, 1), (0, 2)))  # [B, K, R, s] · [B, s, K, H] → [B, K, R, H]
+_DOT_SCORES_KV_MAJOR = (((3,), (3,)), ((0, 1), (0, 1)))  # [B, K, R, H] · [B, K, s, H] → [B, K, R, s]
+_DOT_PV_KV_MAJOR = (((3,), (2,)), ((0, 1), (0, 1)))  # [B, K, R, s] · [B, K, s, H] → [B, K, R, H]
 _DOT_T = (((2,), (2,)), ((0, 1), (0, 1)))  # [B, K, R, s] · [B, K, R, H] → [B, K, s, H] (dK, dV)
 
 
@@ -72,13 +75,15 @@ def attention(
 @dataclasses.dataclass(frozen=True)
 class Keys:
     """Where each row's keys and values lie: `read(j)` → (start, k, v) of key block j, k and v
-    `[B, block, K, H]` holding key indices start .. start + block - 1 (start = j·block except for an
-    overlapping last block, see the module doc). `length` keys in all, `n_kv` kv heads."""
+    `[B, block, K, H]` (`kv_major`: `[B, K, block, H]`) holding key indices start .. start + block - 1
+    (start = j·block except for an overlapping last block, see the module doc). `length` keys in
+    all, `n_kv` kv heads."""
 
     read: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
     length: int
     block: int
     n_kv: int
+    kv_major: bool = False
 
     @classmethod
     def contiguous(cls, k_bskh: jax.Array, v_bskh: jax.Array, block: int) -> Keys:
@@ -169,10 +174,11 @@ def _block(x_bskh, j, block_k: int):
     return start, jax.lax.dynamic_slice_in_dim(x_bskh, start, block_k, axis=1)
 
 
-def _scores(q_bkrh, start, k_block, j, index_br, segq_br, seg_kv_bs, masked: bool):
+def _scores(q_bkrh, start, k_block, j, index_br, segq_br, seg_kv_bs, masked: bool, kv_major: bool = False):
     """Block j's float32 scores `[B, K, R, block]` (q pre-scaled; keys from `start`), -inf where not visible."""
-    block_k = k_block.shape[1]
-    scores = jax.lax.dot_general(q_bkrh, k_block, _DOT_SCORES, preferred_element_type=jnp.float32)
+    block_k = k_block.shape[2 if kv_major else 1]
+    dims = _DOT_SCORES_KV_MAJOR if kv_major else _DOT_SCORES
+    scores = jax.lax.dot_general(q_bkrh, k_block, dims, preferred_element_type=jnp.float32)
     if not masked:
         return scores
     key = start + jnp.arange(block_k)
@@ -205,12 +211,13 @@ def _forward(q, keys: Keys, q_index, seg_q, seg_kv, block_q):
         def step(j, carry, masked):
             m_bkr, l_bkr, acc_bkrh = carry
             start, k_block, v_block = keys.read(j)
-            scores = _scores(q_bkrh, start, k_block, j, index_br, segq_br, seg_kv, masked)
+            scores = _scores(q_bkrh, start, k_block, j, index_br, segq_br, seg_kv, masked, keys.kv_major)
             m_new = jnp.maximum(m_bkr, jnp.max(scores, axis=-1))
             m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)  # no key seen yet: keep exp() finite
             p = jnp.exp(scores - m_safe[..., None])
             correction = jnp.exp(m_bkr - m_safe)
-            pv = jax.lax.dot_general(p.astype(v_block.dtype), v_block, _DOT_PV, preferred_element_type=jnp.float32)
+            pv_dims = _DOT_PV_KV_MAJOR if keys.kv_major else _DOT_PV
+            pv = jax.lax.dot_general(p.astype(v_block.dtype), v_block, pv_dims, preferred_element_type=jnp.float32)
             return m_new, l_bkr * correction + jnp.sum(p, axis=-1), acc_bkrh * correction[..., None] + pv
 
         shape = q_bkrh.shape[:3]

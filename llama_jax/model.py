@@ -33,7 +33,7 @@ from flax import nnx
 from llama_jax import attention as attention_lib
 from llama_jax import quant, rope
 from llama_jax.config import LlamaConfig
-from llama_jax.kv_cache import CACHE_AXES, KVCache
+from llama_jax.kv_cache import KVCache
 from llama_jax.linear import LORA_TARGETS, Fused, LoraSpec, Separate, Weight, adapter_params, weight
 from llama_jax.sharding.rules import ShardingSpec, constrain, use_rules
 
@@ -133,7 +133,7 @@ class AttentionWeights:
             # Pin the written cache to its own sharding. Left to propagation, a cache whose head axis
             # is replicated (fewer KV heads than the tensor axis) is re-split by the GQA attention
             # and all-gathered back: the whole cache, every decode step.
-            cache = dataclasses.replace(cache, k=constrain(cache.k, CACHE_AXES), v=constrain(cache.v, CACHE_AXES))
+            cache = dataclasses.replace(cache, k=constrain(cache.k, cache.axes), v=constrain(cache.v, cache.axes))
         if use_cache:
             # Attend over the cache: position s is visible when s <= the query's position. The cache
             # reads its own layout (contiguous `KVCache`, or the engine's `PagedKVCache` of pages),

@@ -37,9 +37,10 @@ import numpy as np
 
 from llama_jax import blockwise, paged_attention
 from llama_jax.config import LlamaConfig
-from llama_jax.kv_cache import CACHE_AXES, batch_is_split
+from llama_jax.kv_cache import batch_is_split
 
 NULL_PAGE = 0
+POOL_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")  # the pool's `[L, P, page, K, H]`
 
 
 @jax.tree_util.register_dataclass
@@ -51,15 +52,20 @@ class PagedKVCache:
     block_pages: int = dataclasses.field(default=4, metadata=dict(static=True))  # pages per attention key block
     kernel: str = dataclasses.field(default="blockwise", metadata=dict(static=True))  # `attention.select_paged`
 
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """The pool's logical axes, which the model pins it to after a write (`pool_axes`)."""
+        return pool_axes(self.kernel)
+
     @classmethod
     def zeros(
         cls, config: LlamaConfig, n_pages: int, page: int, dtype=jnp.bfloat16, spec=None, kernel: str = "blockwise"
     ) -> tuple[jax.Array, jax.Array]:
         """A zero page pool (k, v) laid out for `kernel`, page 0 being the null page. With `spec` (the model's
-        `ShardingSpec`) it is created in place where the model's layers pin it (`CACHE_AXES`: pages on the
+        `ShardingSpec`) it is created in place where the model's layers pin it (`pool_axes`: pages on the
         batch axes, KV heads on "tensor")."""
         shape = pool_shape(config, n_pages, page, kernel)
-        sharding = None if spec is None else spec.sharding(CACHE_AXES, shape)
+        sharding = None if spec is None else spec.sharding(pool_axes(kernel), shape)
         make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
         return make(), make()
 
@@ -138,6 +144,11 @@ def pool_shape(config: LlamaConfig, n_pages: int, page: int, kernel: str = "bloc
     `[K, L, P, page, H]` for the Pallas kernels (`paged_attention`)."""
     shape = (config.n_layers, n_pages, page, config.n_kv_heads, config.head_dim)
     return shape if kernel == "blockwise" else (config.n_kv_heads, *shape[:3], config.head_dim)
+
+
+def pool_axes(kernel: str = "blockwise") -> tuple[str, ...]:
+    """The logical axes of `pool_shape(..., kernel)`: pages on the batch axes, KV heads on "tensor"."""
+    return POOL_AXES if kernel == "blockwise" else (POOL_AXES[3], *POOL_AXES[:3], POOL_AXES[4])
 
 
 # ---- host side: the free list, reference counts, the prefix cache ------------------------------------

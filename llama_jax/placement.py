@@ -89,7 +89,7 @@ def shard_model(model: Llama, mesh: Mesh, rules: str | sharding_rules.Rules = "f
 
 
 def cache_shape(config: LlamaConfig, batch: int, length: int) -> tuple[int, ...]:
-    return (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
+    return KVCache.shape(config, batch, length)
 
 
 def cache_sharding(config: LlamaConfig, batch: int, length: int, spec: ShardingSpec) -> NamedSharding:

@@ -298,11 +298,11 @@ def kv_bytes_per_token_per_device(config, spec, itemsize: int = 2) -> int:
 
 def kv_bytes_per_token(config, spec, itemsize: int) -> dict[str, int]:
     """K and V of one token in all layers, on one device of those that hold its batch row."""
-    from llama_jax.kv_cache import CACHE_AXES
+    from llama_jax.kv_cache import CACHE_AXES, KVCache
     from llama_jax.sharding.rules import shards
 
-    heads_spec = spec.spec(CACHE_AXES, (config.n_layers, 1, 1, config.n_kv_heads, config.head_dim))
-    batch_spec = spec.spec(CACHE_AXES, (config.n_layers, 1 << 20, 1, config.n_kv_heads, config.head_dim))
+    heads_spec = spec.spec(CACHE_AXES, KVCache.shape(config, 1, 1))
+    batch_spec = spec.spec(CACHE_AXES, KVCache.shape(config, 1 << 20, 1))
     head_shards = shards(heads_spec, spec.mesh)
     batch_shards = shards(batch_spec, spec.mesh) // head_shards
     per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim * itemsize

@@ -28,9 +28,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llama_jax import attention, decoding, fp8, placement, platform, quant, sampler, targets
 from llama_jax.config import LlamaConfig
 from llama_jax.decoding import DecodeState, Prompt, Rows
-from llama_jax.kv_cache import CACHE_AXES, KVCache
+from llama_jax.kv_cache import KVCache
 from llama_jax.model import Options
-from llama_jax.paged_cache import PagedKVCache, pool_shape
+from llama_jax.paged_cache import PagedKVCache, pool_axes, pool_shape
 from llama_jax.sampling import SamplingParams
 from llama_jax.targets import Target
 
@@ -76,9 +76,10 @@ class Setup:
         """An input of `x`'s shape and dtype (an array or a ShapeDtypeStruct), replicated over the mesh."""
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(self.mesh, PartitionSpec()))
 
-    def place(self, tree, cache_shape: tuple[int, ...] | None = None):
-        """Every leaf abstract and placed: cache-shaped leaves where the model pins the cache, the rest replicated."""
-        cache = None if cache_shape is None else self.spec.sharding(CACHE_AXES, cache_shape)
+    def place(self, tree, cache_shape: tuple[int, ...] | None = None, axes: tuple[str, ...] = KVCache.axes):
+        """Every leaf abstract and placed: cache-shaped leaves where the model pins the cache (by its
+        logical `axes`), the rest replicated."""
+        cache = None if cache_shape is None else self.spec.sharding(axes, cache_shape)
 
         def one(x):
             if cache is not None and tuple(x.shape) == cache_shape:
@@ -225,7 +226,7 @@ class Setup:
             n_out=n_out,
             mode=params.mode,
         )
-        return self.place(state, shape)
+        return self.place(state, shape, pool_axes(kernel))
 
     def burst(self, slots: int, context: int, attention: str = "auto"):
         """The engine's decode burst (`BURST` steps) over `slots` slots whose pages hold `context` tokens each,

@@ -148,6 +148,29 @@ def test_a_long_cache_is_read_in_larger_tiles_of_whole_pages():
     assert blockwise.cached_tiles(2048, 131_072, 768) == (1024, 768)  # a page larger than the target: one
 
 
+@pytest.mark.parametrize("backend", ["dense", "blockwise"])
+def test_the_cache_attends_over_what_it_wrote_as_attend_does_over_the_same_keys(backend):
+    """Keys and values written into a `KVCache` (kv heads before positions, `[L, B, K, S, H]`) at each
+    row's own positions, then attended where they lie (the dense read's dots, or the blockwise loop's
+    key blocks): equal to `attend` over the same keys as plain `[B, S, K, H]` arrays. GQA, ragged rows."""
+    b, s, n, k, t = 3, 40, 6, 2, 4
+    config = LlamaConfig(vocab_size=8, dim=16 * n, n_layers=2, n_heads=n, n_kv_heads=k, ffn_dim=16, max_seq_len=s)
+    q, keys, values, _, _, _ = _problem(b, t, s, n, k, segments=False, seed=5)
+    start = jnp.asarray([0, 17, 36], jnp.int32)  # each row's first new position; the last ends the cache
+    index = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    cache = KVCache.zeros(config, b, s, jnp.float32)
+    for layer in range(2):  # layer 1 holds the keys, layer 0 their negation: the layers stay apart
+        sign = 1 if layer else -1
+        new_k, new_v = (sign * jnp.take_along_axis(x, index[:, :, None, None], axis=1) for x in (keys, values))
+        cache = cache.write(layer, new_k, new_v, start)
+    assert cache.k.shape == (2, b, k, s, 16)
+    out = cache.attend(1, q, index, backend=backend, block=16)
+    # Only the written entries are set; the rest are zeros in both.
+    written = jnp.zeros((b, s), bool).at[jnp.arange(b)[:, None], index].set(True)[:, :, None, None]
+    ref = attention.attend(q, jnp.where(written, keys, 0), jnp.where(written, values, 0), index, backend="dense")
+    assert _relative(out, ref, slice(None)) <= BOUND
+
+
 @pytest.mark.parametrize("tiles", ["pages", "long_cache_tiles"])
 def test_chunked_prefill_and_decode_at_long_positions_equal_the_uncached_forward(tiles, monkeypatch):
     """A 3,000-token ragged batch prefilled in 512-token chunks over 256-entry key blocks, then decoded

@@ -226,8 +226,8 @@ def test_a_model_whose_layer_copy_would_not_fit_decodes_from_the_stacked_weights
 
 
 def test_the_decode_loop_reads_and_writes_the_kv_cache_in_place(model):
-    """A step reads key blocks straight from the `[L, B, S, K, H]` cache and writes one entry per row:
-    no layer of the cache (`[B, S, K, H]`) is sliced out or copied inside the loop."""
+    """A step reads key blocks straight from the `[L, B, K, S, H]` cache and writes one entry per row:
+    no layer of the cache (`[B, K, S, H]`) is sliced out or copied inside the loop."""
     model = model.with_options(attention_block=8)  # several key blocks in the 32-entry cache
     job = sampler.inputs(model, PROMPTS, sampler.SamplingParams(max_new_tokens=16, stop_tokens=[]))
     layer_elements = math.prod(job.state.cache.k.shape[1:])

@@ -154,15 +154,15 @@ def test_axes_that_do_not_divide_are_replicated():
     mesh = mesh_lib.make_mesh("tensor=8")
     rules = sharding_rules.DEFAULT_RULES
     # 8 KV heads on tensor=8 split; 2 KV heads on tensor=8 are replicated, not unevenly split.
-    assert sharding_rules.logical_to_spec(CACHE_AXES, rules, mesh=mesh, shape=(2, 8, 32, 8, 16)) == PartitionSpec(
-        None, None, None, "tensor", None
+    assert sharding_rules.logical_to_spec(CACHE_AXES, rules, mesh=mesh, shape=(2, 8, 8, 32, 16)) == PartitionSpec(
+        None, None, "tensor", None, None
     )
-    assert sharding_rules.logical_to_spec(CACHE_AXES, rules, mesh=mesh, shape=(2, 8, 32, 2, 16)) == PartitionSpec(
+    assert sharding_rules.logical_to_spec(CACHE_AXES, rules, mesh=mesh, shape=(2, 8, 2, 32, 16)) == PartitionSpec(
         None, None, None, None, None
     )
     # With a kv_rep axis the 2 KV heads split over tensor=2 and only kv_rep replicates them.
     mesh = mesh_lib.make_mesh("kv_rep=4,tensor=2")
-    assert sharding_rules.logical_to_spec(CACHE_AXES, rules, mesh=mesh, shape=(2, 8, 32, 2, 16))[3] == "tensor"
+    assert sharding_rules.logical_to_spec(CACHE_AXES, rules, mesh=mesh, shape=(2, 8, 2, 32, 16))[2] == "tensor"
     wq_axes = placement.array_axes()["layers.attention.wq"]
     wq = sharding_rules.logical_to_spec(wq_axes, rules, mesh=mesh, shape=(2, 64, 8, 8))
     assert wq == PartitionSpec(None, None, ("tensor", "kv_rep"), None)
