@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_jax.constrain import apply_mask
 from llama_jax.generation import Outputs
 from llama_jax.kv_cache import Cache
 from llama_jax.model import BlockWeights
@@ -128,9 +129,12 @@ class DecodeState:
     step: jax.Array  # [] int32: the output slot the next token goes to
     out: Outputs  # [B, N, ...]
     mode: Mode = _static()
+    # [B, W] int32 packed bitmask of the tokens each row may draw next (`constrain`), or None: any. A
+    # mask holds for one token, so a state with one runs one decode step per call.
+    mask: jax.Array | None = None
 
     @classmethod
-    def start(cls, cache: Cache, rows: Rows, *, last, positions, count, limit, live, n_out: int, mode: Mode):
+    def start(cls, cache: Cache, rows: Rows, *, last, positions, count, limit, live, n_out: int, mode: Mode, mask=None):
         """A state before its first token (host arrays, moved by the program call): output slot 0 of N."""
         return cls(
             cache=cache,
@@ -144,6 +148,7 @@ class DecodeState:
             step=np.int32(0),
             out=Outputs.empty(len(live), n_out, mode),
             mode=mode,
+            mask=mask,
         )
 
 
@@ -159,11 +164,12 @@ class Prompt:
     start: jax.Array | None = None
 
 
-def _pick(keys_b, logits_bv, knobs, stops_bs, mode: Mode):
-    """Each row's token drawn with its key (`sampling.sample_rows`), whether it is one of the row's stop
-    ids (`stops_bs [B or 1, S]`), and its per-token outputs: the token's log-softmax under the
-    untempered logits and the top-K alternatives (zeros where the mode does not ask for them)."""
-    token_b = sample_rows(keys_b, logits_bv, knobs, mode)
+def _pick(keys_b, logits_bv, knobs, stops_bs, mode: Mode, mask_bw=None):
+    """Each row's token drawn with its key (`sampling.sample_rows`) among the tokens its `mask_bw` allows
+    (`constrain.apply_mask`), whether it is one of the row's stop ids (`stops_bs [B or 1, S]`), and its
+    per-token outputs: the token's log-softmax under the untempered logits and the top-K alternatives
+    (zeros where the mode does not ask for them)."""
+    token_b = sample_rows(keys_b, logits_bv if mask_bw is None else apply_mask(logits_bv, mask_bw), knobs, mode)
     b, k = logits_bv.shape[0], mode.top_logprobs
     logp_b, top_bk, ids_bk = jnp.zeros((b,)), jnp.zeros((b, k)), jnp.zeros((b, k), jnp.int32)
     if mode.logprobs or k:
@@ -178,7 +184,7 @@ def _pick(keys_b, logits_bv, knobs, stops_bs, mode: Mode):
 def advance(s: DecodeState, logits_bv, cache: Cache) -> DecodeState:
     """Sample each live row's next token from `logits_bv` (the logits at its current position), record it."""
     keys = token_keys(s.rows.seeds, s.rows.streams, s.count)
-    token, is_stop, new = _pick(keys, logits_bv, s.rows.knobs, s.rows.stops, s.mode)
+    token, is_stop, new = _pick(keys, logits_bv, s.rows.knobs, s.rows.stops, s.mode, s.mask)
     live = s.live
     count = s.count + live.astype(jnp.int32)
     finished = live & (is_stop | (count >= s.limit))
@@ -216,9 +222,11 @@ def prefill(weights: Weights, state: DecodeState, prompt: Prompt) -> DecodeState
 
 @functools.partial(jax.jit, donate_argnames=("state",))
 def decode(weights: Weights, state: DecodeState, until) -> DecodeState:
-    """Run decode steps until `state.step == until` or no row is live."""
+    """Run decode steps until `state.step == until` or no row is live (one step with a `state.mask`)."""
     _TRACES["decode"] += 1
     model = nnx.merge(weights.graphdef, weights.params)
+    if state.mask is not None:
+        until = jnp.minimum(until, state.step + 1)
 
     def cond(s: DecodeState):
         return (s.step < until) & jnp.any(s.live)

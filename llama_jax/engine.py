@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from llama_jax import decoding, generation
+from llama_jax import constrain, decoding, generation
 from llama_jax.decoding import DecodeState, Prompt, Rows, Weights
 from llama_jax.generation import MAX_STOP_TOKENS, GenerationResult, Outputs
 from llama_jax.paged_cache import NULL_PAGE, PagedKVCache, PagePool, block_hashes
@@ -83,6 +83,7 @@ class _Slot:
     pages: list[int]
     hashes: list[bytes]  # of the prompt's shareable blocks
     cursor: int  # prompt tokens in the cache
+    matcher: constrain.Matcher | None = None  # a constrained request's grammar state
     stopped: bool = False  # the last token is a stop token
     count: int = 0  # tokens sampled
     last: int = 0  # the last of them
@@ -110,9 +111,13 @@ class Engine:
         (latency), a long prompt then spanning bursts.
       prefix_cache: share full prompt blocks between requests (off: every prompt is prefilled whole).
       max_len: the longest request (prompt + new tokens) a slot may hold; default the model's context.
+      tokenizer: the model's `Tokenizer`, for constrained requests (`json_schema`, `regex`, `choice`).
+        While any decoding slot is constrained a burst runs its steps one call each, every row under
+        its mask (`constrain`; all ones for the unconstrained rows, which decode in the same burst).
 
     `stats` counts, over the engine's life: prompt_tokens, shared_tokens (taken from the prefix cache),
-    prefill_calls and prefill_seconds, decode_calls and decode_seconds, generated_tokens, preemptions.
+    prefill_calls and prefill_seconds, decode_calls and decode_seconds, generated_tokens, preemptions,
+    and grammar_seconds (host time computing constrained rows' masks, inside decode_seconds).
     """
 
     def __init__(
@@ -129,6 +134,7 @@ class Engine:
         prefix_cache: bool = True,
         max_len: int | None = None,
         block_pages: int = 4,
+        tokenizer=None,
     ) -> None:
         for name, value in dict(
             slots=slots,
@@ -159,6 +165,7 @@ class Engine:
         )
         self.ready = np.zeros(self.pool.n_pages, bool)  # page written (a sharer may read it)
         self.stats = collections.Counter()
+        self.grammars = None if tokenizer is None else constrain.Grammars.of(tokenizer, config.vocab_size)
 
     # ---- the scheduler ---------------------------------------------------------------------------------
 
@@ -192,8 +199,9 @@ class Engine:
         results = dict((id(r), out) for r, out in self.run(requests))
         return [results[id(r)] for r in requests]
 
-    def _check(self, request: Request) -> tuple[np.ndarray, np.ndarray]:
-        """→ (the prompt as int32, the request's padded stop ids), or a ValueError naming the request."""
+    def _check(self, request: Request) -> tuple[np.ndarray, np.ndarray, constrain.Matcher | None]:
+        """→ (the prompt as int32, the request's padded stop ids, its grammar state if constrained), or a
+        ValueError naming the request."""
         params = request.params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"request {request.id!r}: params must be a SamplingParams, got {type(params).__name__}")
@@ -206,6 +214,11 @@ class Engine:
             key = None if params.stop_tokens is None else tuple(params.stop_tokens)
             if key not in self._stops:
                 self._stops[key] = generation.stop_ids(self.model, key)
+            matcher = None
+            if params.constraint is not None:
+                if self.grammars is None:
+                    raise ValueError(f"{params.constraint[0]}: constrained requests need Engine(..., tokenizer=...)")
+                matcher = self.grammars.matcher(params, self._stops[key])
         except ValueError as e:
             raise ValueError(f"request {request.id!r}: {e}") from None
         needed = prompt.size + params.max_new_tokens
@@ -214,7 +227,7 @@ class Engine:
                 f"request {request.id!r} needs {self._pages_for(needed - 1)} pages; the pool has "
                 f"{self.pool.n_pages - 1}: give the engine more pages"
             )
-        return prompt, self._stops[key]
+        return prompt, self._stops[key], matcher
 
     def _pages_for(self, positions: int) -> int:
         return -(-positions // self.page_size)
@@ -227,7 +240,7 @@ class Engine:
         while waiting and len(staged) < self.prefill_rows:
             request = waiting[0]
             try:
-                prompt, stops = self._check(request)
+                prompt, stops, matcher = self._check(request)
             except ValueError as e:
                 waiting.popleft()
                 done.append((request, e))
@@ -260,6 +273,7 @@ class Engine:
                     shared + fresh,
                     hashes,
                     cursor=len(shared) * self.page_size,
+                    matcher=matcher,
                 )
             )
 
@@ -313,8 +327,9 @@ class Engine:
             start[i], last[i], seeds[i] = s.cursor, len(chunk) - 1, s.request.params.seed
             limit[i], ends[i] = s.request.params.max_new_tokens, s.cursor + len(chunk) == len(s.prompt)
         zeros = np.zeros(r, np.int32)
+        padded = rows + [None] * (r - len(rows))
         state = self._state(
-            rows + [None] * (r - len(rows)),
+            padded,
             Rows(seeds, zeros, knobs, stops),
             mode,
             n_out=1,
@@ -323,6 +338,7 @@ class Engine:
             count=zeros,
             limit=limit,
             live=ends,
+            mask=self._masks(padded),
         )
         started = time.perf_counter()
         state = decoding.prefill(weights, state, Prompt(tokens, last, start))
@@ -338,6 +354,8 @@ class Engine:
             self.ready[s.pages[: s.cursor // self.page_size]] = True
             if s.decoding:
                 self._record(s, out.row(i, 1), stopped[i])
+                if s.matcher is not None:
+                    s.matcher.take(s.count, s.last)
                 self._finish_if_done(s, slots, staged, done)
         return ran
 
@@ -404,6 +422,16 @@ class Engine:
                 if s.mode == mode:
                     self._finish_if_done(s, slots, staged, done)
 
+    def _masks(self, rows: list[_Slot | None]) -> np.ndarray | None:
+        """The rows' next-token masks (`constrain`), None when no row is constrained."""
+        matchers = [s.matcher if s is not None else None for s in rows]
+        if all(m is None for m in matchers):
+            return None
+        started = time.perf_counter()
+        mask = self.grammars.masks(matchers)
+        self.stats["grammar_seconds"] += time.perf_counter() - started
+        return mask
+
     def _burst(self, weights: Weights, rows: list[_Slot | None], mode: Mode) -> None:
         b = self.slots
         last, count, position, limit = (np.zeros(b, np.int32) for _ in range(4))
@@ -415,11 +443,28 @@ class Engine:
                 last[i], count[i], limit[i] = s.last, s.count, s.request.params.max_new_tokens
                 position[i], live[i], seeds[i] = len(s.prompt) + s.count - 1, True, s.request.params.seed
         sampling = Rows(seeds, np.zeros(b, np.int32), knobs, stops)
+        mask = self._masks(rows)
         state = self._state(
-            rows, sampling, mode, n_out=self.burst, last=last, positions=position, count=count, limit=limit, live=live
+            rows,
+            sampling,
+            mode,
+            n_out=self.burst,
+            last=last,
+            positions=position,
+            count=count,
+            limit=limit,
+            live=live,
+            mask=mask,
         )
         started = time.perf_counter()
         state = decoding.decode(weights, state, np.int32(self.burst))
+        # Constrained rows: one step per call, each row's grammar advanced and its next mask set.
+        for _ in range(self.burst - 1 if mask is not None else 0):
+            new_count, new_last, new_live = generation.to_host((state.count, state.last, state.live))
+            constrain.take([s.matcher if s else None for s in rows], new_count, new_last)
+            if not new_live.any():
+                break
+            state = decoding.decode(weights, dataclasses.replace(state, mask=self._masks(rows)), np.int32(self.burst))
         self.k, self.v = state.cache.k, state.cache.v
         out, new_count, stopped = generation.to_host((state.out, state.count, state.stopped))
         self.stats["decode_calls"] += 1
@@ -427,6 +472,8 @@ class Engine:
         for i, s in enumerate(rows):
             if s is not None:
                 self._record(s, out.row(i, new_count[i] - count[i]), stopped[i])
+                if s.matcher is not None:
+                    s.matcher.take(s.count, s.last)
 
 
 _NEUTRAL_KNOBS = SamplingParams(max_new_tokens=1).knobs()  # an idle row's (its tokens are dropped)
