@@ -19,11 +19,13 @@ row that reaches `max_new_tokens` first is cut where it stands, as in vLLM and s
 
 A decode step with a mask samples one token per row, so the programs run one step per call while a
 mask is set (`decoding.decode`): the host reads the tokens, advances the matchers and fills the next
-mask. Fills of the B rows run in parallel (llguidance's thread pool, without the GIL).
+mask. The rows are filled one after the other: llguidance's thread pool (`fill_next_token_bitmask_par`)
+was many times slower for a batch of 32 on a busy 2-core host (`benchmarks/constrained.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import weakref
 from collections.abc import Sequence
@@ -47,7 +49,7 @@ def mask_width(vocab_size: int) -> int:
 def apply_mask(logits_bv, mask_bw):
     """`logits_bv [B, V]` with every token whose bit is clear in `mask_bw [B, W]` int32 at -inf."""
     v = logits_bv.shape[-1]
-    bits_bw32 = (mask_bw[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    bits_bw32 = (mask_bw[:, :, None] >> jnp.arange(32, dtype=jnp.int32)[None, None, :]) & 1
     allowed_bv = bits_bw32.reshape(mask_bw.shape[0], -1)[:, :v] == 1
     return jnp.where(allowed_bv, logits_bv, -jnp.inf)
 
@@ -103,7 +105,6 @@ class Grammars:
         self.eos = tokenizer.eot_id  # llguidance's end of sequence; replaced by each row's stop ids
         self.vocab_size = vocab_size
         self.llm = lltokenizer_from_encoding(model, n_vocab=vocab_size, eos_token=self.eos)
-        self.executor = llguidance.LLExecutor()
         self._matcher_type = llguidance.LLMatcher
         self._compiled: dict[tuple, str] = {}
 
@@ -137,22 +138,34 @@ class Grammars:
 
     def masks(self, matchers: Sequence[Matcher | None]) -> np.ndarray:
         """The rows' next-token bitmask `[B, W]` int32 (`mask_width`); all ones for a None row."""
-        from llguidance.numpy import fill_next_token_bitmask_par
+        from llguidance.numpy import fill_next_token_bitmask
 
         mask_bw = np.full((len(matchers), mask_width(self.vocab_size)), -1, np.int32)
-        rows = [(m.llm, b) for b, m in enumerate(matchers) if m is not None]
-        if rows:
-            fill_next_token_bitmask_par(self.executor, rows, mask_bw)
         bits = mask_bw.view(np.uint32)
         for b, m in enumerate(matchers):
             if m is None:
                 continue
+            fill_next_token_bitmask(m.llm, mask_bw, b)
             may_end = bits[b, m.eos // 32] >> np.uint32(m.eos % 32) & 1
             bits[b, m.eos // 32] &= ~np.uint32(1 << (m.eos % 32))
             if may_end:
                 for t in m.stops:
                     bits[b, t // 32] |= np.uint32(1 << (t % 32))
         return mask_bw
+
+
+def decode_steps(decode, state, matchers: Sequence[Matcher | None], masks, until):
+    """Decode `state` (a `decoding.DecodeState`) to output slot `until`, one step per `decode(state)` call:
+    before each, every row's newest token advances its grammar (`take`) and `masks(matchers)` is the
+    state's mask. Returns after the last call (or once no row is live) with the grammars caught up."""
+    from llama_jax.generation import to_host
+
+    while True:
+        count, last, live, step = to_host((state.count, state.last, state.live, state.step))
+        take(matchers, count, last)
+        if not live.any() or step >= until:
+            return state
+        state = decode(dataclasses.replace(state, mask=masks(matchers)))
 
 
 def take(matchers: Sequence[Matcher | None], count_b, last_b) -> None:

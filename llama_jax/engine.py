@@ -338,7 +338,7 @@ class Engine:
             count=zeros,
             limit=limit,
             live=ends,
-            mask=self._masks(padded),
+            mask=self._masks([s.matcher if s else None for s in padded]),
         )
         started = time.perf_counter()
         state = decoding.prefill(weights, state, Prompt(tokens, last, start))
@@ -422,9 +422,8 @@ class Engine:
                 if s.mode == mode:
                     self._finish_if_done(s, slots, staged, done)
 
-    def _masks(self, rows: list[_Slot | None]) -> np.ndarray | None:
+    def _masks(self, matchers: list[constrain.Matcher | None]) -> np.ndarray | None:
         """The rows' next-token masks (`constrain`), None when no row is constrained."""
-        matchers = [s.matcher if s is not None else None for s in rows]
         if all(m is None for m in matchers):
             return None
         started = time.perf_counter()
@@ -443,28 +442,18 @@ class Engine:
                 last[i], count[i], limit[i] = s.last, s.count, s.request.params.max_new_tokens
                 position[i], live[i], seeds[i] = len(s.prompt) + s.count - 1, True, s.request.params.seed
         sampling = Rows(seeds, np.zeros(b, np.int32), knobs, stops)
-        mask = self._masks(rows)
         state = self._state(
-            rows,
-            sampling,
-            mode,
-            n_out=self.burst,
-            last=last,
-            positions=position,
-            count=count,
-            limit=limit,
-            live=live,
-            mask=mask,
+            rows, sampling, mode, n_out=self.burst, last=last, positions=position, count=count, limit=limit, live=live
         )
         started = time.perf_counter()
-        state = decoding.decode(weights, state, np.int32(self.burst))
-        # Constrained rows: one step per call, each row's grammar advanced and its next mask set.
-        for _ in range(self.burst - 1 if mask is not None else 0):
-            new_count, new_last, new_live = generation.to_host((state.count, state.last, state.live))
-            constrain.take([s.matcher if s else None for s in rows], new_count, new_last)
-            if not new_live.any():
-                break
-            state = decoding.decode(weights, dataclasses.replace(state, mask=self._masks(rows)), np.int32(self.burst))
+        until = np.int32(self.burst)
+        matchers = [s.matcher if s else None for s in rows]
+        if any(matchers):  # one step per call, each under the rows' masks
+            state = constrain.decode_steps(
+                lambda s: decoding.decode(weights, s, until), state, matchers, self._masks, until
+            )
+        else:
+            state = decoding.decode(weights, state, until)
         self.k, self.v = state.cache.k, state.cache.v
         out, new_count, stopped = generation.to_host((state.out, state.count, state.stopped))
         self.stats["decode_calls"] += 1

@@ -210,12 +210,11 @@ def _decode(job: Inputs, state: DecodeState, until) -> DecodeState:
     mask of the tokens its rows drew so far."""
     if job.matchers is None:
         return decoding.decode(job.weights, state, until)
-    while True:
-        count, last, live, step = to_host((state.count, state.last, state.live, state.step))
-        constrain.take(job.matchers, count, last)
-        if not live.any() or step >= until:
-            return state
-        state = decoding.decode(job.weights, dataclasses.replace(state, mask=job.grammars.masks(job.matchers)), until)
+
+    def one_step(s: DecodeState) -> DecodeState:
+        return decoding.decode(job.weights, s, until)
+
+    return constrain.decode_steps(one_step, state, job.matchers, job.grammars.masks, until)
 
 
 def generate(

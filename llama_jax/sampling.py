@@ -158,12 +158,14 @@ class SamplingParams:
         None, "the output is JSON valid under this schema (an object, or its JSON text)", flag=True, request=True
     )
     regex: str | None = setting(None, "the output matches this regular expression, whole", flag=True, request=True)
-    choice: tuple[str, ...] | None = setting(None, "the output is one of these strings", flag=True, request=True)
+    choice: tuple[str, ...] | None = setting(
+        None, "the output is one of these strings (the flag: a,b,c)", flag=True, request=True
+    )
 
     def __post_init__(self) -> None:
         # Lists become tuples, so params hash (they key compiled programs and batch groups).
-        if isinstance(self.json_schema, dict):  # its text, canonical: params hash and compare by meaning
-            object.__setattr__(self, "json_schema", json.dumps(self.json_schema, sort_keys=True))
+        if isinstance(self.json_schema, dict):  # its text (params hash); keys keep their order: the output's
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
         for name in ("seed", "stop_tokens", "choice"):
             value = getattr(self, name)
             if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes)):

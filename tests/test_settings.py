@@ -38,8 +38,14 @@ SETTINGS = [
 ]
 
 
-def other_value(kind, default):
+# Fields whose valid values are not any value of their type.
+OTHER = {"json_schema": '{"type": "string"}', "choice": ("yes", "no")}
+
+
+def other_value(kind, default, name=""):
     """A valid value of the field's type that is not its default."""
+    if name in OTHER:
+        return OTHER[name]
     base = settings._base(kind)
     if base is bool:
         return not default
@@ -63,16 +69,17 @@ def test_every_setting_is_a_flag_of_its_command_with_the_declared_default(comman
     field = settings.declared(cls)[name]
     flag = settings.flag(cls, name)
     assert getattr(parse(command), name) == field.default
-    value = other_value(typing.get_type_hints(cls)[name], field.default)
+    value = other_value(typing.get_type_hints(cls)[name], field.default, name)
+    text = ",".join(value) if isinstance(value, tuple) else str(value)  # a tuple flag: a,b,c
     if flag is None:
         assert command in ("batch", "rejection")  # a job field without a flag is still --config.<field>
     elif isinstance(value, bool):
         assert flag == f"--{'no-' if field.default else ''}{name.replace('_', '-')}"
         assert getattr(parse(command, flag), name) == value
     else:
-        assert getattr(parse(command, flag, str(value)), name) == value
+        assert getattr(parse(command, flag, text), name) == value
     if command in ("batch", "rejection"):
-        assert getattr(parse(command, f"--config.{name}={value}"), name) == value
+        assert getattr(parse(command, f"--config.{name}={text}"), name) == value
 
 
 @pytest.mark.parametrize("command", ["batch", "rejection"])
@@ -114,7 +121,7 @@ def test_every_per_request_setting_is_a_request_field_that_reaches_the_request(r
     assert REQUEST_FIELDS == {"id", "prompt", "messages", *per_request}
     hints = typing.get_type_hints(JobConfig)
     for number, name in enumerate(per_request, 1):
-        value = other_value(hints[name], getattr(JobConfig(), name))
+        value = other_value(hints[name], getattr(JobConfig(), name), name)
         request = reader._parse(number, json.dumps({"id": name, "prompt": "hi", name: value}).encode())
         if name == "n":
             assert [sample_id for sample_id, _ in request.samples] == [f"{name}#{k}" for k in range(value)]
