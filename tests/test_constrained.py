@@ -26,9 +26,12 @@ from llama_jax.sampling import InvalidSampling, SamplingParams
 from tests import checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The engine of every test on the default model, the batch job's included (one set of programs): 8 slots
-# over 21 pages of 16 positions, too few for 8 requests of up to 70 positions at once, so it preempts.
-ENGINE = dict(slots=8, pages=22, page_size=16)
+# The engine of the tests on the default model: the batch jobs' here, docs/BATCH.md's judge pipeline
+# included (one set of programs); requests sample as the batch job's default, top-p 0.9.
+ENGINE = dict(slots=8)
+TOP_P = 0.9
+# 11 pages of 16 positions: too few for 8 requests past 16 positions at once, so the engine preempts.
+TIGHT = dict(slots=8, pages=12, page_size=16)
 VERDICT = {
     "type": "object",
     "properties": {
@@ -78,7 +81,7 @@ def requests_of(tokenizer, n: int) -> list[Request]:
         if i % 6 == 5:
             constraint = {}
         new_tokens = 64 if constraint else 16
-        params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=1000 + i, **constraint)
+        params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, top_p=TOP_P, seed=1000 + i, **constraint)
         out.append(Request(f"r{i}", prompt, params))
     return out
 
@@ -129,11 +132,10 @@ def test_unconstrained_requests_in_a_constrained_burst_are_what_they_are_alone(s
 
 def test_preempted_constrained_requests_give_the_same_tokens(sampled, default, tokenizer):
     requests, results, engine = sampled
-    assert engine.stats["preemptions"] > 0
-    roomy = Engine(default, **ENGINE, tokenizer=tokenizer)  # four at a time: their pages fit
-    alone = roomy.generate(requests[:4]) + roomy.generate(requests[4:8])
-    assert roomy.stats["preemptions"] == 0
-    assert [r.tokens for r in alone] == [r.tokens for r in results[:8]]
+    tight = Engine(default, **TIGHT, tokenizer=tokenizer)
+    again = tight.generate(requests[:8])
+    assert engine.stats["preemptions"] == 0 and tight.stats["preemptions"] > 0
+    assert [r.tokens for r in again] == [r.tokens for r in results[:8]]
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +196,7 @@ def test_a_batch_job_with_constraints_resumes_byte_identically_and_reports_bad_o
         lines.append({"id": f"q{i}", "prompt": f"Question {i}?", "temperature": 1.0, **constraint})
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    run = dict(batch_size=8, kv_pages=22, page_size=16, top_p=1.0, progress=False, max_new_tokens=48)
+    run = dict(batch_size=ENGINE["slots"], progress=False, max_new_tokens=48)
     whole = tmp_path / "whole.jsonl"
     summary = batch.run_batch(default, tokenizer, source, whole, **run)
     assert summary["completed"] == 10 and summary["failed"] == 2
