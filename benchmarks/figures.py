@@ -101,6 +101,22 @@ def batch(data, fig):
     ax.set_title(f"Batch job, {data['job']['requests']} chat/text requests, {data['job']['max_new_tokens']} new tokens")
 
 
+def constrained(data, fig):
+    sides = data["engine"]
+    ax = fig.subplots()
+    names = {
+        "unconstrained": ("unconstrained", THEIRS),
+        "one_step_bursts": ("unconstrained,\none-step bursts", "#bbbbbb"),
+    }
+    names |= {"mixed": ("half JSON schema", "#7fb3e0"), "json_schema": ("all JSON schema", OURS)}
+    ax.bar(
+        [n for n, _ in names.values()], [sides[k]["tokens_per_s"] for k in names], color=[c for _, c in names.values()]
+    )
+    ax.set_ylabel("decode tokens/s")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"Constrained decoding in the engine, batch {sides['batch']}, default model, {data['device']}")
+
+
 def train(data, fig):
     tok = data["tokens_per_s"]
     ax = fig.subplots()
@@ -170,6 +186,7 @@ DRAWINGS = {
     "engine_cpu": ("engine_cpu.json", engine, lambda d: (8, 4.5)),
     "batch_cpu": ("batch_cpu.json", batch, lambda d: (7, 4)),
     "train_cpu": ("train_cpu.json", train, lambda d: (7, 4)),
+    "constrained_cpu": ("constrained_cpu.json", constrained, lambda d: (8, 4)),
     "meta_load_memory_cpu": ("meta_load_memory_cpu.json", meta_load_memory, lambda d: (6, 4)),
     "meta_write_memory_cpu": ("meta_write_memory_cpu.json", meta_write_memory, lambda d: (7, 4)),
     "compiled_targets": ("compiled_targets.json", compiled_targets, lambda d: (10, 1.5 + 0.17 * len(d))),

@@ -69,6 +69,9 @@ __all__ = ["REQUEST_FIELDS", "JobConfig", "job_config", "register", "request_see
     "logprobs",
     "prompt_logprobs",
     "logprobs_mode",
+    "json_schema",
+    "regex",
+    "choice",
     max_new_tokens=256,
     temperature=sampling.META_TEMPERATURE,  # Meta's chat defaults
     top_p=sampling.META_TOP_P,
@@ -141,9 +144,9 @@ class _Feed:
 class _Running:
     """The job's engine (one for every sampling setting: each request carries its own) and what it runs."""
 
-    def __init__(self, model, stop_tokens: tuple[int, ...], settings: dict) -> None:
-        self.engine = engine.Engine(model, **settings)
-        self.stop_tokens = stop_tokens
+    def __init__(self, model, tokenizer, settings: dict) -> None:
+        self.engine = engine.Engine(model, tokenizer=tokenizer, **settings)
+        self.stop_tokens = tuple(tokenizer.stop_tokens)
         self.feed = _Feed()
         self.running: Iterator | None = None
         self.waiting: dict[tuple[int, int], tuple[JobRequest, int]] = {}  # engine id -> (request, sample index)
@@ -198,7 +201,9 @@ def run_batch(
       progress: show a tqdm bar on stderr (requests done, generated tokens/s).
       kv_pages, page_size, burst: the engine's KV page pool, page size and decode burst (`engine.Engine`).
       **defaults: per-request defaults, `JobConfig`'s sampling fields (max_new_tokens, temperature,
-        top_p, top_k, min_p, seed, top_logprobs) and n.
+        top_p, top_k, min_p, seed, top_logprobs, json_schema, regex, choice) and n. A constraint the
+        grammar library cannot compile fails its request (an errors-file line naming it and the reason);
+        the job goes on.
     """
     from tqdm import tqdm
 
@@ -271,7 +276,7 @@ def run_batch(
             elif isinstance(item, JobRequest):
                 counts["requests"] += 1
                 samples_left[item.line] = len(item.samples)
-                running = running or _Running(model, tuple(tokenizer.stop_tokens), settings)
+                running = running or _Running(model, tokenizer, settings)
                 running.add(item)
                 if len(running.feed.queue) >= 2 * batch_size:
                     pump(running, drain=False)

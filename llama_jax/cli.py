@@ -40,7 +40,9 @@ class ModelOptions:
 _META_DEFAULTS = dict(temperature=sampling.META_TEMPERATURE, top_p=sampling.META_TOP_P)
 
 
-@settings.declare(sampling.SamplingParams, "top_k", "min_p", "seed", max_new_tokens=64, **_META_DEFAULTS)
+@settings.declare(
+    sampling.SamplingParams, "top_k", "min_p", "seed", *sampling.CONSTRAINTS, max_new_tokens=64, **_META_DEFAULTS
+)
 class GenerateSampling:
     """generate's sampling options: `SamplingParams`' settings, with Meta's chat defaults."""
 
@@ -119,7 +121,7 @@ def generate_main(args: argparse.Namespace) -> int:
         params = dataclasses.replace(params, stop_tokens=tokenizer.stop_tokens)
         prompt = tokenizer.encode(args.prompt, bos=True, eos=False)
         start = time.perf_counter()
-        ids, result = _stream_text(tokenizer, sampler.stream(model, prompt, params), sys.stdout)
+        ids, result = _stream_text(tokenizer, sampler.stream(model, prompt, params, tokenizer=tokenizer), sys.stdout)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         return _fail("generate", e)
     elapsed = time.perf_counter() - start

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_jax.constrain import apply_mask
 from llama_jax.generation import Outputs
 from llama_jax.kv_cache import Cache
 from llama_jax.model import BlockWeights
@@ -133,9 +134,12 @@ class DecodeState:
     mode: Mode = _static()
     # [B, T] float32: the prompt scores of the last prefill (`Prompt.targets`), None when it was not asked
     prompt_logprobs: jax.Array | None = None
+    # [B, W] int32 packed bitmask of the tokens each row may draw next (`constrain`), or None: any. A
+    # mask holds for one token, so a state with one runs one decode step per call.
+    mask: jax.Array | None = None
 
     @classmethod
-    def start(cls, cache: Cache, rows: Rows, *, last, positions, count, limit, live, n_out: int, mode: Mode):
+    def start(cls, cache: Cache, rows: Rows, *, last, positions, count, limit, live, n_out: int, mode: Mode, mask=None):
         """A state before its first token (host arrays, moved by the program call): output slot 0 of N."""
         return cls(
             cache=cache,
@@ -149,6 +153,7 @@ class DecodeState:
             step=np.int32(0),
             out=Outputs.empty(len(live), n_out, mode),
             mode=mode,
+            mask=mask,
         )
 
 
@@ -173,11 +178,12 @@ def _log_probs(logits_bv, knobs, mode: Mode):
     return jax.nn.log_softmax(processed_logits(logits_bv, knobs, mode) if mode.processed else logits_bv, axis=-1)
 
 
-def _pick(keys_b, logits_bv, knobs, stops_bs, mode: Mode):
-    """Each row's token drawn with its key (`sampling.sample_rows`), whether it is one of the row's stop
-    ids (`stops_bs [B or 1, S]`), and its per-token outputs: the token's log-prob (`_log_probs`) and the
-    top-K alternatives (zeros where the mode does not ask for them)."""
-    token_b = sample_rows(keys_b, logits_bv, knobs, mode)
+def _pick(keys_b, logits_bv, knobs, stops_bs, mode: Mode, mask_bw=None):
+    """Each row's token drawn with its key (`sampling.sample_rows`) among the tokens its `mask_bw` allows
+    (`constrain.apply_mask`), whether it is one of the row's stop ids (`stops_bs [B or 1, S]`), and its
+    per-token outputs: the token's log-prob (`_log_probs`) and the top-K alternatives (zeros where the
+    mode does not ask for them)."""
+    token_b = sample_rows(keys_b, logits_bv if mask_bw is None else apply_mask(logits_bv, mask_bw), knobs, mode)
     b, k = logits_bv.shape[0], mode.top_logprobs
     logp_b, top_bk, ids_bk = jnp.zeros((b,)), jnp.zeros((b, k)), jnp.zeros((b, k), jnp.int32)
     if mode.logprobs or k:
@@ -192,7 +198,7 @@ def _pick(keys_b, logits_bv, knobs, stops_bs, mode: Mode):
 def advance(s: DecodeState, logits_bv, cache: Cache) -> DecodeState:
     """Sample each live row's next token from `logits_bv` (the logits at its current position), record it."""
     keys = token_keys(s.rows.seeds, s.rows.streams, s.count)
-    token, is_stop, new = _pick(keys, logits_bv, s.rows.knobs, s.rows.stops, s.mode)
+    token, is_stop, new = _pick(keys, logits_bv, s.rows.knobs, s.rows.stops, s.mode, s.mask)
     live = s.live
     count = s.count + live.astype(jnp.int32)
     finished = live & (is_stop | (count >= s.limit))
@@ -261,9 +267,11 @@ def prefill(weights: Weights, state: DecodeState, prompt: Prompt) -> DecodeState
 
 @functools.partial(jax.jit, donate_argnames=("state",))
 def decode(weights: Weights, state: DecodeState, until) -> DecodeState:
-    """Run decode steps until `state.step == until` or no row is live."""
+    """Run decode steps until `state.step == until` or no row is live (one step with a `state.mask`)."""
     _TRACES["decode"] += 1
     model = nnx.merge(weights.graphdef, weights.params)
+    if state.mask is not None:
+        until = jnp.minimum(until, state.step + 1)
 
     def cond(s: DecodeState):
         return (s.step < until) & jnp.any(s.live)

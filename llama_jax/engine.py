@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from llama_jax import attention, decoding, generation
+from llama_jax import attention, constrain, decoding, generation
 from llama_jax.decoding import DecodeState, Prompt, Rows, Weights
 from llama_jax.generation import MAX_STOP_TOKENS, GenerationResult, Outputs
 from llama_jax.paged_cache import NULL_PAGE, PagedKVCache, PagePool, block_hashes
@@ -88,6 +88,7 @@ class _Slot:
     pages: list[int]
     hashes: list[bytes]  # of the prompt's shareable blocks
     cursor: int  # prompt tokens in the cache
+    matcher: constrain.Matcher | None = None  # a constrained request's grammar state
     stopped: bool = False  # the last token is a stop token
     count: int = 0  # tokens sampled
     last: int = 0  # the last of them
@@ -116,9 +117,13 @@ class Engine:
         (latency), a long prompt then spanning bursts.
       prefix_cache: share full prompt blocks between requests (off: every prompt is prefilled whole).
       max_len: the longest request (prompt + new tokens) a slot may hold; default the model's context.
+      tokenizer: the model's `Tokenizer`, for constrained requests (`json_schema`, `regex`, `choice`).
+        While any decoding slot is constrained a burst runs its steps one call each, every row under
+        its mask (`constrain`; all ones for the unconstrained rows, which decode in the same burst).
 
     `stats` counts, over the engine's life: prompt_tokens, shared_tokens (taken from the prefix cache),
-    prefill_calls and prefill_seconds, decode_calls and decode_seconds, generated_tokens, preemptions.
+    prefill_calls and prefill_seconds, decode_calls and decode_seconds, generated_tokens, preemptions,
+    and grammar_seconds (host time computing constrained rows' masks, inside decode_seconds).
     """
 
     def __init__(
@@ -135,6 +140,7 @@ class Engine:
         prefix_cache: bool = True,
         max_len: int | None = None,
         block_pages: int = 4,
+        tokenizer=None,
     ) -> None:
         for name, value in dict(
             slots=slots,
@@ -173,6 +179,7 @@ class Engine:
         self.k, self.v = PagedKVCache.zeros(config, self.pool.n_pages, page_size, model.dtype, spec, self.attention)
         self.ready = np.zeros(self.pool.n_pages, bool)  # page written (a sharer may read it)
         self.stats = collections.Counter()
+        self.grammars = None if tokenizer is None else constrain.Grammars.of(tokenizer, config.vocab_size)
 
     # ---- the scheduler ---------------------------------------------------------------------------------
 
@@ -206,8 +213,9 @@ class Engine:
         results = dict((id(r), out) for r, out in self.run(requests))
         return [results[id(r)] for r in requests]
 
-    def _check(self, request: Request) -> tuple[np.ndarray, np.ndarray]:
-        """→ (the prompt as int32, the request's padded stop ids), or a ValueError naming the request."""
+    def _check(self, request: Request) -> tuple[np.ndarray, np.ndarray, constrain.Matcher | None]:
+        """→ (the prompt as int32, the request's padded stop ids, its grammar state if constrained), or a
+        ValueError naming the request."""
         params = request.params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"request {request.id!r}: params must be a SamplingParams, got {type(params).__name__}")
@@ -220,6 +228,11 @@ class Engine:
             key = None if params.stop_tokens is None else tuple(params.stop_tokens)
             if key not in self._stops:
                 self._stops[key] = generation.stop_ids(self.model, key)
+            matcher = None
+            if params.constraint is not None:
+                if self.grammars is None:
+                    raise ValueError(f"{params.constraint[0]}: constrained requests need Engine(..., tokenizer=...)")
+                matcher = self.grammars.matcher(params, self._stops[key])
         except ValueError as e:
             raise ValueError(f"request {request.id!r}: {e}") from None
         needed = prompt.size + params.max_new_tokens
@@ -228,7 +241,7 @@ class Engine:
                 f"request {request.id!r} needs {self._pages_for(needed - 1)} pages; the pool has "
                 f"{self.pool.n_pages - 1}: give the engine more pages"
             )
-        return prompt, self._stops[key]
+        return prompt, self._stops[key], matcher
 
     def _pages_for(self, positions: int) -> int:
         return -(-positions // self.page_size)
@@ -241,7 +254,7 @@ class Engine:
         while waiting and len(staged) < self.prefill_rows:
             request = waiting[0]
             try:
-                prompt, stops = self._check(request)
+                prompt, stops, matcher = self._check(request)
             except ValueError as e:
                 waiting.popleft()
                 done.append((request, e))
@@ -276,6 +289,7 @@ class Engine:
                     shared + fresh,
                     hashes,
                     cursor=len(shared) * self.page_size,
+                    matcher=matcher,
                 )
             )
 
@@ -338,8 +352,9 @@ class Engine:
             after = s.prompt[s.cursor + 1 : s.cursor + c + 1]
             targets[i, : len(after)] = after
         zeros = np.zeros(r, np.int32)
+        padded = rows + [None] * (r - len(rows))
         state = self._state(
-            rows + [None] * (r - len(rows)),
+            padded,
             Rows(seeds, zeros, knobs, stops),
             mode,
             n_out=1,
@@ -348,6 +363,7 @@ class Engine:
             count=zeros,
             limit=limit,
             live=ends & (limit > 0),
+            mask=self._masks([s.matcher if s else None for s in padded]),
         )
         started = time.perf_counter()
         state = decoding.prefill(weights, state, Prompt(tokens, last, start, targets if scoring else None))
@@ -365,6 +381,8 @@ class Engine:
             self.ready[s.pages[: s.cursor // self.page_size]] = True
             if s.decoding:
                 self._record(s, out.row(i, count[i]), stopped[i])
+                if s.matcher is not None:
+                    s.matcher.take(s.count, s.last)
                 self._finish_if_done(s, slots, staged, done)
         return ran
 
@@ -433,6 +451,15 @@ class Engine:
                 if s.mode == mode:
                     self._finish_if_done(s, slots, staged, done)
 
+    def _masks(self, matchers: list[constrain.Matcher | None]) -> np.ndarray | None:
+        """The rows' next-token masks (`constrain`), None when no row is constrained."""
+        if all(m is None for m in matchers):
+            return None
+        started = time.perf_counter()
+        mask = self.grammars.masks(matchers)
+        self.stats["grammar_seconds"] += time.perf_counter() - started
+        return mask
+
     def _burst(self, weights: Weights, rows: list[_Slot | None], mode: Mode) -> None:
         b = self.slots
         last, count, position, limit = (np.zeros(b, np.int32) for _ in range(4))
@@ -448,7 +475,14 @@ class Engine:
             rows, sampling, mode, n_out=self.burst, last=last, positions=position, count=count, limit=limit, live=live
         )
         started = time.perf_counter()
-        state = decoding.decode(weights, state, np.int32(self.burst))
+        until = np.int32(self.burst)
+        matchers = [s.matcher if s else None for s in rows]
+        if any(matchers):  # one step per call, each under the rows' masks
+            state = constrain.decode_steps(
+                lambda s: decoding.decode(weights, s, until), state, matchers, self._masks, until
+            )
+        else:
+            state = decoding.decode(weights, state, until)
         self.k, self.v = state.cache.k, state.cache.v
         out, new_count, stopped = generation.to_host((state.out, state.count, state.stopped))
         self.stats["decode_calls"] += 1
@@ -456,6 +490,8 @@ class Engine:
         for i, s in enumerate(rows):
             if s is not None:
                 self._record(s, out.row(i, new_count[i] - count[i]), stopped[i])
+                if s.matcher is not None:
+                    s.matcher.take(s.count, s.last)
 
 
 _NEUTRAL_KNOBS = SamplingParams(max_new_tokens=1).knobs()  # an idle row's (its tokens are dropped)

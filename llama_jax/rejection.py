@@ -54,6 +54,7 @@ Scorer = Callable[[Mapping[str, Any], Mapping[str, Any]], float]
 @settings.declare(
     batch.JobConfig,
     *("input", "output", "batch_size", "progress", "force_resume", "seed", "max_new_tokens", "top_k", "min_p"),
+    *("json_schema", "regex", "choice"),
     n=4,
     temperature=0.8,
     top_p=0.95,
@@ -227,7 +228,8 @@ def run(
       scorer: `score(request, sample) -> float`; or `reward`: a `RewardModelScorer`. Exactly one.
       output_kind: "best" or "pairs" (see the module doc).
       model_identity, force_resume: as `batch.run_batch`'s, for the samples file.
-      **sampling: the batch job's per-request defaults (max_new_tokens, temperature, top_p, top_k, min_p, seed).
+      **sampling: the batch job's per-request defaults (max_new_tokens, temperature, top_p, top_k, min_p, seed,
+        json_schema, regex, choice).
     Returns the summary: prompts, samples, written lines, skipped ties, the batch job's summary.
     """
     if (scorer is None) == (reward is None):

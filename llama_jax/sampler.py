@@ -46,7 +46,7 @@ from collections.abc import Iterator, Sequence
 import jax
 import numpy as np
 
-from llama_jax import decoding, placement, platform
+from llama_jax import constrain, decoding, placement, platform
 from llama_jax.decoding import DecodeState, Prompt, Rows, Weights, trace_counts
 from llama_jax.generation import (
     LLAMA3_STOP_TOKENS,
@@ -127,6 +127,9 @@ class Inputs:
     prompt: Prompt
     until: np.ndarray  # [] int32: max_new_tokens
     n_prompts: int
+    # Constrained requests: the rows' grammar states (None for idle rows) and their tokenizer's grammars.
+    matchers: tuple[constrain.Matcher | None, ...] | None = None
+    grammars: constrain.Grammars | None = None
 
 
 def _empty_cache(model, batch: int, length: int) -> KVCache:
@@ -138,10 +141,18 @@ def _empty_cache(model, batch: int, length: int) -> KVCache:
 
 
 def inputs(
-    model, prompts, params: SamplingParams, *, min_batch: int = 1, unroll=None, abstract: bool = False
+    model,
+    prompts,
+    params: SamplingParams,
+    *,
+    min_batch: int = 1,
+    unroll=None,
+    abstract: bool = False,
+    tokenizer=None,
 ) -> Inputs:
     """What `generate` runs for these arguments (`abstract`: the cache as `ShapeDtypeStruct`s, nothing
-    allocated). The request is checked here, before any device work."""
+    allocated). The request is checked here, before any device work; a constrained one (`json_schema`,
+    `regex`, `choice`) is compiled against `tokenizer`'s vocabulary."""
     config = model.config
     check_can_generate(model)
     params.check_vocab(config.vocab_size)
@@ -176,6 +187,12 @@ def inputs(
     def make_cache():
         return _empty_cache(model, b, cache_len)
 
+    matchers = grammars = None
+    if params.constraint is not None:
+        if tokenizer is None:
+            raise ValueError(f"{params.constraint[0]}: constrained generation needs the tokenizer (tokenizer=...)")
+        grammars = constrain.Grammars.of(tokenizer, config.vocab_size)
+        matchers = tuple(grammars.matcher(params, stops) for _ in rows) + (None,) * (b - len(rows))
     cache = jax.eval_shape(make_cache) if abstract else make_cache()
     state = DecodeState.start(
         cache,
@@ -187,9 +204,23 @@ def inputs(
         live=(np.arange(b) < len(rows)) & (params.max_new_tokens > 0),
         n_out=n_out,
         mode=params.mode,
+        mask=None if matchers is None else grammars.masks(matchers),
     )
     prompt = Prompt(tokens_bp, lengths_b - 1, targets=targets_bp if params.prompt_logprobs else None)
-    return Inputs(Weights.of(model, unroll), state, prompt, np.int32(params.max_new_tokens), len(rows))
+    until = np.int32(params.max_new_tokens)
+    return Inputs(Weights.of(model, unroll), state, prompt, until, len(rows), matchers, grammars)
+
+
+def _decode(job: Inputs, state: DecodeState, until) -> DecodeState:
+    """`decoding.decode` up to output slot `until`; a constrained job one step per call, each under the
+    mask of the tokens its rows drew so far."""
+    if job.matchers is None:
+        return decoding.decode(job.weights, state, until)
+
+    def one_step(s: DecodeState) -> DecodeState:
+        return decoding.decode(job.weights, s, until)
+
+    return constrain.decode_steps(one_step, state, job.matchers, job.grammars.masks, until)
 
 
 def generate(
@@ -199,6 +230,7 @@ def generate(
     *,
     min_batch: int = 1,
     unroll: int | bool | None = None,
+    tokenizer=None,
     **sampling,
 ) -> list[GenerationResult]:
     """Continue each prompt (a list of token ids; lengths may differ) by up to `max_new_tokens`.
@@ -216,12 +248,14 @@ def generate(
         (`decoding.layer_weights`, a second copy of the layer weights, kept with the model) where that
         copy takes at most `decoding.LAYER_COPY_BUDGET` of each device's memory, else it scans the
         stacked weights. An int: it scans the stacked weights with that unrolling, with no second copy.
+      tokenizer: the model's `Tokenizer`, which a constrained request (`json_schema`, `regex`, `choice`)
+        needs: its outputs keep to the constraint token by token (`llama_jax.constrain`).
 
     Returns:
       One `GenerationResult` per prompt, in order.
     """
     params = sampling_params(params, **sampling)
-    job, state = _run(model, prompts, params, min_batch=min_batch, unroll=unroll)
+    job, state = _run(model, prompts, params, min_batch=min_batch, unroll=unroll, tokenizer=tokenizer)
     out, count, stopped, scores = to_host((state.out, state.count, state.stopped, state.prompt_logprobs))
     lengths = job.prompt.last + 1
     return [
@@ -250,13 +284,15 @@ def score(
     return [r.prompt_logprobs[len(p) :] for p, r in zip(prompts, generate(model, joined, params), strict=True)]
 
 
-def _run(model, prompts, params: SamplingParams, *, min_batch=1, unroll=None) -> tuple[Inputs, DecodeState]:
+def _run(
+    model, prompts, params: SamplingParams, *, min_batch=1, unroll=None, tokenizer=None
+) -> tuple[Inputs, DecodeState]:
     """`generate` up to the final device state (which tests inspect)."""
-    job = inputs(model, prompts, params, min_batch=min_batch, unroll=unroll)
+    job = inputs(model, prompts, params, min_batch=min_batch, unroll=unroll, tokenizer=tokenizer)
     state = decoding.prefill(job.weights, job.state, job.prompt)
     if not params.max_new_tokens:  # scoring only: no row is live, no decode program to compile
         return job, state
-    return job, decoding.decode(job.weights, state, job.until)
+    return job, _decode(job, state, job.until)
 
 
 def lower(
@@ -290,11 +326,12 @@ def stream(
     *,
     chunk: int = 1,
     unroll: int | bool | None = None,
+    tokenizer=None,
     **sampling,
 ) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are produced (stop token excluded).
 
-    `params` / `**sampling` as in `generate` (one seed). The same prefill and decode programs as
+    `params` / `**sampling` / `tokenizer` as in `generate` (one seed). The same prefill and decode programs as
     `generate` (same bucketing, same tokens for the same seed), run `chunk` steps per call so the host
     sees tokens as they come. The request is checked here, before the first token is asked for. The
     generator's return value (`StopIteration.value`, or the value of `yield from`) is the
@@ -305,14 +342,15 @@ def stream(
     params = sampling_params(params, **sampling)
     if isinstance(params.seed, tuple):
         raise ValueError(f"stream: one prompt, one seed; got seed={params.seed!r}")
-    return _stream(inputs(model, [prompt_tokens], params, unroll=unroll), params.max_new_tokens, chunk)
+    job = inputs(model, [prompt_tokens], params, unroll=unroll, tokenizer=tokenizer)
+    return _stream(job, params.max_new_tokens, chunk)
 
 
 def _stream(job: Inputs, max_new_tokens: int, chunk: int) -> Iterator[int]:
     state = decoding.prefill(job.weights, job.state, job.prompt)
     emitted = 0
     while True:
-        state = decoding.decode(job.weights, state, np.int32(min(emitted + chunk, max_new_tokens)))
+        state = _decode(job, state, np.int32(min(emitted + chunk, max_new_tokens)))
         out, count, stopped = to_host((state.out, state.count[0], state.stopped[0]))
         n = int(count) - bool(stopped)
         yield from (int(t) for t in out.tokens[0, emitted:n])

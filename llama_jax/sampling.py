@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from collections.abc import Sequence
 
@@ -32,6 +33,7 @@ import numpy as np
 from llama_jax.settings import setting
 
 __all__ = [
+    "CONSTRAINTS",
     "InvalidSampling",
     "LOGPROBS_MODES",
     "META_TEMPERATURE",
@@ -88,7 +90,23 @@ _RULES = {
     "top_logprobs": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
     "prompt_logprobs": (lambda v: isinstance(v, bool), "true or false"),
     "logprobs_mode": (lambda v: v in LOGPROBS_MODES, f"one of {', '.join(map(repr, LOGPROBS_MODES))}"),
+    "json_schema": (lambda v: v is None or _is_json_object(v), "a JSON schema: an object, or its JSON text"),
+    "regex": (lambda v: v is None or (isinstance(v, str) and v != ""), "a non-empty regular expression"),
+    "choice": (
+        lambda v: v is None or (isinstance(v, tuple) and len(v) > 0 and all(isinstance(c, str) and c for c in v)),
+        "a non-empty list of non-empty strings",
+    ),
 }
+
+# The output constraints (`llama_jax.constrain`): a request sets at most one.
+CONSTRAINTS = ("json_schema", "regex", "choice")
+
+
+def _is_json_object(text) -> bool:
+    try:
+        return isinstance(text, str) and isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 class InvalidSampling(ValueError):
@@ -165,10 +183,19 @@ class SamplingParams:
         flag=True,
         request=True,
     )
+    json_schema: str | None = setting(
+        None, "the output is JSON valid under this schema (an object, or its JSON text)", flag=True, request=True
+    )
+    regex: str | None = setting(None, "the output matches this regular expression, whole", flag=True, request=True)
+    choice: tuple[str, ...] | None = setting(
+        None, "the output is one of these strings (the flag: a,b,c)", flag=True, request=True
+    )
 
     def __post_init__(self) -> None:
         # Lists become tuples, so params hash (they key compiled programs and batch groups).
-        for name in ("seed", "stop_tokens"):
+        if isinstance(self.json_schema, dict):  # its text (params hash); keys keep their order: the output's
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
+        for name in ("seed", "stop_tokens", "choice"):
             value = getattr(self, name)
             if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes)):
                 object.__setattr__(self, name, tuple(int(v) if _is_int(v) else v for v in value))
@@ -176,6 +203,9 @@ class SamplingParams:
             object.__setattr__(self, "logprobs", bool(self.logprobs))
         for field in dataclasses.fields(self):
             check_field(field.name, getattr(self, field.name))
+        given = [name for name in CONSTRAINTS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise InvalidSampling(given[1], f"at most one of {', '.join(CONSTRAINTS)}", getattr(self, given[1]))
 
     @classmethod
     def meta(cls, **overrides) -> SamplingParams:
@@ -193,6 +223,11 @@ class SamplingParams:
         return dataclasses.replace(
             self, temperature=float(self.temperature), top_p=float(self.top_p), min_p=float(self.min_p)
         )
+
+    @property
+    def constraint(self) -> tuple[str, str | tuple[str, ...]] | None:
+        """(field, value) of the request's output constraint, None when unconstrained."""
+        return next(((name, getattr(self, name)) for name in CONSTRAINTS if getattr(self, name) is not None), None)
 
     @property
     def mode(self) -> Mode:

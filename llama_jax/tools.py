@@ -32,6 +32,7 @@ __all__ = [
     "reject_unknown_keys",
     "render_tool_call",
     "system_prompt",
+    "tool_call_schema",
     "tool_prompt_messages",
 ]
 
@@ -232,6 +233,47 @@ def _first_keyword_call(text: str) -> tuple[str | None, dict[str, Any] | None]:
         return call.func.id, {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
     except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
         return None, None
+
+
+# JSON-schema types of the `param_type`s tool definitions use (Meta's examples write "str", "int").
+_PARAM_TYPES = {
+    "str": "string",
+    "int": "integer",
+    "float": "number",
+    "bool": "boolean",
+    "list": "array",
+    "dict": "object",
+}
+_PARAM_TYPES |= {t: t for t in ("string", "integer", "number", "boolean", "array", "object")}
+
+
+def tool_call_schema(custom_tools: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The JSON schema of a call, in the json tool format (`render_tool_call`), of one of `custom_tools`
+    with its required parameters (typed where `param_type` names a JSON type). A request whose
+    `json_schema` it is (`llama_jax.constrain`) replies with a call `find_tool_call` always parses."""
+    tools = [_parse_custom_tool(tool, f"custom_tools[{i}]") for i, tool in enumerate(custom_tools)]
+    if not tools:
+        raise ValueError("custom_tools: expected at least one tool")
+    calls = []
+    for tool in tools:
+        properties = {
+            p.name: {"type": _PARAM_TYPES[p.param_type]} if p.param_type in _PARAM_TYPES else {} for p in tool.params
+        }
+        parameters = {
+            "type": "object",
+            "properties": properties,
+            "required": [p.name for p in tool.params if p.required],
+            "additionalProperties": False,
+        }
+        calls.append(
+            {
+                "type": "object",
+                "properties": {"type": {"const": "function"}, "name": {"const": tool.name}, "parameters": parameters},
+                "required": ["type", "name", "parameters"],
+                "additionalProperties": False,
+            }
+        )
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,8 +44,14 @@ SETTINGS = [
 ]
 
 
+# Fields whose valid values are not any value of their type.
+OTHER = {"json_schema": '{"type": "string"}', "choice": ("yes", "no")}
+
+
 def other_value(kind, default, name=""):
     """A valid value of the field's type that is not its default."""
+    if name in OTHER:
+        return OTHER[name]
     base = settings._base(kind)
     if name in OTHER:
         return OTHER[name]
@@ -130,7 +136,7 @@ def test_every_per_request_setting_is_a_request_field_that_reaches_the_request(r
     assert REQUEST_FIELDS == {"id", "prompt", "messages", *per_request}
     hints = typing.get_type_hints(JobConfig)
     for number, name in enumerate(per_request, 1):
-        value = other_value(hints[name], getattr(JobConfig(), name))
+        value = other_value(hints[name], getattr(JobConfig(), name), name)
         request = reader._parse(number, json.dumps({"id": name, "prompt": "hi", name: value}).encode())
         if name == "n":
             assert [sample_id for sample_id, _ in request.samples] == [f"{name}#{k}" for k in range(value)]
