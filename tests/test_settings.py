@@ -35,7 +35,13 @@ COMMANDS = {
 }
 JOBS = ("batch", "rejection", "train")  # settings from defaults < --config < options, each --config.<field>
 # Values the type allows that a job's own checks would refuse as the other value.
-OTHER = {"objective": "dpo", "dpo_loss": "ipo", "lora_targets": ("w1", "w2")}
+OTHER = {
+    "objective": "dpo",
+    "dpo_loss": "ipo",
+    "lora_targets": ("w1", "w2"),
+    "json_schema": '{"type": "string"}',
+    "choice": ("yes", "no"),
+}
 SETTINGS = [
     (command, cls, name)
     for command, (classes, _, _) in COMMANDS.items()
@@ -44,14 +50,8 @@ SETTINGS = [
 ]
 
 
-# Fields whose valid values are not any value of their type.
-OTHER = {"json_schema": '{"type": "string"}', "choice": ("yes", "no")}
-
-
 def other_value(kind, default, name=""):
     """A valid value of the field's type that is not its default."""
-    if name in OTHER:
-        return OTHER[name]
     base = settings._base(kind)
     if name in OTHER:
         return OTHER[name]
