@@ -80,6 +80,50 @@ def test_a_step_loop_counts_its_body_once_and_nested_loops_by_their_trips():
     assert any(not m.in_step for m in report.moves)  # the copy before the loop is per call, not per step
 
 
+def test_two_shallow_compiles_predict_the_deep_program_copies_of_the_whole_stack_included():
+    """`depth.extrapolate`: a program with a per-layer copy of the whole `[L, ...]` stack (L copies of L
+    layers, as the TPU decode re-lays out its cache) read from its 3- and 5-layer compiles is its
+    9-layer compile, bytes moved, memory and dots alike; a plain line through the totals is not."""
+    from llama_jax import depth
+
+    target = targets.get("h100x1")
+
+    def program(layers):
+        def f(c, x):
+            for i in range(layers):
+                new = c.at[i].set(jnp.tanh(x[:1] @ c[i]))  # in place, while the old stack is still read:
+                x = jnp.tanh(x @ new[i]) @ c[(i + 1) % layers]  # XLA copies the whole stack first
+                c = new
+            return c, x
+
+        args = _replicated(target, (layers, 256, 256), jnp.float32), _replicated(target, (8, 256), jnp.float32)
+        return compiled.read(jax.jit(f, donate_argnums=0).lower(*args).compile(), step_loop=False)
+
+    reports = {d: program(d) for d in (3, 5, 9)}
+    guess = depth.extrapolate(depth.reading(reports[3], 3, 9), depth.reading(reports[5], 5, 9))
+    deep = depth.reading(reports[9], 9)
+    assert guess.moves == deep.moves == {("copy", 2 * 9 * 256 * 256 * 4): 9}
+    assert (guess.memory, guess.dots) == (deep.memory, deep.dots)
+    assert reports[3].moved + (reports[5].moved - reports[3].moved) * 3 < deep.moved
+
+
+def test_tracing_for_a_gpu_target_answers_the_cudnn_version_from_its_config_only_inside():
+    """jax 0.10.2 asks the installed cuDNN library for its version before it builds cuDNN attention (no
+    flag or variable skips it); tracing for a GPU target answers with the target config's version, and
+    puts jax's own check back afterwards, after an error too."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    original, target = cudnn.check_cudnn_version, targets.get("h100x1")
+    with targets.tracing(target):
+        assert cudnn.check_cudnn_version() == target.cudnn_version() == 91000  # 9.10.0
+    assert cudnn.check_cudnn_version is original
+    with pytest.raises(KeyError), targets.tracing(target):
+        raise KeyError("a failed trace")
+    assert cudnn.check_cudnn_version is original
+    with targets.tracing(targets.get("v5p-2")):
+        assert cudnn.check_cudnn_version is original
+
+
 def test_vmem_and_other_memory_spaces_are_not_hbm_traffic():
     assert compiled.array_bytes("bf16[8,128]{1,0:T(8,128)(2,1)}") == 8 * 128 * 2
     assert compiled.array_bytes("bf16[8,128]{1,0:T(8,128)(2,1)S(1)}", hbm_only=True) == 0
