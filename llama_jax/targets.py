@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import importlib.util
 import math
+import os
 import pathlib
 import re
 
@@ -179,6 +180,10 @@ def _topology(name: str):
 
     target = get(name)
     check_plugin(target)
+    # Compiling touches no TPU: no cloud metadata server to ask, and libtpu's one-process lock guards
+    # nothing here (a test run or a second report may compile beside this one).
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if target.platform == "tpu":
         single = target.n_devices == 1  # libtpu needs the host bounds of a one-chip slice spelled out
         bounds = {"chips_per_host_bounds": (1, 1, 1)} if single else {}
