@@ -1,11 +1,11 @@
 """A deep program read from two shallow compiles: what the report's per-layer programs need at full depth.
 
     a, b = (depth.reading(report_at(d), d, layers=32) for d in depth.DEPTHS)
-    row = depth.extrapolate(a, b, layers=32)     # the 32-layer program, from its 3- and 5-layer compiles
+    row = depth.extrapolate(a, b)     # the 32-layer program, from its 3- and 5-layer compiles
 
 `generate`'s decode loop and the engine's burst run the layers unrolled where the per-layer weights fit
-(`decoding.decode_unroll`), so their compile time grows with depth: a full-depth 8B decode takes minutes
-for a TPU, a 70B one several. Everything the report reads of them is affine in the layer count L, given
+(`decoding.decode_unroll`), so their compile time grows with depth: a 70B decode compiled whole for
+8 H100s takes minutes on a 2-core machine. Everything the report reads of them is affine in the layer count L, given
 the program at depth d: its buffers (weights, cache, temporaries) are a per-layer part plus the rest;
 its dots, kernels and copies are per-layer instructions plus the rest. One kind of copy is not: a copy
 of the whole stacked cache (`[L, B, S, K, H]`) made once per layer moves L x L x (one layer's cache).
@@ -13,9 +13,10 @@ So every copy is first scaled to full depth by its own shape (a copy with an axi
 L/d times its bytes at depth d), and only then are the counts extrapolated, linearly in d, to L.
 
 The depths are odd so that an axis of length d is the layer axis: every other axis of these programs is
-a power of two or a model width (batch, heads, head dim, pages), never 3 or 5. The layer-scan programs
-(prefill, training, a decode over the stacked weights) compile in a time flat in depth and are
-compiled at full depth. How well two shallow compiles predict the full one: docs/TARGETS.md.
+a power of two or a model width (batch, heads, head dim, pages), never 3 or 5. It holds where the
+compiler makes the same per-layer choices at every depth: the GPU compiler does (every GPU decode of
+the report agrees with its full-depth compile), libtpu does not (whether it re-lays out the cache per
+layer depends on the whole program), so the report uses it for GPU decodes only: docs/TARGETS.md.
 """
 
 from __future__ import annotations

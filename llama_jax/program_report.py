@@ -14,9 +14,9 @@ Per program (`target_programs.Setup`), per target (`targets`), on the planner's 
 - compile time, and libtpu's own `bytes accessed` as it reports it (a `while` body counted once).
 
 A decode whose layers run unrolled (`generate`'s loop and the engine's burst where the per-layer weights
-fit) compiles in a time that grows with depth: it is compiled at 3 and 5 layers and read at full depth
-from those two (`llama_jax.depth`); every other program scans its layers and is compiled whole. Each
-row says which (`compiled_layers`); `--full-depth` compiles them all whole, to check the extrapolation.
+fit) compiles in a time that grows with depth: for a GPU it is compiled at 3 and 5 layers and read at
+full depth from those two (`llama_jax.depth`); TPU programs, and every program that scans its layers,
+are compiled whole. Each row says which (`compiled_layers`); `--full-depth` compiles them all whole.
 
 Rows are written to the JSON as they finish and skipped when already there, so a regeneration can stop
 and go on (without `--fresh`, which starts the table anew); `--docs` rewrites the table between the
@@ -127,16 +127,18 @@ def _lowered(setup, program: str, batch: int, stacked: bool | None = None):
 
 
 def compiled_layers(model: str, weights: str, target: str, program: str, full_depth: bool = False) -> tuple:
-    """The depths a row is compiled at: `depth.DEPTHS` for a decode whose layers run unrolled (its compile
-    time grows with depth), else the model's own (a layer scan, compiled in a time flat in depth)."""
+    """The depths a row is compiled at: `depth.DEPTHS` for a GPU decode whose layers run unrolled (its
+    compile time grows with depth), else the model's own. TPU programs are compiled whole: libtpu
+    re-lays out a decode's cache or not depending on the whole program (docs/TARGETS.md)."""
     setup = _setup(model, weights, target)
-    if program in DECODES and not full_depth and not setup.scans_layers():
+    unrolled = program in DECODES and not setup.scans_layers()
+    if unrolled and setup.target.platform == "cuda" and not full_depth:
         return depth.DEPTHS
     return (setup.config.n_layers,)
 
 
 def run_row(model: str, weights: str, target: str, program: str, batch: int, full_depth: bool = False):
-    """Compile one program and read it: the row of the report. A decode whose layers run unrolled is
+    """Compile one program and read it: the row of the report. A GPU decode whose layers run unrolled is
     compiled at `depth.DEPTHS` layers and extrapolated (`full_depth`: compiled as deep as the model)."""
     from llama_jax import target_programs
 
@@ -236,7 +238,7 @@ def markdown(results: dict[str, dict]) -> str:
 
 def _layers(row: dict) -> str:
     """The depths a row was compiled at: "3, 5 → 32" where it is extrapolated (`llama_jax.depth`)."""
-    depths = row.get("compiled_layers", [])
+    depths = row.get("compiled_layers", [row.get("layers", "")])
     return ", ".join(map(str, depths)) + (f" → {row['layers']}" if len(depths) > 1 else "")
 
 

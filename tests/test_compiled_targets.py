@@ -104,12 +104,14 @@ def test_two_shallow_compiles_predict_the_deep_program_copies_of_the_whole_stack
     assert 2 * reports[5].moved - reports[3].moved < deep.moved
 
 
-def test_the_report_compiles_unrolled_decodes_shallow_and_layer_scans_whole():
+def test_the_report_compiles_unrolled_gpu_decodes_shallow_and_the_rest_whole():
     from llama_jax import program_report
 
     assert program_report.compiled_layers("8b", "bf16", "h100x1", "decode") == (3, 5)
     assert program_report.compiled_layers("8b", "bf16", "h100x1", "decode", full_depth=True) == (32,)
     assert program_report.compiled_layers("8b", "bf16", "h100x1", "prefill") == (32,)
+    # libtpu's relayouts of a decode's cache depend on the whole program: TPU decodes compile whole.
+    assert program_report.compiled_layers("8b", "bf16", "v5p-2", "decode") == (32,)
     # 405B's per-layer copy would not fit beside its weights on 8 H100s: its decode scans the stack.
     assert program_report.compiled_layers("405b", "fp8", "h100x8", "burst") == (126,)
 
