@@ -34,6 +34,7 @@ import time
 # Bytes per element of each HLO element type (the planner's collective counts read them too).
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4}
 DTYPE_BYTES.update({"f64": 8, "s64": 8, "u64": 8, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1})
+MEMORY = ("argument", "output", "alias", "temp", "generated_code")  # memory_analysis, per device
 MOVES = ("copy", "transpose", "slice", "dynamic-slice", "gather", "copy-start")
 # The custom-call targets of Pallas kernels: Mosaic (TPU) and Triton (GPU).
 TPU_KERNEL, TRITON_KERNEL = "tpu_custom_call", "__gpu$xla.gpu.triton"
@@ -113,6 +114,7 @@ class Move:
     times: int  # per step (or per call, outside the step loop)
     in_step: bool  # inside the step loop
     dtype: str = ""  # the element type it writes ("f8e4m3fn": an FP8 weight moved)
+    shape: tuple[int, ...] = ()  # of the array it writes
 
 
 @dataclasses.dataclass
@@ -211,13 +213,14 @@ def _moves(comps, name: str, times: int, out: list[Move], loop: list, in_step: b
                 kind = root.op if root is not None else ""
             if kind not in MOVES:
                 continue
-            if kind == "copy-start":  # (destination, source, context): a prefetch unless it lands in HBM
-                dest = _ARRAY.search(instr.type)
-                nbytes = 0 if dest is None else array_bytes(dest.group(0), hbm_only=True)
-            else:
-                nbytes = array_bytes(instr.type, hbm_only=True)
+            written = _ARRAY.search(instr.type)  # copy-start: (destination, source, context)
+            if written is None:
+                continue
+            # A prefetch unless it lands in HBM.
+            nbytes = array_bytes(written.group(0) if kind == "copy-start" else instr.type, hbm_only=True)
             if nbytes:
-                out.append(Move(name, instr.name, kind, 2 * nbytes, times, in_step, instr.dtype))
+                shape = tuple(int(d) for d in written.group(2).split(",") if d)
+                out.append(Move(name, instr.name, kind, 2 * nbytes, times, in_step, instr.dtype, shape))
 
 
 def _dots(comps) -> list[Dot]:
@@ -260,11 +263,12 @@ def read_text(hlo_text: str, *, step_loop: bool = True, dynamic_trips: int = 1) 
 def memory(compiled) -> dict[str, int]:
     """Per-device bytes from `compiled.memory_analysis()`; peak = arguments + outputs - aliased + temps."""
     stats = compiled.memory_analysis()
-    out = {
-        k: int(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp", "generated_code")
-    }
-    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-    return out
+    return with_peak({k: int(getattr(stats, f"{k}_size_in_bytes")) for k in MEMORY})
+
+
+def with_peak(memory: dict[str, int]) -> dict[str, int]:
+    """`memory` and its peak: arguments + outputs - aliased + temporaries."""
+    return {**memory, "peak": memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]}
 
 
 def read(compiled, compile_seconds: float | None = None, **loops) -> Report:

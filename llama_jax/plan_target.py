@@ -8,7 +8,6 @@ refusal is the verdict, with the bytes it says the program needs.
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 
@@ -40,7 +39,6 @@ def compiler(hardware) -> tuple[Any, str]:
     import jax
 
     jax.config.update("jax_platforms", "cpu")  # jax runs on the CPU; the plugin only compiles
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     kind = "libtpu" if hardware.platform == "tpu" else "XLA GPU compiler, XLA's target config"
     return hardware, f"{hardware.lowering_platform} ({kind}: {hardware.devices()[0].device_kind})"
 

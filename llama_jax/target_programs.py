@@ -97,7 +97,7 @@ class Setup:
         their copy takes at most `LAYER_COPY_BUDGET` of the device's HBM, else (or with `stacked`) None,
         the scanned stack."""
         if stacked is None:
-            stacked = self.layer_bytes_per_device() > decoding.LAYER_COPY_BUDGET * self.target.hbm_bytes
+            stacked = self.scans_layers()
         if stacked:
             return None
         graphdef, leaves = self.graphdef, jax.tree.leaves(self.state)
@@ -113,6 +113,11 @@ class Setup:
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(self.mesh, PartitionSpec(*spec[1:])))
 
         return jax.tree.map(one, abstract, sources)
+
+    def scans_layers(self) -> bool:
+        """Whether `generate` and the engine decode this model on this target from the stacked weights
+        (a layer scan: compile time flat in depth) rather than from per-layer copies (unrolled)."""
+        return self.layer_bytes_per_device() > decoding.LAYER_COPY_BUDGET * self.target.hbm_bytes
 
     def _layer_states(self):
         model = self.model
@@ -228,11 +233,12 @@ class Setup:
         )
         return self.place(state, shape, pool_axes(kernel))
 
-    def burst(self, slots: int, context: int, attention: str = "auto"):
+    def burst(self, slots: int, context: int, attention: str = "auto", stacked: bool | None = None):
         """The engine's decode burst (`BURST` steps) over `slots` slots whose pages hold `context` tokens each,
-        with the paged attention an `Engine` loaded with `attention` runs here (`paged_attention`)."""
+        with the paged attention an `Engine` loaded with `attention` runs here (`paged_attention`);
+        `stacked` as `decode_loop`'s."""
         state = self._engine_state(slots, context, BURST, attention)
-        return self._lower(decoding.decode, self.program_weights(), state, self.place(np.int32(BURST)))
+        return self._lower(decoding.decode, self.program_weights(stacked), state, self.place(np.int32(BURST)))
 
     def chunk_prefill(self, slots: int, context: int):
         """The engine's prefill call: `PREFILL_CHUNK` prompt tokens of `slots` rows into their pages."""

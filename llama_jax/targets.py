@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import importlib.util
 import math
+import os
 import pathlib
 import re
 
@@ -103,10 +104,16 @@ def _tpu(generation: str, chips_shape: tuple[int, ...]) -> Target:
 
 @contextlib.contextmanager
 def tracing(target: Target):
-    """Trace programs for `target`: attention "auto" picks its backend (`platform.lowering_for`). On a GPU
-    target jax's cuDNN attention asks the CUDA plugin for the cuDNN version, which needs the CUDA
-    libraries; the target config's version answers instead. That guard is all it asks: the
-    fused-attention custom call is built by jax itself."""
+    """Trace programs for `target`: attention "auto" picks its backend (`platform.lowering_for`).
+
+    On a GPU target, `jax.nn.dot_product_attention(implementation="cudnn")` first asks the installed
+    cuDNN library its version (`jax._src.cudnn.fused_attention_stablehlo.check_cudnn_version`, through
+    the CUDA plugin's `cudnn_get_version`), and raises "cuDNN not found" without it. jax 0.10.2 has no
+    config flag or environment variable around that call (`JAX_SKIP_CUDA_CONSTRAINTS_CHECK` only skips
+    the plugin's start-up checks); the one public way is to install the cuDNN wheel (`nvidia-cudnn-cu12`,
+    hundreds of MB), and then the version is the installed library's, not the target's. So while
+    tracing, and only then, that check answers with the target config's `dnn_version`: the check is all
+    it asks, the fused-attention custom call is built by jax itself."""
     from llama_jax import platform
 
     with contextlib.ExitStack() as stack:
@@ -173,6 +180,10 @@ def _topology(name: str):
 
     target = get(name)
     check_plugin(target)
+    # Compiling touches no TPU: no cloud metadata server to ask, and libtpu's one-process lock guards
+    # nothing here (a test run or a second report may compile beside this one).
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if target.platform == "tpu":
         single = target.n_devices == 1  # libtpu needs the host bounds of a one-chip slice spelled out
         bounds = {"chips_per_host_bounds": (1, 1, 1)} if single else {}

@@ -18,9 +18,6 @@ import pytest
 
 if os.environ.get("JAX_PLATFORMS", "cpu") != "cpu":
     pytest.skip("compiles for TPU/H100 with jax on the CPU (JAX_PLATFORMS=cpu)", allow_module_level=True)
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # libtpu must not ask a cloud metadata server
-# The planner test compiles for TPU in a subprocess while this process holds libtpu (and its lock file).
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +75,62 @@ def test_a_step_loop_counts_its_body_once_and_nested_loops_by_their_trips():
     report = compiled.read(jax.jit(program).lower(a, n).compile())
     assert report.moved == 3 * 2 * 2048 * 4096 * 2 + sum(m.bytes for m in report.step_moves if m.bytes < MiB)
     assert any(not m.in_step for m in report.moves)  # the copy before the loop is per call, not per step
+
+
+def test_two_shallow_compiles_predict_the_deep_program_copies_of_the_whole_stack_included():
+    """`depth.extrapolate`: a program with a per-layer copy of the whole `[L, ...]` stack (L copies of L
+    layers, as the TPU decode re-lays out its cache) read from its 3- and 5-layer compiles is its
+    7-layer compile, bytes moved, memory and dots alike; a plain line through the totals is not."""
+    from llama_jax import depth
+
+    target = targets.get("h100x1")
+
+    def program(layers):
+        def f(c, x):
+            for i in range(layers):
+                new = c.at[i].set(jnp.tanh(x[:1] @ c[i]))  # in place, while the old stack is still read:
+                x = jnp.tanh(x @ new[i]) @ c[(i + 1) % layers]  # XLA copies the whole stack first
+                c = new
+            return c, x
+
+        args = _replicated(target, (layers, 256, 256), jnp.float32), _replicated(target, (8, 256), jnp.float32)
+        return compiled.read(jax.jit(f, donate_argnums=0).lower(*args).compile(), step_loop=False)
+
+    reports = {d: program(d) for d in (3, 5, 7)}
+    guess = depth.extrapolate(depth.reading(reports[3], 3, 7), depth.reading(reports[5], 5, 7))
+    deep = depth.reading(reports[7], 7)
+    assert guess.moves == deep.moves == {("copy", 2 * 7 * 256 * 256 * 4): 7}
+    assert (guess.memory, guess.dots) == (deep.memory, deep.dots)
+    assert 2 * reports[5].moved - reports[3].moved < deep.moved
+
+
+def test_the_report_compiles_unrolled_gpu_decodes_shallow_and_the_rest_whole():
+    from llama_jax import program_report
+
+    assert program_report.compiled_layers("8b", "bf16", "h100x1", "decode") == (3, 5)
+    assert program_report.compiled_layers("8b", "bf16", "h100x1", "decode", full_depth=True) == (32,)
+    assert program_report.compiled_layers("8b", "bf16", "h100x1", "prefill") == (32,)
+    # libtpu's relayouts of a decode's cache depend on the whole program: TPU decodes compile whole.
+    assert program_report.compiled_layers("8b", "bf16", "v5p-2", "decode") == (32,)
+    # 405B's per-layer copy would not fit beside its weights on 8 H100s: its decode scans the stack.
+    assert program_report.compiled_layers("405b", "fp8", "h100x8", "burst") == (126,)
+
+
+def test_tracing_for_a_gpu_target_answers_the_cudnn_version_from_its_config_only_inside():
+    """jax 0.10.2 asks the installed cuDNN library for its version before it builds cuDNN attention (no
+    flag or variable skips it); tracing for a GPU target answers with the target config's version, and
+    puts jax's own check back afterwards, after an error too."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    original, target = cudnn.check_cudnn_version, targets.get("h100x1")
+    with targets.tracing(target):
+        assert cudnn.check_cudnn_version() == target.cudnn_version() == 91000  # 9.10.0
+    assert cudnn.check_cudnn_version is original
+    with pytest.raises(KeyError), targets.tracing(target):
+        raise KeyError("a failed trace")
+    assert cudnn.check_cudnn_version is original
+    with targets.tracing(targets.get("v5p-2")):
+        assert cudnn.check_cudnn_version is original
 
 
 def test_vmem_and_other_memory_spaces_are_not_hbm_traffic():
@@ -294,10 +347,13 @@ def test_405b_fp8_decode_multiplies_f8_by_f8(decode_405b_fp8):
 
 
 def test_plan_with_a_target_is_compiled_by_that_target_and_sized_by_its_memory():
-    from llama_jax import plan_report
+    import argparse
 
-    argv = ["--config", "tiny", "--batch", "8", "--context", "256"]
-    p = plan_report.plan_subprocess([*argv, "--target", "v5p-8"])
+    from llama_jax import plan
+
+    parser = argparse.ArgumentParser()
+    plan.add_arguments(parser)  # in this process: a target's plan starts no virtual CPU devices
+    p = plan.run(parser.parse_args(["--config", "tiny", "--batch", "8", "--context", "256", "--target", "v5p-8"]))
     assert p["compiler"].startswith("tpu (libtpu: TPU v5") and p["hardware"] == "v5p-8" and p["devices"] == 4
     assert p["device_memory"] == 95 * (1 << 30) and p["budget"] == int(0.9 * p["device_memory"])
     # The TPU compiler's buffers: weights and cache in (8, 128) tiles, padded beyond their logical bytes.
