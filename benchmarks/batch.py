@@ -57,8 +57,9 @@ def cpu_benchmark(n_requests: int, new_tokens: int, batch_size: int, repeats: in
     import transformers
 
     import llama_jax
-    from llama_jax import batch, default_model
-    from llama_jax.chat import ChatFormat
+    from llama_jax.jobs import batch
+    from llama_jax.text.chat import ChatFormat
+    from llama_jax.weights import default_model
 
     threads = os.cpu_count()
     torch.set_num_threads(threads)

@@ -75,7 +75,7 @@ def llguidance_side(tokenizer, ids: list[int]) -> dict:
     from llguidance.numpy import fill_next_token_bitmask, fill_next_token_bitmask_par
     from llguidance.tiktoken import lltokenizer_from_encoding
 
-    from llama_jax import constrain
+    from llama_jax.inference import constrain
 
     started = time.perf_counter()
     lltok = lltokenizer_from_encoding(tokenizer._model, n_vocab=VOCAB, eos_token=tokenizer.eot_id)
@@ -156,9 +156,9 @@ def outlines_side(tokenizer, ids: list[int]) -> dict:
 
 
 def engine_side(tokenizer, new_tokens: int) -> dict:
-    from llama_jax.default_model import default_model
-    from llama_jax.engine import Engine, Request
-    from llama_jax.sampling import SamplingParams
+    from llama_jax.inference.engine import Engine, Request
+    from llama_jax.inference.sampling import SamplingParams
+    from llama_jax.weights.default_model import default_model
 
     model = default_model(warn=False)
     prompts = [tokenizer.encode(f"Question {i}: is the answer right? Verdict:", bos=True, eos=False) for i in range(32)]
@@ -206,7 +206,7 @@ def main() -> None:
         "--part", choices=("all", "llguidance", "outlines", "engine"), default="all", help="measure only this part"
     )
     args = parser.parse_args()
-    from llama_jax.default_model import default_tokenizer
+    from llama_jax.weights.default_model import default_tokenizer
 
     tokenizer = default_tokenizer()
     ids = tokenizer.encode(json.dumps(INSTANCE), bos=False, eos=False)

@@ -71,7 +71,7 @@ def _best_of(fn, repeats: int) -> float:
 
 
 def hf_config(transformers, vocab: int, dim: int, n_layers: int, ffn: int, tied: bool):
-    from llama_jax.default_model import DEFAULT_CONFIG as c
+    from llama_jax.weights.default_model import DEFAULT_CONFIG as c
 
     scaling = c.rope_scaling
     return transformers.LlamaConfig(
@@ -149,7 +149,7 @@ def cpu_benchmark(repeats: int, shapes, batches) -> dict:
     results = {}
     for name in shapes:
         results[name] = _shape_benchmark(name, batches, repeats, bandwidth["used"] * 1e9, torch, transformers)
-    from llama_jax import sampler
+    from llama_jax.inference import sampler
 
     return {
         "benchmark": "decode",
@@ -167,7 +167,7 @@ def cpu_benchmark(repeats: int, shapes, batches) -> dict:
 
 def _shape_benchmark(name, batches, repeats, bandwidth, torch, transformers) -> dict:
     import llama_jax
-    from llama_jax import sampler
+    from llama_jax.inference import sampler
 
     vocab, dim, n_layers, ffn, tied = SHAPES[name]
     torch.manual_seed(0)
@@ -249,9 +249,9 @@ def device_benchmark(name: str, repeats: int) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from llama_jax import sampler
-    from llama_jax.config import model_config_from_file
-    from llama_jax.model import Llama, abstract
+    from llama_jax.inference import sampler
+    from llama_jax.model.config import model_config_from_file
+    from llama_jax.model.model import Llama, abstract
 
     if name != "8b":
         raise SystemExit(f"--device-model: only '8b' is defined, got {name!r}")

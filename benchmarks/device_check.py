@@ -39,7 +39,7 @@ import traceback
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from llama_jax import platform  # noqa: E402  (imports jax, starts no backend)
+from llama_jax.model import platform  # noqa: E402  (imports jax, starts no backend)
 
 BUDGET_S = 420.0  # the whole run; each check also has its own estimate below
 # Dense bf16 / FP8 tensor-core peaks and HBM bandwidth from NVIDIA's data sheets (SXM parts).
@@ -117,7 +117,7 @@ class Run:
 
 
 def _config(name: str, smoke: bool):
-    from llama_jax.config import LlamaConfig, model_config_from_file
+    from llama_jax.model.config import LlamaConfig, model_config_from_file
 
     if smoke:  # head_dim 128 as the real ones; a few MB
         return LlamaConfig(vocab_size=512, dim=256, n_layers=3, n_heads=2, n_kv_heads=1, ffn_dim=256, max_seq_len=1024)
@@ -130,8 +130,8 @@ def _random_model(config, *, fp8_layers=(), matmul="fp8"):
     import jax.numpy as jnp
     from flax import nnx
 
-    from llama_jax import quant
-    from llama_jax.model import Llama, Options
+    from llama_jax.model import quant
+    from llama_jax.model.model import Llama, Options
 
     fp8 = quant.Fp8Spec(tuple(fp8_layers), matmul=matmul) if fp8_layers else None
     model = Llama(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), options=Options(fp8=fp8))
@@ -207,7 +207,7 @@ def attention_parity(run: Run) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from llama_jax import attention
+    from llama_jax.model import attention
 
     if run.device.platform != "gpu":
         raise RuntimeError(f"cuDNN attention needs an NVIDIA GPU; this run is on {run.device.platform}")
@@ -240,7 +240,7 @@ def _prefill_flops(config, tokens: int) -> float:
 
 
 def _prefill_seconds(model, tokens: int, repeats: int, **kw) -> float:
-    from llama_jax import sampler
+    from llama_jax.inference import sampler
 
     prompt = [[7] * (tokens - 1)]
     return _timed(lambda: sampler.generate(model, prompt, max_new_tokens=1, stop_tokens=[], **kw), repeats)
@@ -288,7 +288,7 @@ def _decode_shape(run: Run) -> tuple[int, int, int]:
 
 
 def _decode_rows(run: Run, model, config, batches=(1, 8, 64)) -> list[dict]:
-    from llama_jax import sampler
+    from llama_jax.inference import sampler
 
     prompt_len, steps, short = _decode_shape(run)
     batches = batches[:1] if run.smoke else batches
@@ -332,8 +332,8 @@ def fp8_gemm_calls(hlo: str) -> list[str]:
     """GEMMs of a compiled GPU program that multiply f8e4m3fn by f8e4m3fn: cuBLASLt FP8 custom calls
     (`__cublas$lt$matmul$f8`) or dots of GEMM fusions (Triton's `__triton_nested_gemm_fusion`) whose
     operands are FP8 after compilation. The compiled HLO prints operands without their types; the
-    package's reader resolves them (`llama_jax.compiled`)."""
-    from llama_jax import compiled
+    package's reader resolves them (`llama_jax.planning.compiled`)."""
+    from llama_jax.planning import compiled
 
     report = compiled.read_text(hlo)
     calls = report.custom_calls.items()
@@ -343,7 +343,8 @@ def fp8_gemm_calls(hlo: str) -> list[str]:
 
 
 def decode_fp8(run: Run) -> dict:
-    from llama_jax import fp8, sampler
+    from llama_jax.inference import sampler
+    from llama_jax.weights import fp8
 
     config = run.config_8b
     model = _random_model(config, fp8_layers=fp8.release_layers(config.n_layers))
@@ -379,8 +380,8 @@ def train_mfu_1b(run: Run) -> dict:
     import jax
     import numpy as np
 
-    from llama_jax import attention
-    from llama_jax.train import TrainConfig, Trainer
+    from llama_jax.jobs.train import TrainConfig, Trainer
+    from llama_jax.model import attention
 
     config = _config("llama3_2_1b", run.smoke)
     batch, seq = (2, 64) if run.smoke else (4, 2048)

@@ -54,7 +54,7 @@ def tune_eot(torch, hf_model, model, rng, prompts) -> dict:
     every workload ended the 1,000-token-prefix prompts at once: the calibration samples, per workload.)"""
     import jax.numpy as jnp
 
-    from llama_jax import sampler
+    from llama_jax.inference import sampler
 
     ids = torch.tensor(rng.integers(0, 128_000, size=(4, 512)))
     with torch.no_grad():
@@ -90,7 +90,7 @@ def make_prompts(rng, n, lo, hi, system=None) -> list[list[int]]:
 
 def static(model, prompts, seeds, batch):
     """The previous batch job: groups of `batch` requests of one prompt bucket, one `generate` each."""
-    from llama_jax import sampler
+    from llama_jax.inference import sampler
 
     groups: dict[int, list[int]] = {}
     outs = {}
@@ -124,8 +124,8 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
     import transformers
 
     import llama_jax
-    from llama_jax.engine import Engine, Request
-    from llama_jax.sampling import SamplingParams
+    from llama_jax.inference.engine import Engine, Request
+    from llama_jax.inference.sampling import SamplingParams
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

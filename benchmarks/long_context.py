@@ -92,8 +92,8 @@ def run_ours(checkpoint: str, length: int, steps: int) -> dict:
     from flax import nnx
 
     import llama_jax
-    from llama_jax import decoding
-    from llama_jax.kv_cache import KVCache
+    from llama_jax.inference import decoding
+    from llama_jax.model.kv_cache import KVCache
 
     result = {"side": "llama_jax", "length": length}
     model = llama_jax.load(checkpoint, dtype="float32")

@@ -71,7 +71,7 @@ def measure(path: pathlib.Path, mode: str) -> dict:
 
 
 def run(directory: pathlib.Path) -> dict:
-    from llama_jax.config import LlamaConfig
+    from llama_jax.model.config import LlamaConfig
     from tests.checkpoints import meta_state_dict, write_meta_checkpoint
 
     write_meta_checkpoint(directory, PARAMS, meta_state_dict(PARAMS), mp=MP)

@@ -27,7 +27,7 @@ SHAPE = dict(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn
 
 CHILD = r"""
 import json, sys, threading, time
-from llama_jax.convert import convert
+from llama_jax.jobs.convert import convert
 import torch  # noqa: F401  (imported before the baseline)
 
 def anon():

@@ -1,6 +1,6 @@
 """Training-step speed: llama_jax's Trainer against transformers + torch.optim.AdamW, same model, same run.
 
-The model is the shape of `llama_jax.default_model` (vocab 128,256, dim 256, 4 layers, GQA 8/2, tied
+The model is the shape of `llama_jax.weights.default_model` (vocab 128,256, dim 256, 4 layers, GQA 8/2, tied
 embeddings; ~35.8M parameters, fp32). transformers builds it with random weights, saves it with
 `save_pretrained`, and `llama_jax.load(dir, dtype="float32")` reads the same weights. Both sides
 then run the same full fine-tuning step on the same batches (`--batch` sequences of `--seq-len`
@@ -52,7 +52,7 @@ def run(batch: int, seq_len: int, steps: int, warmup: int) -> dict:
     import transformers
 
     import llama_jax
-    from llama_jax.train import TrainConfig, Trainer
+    from llama_jax.jobs.train import TrainConfig, Trainer
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)

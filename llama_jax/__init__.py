@@ -12,27 +12,27 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "ChatFormat": "chat",
-    "GenerationResult": "sampler",
-    "KVCache": "kv_cache",
-    "Llama": "model",
-    "LlamaConfig": "config",
-    "RopeScaling": "config",
-    "SamplingParams": "sampling",
-    "Tokenizer": "tokenizer",
-    "find_tokenizer": "tokenizer",
-    "generate": "sampler",
-    "load": "loading",
-    "open_checkpoint": "loading",
-    "save": "convert",
-    "score": "sampler",
-    "stream": "sampler",
+    "ChatFormat": "text.chat",
+    "GenerationResult": "inference.sampler",
+    "KVCache": "model.kv_cache",
+    "Llama": "model.model",
+    "LlamaConfig": "model.config",
+    "RopeScaling": "model.config",
+    "SamplingParams": "inference.sampling",
+    "Tokenizer": "text.tokenizer",
+    "find_tokenizer": "text.tokenizer",
+    "generate": "inference.sampler",
+    "load": "weights.loading",
+    "open_checkpoint": "weights.loading",
+    "save": "jobs.convert",
+    "score": "inference.sampler",
+    "stream": "inference.sampler",
 }
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    """A public name from its module, or a submodule (`llama_jax.batch` after `import llama_jax`)."""
+    """A public name from its module, or a submodule (`llama_jax.jobs.batch` after `import llama_jax`)."""
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
     else:

@@ -2,12 +2,12 @@
 
     generate  --prompt TEXT [--checkpoint DIR]     stream a continuation to stdout
     chat      [--checkpoint DIR] [--system TEXT]   an interactive chat on stdin (/exit, EOF or Ctrl-C ends it)
-    convert   SRC DST [--to hf|meta|orbax]         see `llama_jax/convert.py`
-    batch     --input F --output F [--config FILE]  a resumable JSONL job, see `llama_jax/batch.py`
-    train     --config FILE [--data F --resume]     fine-tune / distill / DPO, see `llama_jax/train.py`
-    rejection --input F --output F --n N --scorer M:F  best-of-n samples or pairs, see `llama_jax/rejection.py`
-    guard     --message TEXT [--response TEXT]       Llama Guard 3 safety classification, see `llama_jax/guard.py`
-    plan      --config FILE --mesh AXES [--preset P]  per-device memory on a mesh, see `llama_jax/plan.py`
+    convert   SRC DST [--to hf|meta|orbax]         see `llama_jax/jobs/convert.py`
+    batch     --input F --output F [--config FILE]  a resumable JSONL job, see `llama_jax/jobs/batch.py`
+    train     --config FILE [--data F --resume]     fine-tune / distill / DPO, see `llama_jax/jobs/train.py`
+    rejection --input F --output F --n N --scorer M:F  best-of-n samples or pairs, see `llama_jax/jobs/rejection.py`
+    guard     --message TEXT [--response TEXT]       Llama Guard 3 safety classification, see `llama_jax/jobs/guard.py`
+    plan      --config FILE --mesh AXES [--preset P]  per-device memory on a mesh, see `llama_jax/planning/plan.py`
 
 Each command lives in one `register(subparsers)` function that adds its parser and sets
 `func=<main(args) -> exit code>`; a new command is one more entry in `COMMANDS`. A command's module is
@@ -24,7 +24,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
-from llama_jax import jobs, sampling, settings
+from llama_jax.inference import sampling
+from llama_jax.jobs import jobs
+from llama_jax.model import settings
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -112,7 +114,8 @@ def register_generate(subparsers) -> None:
 
 
 def generate_main(args: argparse.Namespace) -> int:
-    from llama_jax import platform, sampler
+    from llama_jax.inference import sampler
+    from llama_jax.model import platform
 
     platform.enable_compile_cache()
     try:
@@ -149,8 +152,8 @@ def register_chat(subparsers) -> None:
 
 
 def chat_main(args: argparse.Namespace) -> int:
-    from llama_jax import platform
-    from llama_jax.chat import ChatFormat
+    from llama_jax.model import platform
+    from llama_jax.text.chat import ChatFormat
 
     platform.enable_compile_cache()
     try:
@@ -171,7 +174,7 @@ def chat_loop(model, chat, params, *, system=None, stdin=None, stdout=None, stde
     until the dialog and `params.max_new_tokens` fit `context` (default: the model's `max_seq_len`); the
     system message always stays, and stderr says what went.
     """
-    from llama_jax import sampler
+    from llama_jax.inference import sampler
 
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     context = context or model.config.max_seq_len
@@ -244,37 +247,37 @@ def _fit_turns(chat, head: list[dict], turns: list[dict], budget: int) -> int | 
 
 
 def _register_convert(subparsers) -> None:
-    from llama_jax import convert
+    from llama_jax.jobs import convert
 
     convert.register(subparsers)
 
 
 def _register_batch(subparsers) -> None:
-    from llama_jax import batch
+    from llama_jax.jobs import batch
 
     batch.register(subparsers)
 
 
 def _register_train(subparsers) -> None:
-    from llama_jax import train
+    from llama_jax.jobs import train
 
     train.register(subparsers)
 
 
 def _register_rejection(subparsers) -> None:
-    from llama_jax import rejection
+    from llama_jax.jobs import rejection
 
     rejection.register(subparsers)
 
 
 def _register_guard(subparsers) -> None:
-    from llama_jax import guard
+    from llama_jax.jobs import guard
 
     guard.register(subparsers)
 
 
 def _register_plan(subparsers) -> None:
-    from llama_jax import plan
+    from llama_jax.planning import plan
 
     plan.register(subparsers)
 
@@ -306,7 +309,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llama_jax import platform
+    from llama_jax.model import platform
 
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and argv[0] in COMMANDS else ""

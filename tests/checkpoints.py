@@ -92,7 +92,7 @@ def meta_state_dict(params: dict, seed: int = 0, *, vocab_size: int | None = Non
     """Random weights in Meta's layout, rounded to bf16 (as Meta ships them) and held in fp32.
 
     `vocab_size`: for Llama 2 params (`vocab_size: -1`), the tokenizer's vocabulary."""
-    from llama_jax.config import LlamaConfig
+    from llama_jax.model.config import LlamaConfig
 
     c = LlamaConfig.from_meta_params(params, **({"vocab_size": vocab_size} if vocab_size else {}))
     g = torch.Generator().manual_seed(seed)

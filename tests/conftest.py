@@ -30,7 +30,7 @@ def llama3_tokenizer_path() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tokenizer(llama3_tokenizer_path):
     """The real Llama 3 tokenizer (ours), loaded once."""
-    from llama_jax.tokenizer import Tokenizer
+    from llama_jax.text.tokenizer import Tokenizer
 
     return Tokenizer.from_file(llama3_tokenizer_path)
 
@@ -38,6 +38,6 @@ def tokenizer(llama3_tokenizer_path):
 @pytest.fixture(scope="session")
 def chat(tokenizer):
     """Our `ChatFormat` over the real Llama 3 tokenizer."""
-    from llama_jax.chat import ChatFormat
+    from llama_jax.text.chat import ChatFormat
 
     return ChatFormat(tokenizer)

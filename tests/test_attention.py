@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax import attention, blockwise
-from llama_jax.config import LlamaConfig
-from llama_jax.kv_cache import KVCache
-from llama_jax.model import Llama, Options
+from llama_jax.model import attention, blockwise
+from llama_jax.model.config import LlamaConfig
+from llama_jax.model.kv_cache import KVCache
+from llama_jax.model.model import Llama, Options
 
 BOUND = 1e-5  # fp32: max|diff| / max|ref|
 
@@ -115,7 +115,7 @@ def test_decode_reads_only_the_filled_key_blocks():
 
 def test_select_rule_is_logged_and_checks_what_it_is_asked(caplog):
     common = dict(q_len=4096, kv_len=4096, batch=1, n_heads=32)
-    with caplog.at_level(logging.INFO, logger="llama_jax.attention"):
+    with caplog.at_level(logging.INFO, logger="llama_jax.model.attention"):
         assert attention.select("auto", platform="cpu", dtype=jnp.float32, **common) == "blockwise"
     assert "attention: blockwise" in caplog.text
     assert attention.select("auto", platform="gpu", dtype=jnp.bfloat16, **common) == "cudnn"
@@ -213,7 +213,7 @@ def test_a_chunked_prefill_lowers_for_tpu_and_cuda(platform, monkeypatch, caplog
     run blockwise, or dense while the scores are small as here (logged); no Mosaic kernel in the program."""
     from jax._src.cudnn import fused_attention_stablehlo
 
-    from llama_jax import platform as platform_module
+    from llama_jax.model import platform as platform_module
 
     monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)  # no CUDA plugin here
     model = Llama(_LOWERING_CONFIG, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
@@ -221,7 +221,7 @@ def test_a_chunked_prefill_lowers_for_tpu_and_cuda(platform, monkeypatch, caplog
     tokens = jax.ShapeDtypeStruct((2, 512), jnp.int32)
     cache = jax.eval_shape(lambda: KVCache.zeros(_LOWERING_CONFIG, 2, 512, jnp.bfloat16))
     prefill = jax.jit(lambda p, t, c: nnx.merge(graphdef, p).prefill(t, c, chunk=256))
-    with caplog.at_level(logging.INFO, logger="llama_jax.attention"), platform_module.lowering_for(platform):
+    with caplog.at_level(logging.INFO, logger="llama_jax.model.attention"), platform_module.lowering_for(platform):
         text = prefill.trace(params, tokens, cache).lower(lowering_platforms=(platform,)).as_text()
     assert "stablehlo.while" in text  # the chunk scan
     if platform == "cuda":

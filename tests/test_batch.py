@@ -20,10 +20,11 @@ import pytest
 import torch
 
 import llama_jax
-from llama_jax import batch, sampler
-from llama_jax.chat import ChatFormat
+from llama_jax.inference import sampler
+from llama_jax.jobs import batch
 from llama_jax.sharding.mesh import make_mesh
-from llama_jax.tokenizer import Tokenizer
+from llama_jax.text.chat import ChatFormat
+from llama_jax.text.tokenizer import Tokenizer
 from tests import checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -229,7 +230,7 @@ def test_top_logprobs_are_the_models_k_most_likely_tokens_at_each_position(job):
 
 
 def test_the_fine_tuning_reader_takes_the_distillation_lines_as_they_are(job, tmp_path):
-    from llama_jax import data
+    from llama_jax.jobs import data
 
     lines = [line for line in job["output"].read_text().splitlines(keepends=True) if '"top_logprobs"' in line]
     (tmp_path / "distill.jsonl").write_text("".join(lines))

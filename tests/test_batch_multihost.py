@@ -13,9 +13,9 @@ import time
 import numpy as np
 
 import llama_jax
-from llama_jax import batch
+from llama_jax.jobs import batch
 from llama_jax.sharding import distributed
-from llama_jax.tokenizer import Tokenizer
+from llama_jax.text.tokenizer import Tokenizer
 from tests import checkpoints, processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

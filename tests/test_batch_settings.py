@@ -13,9 +13,9 @@ import types
 import numpy as np
 import pytest
 
-from llama_jax import jobs
-from llama_jax.batch_files import check_settings
-from llama_jax.config import model_config_from_file
+from llama_jax.jobs import jobs
+from llama_jax.jobs.batch_files import check_settings
+from llama_jax.model.config import model_config_from_file
 from tests import checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

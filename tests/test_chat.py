@@ -11,7 +11,7 @@ from llama_models.datatypes import BuiltinTool, RawMessage, StopReason, ToolCall
 from llama_models.llama3.chat_format import ChatFormat as MetaChatFormat
 from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
-from llama_jax.chat import (
+from llama_jax.text.chat import (
     ChatFormat,
     custom_tools_message,
     parse_assistant_text,
@@ -674,7 +674,7 @@ def test_python_list_tool_definitions_are_not_a_llama31_prompt():
     ],
 )
 def test_a_generation_result_decodes_with_the_stop_reason_of_its_stop_token(chat, stop, reason):
-    from llama_jax.sampler import GenerationResult
+    from llama_jax.inference.sampler import GenerationResult
 
     tokens = tuple(
         chat.tokenizer.encode('{"name": "get_weather", "parameters": {"city": "Paris"}}', bos=False, eos=False)

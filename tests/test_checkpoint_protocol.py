@@ -7,12 +7,12 @@ import pytest
 from flax import nnx
 
 import llama_jax
-from llama_jax import atomic, fp8, loading
-from llama_jax.config import LlamaConfig
-from llama_jax.convert import convert
-from llama_jax.default_model import DefaultCheckpoint, default_model
+from llama_jax.jobs.convert import convert
+from llama_jax.model.config import LlamaConfig
 from llama_jax.sharding import mesh as mesh_lib
+from llama_jax.weights import atomic, fp8, loading
 from llama_jax.weights.checkpoint import Checkpoint
+from llama_jax.weights.default_model import DefaultCheckpoint, default_model
 from llama_jax.weights.orbax import OrbaxCheckpoint
 from tests import checkpoints
 

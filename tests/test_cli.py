@@ -40,8 +40,9 @@ def test_generate_with_the_embedded_default_streams_text_and_says_the_weights_ar
     assert proc.returncode == 0, proc.stderr
     assert "RANDOM" in proc.stderr and "--checkpoint" in proc.stderr
     # Greedy from the seeded default model: exactly the text of what `generate` produces in-process.
-    from llama_jax import default_model, sampler
-    from llama_jax.tokenizer import Tokenizer
+    from llama_jax.inference import sampler
+    from llama_jax.text.tokenizer import Tokenizer
+    from llama_jax.weights import default_model
 
     tokenizer = Tokenizer.from_file(llama3_tokenizer_path)
     prompt = tokenizer.encode("The capital of France is", bos=True, eos=False)
@@ -109,7 +110,7 @@ class Script:
 
 @pytest.fixture(scope="module")
 def default_model():
-    from llama_jax import default_model
+    from llama_jax.weights import default_model
 
     return default_model.default_model(warn=False)
 
@@ -122,7 +123,7 @@ class Prompts(list):
 def prompts(monkeypatch):
     """Every prompt the chat loop sends to `sampler.stream`; `prompts.interrupt_at = n` makes the n-th
     reply raise KeyboardInterrupt after two tokens, as Ctrl-C during a reply does."""
-    from llama_jax import sampler
+    from llama_jax.inference import sampler
 
     stream = sampler.stream
     sent = Prompts()
@@ -148,7 +149,7 @@ def chat_loop(model, chat, *lines, context=None, system="Be brief."):
     import io
 
     from llama_jax import cli
-    from llama_jax.sampling import SamplingParams
+    from llama_jax.inference.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=4, stop_tokens=chat.tokenizer.stop_tokens)
     stdout, stderr = io.StringIO(), io.StringIO()

@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from llama_jax import cli, default_model, loading
+from llama_jax import cli
+from llama_jax.weights import default_model, loading
 from tests import checkpoints
 
 

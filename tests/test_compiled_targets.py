@@ -1,4 +1,4 @@
-"""The programs as the TPU and H100 compilers make them, on this CPU (llama_jax.targets, .compiled).
+"""The programs as the TPU and H100 compilers make them, on this CPU (llama_jax.planning.targets, .compiled).
 
 First the reader is calibrated on programs whose answer is known: a transpose in a loop of known
 trips moves twice its bytes per trip; a step loop of unknown trip count is one step. Then the real
@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama_jax import compiled, quant, target_programs, targets
-from llama_jax.config import model_config_from_file
-from llama_jax.target_programs import Setup
+from llama_jax.model import quant
+from llama_jax.model.config import model_config_from_file
+from llama_jax.planning import compiled, target_programs, targets
+from llama_jax.planning.target_programs import Setup
 
 for _target in ("v5p-2", "h100x1"):
     try:
@@ -81,7 +82,7 @@ def test_two_shallow_compiles_predict_the_deep_program_copies_of_the_whole_stack
     """`depth.extrapolate`: a program with a per-layer copy of the whole `[L, ...]` stack (L copies of L
     layers, as the TPU decode re-lays out its cache) read from its 3- and 5-layer compiles is its
     7-layer compile, bytes moved, memory and dots alike; a plain line through the totals is not."""
-    from llama_jax import depth
+    from llama_jax.planning import depth
 
     target = targets.get("h100x1")
 
@@ -105,7 +106,7 @@ def test_two_shallow_compiles_predict_the_deep_program_copies_of_the_whole_stack
 
 
 def test_the_report_compiles_unrolled_gpu_decodes_shallow_and_the_rest_whole():
-    from llama_jax import program_report
+    from llama_jax.planning import program_report
 
     assert program_report.compiled_layers("8b", "bf16", "h100x1", "decode") == (3, 5)
     assert program_report.compiled_layers("8b", "bf16", "h100x1", "decode", full_depth=True) == (32,)
@@ -349,7 +350,7 @@ def test_405b_fp8_decode_multiplies_f8_by_f8(decode_405b_fp8):
 def test_plan_with_a_target_is_compiled_by_that_target_and_sized_by_its_memory():
     import argparse
 
-    from llama_jax import plan
+    from llama_jax.planning import plan
 
     parser = argparse.ArgumentParser()
     plan.add_arguments(parser)  # in this process: a target's plan starts no virtual CPU devices
@@ -362,7 +363,7 @@ def test_plan_with_a_target_is_compiled_by_that_target_and_sized_by_its_memory()
 
 
 def test_plan_falls_back_to_the_cpu_estimate_and_says_so_without_the_plugin(monkeypatch):
-    from llama_jax import plan_target
+    from llama_jax.planning import plan_target
 
     def missing(target):
         raise targets.PluginMissing(f"compiling for {target.name} needs the libtpu package")
@@ -375,14 +376,14 @@ def test_plan_falls_back_to_the_cpu_estimate_and_says_so_without_the_plugin(monk
 def test_plan_rejects_an_unknown_target_before_compiling():
     import argparse
 
-    from llama_jax import plan
+    from llama_jax.planning import plan
 
     with pytest.raises(ValueError, match="--target: unknown target 'v9-8'; known: v5e-1, v5e-4"):
         plan._mesh_sizes(argparse.Namespace(target="v9-8", preset=None, mesh=None))
 
 
 def test_a_program_libtpu_refuses_for_memory_is_a_no_with_the_bytes_it_needs():
-    from llama_jax import plan_target
+    from llama_jax.planning import plan_target
 
     message = (
         "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "

@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 from llama_jax import LlamaConfig, RopeScaling
-from llama_jax.config import config_path, ffn_hidden_dim, load_config_file, model_config_from_file, presets
-from llama_jax.model import abstract
+from llama_jax.model.config import config_path, ffn_hidden_dim, load_config_file, model_config_from_file, presets
+from llama_jax.model.model import abstract
 
 # (preset, parameters, FFN width, head_dim, tied, rope factor) — llama-models `sku_list.py`; the rope
 # factor from transformers' `convert_llama_weights_to_hf.py`

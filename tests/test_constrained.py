@@ -19,10 +19,13 @@ import pytest
 import torch
 
 import llama_jax
-from llama_jax import batch, constrain, sampler, settings, tools
-from llama_jax.default_model import default_model
-from llama_jax.engine import Engine, Request
-from llama_jax.sampling import InvalidSampling, SamplingParams
+from llama_jax.inference import constrain, sampler
+from llama_jax.inference.engine import Engine, Request
+from llama_jax.inference.sampling import InvalidSampling, SamplingParams
+from llama_jax.jobs import batch
+from llama_jax.model import settings
+from llama_jax.text import tools
+from llama_jax.weights.default_model import default_model
 from tests import checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

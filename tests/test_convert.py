@@ -18,7 +18,7 @@ import torch
 from flax import nnx
 
 import llama_jax
-from llama_jax.convert import convert, meta_params
+from llama_jax.jobs.convert import convert, meta_params
 from llama_jax.weights import layout
 from llama_jax.weights.hf import HFCheckpoint
 from llama_jax.weights.safetensors_io import write_safetensors
@@ -200,7 +200,7 @@ def test_cli_reports_errors_without_a_traceback(hf_bf16, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("x")
     run = subprocess.run(
-        [sys.executable, "-m", "llama_jax.convert", str(hf_bf16), str(tmp_path / "out")],
+        [sys.executable, "-m", "llama_jax.jobs.convert", str(hf_bf16), str(tmp_path / "out")],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -250,11 +250,11 @@ def big_hf(tmp_path_factory):
 
 _MEASURE = """
 import resource, sys
-import llama_jax.convert, numpy, jax, tqdm, ml_dtypes  # every import before the baseline
+import llama_jax.jobs.convert, numpy, jax, tqdm, ml_dtypes  # every import before the baseline
 def hwm():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 base = hwm()
-llama_jax.convert.convert(sys.argv[1], sys.argv[2], to="hf", max_shard_size="100MB", progress=False)
+llama_jax.jobs.convert.convert(sys.argv[1], sys.argv[2], to="hf", max_shard_size="100MB", progress=False)
 print(base, hwm())
 """
 
@@ -283,7 +283,16 @@ def test_peak_memory_while_converting_stays_near_the_largest_tensor(big_hf, tmp_
 def test_conversion_killed_midway_leaves_nothing_loadable_and_a_rerun_completes(big_hf, tmp_path):
     src, _, _ = big_hf
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "llama_jax.convert", str(src), str(out), "--max-shard-size", "50MB", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_jax.jobs.convert",
+        str(src),
+        str(out),
+        "--max-shard-size",
+        "50MB",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not any(p.stat().st_size > 0 for p in tmp_path.glob(".out.tmp-*/model-*.safetensors")):

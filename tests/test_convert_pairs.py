@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import llama_jax
-from llama_jax.convert import convert
+from llama_jax.jobs.convert import convert
 from tests import checkpoints
 from tests.test_fp8_layouts import PARAMS, write_hf_fp8, write_meta_fp8
 from tests.test_parity import relative_error

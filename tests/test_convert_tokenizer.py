@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from llama_jax import cli
-from llama_jax.convert import HF_TOKENIZER_FILES, convert
-from llama_jax.tokenizer import Tokenizer, find_tokenizer
+from llama_jax.jobs.convert import HF_TOKENIZER_FILES, convert
+from llama_jax.text.tokenizer import Tokenizer, find_tokenizer
 from tests.checkpoints import hf_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def test_generate_runs_on_every_layout_a_conversion_chain_writes(tmp_path, llama
 def test_python_m_llama_jax_convert_runs_the_command_without_a_runtime_warning():
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "llama_jax.convert", "--help"], cwd=ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "llama_jax.jobs.convert", "--help"], cwd=ROOT, env=env, capture_output=True, text=True
     )
-    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m llama_jax.convert [-h]")
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m llama_jax.jobs.convert [-h]")
     assert not re.search(r"\w+Warning:", proc.stderr), proc.stderr

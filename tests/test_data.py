@@ -10,7 +10,15 @@ import json
 import numpy as np
 import pytest
 
-from llama_jax.data import Examples, Loader, chat_examples, distill_examples, load_examples, read_jsonl, text_examples
+from llama_jax.jobs.data import (
+    Examples,
+    Loader,
+    chat_examples,
+    distill_examples,
+    load_examples,
+    read_jsonl,
+    text_examples,
+)
 
 BOS, EOS, PAD, EOM, EOT = 128000, 128001, 128004, 128008, 128009
 # `<|start_header_id|>assistant<|end_header_id|>\n\n`, which encode_dialog appends for generation.

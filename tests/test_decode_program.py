@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax import decoding, lora, quant, sampler
-from llama_jax.config import LlamaConfig
-from llama_jax.model import Llama, LoraSpec, Options
+from llama_jax.inference import decoding, sampler
+from llama_jax.model import quant
+from llama_jax.model.config import LlamaConfig
+from llama_jax.model.model import Llama, LoraSpec, Options
+from llama_jax.weights import lora
 
 # Layer-heavy in miniature, untied: every weight matrix has a size no activation or cache buffer has.
 CONFIG = LlamaConfig(vocab_size=1000, dim=96, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=160, max_seq_len=256)

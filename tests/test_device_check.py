@@ -56,7 +56,7 @@ def test_the_device_check_runs_end_to_end_in_smoke_mode(tmp_path):
 
 
 def test_the_fp8_gemm_detector_finds_the_fp8_gemms_of_a_compiled_h100_program():
-    """Compiled for H100 on this CPU (llama_jax.targets): an f8 x f8 dot becomes a GEMM fusion whose
+    """Compiled for H100 on this CPU (llama_jax.planning.targets): an f8 x f8 dot becomes a GEMM fusion whose
     operands are printed untyped; the detector must still see it, and must not count a dot that
     converts its FP8 operand up first."""
     import jax
@@ -65,7 +65,7 @@ def test_the_fp8_gemm_detector_finds_the_fp8_gemms_of_a_compiled_h100_program():
     from jax.sharding import NamedSharding, PartitionSpec
 
     from benchmarks import device_check
-    from llama_jax import targets
+    from llama_jax.planning import targets
 
     target = targets.get("h100x1")
     try:

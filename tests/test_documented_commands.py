@@ -13,13 +13,13 @@ import shlex
 
 import pytest
 
-from llama_jax import jobs
-from llama_jax.batch import JobConfig
 from llama_jax.cli import build_parser
-from llama_jax.config import load_config_file
-from llama_jax.rejection import RejectionConfig
+from llama_jax.jobs import jobs
+from llama_jax.jobs.batch import JobConfig
+from llama_jax.jobs.rejection import RejectionConfig
+from llama_jax.jobs.train import TrainJob
+from llama_jax.model.config import load_config_file
 from llama_jax.sharding.mesh import resolve_axes
-from llama_jax.train import TrainJob
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/GETTING_STARTED.md")

@@ -12,11 +12,11 @@ import pytest
 from flax import nnx
 
 import llama_jax
-from llama_jax import data, dpo, lora
-from llama_jax.losses import dpo_loss
-from llama_jax.model import Llama, LoraSpec
-from llama_jax.train import TrainConfig, Trainer, TrainJob, run_job
-from llama_jax.weights import layout
+from llama_jax.jobs import data, dpo
+from llama_jax.jobs.losses import dpo_loss
+from llama_jax.jobs.train import TrainConfig, Trainer, TrainJob, run_job
+from llama_jax.model.model import Llama, LoraSpec
+from llama_jax.weights import layout, lora
 from tests import checkpoints
 from tests.test_train import TINY
 
@@ -234,8 +234,8 @@ def dataclasses_replace(job, **changes):
 
 
 def test_dpo_on_a_mesh_matches_one_device():
-    from llama_jax.placement import shard_model
     from llama_jax.sharding.mesh import make_mesh
+    from llama_jax.weights.placement import shard_model
 
     pairs = synthetic_preferences(n=8)
     with_ref = pairs.with_reference(dpo.reference_logps(Llama(TINY, dtype=jnp.float32, rngs=nnx.Rngs(0)), pairs))
@@ -251,8 +251,8 @@ def test_dpo_on_a_mesh_matches_one_device():
 
 
 def test_the_dpo_config_file_is_a_valid_train_job():
-    from llama_jax import jobs
-    from llama_jax.config import load_config_file
+    from llama_jax.jobs import jobs
+    from llama_jax.model.config import load_config_file
 
     job = jobs.config_from_mapping(TrainJob, load_config_file("dpo").to_dict(), source="dpo")
     assert (job.objective, job.dpo_beta, job.dpo_reference) == ("dpo", 0.1, "precompute")

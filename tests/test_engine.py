@@ -8,13 +8,14 @@ import pytest
 import torch
 
 import llama_jax
-from llama_jax import attention, decoding, sampler
-from llama_jax import engine as engine_module
-from llama_jax.decoding import Rows, Weights
-from llama_jax.engine import Engine, Request
-from llama_jax.generation import MAX_STOP_TOKENS
-from llama_jax.paged_cache import NULL_PAGE, PagedKVCache, PagePool
-from llama_jax.sampling import SamplingParams
+from llama_jax.inference import decoding, sampler
+from llama_jax.inference import engine as engine_module
+from llama_jax.inference.decoding import Rows, Weights
+from llama_jax.inference.engine import Engine, Request
+from llama_jax.inference.generation import MAX_STOP_TOKENS
+from llama_jax.inference.sampling import SamplingParams
+from llama_jax.model import attention
+from llama_jax.model.paged_cache import NULL_PAGE, PagedKVCache, PagePool
 from tests import checkpoints
 from tests.test_decode_program import weight_copies_in_decode_loop
 

@@ -15,8 +15,8 @@ from flax import nnx
 from safetensors.torch import load_file, save_file
 
 import llama_jax
-from llama_jax import quant
-from llama_jax.convert import convert, fp8_quantization_config
+from llama_jax.jobs.convert import convert, fp8_quantization_config
+from llama_jax.model import quant
 from tests.checkpoints import hf_checkpoint
 
 N_LAYERS = 4

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import llama_jax
-from llama_jax.config import LlamaConfig
-from llama_jax.convert import convert, fp8_quantization_config
+from llama_jax.jobs.convert import convert, fp8_quantization_config
+from llama_jax.model.config import LlamaConfig
 from tests import checkpoints
 from tests.test_parity import relative_error
 from tests.test_released_layouts import transformers_model

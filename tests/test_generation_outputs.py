@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 import llama_jax
-from llama_jax import sampler
-from llama_jax.engine import Engine, Request
-from llama_jax.sampling import SamplingParams
+from llama_jax.inference import sampler
+from llama_jax.inference.engine import Engine, Request
+from llama_jax.inference.sampling import SamplingParams
 from tests import checkpoints
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "generation_outputs.json"

@@ -9,7 +9,7 @@ import sys
 import jinja2
 import pytest
 
-from llama_jax import guard
+from llama_jax.jobs import guard
 
 # The chat_template of meta-llama/Llama-Guard-3-8B (tokenizer_config.json on the Hugging Face Hub;
 # byte-identical in Llama-Guard-3-8B-INT8), verbatim. Its category list is fixed: no custom or excluded
@@ -184,8 +184,8 @@ def test_bad_dialogs_and_unknown_excluded_codes_are_errors():
 
 
 def test_classify_runs_the_model_greedily_and_parses_its_reply(tokenizer, monkeypatch):
-    from llama_jax import sampler
-    from llama_jax.default_model import default_model
+    from llama_jax.inference import sampler
+    from llama_jax.weights.default_model import default_model
 
     model = default_model(warn=False)
     ids = guard.encode(tokenizer, DIALOGS["agent"])
@@ -216,8 +216,8 @@ def test_the_guard_configs_have_the_published_shapes(name, layers, ffn, billions
     import jax
     from flax import nnx
 
-    from llama_jax.config import LlamaConfig, load_config_file
-    from llama_jax.model import Llama
+    from llama_jax.model.config import LlamaConfig, load_config_file
+    from llama_jax.model.model import Llama
 
     config = LlamaConfig.from_meta_params(load_config_file(name).model.to_dict())
     assert (config.n_layers, config.ffn_dim) == (layers, ffn)

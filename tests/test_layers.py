@@ -2,7 +2,7 @@
 
     llama_jax/sharding/  (meshes, rules, constraints, shard_map ops, jax.distributed)  imports nothing else of llama_jax
     llama_jax/ (the model, its placement on a mesh, loading, sampling, jobs, the CLI)  imports llama_jax/sharding/
-    llama_jax.plan (the memory planner) on top of both
+    llama_jax.planning.plan (the memory planner) on top of both
 
 The import graph is read from the source (every `import`, at module level or inside a function), so
 a lazy import cannot hide a dependency. And `python -m llama_jax generate` is run to see what it
@@ -103,7 +103,7 @@ def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
 def test_the_graph_sees_function_level_imports():
     """The reader itself: `cli` imports each command's module only inside a function."""
     graph = import_graph()
-    assert {"llama_jax.train", "llama_jax.batch", "llama_jax.plan"} <= graph["llama_jax.cli"]
+    assert {"llama_jax.jobs.train", "llama_jax.jobs.batch", "llama_jax.planning.plan"} <= graph["llama_jax.cli"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
 
 
@@ -132,8 +132,8 @@ def test_importing_llama_jax_imports_nothing_until_a_name_is_used():
         import sys
         import llama_jax
         before = sorted(m for m in sys.modules if m.split(".")[0] in ("llama_jax", "jax", "flax"))
-        llama_jax.generate, llama_jax.batch.run_batch
-        print(before, "load" in dir(llama_jax), "llama_jax.sampler" in sys.modules)
+        llama_jax.generate, llama_jax.jobs.batch.run_batch
+        print(before, "load" in dir(llama_jax), "llama_jax.inference.sampler" in sys.modules)
     """)
     assert _python(code).stdout.split() == ["['llama_jax']", "True", "True"]
 
@@ -209,7 +209,7 @@ def test_no_module_reaches_into_another_modules_private_names():
 def _training_stack() -> set[str]:
     """The trainer, its data and losses (every package module that imports optax), and Orbax checkpointing."""
     uses_optax = {m for m, p in MODULES.items() if any(i.split(".")[0] == "optax" for i, _ in _imports(m, p))}
-    return {"llama_jax.train", "llama_jax.dpo", "llama_jax.data", "orbax.checkpoint"} | uses_optax
+    return {"llama_jax.jobs.train", "llama_jax.jobs.dpo", "llama_jax.jobs.data", "orbax.checkpoint"} | uses_optax
 
 
 def test_generate_never_imports_the_training_stack(tmp_path):
@@ -227,7 +227,11 @@ def test_generate_never_imports_the_training_stack(tmp_path):
     proc = _python(code, check=False, JAX_COMPILATION_CACHE_DIR=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     imported = set(json.loads(proc.stderr.rpartition("MODULES ")[2]))
-    assert {"llama_jax.sampler", "llama_jax.jobs", "llama_jax.default_model"} <= imported  # it did generate
+    assert {
+        "llama_jax.inference.sampler",
+        "llama_jax.jobs.jobs",
+        "llama_jax.weights.default_model",
+    } <= imported  # it did generate
     flax_nnx = set(json.loads(_python("import json, sys, flax.nnx; print(json.dumps(sorted(sys.modules)))").stdout))
     optax = {m for m in imported if m.split(".")[0] == "optax"}
     assert sorted(optax - flax_nnx) == []

@@ -149,7 +149,7 @@ def test_meta_mp8_onto_8_devices_holds_about_one_slice_on_the_host(tmp_path):
     traced in a fresh process) stays near one device slice, never one merged tensor
     (benchmarks/meta_load_memory.py; before, merging every tensor peaked at 2x the largest one)."""
     from benchmarks import meta_load_memory as bench
-    from llama_jax.config import LlamaConfig
+    from llama_jax.model.config import LlamaConfig
 
     params = bench.PARAMS
     checkpoints.write_meta_checkpoint(tmp_path, params, checkpoints.meta_state_dict(params), mp=bench.MP)
@@ -166,9 +166,10 @@ def test_the_embedded_model_on_a_mesh_is_the_default_model_sharded():
     import jax
     from flax import nnx
 
-    from llama_jax import default_model, jobs
-    from llama_jax.placement import shard_model
+    from llama_jax.jobs import jobs
     from llama_jax.sharding.mesh import make_mesh
+    from llama_jax.weights import default_model
+    from llama_jax.weights.placement import shard_model
 
     model, _ = jobs.load_model(None, mesh="fsdp=2,tensor=4")
     moved = shard_model(default_model.default_model(warn=False), make_mesh("fsdp=2,tensor=4"), "fsdp_tp")

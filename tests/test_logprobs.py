@@ -18,9 +18,10 @@ import pytest
 import torch
 
 import llama_jax
-from llama_jax import batch, sampler
-from llama_jax.engine import Engine, Request
-from llama_jax.sampling import SamplingParams, filter_logits
+from llama_jax.inference import sampler
+from llama_jax.inference.engine import Engine, Request
+from llama_jax.inference.sampling import SamplingParams, filter_logits
+from llama_jax.jobs import batch
 from tests import checkpoints
 
 VOCAB = 384
@@ -229,8 +230,8 @@ def test_the_batch_job_writes_logprobs_and_scoring_requests_resume_to_the_same_b
 
 
 def test_a_log_prob_of_minus_infinity_is_written_as_null():
-    from llama_jax.batch_files import JobRequest, result_line
-    from llama_jax.generation import GenerationResult
+    from llama_jax.inference.generation import GenerationResult
+    from llama_jax.jobs.batch_files import JobRequest, result_line
 
     inf = float("-inf")
     params = SamplingParams(

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax import decoding, lora, quant
-from llama_jax.config import LlamaConfig
-from llama_jax.linear import Adapter, Separate, Weight
-from llama_jax.model import Llama, LoraSpec, Options, abstract
+from llama_jax.inference import decoding
+from llama_jax.model import quant
+from llama_jax.model.config import LlamaConfig
+from llama_jax.model.linear import Adapter, Separate, Weight
+from llama_jax.model.model import Llama, LoraSpec, Options, abstract
+from llama_jax.weights import lora
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=32)

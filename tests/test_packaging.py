@@ -62,7 +62,7 @@ def test_the_installed_package_imports_and_resolves_presets_by_name(wheel, tmp_p
     code = textwrap.dedent("""
         import importlib.util, sys
         import llama_jax
-        from llama_jax.config import config_path, model_config_from_file
+        from llama_jax.model.config import config_path, model_config_from_file
         print(llama_jax.__file__)
         print(config_path("finetune_lora"))
         print(model_config_from_file("llama3_1_8b").num_params())

@@ -1,4 +1,4 @@
-"""Fused paged decode attention (llama_jax.paged_attention): the TPU (Mosaic) and GPU (Triton) Pallas
+"""Fused paged decode attention (llama_jax.model.paged_attention): the TPU (Mosaic) and GPU (Triton) Pallas
 kernels, run here in Pallas interpret mode, give what the blockwise loop gives over the same pages, read
 only each row's own filled pages, and are what the engine runs where `attention.select_paged` says."""
 
@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 import llama_jax
-from llama_jax import attention, jobs, platform
-from llama_jax import engine as engine_module
-from llama_jax.engine import Engine, Request
-from llama_jax.paged_cache import NULL_PAGE, PagedKVCache, pool_shape
-from llama_jax.sampling import SamplingParams
+from llama_jax.inference import engine as engine_module
+from llama_jax.inference.engine import Engine, Request
+from llama_jax.inference.sampling import SamplingParams
+from llama_jax.jobs import jobs
+from llama_jax.model import attention, platform
+from llama_jax.model.paged_cache import NULL_PAGE, PagedKVCache, pool_shape
 from tests import checkpoints
 
 # Tiny, but with what the kernels must get right: GQA (4 query heads per kv head), rows of different

@@ -9,10 +9,12 @@ import pathlib
 import jax.numpy as jnp
 import pytest
 
-from llama_jax import placement, plan, plan_report, quant
-from llama_jax.config import model_config_from_file
-from llama_jax.model import DEFAULT_PREFILL_CHUNK, Options
+from llama_jax.model import quant
+from llama_jax.model.config import model_config_from_file
+from llama_jax.model.model import DEFAULT_PREFILL_CHUNK, Options
+from llama_jax.planning import plan, plan_report
 from llama_jax.sharding import mesh as mesh_lib
+from llama_jax.weights import placement
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GIB = 1 << 30

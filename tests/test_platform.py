@@ -1,4 +1,4 @@
-"""Per-platform defaults (`llama_jax.platform`): the FP8 matmul mode by device, the GPU job environment
+"""Per-platform defaults (`llama_jax.model.platform`): the FP8 matmul mode by device, the GPU job environment
 (every XLA flag accepted by the installed jaxlib, user settings kept, applied before JAX starts and
 never on a CPU machine), and the platform programs are traced for."""
 
@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from llama_jax import platform
+from llama_jax.model import platform
 
 
 def _device(kind: str, capability: str | None = None):
@@ -102,7 +102,7 @@ def test_programs_are_traced_for_this_machine_unless_lowering_for_another():
 def test_load_and_the_jobs_refuse_a_setting_this_platform_cannot_run_before_anything_is_read(tmp_path):
     """One loading sequence (`loading.load`): the settings first, then the checkpoint, for every caller."""
     import llama_jax
-    from llama_jax import jobs
+    from llama_jax.jobs import jobs
 
     with pytest.raises(ValueError, match="fp8_matmul: expected one of .*, got 'fp16'"):  # before the path
         llama_jax.load(tmp_path / "missing", fp8_matmul="fp16")

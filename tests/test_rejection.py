@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import llama_jax
-from llama_jax import data, dpo, rejection
-from llama_jax.default_model import default_model
+from llama_jax.jobs import data, dpo, rejection
+from llama_jax.weights.default_model import default_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # top-k 2 at temperature 1: each step draws one of the two likeliest tokens, so the n samples of a prompt
@@ -175,8 +175,8 @@ def test_killed_with_sigkill_and_restarted_the_output_is_byte_identical(policy, 
 
 
 def test_the_config_file_sets_the_job_and_bad_settings_are_named(tmp_path):
-    from llama_jax import jobs
     from llama_jax.cli import build_parser
+    from llama_jax.jobs import jobs
 
     args = build_parser().parse_args(
         [
@@ -275,8 +275,8 @@ def test_a_score_head_of_the_wrong_shape_is_named(reward_model_dir, tmp_path):
 def test_rejection_with_a_scalar_reward_model_keeps_what_transformers_scores_best(
     reward_model_dir, policy, tokenizer, tmp_path, monkeypatch
 ):
-    from llama_jax.chat import ChatFormat
     from llama_jax.cli import build_parser
+    from llama_jax.text.chat import ChatFormat
 
     path, hf = reward_model_dir
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla"))  # leave the process's JAX config alone

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import llama_jax
-from llama_jax.config import LlamaConfig
-from llama_jax.convert import convert
+from llama_jax.jobs.convert import convert
+from llama_jax.model.config import LlamaConfig
 from llama_jax.weights import meta
 from tests import checkpoints
 from tests.test_parity import TOLERANCE, hf_logits, relative_error

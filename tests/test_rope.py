@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llama_jax import RopeScaling
-from llama_jax.rope import inverse_frequencies, sin_cos
+from llama_jax.model.rope import inverse_frequencies, sin_cos
 
 
 @pytest.mark.parametrize("head_dim", [16, 64, 128])

@@ -14,10 +14,10 @@ import torch
 from flax import nnx
 
 import llama_jax
-from llama_jax import sampler, sampling
-from llama_jax.config import LlamaConfig
-from llama_jax.kv_cache import KVCache
-from llama_jax.model import Llama
+from llama_jax.inference import sampler, sampling
+from llama_jax.model.config import LlamaConfig
+from llama_jax.model.kv_cache import KVCache
+from llama_jax.model.model import Llama
 from tests import checkpoints
 
 VOCAB = 384

@@ -1,6 +1,6 @@
 """Each setting is declared once, and every place that offers it is derived from that declaration.
 
-A setting (a dataclass field made by `llama_jax.settings.setting`) carries its type, default, help, flag
+A setting (a dataclass field made by `llama_jax.model.settings.setting`) carries its type, default, help, flag
 and whether a batch request may set it. These tests walk the declarations of every command that takes
 settings and check each one where a user meets it: a flag of that command with the declared default,
 a field of the job's `--config` preset, a field a request line may set (reaching the request's
@@ -15,13 +15,15 @@ import typing
 
 import pytest
 
-from llama_jax import cli, jobs, settings
-from llama_jax.batch import REQUEST_FIELDS, JobConfig
-from llama_jax.batch_files import SAMPLING_FIELDS, BadLine, Reader
-from llama_jax.config import load_config_file, model_config_from_file
-from llama_jax.rejection import RejectionConfig
-from llama_jax.sampling import LOGPROBS_MODES, SamplingParams
-from llama_jax.train import TrainConfig, TrainJob
+from llama_jax import cli
+from llama_jax.inference.sampling import LOGPROBS_MODES, SamplingParams
+from llama_jax.jobs import jobs
+from llama_jax.jobs.batch import REQUEST_FIELDS, JobConfig
+from llama_jax.jobs.batch_files import SAMPLING_FIELDS, BadLine, Reader
+from llama_jax.jobs.rejection import RejectionConfig
+from llama_jax.jobs.train import TrainConfig, TrainJob
+from llama_jax.model import settings
+from llama_jax.model.config import load_config_file, model_config_from_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

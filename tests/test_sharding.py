@@ -22,13 +22,12 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec
 
 import llama_jax
-from llama_jax import loading, placement
-from llama_jax.kv_cache import CACHE_AXES
-from llama_jax.model import abstract
+from llama_jax.model.kv_cache import CACHE_AXES
+from llama_jax.model.model import abstract
 from llama_jax.sharding import mesh as mesh_lib
 from llama_jax.sharding import ops
 from llama_jax.sharding import rules as sharding_rules
-from llama_jax.weights import layout
+from llama_jax.weights import layout, loading, placement
 from tests import checkpoints
 
 TOLERANCE = 1e-5
@@ -242,7 +241,7 @@ def test_with_kv_rep_attention_needs_no_collectives(checkpoint):
 
 
 def test_greedy_generation_is_the_same_on_a_mesh(checkpoint):
-    from llama_jax.sampler import generate
+    from llama_jax.inference.sampler import generate
 
     prompts = [list(TOKENS[i, : 5 + 2 * i]) for i in range(4)]
     ref = generate(llama_jax.load(checkpoint, dtype="float32"), prompts, max_new_tokens=12, temperature=0.0)

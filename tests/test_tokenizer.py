@@ -9,7 +9,7 @@ import pytest
 import sentencepiece
 from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
-from llama_jax.tokenizer import (
+from llama_jax.text.tokenizer import (
     Llama3Tokenizer,
     SentencePieceTokenizer,
     Tokenizer,

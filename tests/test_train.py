@@ -17,14 +17,14 @@ import pytest
 from flax import nnx
 
 import llama_jax
-from llama_jax import data, lora
-from llama_jax.config import LlamaConfig
-from llama_jax.losses import full_kl, topk_kl
-from llama_jax.model import Llama, LoraSpec
-from llama_jax.placement import shard_model
+from llama_jax.jobs import data
+from llama_jax.jobs.losses import full_kl, topk_kl
+from llama_jax.jobs.train import TrainConfig, Trainer, TrainJob, run_job
+from llama_jax.model.config import LlamaConfig
+from llama_jax.model.model import Llama, LoraSpec
 from llama_jax.sharding.mesh import make_mesh
-from llama_jax.train import TrainConfig, Trainer, TrainJob, run_job
-from llama_jax.weights import layout
+from llama_jax.weights import layout, lora
+from llama_jax.weights.placement import shard_model
 from tests import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -217,8 +217,8 @@ def test_kl_losses_against_direct_computation():
 
 
 def test_the_batch_jobs_top_logprobs_are_distillation_data_aligned_to_the_teacher(tmp_path, llama3_tokenizer_path):
-    from llama_jax.batch import run_batch
-    from llama_jax.tokenizer import Tokenizer
+    from llama_jax.jobs.batch import run_batch
+    from llama_jax.text.tokenizer import Tokenizer
 
     teacher = tiny_model(
         config=TINY.replace(vocab_size=128_256, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64)
@@ -403,8 +403,8 @@ def test_fsdp_x_tensor_training_on_8_devices_matches_one_device():
 
 
 def test_config_files_parse_and_overrides_apply():
-    from llama_jax import jobs
     from llama_jax.cli import build_parser
+    from llama_jax.jobs import jobs
 
     args = build_parser().parse_args(
         [

@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
             warmup_steps=100,
             mesh="fsdp=-1",  # the student FSDP over every device present (one on a laptop, 8 on a node)
             rules="fsdp_tp",
-            fp8_matmul="auto",  # FP8 checkpoints: llama_jax.platform.fp8_matmul
+            fp8_matmul="auto",  # FP8 checkpoints: llama_jax.model.platform.fp8_matmul
             workdir="runs/distill-8b-1b",
             checkpoint_every=200,
             export="hf",

@@ -2,7 +2,7 @@
 
 Pairs are `{"prompt" | "messages", "chosen", "rejected"}` per line, e.g. what `python -m llama_jax
 rejection ... --output-kind pairs` writes. Every field is
-`llama_jax.train.TrainJob`'s; override any with `--config.<field>=VALUE`. docs/TRAINING.md has the details.
+`llama_jax.jobs.train.TrainJob`'s; override any with `--config.<field>=VALUE`. docs/TRAINING.md has the details.
 """
 
 import ml_collections

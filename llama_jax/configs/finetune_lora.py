@@ -2,7 +2,7 @@
 
     python -m llama_jax train --config finetune_lora
 
-Every field is `llama_jax.train.TrainJob`'s; unknown fields are an error. Override any of them on the
+Every field is `llama_jax.jobs.train.TrainJob`'s; unknown fields are an error. Override any of them on the
 command line, e.g. `--config.steps=200 --config.lora_rank=8`, or the common ones' flags (`--data`,
 `--checkpoint`, `--steps`, `--resume`, ...). docs/TRAINING.md has the table.
 """
@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
             remat=True,
             mesh="fsdp=-1",  # every device present: 1 on a laptop; on an 8-GPU node the base and adapters split 8 ways
             rules="fsdp_tp",
-            fp8_matmul="auto",  # FP8 checkpoints: llama_jax.platform.fp8_matmul
+            fp8_matmul="auto",  # FP8 checkpoints: llama_jax.model.platform.fp8_matmul
             workdir="runs/lora-8b",
             checkpoint_every=100,
             keep_checkpoints=3,

@@ -1,6 +1,6 @@
 """Full supervised fine-tuning of Llama 3.2 1B (`python -m llama_jax train --config finetune_sft`).
 
-Every field is `llama_jax.train.TrainJob`'s; override any of them with `--config.<field>=VALUE`.
+Every field is `llama_jax.jobs.train.TrainJob`'s; override any of them with `--config.<field>=VALUE`.
 Full fine-tuning keeps a float32 master copy of the weights and AdamW's two float32 moments: about
 16 bytes per parameter (20 GB for 1.2B), sharded over the mesh (FSDP).
 """

@@ -1,6 +1,6 @@
 """Llama 3.1 70B (and Instruct)."""
 
-from llama_jax.config import model_preset
+from llama_jax.model.config import model_preset
 
 
 def get_config():

@@ -6,7 +6,7 @@ file with no loadable weights here). It was not trained for S14 (Code Interprete
 `excluded=["S14"]` to `guard.classify`, as its own chat template lists S1-S13.
 """
 
-from llama_jax.config import model_preset
+from llama_jax.model.config import model_preset
 
 
 def get_config():

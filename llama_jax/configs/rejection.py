@@ -2,12 +2,12 @@
 
     python -m llama_jax rejection --config rejection
 
-Every field is `llama_jax.rejection.RejectionConfig`'s (those not set here keep its defaults); override any
+Every field is `llama_jax.jobs.rejection.RejectionConfig`'s (those not set here keep its defaults); override any
 with `--config.<field>=VALUE` or its flag (`--input`, `--n`, `--scorer`, ...). docs/TRAINING.md has the details.
 """
 
-from llama_jax import settings
-from llama_jax.rejection import RejectionConfig
+from llama_jax.jobs.rejection import RejectionConfig
+from llama_jax.model import settings
 
 
 def get_config():

@@ -59,7 +59,7 @@ LOGICAL_AXES = (
 
 # Within one array two logical axes may never share a mesh axis: that is what `validate` calls a
 # collision. Which arrays a model holds, and their logical axes, is the model's own business: it
-# passes them as `arrays` (`llama_jax.placement.array_axes()` reads a Llama's from its parameters).
+# passes them as `arrays` (`llama_jax.weights.placement.array_axes()` reads a Llama's from its parameters).
 # Activations are exempt by design: ("batch", "seq", "embed") under FSDP maps both batch and embed to
 # "fsdp"; the first axis that divides takes it, so activations split by batch and weights by embed.
 

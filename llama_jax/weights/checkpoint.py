@@ -6,7 +6,7 @@ an in-memory `Llama` (`ModelCheckpoint`, what `convert.save` writes). Whatever t
 our layout (`layout.py`), one parameter (one layer of it) at a time:
 
     config, score_labels          the architecture it holds
-    fp8_layers                    layers whose FFN weights are stored rowwise FP8 (`llama_jax.fp8`)
+    fp8_layers                    layers whose FFN weights are stored rowwise FP8 (`llama_jax.weights.fp8`)
     check()                       every problem with the stored tensors, in one error
     stored_dtype(param)           the dtype a tensor is stored in
     tensor(param, layer)          an array-like in our layout that reads bytes only when sliced
@@ -29,8 +29,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from llama_jax import quant
-from llama_jax.config import LlamaConfig
+from llama_jax.model import quant
+from llama_jax.model.config import LlamaConfig
 from llama_jax.weights import layout
 
 ArrayLike = Any  # numpy arrays and views, or `lazy.LazyArray`s: `.shape`, `.dtype`, `[index]` reads a slice
@@ -110,7 +110,7 @@ class ModelCheckpoint(Checkpoint):
 
     def __init__(self, model):
         if getattr(model, "lora", None) is not None:
-            raise ValueError("the model has LoRA adapters: merge them first (llama_jax.lora.merge(model))")
+            raise ValueError("the model has LoRA adapters: merge them first (llama_jax.weights.lora.merge(model))")
         if getattr(model, "fp8", None) is not None:
             raise ValueError("saving an FP8-loaded model is not supported: convert its source checkpoint instead")
         if getattr(model, "score", None) is not None:

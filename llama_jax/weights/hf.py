@@ -8,9 +8,8 @@ import re
 
 import numpy as np
 
-from llama_jax import fp8
-from llama_jax.config import LlamaConfig, read_json
-from llama_jax.weights import layout
+from llama_jax.model.config import LlamaConfig, read_json
+from llama_jax.weights import fp8, layout
 from llama_jax.weights.safetensors_io import SafetensorsFile
 from llama_jax.weights.source import SourceCheckpoint
 

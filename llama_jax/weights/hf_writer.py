@@ -20,8 +20,8 @@ from collections.abc import Callable
 import ml_dtypes
 import numpy as np
 
-from llama_jax import atomic, fp8, quant
-from llama_jax.weights import layout
+from llama_jax.model import quant
+from llama_jax.weights import atomic, fp8, layout
 from llama_jax.weights.checkpoint import Checkpoint
 from llama_jax.weights.safetensors_io import write_safetensors
 

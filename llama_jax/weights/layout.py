@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from llama_jax.config import LlamaConfig
+from llama_jax.model.config import LlamaConfig
 
 Path = tuple[str, ...]
 

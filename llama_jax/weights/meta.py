@@ -32,9 +32,9 @@ import re
 import ml_dtypes
 import numpy as np
 
-from llama_jax import fp8, rope
-from llama_jax.config import LlamaConfig, is_llama2_params, read_json
-from llama_jax.weights import layout
+from llama_jax.model import rope
+from llama_jax.model.config import LlamaConfig, is_llama2_params, read_json
+from llama_jax.weights import fp8, layout
 from llama_jax.weights.checkpoint import ArrayLike
 from llama_jax.weights.lazy import Concat, Identical, Rescaled
 from llama_jax.weights.source import SourceCheckpoint

@@ -30,9 +30,9 @@ import shutil
 
 import numpy as np
 
-from llama_jax import atomic, fp8, quant
-from llama_jax.config import LlamaConfig, ffn_hidden_dim, is_llama2_config
-from llama_jax.weights import layout
+from llama_jax.model import quant
+from llama_jax.model.config import LlamaConfig, ffn_hidden_dim, is_llama2_config
+from llama_jax.weights import atomic, fp8, layout
 from llama_jax.weights.checkpoint import Checkpoint
 from llama_jax.weights.meta import ROPE_FREQS, fp8_scale_key, rope_freqs
 

@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax import atomic, fp8
-from llama_jax.config import LlamaConfig
-from llama_jax.weights import layout
+from llama_jax.model.config import LlamaConfig
+from llama_jax.weights import atomic, fp8, layout
 from llama_jax.weights.checkpoint import Checkpoint
 
 FORMAT = "llama-jax-orbax"

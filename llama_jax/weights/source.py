@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llama_jax import fp8
-from llama_jax.weights import layout
+from llama_jax.weights import fp8, layout
 from llama_jax.weights.checkpoint import ArrayLike, Checkpoint
 
 # Tensors some writers add that carry no weights (HF's non-persistent rotary buffer).

@@ -1,0 +1,1 @@
+"""Inference: sampling, the two jitted programs, generate / stream and the batching engine."""

@@ -1,0 +1,1 @@
+"""The jobs: batch, rejection sampling, Llama Guard, convert and training."""

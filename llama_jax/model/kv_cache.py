@@ -1,0 +1,150 @@
+"""The KV cache: a typed pytree of two preallocated buffers, donated to the jitted decode step.
+
+Layout `[L, B, K, S, H]`: layer first so the layer scan indexes it, then one slot per batch row, its
+kv heads, and one entry per absolute position (entry s holds position s), so masks are
+`s <= query position` and rows of different lengths need no offsets. Kv heads come before positions
+because both attention dots read a (b, k) pair's keys and values as one `[S, H]` matrix: that is
+the operand a GPU GEMM batches over (B, K) without a transposed copy, and the `(S, H)` tile a TPU
+matmul reads. With positions before heads (`[L, B, S, K, H]`) the TPU compiler re-laid out the whole
+cache twice per layer per step and the H100 one transposed every layer's K and V per step
+(docs/TARGETS.md).
+
+A step writes each row's new entries with one in-place `dynamic_update_slice` per row, its row index
+static (`write`): rows sit at different positions, and a scatter of all rows or a loop over a traced
+row index made the TPU compiler keep the cache in the layout a row write prefers (`(K, H)` tiles)
+and copy it out for the reads. Attention then reads layer i where it lies: the dense read (decode on
+GPU and TPU) takes `[B, K, S, H]` as its dots want it (`attention.dense_kv_major`); the blockwise
+loop (CPU, long caches) reads key blocks of `model.options.attention_block` consecutive positions
+(a long cache: of a few such pages, `blockwise.cached_tiles`) only up to the batch's furthest
+position (`keys`, `blockwise.cached`). No layer is copied per step.
+
+`Cache` is what the model and the generation programs (`llama_jax.inference.decoding`) need of a cache: this
+contiguous one (`generate`, `stream`) and the engine's `PagedKVCache` over a pool of pages implement
+it, so one set of programs serves both. The contiguous cache is kept beside the paged one, not as its
+one-page-per-row case, because its attention picks the platform's fused backends (cuDNN, splash)
+where the paged cache gathers key blocks through the blockwise loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.model import attention, blockwise
+from llama_jax.model.config import LlamaConfig
+from llama_jax.model.platform import target
+from llama_jax.sharding import rules
+
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")  # `KVCache`'s `[L, B, K, S, H]`
+
+
+class Cache(Protocol):
+    """A KV cache as the model uses it: a registered-dataclass pytree with `k` and `v` buffers (their
+    sharding pinned to the cache's logical `axes` after a write) that writes a layer's new entries and
+    attends over a layer's entries up to each query's position."""
+
+    k: jax.Array
+    v: jax.Array
+    axes: ClassVar[tuple[str, ...]]  # the logical axes of `k` and `v`, batch second
+
+    def write(self, i: jax.Array | int, k: jax.Array, v: jax.Array, start: jax.Array) -> Cache: ...
+
+    def attend(
+        self, i: jax.Array | int, q_btnh: jax.Array, q_index_bt: jax.Array, *, backend: str, block: int
+    ) -> jax.Array: ...
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    k: jax.Array  # [L, B, K, S, H]
+    v: jax.Array  # [L, B, K, S, H]
+    axes: ClassVar[tuple[str, ...]] = CACHE_AXES
+
+    @staticmethod
+    def shape(config: LlamaConfig, batch: int, length: int) -> tuple[int, ...]:
+        """The `[L, B, K, S, H]` shape of each buffer."""
+        return (config.n_layers, batch, config.n_kv_heads, length, config.head_dim)
+
+    @classmethod
+    def zeros(cls, config: LlamaConfig, batch: int, length: int, dtype=jnp.bfloat16, sharding=None) -> KVCache:
+        """A zero cache; with `sharding` (a `NamedSharding`) each device allocates only its own shard."""
+        shape = cls.shape(config, batch, length)
+        if sharding is None:
+            return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+        return cls(make(), make())
+
+    @property
+    def length(self) -> int:
+        """S: the number of positions the cache holds."""
+        return self.k.shape[3]
+
+    def keys(self, i: jax.Array | int, block: int) -> blockwise.Keys:
+        """Layer i's key blocks read straight from the `[L, B, K, S, H]` buffers: a decode step reads
+        `block` entries per row at a time, never a copy of the layer."""
+        _, b, k, s, h = self.k.shape
+        block = min(block, s)
+
+        def read(j):
+            start = jnp.minimum(j * block, s - block)
+            at = (i, 0, 0, start, 0)
+            return (start, *(jax.lax.dynamic_slice(x, at, (1, b, k, block, h))[0] for x in (self.k, self.v)))
+
+        return blockwise.Keys(read, s, block, k, kv_major=True)
+
+    def attend(
+        self, i: jax.Array | int, q_btnh: jax.Array, q_index_bt: jax.Array, *, backend: str, block: int
+    ) -> jax.Array:
+        """Attention of queries `[B, T, N, H]` at positions q_index_bt over layer i (`attention.attend`'s
+        rule), reading the layer where it lies."""
+        b, t, n, _ = q_btnh.shape
+        chosen = attention.select(
+            backend, platform=target(), dtype=q_btnh.dtype, q_len=t, kv_len=self.length, batch=b, n_heads=n
+        )
+        if chosen == "blockwise":  # a long cache in larger tiles (`blockwise.cached_tiles`)
+            block_q, block_k = blockwise.cached_tiles(t, self.length, block)
+            return blockwise.cached(q_btnh, self.keys(i, block_k), q_index_bt, block_q=block_q)
+        k_bksh, v_bksh = self.k[i], self.v[i]
+        if chosen == "dense":
+            return attention.dense_kv_major(q_btnh, k_bksh, v_bksh, q_index_bt)
+        # cuDNN takes `[B, S, K, H]`: a prefill chunk (never a decode step) pays a transposed layer.
+        k_bskh, v_bskh = (jnp.swapaxes(x, 1, 2) for x in (k_bksh, v_bksh))
+        return attention.attend(q_btnh, k_bskh, v_bskh, q_index_bt, backend=chosen, block=block)
+
+    def write(self, i: jax.Array | int, k: jax.Array, v: jax.Array, start: jax.Array) -> KVCache:
+        """Write new entries `[B, T, K, H]` of layer i at positions start[b] ... start[b] + T - 1."""
+
+        def write_rows(buf, new_btkh):
+            new_bkth = jnp.swapaxes(new_btkh, 1, 2).astype(buf.dtype)
+            if not batch_is_split(buf):
+                # One in-place update per row, each at a static row index (see the module doc).
+                for r in range(new_bkth.shape[0]):
+                    buf = jax.lax.dynamic_update_slice(buf, new_bkth[r][None, None], (i, r, 0, start[r], 0))
+                return buf
+            # Rows split over devices: a row index into the whole buffer would make the partitioner
+            # all-gather the cache (gigabytes per prefill for 8B on data=8, measured by the planner), and a
+            # scatter over it materialised several copies of it as temporaries. Layer i is taken out,
+            # each device writes its own rows there, and it is put back.
+            layer = jax.lax.dynamic_index_in_dim(buf, i, axis=0, keepdims=False)  # [B, K, S, H]
+
+            def write_layer_row(layer_b, new_b, start_b):  # layer_b [K, S, H], new_b [K, T, H]
+                return jax.lax.dynamic_update_slice(layer_b, new_b, (0, start_b, 0))
+
+            layer = jax.vmap(write_layer_row)(layer, new_bkth, start)
+            return jax.lax.dynamic_update_index_in_dim(buf, layer, i, axis=0)
+
+        return KVCache(write_rows(self.k, k), write_rows(self.v, v))
+
+
+def batch_is_split(buf: jax.Array) -> bool:
+    """Whether the active sharding rules (`llama_jax.sharding.rules.use_rules`) split the batch axis
+    (the second) of a cache buffer."""
+    active = rules.active()
+    if active is None:
+        return False
+    mesh, table = active
+    return rules.logical_to_spec(CACHE_AXES, table, mesh=mesh, shape=buf.shape)[1] is not None

@@ -1,0 +1,1 @@
+"""Planning: the memory planner and every program compiled for TPU and GPU targets, no hardware."""

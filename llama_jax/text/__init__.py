@@ -1,0 +1,1 @@
+"""Text: the tokenizers, Meta's chat format and tool calls."""
