@@ -81,8 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="hardware: h100x1, h100x8, h100x16, v5p-128, v6e-256, h100xN, v5p-N, v6e-N")
     p.add_argument(
         "--target",
-        help="compile with this accelerator's own compiler (llama_jax.planning.targets: v5e-1/4/8, v5p-2/8/16/32, v6e-1/4/8, "
-        "h100x1, h100x8, h200x8); falls back to the CPU estimate, and says so, when its plugin is missing",
+        help="compile with this accelerator's own compiler (llama_jax.planning.targets: v5e-1/4/8, v5p-2/8/16/32, "
+        "v6e-1/4/8, h100x1, h100x8, h200x8); falls back to the CPU estimate, and says so, when its plugin is missing",
     )
     p.add_argument("--strategy", default="fsdp_tp", help="rules table: dp, fsdp, tp, fsdp_tp (default)")
     p.add_argument("--batch", type=int, default=8, help="sequences decoded together (default 8)")
