@@ -1,12 +1,20 @@
 """The layers, and that imports point one way (docs/ARCHITECTURE.md, "Layers").
 
-    llama_jax/sharding/  (meshes, rules, constraints, shard_map ops, jax.distributed)  imports nothing else of llama_jax
-    llama_jax/ (the model, its placement on a mesh, loading, sampling, jobs, the CLI)  imports llama_jax/sharding/
-    llama_jax.planning.plan (the memory planner) on top of both
+A module's layer is the subpackage of llama_jax/ it sits in; the layers, bottom to top:
 
-The import graph is read from the source (every `import`, at module level or inside a function), so
-a lazy import cannot hide a dependency. And `python -m llama_jax generate` is run to see what it
-really imports: never the training stack.
+    sharding/   meshes, rules, constraints, shard_map ops, jax.distributed    imports nothing else of llama_jax
+    model/      the transformer and what it is made of (config, attention, caches, projections, settings)
+    text/       tokenizers, Meta's chat format, tool calls
+    weights/    a Llama's state: checkpoints read, written, placed on a mesh; FP8 and LoRA weights
+    inference/  sampling, the two jitted programs, generate / stream, the engine
+    jobs/       batch, rejection, Guard, convert, training
+    configs/    the presets (a job's preset imports its job)
+    planning/   the memory planner, targets, programs compiled for them
+    cli, __main__ and the facade __init__: the only modules at the top
+
+A module imports from its own layer or below. The import graph is read from the source (every
+`import`, at module level or inside a function), so a lazy import cannot hide a dependency. And
+`python -m llama_jax generate` is run to see what it really imports: never the training stack.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import textwrap
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("llama_jax",)
 GENERIC = "llama_jax.sharding"  # the generic layer: imports nothing else of llama_jax
+LAYERS = ("sharding", "model", "text", "weights", "inference", "jobs", "configs", "planning")  # bottom to top
+TOP = ("__init__", "__main__", "cli")  # the facade and the entry points, above every layer
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -107,6 +117,43 @@ def test_the_graph_sees_function_level_imports():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
 
 
+def layer(module: str) -> int:
+    """A module's layer, as its index in LAYERS (the top-level modules above them all)."""
+    parts = module.split(".")
+    if len(parts) == 1 or (len(parts) == 2 and MODULES[module].name != "__init__.py"):
+        return len(LAYERS)
+    return LAYERS.index(parts[1])
+
+
+def upward(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Every (module, module it imports) where the import points to a higher layer."""
+    return sorted((m, d) for m, deps in graph.items() for d in deps if layer(d) > layer(m))
+
+
+def test_every_module_sits_in_its_layers_folder():
+    """llama_jax/ holds the layers' folders and, at the top, only the facade and the entry points."""
+    package = ROOT / "llama_jax"
+    assert sorted(p.stem for p in package.glob("*.py")) == sorted(TOP)
+    assert sorted(p.name for p in package.iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(LAYERS)
+    # a layer's __init__ names the layer and imports nothing: importing one module loads no neighbour
+    for name in LAYERS:
+        init = package / name / "__init__.py"
+        assert ast.get_docstring(ast.parse(init.read_text())), f"{init} has no docstring naming its layer"
+        assert _imports(f"llama_jax.{name}", init) == [], f"{init} imports"
+    assert sorted(m for m in MODULES if layer(m) == len(LAYERS)) == ["llama_jax", "llama_jax.__main__", "llama_jax.cli"]
+
+
+def test_imports_point_down_the_layers():
+    graph = import_graph()
+    assert upward(graph) == []
+    # the reader itself: an upward import is seen (the model importing the sampler)
+    assert upward({"llama_jax.model.model": {"llama_jax.inference.sampler", "llama_jax.model.rope"}}) == [
+        ("llama_jax.model.model", "llama_jax.inference.sampler")
+    ]
+    # and nothing imports the facade: it only re-exports, lazily
+    assert sorted(m for m, deps in graph.items() if "llama_jax" in deps) == []
+
+
 def _generic(module: str) -> bool:
     return module == GENERIC or module.startswith(GENERIC + ".")
 
@@ -132,7 +179,7 @@ def test_importing_llama_jax_imports_nothing_until_a_name_is_used():
         import sys
         import llama_jax
         before = sorted(m for m in sys.modules if m.split(".")[0] in ("llama_jax", "jax", "flax"))
-        llama_jax.generate, llama_jax.jobs.batch.run_batch
+        llama_jax.generate, llama_jax.planning  # a name, and a layer's package
         print(before, "load" in dir(llama_jax), "llama_jax.inference.sampler" in sys.modules)
     """)
     assert _python(code).stdout.split() == ["['llama_jax']", "True", "True"]
@@ -176,7 +223,8 @@ def test_each_documented_data_path_is_one_chain_of_imports():
 
 
 def _module_aliases(name: str, path: pathlib.Path) -> dict[str, str]:
-    """Local names bound to package modules: `from llama_jax import loading`, `import llama_jax.sharding.rules as r`."""
+    """Local names bound to package modules: `from llama_jax.weights import loading`,
+    `import llama_jax.sharding.rules as r`."""
     aliases = {}
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):

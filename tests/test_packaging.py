@@ -51,7 +51,9 @@ def test_the_wheel_installs_only_the_llama_jax_package(wheel):
     assert recorded == set(names)
     assert {n.split("/")[0] for n in names} == {"llama_jax", record.split("/")[0]}
     assert {"llama_jax/configs/llama3_1_405b.py", "llama_jax/configs/finetune_lora.py"} <= set(names)
-    assert {"llama_jax/sharding/rules.py", "llama_jax/weights/meta.py"} <= set(names)
+    assert {"llama_jax/sharding/rules.py", "llama_jax/weights/meta.py", "llama_jax/model/model.py"} <= set(names)
+    # package data moves with the layer that reads it: XLA's GPU target configs, beside targets.py
+    assert {"llama_jax/planning/gpu_specs/h100_sxm.txtpb", "llama_jax/planning/gpu_specs/h200.txtpb"} <= set(names)
 
 
 def test_the_installed_package_imports_and_resolves_presets_by_name(wheel, tmp_path):

@@ -1,0 +1,1 @@
+"""The presets: a `get_config()` per model size and per job, found by name by `--config NAME`."""
