@@ -2,7 +2,8 @@
 
 The public surface is small and stable: `load`, `save`, `Llama`, `LlamaConfig`, `KVCache`,
 `Tokenizer`, `ChatFormat`, `SamplingParams`, `generate`, `stream`, `score` and the CLI `python -m llama_jax`.
-Everything else may move.
+Everything else lives in the subpackage of its layer (model/, text/, weights/, inference/, jobs/,
+planning/; docs/ARCHITECTURE.md) and may move.
 
 Each name is imported on first use, so `import llama_jax.sharding` (the generic layer, which imports
 nothing of the rest) loads only what it names, and `import llama_jax` starts neither JAX nor its backend.
@@ -32,7 +33,7 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    """A public name from its module, or a submodule (`llama_jax.jobs.batch` after `import llama_jax`)."""
+    """A public name from its module, or a layer's package (`llama_jax.planning` after `import llama_jax`)."""
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
     else:
