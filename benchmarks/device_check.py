@@ -131,7 +131,8 @@ def _random_model(config, *, fp8_layers=(), matmul="fp8"):
     from flax import nnx
 
     from llama_jax.model import quant
-    from llama_jax.model.model import Llama, Options
+    from llama_jax.model.model import Llama
+    from llama_jax.model.options import Options
 
     fp8 = quant.Fp8Spec(tuple(fp8_layers), matmul=matmul) if fp8_layers else None
     model = Llama(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), options=Options(fp8=fp8))

@@ -11,7 +11,8 @@ from flax import nnx
 from llama_jax.model import attention, blockwise
 from llama_jax.model.config import LlamaConfig
 from llama_jax.model.kv_cache import KVCache
-from llama_jax.model.model import Llama, Options
+from llama_jax.model.model import Llama
+from llama_jax.model.options import Options
 
 BOUND = 1e-5  # fp32: max|diff| / max|ref|
 

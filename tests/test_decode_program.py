@@ -16,7 +16,8 @@ from flax import nnx
 from llama_jax.inference import decoding, sampler
 from llama_jax.model import quant
 from llama_jax.model.config import LlamaConfig
-from llama_jax.model.model import Llama, LoraSpec, Options
+from llama_jax.model.model import Llama, LoraSpec
+from llama_jax.model.options import Options
 from llama_jax.weights import lora
 
 # Layer-heavy in miniature, untied: every weight matrix has a size no activation or cache buffer has.

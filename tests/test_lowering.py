@@ -37,7 +37,8 @@ from llama_jax.jobs.train import TrainConfig, Trainer
 from llama_jax.model import platform as platform_module
 from llama_jax.model import quant
 from llama_jax.model.config import LlamaConfig
-from llama_jax.model.model import Llama, Options
+from llama_jax.model.model import Llama
+from llama_jax.model.options import Options
 
 # head_dim 128, as every Llama 3 size: the shape cuDNN's and splash's kernels are built for.
 CONFIG = LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=512, max_seq_len=1024)

@@ -17,7 +17,8 @@ from llama_jax.inference import decoding
 from llama_jax.model import quant
 from llama_jax.model.config import LlamaConfig
 from llama_jax.model.linear import Adapter, Separate, Weight
-from llama_jax.model.model import Llama, LoraSpec, Options, abstract
+from llama_jax.model.model import Llama, LoraSpec, abstract
+from llama_jax.model.options import Options
 from llama_jax.weights import lora
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

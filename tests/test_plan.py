@@ -11,7 +11,7 @@ import pytest
 
 from llama_jax.model import quant
 from llama_jax.model.config import model_config_from_file
-from llama_jax.model.model import DEFAULT_PREFILL_CHUNK, Options
+from llama_jax.model.options import DEFAULT_PREFILL_CHUNK, Options
 from llama_jax.planning import plan, plan_report
 from llama_jax.sharding import mesh as mesh_lib
 from llama_jax.weights import placement

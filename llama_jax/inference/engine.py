@@ -37,7 +37,8 @@ blockwise loop on CPU), which also lays out the pool for it (`paged_cache.pool_s
 
 The programs are `generate`'s (`decoding.prefill` on a prompt chunk, `decoding.decode` for a burst),
 each call on a fresh `decoding.DecodeState` over the pool (`PagedKVCache`); the request check, the
-stop tokens, the results and the host transfer are `llama_jax.inference.generation`'s.
+stop tokens, the results and the host transfer are `llama_jax.inference.generation`'s; a running
+request's host-side record (`Slot`) and the host arrays of a call over slots are `llama_jax.inference.slots`'.
 """
 
 from __future__ import annotations
@@ -52,11 +53,12 @@ from typing import Any
 import numpy as np
 
 from llama_jax.inference import constrain, decoding, generation
-from llama_jax.inference.decoding import DecodeState, Prompt, Rows, Weights
-from llama_jax.inference.generation import MAX_STOP_TOKENS, GenerationResult, Outputs
+from llama_jax.inference.decoding import DecodeState, Rows, Weights
+from llama_jax.inference.generation import GenerationResult
 from llama_jax.inference.sampling import Mode, SamplingParams
+from llama_jax.inference.slots import NEUTRAL_KNOBS, NO_STOPS, Slot, page_table, prefill_arrays, rows_of
 from llama_jax.model import attention
-from llama_jax.model.paged_cache import NULL_PAGE, PagedKVCache, PagePool, block_hashes
+from llama_jax.model.paged_cache import PagedKVCache, PagePool, block_hashes
 from llama_jax.model.platform import target as target_platform
 
 __all__ = ["Engine", "Request", "trace_counts"]
@@ -74,31 +76,6 @@ class Request:
     id: Any
     prompt: Sequence[int]
     params: SamplingParams
-
-
-@dataclasses.dataclass(eq=False)  # a running request is itself: `in`, `index`, `remove` by identity
-class _Slot:
-    """A running request, host side."""
-
-    request: Request
-    order: int  # admission order (preemption takes the latest)
-    mode: Mode  # the compiled program its rows run in
-    knobs: np.ndarray  # [3] float32: temperature, top_p, min_p
-    stops: np.ndarray  # [MAX_STOP_TOKENS] int32, -1 padded
-    prompt: np.ndarray
-    pages: list[int]
-    hashes: list[bytes]  # of the prompt's shareable blocks
-    cursor: int  # prompt tokens in the cache
-    matcher: constrain.Matcher | None = None  # a constrained request's grammar state
-    stopped: bool = False  # the last token is a stop token
-    count: int = 0  # tokens sampled
-    last: int = 0  # the last of them
-    out: list[Outputs] = dataclasses.field(default_factory=list)  # their host outputs, piece by piece
-    scores: list[np.ndarray] = dataclasses.field(default_factory=list)  # prompt log-probs, chunk by chunk
-
-    @property
-    def decoding(self) -> bool:
-        return self.cursor == len(self.prompt)
 
 
 class Engine:
@@ -190,8 +167,8 @@ class Engine:
         weights = Weights.of(self.model)
         pending = iter(requests)
         waiting: collections.deque[Request] = collections.deque()
-        slots: list[_Slot | None] = [None] * self.slots  # decoding requests, one per decode row
-        staged: list[_Slot] = []  # admitted: prefilling, or prefilled and waiting for a slot
+        slots: list[Slot | None] = [None] * self.slots  # decoding requests, one per decode row
+        staged: list[Slot] = []  # admitted: prefilling, or prefilled and waiting for a slot
         order = itertools.count()
         done: list[tuple[Request, Any]] = []
         while True:
@@ -280,7 +257,7 @@ class Engine:
             self.stats["shared_tokens"] += len(shared) * self.page_size
             params = request.params
             staged.append(
-                _Slot(
+                Slot(
                     request,
                     next(order),
                     params.mode,
@@ -293,13 +270,6 @@ class Engine:
                     matcher=matcher,
                 )
             )
-
-    def _table(self, slots: Sequence[_Slot | None]) -> np.ndarray:
-        table = np.full((len(slots), self.table_width), NULL_PAGE, np.int32)
-        for row, slot in enumerate(slots):
-            if slot is not None:
-                table[row, : len(slot.pages)] = slot.pages
-        return table
 
     def _prefill(self, weights, staged, slots, done) -> None:
         """Prefill calls on the staged prompts, up to `prefill_budget` tokens. A call runs when its rows are
@@ -340,34 +310,23 @@ class Engine:
         longest = max(len(s.prompt) - s.cursor for s in rows)
         c = self.prefill_chunk if scoring else min(self.prefill_chunk, max(16, 1 << (longest - 1).bit_length()))
         r = self.prefill_rows
-        tokens = np.zeros((r, c), np.int32)
-        start, last, limit, seeds = *(np.zeros(r, np.int32) for _ in range(3)), np.zeros(r, np.uint32)
-        ends = np.zeros(r, bool)  # the row's prompt ends in this chunk: it samples its first token
-        knobs, stops = _rows_of([s.knobs for s in rows], r), _rows_of([s.stops for s in rows], r)
-        targets = np.full((r, c), -1, np.int32)  # position j scores the prompt token after it
-        for i, s in enumerate(rows):
-            chunk = s.prompt[s.cursor : s.cursor + c]
-            tokens[i, : len(chunk)] = chunk
-            start[i], last[i], seeds[i] = s.cursor, len(chunk) - 1, s.request.params.seed
-            limit[i], ends[i] = s.request.params.max_new_tokens, s.cursor + len(chunk) == len(s.prompt)
-            after = s.prompt[s.cursor + 1 : s.cursor + c + 1]
-            targets[i, : len(after)] = after
+        prompt, sampling, limit, live = prefill_arrays(rows, r, c, scoring)
         zeros = np.zeros(r, np.int32)
         padded = rows + [None] * (r - len(rows))
         state = self._state(
             padded,
-            Rows(seeds, zeros, knobs, stops),
+            sampling,
             mode,
             n_out=1,
             last=zeros,
             positions=zeros,
             count=zeros,
             limit=limit,
-            live=ends & (limit > 0),
+            live=live,
             mask=self._masks([s.matcher if s else None for s in padded]),
         )
         started = time.perf_counter()
-        state = decoding.prefill(weights, state, Prompt(tokens, last, start, targets if scoring else None))
+        state = decoding.prefill(weights, state, prompt)
         self.k, self.v = state.cache.k, state.cache.v
         out, count, stopped, scores = generation.to_host((state.out, state.count, state.stopped, state.prompt_logprobs))
         self.stats["prefill_calls"] += 1
@@ -381,36 +340,24 @@ class Engine:
             ran += step
             self.ready[s.pages[: s.cursor // self.page_size]] = True
             if s.decoding:
-                self._record(s, out.row(i, count[i]), stopped[i])
-                if s.matcher is not None:
-                    s.matcher.take(s.count, s.last)
+                s.record(out.row(i, count[i]), stopped[i])
                 self._finish_if_done(s, slots, staged, done)
         return ran
 
-    def _state(self, rows: list[_Slot | None], sampling: Rows, mode: Mode, **fields) -> DecodeState:
+    def _state(self, rows: list[Slot | None], sampling: Rows, mode: Mode, **fields) -> DecodeState:
         """A program state over the pool for these slots (None: an idle row); `fields` as `DecodeState.start`."""
-        cache = PagedKVCache(self.k, self.v, self._table(rows), self.block_pages, self.attention)
+        cache = PagedKVCache(self.k, self.v, page_table(rows, self.table_width), self.block_pages, self.attention)
         return DecodeState.start(cache, sampling, mode=mode, **fields)
 
-    def _record(self, s: _Slot, piece: Outputs, stopped) -> None:
-        """Add the host outputs of the slot's newest tokens (`piece`: one row, its tokens in order)."""
-        if len(piece.tokens):
-            s.out.append(piece)
-            s.count += len(piece.tokens)
-            s.last = int(piece.tokens[-1])
-        s.stopped = bool(stopped)
-
-    def _finish_if_done(self, s: _Slot, slots, staged, done) -> None:
-        if not s.stopped and s.count < s.request.params.max_new_tokens:
+    def _finish_if_done(self, s: Slot, slots, staged, done) -> None:
+        if not s.finished:
             return
-        out = generation.concat(s.out) if s.out else Outputs.empty(1, 0, s.mode).row(0, 0)  # max_new_tokens=0
-        prompt_scores = np.concatenate(s.scores) if s.request.params.prompt_logprobs else None
-        result = generation.result(out, s.stopped, s.mode, prompt_scores)
+        result = s.result()
         self._free(s, slots, staged)
         self.stats["generated_tokens"] += len(result.tokens)
         done.append((s.request, result))
 
-    def _free(self, s: _Slot, slots, staged) -> None:
+    def _free(self, s: Slot, slots, staged) -> None:
         for page in s.pages:  # an unwritten page must not stay in the prefix cache
             if not self.ready[page] and self.pool.refs[page] == 1:
                 self.pool.forget(page)
@@ -461,12 +408,12 @@ class Engine:
         self.stats["grammar_seconds"] += time.perf_counter() - started
         return mask
 
-    def _burst(self, weights: Weights, rows: list[_Slot | None], mode: Mode) -> None:
+    def _burst(self, weights: Weights, rows: list[Slot | None], mode: Mode) -> None:
         b = self.slots
         last, count, position, limit = (np.zeros(b, np.int32) for _ in range(4))
         live, seeds = np.zeros(b, bool), np.zeros(b, np.uint32)
-        knobs = _rows_of([s.knobs if s else _NEUTRAL_KNOBS for s in rows], b)
-        stops = _rows_of([s.stops if s else _NO_STOPS for s in rows], b)
+        knobs = rows_of([s.knobs if s else NEUTRAL_KNOBS for s in rows], b)
+        stops = rows_of([s.stops if s else NO_STOPS for s in rows], b)
         for i, s in enumerate(rows):
             if s is not None:
                 last[i], count[i], limit[i] = s.last, s.count, s.request.params.max_new_tokens
@@ -490,15 +437,4 @@ class Engine:
         self.stats["decode_seconds"] += time.perf_counter() - started
         for i, s in enumerate(rows):
             if s is not None:
-                self._record(s, out.row(i, new_count[i] - count[i]), stopped[i])
-                if s.matcher is not None:
-                    s.matcher.take(s.count, s.last)
-
-
-_NEUTRAL_KNOBS = SamplingParams(max_new_tokens=1).knobs()  # an idle row's (its tokens are dropped)
-_NO_STOPS = np.full(MAX_STOP_TOKENS, -1, np.int32)
-
-
-def _rows_of(values: list[np.ndarray], n: int) -> np.ndarray:
-    """`values` stacked and padded to n rows with copies of the first (rows nobody reads)."""
-    return np.stack(values + [values[0]] * (n - len(values)))
+                s.record(out.row(i, new_count[i] - count[i]), stopped[i])

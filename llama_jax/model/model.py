@@ -13,7 +13,7 @@ LoRA-adapted, fused), so the math below never asks which. Layers are stacked alo
 hands in each layer's weights as arrays of their own instead (`decoding.layer_weights`), through
 the same loop (`Llama._layers`).
 
-Everything a model is built with besides its architecture is one frozen `Options`, fixed at
+Everything a model is built with besides its architecture is one frozen `options.Options`, fixed at
 construction; `abstract` builds a shape-only model, `with_options` a model sharing the weights.
 
 Dimension letters: B batch, T query positions, S key positions, D model, F ffn, N query heads,
@@ -35,42 +35,10 @@ from llama_jax.model import quant, rope
 from llama_jax.model.config import LlamaConfig
 from llama_jax.model.kv_cache import KVCache
 from llama_jax.model.linear import LORA_TARGETS, Fused, LoraSpec, Separate, Weight, adapter_params, weight
-from llama_jax.sharding.rules import ShardingSpec, constrain, use_rules
+from llama_jax.model.options import Options
+from llama_jax.sharding.rules import constrain, use_rules
 
-__all__ = ["LORA_TARGETS", "BlockWeights", "Llama", "LoraSpec", "Options", "abstract"]
-
-# Prompt tokens per prefill step: bounds prefill activations ([B, chunk, F] in the FFN) at any length.
-DEFAULT_PREFILL_CHUNK = 2048
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    """What a `Llama` is built with besides its architecture and dtype; fixed for the model's life.
-
-    attention_backend: one of `attention.BACKENDS` ("auto": `attention.select`'s rule, logged);
-      attention_block its key (and query) block: the blockwise tile, a paged cache's page.
-    prefill_chunk: prompt tokens per prefill step.
-    fp8: FFN weights of `fp8.quantized_layers` in rowwise FP8 (the FP8 405B release); the other
-      layers' FFNs live unquantized in `dense_ffn`, stacked over those layers only.
-    lora: adapters `<name>_lora.a/.b` beside each of `lora.targets` (`llama_jax/weights/lora.py` adds, merges).
-    score_labels: a classifier's `score` [D, labels] instead of the LM head (HF
-      `LlamaForSequenceClassification`): "logits" are per-position scores `[B, T, labels]`.
-    sharding: the mesh and rules activations are pinned by (`load(..., mesh=...)`, `shard_model`).
-    """
-
-    attention_backend: str = "auto"
-    attention_block: int = attention_lib.DEFAULT_BLOCK
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
-    fp8: quant.Fp8Spec | None = None
-    lora: LoraSpec | None = None
-    score_labels: int | None = None
-    sharding: ShardingSpec | None = None
-
-    def __post_init__(self):
-        if self.attention_backend not in attention_lib.BACKENDS:
-            raise ValueError(f"attention must be one of {attention_lib.BACKENDS}, got {self.attention_backend!r}")
-        if self.fp8 is not None and self.lora is not None and {"w1", "w2", "w3"} & set(self.lora.targets):
-            raise ValueError("LoRA on FP8 feed-forward weights is not supported: load the bf16 model to fine-tune it")
+__all__ = ["LORA_TARGETS", "BlockWeights", "Llama", "LoraSpec", "abstract"]
 
 
 def _param(rngs: nnx.Rngs, init, shape, dtype, names: tuple[str, ...]) -> nnx.Param:

@@ -51,7 +51,7 @@ import sys
 import time
 from typing import Any
 
-from llama_jax.model.model import DEFAULT_PREFILL_CHUNK, Options
+from llama_jax.model.options import DEFAULT_PREFILL_CHUNK, Options
 
 # Importing jax (and the model) does not start its backend: `_start_virtual_devices` still can, in `run`.
 from llama_jax.planning import plan_target

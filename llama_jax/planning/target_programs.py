@@ -31,7 +31,7 @@ from llama_jax.inference.sampling import SamplingParams
 from llama_jax.model import attention, platform, quant
 from llama_jax.model.config import LlamaConfig
 from llama_jax.model.kv_cache import KVCache
-from llama_jax.model.model import Options
+from llama_jax.model.options import Options
 from llama_jax.model.paged_cache import PagedKVCache, pool_axes, pool_shape
 from llama_jax.planning import targets
 from llama_jax.planning.targets import Target

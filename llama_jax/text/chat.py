@@ -11,7 +11,8 @@ A user message may carry `"context"` (Meta's RAG field); an assistant message ma
 The token layout is exactly Meta's `ChatFormat.encode_dialog_prompt` (llama-models 0.3.0) and the
 parsing of replies exactly its `decode_assistant_message` on well-formed input; see
 `parse_assistant_text` for what happens where Meta's parser crashes. Tool calls (their text, finding
-one in a reply) and the tool-calling prompts are `llama_jax.text.tools`, as Meta keeps them in `tool_utils.py`.
+one in a reply) are `llama_jax.text.tools`, as Meta keeps them in `tool_utils.py`; the tool-calling prompts
+are `llama_jax.text.tool_prompts`, as Meta's `system_prompts.py`.
 """
 
 from __future__ import annotations
@@ -21,22 +22,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from llama_jax.text.tokenizer import Tokenizer
+from llama_jax.text.tool_prompts import custom_tools_message, system_prompt, tool_prompt_messages
 from llama_jax.text.tools import (
     BUILTIN_TOOLS,
     TOOL_FORMATS,
     ToolCall,
     ToolFormat,
-    custom_tools_message,
     expect_str,
     find_tool_call,
     parse_tool_call,
     reject_unknown_keys,
     render_tool_call,
-    system_prompt,
-    tool_prompt_messages,
 )
 
-# The tool prompts live in `llama_jax.text.tools`; they stay importable from here, where they were first.
+# The tool prompts live in `llama_jax.text.tool_prompts`; they stay importable from here, where they were first.
 __all__ = [
     "BUILTIN_TOOLS",
     "ChatFormat",

@@ -1,8 +1,9 @@
-"""Llama 3.1 tool calling: the prompts that announce tools, a call's text, and finding a call in a reply.
+"""Llama 3.1 tool calls: validating one, the text the model emits for it, finding one in a reply;
+custom tool definitions and the schema of a call to one.
 
-What Meta splits between llama-models' `llama3/tool_utils.py` (encoding and extracting tool calls)
-and `llama3/prompt_templates/system_prompts.py` (the system prompt and custom-tool templates of
-`llama3_1/prompt_format.md`). `llama_jax.text.chat` puts these pieces into token ids and message dicts.
+Meta's llama-models `llama3/tool_utils.py` (encoding and extracting tool calls). The prompts that announce
+tools (Meta's `llama3/prompt_templates/system_prompts.py`) are `llama_jax.text.tool_prompts`;
+`llama_jax.text.chat` puts these pieces into token ids and message dicts.
 
 A tool call is `{"function": {"name": str, "arguments": dict}}` (or flat `{"name", "arguments"}`);
 `parse_tool_call` validates one into a `ToolCall`. Builtin tools are called as
@@ -13,7 +14,6 @@ three formats (`ToolFormat`).
 from __future__ import annotations
 
 import ast
-import datetime
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -23,17 +23,17 @@ from typing import Any, Literal
 __all__ = [
     "BUILTIN_TOOLS",
     "TOOL_FORMATS",
+    "CustomTool",
     "ToolCall",
     "ToolFormat",
-    "custom_tools_message",
+    "ToolParam",
     "expect_str",
     "find_tool_call",
+    "parse_custom_tool",
     "parse_tool_call",
     "reject_unknown_keys",
     "render_tool_call",
-    "system_prompt",
     "tool_call_schema",
-    "tool_prompt_messages",
 ]
 
 ToolFormat = Literal["json", "function_tag", "python_list"]
@@ -47,23 +47,6 @@ _TOOL_CALL_META_KEYS = {"id", "type", "call_id"}  # OpenAI-style bookkeeping, no
 # the function-tag arguments stop at the first "}", and builtin queries cannot contain '"'.
 _BUILTIN_CALL = re.compile(r'\b(?P<tool_name>\w+)\.call\(query="(?P<query>[^"]*)"\)')
 _FUNCTION_TAG_CALL = re.compile(r"<function=(?P<function_name>[^}]+)>(?P<args>{.*?})")
-
-_KNOWLEDGE_CUTOFF = "December 2023"
-# Meta formats with strftime("%d %B %Y"); a fixed table keeps the prompt independent of the locale.
-_MONTHS = (
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-)
 
 
 @dataclass(frozen=True)
@@ -235,6 +218,59 @@ def _first_keyword_call(text: str) -> tuple[str | None, dict[str, Any] | None]:
         return None, None
 
 
+# ----------------------------------------------------------------------------------------------
+# Custom tools: their definitions, and the schema of a call to one
+
+
+@dataclass(frozen=True)
+class ToolParam:
+    """One parameter of a custom tool's definition."""
+
+    name: str
+    param_type: str
+    description: str
+    required: bool
+
+
+@dataclass(frozen=True)
+class CustomTool:
+    """A custom tool's definition, validated (`parse_custom_tool`)."""
+
+    name: str
+    description: str
+    params: tuple[ToolParam, ...]
+
+
+def parse_custom_tool(tool: Mapping[str, Any], where: str) -> CustomTool:
+    """`tool` (a dict, see `tool_prompts.custom_tools_message`) validated; errors name `where` and the field."""
+    if not isinstance(tool, Mapping):
+        raise ValueError(f"{where}: expected a dict with 'name', 'description' and 'parameters'")
+    name = tool.get("name", tool.get("tool_name"))
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}.name: expected a non-empty str, got {name!r}")
+    if name in BUILTIN_TOOLS:
+        raise ValueError(f"{where}.name: {name!r} is a builtin tool; pass it in builtin_tools")
+    description = expect_str(tool.get("description") or "", f"{where}.description")
+    parameters = tool.get("parameters") or {}
+    if not isinstance(parameters, Mapping):
+        raise ValueError(f"{where}.parameters: expected a dict of parameter name -> definition")
+    return CustomTool(
+        name=name,
+        description=description,
+        params=tuple(_parse_param(pname, p, f"{where}.parameters.{pname}") for pname, p in parameters.items()),
+    )
+
+
+def _parse_param(name: str, param: Any, where: str) -> ToolParam:
+    if not isinstance(param, Mapping) or not isinstance(param.get("param_type"), str):
+        raise ValueError(f"{where}: expected a dict with a str 'param_type', got {param!r}")
+    required = param.get("required", True)
+    if not isinstance(required, bool):
+        raise ValueError(f"{where}.required: expected bool, got {required!r}")
+    description = expect_str(param.get("description") or "", f"{where}.description")
+    return ToolParam(name=name, param_type=param["param_type"], description=description, required=required)
+
+
 # JSON-schema types of the `param_type`s tool definitions use (Meta's examples write "str", "int").
 _PARAM_TYPES = {
     "str": "string",
@@ -251,7 +287,7 @@ def tool_call_schema(custom_tools: Sequence[Mapping[str, Any]]) -> dict[str, Any
     """The JSON schema of a call, in the json tool format (`render_tool_call`), of one of `custom_tools`
     with its required parameters (typed where `param_type` names a JSON type). A request whose
     `json_schema` it is (`llama_jax.inference.constrain`) replies with a call `find_tool_call` always parses."""
-    tools = [_parse_custom_tool(tool, f"custom_tools[{i}]") for i, tool in enumerate(custom_tools)]
+    tools = [parse_custom_tool(tool, f"custom_tools[{i}]") for i, tool in enumerate(custom_tools)]
     if not tools:
         raise ValueError("custom_tools: expected at least one tool")
     calls = []
@@ -274,198 +310,3 @@ def tool_call_schema(custom_tools: Sequence[Mapping[str, Any]]) -> dict[str, Any
             }
         )
     return calls[0] if len(calls) == 1 else {"anyOf": calls}
-
-
-# ----------------------------------------------------------------------------------------------
-# Tool-calling prompts (Llama 3.1, `llama3_1/prompt_format.md`)
-
-
-@dataclass(frozen=True)
-class _Param:
-    name: str
-    param_type: str
-    description: str
-    required: bool
-
-
-@dataclass(frozen=True)
-class _CustomTool:
-    name: str
-    description: str
-    params: tuple[_Param, ...]
-
-
-def system_prompt(
-    *,
-    builtin_tools: Sequence[str] = (),
-    custom_tools: Sequence[Mapping[str, Any]] = (),
-    today: datetime.date | None = None,
-    instructions: str | None = None,
-) -> str:
-    """System message content announcing tools, the knowledge cutoff and today's date.
-
-    Any tool turns on "Environment: ipython", which alone enables code_interpreter, so that tool is
-    never listed on the "Tools:" line. `today` defaults to the local date, as in Meta's generator.
-    """
-    for i, tool in enumerate(builtin_tools):
-        if tool not in BUILTIN_TOOLS:
-            raise ValueError(f"builtin_tools[{i}]: expected one of {BUILTIN_TOOLS}, got {tool!r}")
-    for i, tool in enumerate(custom_tools):
-        _parse_custom_tool(tool, f"custom_tools[{i}]")
-    today = datetime.date.today() if today is None else today
-    text = ""
-    if builtin_tools or custom_tools:
-        text += "Environment: ipython\n"
-        listed = [tool for tool in builtin_tools if tool != "code_interpreter"]
-        if listed:
-            # Meta's template swallows the newline after the Tools line; the "\n" below restores one.
-            text = text + "Tools: " + ", ".join(listed)
-        text += "\n"
-    text += f"Cutting Knowledge Date: {_KNOWLEDGE_CUTOFF}\nToday Date: {_format_date(today)}"
-    if instructions:
-        text += "\n\n" + instructions
-    return text + "\n"
-
-
-def custom_tools_message(tools: Sequence[Mapping[str, Any]], *, tool_format: ToolFormat = "json") -> str:
-    """User message content that defines custom tools, in Meta's JSON or `<function=...>` template.
-
-    A tool is `{"name", "description", "parameters": {name: {"param_type", "description", "required"}}}`
-    (`required` defaults to True, like Meta's `ToolParamDefinition`; "tool_name" is accepted for
-    "name"). Names and descriptions are pasted into the template unescaped, exactly as Meta's Jinja
-    template does. A missing description renders as "" where Meta would print "None".
-    """
-    parsed = [_parse_custom_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
-    if tool_format == "json":
-        return _json_tools_prompt(parsed)
-    if tool_format == "function_tag":
-        return _function_tag_tools_prompt(parsed)
-    raise ValueError(f"tool_format: expected 'json' or 'function_tag' for Llama 3.1 prompts, got {tool_format!r}")
-
-
-def tool_prompt_messages(
-    *,
-    builtin_tools: Sequence[str] = (),
-    custom_tools: Sequence[Mapping[str, Any]] = (),
-    today: datetime.date | None = None,
-    instructions: str | None = None,
-    tool_format: ToolFormat = "json",
-) -> list[dict[str, str]]:
-    """The messages that open a tool-using dialog: the system prompt, then custom tools as a user turn."""
-    messages = [
-        {
-            "role": "system",
-            "content": system_prompt(
-                builtin_tools=builtin_tools, custom_tools=custom_tools, today=today, instructions=instructions
-            ),
-        }
-    ]
-    if custom_tools:
-        messages.append({"role": "user", "content": custom_tools_message(custom_tools, tool_format=tool_format)})
-    return messages
-
-
-def _format_date(day: datetime.date) -> str:
-    return f"{day.day:02d} {_MONTHS[day.month - 1]} {day.year}"
-
-
-def _parse_custom_tool(tool: Mapping[str, Any], where: str) -> _CustomTool:
-    if not isinstance(tool, Mapping):
-        raise ValueError(f"{where}: expected a dict with 'name', 'description' and 'parameters'")
-    name = tool.get("name", tool.get("tool_name"))
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{where}.name: expected a non-empty str, got {name!r}")
-    if name in BUILTIN_TOOLS:
-        raise ValueError(f"{where}.name: {name!r} is a builtin tool; pass it in builtin_tools")
-    description = expect_str(tool.get("description") or "", f"{where}.description")
-    parameters = tool.get("parameters") or {}
-    if not isinstance(parameters, Mapping):
-        raise ValueError(f"{where}.parameters: expected a dict of parameter name -> definition")
-    return _CustomTool(
-        name=name,
-        description=description,
-        params=tuple(_parse_param(pname, p, f"{where}.parameters.{pname}") for pname, p in parameters.items()),
-    )
-
-
-def _parse_param(name: str, param: Any, where: str) -> _Param:
-    if not isinstance(param, Mapping) or not isinstance(param.get("param_type"), str):
-        raise ValueError(f"{where}: expected a dict with a str 'param_type', got {param!r}")
-    required = param.get("required", True)
-    if not isinstance(required, bool):
-        raise ValueError(f"{where}.required: expected bool, got {required!r}")
-    description = expect_str(param.get("description") or "", f"{where}.description")
-    return _Param(name=name, param_type=param["param_type"], description=description, required=required)
-
-
-def _jinja_tojson(value: Any) -> str:
-    """Jinja's `tojson` filter: sorted keys, and HTML-sensitive characters as \\u escapes."""
-    text = json.dumps(value, sort_keys=True)
-    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("'", "\\u0027")):
-        text = text.replace(char, escape)
-    return text
-
-
-def _json_tool_definition(tool: _CustomTool) -> str:
-    # Written out by hand, like Meta's template, so the key order is fixed and not sorted.
-    properties = ",".join(
-        "\n                {\n"
-        f'                    "{p.name}": {{\n'
-        '                        "type": "object",\n'
-        f'                        "description": "{p.description}"\n'
-        "                    }\n"
-        "                }"
-        for p in tool.params
-    )
-    required = _jinja_tojson([p.name for p in tool.params if p.required])
-    return (
-        "{\n"
-        '    "type": "function",\n'
-        '    "function": {\n'
-        f'        "name": "{tool.name}",\n'
-        f'        "description": "{tool.description}",\n'
-        '        "parameters": {\n'
-        '            "type": "object",\n'
-        f'            "properties": [{properties}\n'
-        "            ],\n"
-        f'            "required": {required}\n'
-        "        }\n"
-        "    }\n"
-        "}\n"
-    )
-
-
-def _json_tools_prompt(tools: Sequence[_CustomTool]) -> str:
-    return (
-        "Answer the user's question by making use of the following functions if needed.\n"
-        "If none of the function can be used, please say so.\n"
-        "Here is a list of functions in JSON format:\n"
-        + "".join(_json_tool_definition(tool) for tool in tools)
-        + "\nReturn function calls in JSON format."
-    )
-
-
-def _function_tag_tool_definition(tool: _CustomTool) -> str:
-    params = {
-        p.name: {"description": p.description, "param_type": p.param_type, "required": p.required} for p in tool.params
-    }
-    return (
-        f"Use the function '{tool.name}' to '{tool.description}':\n"
-        f'{{"name": "{tool.name}", "description": "{tool.description}", "parameters": {_jinja_tojson(params)}}}\n\n'
-    )
-
-
-def _function_tag_tools_prompt(tools: Sequence[_CustomTool]) -> str:
-    return (
-        "You have access to the following functions:\n\n"
-        + "".join(_function_tag_tool_definition(tool) for tool in tools)
-        + "Think very carefully before calling functions.\n"
-        "If you choose to call a function ONLY reply in the following format with no prefix or suffix:\n\n"
-        '<function=example_function_name>{"example_name": "example_value"}</function>\n\n'
-        "Reminder:\n"
-        "- If looking for real time information use relevant functions before falling back to brave_search\n"
-        "- Function calls MUST follow the specified format, start with <function= and end with </function>\n"
-        "- Required parameters MUST be specified\n"
-        "- Only call one function at a time\n"
-        "- Put the entire function call reply on one line"
-    )

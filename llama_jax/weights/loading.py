@@ -21,7 +21,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 
 from llama_jax.model import platform
-from llama_jax.model.model import Llama, Options, abstract
+from llama_jax.model.model import Llama, abstract
+from llama_jax.model.options import Options
 from llama_jax.sharding import rules as sharding_rules
 from llama_jax.weights import fp8, layout, orbax
 from llama_jax.weights.checkpoint import Checkpoint, Place

@@ -23,7 +23,8 @@ from jax.sharding import Mesh, NamedSharding
 from llama_jax.model import quant
 from llama_jax.model.config import LlamaConfig
 from llama_jax.model.kv_cache import CACHE_AXES, KVCache
-from llama_jax.model.model import Llama, Options, abstract
+from llama_jax.model.model import Llama, abstract
+from llama_jax.model.options import Options
 from llama_jax.sharding import rules as sharding_rules
 from llama_jax.sharding.rules import ShardingSpec
 
