@@ -157,7 +157,8 @@ class Engine:
         self.k, self.v = PagedKVCache.zeros(config, self.pool.n_pages, page_size, model.dtype, spec, self.attention)
         self.ready = np.zeros(self.pool.n_pages, bool)  # page written (a sharer may read it)
         self.stats = collections.Counter()
-        self.grammars = None if tokenizer is None else constrain.Grammars.of(tokenizer, config.vocab_size)
+        self.tokenizer = tokenizer  # the grammars of constrained requests are built from it on first need
+        self.grammars: constrain.Grammars | None = None
 
     # ---- the scheduler ---------------------------------------------------------------------------------
 
@@ -208,8 +209,9 @@ class Engine:
                 self._stops[key] = generation.stop_ids(self.model, key)
             matcher = None
             if params.constraint is not None:
-                if self.grammars is None:
+                if self.tokenizer is None:
                     raise ValueError(f"{params.constraint[0]}: constrained requests need Engine(..., tokenizer=...)")
+                self.grammars = self.grammars or constrain.Grammars.of(self.tokenizer, vocab)
                 matcher = self.grammars.matcher(params, self._stops[key])
         except ValueError as e:
             raise ValueError(f"request {request.id!r}: {e}") from None
