@@ -37,6 +37,7 @@ from llama_jax.jobs.train import TrainConfig, Trainer
 from llama_jax.model import platform as platform_module
 from llama_jax.model import quant
 from llama_jax.model.config import LlamaConfig
+from llama_jax.model.kv_cache import KVCache
 from llama_jax.model.model import Llama
 from llama_jax.model.options import Options
 
@@ -76,8 +77,8 @@ def _donated(attributes: str) -> bool:
 
 
 def _cache_type(batch: int, length: int) -> str:
-    c = CONFIG
-    return f"{c.n_layers}x{batch}x{length}x{c.n_kv_heads}x{c.head_dim}xbf16"
+    """The MLIR tensor type of one cache buffer (`KVCache.shape`)."""
+    return "x".join(map(str, KVCache.shape(CONFIG, batch, length))) + "xbf16"
 
 
 def host_callbacks(text: str) -> list[str]:
