@@ -466,7 +466,7 @@ def test_a_model_sharded_over_a_mesh_generates_the_same_tokens(tmp_path):
 
 def test_sampling_params_validate_once_and_name_the_field():
     for fields, field in [
-        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=-1), "max_new_tokens"),
         (dict(max_new_tokens=4, temperature=-1.0), "temperature"),
         (dict(max_new_tokens=4, top_p=0.0), "top_p"),
         (dict(max_new_tokens=4, top_k=2.5), "top_k"),

@@ -135,7 +135,7 @@ def test_every_strategy_is_named_and_valid():
 @pytest.mark.parametrize(
     "rules, message",
     [
-        ((("embed", "tensor"), ("mlp", "tensor")), "collision.*'embed' and 'mlp'"),
+        ((("embed", "tensor"), ("mlp", "tensor")), "collision.*'mlp' and 'embed'"),
         ((("kv_heads", "data"), ("batch", "data")), "collision in kv_cache"),
         ((("q_heads", ("tensor", "kv_rep")), ("head_dim", "kv_rep")), "collision"),
         ((("embed", "fsdp"), ("embed", "tensor")), "listed twice"),
