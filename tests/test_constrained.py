@@ -4,14 +4,17 @@ Outputs are checked by independent means (`jsonschema`, Python's `re`, string eq
 requests sampled at temperature 1 from random weights (the embedded default model), whose text is
 noise unless the mask holds it to the constraint. Greedy constrained decoding is transformers' argmax
 over the tokens the grammar allows, step by step; constrained requests share the engine's bursts with
-unconstrained ones, survive preemption and a batch job's resumption byte-identically; a constraint
+unconstrained ones, survive preemption, and a batch job killed with SIGKILL resumes byte-identically; a constraint
 that does not compile is an error line naming the request, and the job goes on.
 """
 
 import json
 import pathlib
 import re
-import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jsonschema
 import numpy as np
@@ -27,6 +30,7 @@ from llama_jax.model import settings
 from llama_jax.text import tools
 from llama_jax.weights.default_model import default_model
 from tests import checkpoints
+from tests.processes import clean_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The engine of the tests on the default model: the batch jobs' here, docs/BATCH.md's judge pipeline
@@ -35,6 +39,8 @@ ENGINE = dict(slots=8)
 TOP_P = 0.9
 # 11 pages of 16 positions: too few for 8 requests past 16 positions at once, so the engine preempts.
 TIGHT = dict(slots=8, pages=12, page_size=16)
+# The batch job killed mid-run: three times the engine's slots, so results are still to come at the kill.
+KILLED_JOB = 24
 VERDICT = {
     "type": "object",
     "properties": {
@@ -189,12 +195,14 @@ def test_a_request_sets_at_most_one_constraint_declared_once_for_every_entry_poi
         assert settings.flag(batch.JobConfig, name) == "--" + name.replace("_", "-")
 
 
-def test_a_batch_job_with_constraints_resumes_byte_identically_and_reports_bad_ones(default, tokenizer, tmp_path):
+def test_a_batch_job_with_constraints_survives_sigkill_byte_identically_and_reports_bad_ones(
+    default, tokenizer, tmp_path
+):
     lines = [
         {"id": "bad-ref", "prompt": "x", "json_schema": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}},
         {"id": "bad-regex", "prompt": "x", "regex": "(unclosed"},
     ]
-    for i in range(10):
+    for i in range(KILLED_JOB):
         constraint = [{"json_schema": VERDICT}, {"regex": REGEX}, {"choice": list(CHOICE)}, {}][i % 4]
         lines.append({"id": f"q{i}", "prompt": f"Question {i}?", "temperature": 1.0, **constraint})
     source = tmp_path / "in.jsonl"
@@ -202,7 +210,7 @@ def test_a_batch_job_with_constraints_resumes_byte_identically_and_reports_bad_o
     run = dict(batch_size=ENGINE["slots"], progress=False, max_new_tokens=48)
     whole = tmp_path / "whole.jsonl"
     summary = batch.run_batch(default, tokenizer, source, whole, **run)
-    assert summary["completed"] == 10 and summary["failed"] == 2
+    assert summary["completed"] == KILLED_JOB and summary["failed"] == 2
     errors = [json.loads(line) for line in whole.with_name("whole.jsonl.errors.jsonl").read_text().splitlines()]
     assert [(e["id"], e["line"]) for e in errors] == [("bad-ref", 1), ("bad-regex", 2)]
     assert "json_schema: cannot compile" in errors[0]["error"] and "regex: cannot compile" in errors[1]["error"]
@@ -214,13 +222,27 @@ def test_a_batch_job_with_constraints_resumes_byte_identically_and_reports_bad_o
         if params.constraint is not None:
             check_output(params, by_id[line["id"]]["text"])
 
-    # What a SIGKILL leaves: whole lines fsync'd, the last one torn. The rest runs in other batches.
+    # The same job from the command line, killed with SIGKILL once its first results are written; a torn
+    # line where a write was cut. Run again, it resumes: the file is the uninterrupted run's, byte for byte.
     resumed = tmp_path / "resumed.jsonl"
-    kept = whole.read_bytes().splitlines(keepends=True)
-    resumed.write_bytes(b"".join(kept[:4]) + kept[4][:9])
-    shutil.copy(whole.with_name("whole.jsonl.job.json"), resumed.with_name("resumed.jsonl.job.json"))
-    summary = batch.run_batch(default, tokenizer, source, resumed, **run)
-    assert summary["torn_line_repaired"] and summary["skipped"] == 4
+    command = [sys.executable, "-m", "llama_jax", "batch", "--input", str(source), "--output", str(resumed)]
+    command += ["--batch-size", str(run["batch_size"]), "--max-new-tokens", str(run["max_new_tokens"])]
+    proc = subprocess.Popen(command, cwd=ROOT, env=clean_env(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if resumed.exists() and resumed.read_bytes().count(b"\n") >= 1:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.communicate()  # still running: the kill lands mid-job
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = resumed.read_bytes().count(b"\n")
+    assert 1 <= written < KILLED_JOB
+    resumed.write_bytes(resumed.read_bytes() + b'{"id": "q9", "text": "{\\"verd')
+    done = subprocess.run(command, cwd=ROOT, env=clean_env(ROOT), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["torn_line_repaired"] and summary["skipped"] == written
     assert resumed.read_bytes() == whole.read_bytes()
 
 

@@ -17,15 +17,16 @@ A grammar's end is a stop token: where llguidance allows its end-of-sequence, th
 row's own stop ids (`stop_tokens`) instead, so a request ends the way an unconstrained one does. A
 row that reaches `max_new_tokens` first is cut where it stands, as in vLLM and sglang.
 
-A decode step with a mask samples one token per row, so the programs run one step per call while a
-mask is set (`decoding.decode`): the host reads the tokens, advances the matchers and fills the next
-mask. The rows are filled one after the other: llguidance's thread pool (`fill_next_token_bitmask_par`)
-was many times slower for a batch of 32 on a busy 2-core host (`benchmarks/constrained.py`).
+A mask holds for one token, so a constrained decode runs one step at a time, in two programs
+(`decoding.forward`, `decoding.pick`; `decode_steps`): the host dispatches the step's model half,
+advances the matchers and fills their masks while the device runs it, then dispatches the sampling
+half under those masks. The rows are filled one after the other: llguidance's thread pool
+(`fill_next_token_bitmask_par`) was many times slower for a batch of 32 on a busy 2-core host
+(`benchmarks/constrained.py`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import weakref
 from collections.abc import Sequence
@@ -154,18 +155,22 @@ class Grammars:
         return mask_bw
 
 
-def decode_steps(decode, state, matchers: Sequence[Matcher | None], masks, until):
-    """Decode `state` (a `decoding.DecodeState`) to output slot `until`, one step per `decode(state)` call:
-    before each, every row's newest token advances its grammar (`take`) and `masks(matchers)` is the
-    state's mask. Returns after the last call (or once no row is live) with the grammars caught up."""
+def decode_steps(forward, pick, state, matchers: Sequence[Matcher | None], masks, until):
+    """Decode `state` (a `decoding.DecodeState`) to output slot `until`, one step at a time:
+    `forward(state) -> (state, logits)` is dispatched, and while the device runs it the host advances
+    each row's grammar by its newest token (`take`) and fills `masks(matchers)`; then
+    `pick(state, logits, mask)` draws the step's tokens. Returns once no row is live or the step is
+    `until`, grammars caught up."""
     from llama_jax.inference.generation import to_host
 
     while True:
         count, last, live, step = to_host((state.count, state.last, state.live, state.step))
-        take(matchers, count, last)
         if not live.any() or step >= until:
+            take(matchers, count, last)
             return state
-        state = decode(dataclasses.replace(state, mask=masks(matchers)))
+        state, logits = forward(state)  # asynchronous: the model runs while the host does the grammars
+        take(matchers, count, last)
+        state = pick(state, logits, masks(matchers))
 
 
 def take(matchers: Sequence[Matcher | None], count_b, last_b) -> None:

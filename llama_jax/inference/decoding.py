@@ -5,6 +5,8 @@
                                                       `Prompt.targets`: each prompt token's log-prob too)
     decode(weights, state, until) -> DecodeState     a `lax.while_loop` of decode steps until output slot
                                                       `until` or every row is done
+    forward(weights, state) -> (DecodeState, logits)  one decode step in two programs, for constrained
+    pick(state, logits, mask) -> DecodeState          rows: the host fills the step's masks meanwhile
 
 `generate` and `stream` (`llama_jax.inference.sampler`: a contiguous `KVCache`, one state for the whole request)
 and the engine (`llama_jax.inference.engine`: a `PagedKVCache` over a page pool, a fresh state per prefill chunk
@@ -56,15 +58,17 @@ __all__ = [
     "Rows",
     "Weights",
     "decode",
+    "forward",
     "layer_weights",
-    "unstack",
+    "pick",
     "prefill",
     "score_prompt",
     "token_keys",
     "trace_counts",
+    "unstack",
 ]
 
-_TRACES = {"prefill": 0, "decode": 0}
+_TRACES = {"prefill": 0, "decode": 0, "forward": 0, "pick": 0}
 
 
 def trace_counts() -> dict[str, int]:
@@ -265,6 +269,14 @@ def prefill(weights: Weights, state: DecodeState, prompt: Prompt) -> DecodeState
     return advance(state, logits_bv, cache)
 
 
+def _model_step(model, weights: Weights, s: DecodeState):
+    """Each row's `last` token through the model at its position → (logits `[B, V]`, the cache with it)."""
+    logits_b1v, cache = model.decode(
+        s.last[:, None], s.positions[:, None], s.cache, unroll=weights.unroll, layers=weights.layers
+    )
+    return logits_b1v[:, 0], cache
+
+
 @functools.partial(jax.jit, donate_argnames=("state",))
 def decode(weights: Weights, state: DecodeState, until) -> DecodeState:
     """Run decode steps until `state.step == until` or no row is live (one step with a `state.mask`)."""
@@ -277,12 +289,28 @@ def decode(weights: Weights, state: DecodeState, until) -> DecodeState:
         return (s.step < until) & jnp.any(s.live)
 
     def body(s: DecodeState) -> DecodeState:
-        logits_b1v, cache = model.decode(
-            s.last[:, None], s.positions[:, None], s.cache, unroll=weights.unroll, layers=weights.layers
-        )
-        return advance(s, logits_b1v[:, 0], cache)
+        return advance(s, *_model_step(model, weights, s))
 
     return jax.lax.while_loop(cond, body, state)
+
+
+# One decode step in two programs, for steps whose masks the host fills (`constrain.decode_steps`): the
+# host dispatches `forward`, fills the masks while the device runs the model, then dispatches `pick`.
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def forward(weights: Weights, state: DecodeState) -> tuple[DecodeState, jax.Array]:
+    """The model half of a decode step → (the state with each row's `last` in its cache, logits `[B, V]`)."""
+    _TRACES["forward"] += 1
+    logits_bv, cache = _model_step(nnx.merge(weights.graphdef, weights.params), weights, state)
+    return dataclasses.replace(state, cache=cache), logits_bv
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def pick(state: DecodeState, logits_bv, mask_bw) -> DecodeState:
+    """The sampling half: each live row's next token from `logits_bv` under `mask_bw` (`advance`)."""
+    _TRACES["pick"] += 1
+    return advance(dataclasses.replace(state, mask=mask_bw), logits_bv, state.cache)
 
 
 # ---- the per-layer weights of the decode step ---------------------------------------------------------

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -427,10 +428,9 @@ class Engine:
         started = time.perf_counter()
         until = np.int32(self.burst)
         matchers = [s.matcher if s else None for s in rows]
-        if any(matchers):  # one step per call, each under the rows' masks
-            state = constrain.decode_steps(
-                lambda s: decoding.decode(weights, s, until), state, matchers, self._masks, until
-            )
+        if any(matchers):  # one step at a time, each under the rows' masks
+            forward = functools.partial(decoding.forward, weights)
+            state = constrain.decode_steps(forward, decoding.pick, state, matchers, self._masks, until)
         else:
             state = decoding.decode(weights, state, until)
         self.k, self.v = state.cache.k, state.cache.v

@@ -41,6 +41,7 @@ samples nothing: with `prompt_logprobs`, that scores a given text (`score`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -214,15 +215,12 @@ def inputs(
 
 
 def _decode(job: Inputs, state: DecodeState, until) -> DecodeState:
-    """`decoding.decode` up to output slot `until`; a constrained job one step per call, each under the
-    mask of the tokens its rows drew so far."""
+    """`decoding.decode` up to output slot `until`; a constrained job one step at a time, each under the
+    mask of the tokens its rows drew so far (`constrain.decode_steps`)."""
     if job.matchers is None:
         return decoding.decode(job.weights, state, until)
-
-    def one_step(s: DecodeState) -> DecodeState:
-        return decoding.decode(job.weights, s, until)
-
-    return constrain.decode_steps(one_step, state, job.matchers, job.grammars.masks, until)
+    forward = functools.partial(decoding.forward, job.weights)
+    return constrain.decode_steps(forward, decoding.pick, state, job.matchers, job.grammars.masks, until)
 
 
 def generate(
