@@ -1,8 +1,10 @@
-"""Running several processes of one job on this machine (jax.distributed on loopback), for the tests."""
+"""Job processes for the tests: several at once (jax.distributed on loopback), or one killed mid-job."""
 
 import os
+import signal
 import socket
 import subprocess
+import time
 
 
 def free_port() -> int:
@@ -37,3 +39,18 @@ def run_all(commands: list[list[str]], envs: list[dict[str, str]], *, cwd, timeo
     for i, p in enumerate(procs):
         assert p.returncode == 0, f"process {i} failed:\n{logs[i][-4000:] if i < len(logs) else ''}"
     return logs
+
+
+def sigkill_once_written(command: list[str], output, lines: int, *, cwd, env, timeout: float) -> int:
+    """Start `command` and kill it with SIGKILL once `output` holds `lines` whole lines, while it still runs
+    (it must not have ended first: the kill lands mid-job) → the lines it had written."""
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if output.exists() and output.read_bytes().count(b"\n") >= lines:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return output.read_bytes().count(b"\n")

@@ -9,10 +9,8 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -26,6 +24,7 @@ from llama_jax.sharding.mesh import make_mesh
 from llama_jax.text.chat import ChatFormat
 from llama_jax.text.tokenizer import Tokenizer
 from tests import checkpoints
+from tests.processes import sigkill_once_written
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CONTEXT = 40  # the checkpoint's max_position_embeddings: small, so "too long" is easy to reach
@@ -271,16 +270,7 @@ def test_a_torn_last_line_is_cut_and_its_request_rerun(job, tmp_path):
 
 def test_killed_with_sigkill_and_restarted_the_file_is_byte_identical(job, tmp_path):
     output, env = tmp_path / "out.jsonl", job["env"]
-    proc = subprocess.Popen(command(job, output), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if output.exists() and output.read_bytes().count(b"\n") >= 2 * BATCH:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, proc.communicate()  # still running: the kill lands mid-job
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    written = output.read_bytes().count(b"\n")
+    written = sigkill_once_written(command(job, output), output, 2 * BATCH, cwd=REPO, env=env, timeout=120)
     assert 2 * BATCH <= written < N_GOOD
     output.write_bytes(output.read_bytes() + b'{"id": "r9", "text": "half a li')  # as if killed mid-write
 

@@ -11,10 +11,8 @@ that does not compile is an error line naming the request, and the job goes on.
 import json
 import pathlib
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import jsonschema
 import numpy as np
@@ -30,7 +28,7 @@ from llama_jax.model import settings
 from llama_jax.text import tools
 from llama_jax.weights.default_model import default_model
 from tests import checkpoints
-from tests.processes import clean_env
+from tests.processes import clean_env, sigkill_once_written
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The engine of the tests on the default model: the batch jobs' here, docs/BATCH.md's judge pipeline
@@ -227,16 +225,7 @@ def test_a_batch_job_with_constraints_survives_sigkill_byte_identically_and_repo
     resumed = tmp_path / "resumed.jsonl"
     command = [sys.executable, "-m", "llama_jax", "batch", "--input", str(source), "--output", str(resumed)]
     command += ["--batch-size", str(run["batch_size"]), "--max-new-tokens", str(run["max_new_tokens"])]
-    proc = subprocess.Popen(command, cwd=ROOT, env=clean_env(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if resumed.exists() and resumed.read_bytes().count(b"\n") >= 1:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, proc.communicate()  # still running: the kill lands mid-job
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    written = resumed.read_bytes().count(b"\n")
+    written = sigkill_once_written(command, resumed, 1, cwd=ROOT, env=clean_env(ROOT), timeout=300)
     assert 1 <= written < KILLED_JOB
     resumed.write_bytes(resumed.read_bytes() + b'{"id": "q9", "text": "{\\"verd')
     done = subprocess.run(command, cwd=ROOT, env=clean_env(ROOT), capture_output=True, text=True, timeout=300)
