@@ -51,10 +51,14 @@ def tune_eot(torch, hf_model, model, rng, prompts) -> dict:
     beta bisected until sampled completions of `prompts` (calibration prompts shaped like the workload's,
     apart from them; temperature 1, cap 256, seeds apart) have a mean length of TARGET_MEAN. (Matching the
     eot probability on prompt positions gave sampled completions a mean of 246 tokens, and one beta for
-    every workload ended the 1,000-token-prefix prompts at once: the calibration samples, per workload.)"""
+    every workload ended the 1,000-token-prefix prompts at once: the calibration samples, per workload.)
+    The samples come from the engine, all prompts in flight at once: its tokens are `generate`'s for the
+    same seeds (`engine_equals_static`), and it prefills a shared prefix once, where `generate` prefilled
+    the 1,000-token prefix for every prompt of every bisection step (over an hour on this machine)."""
     import jax.numpy as jnp
 
-    from llama_jax.inference import sampler
+    from llama_jax.inference.engine import Engine, Request
+    from llama_jax.inference.sampling import SamplingParams
 
     ids = torch.tensor(rng.integers(0, 128_000, size=(4, 512)))
     with torch.no_grad():
@@ -62,13 +66,17 @@ def tune_eot(torch, hf_model, model, rng, prompts) -> dict:
         direction = (h.mean(0) / h.mean(0).norm()).numpy()
     table = model.tok_embeddings[...]
 
+    params = [
+        SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, seed=1_000_000 + i, stop_tokens=[EOT])
+        for i in range(len(prompts))
+    ]
+    requests = [Request(i, p, params[i]) for i, p in enumerate(prompts)]
+    pages = len(prompts) * (max(map(len, prompts)) + MAX_NEW) // PAGE + 64
+
     def mean_length(beta: float) -> float:
         model.tok_embeddings.value = table.at[EOT].set(jnp.asarray(beta * direction, table.dtype))
-        seeds = [1_000_000 + i for i in range(len(prompts))]
-        results = sampler.generate(
-            model, prompts, max_new_tokens=MAX_NEW, temperature=1.0, seed=seeds, stop_tokens=[EOT]
-        )
-        return float(np.mean([len(r.tokens) for r in results]))
+        engine = Engine(model, slots=len(prompts), pages=pages, page_size=PAGE, burst=16)
+        return float(np.mean([len(r.tokens) for r in engine.generate(requests)]))
 
     lo, hi = 0.0, 1.0
     while mean_length(hi) > TARGET_MEAN:  # mean length falls as beta grows

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from llama_jax.inference import decoding, sampler
-from llama_jax.model import quant
+from llama_jax.model import quant, unstacked
 from llama_jax.model.config import LlamaConfig
 from llama_jax.model.model import Llama, LoraSpec
 from llama_jax.model.options import Options
@@ -152,7 +152,7 @@ def test_prefill_logits_are_the_forward_logits_at_each_rows_last_prompt_token(mo
     for i, p in enumerate(PROMPTS):
         tokens[i, : len(p)] = p
     lengths = np.asarray([len(p) for p in PROMPTS], np.int32)
-    cache = sampler._empty_cache(model, 2, 32)
+    cache = sampler._empty_cache(model, 2, 32, by_layer=False)
     logits_bv, _ = jax.jit(lambda s, t, c, n: nnx.merge(graphdef, s).prefill(t, c, n))(params, tokens, cache, lengths)
     full = np.asarray(model(jnp.asarray(tokens)))
     np.testing.assert_allclose(np.asarray(logits_bv), full[np.arange(2), lengths - 1], rtol=1e-5, atol=1e-5)
@@ -207,15 +207,16 @@ def test_per_layer_weights_are_made_once_per_model_and_remade_for_new_weights(mo
 
 
 def test_a_model_whose_layer_copy_would_not_fit_decodes_from_the_stacked_weights(model, monkeypatch):
-    """The per-layer copy holds the layer weights twice: past `LAYER_COPY_BUDGET` of a device's memory
-    (405B on 8 H100s) `unroll=None` scans the stacked weights instead of copying them."""
+    """The per-layer copy holds the layer weights twice: past `COPY_BUDGET` of a device's memory (405B on
+    16 v5p chips) `unroll=None` scans the stacked weights instead of copying them. (A GPU holds such a
+    model's layers unstacked instead: `test_loading`.)"""
     layer_bytes = sum(a.nbytes for a in jax.tree.leaves(nnx.state(model.layers)))
-    assert decoding.device_memory_limit(jax.devices()[0]) is None  # CPU reports no limit: always fits
+    assert unstacked.device_memory_limit(jax.devices()[0]) is None  # CPU reports no limit: always fits
     fits = decoding.Weights.of(model)
     assert fits.layers is not None and fits.unroll == 1  # `unroll` only ever means the scan's unroll factor
-    monkeypatch.setattr(decoding, "device_memory_limit", lambda device: int(layer_bytes / decoding.LAYER_COPY_BUDGET))
+    monkeypatch.setattr(unstacked, "device_memory_limit", lambda device: int(layer_bytes / unstacked.COPY_BUDGET))
     assert decoding.Weights.of(model).layers is not None  # exactly at the budget
-    monkeypatch.setattr(decoding, "device_memory_limit", lambda device: layer_bytes)
+    monkeypatch.setattr(unstacked, "device_memory_limit", lambda device: layer_bytes)
     stacked = decoding.Weights.of(model)
     assert stacked.layers is None and stacked.unroll == 1  # a rolled scan
     unrolled = decoding.Weights.of(model, True)
@@ -235,3 +236,20 @@ def test_the_decode_loop_reads_and_writes_the_kv_cache_in_place(model):
     job = sampler.inputs(model, PROMPTS, sampler.SamplingParams(max_new_tokens=16, stop_tokens=[]))
     layer_elements = math.prod(job.state.cache.k.shape[1:])
     assert weight_copies_in_decode_loop(_decode_hlo(model), {layer_elements}) == []
+
+
+def test_where_a_scan_would_copy_layers_every_program_runs_them_one_by_one_over_a_cache_per_layer(model, monkeypatch):
+    """On a GPU (forced here: `unstacked.scan_copies`) prefill reads the per-layer weights too and
+    `generate`'s cache is one `[B, K, S, H]` buffer per layer, so no layer of weights or cache is ever a
+    slice of a stack: the same tokens and log-probs as this CPU's stacked cache and scanned prefill."""
+    m = nnx.merge(*nnx.split(model))
+    params = sampler.SamplingParams(max_new_tokens=6, stop_tokens=[], temperature=1.0, seed=5, logprobs=True)
+    want = sampler.generate(m, PROMPTS, params)
+    assert isinstance(sampler.inputs(m, PROMPTS, params).state.cache.k, jax.Array)
+    monkeypatch.setattr(unstacked, "scan_copies", lambda platform: True)
+    job = sampler.inputs(m, PROMPTS, params)
+    assert decoding.by_layer(job.weights) and isinstance(job.state.cache.k, unstacked.Unstacked)
+    assert job.state.cache.k.shape == (CONFIG.n_layers, 2, CONFIG.n_kv_heads, 16 + 16, CONFIG.head_dim)
+    got = sampler.generate(m, PROMPTS, params)
+    assert [r.tokens for r in got] == [r.tokens for r in want]
+    np.testing.assert_allclose([r.logprobs for r in got], [r.logprobs for r in want], atol=1e-5)

@@ -221,3 +221,45 @@ def test_compiled_forward_keeps_weights_fp8_and_the_fp8_mode_dots_in_fp8(checkpo
     )
     dots = [line for line in lowered.as_text().splitlines() if "dot_general" in line]
     assert dots and all("f8E4M3FN" in line for line in dots)
+
+
+def test_on_a_gpu_too_small_for_a_layer_copy_the_fp8_model_holds_its_layers_unstacked(checkpoints, monkeypatch):
+    """Where the decode step's per-layer copy would not fit beside the stack on a GPU (405B FP8 on 8 H100s;
+    forced here), `load` keeps each layer's weights as the sharded buffer it built (`Unstacked`) and never
+    stacks them: every program runs the layers one by one from those buffers, with the stacked model's
+    logits, tokens and log-probs (generate and the engine), and no second copy is made."""
+    from llama_jax.inference import decoding
+    from llama_jax.inference.engine import Engine, Request
+    from llama_jax.inference.sampling import SamplingParams
+    from llama_jax.model import unstacked
+
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("fsdp", "tensor"))
+    stacked = llama_jax.load(checkpoints["fp8"], dtype="float32", mesh=mesh)  # float32: the sums agree closely
+    assert unstacked.wanted("gpu", 30 << 30, 80 << 30) and not unstacked.wanted("gpu", 20 << 30, 80 << 30)
+    assert not unstacked.wanted("tpu", 30 << 30, 80 << 30) and not unstacked.wanted("cpu", 30 << 30, None)
+    monkeypatch.setattr(unstacked, "wanted", lambda platform, layer_bytes, device_bytes: True)
+    model = llama_jax.load(checkpoints["fp8"], dtype="float32", mesh=mesh)
+
+    w2 = model.layers.feed_forward.w2.get_value()
+    assert isinstance(w2, unstacked.Unstacked) and w2.shape == (N_LAYERS, 128, 384) and w2.dtype == jnp.float8_e4m3fn
+    assert {s.data.shape for s in w2[1].addressable_shards} == {(64, 96)}  # each layer sharded as the stack was
+    assert isinstance(model.dense_ffn.w1.get_value(), unstacked.Unstacked)
+    assert decoding.Weights.of(model).layers is None  # the model runs its own buffers
+
+    tokens = jnp.asarray([[1, 50, 300, 7, 9, 411, 2, 33]])
+    np.testing.assert_allclose(np.asarray(model(tokens)), np.asarray(stacked(tokens)), rtol=0, atol=1e-6)
+    prompts = [[1, 50, 300, 7], [9, 411]]
+    for temperature in (0.0, 1.0):
+        got, want = (
+            llama_jax.generate(m, prompts, max_new_tokens=6, stop_tokens=[], logprobs=True, temperature=temperature)
+            for m in (model, stacked)
+        )
+        assert [r.tokens for r in got] == [r.tokens for r in want]
+        np.testing.assert_allclose([r.logprobs for r in got], [r.logprobs for r in want], atol=1e-5)
+    requests = [Request(i, p, SamplingParams(max_new_tokens=6, temperature=1.0, seed=i)) for i, p in enumerate(prompts)]
+    got, want = (
+        sorted((r.id, out.tokens) for r, out in Engine(m, slots=2, pages=16, page_size=8).run(requests))
+        for m in (model, stacked)
+    )
+    assert got == want
+    assert model not in decoding._LAYER_WEIGHTS

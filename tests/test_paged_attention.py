@@ -80,9 +80,9 @@ def test_a_write_to_the_kernels_pool_lands_where_the_blockwise_pool_puts_it(kern
 # ---- the rule, and the engine that runs it ------------------------------------------------------------
 
 
-def _select(requested="auto", platform="tpu", dtype=jnp.bfloat16, head_dim=128, page=64, devices=1):
+def _select(requested="auto", platform="tpu", dtype=jnp.bfloat16, head_dim=128, page=64, split="none"):
     return attention.select_paged(
-        requested, platform=platform, dtype=dtype, head_dim=head_dim, page=page, block_pages=4, devices=devices
+        requested, platform=platform, dtype=dtype, head_dim=head_dim, page=page, block_pages=4, split=split
     )
 
 
@@ -93,7 +93,8 @@ def test_the_paged_decode_rule_picks_the_kernel_of_one_accelerator_and_the_loop_
     assert _select(platform="gpu", dtype=jnp.float32) == "blockwise"  # Triton's f32 dots would be tf32
     assert _select(platform="gpu", head_dim=96) == "blockwise"  # Triton tiles are powers of two
     assert _select(platform="tpu", head_dim=64) == "blockwise"  # Mosaic lanes are 128 wide
-    assert _select(platform="tpu", devices=8) == "blockwise"  # a sharded pool: no shard_map around the kernel
+    assert _select(platform="tpu", split="heads") == "mosaic"  # under shard_map, each device its own kv heads
+    assert _select(platform="gpu", split="other") == "blockwise"  # pages split over devices: rows span them
     assert _select("blockwise", platform="gpu") == "blockwise"  # the override
 
 
@@ -129,5 +130,44 @@ def test_an_engine_on_the_triton_kernel_writes_what_the_blockwise_engine_writes(
     monkeypatch.setattr(engine_module.attention, "select_paged", lambda *a, **k: "triton")
     fused = Engine(model_16, **settings)
     assert fused.attention == "triton"
+    got = fused.generate(requests)
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+
+
+def _mesh(fsdp: int, tensor: int):
+    return jax.sharding.Mesh(np.asarray(jax.devices()[: fsdp * tensor]).reshape(fsdp, tensor), ("fsdp", "tensor"))
+
+
+def test_a_pool_split_by_kv_heads_alone_runs_the_kernel_on_each_devices_heads(model_16):
+    """The rule's "split": kv heads over the tensor axis, pages whole on every device ("heads": the kernel
+    under shard_map); pages over the fsdp axis, or query heads split where the kv heads cannot be
+    (2 kv heads on 4 devices: a device's query heads would meet the wrong kv heads), "other"."""
+    from llama_jax.model import paged_attention
+    from llama_jax.weights import placement
+
+    config, pool = model_16.config, pool_shape(model_16.config, 16, 8, "triton")
+    split = {
+        mesh: paged_attention.pool_split(placement.sharding_spec(_mesh(*mesh), "fsdp_tp"), config, 4, pool)
+        for mesh in ((1, 1), (1, 2), (2, 1), (1, 4))
+    }
+    assert split == {(1, 1): "none", (1, 2): "heads", (2, 1): "other", (1, 4): "other"}
+    assert paged_attention.pool_split(None, config, 4, pool) == "none"
+
+
+def test_an_engine_on_two_devices_runs_the_triton_kernel_per_kv_head_as_the_blockwise_engine(model_16, monkeypatch):
+    """Sharded over 2 devices by kv heads, the engine decodes with the Triton kernel under shard_map, each
+    device over its own kv head's pages, and writes what the one-device blockwise engine writes."""
+    from llama_jax.weights import placement
+
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 384, size=n).tolist() for n in (5, 27, 12)]
+    requests = [Request(i, p, SamplingParams(max_new_tokens=8)) for i, p in enumerate(prompts)]
+    settings = dict(slots=3, pages=24, page_size=8, burst=4, prefill_chunk=32)
+    want = Engine(model_16, **settings).generate(requests)
+    sharded = placement.shard_model(model_16, _mesh(1, 2), "fsdp_tp")
+    asked = {}
+    monkeypatch.setattr(engine_module.attention, "select_paged", lambda *a, **k: asked.update(k) or "triton")
+    fused = Engine(sharded, **settings)  # float32 here: the rule itself would keep the loop (tf32 dots)
+    assert asked["split"] == "heads" and fused.k.sharding.spec[0] == "tensor"
     got = fused.generate(requests)
     assert [g.tokens for g in got] == [w.tokens for w in want]

@@ -27,15 +27,16 @@ The decode step runs the layers one by one from `layer_weights(model)`: each lay
 arrays of their own, cut from the stacked `[L, ...]` buffers once per model and kept with it. From
 the stacked buffers, XLA copies every layer's weights out of them on every step, inside the loop
 (scanned or unrolled alike; `tests/test_decode_program.py` reads the compiled loop to keep it so).
-The price: the layer weights are held twice (`Weights.of` falls back to the scan where that copy
-would not fit, `LAYER_COPY_BUDGET`), and the decode program's compile time grows with depth.
+The price: the layer weights are held twice, and the decode program's compile time grows with depth.
+Where that copy would not fit (`unstacked.COPY_BUDGET` of a device) `Weights.of` scans the stack (TPU,
+CPU: a TPU scan reads its slices in place); a GPU model that large holds its layers `Unstacked` from
+the start (`llama_jax.model.unstacked`), and every program runs them from those buffers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import weakref
 
 import jax
@@ -46,8 +47,10 @@ from flax import nnx
 from llama_jax.inference.constrain import apply_mask
 from llama_jax.inference.generation import Outputs
 from llama_jax.inference.sampling import Mode, processed_logits, sample_rows
+from llama_jax.model import unstacked
 from llama_jax.model.kv_cache import Cache
 from llama_jax.model.model import BlockWeights
+from llama_jax.model.platform import target as target_platform
 
 # One `BlockWeights` per layer: the decode step's own copy of the layers (`layer_weights`).
 LayerWeights = tuple[BlockWeights, ...]
@@ -57,6 +60,7 @@ __all__ = [
     "Prompt",
     "Rows",
     "Weights",
+    "by_layer",
     "decode",
     "forward",
     "layer_weights",
@@ -92,10 +96,13 @@ class Weights:
 
     @classmethod
     def of(cls, model, unroll: int | bool | None = None) -> Weights:
-        """The model's weights for generation. `unroll` not given: per-layer weights where their copy
-        fits (`layer_copies_fit`), else the stacked ones under a rolled scan; given: the stacked ones
-        scanned with that unroll factor, and no copy."""
+        """The model's weights for generation. A model holding its layers `unstacked` runs them from its
+        own buffers. Else, `unroll` not given: per-layer weights where their copy fits (`layer_copies_fit`),
+        else the stacked ones under a rolled scan; given: the stacked ones scanned with that unroll factor,
+        and no copy (on a GPU that scan copies each layer's weights every step: docs/GPU.md)."""
         graphdef, params = nnx.split(model)
+        if unstacked.held(params):
+            return cls(params, None, graphdef)
         if unroll is None and layer_copies_fit(model):
             return cls(params, layer_weights(model), graphdef)
         return cls(params, None, graphdef, 1 if unroll is None else unroll)
@@ -247,6 +254,13 @@ def score_prompt(model, h_btd, targets_bt, knobs, mode: Mode):
     return jnp.moveaxis(scores_nbk, 0, 1).reshape(b, t + pad)[:, :t]
 
 
+def by_layer(weights: Weights) -> bool:
+    """Whether every program runs the layers one by one from buffers of their own, prefill too, and the
+    contiguous KV cache is one buffer per layer (`KVCache.zeros(by_layer=True)`): where a layer scan would
+    copy each layer's slice out (a GPU), for per-layer weights or a model held `Unstacked`."""
+    return unstacked.scan_copies(target_platform()) and (weights.layers is not None or unstacked.held(weights.params))
+
+
 @functools.partial(jax.jit, donate_argnames=("state",))
 def prefill(weights: Weights, state: DecodeState, prompt: Prompt) -> DecodeState:
     """Run the prompt tokens into `state.cache` and sample each live row's next token from the logits at
@@ -255,12 +269,16 @@ def prefill(weights: Weights, state: DecodeState, prompt: Prompt) -> DecodeState
     _TRACES["prefill"] += 1
     model = nnx.merge(weights.graphdef, weights.params)
     scoring = prompt.targets is not None
+    layers = weights.layers if by_layer(weights) else None
     if prompt.start is None:  # whole prompts: the chunked prefill (only the B last positions reach the head)
-        logits_bv, cache, *hidden = model.prefill(prompt.tokens, state.cache, prompt.last + 1, hidden=scoring)
+        tokens, last = prompt.tokens, prompt.last + 1
+        logits_bv, cache, *hidden = model.prefill(tokens, state.cache, last, hidden=scoring, layers=layers)
     else:  # a chunk of each row's prompt, after the part already in the cache
         c = prompt.tokens.shape[1]
         positions_bc = prompt.start[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
-        h_bcd, cache = model.forward(prompt.tokens, positions_bc, state.cache, use_cache=True, logits=False)
+        h_bcd, cache = model.forward(
+            prompt.tokens, positions_bc, state.cache, use_cache=True, logits=False, layers=layers
+        )
         logits_bv = model.head(jnp.take_along_axis(h_bcd, prompt.last[:, None, None], axis=1))[:, 0]
         hidden = [h_bcd]
     if scoring:
@@ -322,34 +340,14 @@ def pick(state: DecodeState, logits_bv, mask_bw) -> DecodeState:
 _LAYER_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-# The per-layer decode copy may take at most this fraction of any device's memory. Past it (405B on
-# 8 or 16 H100s, say) the decode step scans the stacked weights instead: slower per step, but the
-# weights are not held twice where they barely fit once.
-LAYER_COPY_BUDGET = 0.25
-
-
-def device_memory_limit(device) -> int | None:
-    """Bytes the device can hold, or None where it does not say (CPU)."""
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    return (stats or {}).get("bytes_limit")
-
-
 def _stacked_leaves(model) -> list:
     return jax.tree.leaves([nnx.state(m) for m in (model.layers, model.dense_ffn) if m is not None])
 
 
-def layer_copies_fit(model, budget: float = LAYER_COPY_BUDGET) -> bool:
+def layer_copies_fit(model, budget: float = unstacked.COPY_BUDGET) -> bool:
     """Whether the per-layer copy of the layer weights takes at most `budget` of every device's memory."""
-    per_device: dict = {}
-    for a in _stacked_leaves(model):
-        sharding = getattr(a, "sharding", None)
-        if sharding is None:
-            continue
-        nbytes = math.prod(sharding.shard_shape(a.shape)) * a.dtype.itemsize
-        for device in sharding.addressable_devices:
-            per_device[device] = per_device.get(device, 0) + nbytes
-    for device, nbytes in per_device.items():
-        limit = device_memory_limit(device)
+    for device, nbytes in unstacked.bytes_per_device(_stacked_leaves(model)).items():
+        limit = unstacked.device_memory_limit(device) if device.process_index == jax.process_index() else None
         if limit is not None and nbytes > budget * limit:
             return False
     return True
@@ -388,20 +386,5 @@ def unstack(graphdef, state, *, fuse: bool) -> LayerWeights:
 
     Inside the decode `while_loop` XLA materialises every static slice of a stacked weight on every
     step (a `slice` fusion per weight, per layer, per step); arrays of their own are read in place."""
-    model = nnx.merge(graphdef, state)
-    n = model.config.n_layers
-    fp8 = model.options.fp8
-    slots = fp8.dense_slots(n) if fp8 is not None else (-1,) * n
-    layers = []
-    for i, slot in enumerate(slots):
-        w = _row(model.layers, i).weights()
-        if slot >= 0:
-            w = dataclasses.replace(w, feed_forward=_row(model.dense_ffn, slot).weights())
-        layers.append(w.fused() if fuse else w)
-    return tuple(layers)
-
-
-def _row(stacked: nnx.Module, i: int) -> nnx.Module:
-    """Row i of a module stacked over layers."""
-    graphdef, state = nnx.split(stacked)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+    layers = nnx.merge(graphdef, state).layer_weights()
+    return tuple(w.fused() for w in layers) if fuse else layers

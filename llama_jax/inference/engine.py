@@ -58,8 +58,8 @@ from llama_jax.inference.decoding import DecodeState, Rows, Weights
 from llama_jax.inference.generation import GenerationResult
 from llama_jax.inference.sampling import Mode, SamplingParams
 from llama_jax.inference.slots import NEUTRAL_KNOBS, NO_STOPS, Slot, page_table, prefill_arrays, rows_of
-from llama_jax.model import attention
-from llama_jax.model.paged_cache import PagedKVCache, PagePool, block_hashes
+from llama_jax.model import attention, paged_attention
+from llama_jax.model.paged_cache import PagedKVCache, PagePool, block_hashes, pool_shape
 from llama_jax.model.platform import target as target_platform
 
 __all__ = ["Engine", "Request", "trace_counts"]
@@ -146,6 +146,7 @@ class Engine:
         self.pool = PagePool(pages or slots * -(-2048 // page_size) + 1, prefix_cache)
         self._stops: dict[tuple[int, ...] | None, np.ndarray] = {}  # stop_tokens -> padded ids
         spec = getattr(model, "sharding", None)
+        kernel_pool = pool_shape(config, self.pool.n_pages, page_size, paged_attention.KERNELS[0])
         self.attention = attention.select_paged(
             model.options.attention_backend,
             platform=target_platform(),
@@ -153,7 +154,7 @@ class Engine:
             head_dim=config.head_dim,
             page=page_size,
             block_pages=block_pages,
-            devices=1 if spec is None else spec.mesh.size,
+            split=paged_attention.pool_split(spec, config, slots, kernel_pool),
         )
         self.k, self.v = PagedKVCache.zeros(config, self.pool.n_pages, page_size, model.dtype, spec, self.attention)
         self.ready = np.zeros(self.pool.n_pages, bool)  # page written (a sharer may read it)

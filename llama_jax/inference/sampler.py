@@ -135,12 +135,13 @@ class Inputs:
     grammars: constrain.Grammars | None = None
 
 
-def _empty_cache(model, batch: int, length: int) -> KVCache:
+def _empty_cache(model, batch: int, length: int, by_layer: bool) -> KVCache:
     """A zero cache created in place: on a mesh, each device allocates only its own shard (zeros made
-    on one device and then `device_put` would need the whole cache on it first)."""
+    on one device and then `device_put` would need the whole cache on it first); `by_layer`: one buffer
+    per layer (`decoding.by_layer`)."""
     spec = getattr(model, "sharding", None)
     sharding = None if spec is None else placement.cache_sharding(model.config, batch, length, spec)
-    return KVCache.zeros(model.config, batch, length, dtype=model.dtype, sharding=sharding)
+    return KVCache.zeros(model.config, batch, length, dtype=model.dtype, sharding=sharding, by_layer=by_layer)
 
 
 def inputs(
@@ -187,8 +188,10 @@ def inputs(
         seeds_b = np.full((b,), seed, np.uint32)
         streams_b = np.arange(b, dtype=np.int32)
 
+    weights = Weights.of(model, unroll)
+
     def make_cache():
-        return _empty_cache(model, b, cache_len)
+        return _empty_cache(model, b, cache_len, decoding.by_layer(weights))
 
     matchers = grammars = None
     if params.constraint is not None:
@@ -211,7 +214,7 @@ def inputs(
     )
     prompt = Prompt(tokens_bp, lengths_b - 1, targets=targets_bp if params.prompt_logprobs else None)
     until = np.int32(params.max_new_tokens)
-    return Inputs(Weights.of(model, unroll), state, prompt, until, len(rows), matchers, grammars)
+    return Inputs(weights, state, prompt, until, len(rows), matchers, grammars)
 
 
 def _decode(job: Inputs, state: DecodeState, until) -> DecodeState:
@@ -246,8 +249,9 @@ def generate(
         job's last, partial batches reuse its full batches' program and still span a data-parallel mesh.
       unroll: None (default): the decode step reads each layer's own arrays in place
         (`decoding.layer_weights`, a second copy of the layer weights, kept with the model) where that
-        copy takes at most `decoding.LAYER_COPY_BUDGET` of each device's memory, else it scans the
-        stacked weights. An int: it scans the stacked weights with that unrolling, with no second copy.
+        copy takes at most `unstacked.COPY_BUDGET` of each device's memory, else it scans the stacked
+        weights (a model held `Unstacked` runs its own buffers). An int: it scans the stacked weights with
+        that unrolling, with no second copy (on a GPU that scan copies each layer out: docs/GPU.md).
       tokenizer: the model's `Tokenizer`, which a constrained request (`json_schema`, `regex`, `choice`)
         needs: its outputs keep to the constraint token by token (`llama_jax.inference.constrain`).
 
@@ -311,8 +315,8 @@ def lower(
     nothing executes; the per-layer weights of the decode step are made as `generate` makes them.
     Traced under `platform.lowering_for(platforms[0])`, so attention "auto" picks that platform's backend.
     """
-    job = inputs(model, prompts, sampling_params(params, **sampling), unroll=unroll, abstract=True)
     with platform.lowering_for(platforms[0] if platforms else None):  # what attention "auto" selects for
+        job = inputs(model, prompts, sampling_params(params, **sampling), unroll=unroll, abstract=True)
         prefill = decoding.prefill.trace(job.weights, job.state, job.prompt)
         state = jax.eval_shape(decoding.prefill, job.weights, job.state, job.prompt)
         decode = decoding.decode.trace(job.weights, state, job.until)

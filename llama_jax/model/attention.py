@@ -138,10 +138,11 @@ def check_paged(requested: str) -> None:
         )
 
 
-def select_paged(requested: str, *, platform: str, dtype, head_dim: int, page: int, block_pages: int, devices: int):
+def select_paged(requested: str, *, platform: str, dtype, head_dim: int, page: int, block_pages: int, split: str):
     """The attention the engine's paged cache decodes with: "blockwise", or a `paged_attention.KERNELS` kernel.
 
-    "auto": "mosaic" on a TPU, "triton" on an NVIDIA GPU in bf16/fp16, when the pool sits on one device
+    "auto": "mosaic" on a TPU, "triton" on an NVIDIA GPU in bf16/fp16, when the pool sits on one device or
+    is split over devices by kv heads alone (`split`: "none", "heads" or "other", `paged_attention.head_split`)
     and the kernel's tiles fit (TPU: head_dim a multiple of 128 and whole bf16 tiles per page; GPU:
     head_dim and the key block `page · block_pages` powers of two of at least 16); "blockwise" otherwise.
     """
@@ -150,11 +151,11 @@ def select_paged(requested: str, *, platform: str, dtype, head_dim: int, page: i
     pow2 = lambda x: x >= 16 and x & (x - 1) == 0  # noqa: E731
     choice, why = "blockwise", "requested"
     if requested == "auto":
-        why = f"{platform}, {devices} device(s), {dtype}, head_dim {head_dim}, page {page}"
-        if devices == 1 and platform == "tpu" and head_dim % 128 == 0 and page % 16 == 0:
+        why = f"{platform}, pool split: {split}, {dtype}, head_dim {head_dim}, page {page}"
+        if split != "other" and platform == "tpu" and head_dim % 128 == 0 and page % 16 == 0:
             choice = "mosaic"
         elif (
-            devices == 1
+            split != "other"
             and platform in ("gpu", "cuda")
             and dtype in (jnp.bfloat16, jnp.float16)
             and pow2(head_dim)

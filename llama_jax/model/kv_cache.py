@@ -18,6 +18,11 @@ loop (CPU, long caches) reads key blocks of `model.options.attention_block` cons
 (a long cache: of a few such pages, `blockwise.cached_tiles`) only up to the batch's furthest
 position (`keys`, `blockwise.cached`). No layer is copied per step.
 
+Where the programs run the layers one by one from buffers of their own on a GPU (`decoding.by_layer`),
+`k` and `v` are `Unstacked` too, one `[B, K, S, H]` buffer per layer: a GPU copies a layer out of a
+stacked cache for some attention dots (layer i's V, split-K, from batch 16 on H100), never out of a
+buffer of its own. Same methods, the layer index then a Python int.
+
 `Cache` is what the model and the generation programs (`llama_jax.inference.decoding`) need of a cache: this
 contiguous one (`generate`, `stream`) and the engine's `PagedKVCache` over a pool of pages implement
 it, so one set of programs serves both. The contiguous cache is kept beside the paged one, not as its
@@ -32,10 +37,12 @@ from typing import ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax.model import attention, blockwise
 from llama_jax.model.config import LlamaConfig
 from llama_jax.model.platform import target
+from llama_jax.model.unstacked import Unstacked
 from llama_jax.sharding import rules
 
 CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")  # `KVCache`'s `[L, B, K, S, H]`
@@ -60,8 +67,8 @@ class Cache(Protocol):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: jax.Array  # [L, B, K, S, H]
-    v: jax.Array  # [L, B, K, S, H]
+    k: jax.Array | Unstacked  # [L, B, K, S, H], or L buffers `[B, K, S, H]`
+    v: jax.Array | Unstacked
     axes: ClassVar[tuple[str, ...]] = CACHE_AXES
 
     @staticmethod
@@ -70,12 +77,17 @@ class KVCache:
         return (config.n_layers, batch, config.n_kv_heads, length, config.head_dim)
 
     @classmethod
-    def zeros(cls, config: LlamaConfig, batch: int, length: int, dtype=jnp.bfloat16, sharding=None) -> KVCache:
-        """A zero cache; with `sharding` (a `NamedSharding`) each device allocates only its own shard."""
+    def zeros(
+        cls, config: LlamaConfig, batch: int, length: int, dtype=jnp.bfloat16, sharding=None, by_layer: bool = False
+    ) -> KVCache:
+        """A zero cache; with `sharding` (a `NamedSharding` of the whole `[L, B, K, S, H]` buffer) each
+        device allocates only its own shard; `by_layer`: one buffer per layer, `Unstacked`."""
         shape = cls.shape(config, batch, length)
-        if sharding is None:
-            return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        if by_layer:
+            shape, sharding = shape[1:], sharding and NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
         make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+        if by_layer:
+            return cls(*(Unstacked(tuple(make() for _ in range(config.n_layers))) for _ in range(2)))
         return cls(make(), make())
 
     @property
@@ -91,6 +103,11 @@ class KVCache:
 
         def read(j):
             start = jnp.minimum(j * block, s - block)
+            if isinstance(self.k, Unstacked):
+                return (
+                    start,
+                    *(jax.lax.dynamic_slice(x[i], (0, 0, start, 0), (b, k, block, h)) for x in (self.k, self.v)),
+                )
             at = (i, 0, 0, start, 0)
             return (start, *(jax.lax.dynamic_slice(x, at, (1, b, k, block, h))[0] for x in (self.k, self.v)))
 
@@ -120,6 +137,9 @@ class KVCache:
 
         def write_rows(buf, new_btkh):
             new_bkth = jnp.swapaxes(new_btkh, 1, 2).astype(buf.dtype)
+            if isinstance(buf, Unstacked):  # layer i's own buffer
+                layer = _write_layer(buf[i], new_bkth, start)
+                return Unstacked(buf.rows[:i] + (layer,) + buf.rows[i + 1 :])
             if not batch_is_split(buf):
                 # One in-place update per row, each at a static row index (see the module doc).
                 for r in range(new_bkth.shape[0]):
@@ -130,14 +150,21 @@ class KVCache:
             # scatter over it materialised several copies of it as temporaries. Layer i is taken out,
             # each device writes its own rows there, and it is put back.
             layer = jax.lax.dynamic_index_in_dim(buf, i, axis=0, keepdims=False)  # [B, K, S, H]
-
-            def write_layer_row(layer_b, new_b, start_b):  # layer_b [K, S, H], new_b [K, T, H]
-                return jax.lax.dynamic_update_slice(layer_b, new_b, (0, start_b, 0))
-
-            layer = jax.vmap(write_layer_row)(layer, new_bkth, start)
-            return jax.lax.dynamic_update_index_in_dim(buf, layer, i, axis=0)
+            return jax.lax.dynamic_update_index_in_dim(buf, _write_layer(layer, new_bkth, start), i, axis=0)
 
         return KVCache(write_rows(self.k, k), write_rows(self.v, v))
+
+
+def _write_layer(layer: jax.Array, new_bkth: jax.Array, start: jax.Array) -> jax.Array:
+    """A layer's own `[B, K, S, H]` buffer with each row's new entries written in place: per row, as the
+    stacked write (rows split over devices: per device, under `vmap`)."""
+    if batch_is_split(layer[None]):
+        return jax.vmap(lambda layer_b, new_b, at: jax.lax.dynamic_update_slice(layer_b, new_b, (0, at, 0)))(
+            layer, new_bkth, start
+        )
+    for r in range(new_bkth.shape[0]):
+        layer = jax.lax.dynamic_update_slice(layer, new_bkth[r][None], (r, 0, start[r], 0))
+    return layer
 
 
 def batch_is_split(buf: jax.Array) -> bool:

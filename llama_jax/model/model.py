@@ -5,13 +5,12 @@ Reads beside Meta's `llama_models/llama3/model.py`: same module and weight names
 (norms, RoPE and softmax in float32, logits returned in float32).
 
 Weights are stored input-dimension first so every projection is one readable einsum; each parameter
-carries logical axis names (see `llama_jax/sharding/rules.py`), never mesh axes. The modules hold
-the parameters; what a block computes reads them as values (`Block.weights()` → `BlockWeights`),
-each projection a `llama_jax.model.linear` weight that multiplies as it is stored (FP8 with its scale,
-LoRA-adapted, fused), so the math below never asks which. Layers are stacked along a leading
-"layers" axis and run under `lax.scan`, so compile time does not grow with depth; the decode step
-hands in each layer's weights as arrays of their own instead (`decoding.layer_weights`), through
-the same loop (`Llama._layers`).
+carries logical axis names (`llama_jax/sharding/rules.py`), never mesh axes. What a block computes reads
+the parameters as values (`Block.weights()` → `BlockWeights`), each projection a `linear` weight that
+multiplies as it is stored (FP8 with its scale, LoRA-adapted, fused), so the math never asks which.
+Layers are stacked along a leading "layers" axis and run under `lax.scan` (compile time flat in depth),
+or one by one from buffers of their own: the decode step's copy (`decoding.layer_weights`), or the
+model's own layers held `unstacked` (a GPU too small for that copy). One loop: `Llama._layers`.
 
 Everything a model is built with besides its architecture is one frozen `options.Options`, fixed at
 construction; `abstract` builds a shape-only model, `with_options` a model sharing the weights.
@@ -31,11 +30,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama_jax.model import attention as attention_lib
-from llama_jax.model import quant, rope
+from llama_jax.model import quant, rope, unstacked
 from llama_jax.model.config import LlamaConfig
 from llama_jax.model.kv_cache import KVCache
 from llama_jax.model.linear import LORA_TARGETS, Fused, LoraSpec, Separate, Weight, adapter_params, weight
 from llama_jax.model.options import Options
+from llama_jax.model.unstacked import Unstacked
 from llama_jax.sharding.rules import constrain, use_rules
 
 __all__ = ["LORA_TARGETS", "BlockWeights", "Llama", "LoraSpec", "abstract"]
@@ -98,10 +98,10 @@ class AttentionWeights:
         backend, block = options.attention_backend, options.attention_block
         if cache is not None:
             cache = cache.write(layer, k_btkh, v_btkh, positions_bt[:, 0])
-            # Pin the written cache to its own sharding. Left to propagation, a cache whose head axis
-            # is replicated (fewer KV heads than the tensor axis) is re-split by the GQA attention
-            # and all-gathered back: the whole cache, every decode step.
-            cache = dataclasses.replace(cache, k=constrain(cache.k, cache.axes), v=constrain(cache.v, cache.axes))
+            # Pin the written cache to its own sharding. Left to propagation, a cache whose head axis is
+            # replicated (fewer KV heads than tensor devices) is re-split and all-gathered back per step.
+            k, v = (unstacked.constrain(x, cache.axes) for x in (cache.k, cache.v))
+            cache = dataclasses.replace(cache, k=k, v=v)
         if use_cache:
             # Attend over the cache: position s is visible when s <= the query's position. The cache
             # reads its own layout (contiguous `KVCache`, or the engine's `PagedKVCache` of pages),
@@ -266,32 +266,21 @@ class Llama(nnx.Module):
         logits, _ = self.forward(tokens, positions, segment_ids=segment_ids)
         return logits
 
-    def prefill(
-        self,
-        tokens: jax.Array,
-        cache: KVCache,
-        lengths: jax.Array | None = None,
-        *,
-        chunk: int | None = None,
-        hidden: bool = False,
-    ):
+    def prefill(self, tokens, cache: KVCache, lengths=None, *, chunk=None, hidden=False, layers=None):
         """Run prompts `[B, T]` (positions 0..T-1, right-padded) into an empty cache.
 
         → (float32 logits `[B, V]` of each row's last prompt token, at `lengths - 1` (default T - 1), cache),
-        and with `hidden` the final-normed hidden states of every position `[B, T, D]` (for `head`; chunks
-        past every prompt give zeros). Only those B rows go through the vocabulary projection, never all
-        `[B, T, V]`.
-
-        A prompt longer than `chunk` (default `options.prefill_chunk`) runs as a `lax.scan` over chunks of
-        that many tokens, each attending over the cache the chunks before it filled: activations stay
-        `[B, chunk, ...]` whatever T is, and the one compiled chunk body serves every chunk.
-        """
+        and with `hidden` the final-normed hidden states `[B, T, D]` (for `head`; zeros past every prompt's
+        chunks). Only those B rows go through the vocabulary projection, never all `[B, T, V]`. A prompt longer
+        than `chunk` (default `options.prefill_chunk`) runs as a loop over chunks of that many tokens, each
+        attending over the cache the chunks before it filled: activations stay `[B, chunk, ...]` at any T.
+        `layers`: as `forward`'s."""
         b, t = tokens.shape
         last_b = jnp.full((b,), t - 1, jnp.int32) if lengths is None else lengths - 1
         c = min(chunk or self.options.prefill_chunk, t)
 
         def run(tokens_bc, positions_bc, cache, at_b, **kw):
-            h_bcd, cache = self.forward(tokens_bc, positions_bc, cache, logits=False, **kw)
+            h_bcd, cache = self.forward(tokens_bc, positions_bc, cache, logits=False, layers=layers, **kw)
             return self.head(jnp.take_along_axis(h_bcd, at_b[:, None, None], axis=1))[:, 0], h_bcd, cache
 
         if t == c:  # one chunk: causal within it (the fused kernels' own causal mask applies)
@@ -300,42 +289,27 @@ class Llama(nnx.Module):
         if t % c:
             raise ValueError(f"prefill: the prompt length {t} must be a multiple of the chunk ({c})")
 
-        def run_chunk(carry, start):
-            cache, logits_bv = carry
+        def run_chunk(i, carry):
+            cache, logits_bv, h_nbcd = carry
+            start = i * c
             tokens_bc = jax.lax.dynamic_slice_in_dim(tokens, start, c, axis=1)
             positions_bc = start + jnp.broadcast_to(jnp.arange(c), (b, c))
             at_b = jnp.clip(last_b - start, 0, c - 1)
             chunk_bv, h_bcd, cache = run(tokens_bc, positions_bc, cache, at_b, use_cache=True)
             here_b = (last_b >= start) & (last_b < start + c)
-            return (cache, jnp.where(here_b[:, None], chunk_bv, logits_bv)), h_bcd if hidden else None
+            h_nbcd = None if h_nbcd is None else jax.lax.dynamic_update_index_in_dim(h_nbcd, h_bcd, i, axis=0)
+            return cache, jnp.where(here_b[:, None], chunk_bv, logits_bv), h_nbcd
 
-        def skip(carry, _):
-            return carry, jnp.zeros((b, c, self.config.dim), self.dtype) if hidden else None
-
-        def one_chunk(carry, i):
-            # Chunks past every row's prompt (bucket padding) are skipped: the cost follows the prompt.
-            start = i * c
-            return jax.lax.cond(start <= jnp.max(last_b), run_chunk, skip, carry, start)
-
-        init = (cache, jnp.zeros((b, self.config.vocab_size), jnp.float32))
-        (cache, logits_bv), h_nbcd = jax.lax.scan(one_chunk, init, jnp.arange(t // c))
+        # Only the chunks up to the last prompt token run (no `lax.cond` per chunk: a GPU copies the cache for it).
+        h_nbcd = jnp.zeros((t // c, b, c, self.config.dim), self.dtype) if hidden else None
+        init = (cache, jnp.zeros((b, self.config.vocab_size), jnp.float32), h_nbcd)
+        cache, logits_bv, h_nbcd = jax.lax.fori_loop(0, jnp.max(last_b) // c + 1, run_chunk, init)
         if not hidden:
             return logits_bv, cache
         return logits_bv, cache, jnp.moveaxis(h_nbcd, 0, 1).reshape(b, t, -1)
 
-    def decode(
-        self,
-        tokens: jax.Array,
-        positions: jax.Array,
-        cache: KVCache,
-        *,
-        unroll: int | bool = 1,
-        layers: Sequence[BlockWeights] | None = None,
-    ) -> tuple[jax.Array, KVCache]:
-        """Feed `[B, T]` new tokens at `positions` `[B, T]`, attending over the cache.
-
-        With `layers` (`decoding.layer_weights`) every weight is read in place; without, from the stacked scan.
-        """
+    def decode(self, tokens, positions, cache: KVCache, *, unroll=1, layers=None) -> tuple[jax.Array, KVCache]:
+        """Feed `[B, T]` new tokens at `positions` `[B, T]`, attending over the cache (`forward`'s `layers`)."""
         return self.forward(tokens, positions, cache, use_cache=True, unroll=unroll, layers=layers)
 
     def forward(
@@ -357,17 +331,15 @@ class Llama(nnx.Module):
         `logits=False` returns the final-normed hidden states `[B, T, D]` instead of the logits, for a
         caller that reads a few positions or columns (a reward, a classifier) without the `[B, T, V]` logits.
 
-        `unroll`: the layer scan's unroll factor (1 keeps compile time flat in depth).
-        `layers`: each layer's weights as arrays of their own (`decoding.layer_weights`), run one by one
-        instead of the scan: no per-step copy out of the stacked buffers, at a compile time linear in depth.
-        `remat` rematerialises each layer in the backward pass (training): only the residual stream
-        between layers is kept, `[L, B, T, D]`, instead of every layer's activations.
+        `unroll`: the layer scan's unroll factor. `layers`: each layer's weights as arrays of their own
+        (`decoding.layer_weights`), run one by one instead of the scan (`_layers`). `remat`
+        rematerialises each layer in the backward pass (training): only the residual stream is kept.
         `logits_at` `[B, K]` int: the positions (indices into T) whose logits are wanted → `[B, K, V]`;
         None: every position, `[B, T, V]`.
         """
         spec = self.options.sharding
         with use_rules(spec.mesh, spec.rules) if spec else contextlib.nullcontext():
-            x_btd = constrain(self.tok_embeddings[...][tokens].astype(self.dtype), ("batch", "seq", "embed"))
+            x_btd = constrain(_embed(self.tok_embeddings[...], tokens).astype(self.dtype), ("batch", "seq", "embed"))
             inv_freq = rope.inverse_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
             sin, cos = rope.sin_cos(positions, inv_freq)
 
@@ -392,14 +364,28 @@ class Llama(nnx.Module):
             out = jnp.einsum("btd,dv->btv", h_btd, self.output_weight(), preferred_element_type=jnp.float32)
             return constrain(out, ("batch", "seq", "vocab"))
 
+    def layer_weights(self) -> tuple[BlockWeights, ...]:
+        """Each layer's `BlockWeights`, row i of the stacked modules (the buffer itself, held `Unstacked`);
+        an FP8 model's unquantized layers with their `dense_ffn` feed-forward in place of the unused FP8 slot."""
+        fp8, n = self.options.fp8, self.config.n_layers
+        out = []
+        for i, slot in enumerate(fp8.dense_slots(n) if fp8 is not None else (-1,) * n):
+            w = _row(self.layers, i).weights()
+            out.append(dataclasses.replace(w, feed_forward=_row(self.dense_ffn, slot).weights()) if slot >= 0 else w)
+        return tuple(out)
+
     def _layers(self, run_block, x_btd, cache, *, layers, unroll, remat):
-        """The layer loop. Each layer's `BlockWeights` come from the decode step's own copy (`layers`,
-        one array per weight, run in order), or else are sliced from the stacked weights by a `lax.scan`.
-        An FP8 model's unquantized layers run their FFN from `dense_ffn`: the decode copy has them in
-        place already; the scan picks them per layer (`lax.cond` on the layer's slot)."""
+        """The layer loop. Each layer's `BlockWeights` come from the decode step's own copy (`layers`, one
+        array per weight, run in order), from the model's own buffers where it holds its layers `Unstacked`,
+        or else are sliced from the stacked weights by a `lax.scan`. An FP8 model's unquantized layers run
+        their FFN from `dense_ffn`: per-layer weights have it in place; the scan picks it per layer
+        (`lax.cond` on the layer's slot)."""
+        if layers is None and unstacked.held(nnx.state(self.layers)):
+            layers = self.layer_weights()
         if layers is not None:
+            block = jax.checkpoint(run_block, prevent_cse=False, static_argnums=(3,)) if remat else run_block
             for layer, w in enumerate(layers):
-                x_btd, cache = run_block(w, x_btd, cache, layer)
+                x_btd, cache = block(w, x_btd, cache, layer)
             return x_btd, cache
         graphdef, layer_params = nnx.split(self.layers)
         dense = self.dense_ffn is not None
@@ -437,6 +423,20 @@ def abstract(config: LlamaConfig, dtype=jnp.bfloat16, options: Options = Options
     """A `Llama` whose parameters are shape/dtype structs only: the one way every planner, loader and
     rebuild gets a model's structure (nothing is allocated)."""
     return nnx.eval_shape(lambda: Llama(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0), options=options))
+
+
+def _embed(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Rows `tokens` of the table; a lone token looked up as two, or XLA makes the gather a dynamic slice, which
+    a vocabulary-split table serves by all-gathering itself (4.2 GB per 405B decode step on 8 GPUs)."""
+    if tokens.size != 1:
+        return table[tokens]
+    return table[jnp.broadcast_to(tokens.reshape(1), (2,))][:1].reshape(*tokens.shape, table.shape[1])
+
+
+def _row(stacked: nnx.Module, i: int) -> nnx.Module:
+    """Row i of a module stacked over layers."""
+    graphdef, state = nnx.split(stacked)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state, is_leaf=lambda a: isinstance(a, Unstacked)))
 
 
 def _stacked(make_one: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:

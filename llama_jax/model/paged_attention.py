@@ -20,18 +20,26 @@ a slice of the layer (a copy of the layer's whole pool). jax's `ragged_paged_att
 same steps on TPU but wants K and V interleaved in one `[pages, page, 2K, H]` array; `paged_attention`
 shares the GPU kernel's layout, so one pool layout serves both.
 
+On a mesh (`sharding.rules.active()`), a pool split over devices by kv heads alone (the tensor axis;
+pages whole on every device) runs the kernel under `jax.shard_map`: each device over its own kv heads
+and the query heads of their groups, with no communication (`head_split` says whether a pool is split
+so; `attention.select_paged` picks the blockwise loop for any other split).
+
 Neither kernel scales the scores: q is scaled by 1/√H first. On a CPU (tests), both run in Pallas
 interpret mode.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from llama_jax.model.platform import target as target_platform
+from llama_jax.sharding import rules as sharding_rules
 
 KERNELS = ("mosaic", "triton")
 MAX_K_SPLITS = 16  # the Triton kernel's default partitions of a row's pages
@@ -41,8 +49,55 @@ def decode(q_bnh, k_pool, v_pool, lengths_b, table_bm, *, kernel: str, pages_per
     """Attention of one query per row `[B, N, H]` over its first lengths_b[b] entries → `[B, N, H]`.
 
     k_pool, v_pool: `[K, pages, page, H]`; table_bm: `[B, M]` int32 pages of the pool, row b's entry s being
-    entry s % page of page table_bm[b, s // page]; M a multiple of pages_per_block.
+    entry s % page of page table_bm[b, s // page]; M a multiple of pages_per_block. On a mesh, under
+    `jax.shard_map` over the pool's kv-head split (`head_split`).
     """
+    run = functools.partial(_decode, kernel=kernel, pages_per_block=pages_per_block)
+    active = sharding_rules.active()
+    if active is None or active[0].size == 1:
+        return run(q_bnh, k_pool, v_pool, lengths_b, table_bm)
+    mesh, rules = active
+    split = head_split(mesh, rules, q_bnh.shape, k_pool.shape)
+    if split is None:
+        raise ValueError(f"paged attention kernel: the pool {k_pool.shape} is split otherwise than by kv heads alone")
+    q_spec, pool_spec = split
+    rows = PartitionSpec(q_spec[0])
+    specs = (q_spec, pool_spec, pool_spec, rows, PartitionSpec(q_spec[0], None))
+    return jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(
+        q_bnh, k_pool, v_pool, lengths_b, table_bm
+    )
+
+
+def head_split(mesh, rules, q_shape, pool_shape) -> tuple[PartitionSpec, PartitionSpec] | None:
+    """(q spec, pool spec) where the rules split a `[K, pages, page, H]` pool over devices by its kv heads alone,
+    and the `[B, N, H]` queries by the same axes on their heads (and any others on their rows): each device
+    then holds whole GQA groups and every page of its heads. None where they split otherwise."""
+    q_spec = sharding_rules.logical_to_spec(("batch", "q_heads", "head_dim"), rules, mesh=mesh, shape=q_shape)
+    names = ("kv_heads", "batch", "cache_seq", "head_dim")
+    pool_spec = sharding_rules.logical_to_spec(names, rules, mesh=mesh, shape=pool_shape)
+    if tuple(pool_spec)[1:] != (None,) * (len(pool_shape) - 1) or pool_spec[0] != q_spec[1]:
+        return None
+    return q_spec, pool_spec
+
+
+def pool_split(spec, config, slots: int, pool_shape) -> str:
+    """How a kernel pool `[K, L, P, page, H]` of a model sharded by `spec` (a `ShardingSpec`, or None) is split
+    over devices, for `attention.select_paged`: "none", "heads" (kv heads alone: `head_split`), or "other"."""
+    if spec is None or spec.mesh.size == 1:
+        return "none"
+    k, n_layers, n_pages = pool_shape[:3]
+    view = (k, n_layers * n_pages, *pool_shape[3:])  # what `decode` gets: `PagedKVCache.attend`'s view
+    q = (slots, config.n_heads, config.head_dim)
+    split = head_split(spec.mesh, spec.rules, q, view)
+    pool = sharding_rules.logical_to_spec(
+        ("kv_heads", "layers", "batch", "cache_seq", "head_dim"), spec.rules, mesh=spec.mesh, shape=pool_shape
+    )
+    if split is None or any(tuple(pool)[1:]):
+        return "other"
+    return "heads"
+
+
+def _decode(q_bnh, k_pool, v_pool, lengths_b, table_bm, *, kernel: str, pages_per_block: int) -> jax.Array:
     h = q_bnh.shape[-1]
     q_bnh = (q_bnh.astype(jnp.float32) / math.sqrt(h)).astype(q_bnh.dtype)
     lengths_b = lengths_b.astype(jnp.int32)

@@ -169,7 +169,7 @@ def run(args) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from llama_jax.model import quant
+    from llama_jax.model import quant, unstacked
     from llama_jax.model.config import model_config_from_file
     from llama_jax.sharding import mesh as mesh_lib
     from llama_jax.weights import fp8 as fp8_lib
@@ -192,9 +192,14 @@ def run(args) -> dict[str, Any]:
 
     options = Options(attention_backend=args.attention, fp8=fp8, sharding=spec)
     graphdef, state = placement.abstract_state(config, options, weight_dtype)
-    cache = placement.abstract_cache(config, args.batch, context, spec, cache_dtype)
+    # The layers held one buffer each where `load` would hold them so (a GPU too small for a second copy).
+    memory = hardware.memory_bytes if hardware else None
+    by_layer = unstacked.decide(placement.layer_leaves(state), memory)
+    if by_layer:
+        graphdef, state = placement.abstract_state(config, options, weight_dtype, by_layer=True)
+    cache = placement.abstract_cache(config, args.batch, context, spec, cache_dtype, by_layer)
     weights = weight_bytes(state)
-    kv = _per_device_bytes(cache.k) * 2
+    kv = sum(_per_device_bytes(x) for x in jax.tree.leaves(cache))
     prefill, decode = _compile(
         graphdef,
         state,
@@ -202,13 +207,12 @@ def run(args) -> dict[str, Any]:
         spec,
         args.batch,
         prompt,
-        config.n_layers,
+        1 if by_layer else config.n_layers,  # layers run one by one: each op is in the text once per layer
         weight_dtype.itemsize,
         chunk=args.chunk,
         target=target,
     )
 
-    memory = hardware.memory_bytes if hardware else None
     budget = int(memory * args.headroom) if memory else None
     temps = max(prefill["temp"], decode["temp"])
     # Non-aliased outputs (last-position logits) and the token arrays are small but counted.
@@ -230,13 +234,14 @@ def run(args) -> dict[str, Any]:
         "prompt": prompt,
         "chunk": min(args.chunk, prompt),
         "attention": args.attention,
+        "layers": "unstacked" if by_layer else "stacked",
         "device_memory": memory,
         "budget": budget,
         "weights_total": weights["total"],
         "weights_per_device": weights["per_device"],
         "weights_replicated_per_device": weights["replicated"],
         "kv_cache_per_device": kv,
-        "kv_cache_total": 2 * math.prod(cache.k.shape) * cache_dtype.itemsize,
+        "kv_cache_total": sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(cache)),
         "kv_bytes_per_token_per_device": kv_token["per_device"],
         "kv_head_shards": kv_token["head_shards"],
         "kv_batch_shards": kv_token["batch_shards"],
@@ -313,17 +318,18 @@ def kv_bytes_per_token(config, spec, itemsize: int) -> dict[str, int]:
 
 def weight_bytes(state) -> dict[str, int]:
     """Weights in total and on one device, from the shardings (replicated bytes counted apart too)."""
+    import jax
     from flax import nnx
 
     total = per_device = replicated = 0
     for _, v in nnx.to_flat_state(state):
-        struct = v.get_value()
-        elems = math.prod(struct.shape)
-        shard_elems = math.prod(struct.sharding.shard_shape(struct.shape))
-        total += elems * struct.dtype.itemsize
-        per_device += shard_elems * struct.dtype.itemsize
-        if shard_elems == elems:
-            replicated += elems * struct.dtype.itemsize
+        for struct in jax.tree.leaves(v.get_value()):  # one struct, or one per layer (`Unstacked`)
+            elems = math.prod(struct.shape)
+            shard_elems = math.prod(struct.sharding.shard_shape(struct.shape))
+            total += elems * struct.dtype.itemsize
+            per_device += shard_elems * struct.dtype.itemsize
+            if shard_elems == elems:
+                replicated += elems * struct.dtype.itemsize
     return {"total": total, "per_device": per_device, "replicated": replicated}
 
 
@@ -353,10 +359,10 @@ def _compile(
     prompt_tokens = jax.ShapeDtypeStruct((batch, prompt), jnp.int32, sharding=tokens_sharding)
     step_sharding = spec.sharding(("batch", "seq"), (batch, 1))
     step_tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=step_sharding)
-    cache_sharding = cache.k.sharding
+    cache_shardings = jax.tree.map(lambda x: x.sharding, cache)
 
     def pin(c: KVCache) -> KVCache:
-        return KVCache(*(jax.lax.with_sharding_constraint(x, cache_sharding) for x in (c.k, c.v)))
+        return jax.tree.map(jax.lax.with_sharding_constraint, c, cache_shardings)
 
     def prefill(state, tokens, cache):
         logits, cache = nnx.merge(graphdef, state).prefill(tokens, cache, chunk=chunk)

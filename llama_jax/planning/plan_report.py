@@ -111,7 +111,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"batch {plan['batch']}, context {plan['context']:,}, prompt {plan['prompt']:,} prefilled in chunks of "
         f"{plan['chunk']:,} ({plan['attention']} attention); "
         f"KV cache: heads in {plan['kv_head_shards']} shard(s) (tensor={plan['mesh'].get('tensor', 1)}), "
-        f"batch rows in {plan['kv_batch_shards']}",
+        f"batch rows in {plan['kv_batch_shards']}; layers {plan['layers']}",
         "",
         f"{'per device':<40}{'':>12}",
     ]

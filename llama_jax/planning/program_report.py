@@ -103,14 +103,16 @@ def rows_to_run(models=("8b", "70b", "405b")) -> list[tuple[str, str, str, str, 
 
 @functools.cache
 def _setup(model: str, weights: str, target: str, layers: int | None = None):
-    """The model's abstract weights on the target, at its own depth or at `layers` layers."""
+    """The model's abstract weights on the target, at its own depth or at `layers` layers (held as the
+    model at its own depth holds them: stacked or `Unstacked`)."""
     from llama_jax.model.config import model_config_from_file
     from llama_jax.planning.target_programs import Setup
 
     config = model_config_from_file(CONFIGS[model])
-    if layers is not None:
-        config = dataclasses.replace(config, n_layers=layers)
-    return Setup.create(config, targets.get(target), weights)
+    if layers is None:
+        return Setup.create(config, targets.get(target), weights)
+    by_layer = _setup(model, weights, target).by_layer
+    return Setup.create(dataclasses.replace(config, n_layers=layers), targets.get(target), weights, by_layer=by_layer)
 
 
 def _lowered(setup, program: str, batch: int, stacked: bool | None = None):

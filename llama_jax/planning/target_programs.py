@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +27,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llama_jax.inference import decoding, sampler
 from llama_jax.inference.decoding import DecodeState, Prompt, Rows
 from llama_jax.inference.sampling import SamplingParams
-from llama_jax.model import attention, platform, quant
+from llama_jax.model import attention, paged_attention, platform, quant, unstacked
 from llama_jax.model.config import LlamaConfig
 from llama_jax.model.kv_cache import KVCache
 from llama_jax.model.options import Options
 from llama_jax.model.paged_cache import PagedKVCache, pool_axes, pool_shape
+from llama_jax.model.unstacked import Unstacked
 from llama_jax.planning import targets
 from llama_jax.planning.targets import Target
 from llama_jax.weights import fp8, placement
@@ -53,6 +53,7 @@ class Setup:
     spec: object  # the `ShardingSpec`
     graphdef: nnx.GraphDef
     state: nnx.State
+    by_layer: bool  # the layers held `Unstacked`, as `load` holds them here (`unstacked.wanted`)
 
     @classmethod
     def create(
@@ -62,16 +63,23 @@ class Setup:
         weights: str = "bf16",
         mesh: dict | None = None,
         fp8_matmul: str = "fp8",
+        by_layer: bool | None = None,
     ) -> Setup:
-        """`fp8_matmul`: how FP8 weights multiply (`quant.MODES`); "auto" is what a GPU with FP8 tensor cores runs."""
+        """`fp8_matmul`: how FP8 weights multiply (`quant.MODES`); "auto" is what a GPU with FP8 tensor cores
+        runs. `by_layer`: hold the layers `Unstacked` (None: where `load` would, for this model here; a
+        shallow stand-in for a deep model says what the deep one does)."""
         if weights not in WEIGHTS:
             raise ValueError(f"weights {weights!r}: expected one of {WEIGHTS}")
         jax_mesh = target.mesh(mesh or target.default_mesh())
         spec = placement.sharding_spec(jax_mesh, "fsdp_tp")
         layers = fp8.release_layers(config.n_layers) if weights == "fp8" else None
-        fp8_spec = quant.Fp8Spec(layers, matmul=fp8_matmul) if layers else None
-        graphdef, state = placement.abstract_state(config, Options(fp8=fp8_spec, sharding=spec), jnp.bfloat16)
-        return cls(config, target, weights, jax_mesh, spec, graphdef, state)
+        options = Options(fp8=quant.Fp8Spec(layers, matmul=fp8_matmul) if layers else None, sharding=spec)
+        graphdef, state = placement.abstract_state(config, options, jnp.bfloat16)
+        if by_layer is None:
+            by_layer = unstacked.decide(placement.layer_leaves(state), target.hbm_bytes)
+        if by_layer:
+            graphdef, state = placement.abstract_state(config, options, jnp.bfloat16, by_layer=True)
+        return cls(config, target, weights, jax_mesh, spec, graphdef, state, by_layer)
 
     # ---- inputs ---------------------------------------------------------------------------------
 
@@ -82,11 +90,18 @@ class Setup:
     def place(self, tree, cache_shape: tuple[int, ...] | None = None, axes: tuple[str, ...] = KVCache.axes):
         """Every leaf abstract and placed: cache-shaped leaves where the model pins the cache (by its
         logical `axes`), the rest replicated."""
-        cache = None if cache_shape is None else self.spec.sharding(axes, cache_shape)
+        shardings = (
+            {}
+            if cache_shape is None
+            else {
+                cache_shape: self.spec.sharding(axes, cache_shape),
+                cache_shape[1:]: self.spec.sharding(axes[1:], cache_shape[1:]),  # a layer's own buffer (`Unstacked`)
+            }
+        )
 
         def one(x):
-            if cache is not None and tuple(x.shape) == cache_shape:
-                return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cache)
+            if tuple(x.shape) in shardings:
+                return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[tuple(x.shape)])
             return self.replicated(x)
 
         return jax.tree.map(one, tree)
@@ -98,10 +113,10 @@ class Setup:
     def layer_weights(self, stacked: bool | None = None):
         """What `generate` and the engine decode with (`decoding.Weights.of`): per-layer weights where
         their copy takes at most `LAYER_COPY_BUDGET` of the device's HBM, else (or with `stacked`) None,
-        the scanned stack."""
+        the scanned stack; None too where the model holds its layers `Unstacked` (it runs them itself)."""
         if stacked is None:
             stacked = self.scans_layers()
-        if stacked:
+        if stacked or self.by_layer:
             return None
         graphdef, leaves = self.graphdef, jax.tree.leaves(self.state)
         abstract = jax.eval_shape(lambda s: decoding.unstack(graphdef, s, fuse=False), self.state)
@@ -119,31 +134,19 @@ class Setup:
 
     def scans_layers(self) -> bool:
         """Whether `generate` and the engine decode this model on this target from the stacked weights
-        (a layer scan: compile time flat in depth) rather than from per-layer copies (unrolled)."""
-        return self.layer_bytes_per_device() > decoding.LAYER_COPY_BUDGET * self.target.hbm_bytes
-
-    def _layer_states(self):
-        model = self.model
-        return [nnx.state(m) for m in (model.layers, model.dense_ffn) if m is not None]
+        (a layer scan: compile time flat in depth) rather than layer by layer (unrolled)."""
+        return not self.by_layer and self.layer_bytes_per_device() > unstacked.COPY_BUDGET * self.target.hbm_bytes
 
     def layer_bytes_per_device(self) -> int:
-        total = 0
-        for v in jax.tree.leaves(self._layer_states(), is_leaf=_is_var):
-            x = v.get_value()
-            total += math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-        return total
+        return max(unstacked.bytes_per_device(placement.layer_leaves(self.state)).values())
 
     # ---- what a decode step must read ------------------------------------------------------------
 
     def minimum_step_bytes(self, tokens_cached: int) -> int:
         """Bytes per device one decode step must read: every weight but the embedding table (a step
         gathers B rows of it) and the K/V of `tokens_cached` tokens (over the whole batch)."""
-        total = 0
-        for path, v in nnx.to_flat_state(self.state):
-            if path[0] == "tok_embeddings":
-                continue
-            x = v.get_value()
-            total += math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+        read = [v.get_value() for path, v in nnx.to_flat_state(self.state) if path[0] != "tok_embeddings"]
+        total = max(unstacked.bytes_per_device(jax.tree.leaves(read)).values())
         per_token = 2 * self.config.n_layers * self.config.n_kv_heads * self.config.head_dim * 2
         return total + tokens_cached * per_token // self.mesh.size
 
@@ -161,11 +164,14 @@ class Setup:
         """What the programs compute with, as `decoding.Weights.of` makes it for this model on this target."""
         return decoding.Weights(self.state, self.layer_weights(stacked), self.graphdef)
 
-    def _generate_state(self, batch: int, prompt: int, context: int):
-        """`generate`'s program state and prompt (`sampler.inputs`), abstract and placed."""
+    def _generate_state(self, weights: decoding.Weights, batch: int, prompt: int, context: int):
+        """`generate`'s program state and prompt (`sampler.inputs`) for `weights`, abstract and placed."""
         params = SamplingParams(max_new_tokens=context - prompt)
         cache_shape = placement.cache_shape(self.config, batch, context)
         cache = jax.ShapeDtypeStruct(cache_shape, jnp.bfloat16)
+        with self.tracing():
+            if decoding.by_layer(weights):  # one buffer per layer, as `generate` makes it here
+                cache = Unstacked((jax.ShapeDtypeStruct(cache_shape[1:], jnp.bfloat16),) * cache_shape[0])
         stops = sampler.stop_ids(self.model, params.stop_tokens)[None]
         rows = Rows(np.zeros((batch,), np.uint32), np.arange(batch, dtype=np.int32), params.knobs(), stops)
         state = DecodeState.start(
@@ -184,20 +190,23 @@ class Setup:
 
     def prefill(self, batch: int, prompt: int, context: int):
         """`generate`'s prefill of `prompt` tokens per row (chunks of `DEFAULT_PREFILL_CHUNK`), `context` cache."""
-        state, tokens, _ = self._generate_state(batch, prompt, context)
-        return self._lower(decoding.prefill, self.program_weights(), state, tokens)
+        weights = self.program_weights()
+        state, tokens, _ = self._generate_state(weights, batch, prompt, context)
+        return self._lower(decoding.prefill, weights, state, tokens)
 
     def decode_loop(self, batch: int, context: int, stacked: bool | None = None):
         """`generate`'s decode loop (a `while_loop` of decode steps) over a `context`-entry cache; `stacked`:
         as `layer_weights` (None: as `generate` decides for this model on this target)."""
-        state, tokens, cache_shape = self._generate_state(batch, 16, context)
         weights = self.program_weights(stacked)
+        state, tokens, cache_shape = self._generate_state(weights, batch, 16, context)
         with self.tracing():
             state = jax.eval_shape(decoding.prefill, weights, state, tokens)
         return self._lower(decoding.decode, weights, self.place(state, cache_shape), self.place(np.int32(context - 16)))
 
-    def paged_attention(self, requested: str = "auto") -> str:
-        """What an `Engine` of this model picks on this target (`attention.select_paged`)."""
+    def paged_attention(self, requested: str = "auto", slots: int = 8, context: int = 8192) -> str:
+        """What an `Engine` of this model with `slots` slots of `context` tokens picks on this target
+        (`attention.select_paged`)."""
+        kernel_pool = pool_shape(self.config, slots * context // PAGE_SIZE + 1, PAGE_SIZE, paged_attention.KERNELS[0])
         with self.tracing():
             return attention.select_paged(
                 requested,
@@ -206,14 +215,14 @@ class Setup:
                 head_dim=self.config.head_dim,
                 page=PAGE_SIZE,
                 block_pages=BLOCK_PAGES,
-                devices=self.mesh.size,
+                split=paged_attention.pool_split(self.spec, self.config, slots, kernel_pool),
             )
 
     def _engine_state(self, slots: int, context: int, n_out: int, requested: str = "auto"):
         """The engine's program state (`Engine._state`) over a pool where `slots` slots hold `context` tokens,
         laid out for the paged attention an `Engine` with `requested` picks here."""
         n_pages = slots * context // PAGE_SIZE + 1  # every slot full, and the null page
-        kernel = self.paged_attention(requested)
+        kernel = self.paged_attention(requested, slots, context)
         shape = pool_shape(self.config, n_pages, PAGE_SIZE, kernel)
         pool = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
         table = np.zeros((slots, context // PAGE_SIZE), np.int32)
@@ -275,7 +284,3 @@ class Setup:
         data = {"tokens": ints, "targets": ints, "loss_mask": floats, "positions": ints, "segment_ids": ints}
         with self.tracing():
             return trainer.lower_step(data, platforms=(self.target.lowering_platform,))
-
-
-def _is_var(x) -> bool:
-    return isinstance(x, nnx.Variable)

@@ -6,6 +6,8 @@ devices by the checkpoint's `place` (for files: `jax.make_array_from_callback`, 
 every device only its own slice of a memory-mapped source tensor). Per-layer tensors are written one
 layer at a time into a preallocated, donated stacked buffer, so the host never holds more than one
 layer's tensor (a transformed view of the memory map) and no device holds a second copy of a parameter.
+On a GPU too small for the decode step's per-layer copy (`unstacked.wanted`: 405B on 8 H100s) the layers
+stay the buffers they were built as, held `Unstacked`, and are never stacked.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 
-from llama_jax.model import platform
+from llama_jax.model import platform, unstacked
 from llama_jax.model.model import Llama, abstract
 from llama_jax.model.options import Options
 from llama_jax.sharding import rules as sharding_rules
@@ -124,12 +126,13 @@ def load_from(
     options = Options(attention_backend=attention, fp8=fp8_spec, score_labels=ckpt.score_labels, sharding=spec)
     graphdef, state = nnx.split(abstract(ckpt.config, dtype, options))
     flat = dict(nnx.to_flat_state(state))
+    by_layer = holds_unstacked(flat.values(), mesh, rules)
     unfilled = set(flat)
     for path, value_dtype, places in fills(ckpt, fp8_spec):
         variable = flat[path]
         unfilled.remove(path)
         shape, names = variable.get_value().shape, variable.get_metadata()["out_sharding"]
-        variable.set_value(place(shape, jnp.dtype(value_dtype or dtype), names, places, mesh, rules))
+        variable.set_value(place(shape, jnp.dtype(value_dtype or dtype), names, places, mesh, rules, by_layer))
     if unfilled:
         raise ValueError(f"internal: no source for parameter(s) {sorted('.'.join(p) for p in unfilled)}")
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -155,6 +158,17 @@ def target_sharding(
     return NamedSharding(mesh, sharding_rules.logical_to_spec(names, rules, mesh=mesh, shape=shape))
 
 
+def holds_unstacked(variables, mesh: Mesh | None, rules: sharding_rules.Rules | None) -> bool:
+    """Whether a model of these (abstract) parameters holds its layers `Unstacked` on `mesh` (`unstacked.decide`)."""
+    layers = []
+    for v in variables:
+        shape, names = v.get_value().shape, v.get_metadata()["out_sharding"]
+        if names and names[0] == "layers":
+            sharding = target_sharding(names, mesh, rules, shape)
+            layers.append(jax.ShapeDtypeStruct(shape, v.get_value().dtype, sharding=sharding))
+    return unstacked.decide(layers)
+
+
 def place(
     shape: tuple[int, ...],
     dtype: jnp.dtype,
@@ -162,14 +176,19 @@ def place(
     places: Sequence[Place | None],
     mesh: Mesh | None,
     rules: sharding_rules.Rules | None,
-) -> jax.Array:
+    by_layer: bool = False,
+) -> jax.Array | unstacked.Unstacked:
     """Build one parameter on its devices. A parameter with a leading "layers" axis is stacked from one
-    `Place` per layer (None leaves that layer's zeros), written into a preallocated donated buffer."""
+    `Place` per layer (None leaves that layer's zeros), written into a preallocated donated buffer, or
+    with `by_layer` kept as those layers' own buffers (`Unstacked`)."""
     sharding = target_sharding(names, mesh, rules, shape)
     if names[0] != "layers":
         (whole,) = places
         return whole(jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding))
     layer = jax.ShapeDtypeStruct(tuple(shape[1:]), dtype, sharding=target_sharding(names[1:], mesh, rules, shape[1:]))
+    if by_layer:
+        rows = (_zeros(layer.shape, dtype, layer.sharding) if build is None else build(layer) for build in places)
+        return unstacked.Unstacked(tuple(r if r.dtype == dtype else r.astype(dtype) for r in rows))
     stacked = _zeros(tuple(shape), dtype, sharding)
     for i, build in enumerate(places):
         if build is not None:

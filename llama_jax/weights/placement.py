@@ -25,6 +25,7 @@ from llama_jax.model.config import LlamaConfig
 from llama_jax.model.kv_cache import CACHE_AXES, KVCache
 from llama_jax.model.model import Llama, abstract
 from llama_jax.model.options import Options
+from llama_jax.model.unstacked import Unstacked
 from llama_jax.sharding import rules as sharding_rules
 from llama_jax.sharding.rules import ShardingSpec
 
@@ -112,22 +113,41 @@ def zeros_cache(config: LlamaConfig, batch: int, length: int, spec: ShardingSpec
     return make()
 
 
-def abstract_state(config: LlamaConfig, options: Options, dtype=jnp.bfloat16) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_state(
+    config: LlamaConfig, options: Options, dtype=jnp.bfloat16, by_layer: bool = False
+) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, state) of `model.abstract(config, dtype, options)` with each parameter a
-    `jax.ShapeDtypeStruct` sharded by `options.sharding`: no memory."""
+    `jax.ShapeDtypeStruct` sharded by `options.sharding`: no memory. `by_layer`: the layers held
+    `Unstacked`, one struct per layer, as `load` holds them on a GPU too small for the decode copy."""
     spec = options.sharding
     if spec is None:
         raise ValueError("abstract_state: options.sharding must say the mesh and rules the parameters are placed by")
     graphdef, state = nnx.split(abstract(config, dtype, options))
-    state = jax.tree.map(
-        lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=spec.sharding(logical_axes(v), v.shape))),
-        state,
-        is_leaf=_is_variable,
+
+    def one(v):
+        names, shape = logical_axes(v), v.shape
+        if not (by_layer and names[0] == "layers"):
+            return v.replace(jax.ShapeDtypeStruct(shape, v.dtype, sharding=spec.sharding(names, shape)))
+        row = jax.ShapeDtypeStruct(shape[1:], v.dtype, sharding=spec.sharding(names[1:], shape[1:]))
+        return v.replace(Unstacked((row,) * shape[0]))
+
+    return graphdef, jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def layer_leaves(state: nnx.State) -> list:
+    """The stacked layer weights of an abstract state (their logical axes start with "layers")."""
+    return jax.tree.leaves(
+        [v.get_value() for v in jax.tree.leaves(state, is_leaf=_is_variable) if logical_axes(v)[:1] == ("layers",)]
     )
-    return graphdef, state
 
 
-def abstract_cache(config: LlamaConfig, batch: int, length: int, spec: ShardingSpec, dtype=jnp.bfloat16) -> KVCache:
-    sharding = cache_sharding(config, batch, length, spec)
-    struct = jax.ShapeDtypeStruct(cache_shape(config, batch, length), jnp.dtype(dtype), sharding=sharding)
+def abstract_cache(
+    config: LlamaConfig, batch: int, length: int, spec: ShardingSpec, dtype=jnp.bfloat16, by_layer: bool = False
+) -> KVCache:
+    """The KV cache as sharded `ShapeDtypeStruct`s; `by_layer`: one per layer (`Unstacked`, `KVCache.zeros`)."""
+    shape, dtype = cache_shape(config, batch, length), jnp.dtype(dtype)
+    if by_layer:
+        row = jax.ShapeDtypeStruct(shape[1:], dtype, sharding=spec.sharding(CACHE_AXES[1:], shape[1:]))
+        return KVCache(Unstacked((row,) * shape[0]), Unstacked((row,) * shape[0]))
+    struct = jax.ShapeDtypeStruct(shape, dtype, sharding=cache_sharding(config, batch, length, spec))
     return KVCache(struct, struct)
