@@ -6,7 +6,7 @@ dim 256, 4 layers, tied embeddings), random init by transformers, saved and load
 states, beta bisected on sampled completions until their mean length is 60 (cap 256): lengths decided
 by sampled stop tokens, ~1.5% of steps stopping.
 
-Workloads (same requests for every side, temperature 1, per-request seeds):
+Workloads (same requests for every side, temperature 1, per-request seeds; each drawn from a seed of its own):
   stop:    `--requests` prompts of 20-600 random tokens, up to 256 new tokens, ending at sampled eot.
   prefix:  the same with a 1,000-token system prompt in front of every prompt (prompts 20-100 tokens).
 
@@ -44,6 +44,7 @@ TARGET_MEAN = 60  # sampled completion tokens (geometric, ~1.5% of steps stop), 
 MAX_NEW = 256
 PAGE = 64  # the engine's page: prefix sharing works in whole pages
 CALIBRATION_PROMPTS = 32
+WORKLOADS = ("stop", "prefix")
 
 
 def tune_eot(torch, hf_model, model, rng, prompts) -> dict:
@@ -136,7 +137,6 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
     from llama_jax.inference.sampling import SamplingParams
 
     torch.manual_seed(0)
-    rng = np.random.default_rng(0)
     hf_model = transformers.LlamaForCausalLM(hf_config(transformers, *SHAPES["default"])).eval()
     with tempfile.TemporaryDirectory() as tmp:
         hf_model.save_pretrained(tmp)
@@ -150,6 +150,8 @@ def cpu_benchmark(n_requests: int, batch: int, repeats: int, workloads) -> dict:
         "repeats": repeats,
     }
     for workload in workloads:
+        # Each workload draws from its own seed, so it is the same workload whichever others run with it.
+        rng = np.random.default_rng(WORKLOADS.index(workload))
         if workload == "stop":
             prompts = make_prompts(rng, n_requests, 20, 600)
             calibration = make_prompts(rng, CALIBRATION_PROMPTS, 20, 600)
@@ -302,7 +304,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--workloads", default="stop,prefix")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args(argv)
     return report(cpu_benchmark(args.requests, args.batch, args.repeats, args.workloads.split(",")), args.out)
