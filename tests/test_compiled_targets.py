@@ -5,8 +5,9 @@ trips moves twice its bytes per trip; a step loop of unknown trip count is one s
 programs are compiled at real widths (Llama 3.1 8B's dims with a few layers, an 8K cache; 405B's with
 the FP8 release layout on 8 GPUs) and their optimized HLO is held to what a decode step must do: read
 each weight and the cache in place (no cache- or weight-sized HBM copy, transpose or slice per step),
-multiply FP8 weights as f8 x f8, run the fused attention selected, fit. Where today's programs fail,
-the test is a strict xfail carrying the measured number (full-depth numbers: docs/TARGETS.md).
+multiply FP8 weights as f8 x f8, run the fused attention selected, fit. A program that failed one of
+these was a strict xfail carrying its measured number until fixed; none is left (full-depth numbers,
+before and after: docs/TARGETS.md).
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ class Setup:
 
     def layer_weights(self, stacked: bool | None = None):
         """What `generate` and the engine decode with (`decoding.Weights.of`): per-layer weights where
-        their copy takes at most `LAYER_COPY_BUDGET` of the device's HBM, else (or with `stacked`) None,
+        their copy takes at most `unstacked.COPY_BUDGET` of the device's HBM, else (or with `stacked`) None,
         the scanned stack; None too where the model holds its layers `Unstacked` (it runs them itself)."""
         if stacked is None:
             stacked = self.scans_layers()
