@@ -346,11 +346,10 @@ def _stacked_leaves(model) -> list:
 
 def layer_copies_fit(model, budget: float = unstacked.COPY_BUDGET) -> bool:
     """Whether the per-layer copy of the layer weights takes at most `budget` of every device's memory."""
-    for device, nbytes in unstacked.bytes_per_device(_stacked_leaves(model)).items():
-        limit = unstacked.device_memory_limit(device) if device.process_index == jax.process_index() else None
-        if limit is not None and nbytes > budget * limit:
-            return False
-    return True
+    per_device = unstacked.bytes_per_device(_stacked_leaves(model))
+    return all(
+        unstacked.copy_fits(nbytes, unstacked.device_memory_limit(d), budget) for d, nbytes in per_device.items()
+    )
 
 
 def layer_weights(model, fuse: bool | None = None) -> LayerWeights:

@@ -26,6 +26,8 @@ __all__ = [
     "COPY_BUDGET",
     "Unstacked",
     "bytes_per_device",
+    "constrain",
+    "copy_fits",
     "decide",
     "device_memory_limit",
     "held",
@@ -80,7 +82,9 @@ def held(tree) -> bool:
 
 
 def device_memory_limit(device) -> int | None:
-    """Bytes the device can hold, or None where it does not say (CPU)."""
+    """Bytes the device can hold, or None where it does not say (CPU, another process's device)."""
+    if device.process_index != jax.process_index():
+        return None
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     return (stats or {}).get("bytes_limit")
 
@@ -103,10 +107,16 @@ def scan_copies(platform: str) -> bool:
     return platform in ("gpu", "cuda")
 
 
+def copy_fits(layer_bytes: int, device_bytes: int | None, budget: float = COPY_BUDGET) -> bool:
+    """Whether a second, per-layer copy of `layer_bytes` of stacked layers takes at most `budget` of a device
+    of `device_bytes` (None: a device that does not say, where it is taken to fit)."""
+    return device_bytes is None or layer_bytes <= budget * device_bytes
+
+
 def wanted(platform: str, layer_bytes: int, device_bytes: int | None, budget: float = COPY_BUDGET) -> bool:
     """Whether a model whose stacked layers take `layer_bytes` on a device of `device_bytes` (None: unknown)
     holds them unstacked: where a scan copies (`scan_copies`) and the per-layer copy would not fit `budget`."""
-    return scan_copies(platform) and device_bytes is not None and layer_bytes > budget * device_bytes
+    return scan_copies(platform) and not copy_fits(layer_bytes, device_bytes, budget)
 
 
 def decide(layer_leaves, device_bytes: int | None = None) -> bool:
@@ -117,6 +127,4 @@ def decide(layer_leaves, device_bytes: int | None = None) -> bool:
     if not per_device:
         return False
     device, nbytes = max(per_device.items(), key=lambda item: item[1])
-    if device_bytes is None and device.process_index == jax.process_index():
-        device_bytes = device_memory_limit(device)
-    return wanted(device.platform, nbytes, device_bytes)
+    return wanted(device.platform, nbytes, device_memory_limit(device) if device_bytes is None else device_bytes)

@@ -191,12 +191,10 @@ def run(args) -> dict[str, Any]:
     fp8 = quant.Fp8Spec(fp8_lib.release_layers(config.n_layers), matmul="fp8") if args.weight_dtype == "fp8" else None
 
     options = Options(attention_backend=args.attention, fp8=fp8, sharding=spec)
-    graphdef, state = placement.abstract_state(config, options, weight_dtype)
-    # The layers held one buffer each where `load` would hold them so (a GPU too small for a second copy).
     memory = hardware.memory_bytes if hardware else None
-    by_layer = unstacked.decide(placement.layer_leaves(state), memory)
-    if by_layer:
-        graphdef, state = placement.abstract_state(config, options, weight_dtype, by_layer=True)
+    # The layers held one buffer each where `load` would hold them so (a GPU too small for a second copy).
+    graphdef, state = placement.abstract_state(config, options, weight_dtype, by_layer=None, device_bytes=memory)
+    by_layer = unstacked.held(state)
     cache = placement.abstract_cache(config, args.batch, context, spec, cache_dtype, by_layer)
     weights = weight_bytes(state)
     kv = sum(_per_device_bytes(x) for x in jax.tree.leaves(cache))

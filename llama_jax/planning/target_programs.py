@@ -32,7 +32,6 @@ from llama_jax.model.config import LlamaConfig
 from llama_jax.model.kv_cache import KVCache
 from llama_jax.model.options import Options
 from llama_jax.model.paged_cache import PagedKVCache, pool_axes, pool_shape
-from llama_jax.model.unstacked import Unstacked
 from llama_jax.planning import targets
 from llama_jax.planning.targets import Target
 from llama_jax.weights import fp8, placement
@@ -74,12 +73,8 @@ class Setup:
         spec = placement.sharding_spec(jax_mesh, "fsdp_tp")
         layers = fp8.release_layers(config.n_layers) if weights == "fp8" else None
         options = Options(fp8=quant.Fp8Spec(layers, matmul=fp8_matmul) if layers else None, sharding=spec)
-        graphdef, state = placement.abstract_state(config, options, jnp.bfloat16)
-        if by_layer is None:
-            by_layer = unstacked.decide(placement.layer_leaves(state), target.hbm_bytes)
-        if by_layer:
-            graphdef, state = placement.abstract_state(config, options, jnp.bfloat16, by_layer=True)
-        return cls(config, target, weights, jax_mesh, spec, graphdef, state, by_layer)
+        graphdef, state = placement.abstract_state(config, options, jnp.bfloat16, by_layer, target.hbm_bytes)
+        return cls(config, target, weights, jax_mesh, spec, graphdef, state, unstacked.held(state))
 
     # ---- inputs ---------------------------------------------------------------------------------
 
@@ -135,7 +130,7 @@ class Setup:
     def scans_layers(self) -> bool:
         """Whether `generate` and the engine decode this model on this target from the stacked weights
         (a layer scan: compile time flat in depth) rather than layer by layer (unrolled)."""
-        return not self.by_layer and self.layer_bytes_per_device() > unstacked.COPY_BUDGET * self.target.hbm_bytes
+        return not self.by_layer and not unstacked.copy_fits(self.layer_bytes_per_device(), self.target.hbm_bytes)
 
     def layer_bytes_per_device(self) -> int:
         return max(unstacked.bytes_per_device(placement.layer_leaves(self.state)).values())
@@ -168,14 +163,14 @@ class Setup:
         """`generate`'s program state and prompt (`sampler.inputs`) for `weights`, abstract and placed."""
         params = SamplingParams(max_new_tokens=context - prompt)
         cache_shape = placement.cache_shape(self.config, batch, context)
-        cache = jax.ShapeDtypeStruct(cache_shape, jnp.bfloat16)
-        with self.tracing():
-            if decoding.by_layer(weights):  # one buffer per layer, as `generate` makes it here
-                cache = Unstacked((jax.ShapeDtypeStruct(cache_shape[1:], jnp.bfloat16),) * cache_shape[0])
+        with self.tracing():  # one buffer per layer where `generate` makes it so here
+            cache = placement.abstract_cache(
+                self.config, batch, context, self.spec, by_layer=decoding.by_layer(weights)
+            )
         stops = sampler.stop_ids(self.model, params.stop_tokens)[None]
         rows = Rows(np.zeros((batch,), np.uint32), np.arange(batch, dtype=np.int32), params.knobs(), stops)
         state = DecodeState.start(
-            KVCache(cache, cache),
+            cache,
             rows,
             last=np.zeros(batch),
             positions=np.full(batch, prompt - 1),

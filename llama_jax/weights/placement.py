@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from llama_jax.model import quant
+from llama_jax.model import quant, unstacked
 from llama_jax.model.config import LlamaConfig
 from llama_jax.model.kv_cache import CACHE_AXES, KVCache
 from llama_jax.model.model import Llama, abstract
@@ -114,24 +114,34 @@ def zeros_cache(config: LlamaConfig, batch: int, length: int, spec: ShardingSpec
 
 
 def abstract_state(
-    config: LlamaConfig, options: Options, dtype=jnp.bfloat16, by_layer: bool = False
+    config: LlamaConfig, options: Options, dtype=jnp.bfloat16, by_layer: bool | None = False, device_bytes=None
 ) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, state) of `model.abstract(config, dtype, options)` with each parameter a
     `jax.ShapeDtypeStruct` sharded by `options.sharding`: no memory. `by_layer`: the layers held
-    `Unstacked`, one struct per layer, as `load` holds them on a GPU too small for the decode copy."""
+    `Unstacked`, one struct per layer, as `load` holds them on a GPU too small for the decode copy; None:
+    where `load` would hold them so on devices of `device_bytes` each (`unstacked.decide`)."""
     spec = options.sharding
     if spec is None:
         raise ValueError("abstract_state: options.sharding must say the mesh and rules the parameters are placed by")
     graphdef, state = nnx.split(abstract(config, dtype, options))
+    state = jax.tree.map(
+        lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=spec.sharding(logical_axes(v), v.shape))),
+        state,
+        is_leaf=_is_variable,
+    )
+    if by_layer is None:
+        by_layer = unstacked.decide(layer_leaves(state), device_bytes)
+    if not by_layer:
+        return graphdef, state
 
-    def one(v):
-        names, shape = logical_axes(v), v.shape
-        if not (by_layer and names[0] == "layers"):
-            return v.replace(jax.ShapeDtypeStruct(shape, v.dtype, sharding=spec.sharding(names, shape)))
-        row = jax.ShapeDtypeStruct(shape[1:], v.dtype, sharding=spec.sharding(names[1:], shape[1:]))
-        return v.replace(Unstacked((row,) * shape[0]))
+    def rows(v):
+        if logical_axes(v)[0] != "layers":
+            return v
+        x = v.get_value()
+        row = jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=spec.sharding(logical_axes(v)[1:], x.shape[1:]))
+        return v.replace(Unstacked((row,) * x.shape[0]))
 
-    return graphdef, jax.tree.map(one, state, is_leaf=_is_variable)
+    return graphdef, jax.tree.map(rows, state, is_leaf=_is_variable)
 
 
 def layer_leaves(state: nnx.State) -> list:
