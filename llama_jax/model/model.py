@@ -36,6 +36,7 @@ from llama_jax.model.kv_cache import KVCache
 from llama_jax.model.linear import LORA_TARGETS, Fused, LoraSpec, Separate, Weight, adapter_params, weight
 from llama_jax.model.options import Options
 from llama_jax.model.unstacked import Unstacked
+from llama_jax.sharding import rules
 from llama_jax.sharding.rules import constrain, use_rules
 
 __all__ = ["LORA_TARGETS", "BlockWeights", "Llama", "LoraSpec", "abstract"]
@@ -426,9 +427,8 @@ def abstract(config: LlamaConfig, dtype=jnp.bfloat16, options: Options = Options
 
 
 def _embed(table: jax.Array, tokens: jax.Array) -> jax.Array:
-    """Rows `tokens` of the table; a lone token looked up as two, or XLA makes the gather a dynamic slice, which
-    a vocabulary-split table serves by all-gathering itself (4.2 GB per 405B decode step on 8 GPUs)."""
-    if tokens.size != 1:
+    """Rows `tokens`; on a mesh a lone token as two (one index is a slice: a vocab-split table all-gathers)."""
+    if tokens.size != 1 or rules.active() is None:
         return table[tokens]
     return table[jnp.broadcast_to(tokens.reshape(1), (2,))][:1].reshape(*tokens.shape, table.shape[1])
 
