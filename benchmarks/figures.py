@@ -157,8 +157,9 @@ def compiled_targets(data, fig):
     """Entries that failed to compile (an `error`) or carry no efficiency get a note in place of a bar."""
 
     def order(key):
-        size, dtype, target, program, batch = key.split("/")
-        return data[key].get("efficiency") is None, program, int(size.removesuffix("b")), target, dtype, int(batch)
+        size, dtype, target, program, batch, context = key.split("/")
+        missing = data[key].get("efficiency") is None
+        return missing, program, int(context[:-1]), int(size.removesuffix("b")), target, dtype, int(batch)
 
     keys = sorted(data, key=order)
     ax = fig.subplots()
@@ -176,7 +177,7 @@ def compiled_targets(data, fig):
     ax.axvline(100, color="black", lw=0.8, ls="--")
     ax.set_xlabel("% compiled efficiency: bytes the program must move / bytes the compiled program moves")
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title("Compiled programs per target (size/dtype/target/program/batch)", fontsize=10)
+    ax.set_title("Compiled programs per target (size/dtype/target/program/batch/context)", fontsize=10)
 
 
 # name -> (results file, drawing, figure size in inches); a size may depend on the data.

@@ -122,8 +122,18 @@ def test_select_rule_is_logged_and_checks_what_it_is_asked(caplog):
     assert attention.select("auto", platform="gpu", dtype=jnp.bfloat16, **common) == "cudnn"
     assert attention.select("auto", platform="gpu", dtype=jnp.float32, **common) == "blockwise"  # 2 GiB of scores
     assert attention.select("auto", platform="gpu", dtype=jnp.float32, q_len=1, kv_len=512) == "dense"
-    assert attention.select("auto", platform="tpu", dtype=jnp.bfloat16, q_offset=False, **common) == "splash"
-    assert attention.select("auto", platform="tpu", dtype=jnp.bfloat16, q_len=1, kv_len=4096) == "dense"
+    splash = dict(q_offset=False, kernel_fits=True)
+    assert attention.select("auto", platform="tpu", dtype=jnp.bfloat16, **splash, **common) == "splash"
+    # Not where the mesh splits the sequence (or heads otherwise than kv heads): `attention.splash_split`.
+    assert attention.select("auto", platform="tpu", dtype=jnp.bfloat16, q_offset=False, **common) == "blockwise"
+    # A decode step: the GPU's Triton decode kernel where it serves the layer (`KVCache.attend` says), the
+    # TPU's blockwise loop; both read each row's filled keys in place, not the cache's bucket.
+    decode = dict(q_len=1, kv_len=4096)
+    assert attention.select("auto", platform="gpu", dtype=jnp.bfloat16, **decode, kernel_fits=True) == "triton"
+    assert attention.select("auto", platform="gpu", dtype=jnp.bfloat16, **decode) == "dense"
+    assert attention.select("auto", platform="gpu", dtype=jnp.float32, **decode, kernel_fits=True) == "dense"
+    assert attention.select("auto", platform="tpu", dtype=jnp.bfloat16, **decode) == "blockwise"
+    assert attention.select("dense", platform="tpu", dtype=jnp.bfloat16, **decode) == "dense"
     assert attention.select("dense", platform="cpu", dtype=jnp.float32, **common) == "dense"
     with pytest.raises(ValueError, match="bfloat16 and float16 only"):
         attention.select("cudnn", platform="gpu", dtype=jnp.float32, **common)
@@ -133,6 +143,35 @@ def test_select_rule_is_logged_and_checks_what_it_is_asked(caplog):
         attention.select("flash", platform="cpu", dtype=jnp.float32, **common)
     with pytest.raises(ValueError, match="must be one of"):
         Options(attention_backend="flash")
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_splash_runs_on_each_devices_rows_and_kv_heads_of_a_mesh_as_one_device_does(segments):
+    """A Mosaic kernel is not partitioned by the compiler (prefill and training on any multi-chip TPU mesh
+    failed to compile: "Mosaic kernels cannot be automatically partitioned"): splash runs under shard_map,
+    each device over its own rows and kv heads with their query heads. Pallas interpret mode, 2x2 mesh,
+    GQA, packed documents; a mesh splitting query heads where kv heads cannot follow is refused."""
+    from llama_jax.sharding import rules as sharding_rules
+    from llama_jax.weights import placement
+
+    b, t, n, k = 2, 256, 8, 4
+    q, keys, values, index, seg, _ = _problem(b, t, t, n, k, segments, seed=11)
+    index = jnp.broadcast_to(jnp.arange(t), (b, t))  # the uncached forward: splash's static causal mask
+    if segments:
+        ids = jnp.asarray(np.sort(np.random.default_rng(0).integers(0, 3, (b, t)), axis=1))
+        seg = dict(segment_q_bt=ids, segment_kv_bs=ids)
+    want = attention.attend(q, keys, values, index, backend="dense", **seg)
+    args = (q, keys, values, seg.get("segment_q_bt"), seg.get("segment_kv_bs"))
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]).reshape(2, 2), ("fsdp", "tensor"))
+    spec = placement.sharding_spec(mesh, "fsdp_tp")
+    with sharding_rules.use_rules(spec.mesh, spec.rules):
+        split = attention.splash_split(q.shape, keys.shape)
+        assert split[0] == jax.sharding.PartitionSpec("fsdp", None, "tensor", None)
+        got = jax.jit(lambda *a: attention._splash(*a, split))(*args)
+    assert _relative(got, want, slice(None)) <= BOUND
+    wide = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(1, 8), ("fsdp", "tensor"))
+    with sharding_rules.use_rules(wide, placement.sharding_spec(wide, "fsdp_tp").rules):
+        assert attention.splash_split(q.shape, keys.shape) is None  # 4 kv heads cannot follow 8 query shards
 
 
 _CONFIG = LlamaConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=4096)

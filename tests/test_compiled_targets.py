@@ -213,6 +213,15 @@ def test_a_decode_step_copies_nothing_cache_or_weight_sized(decode, name, batch)
     assert report.memory["peak"] <= setup.target.hbm_bytes
 
 
+@pytest.mark.parametrize("batch", [1, 8])
+def test_a_gpu_decode_step_attends_with_the_split_k_kernel_that_reads_each_rows_filled_keys(decode, batch):
+    """Length-aware on H100: the Triton decode kernel over each layer as it lies (the dense read it replaced
+    read the whole 8K bucket whatever was filled; what the kernel reads past a row's length, nothing, is
+    tested in interpret mode in tests/test_paged_attention.py)."""
+    _, report = decode["h100x1", batch]
+    assert report.attention_kernels().get(compiled.TRITON_KERNEL, 0) >= 1, report.custom_calls
+
+
 def test_the_decode_loop_keeps_the_cache_in_one_layout_around_the_loop_too(decode):
     """No copy of the whole cache anywhere in the program, per step or once per call: a compiler that
     wants another layout inside the loop than the cache arrives in copies it in and out (v5p at batch 8
@@ -246,8 +255,11 @@ def test_a_model_too_big_for_the_layer_copy_decodes_without_copying_a_cache_laye
     assert report.moves_at_least(_big(CONFIG_8B, 8, setup)) == []
 
 
-@pytest.mark.parametrize("name, kernel", [("v5p-2", "tpu_custom_call"), ("h100x1", "__cudnn$fmha")])
+@pytest.mark.parametrize(
+    "name, kernel", [("v5p-2", "tpu_custom_call"), ("v5p-8", "tpu_custom_call"), ("h100x1", "__cudnn$fmha")]
+)
 def test_prefill_runs_the_fused_attention_after_compiling(name, kernel):
+    """v5p-8: 4 chips, the splash kernel under shard_map (unwrapped, the compiler refused to partition it)."""
     setup = Setup.create(dataclasses.replace(CONFIG_8B, n_layers=1), targets.get(name))
     report = compiled.compile_and_read(setup.prefill(1, 512, 1024), step_loop=False)  # one chunk
     assert any(k.startswith(kernel) for k in report.attention_kernels()), report.custom_calls

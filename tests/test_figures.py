@@ -44,7 +44,7 @@ def test_compiled_targets_draws_efficiencies_and_failures(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
     (results / "compiled_targets.json").write_text(
-        json.dumps({"8b/bf16/h100x1/decode/1": entry, "8b/bf16/v5e-1/decode/8": {"error": "JaxRuntimeError: OOM"}})
+        json.dumps({"8b/bf16/h100x1/decode/1/8k": entry, "8b/bf16/v5e-1/decode/8/128k": {"error": "RuntimeError: OOM"}})
     )
     [path] = figures.draw_all(results, tmp_path / "out")
     assert path.name == "compiled_targets.png" and path.read_bytes().startswith(PNG_MAGIC)

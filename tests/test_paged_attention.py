@@ -1,6 +1,8 @@
-"""Fused paged decode attention (llama_jax.model.paged_attention): the TPU (Mosaic) and GPU (Triton) Pallas
+"""Fused decode attention (llama_jax.model.paged_attention): the TPU (Mosaic) and GPU (Triton) Pallas paged
 kernels, run here in Pallas interpret mode, give what the blockwise loop gives over the same pages, read
-only each row's own filled pages, and are what the engine runs where `attention.select_paged` says."""
+only each row's own filled pages, and are what the engine runs where `attention.select_paged` says; the GPU's
+split-K Triton kernel over `generate`'s contiguous cache layer gives what the dense read gives, reads only
+each row's filled entries, and is what `generate` decodes with on a GPU."""
 
 import dataclasses
 
@@ -171,3 +173,79 @@ def test_an_engine_on_two_devices_runs_the_triton_kernel_per_kv_head_as_the_bloc
     assert asked["split"] == "heads" and fused.k.sharding.spec[0] == "tensor"
     got = fused.generate(requests)
     assert [g.tokens for g in got] == [w.tokens for w in want]
+
+
+# ---- the contiguous cache's decode kernel (GPU) -----------------------------------------------------------
+
+S_CONTIGUOUS = 2048  # 16 partitions of one 128-entry key block: a read past a row's length is a whole block
+
+
+def test_the_contiguous_kernel_equals_the_dense_read_and_reads_no_block_past_a_rows_length():
+    """A `[B, K, S, H]` layer with NaN in every key block past each row's length (GQA, rows ending mid-block,
+    one entry, exactly one block): the kernel gives the dense read over the filled entries."""
+    from llama_jax.model import paged_attention
+
+    rng = np.random.default_rng(4)
+    lengths = np.asarray([37, 1, 300, 128])
+    b, block = len(lengths), paged_attention.DECODE_BLOCK_K
+    assert paged_attention.contiguous_fits(S_CONTIGUOUS, H) and not paged_attention.contiguous_fits(S_CONTIGUOUS, 96)
+    k_bksh, v_bksh = (rng.normal(size=(b, K, S_CONTIGUOUS, H)).astype(np.float32) for _ in range(2))
+    q_bnh = jnp.asarray(rng.normal(size=(b, K * G, H)), jnp.float32)
+    positions = jnp.asarray(lengths - 1)[:, None]
+    want = attention.dense_kv_major(q_bnh[:, None], jnp.asarray(k_bksh), jnp.asarray(v_bksh), positions)
+    for row, length in enumerate(lengths):
+        read = -(-length // block) * block
+        k_bksh[row, :, read:], v_bksh[row, :, read:] = np.nan, np.nan
+    got = paged_attention.contiguous(q_bnh, jnp.asarray(k_bksh), jnp.asarray(v_bksh), jnp.asarray(lengths))
+    np.testing.assert_allclose(got, want[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_the_contiguous_kernel_runs_on_a_layer_split_by_rows_and_kv_heads_alone(model_16):
+    """Under shard_map: rows over one axis and kv heads over another, each device over its own rows' heads;
+    a layer whose query heads cannot follow its kv heads (2 kv heads on 4 devices) is refused by the rule."""
+    from llama_jax.model import paged_attention
+    from llama_jax.sharding import rules as sharding_rules
+    from llama_jax.weights import placement
+
+    rng = np.random.default_rng(5)
+    lengths = jnp.asarray([9, 700, 1, 2048])
+    k_bksh, v_bksh = (jnp.asarray(rng.normal(size=(4, 2, S_CONTIGUOUS, 16)), jnp.float32) for _ in range(2))
+    q_bnh = jnp.asarray(rng.normal(size=(4, 8, 16)), jnp.float32)
+    want = paged_attention.contiguous(q_bnh, k_bksh, v_bksh, lengths)
+    for fsdp, tensor in ((1, 4), (2, 2)):
+        spec = placement.sharding_spec(_mesh(fsdp, tensor), "fsdp_tp")
+        split = paged_attention.layer_split(spec.mesh, spec.rules, q_bnh.shape, k_bksh.shape)
+        if tensor == 4:
+            assert split is None
+            continue
+        assert split[1][:2] == ("fsdp", "tensor"), split  # rows and kv heads split
+        with sharding_rules.use_rules(spec.mesh, spec.rules):
+            got = jax.jit(paged_attention.contiguous)(q_bnh, k_bksh, v_bksh, lengths)
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_generate_on_the_contiguous_kernel_writes_what_the_dense_read_writes(model_16, monkeypatch, devices):
+    """`generate`'s decode steps on the Triton kernel (forced: the rule keeps float32 off it), one device and
+    two (kv heads split), give the tokens and log-probs of the default decode."""
+    from llama_jax.model import kv_cache
+    from llama_jax.weights import placement
+
+    prompts = [[1, 5, 9, 200, 7], [3] * 40, [11, 12]]
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, logprobs=True)
+    want = llama_jax.generate(model_16, prompts, params)
+    select = attention.select
+    chosen = []
+
+    def triton(requested, **kw):
+        choice = "triton" if kw["q_len"] == 1 and kw.get("kernel_fits") else select(requested, **kw)
+        chosen.append(choice)
+        return choice
+
+    monkeypatch.setattr(kv_cache.attention, "select", triton)
+    jax.clear_caches()  # the programs traced for `want` would be reused: trace them again
+    model = model_16 if devices == 1 else placement.shard_model(model_16, _mesh(1, 2), "fsdp_tp")
+    got = llama_jax.generate(model, prompts, params)
+    assert "triton" in chosen
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+    np.testing.assert_allclose([g.logprobs for g in got], [w.logprobs for w in want], atol=1e-4)

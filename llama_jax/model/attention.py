@@ -28,8 +28,12 @@ Backends (`BACKENDS`):
 
 `select("auto", ...)`: TPU → splash when its static causal mask fits (queries start at key 0, lengths
 multiples of 128), GPU → cudnn in bf16/fp16 for multi-token queries (at an offset only while its
-boolean mask stays under the budget), CPU → blockwise; everything else → dense
-while the score matrix fits `DENSE_BUDGET_BYTES`, blockwise beyond. The choice is logged.
+boolean mask stays under the budget), CPU → blockwise; a decode step (one query per row, over a cache)
+→ on a GPU in bf16/fp16 "triton", the split-K decode kernel over the cache's layer where the cache says
+it serves it (`KVCache.attend`: `paged_attention.contiguous`), on a TPU blockwise (its key blocks are read
+in place there); both read each row's filled keys, not the cache's bucket. Everything else → dense
+while the score matrix fits `DENSE_BUDGET_BYTES`, blockwise beyond. The choice is logged. "triton" is
+chosen, never requested: `--attention dense` or `blockwise` overrides it.
 
 `select_paged(requested, ...)`: the engine's paged KV cache (batch and rejection jobs) decodes with a
 Pallas paged-attention kernel (`llama_jax/model/paged_attention.py`) on one TPU ("mosaic") or one NVIDIA GPU
@@ -49,9 +53,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from llama_jax.model import blockwise
 from llama_jax.model.platform import target as target_platform
+from llama_jax.sharding import rules as sharding_rules
 
 BACKENDS = ("auto", "dense", "blockwise", "cudnn", "splash")
 DEFAULT_BLOCK = blockwise.DEFAULT_BLOCK_K  # the key block (a paged cache's page)
@@ -73,12 +79,15 @@ def select(
     q_offset: bool = True,
     segments: bool = False,
     budget_bytes: int = DENSE_BUDGET_BYTES,
+    kernel_fits: bool = False,
 ) -> str:
     """The backend `attend` runs. `requested` is one of `BACKENDS`; anything but "auto" is checked
     (cudnn needs a GPU and bf16/fp16, splash a TPU and queries at key 0) and returned as is.
 
     q_offset: whether queries may sit at a key index other than their own (a cache; False for the
-    uncached forward). segments: packed documents (segment ids).
+    uncached forward). segments: packed documents (segment ids). kernel_fits: whether the platform's
+    fused kernel can run this call on its arrays as the active mesh splits them: splash in `attend`
+    (`splash_split`), the GPU decode kernel over a cache layer in `KVCache.attend`.
     """
     if requested not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {requested!r}")
@@ -104,15 +113,14 @@ def select(
     choice = requested
     if requested == "auto":
         dense_bytes = 4 * batch * n_heads * q_len * kv_len
-        if platform == "tpu" and not q_offset and q_len % 128 == 0 and kv_len % 128 == 0:
+        gpu_half = platform in ("gpu", "cuda") and dtype in (jnp.bfloat16, jnp.float16)
+        if platform == "tpu" and not q_offset and q_len % 128 == 0 and kv_len % 128 == 0 and kernel_fits:
             choice = "splash"
-        elif (
-            platform in ("gpu", "cuda")
-            and dtype in (jnp.bfloat16, jnp.float16)
-            and q_len > 1
-            and not segments
-            and (not q_offset or batch * q_len * kv_len <= budget_bytes)
-        ):
+        elif q_len == 1 and q_offset and not segments and gpu_half and kernel_fits:
+            choice = "triton"  # a decode step: reads each row's filled keys in place
+        elif q_len == 1 and q_offset and not segments and platform == "tpu":
+            choice = "blockwise"  # a decode step: key blocks read in place, up to the furthest row
+        elif gpu_half and q_len > 1 and not segments and (not q_offset or batch * q_len * kv_len <= budget_bytes):
             # At an offset cuDNN takes an explicit [B, 1, T, S] boolean mask: only while that stays small.
             choice = "cudnn"
         elif platform == "cpu" or dense_bytes > budget_bytes:
@@ -197,6 +205,12 @@ def attend(
     b, t, n, _ = q_btnh.shape
     s = k_bskh.shape[1]
     segments = segment_q_bt is not None
+    split = splash_split(q_btnh.shape, k_bskh.shape)
+    if backend == "splash" and split is None:
+        raise ValueError(
+            "attention='splash': the active mesh splits the sequence or head_dim, or the query heads otherwise "
+            "than their kv heads; splash runs per device over whole sequences and GQA groups: use 'blockwise'"
+        )
     backend = select(
         backend,
         platform=target_platform(),
@@ -207,6 +221,7 @@ def attend(
         n_heads=n,
         q_offset=q_offset,
         segments=segments,
+        kernel_fits=split is not None,
     )
     if backend == "dense":
         mask = visible(q_index_bt, s, segment_q_bt, segment_kv_bs)[:, None]
@@ -214,7 +229,7 @@ def attend(
     if backend == "cudnn":
         return _cudnn(q_btnh, k_bskh, v_bskh, q_index_bt, q_offset)
     if backend == "splash":
-        return _splash(q_btnh, k_bskh, v_bskh, segment_q_bt, segment_kv_bs)
+        return _splash(q_btnh, k_bskh, v_bskh, segment_q_bt, segment_kv_bs, split)
     return blockwise.attention(
         q_btnh, k_bskh, v_bskh, q_index_bt, segment_q_bt, segment_kv_bs, block_q=block_q, block_k=block
     )
@@ -252,7 +267,43 @@ def _cudnn(q_btnh, k_bskh, v_bskh, q_index_bt, q_offset: bool):
     )
 
 
-def _splash(q_btnh, k_bskh, v_bskh, segment_q_bt, segment_kv_bs):
+def splash_split(q_shape, kv_shape) -> tuple[PartitionSpec, PartitionSpec, PartitionSpec] | None:
+    """How splash runs over the active mesh (`sharding.rules.active()`): (q, k/v, segment ids) specs of its
+    `[B, T, N, H]`, `[B, S, K, H]` and `[B, T]` operands, for a `jax.shard_map` in which each device attends
+    over its own rows and kv heads with the query heads of their groups (a Mosaic kernel is not partitioned
+    by the compiler: "Mosaic kernels cannot be automatically partitioned"). Empty specs off a mesh; None
+    where the rules split the sequence or head_dim, or the query heads otherwise than the kv heads."""
+    active = sharding_rules.active()
+    if active is None or active[0].size == 1:
+        return PartitionSpec(), PartitionSpec(), PartitionSpec()
+    mesh, rules = active
+
+    def spec(names, shape):
+        got = tuple(sharding_rules.logical_to_spec(names, rules, mesh=mesh, shape=shape))
+        return got + (None,) * (len(shape) - len(got))
+
+    q = spec(("batch", "seq", "q_heads", "head_dim"), q_shape)
+    kv = spec(("batch", "seq", "kv_heads", "head_dim"), kv_shape)
+    if q[1] or q[3] or kv[1] or kv[3] or q[0] != kv[0] or q[2] != kv[2]:
+        return None
+    return PartitionSpec(*q), PartitionSpec(*kv), PartitionSpec(q[0], None)
+
+
+def _splash(q_btnh, k_bskh, v_bskh, segment_q_bt, segment_kv_bs, split):
+    """splash over the local rows and heads of each device (`splash_split`), under `jax.shard_map` on a mesh."""
+    q_spec, kv_spec, seg_spec = split
+    active = sharding_rules.active()
+    if active is None or active[0].size == 1:
+        return _splash_local(q_btnh, k_bskh, v_bskh, segment_q_bt, segment_kv_bs)
+    segments = () if segment_q_bt is None else (segment_q_bt, segment_kv_bs)
+    run = lambda q, k, v, *seg: _splash_local(q, k, v, *(seg or (None, None)))  # noqa: E731
+    specs = (q_spec, kv_spec, kv_spec) + (seg_spec,) * len(segments)
+    return jax.shard_map(run, mesh=active[0], in_specs=specs, out_specs=q_spec, check_vma=False)(
+        q_btnh, k_bskh, v_bskh, *segments
+    )
+
+
+def _splash_local(q_btnh, k_bskh, v_bskh, segment_q_bt, segment_kv_bs):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
@@ -260,7 +311,8 @@ def _splash(q_btnh, k_bskh, v_bskh, segment_q_bt, segment_kv_bs):
     s, k = k_bskh.shape[1], k_bskh.shape[2]
     g = n // k
     mask = masks.MultiHeadMask([masks.CausalMask((t, s))] * g)
-    kernel = kernels.make_splash_mqa_single_device(mask=mask)  # one kv head serves its G query heads
+    # One kv head serves its G query heads; on a CPU (tests) in Pallas interpret mode.
+    kernel = kernels.make_splash_mqa_single_device(mask=mask, interpret=target_platform() == "cpu")
     q_bkgth = (q_btnh * jnp.asarray(1.0 / math.sqrt(h), q_btnh.dtype)).reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
     k_bksh, v_bksh = k_bskh.transpose(0, 2, 1, 3), v_bskh.transpose(0, 2, 1, 3)
 

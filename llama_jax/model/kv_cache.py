@@ -12,11 +12,16 @@ cache twice per layer per step and the H100 one transposed every layer's K and V
 A step writes each row's new entries with one in-place `dynamic_update_slice` per row, its row index
 static (`write`): rows sit at different positions, and a scatter of all rows or a loop over a traced
 row index made the TPU compiler keep the cache in the layout a row write prefers (`(K, H)` tiles)
-and copy it out for the reads. Attention then reads layer i where it lies: the dense read (decode on
-GPU and TPU) takes `[B, K, S, H]` as its dots want it (`attention.dense_kv_major`); the blockwise
-loop (CPU, long caches) reads key blocks of `model.options.attention_block` consecutive positions
-(a long cache: of a few such pages, `blockwise.cached_tiles`) only up to the batch's furthest
-position (`keys`, `blockwise.cached`). No layer is copied per step.
+and copy it out for the reads. Attention then reads layer i where it lies (`attend`, by `attention.select`):
+- a decode step on a GPU: the split-K Triton decode kernel (`paged_attention.contiguous`), each row's
+  entries up to its own length;
+- a decode step on a TPU, and every step on a CPU or over a long cache: the blockwise loop, key blocks of
+  `model.options.attention_block` consecutive positions (a long cache: of a few such pages,
+  `blockwise.cached_tiles`) only up to the batch's furthest position (`keys`, `blockwise.cached`);
+- the dense read where it is asked for (and a GPU decode in float32): `[B, K, S, H]` as its dots want it
+  (`attention.dense_kv_major`), the whole bucket.
+No layer is copied per step, and on every platform's default a decode step reads the filled entries, not
+the bucket: 8K filled in a 128K cache costs what an 8K cache costs.
 
 Where the programs run the layers one by one from buffers of their own on a GPU (`decoding.by_layer`),
 `k` and `v` are `Unstacked` too, one `[B, K, S, H]` buffer per layer: a GPU copies a layer out of a
@@ -39,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama_jax.model import attention, blockwise
+from llama_jax.model import attention, blockwise, paged_attention
 from llama_jax.model.config import LlamaConfig
 from llama_jax.model.platform import target
 from llama_jax.model.unstacked import Unstacked
@@ -118,10 +123,21 @@ class KVCache:
     ) -> jax.Array:
         """Attention of queries `[B, T, N, H]` at positions q_index_bt over layer i (`attention.attend`'s
         rule), reading the layer where it lies."""
-        b, t, n, _ = q_btnh.shape
+        b, t, n, h = q_btnh.shape
+        fits = paged_attention.contiguous_fits(self.length, h)
+        kernel = fits and layer_splits_fit(q_btnh[:, 0].shape, self.k[i].shape)
         chosen = attention.select(
-            backend, platform=target(), dtype=q_btnh.dtype, q_len=t, kv_len=self.length, batch=b, n_heads=n
+            backend,
+            platform=target(),
+            dtype=q_btnh.dtype,
+            q_len=t,
+            kv_len=self.length,
+            batch=b,
+            n_heads=n,
+            kernel_fits=kernel,
         )
+        if chosen == "triton":  # a decode step on a GPU: each row's filled entries, read in place
+            return paged_attention.contiguous(q_btnh[:, 0], self.k[i], self.v[i], q_index_bt[:, 0] + 1)[:, None]
         if chosen == "blockwise":  # a long cache in larger tiles (`blockwise.cached_tiles`)
             block_q, block_k = blockwise.cached_tiles(t, self.length, block)
             return blockwise.cached(q_btnh, self.keys(i, block_k), q_index_bt, block_q=block_q)
@@ -147,12 +163,36 @@ class KVCache:
                 return buf
             # Rows split over devices: a row index into the whole buffer would make the partitioner
             # all-gather the cache (gigabytes per prefill for 8B on data=8, measured by the planner), and a
-            # scatter over it materialised several copies of it as temporaries. Layer i is taken out,
-            # each device writes its own rows there, and it is put back.
+            # scatter over it materialised several copies of it as temporaries. Each device writes its own
+            # rows into its own shard, in place (`_write_per_device`); where the rules split the layers,
+            # positions or head_dim too, layer i is taken out, written per device, and put back (a copy).
+            written = _write_per_device(buf, new_bkth, start, i)
+            if written is not None:
+                return written
             layer = jax.lax.dynamic_index_in_dim(buf, i, axis=0, keepdims=False)  # [B, K, S, H]
             return jax.lax.dynamic_update_index_in_dim(buf, _write_layer(layer, new_bkth, start), i, axis=0)
 
         return KVCache(write_rows(self.k, k), write_rows(self.v, v))
+
+
+def _write_per_device(buf: jax.Array, new_bkth: jax.Array, start: jax.Array, i) -> jax.Array | None:
+    """The stacked `[L, B, K, S, H]` buffer with each row's new entries written by the device holding the row,
+    in place: under `jax.shard_map`, one `dynamic_update_slice` per local row at a static local index (the
+    module doc's write, per device). None where the active rules split the layers, positions or head_dim."""
+    mesh, table = rules.active()
+    spec = tuple(rules.logical_to_spec(CACHE_AXES, table, mesh=mesh, shape=buf.shape))
+    spec += (None,) * (5 - len(spec))
+    if spec[0] or spec[3] or spec[4]:
+        return None
+
+    def local(buf, new_bkth, start, i):
+        for r in range(new_bkth.shape[0]):
+            buf = jax.lax.dynamic_update_slice(buf, new_bkth[r][None, None], (i, r, 0, start[r], 0))
+        return buf
+
+    specs = (PartitionSpec(*spec), PartitionSpec(*spec[1:3]), PartitionSpec(spec[1]), PartitionSpec())
+    run = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)
+    return run(buf, new_bkth, start, jnp.asarray(i, jnp.int32))
 
 
 def _write_layer(layer: jax.Array, new_bkth: jax.Array, start: jax.Array) -> jax.Array:
@@ -165,6 +205,15 @@ def _write_layer(layer: jax.Array, new_bkth: jax.Array, start: jax.Array) -> jax
     for r in range(new_bkth.shape[0]):
         layer = jax.lax.dynamic_update_slice(layer, new_bkth[r][None], (r, 0, start[r], 0))
     return layer
+
+
+def layer_splits_fit(q_bnh_shape, layer_shape) -> bool:
+    """Whether the active sharding rules split a `[B, K, S, H]` cache layer by rows and kv heads alone, as the
+    GPU decode kernel runs it (`paged_attention.layer_split`); True off a mesh."""
+    active = rules.active()
+    if active is None or active[0].size == 1:
+        return True
+    return paged_attention.layer_split(*active, q_bnh_shape, layer_shape) is not None
 
 
 def batch_is_split(buf: jax.Array) -> bool:

@@ -1,6 +1,8 @@
-"""Fused decode attention over the engine's page pool: the Pallas paged-attention kernels jax ships.
+"""Fused decode attention: the Pallas kernels jax ships, over the engine's page pool and over a contiguous
+cache's layer.
 
     out_bnh = paged_attention.decode(q_bnh, k_pool, v_pool, lengths_b, table_bm, kernel="triton", pages_per_block=4)
+    out_bnh = paged_attention.contiguous(q_bnh, k_bksh, v_bksh, lengths_b)     # NVIDIA GPUs
 
 One query per row (a decode step) over the row's first `lengths_b[b]` cache entries, read page by page
 through its page table straight from the pool: a row reads its own filled pages, in place, and no
@@ -27,6 +29,15 @@ so; `attention.select_paged` picks the blockwise loop for any other split).
 
 Neither kernel scales the scores: q is scaled by 1/√H first. On a CPU (tests), both run in Pallas
 interpret mode.
+
+`contiguous` (NVIDIA GPUs, `generate`'s decode step): `jax.experimental.pallas.ops.gpu.decode_attention`'s
+split-K Triton kernel over a contiguous cache layer `[B, K, S, H]` as it lies. Each (row, kv head) pair's
+`[S, H]` keys are cut into `k_splits` partitions run in parallel, each reading key blocks only up to the
+row's length: a row's step reads its filled entries, not the cache's bucket (what the dense read costs),
+and nothing is copied (the blockwise loop's key blocks are: a GPU GEMM takes whole buffers). jax's
+`gqa` entry takes `[B, S, K, H]` and swaps it to `[B, K, S, H]` itself; it is handed the layer swapped,
+and the compiler folds the two swaps away. On a mesh, under `jax.shard_map` over a layer split by rows
+and kv heads alone.
 """
 
 from __future__ import annotations
@@ -42,7 +53,8 @@ from llama_jax.model.platform import target as target_platform
 from llama_jax.sharding import rules as sharding_rules
 
 KERNELS = ("mosaic", "triton")
-MAX_K_SPLITS = 16  # the Triton kernel's default partitions of a row's pages
+MAX_K_SPLITS = 16  # the Triton kernels' default partitions of a row's pages (keys)
+DECODE_BLOCK_K = 128  # the contiguous Triton kernel's key block (`decode_attention.gqa`'s default)
 
 
 def decode(q_bnh, k_pool, v_pool, lengths_b, table_bm, *, kernel: str, pages_per_block: int) -> jax.Array:
@@ -65,6 +77,69 @@ def decode(q_bnh, k_pool, v_pool, lengths_b, table_bm, *, kernel: str, pages_per
     specs = (q_spec, pool_spec, pool_spec, rows, PartitionSpec(q_spec[0], None))
     return jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(
         q_bnh, k_pool, v_pool, lengths_b, table_bm
+    )
+
+
+def contiguous(q_bnh, k_bksh, v_bksh, lengths_b) -> jax.Array:
+    """Attention of one query per row `[B, N, H]` over the first lengths_b[b] entries of its `[B, K, S, H]`
+    layer (`contiguous_fits`), → `[B, N, H]`: the split-K Triton decode kernel (module doc)."""
+    active = sharding_rules.active()
+    if active is None or active[0].size == 1:
+        return _contiguous(q_bnh, k_bksh, v_bksh, lengths_b)
+    mesh, rules = active
+    split = layer_split(mesh, rules, q_bnh.shape, k_bksh.shape)
+    if split is None:
+        raise ValueError(f"decode attention kernel: cache layer {k_bksh.shape} split by more than rows and kv heads")
+    q_spec, layer_spec = split
+    specs = (q_spec, layer_spec, layer_spec, PartitionSpec(q_spec[0]))
+    return jax.shard_map(_contiguous, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(
+        q_bnh, k_bksh, v_bksh, lengths_b
+    )
+
+
+def contiguous_fits(kv_len: int, head_dim: int) -> bool:
+    """Whether the Triton decode kernel's tiles fit a `kv_len`-entry layer of `head_dim`-wide heads."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and _tiles(kv_len) is not None
+
+
+def layer_split(mesh, rules, q_shape, layer_shape) -> tuple[PartitionSpec, PartitionSpec] | None:
+    """(q spec, layer spec) where the rules split a `[B, K, S, H]` cache layer over devices by rows and kv
+    heads alone and the `[B, N, H]` queries the same way (rows; heads as the kv heads), each device then
+    holding whole GQA groups of its rows; None where they split otherwise."""
+    q_spec = sharding_rules.logical_to_spec(("batch", "q_heads", "head_dim"), rules, mesh=mesh, shape=q_shape)
+    names = ("batch", "kv_heads", "cache_seq", "head_dim")
+    layer_spec = sharding_rules.logical_to_spec(names, rules, mesh=mesh, shape=layer_shape)
+    padded = tuple(layer_spec) + (None,) * (4 - len(layer_spec))
+    q_padded = tuple(q_spec) + (None,) * (3 - len(q_spec))
+    if padded[2:] != (None, None) or q_padded[2] is not None or padded[:2] != q_padded[:2]:
+        return None
+    return PartitionSpec(*q_padded), PartitionSpec(*padded)
+
+
+def _tiles(kv_len: int) -> tuple[int, int] | None:
+    """(k_splits, block_k) of the Triton decode kernel over `kv_len` keys: key blocks of the largest power of
+    two up to `DECODE_BLOCK_K` that divides kv_len (Triton's arrays are powers of two, at least 16), cut into
+    the most partitions, up to `MAX_K_SPLITS`, of whole blocks. None where no such block divides kv_len."""
+    block = next((b for b in (128, 64, 32, 16) if b <= DECODE_BLOCK_K and kv_len % b == 0), None)
+    if block is None:
+        return None
+    blocks = kv_len // block
+    return max(n for n in range(1, min(MAX_K_SPLITS, blocks) + 1) if blocks % n == 0), block
+
+
+def _contiguous(q_bnh, k_bksh, v_bksh, lengths_b) -> jax.Array:
+    from jax.experimental.pallas.ops.gpu import decode_attention
+
+    swap = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # gqa swaps back: the compiler folds both
+    k_splits, block_k = _tiles(k_bksh.shape[2])
+    return decode_attention.gqa(
+        q_bnh,
+        swap(k_bksh),
+        swap(v_bksh),
+        kv_seq_len=lengths_b.astype(jnp.int32),
+        block_k=block_k,
+        k_splits=k_splits,
+        interpret=target_platform() == "cpu",
     )
 
 

@@ -3,7 +3,8 @@
     JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 python -m llama_jax.planning.program_report --fresh \\
         [--json benchmarks/results/compiled_targets.json] [--docs docs/TARGETS.md] [--models 8b,70b] [--limit N]
 
-Per program (`target_programs.Setup`), per target (`targets`), on the planner's abstract weights:
+Per program (`target_programs.Setup`), per target (`targets`), per cache context (`CONTEXTS`: 8K for
+every program, 128K for the decode programs), on the planner's abstract weights:
 - minimum: the bytes one decode step must read per device, every weight but the embedding table and
   the whole filled KV cache (decode programs only: `Setup.minimum_step_bytes`);
 - moved: minimum + the HBM copies, transposes, slices and gathers one step of the compiled program
@@ -40,7 +41,9 @@ from typing import Any
 from llama_jax.planning import compiled, depth, plan_target, targets
 from llama_jax.planning.plan_report import human
 
-CONTEXT = 8192
+CONTEXT = 8192  # every program's cache
+LONG_CONTEXT = 131_072  # the decode programs' second cache (Llama 3.1's context)
+CONTEXTS = (CONTEXT, LONG_CONTEXT)
 CONFIGS = {"8b": "llama3_1_8b", "70b": "llama3_1_70b", "405b": "llama3_1_405b"}
 # Where each model is compiled: the targets whose HBM can hold it (bf16, or the FP8 release layout).
 MODEL_TARGETS = {
@@ -66,12 +69,12 @@ DECODES = ("decode", "burst")
 BEGIN, END = "<!-- program-report:begin -->", "<!-- program-report:end -->"
 
 
-def row_key(model: str, weights: str, target: str, program: str, batch: int) -> str:
-    return f"{model}/{weights}/{target}/{program}/{batch}"
+def row_key(model: str, weights: str, target: str, program: str, batch: int, context: int = CONTEXT) -> str:
+    return f"{model}/{weights}/{target}/{program}/{batch}/{context // 1024}k"
 
 
-def rows_to_run(models=("8b", "70b", "405b")) -> list[tuple[str, str, str, str, int]]:
-    """(model, weights, target, program, batch), the issue's headline rows first."""
+def rows_to_run(models=("8b", "70b", "405b")) -> list[tuple[str, str, str, str, int, int]]:
+    """(model, weights, target, program, batch, context), the headline rows first, the 128K decodes last."""
     first = [
         ("8b", "bf16", "v5p-2", "decode", 1),
         ("8b", "bf16", "v5p-2", "decode", 8),
@@ -98,7 +101,9 @@ def rows_to_run(models=("8b", "70b", "405b")) -> list[tuple[str, str, str, str, 
     # Program by program, so that a regeneration cut short has the decode rows of every model and target.
     priority = ("decode/8", "decode/1", "burst/8", "prefill/1", "decode/32", "burst/32")
     rest.sort(key=lambda r: priority.index(f"{r[3]}/{r[4]}") if f"{r[3]}/{r[4]}" in priority else len(priority))
-    return [r for r in first if r[0] in models] + [r for r in rest if r not in first]
+    short = [r for r in first if r[0] in models] + [r for r in rest if r not in first]
+    long = [r for r in short if r[3] in DECODES]
+    return [(*r, CONTEXT) for r in short] + [(*r, LONG_CONTEXT) for r in long]
 
 
 @functools.cache
@@ -115,11 +120,11 @@ def _setup(model: str, weights: str, target: str, layers: int | None = None):
     return Setup.create(dataclasses.replace(config, n_layers=layers), targets.get(target), weights, by_layer=by_layer)
 
 
-def _lowered(setup, program: str, batch: int, stacked: bool | None = None):
+def _lowered(setup, program: str, batch: int, context: int = CONTEXT, stacked: bool | None = None):
     if program == "decode":
-        return setup.decode_loop(batch, CONTEXT, stacked)
+        return setup.decode_loop(batch, context, stacked)
     if program == "burst":
-        return setup.burst(batch, CONTEXT, stacked=stacked)
+        return setup.burst(batch, context, stacked=stacked)
     if program == "prefill":
         return setup.prefill(batch, 2048, CONTEXT)
     if program == "prefill_chunked":
@@ -140,33 +145,36 @@ def compiled_layers(model: str, weights: str, target: str, program: str, full_de
     return (setup.config.n_layers,)
 
 
-def run_row(model: str, weights: str, target: str, program: str, batch: int, full_depth: bool = False):
+def run_row(
+    model: str, weights: str, target: str, program: str, batch: int, context: int = CONTEXT, full_depth: bool = False
+):
     """Compile one program and read it: the row of the report. A GPU decode whose layers run unrolled is
     compiled at `depth.DEPTHS` layers and extrapolated (`full_depth`: compiled as deep as the model)."""
     from llama_jax.planning import target_programs
 
     setup = _setup(model, weights, target)
     layers = setup.config.n_layers
-    # Loops of unknown trip count inside a step (the engine's attention over key blocks) run over the
-    # whole filled context.
-    blocks = CONTEXT // (target_programs.PAGE_SIZE * target_programs.BLOCK_PAGES)
+    # Loops of unknown trip count inside a step (attention over key blocks) run over the whole filled context.
+    blocks = context // (target_programs.PAGE_SIZE * target_programs.BLOCK_PAGES)
     loops = {"step_loop": program in DECODES, "dynamic_trips": blocks}
     start, cpu = time.perf_counter(), time.process_time()
     if compiled_layers(model, weights, target, program, full_depth) == depth.DEPTHS:
         shallow = []
         for d in depth.DEPTHS:
-            lowered = _lowered(_setup(model, weights, target, d), program, batch, stacked=False)
+            lowered = _lowered(_setup(model, weights, target, d), program, batch, context, stacked=False)
             shallow.append(depth.reading(compiled.compile_and_read(lowered, **loops), d, layers))
         reading = depth.extrapolate(*shallow)
     else:
-        reading = depth.reading(compiled.compile_and_read(_lowered(setup, program, batch), **loops), layers)
+        reading = depth.reading(compiled.compile_and_read(_lowered(setup, program, batch, context), **loops), layers)
     seconds = round(time.perf_counter() - start, 1), round(time.process_time() - cpu, 1)
-    return summarize(setup, program, batch, reading, *seconds)
+    return summarize(setup, program, batch, context, reading, *seconds)
 
 
-def summarize(setup, program: str, batch: int, reading: depth.Reading, seconds: float, cpu: float) -> dict[str, Any]:
+def summarize(
+    setup, program: str, batch: int, context: int, reading: depth.Reading, seconds: float, cpu: float
+) -> dict[str, Any]:
     target = setup.target
-    minimum = setup.minimum_step_bytes(batch * CONTEXT) if program in DECODES else None
+    minimum = setup.minimum_step_bytes(batch * context) if program in DECODES else None
     moved = None if minimum is None else minimum + reading.moved
     largest = reading.largest_moves(3)
     return {
@@ -178,7 +186,7 @@ def summarize(setup, program: str, batch: int, reading: depth.Reading, seconds: 
         "compiled_layers": list(reading.compiled_layers),  # two depths: extrapolated (`llama_jax.planning.depth`)
         "program": program,
         "batch": batch,
-        "context": CONTEXT,
+        "context": context,
         "minimum_bytes": minimum,
         "copy_bytes": reading.moved,
         "moved_bytes": moved,
@@ -206,33 +214,28 @@ def _gb(x) -> str:
 
 def markdown(results: dict[str, dict]) -> str:
     lines = [
-        "| model | weights | target | program | batch | minimum GB | moved GB | efficiency | largest copies "
-        "| peak / HBM GB | fits | fp8 dots (upcast) | attention | compiled layers | compile CPU s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | weights | target | program | batch | context | minimum GB | moved GB | efficiency "
+        "| largest copies | peak / HBM GB | fits | fp8 dots (upcast) | attention | compiled layers | compile CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(results, key=_order):
         r = results[key]
-        model, weights, target, program, batch = key.split("/")
+        model, weights, target, program, batch, context = key.split("/")
+        row = f"| {model} | {weights} | {target} | {program} | {batch} | {context.upper()} |"
         if "error" in r:
             if "RESOURCE_EXHAUSTED" in r["error"]:  # libtpu refuses what cannot fit its HBM
                 need = plan_target.refused(r["error"], 0)["peak"]
                 hbm = targets.get(target).hbm_bytes
-                lines.append(
-                    f"| {model} | {weights} | {target} | {program} | {batch} | | | | compiler refused "
-                    f"| {_gb(need)} / {_gb(hbm)} | **no** | | | {_layers(r)} | |"
-                )
+                lines.append(f"{row} | | | compiler refused | {_gb(need)} / {_gb(hbm)} | **no** | | | {_layers(r)} | |")
             else:
-                lines.append(
-                    f"| {model} | {weights} | {target} | {program} | {batch} | | | | {r['error'][:90]} "
-                    f"| | | | | {_layers(r)} | |"
-                )
+                lines.append(f"{row} | | | | {r['error'][:90]} | | | | | {_layers(r)} | |")
             continue
         fp8 = f"{r['fp8_dots']} ({r['fp8_upcast_dots']})" if weights == "fp8" else "—"
         attention = ", ".join(f"{k} x{n}" for k, n in r["attention_kernels"].items()) or "—"
         eff = "—" if r["efficiency"] is None else f"{r['efficiency']:.2f}"
         lines.append(
-            f"| {model} | {weights} | {r['target']} | {r['program']} | {r['batch']} | {_gb(r['minimum_bytes'])} "
-            f"| {_gb(r['moved_bytes'])} | {eff} | {'; '.join(r['largest_copies']) or '—'} "
+            f"{row} {_gb(r['minimum_bytes'])} | {_gb(r['moved_bytes'])} | {eff} "
+            f"| {'; '.join(r['largest_copies']) or '—'} "
             f"| {_gb(r['memory']['peak'])} / {_gb(r['hbm_bytes'])} | {'yes' if r['fits'] else '**no**'} "
             f"| {fp8} | {attention} | {_layers(r)} | {r.get('compile_cpu_seconds', '—')} |"
         )
@@ -246,9 +249,10 @@ def _layers(row: dict) -> str:
 
 
 def _order(key: str):
-    model, weights, target, program, batch = key.split("/")
+    model, weights, target, program, batch, context = key.split("/")
     programs = [p for p, _ in PROGRAMS]
     return (
+        int(context[:-1]),
         list(CONFIGS).index(model),
         weights,
         list(targets.all_targets()).index(target),
