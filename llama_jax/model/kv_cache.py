@@ -125,7 +125,7 @@ class KVCache:
         rule), reading the layer where it lies."""
         b, t, n, h = q_btnh.shape
         fits = paged_attention.contiguous_fits(self.length, h)
-        kernel = fits and layer_splits_fit(q_btnh[:, 0].shape, self.k[i].shape)
+        kernel = fits and layer_splits_fit((b, n, h), self.k.shape[1:])  # shapes only: no op traced
         chosen = attention.select(
             backend,
             platform=target(),
