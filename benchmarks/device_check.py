@@ -9,6 +9,8 @@ rewritten after every check, so a killed run keeps what it measured):
 - hbm_bandwidth: a large on-device elementwise copy, read + write bytes / time. The roofline unit.
 - matmul_peak: a large bf16 matmul's TFLOP/s (for reference next to the spec peak).
 - attention_parity: cuDNN vs the dense XLA attention in bf16 (causal, GQA), max|diff| / max|ref|.
+- decode_attention: the split-K Triton decode kernel `generate` decodes with vs the dense read of the
+  same cache layer; its time with 1/8 of the layer filled against all of it, and the dense read's.
 - prefill_mfu: the 8B shape, one prompt of 4K, 2K and 8K tokens: model FLOPs / time / spec peak.
 - prefill_128k: the 8B shape, one 128K-token prompt through `generate`'s prefill (time, memory).
 - decode_bf16: the 8B shape at batch 1, 8, 64: s/step from `generate` (128 new tokens minus 65: the
@@ -231,6 +233,45 @@ def attention_parity(run: Run) -> dict:
     }
 
 
+def decode_attention(run: Run) -> dict:
+    """`generate`'s decode attention on a GPU: jax's split-K Triton decode kernel over a `[B, K, S, H]` cache
+    layer (`paged_attention.contiguous`) against the dense read of the same layer, bf16, ragged rows
+    (max|diff|/max|ref| <= 2e-2); its time with an eighth of the layer filled against the whole layer filled
+    (it reads each row's filled keys: about 1/8 of the time, launch overhead aside) and the dense read's
+    (the whole layer, whatever is filled); the kernel's bandwidth over the whole filled layer. On a CPU
+    (--smoke) the kernel runs in Pallas interpret mode."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from llama_jax.model import attention, paged_attention
+
+    b, k, g, s, h = (2, 2, 4, 256, 16) if run.smoke else (8, 8, 4, 8192, 128)
+    keys = jax.random.split(jax.random.key(7), 3)
+    q = jax.random.normal(keys[0], (b, k * g, h), jnp.bfloat16)
+    layer_k, layer_v = (jax.random.normal(key, (b, k, s, h), jnp.bfloat16) for key in keys[1:])
+    kernel = jax.jit(paged_attention.contiguous)
+    dense = jax.jit(lambda q, k_, v, n: attention.dense_kv_major(q[:, None], k_, v, (n - 1)[:, None])[:, 0])
+    ragged = jnp.asarray(np.linspace(1, s, b).astype(np.int32))
+    got, want = (np.asarray(f(q, layer_k, layer_v, ragged), np.float32) for f in (kernel, dense))
+    diff = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+    full, eighth = jnp.full((b,), s, jnp.int32), jnp.full((b,), s // 8, jnp.int32)
+    seconds = {
+        name: _timed(lambda f=f, n=n: f(q, layer_k, layer_v, n).block_until_ready(), 20)
+        for name, f, n in (("kernel_full", kernel, full), ("kernel_eighth", kernel, eighth), ("dense", dense, full))
+    }
+    layer_bytes = 2 * b * k * s * h * 2
+    return {
+        "shape_bkgsh": [b, k, g, s, h],
+        "max_rel_diff": diff,
+        "bound": 2e-2,
+        "pass": diff <= 2e-2,
+        "seconds": seconds,
+        "eighth_over_full": seconds["kernel_eighth"] / seconds["kernel_full"],
+        "kernel_full_bytes_per_s": layer_bytes / seconds["kernel_full"],
+    }
+
+
 def _prefill_flops(config, tokens: int) -> float:
     """Matmul FLOPs of a causal forward over `tokens` tokens: 2 per weight per token (head: 1 token) + attention."""
     from benchmarks import layer_matmul_weights
@@ -438,6 +479,7 @@ CHECKS = (  # name, seconds it needs at least, function
     ("hbm_bandwidth", 10, hbm_bandwidth),
     ("matmul_peak", 10, matmul_peak),
     ("attention_parity", 20, attention_parity),
+    ("decode_attention", 20, decode_attention),
     ("build_8b", 30, with_8b),
     ("decode_bf16", 90, decode_bf16),
     ("prefill_mfu", 60, prefill_mfu),

@@ -13,6 +13,7 @@ CHECKS = (
     "hbm_bandwidth",
     "matmul_peak",
     "attention_parity",
+    "decode_attention",
     "build_8b",
     "decode_bf16",
     "prefill_mfu",
@@ -48,6 +49,7 @@ def test_the_device_check_runs_end_to_end_in_smoke_mode(tmp_path):
         "message": "RuntimeError: cuDNN attention needs an NVIDIA GPU; this run is on cpu",
         "traceback": checks["attention_parity"]["traceback"],
     }
+    assert checks["decode_attention"]["pass"] is True  # the GPU decode kernel, in interpret mode here
     assert {"seconds_per_step", "pct_of_hbm_roofline", "tokens_per_s"} <= set(checks["decode_bf16"]["rows"][0])
     assert {"fp8_gemm_custom_calls", "uses_fp8_gemms", "rows", "auto_rows"} <= set(checks["decode_fp8"])
     assert checks["decode_fp8"]["uses_fp8_gemms"] is False  # a CPU program has no cuBLASLt FP8 GEMMs
