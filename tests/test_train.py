@@ -173,6 +173,36 @@ def test_lora_trains_only_the_adapters_and_merges_into_the_same_logits():
     assert np.abs(np.asarray(merged(tokens) - base(tokens))).max() > 1e-3  # and the training did something
 
 
+def test_a_model_held_unstacked_trains_adapters_as_the_stacked_one_and_refuses_full_fine_tuning(tmp_path, monkeypatch):
+    """Where a GPU cannot hold a per-layer copy beside the stack (405B FP8 on 8 H100s; forced here), `load` holds
+    the layers `Unstacked`: LoRA trains on it as on the stacked model (same loss, same adapters), merges layer
+    by layer into an `Unstacked` model with the stacked merge's logits; full fine-tuning, whose float32 master
+    and AdamW state could not fit there, is refused with the reason."""
+    from llama_jax.model import unstacked
+
+    checkpoints.hf_checkpoint(tmp_path)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]).reshape(1, 2), ("fsdp", "tensor"))
+    spec = LoraSpec(rank=4, alpha=8, targets=("wq", "wv", "w2"))
+    stacked = lora.add_adapters(llama_jax.load(tmp_path, dtype="float32", mesh=mesh), spec)
+    monkeypatch.setattr(unstacked, "wanted", lambda platform, layer_bytes, device_bytes: True)
+    base = llama_jax.load(tmp_path, dtype="float32", mesh=mesh)
+    held = lora.add_adapters(base, spec)
+    assert unstacked.held(held) and not unstacked.held(stacked)
+
+    config = TrainConfig(steps=1, batch_size=4, learning_rate=1e-2, warmup_steps=0)
+    trainers = [Trainer(m, config) for m in (held, stacked)]
+    for trainer in trainers:
+        trainer.fit(data.Loader(random_examples(n=8, t=16, vocab=200), 4, seed=0), progress=False)
+    assert trainers[0].history[-1]["loss"] == pytest.approx(trainers[1].history[-1]["loss"], rel=1e-5)
+    merged = [lora.merge(t.model) for t in trainers]
+    assert isinstance(merged[0].layers.attention.wq.get_value(), unstacked.Unstacked)
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 200, (2, 12)))
+    np.testing.assert_allclose(merged[0](tokens), merged[1](tokens), rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(merged[0](tokens) - base(tokens))).max() > 1e-4  # the adapters moved
+    with pytest.raises(ValueError, match="full fine-tuning of a model held Unstacked .* train adapters"):
+        Trainer(base, config)
+
+
 def test_a_fresh_adapter_changes_nothing():
     base = tiny_model()
     model = lora.add_adapters(base, LoraSpec(rank=2, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3")))

@@ -46,6 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax.jobs.losses import DPO_LOSSES, cross_entropy, full_kl, topk_kl
 from llama_jax.jobs.workdir import Workdir
+from llama_jax.model import unstacked
 from llama_jax.model.model import Llama
 from llama_jax.model.settings import setting
 from llama_jax.sharding.rules import logical_to_spec
@@ -160,6 +161,13 @@ class Trainer:
             raise ValueError(
                 f"teacher vocabulary ({teacher.config.vocab_size}) differs from the student's "
                 f"({model.config.vocab_size})"
+            )
+        if model.lora is None and unstacked.held(model):
+            raise ValueError(
+                "full fine-tuning of a model held Unstacked (its layers take more than "
+                f"{unstacked.COPY_BUDGET:.0%} of each GPU, `llama_jax.model.unstacked`) cannot fit: the float32 "
+                "master weights and AdamW state alone take 6x its bf16 weights; train adapters "
+                "(`lora.add_adapters`) or load it on more devices"
             )
         self.config = config
         self.trainable = nnx.LoRAParam if model.lora is not None else nnx.Param

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama_jax.model.model import LORA_TARGETS, Llama, LoraSpec, abstract
+from llama_jax.model.unstacked import Unstacked
 from llama_jax.weights.placement import state_shardings
 
 __all__ = ["LoraSpec", "LORA_TARGETS", "add_adapters", "adapter_state", "merge"]
@@ -89,5 +90,12 @@ def merge(model: Llama) -> Llama:
         adapted = getattr(model.layers, _MODULE[name])
         adapter = getattr(adapted, f"{name}_lora")
         target = getattr(getattr(merged.layers, _MODULE[name]), name)
-        target.set_value(_fold(getattr(adapted, name)[...], adapter.a[...], adapter.b[...], adapter.scale))
+        target.set_value(_fold_held(getattr(adapted, name).get_value(), adapter.a[...], adapter.b[...], adapter.scale))
     return merged
+
+
+def _fold_held(w, a: jax.Array, b: jax.Array, scale: float):
+    """`_fold` of a weight as the model holds it: stacked, or `Unstacked` (folded layer by layer, kept so)."""
+    if isinstance(w, Unstacked):
+        return Unstacked(tuple(_fold(w[i][None], a[i : i + 1], b[i : i + 1], scale)[0] for i in range(len(w))))
+    return _fold(w, a, b, scale)
