@@ -169,6 +169,13 @@ def test_splash_runs_on_each_devices_rows_and_kv_heads_of_a_mesh_as_one_device_d
         assert split[0] == jax.sharding.PartitionSpec("fsdp", None, "tensor", None)
         got = jax.jit(lambda *a: attention._splash(*a, split))(*args)
     assert _relative(got, want, slice(None)) <= BOUND
+    # kv_rep: the query heads split over 8 devices, each of the 4 kv heads copied on the 2 that use it.
+    kv_rep = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("kv_rep", "tensor"))
+    with sharding_rules.use_rules(kv_rep, placement.sharding_spec(kv_rep, "fsdp_tp").rules):
+        split = attention.splash_split(q.shape, keys.shape)
+        assert split[0][2] == ("tensor", "kv_rep") and split[1][2] == "tensor"
+        got = jax.jit(lambda *a: attention._splash(*a, split))(*args)
+    assert _relative(got, want, slice(None)) <= BOUND
     wide = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(1, 8), ("fsdp", "tensor"))
     with sharding_rules.use_rules(wide, placement.sharding_spec(wide, "fsdp_tp").rules):
         assert attention.splash_split(q.shape, keys.shape) is None  # 4 kv heads cannot follow 8 query shards

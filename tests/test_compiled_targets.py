@@ -79,6 +79,31 @@ def test_a_step_loop_counts_its_body_once_and_nested_loops_by_their_trips():
     assert any(not m.in_step for m in report.moves)  # the copy before the loop is per call, not per step
 
 
+@pytest.mark.parametrize("name", ["v5e-4", "h100x8"])
+def test_a_weight_gathered_from_its_shards_every_step_moves_the_whole_weight_twice(name):
+    """An FSDP-split weight all-gathered inside the step (as an FSDP mesh decodes): the gathered array is
+    written and read back, where reading each device's own shard would do. 256 MiB: too big for the TPU's
+    VMEM, where a small gathered weight lands (`S(1)`, not counted)."""
+    target = targets.get(name)
+    mesh = target.mesh({"x": target.n_devices})
+    d, f = 8192, 16384
+    w = jax.ShapeDtypeStruct((d, f), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec("x", None)))
+    whole = NamedSharding(mesh, PartitionSpec())
+    x = jax.ShapeDtypeStruct((8, d), jnp.bfloat16, sharding=whole)
+    n = jax.ShapeDtypeStruct((), jnp.int32, sharding=whole)
+
+    def program(w, x, n):  # w changes every step (as a layer scan's slice does): its gather cannot be hoisted
+        def step(c):
+            i, x, w = c
+            return i + 1, jnp.tanh(x @ jax.lax.with_sharding_constraint(w, whole))[:, :d], w * 1.001
+
+        return jax.lax.while_loop(lambda c: c[0] < n, step, (0, x, w))[1]
+
+    report = compiled.read(jax.jit(program).lower(w, x, n).compile())
+    gathers = [m for m in report.step_moves if m.kind.startswith("all-gather")]
+    assert sum(m.bytes * m.times for m in gathers) == 2 * d * f * 2, report.step_moves
+
+
 def test_two_shallow_compiles_predict_the_deep_program_copies_of_the_whole_stack_included():
     """`depth.extrapolate`: a program with a per-layer copy of the whole `[L, ...]` stack (L copies of L
     layers, as the TPU decode re-lays out its cache) read from its 3- and 5-layer compiles is its
@@ -230,6 +255,20 @@ def test_the_decode_loop_keeps_the_cache_in_one_layout_around_the_loop_too(decod
         setup, report = decode[name, 8]
         cache = CONFIG_8B.n_layers * _layer_kv(CONFIG_8B, 8, setup)  # all of K (or of V), per device
         assert [m for m in report.moves if m.bytes == 2 * cache] == [], name
+
+
+def test_the_default_mesh_splits_weights_further_by_query_heads_for_inference_and_by_fsdp_for_training():
+    """Past 8 devices (tensor parallel over Llama 3's 8 kv heads) inference splits the query heads, FFN and
+    vocabulary further with the kv heads copied ("kv_rep"): an FSDP mesh gathers every layer's weights every
+    decode step (405B bf16 on v5p-32: 0.39 of the roofline); training keeps FSDP. kv_rep stops where the
+    query heads stop dividing; FSDP takes the rest."""
+    v5p_32 = targets.get("v5p-32")
+    assert v5p_32.default_mesh(128) == {"fsdp": 1, "kv_rep": 2, "tensor": 8}
+    assert v5p_32.default_mesh(128, training=True) == {"fsdp": 2, "tensor": 8}
+    assert targets.get("v5p-16").default_mesh(128) == {"fsdp": 1, "tensor": 8}
+    pod = dataclasses.replace(v5p_32, n_devices=64)
+    assert pod.default_mesh(32) == {"fsdp": 2, "kv_rep": 4, "tensor": 8}  # 8B's 32 query heads over 32 devices
+    assert dict(Setup.create(CONFIG_8B, v5p_32).mesh.shape) == {"fsdp": 1, "kv_rep": 2, "tensor": 8}
 
 
 def test_a_model_too_big_for_a_second_copy_of_its_layers_is_held_unstacked_on_gpus_and_scanned_on_tpus():

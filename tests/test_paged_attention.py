@@ -201,8 +201,9 @@ def test_the_contiguous_kernel_equals_the_dense_read_and_reads_no_block_past_a_r
 
 
 def test_the_contiguous_kernel_runs_on_a_layer_split_by_rows_and_kv_heads_alone(model_16):
-    """Under shard_map: rows over one axis and kv heads over another, each device over its own rows' heads;
-    a layer whose query heads cannot follow its kv heads (2 kv heads on 4 devices) is refused by the rule."""
+    """Under shard_map: rows over one axis and kv heads over another, each device over its own rows' heads,
+    or (kv_rep) the query heads split further with each device's one kv head copied; a layer whose query
+    heads cannot follow its kv heads (2 kv heads on 4 tensor devices) is refused by the rule."""
     from llama_jax.model import paged_attention
     from llama_jax.sharding import rules as sharding_rules
     from llama_jax.weights import placement
@@ -212,13 +213,17 @@ def test_the_contiguous_kernel_runs_on_a_layer_split_by_rows_and_kv_heads_alone(
     k_bksh, v_bksh = (jnp.asarray(rng.normal(size=(4, 2, S_CONTIGUOUS, 16)), jnp.float32) for _ in range(2))
     q_bnh = jnp.asarray(rng.normal(size=(4, 8, 16)), jnp.float32)
     want = paged_attention.contiguous(q_bnh, k_bksh, v_bksh, lengths)
-    for fsdp, tensor in ((1, 4), (2, 2)):
-        spec = placement.sharding_spec(_mesh(fsdp, tensor), "fsdp_tp")
+    kv_rep = jax.sharding.Mesh(np.asarray(jax.devices()[:4]).reshape(2, 2), ("kv_rep", "tensor"))
+    for mesh in (_mesh(1, 4), _mesh(2, 2), kv_rep):
+        spec = placement.sharding_spec(mesh, "fsdp_tp")
         split = paged_attention.layer_split(spec.mesh, spec.rules, q_bnh.shape, k_bksh.shape)
-        if tensor == 4:
+        if mesh.shape.get("tensor") == 4:
             assert split is None
             continue
-        assert split[1][:2] == ("fsdp", "tensor"), split  # rows and kv heads split
+        if "kv_rep" in mesh.shape:  # each kv head copied on the 2 devices its query heads split over
+            assert split[0][1] == ("tensor", "kv_rep") and split[1][1] == "tensor", split
+        else:
+            assert split[1][:2] == ("fsdp", "tensor"), split  # rows and kv heads split
         with sharding_rules.use_rules(spec.mesh, spec.rules):
             got = jax.jit(paged_attention.contiguous)(q_bnh, k_bksh, v_bksh, lengths)
         np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)

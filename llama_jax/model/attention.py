@@ -284,9 +284,21 @@ def splash_split(q_shape, kv_shape) -> tuple[PartitionSpec, PartitionSpec, Parti
 
     q = spec(("batch", "seq", "q_heads", "head_dim"), q_shape)
     kv = spec(("batch", "seq", "kv_heads", "head_dim"), kv_shape)
-    if q[1] or q[3] or kv[1] or kv[3] or q[0] != kv[0] or q[2] != kv[2]:
+    if q[1] or q[3] or kv[1] or kv[3] or q[0] != kv[0] or not heads_follow(q[2], kv[2], kv_shape[2], mesh):
         return None
     return PartitionSpec(*q), PartitionSpec(*kv), PartitionSpec(q[0], None)
+
+
+def heads_follow(q_heads, kv_heads, n_kv_heads: int, mesh) -> bool:
+    """Whether the devices that split the query heads by `q_heads` (a spec entry: mesh axes) each hold the kv
+    heads their query heads use, where `kv_heads` splits the kv heads: the same axes, or the kv heads' axes
+    first among the query heads' with one kv head per device (a "kv_rep" mesh: each kv head copied over the
+    axes that follow, its query heads split over them; the device's query heads then all use its one)."""
+    axes = lambda entry: (entry,) if isinstance(entry, str) else tuple(entry or ())  # noqa: E731
+    q, kv = axes(q_heads), axes(kv_heads)
+    if q == kv:
+        return True
+    return q[: len(kv)] == kv and n_kv_heads == math.prod(mesh.shape[a] for a in kv)
 
 
 def _splash(q_btnh, k_bskh, v_bskh, segment_q_bt, segment_kv_bs, split):

@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from llama_jax.model.attention import heads_follow
 from llama_jax.model.platform import target as target_platform
 from llama_jax.sharding import rules as sharding_rules
 
@@ -111,7 +112,8 @@ def layer_split(mesh, rules, q_shape, layer_shape) -> tuple[PartitionSpec, Parti
     layer_spec = sharding_rules.logical_to_spec(names, rules, mesh=mesh, shape=layer_shape)
     padded = tuple(layer_spec) + (None,) * (4 - len(layer_spec))
     q_padded = tuple(q_spec) + (None,) * (3 - len(q_spec))
-    if padded[2:] != (None, None) or q_padded[2] is not None or padded[:2] != q_padded[:2]:
+    heads = heads_follow(q_padded[1], padded[1], layer_shape[1], mesh)
+    if padded[2:] != (None, None) or q_padded[2] is not None or padded[0] != q_padded[0] or not heads:
         return None
     return PartitionSpec(*q_padded), PartitionSpec(*padded)
 
@@ -150,7 +152,10 @@ def head_split(mesh, rules, q_shape, pool_shape) -> tuple[PartitionSpec, Partiti
     q_spec = sharding_rules.logical_to_spec(("batch", "q_heads", "head_dim"), rules, mesh=mesh, shape=q_shape)
     names = ("kv_heads", "batch", "cache_seq", "head_dim")
     pool_spec = sharding_rules.logical_to_spec(names, rules, mesh=mesh, shape=pool_shape)
-    if tuple(pool_spec)[1:] != (None,) * (len(pool_shape) - 1) or pool_spec[0] != q_spec[1]:
+    q_heads = (tuple(q_spec) + (None,) * 3)[1]
+    if tuple(pool_spec)[1:] != (None,) * (len(pool_shape) - 1) or not heads_follow(
+        q_heads, pool_spec[0], pool_shape[0], mesh
+    ):
         return None
     return q_spec, pool_spec
 

@@ -9,7 +9,9 @@
 The optimized HLO (`compiled.as_text()`) is the program the device would run: layouts chosen, fusions
 made, FP8 rewrites done. What it does *besides* the math shows there as data movement: a `copy`,
 `transpose`, `slice`, `dynamic-slice` or `gather` (alone or as the root of a fusion) whose result lives
-in HBM reads its input and writes its result, 2x its result's bytes. Results in another memory space
+in HBM reads its input and writes its result, 2x its result's bytes. So does an `all-gather`: the whole
+array it assembles from the devices' shards (an FSDP mesh's weights, gathered layer by layer) is written
+and read back where each device would otherwise read its own shard once. Results in another memory space
 (`S(1)`: TPU VMEM, the prefetches a step needs anyway; `S(2)`.. semaphores and SMEM) are not counted,
 nor are in-place `dynamic-update-slice`s.
 
@@ -35,7 +37,7 @@ import time
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4}
 DTYPE_BYTES.update({"f64": 8, "s64": 8, "u64": 8, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1})
 MEMORY = ("argument", "output", "alias", "temp", "generated_code")  # memory_analysis, per device
-MOVES = ("copy", "transpose", "slice", "dynamic-slice", "gather", "copy-start")
+MOVES = ("copy", "transpose", "slice", "dynamic-slice", "gather", "copy-start", "all-gather", "all-gather-start")
 # The custom-call targets of Pallas kernels: Mosaic (TPU) and Triton (GPU).
 TPU_KERNEL, TRITON_KERNEL = "tpu_custom_call", "__gpu$xla.gpu.triton"
 _LAYOUT_OR_CONVERT = ("convert", "bitcast", "copy", "transpose", "broadcast")
@@ -213,11 +215,14 @@ def _moves(comps, name: str, times: int, out: list[Move], loop: list, in_step: b
                 kind = root.op if root is not None else ""
             if kind not in MOVES:
                 continue
-            written = _ARRAY.search(instr.type)  # copy-start: (destination, source, context)
-            if written is None:
+            arrays = list(_ARRAY.finditer(instr.type))  # copy-start: (destination, source, context)
+            if not arrays:
                 continue
+            # all-gather-start: (its shard, the gathered array); an all-gather of a tuple: each array.
+            written = arrays[-1] if kind == "all-gather-start" else arrays[0]
             # A prefetch unless it lands in HBM.
-            nbytes = array_bytes(written.group(0) if kind == "copy-start" else instr.type, hbm_only=True)
+            one = kind in ("copy-start", "all-gather-start")
+            nbytes = array_bytes(written.group(0) if one else instr.type, hbm_only=True)
             if nbytes:
                 shape = tuple(int(d) for d in written.group(2).split(",") if d)
                 out.append(Move(name, instr.name, kind, 2 * nbytes, times, in_step, instr.dtype, shape))

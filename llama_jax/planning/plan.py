@@ -117,13 +117,19 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _n_heads(args) -> int:
+    from llama_jax.model.config import model_config_from_file
+
+    return model_config_from_file(args.config).n_heads
+
+
 def _mesh_sizes(args) -> tuple[dict[str, int], Any]:
     from llama_jax.sharding import mesh as mesh_lib
 
     target = plan_target.resolve(args)
     if target is not None:
         try:
-            sizes = mesh_lib.parse_axes(args.mesh) if args.mesh else target.default_mesh()
+            sizes = mesh_lib.parse_axes(args.mesh) if args.mesh else target.default_mesh(_n_heads(args))
         except ValueError as e:
             raise ValueError(f"--mesh: {e}") from None
         if math.prod(sizes.values()) != target.n_devices:

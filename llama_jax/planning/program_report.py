@@ -107,17 +107,18 @@ def rows_to_run(models=("8b", "70b", "405b")) -> list[tuple[str, str, str, str, 
 
 
 @functools.cache
-def _setup(model: str, weights: str, target: str, layers: int | None = None):
-    """The model's abstract weights on the target, at its own depth or at `layers` layers (held as the
-    model at its own depth holds them: stacked or `Unstacked`)."""
+def _setup(model: str, weights: str, target: str, layers: int | None = None, training: bool = False):
+    """The model's abstract weights on the target's mesh for inference (or `training`), at its own depth or
+    at `layers` layers (held as the model at its own depth holds them: stacked or `Unstacked`)."""
     from llama_jax.model.config import model_config_from_file
     from llama_jax.planning.target_programs import Setup
 
     config = model_config_from_file(CONFIGS[model])
     if layers is None:
-        return Setup.create(config, targets.get(target), weights)
-    by_layer = _setup(model, weights, target).by_layer
-    return Setup.create(dataclasses.replace(config, n_layers=layers), targets.get(target), weights, by_layer=by_layer)
+        return Setup.create(config, targets.get(target), weights, training=training)
+    by_layer = _setup(model, weights, target, training=training).by_layer
+    shallow = dataclasses.replace(config, n_layers=layers)
+    return Setup.create(shallow, targets.get(target), weights, by_layer=by_layer, training=training)
 
 
 def _lowered(setup, program: str, batch: int, context: int = CONTEXT, stacked: bool | None = None):
@@ -152,7 +153,7 @@ def run_row(
     compiled at `depth.DEPTHS` layers and extrapolated (`full_depth`: compiled as deep as the model)."""
     from llama_jax.planning import target_programs
 
-    setup = _setup(model, weights, target)
+    setup = _setup(model, weights, target, training=program == "train")
     layers = setup.config.n_layers
     # Loops of unknown trip count inside a step (attention over key blocks) run over the whole filled context.
     blocks = context // (target_programs.PAGE_SIZE * target_programs.BLOCK_PAGES)

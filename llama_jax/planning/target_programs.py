@@ -63,13 +63,15 @@ class Setup:
         mesh: dict | None = None,
         fp8_matmul: str = "fp8",
         by_layer: bool | None = None,
+        training: bool = False,
     ) -> Setup:
         """`fp8_matmul`: how FP8 weights multiply (`quant.MODES`); "auto" is what a GPU with FP8 tensor cores
         runs. `by_layer`: hold the layers `Unstacked` (None: where `load` would, for this model here; a
-        shallow stand-in for a deep model says what the deep one does)."""
+        shallow stand-in for a deep model says what the deep one does). `mesh`: axis sizes (default: the
+        target's mesh for inference, or for `training`: `Target.default_mesh`)."""
         if weights not in WEIGHTS:
             raise ValueError(f"weights {weights!r}: expected one of {WEIGHTS}")
-        jax_mesh = target.mesh(mesh or target.default_mesh())
+        jax_mesh = target.mesh(mesh or target.default_mesh(config.n_heads, training))
         spec = placement.sharding_spec(jax_mesh, "fsdp_tp")
         layers = fp8.release_layers(config.n_layers) if weights == "fp8" else None
         options = Options(fp8=quant.Fp8Spec(layers, matmul=fp8_matmul) if layers else None, sharding=spec)

@@ -83,10 +83,21 @@ class Target:
             raise ValueError(f"mesh {sizes} has {math.prod(sizes.values())} devices; {self.name} has {self.n_devices}")
         return Mesh(np.array(self.devices()).reshape(tuple(sizes.values())), tuple(sizes))
 
-    def default_mesh(self) -> dict[str, int]:
-        """Tensor parallel over up to 8 devices (Llama 3's 8 KV heads), FSDP over the rest."""
+    def default_mesh(self, n_heads: int | None = None, training: bool = False) -> dict[str, int]:
+        """Tensor parallel over up to 8 devices (Llama 3's 8 KV heads); the rest split the weights further.
+
+        Training: over "fsdp" (each layer's weights gathered per step, which its large batches amortize).
+        Inference (a model's `n_heads` given): over "kv_rep" as far as the query heads divide (the query
+        heads, FFN width and vocabulary split further, each kv head copied), so a decode step reads each
+        weight where it lies and only all-reduces activations; an FSDP mesh gathers every layer's weights
+        every step (405B bf16 on v5p-32, fsdp 2 x tensor 8: 0.39 of the HBM roofline, docs/TARGETS.md).
+        "fsdp" takes what the heads leave."""
         tensor = math.gcd(self.n_devices, 8)
-        return {"fsdp": self.n_devices // tensor, "tensor": tensor}
+        rest = self.n_devices // tensor
+        kv_rep = 1
+        if not training and n_heads:
+            kv_rep = max(r for r in range(1, rest + 1) if rest % r == 0 and n_heads % (tensor * r) == 0)
+        return {"fsdp": rest // kv_rep, **({"kv_rep": kv_rep} if kv_rep > 1 else {}), "tensor": tensor}
 
 
 def _tpu(generation: str, chips_shape: tuple[int, ...]) -> Target:
