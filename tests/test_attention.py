@@ -126,14 +126,14 @@ def test_select_rule_is_logged_and_checks_what_it_is_asked(caplog):
     assert attention.select("auto", platform="tpu", dtype=jnp.bfloat16, **splash, **common) == "splash"
     # Not where the mesh splits the sequence (or heads otherwise than kv heads): `attention.splash_split`.
     assert attention.select("auto", platform="tpu", dtype=jnp.bfloat16, q_offset=False, **common) == "blockwise"
-    # A decode step: the GPU's Triton decode kernel where it serves the layer (`KVCache.attend` says), the
-    # TPU's blockwise loop; both read each row's filled keys in place, not the cache's bucket.
+    # A decode step: the GPU's Triton decode kernel where it serves the layer (`KVCache.attend` says), which
+    # reads each row's filled keys in place, not the cache's bucket; a TPU's the dense read (docs/TARGETS.md).
     decode = dict(q_len=1, kv_len=4096)
     assert attention.select("auto", platform="gpu", dtype=jnp.bfloat16, **decode, kernel_fits=True) == "triton"
     assert attention.select("auto", platform="gpu", dtype=jnp.bfloat16, **decode) == "dense"
     assert attention.select("auto", platform="gpu", dtype=jnp.float32, **decode, kernel_fits=True) == "dense"
-    assert attention.select("auto", platform="tpu", dtype=jnp.bfloat16, **decode) == "blockwise"
-    assert attention.select("dense", platform="tpu", dtype=jnp.bfloat16, **decode) == "dense"
+    assert attention.select("auto", platform="tpu", dtype=jnp.bfloat16, **decode) == "dense"
+    assert attention.select("blockwise", platform="tpu", dtype=jnp.bfloat16, **decode) == "blockwise"
     assert attention.select("dense", platform="cpu", dtype=jnp.float32, **common) == "dense"
     with pytest.raises(ValueError, match="bfloat16 and float16 only"):
         attention.select("cudnn", platform="gpu", dtype=jnp.float32, **common)

@@ -29,11 +29,12 @@ Backends (`BACKENDS`):
 `select("auto", ...)`: TPU → splash when its static causal mask fits (queries start at key 0, lengths
 multiples of 128), GPU → cudnn in bf16/fp16 for multi-token queries (at an offset only while its
 boolean mask stays under the budget), CPU → blockwise; a decode step (one query per row, over a cache)
-→ on a GPU in bf16/fp16 "triton", the split-K decode kernel over the cache's layer where the cache says
-it serves it (`KVCache.attend`: `paged_attention.contiguous`), on a TPU blockwise (its key blocks are read
-in place there); both read each row's filled keys, not the cache's bucket. Everything else → dense
-while the score matrix fits `DENSE_BUDGET_BYTES`, blockwise beyond. The choice is logged. "triton" is
-chosen, never requested: `--attention dense` or `blockwise` overrides it.
+on a GPU in bf16/fp16 → "triton", the split-K decode kernel over the cache's layer where the cache says
+it serves it (`KVCache.attend`: `paged_attention.contiguous`), which reads each row's filled keys, not the
+cache's bucket. Everything else (a TPU's decode step among them: the blockwise loop there made libtpu
+compile 8B on v5e-8 at batch 8 for over 10 minutes, docs/TARGETS.md) → dense while the score matrix fits
+`DENSE_BUDGET_BYTES`, blockwise beyond. The choice is logged. "triton" is chosen, never requested:
+`--attention dense` or `blockwise` overrides it.
 
 `select_paged(requested, ...)`: the engine's paged KV cache (batch and rejection jobs) decodes with a
 Pallas paged-attention kernel (`llama_jax/model/paged_attention.py`) on one TPU ("mosaic") or one NVIDIA GPU
@@ -118,8 +119,6 @@ def select(
             choice = "splash"
         elif q_len == 1 and q_offset and not segments and gpu_half and kernel_fits:
             choice = "triton"  # a decode step: reads each row's filled keys in place
-        elif q_len == 1 and q_offset and not segments and platform == "tpu":
-            choice = "blockwise"  # a decode step: key blocks read in place, up to the furthest row
         elif gpu_half and q_len > 1 and not segments and (not q_offset or batch * q_len * kv_len <= budget_bytes):
             # At an offset cuDNN takes an explicit [B, 1, T, S] boolean mask: only while that stays small.
             choice = "cudnn"

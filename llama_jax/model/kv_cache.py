@@ -14,14 +14,13 @@ static (`write`): rows sit at different positions, and a scatter of all rows or 
 row index made the TPU compiler keep the cache in the layout a row write prefers (`(K, H)` tiles)
 and copy it out for the reads. Attention then reads layer i where it lies (`attend`, by `attention.select`):
 - a decode step on a GPU: the split-K Triton decode kernel (`paged_attention.contiguous`), each row's
-  entries up to its own length;
-- a decode step on a TPU, and every step on a CPU or over a long cache: the blockwise loop, key blocks of
+  entries up to its own length: 8K filled in a 128K cache costs what an 8K cache costs;
+- every step on a CPU, and where the dense scores would be large: the blockwise loop, key blocks of
   `model.options.attention_block` consecutive positions (a long cache: of a few such pages,
   `blockwise.cached_tiles`) only up to the batch's furthest position (`keys`, `blockwise.cached`);
-- the dense read where it is asked for (and a GPU decode in float32): `[B, K, S, H]` as its dots want it
+- otherwise (a TPU's decode step; a GPU's in float32) the dense read: `[B, K, S, H]` as its dots want it
   (`attention.dense_kv_major`), the whole bucket.
-No layer is copied per step, and on every platform's default a decode step reads the filled entries, not
-the bucket: 8K filled in a 128K cache costs what an 8K cache costs.
+No layer is copied per step.
 
 Where the programs run the layers one by one from buffers of their own on a GPU (`decoding.by_layer`),
 `k` and `v` are `Unstacked` too, one `[B, K, S, H]` buffer per layer: a GPU copies a layer out of a
