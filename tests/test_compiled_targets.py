@@ -431,7 +431,7 @@ def test_plan_rejects_an_unknown_target_before_compiling():
     from llama_jax.planning import plan
 
     with pytest.raises(ValueError, match="--target: unknown target 'v9-8'; known: v5e-1, v5e-4"):
-        plan._mesh_sizes(argparse.Namespace(target="v9-8", preset=None, mesh=None))
+        plan._mesh_sizes(argparse.Namespace(target="v9-8", preset=None, mesh=None), n_heads=32)
 
 
 def test_a_program_libtpu_refuses_for_memory_is_a_no_with_the_bytes_it_needs():

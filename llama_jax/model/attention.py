@@ -272,20 +272,15 @@ def splash_split(q_shape, kv_shape) -> tuple[PartitionSpec, PartitionSpec, Parti
     over its own rows and kv heads with the query heads of their groups (a Mosaic kernel is not partitioned
     by the compiler: "Mosaic kernels cannot be automatically partitioned"). Empty specs off a mesh; None
     where the rules split the sequence or head_dim, or the query heads otherwise than the kv heads."""
-    active = sharding_rules.active()
-    if active is None or active[0].size == 1:
+    active = sharding_rules.active_split()
+    if active is None:
         return PartitionSpec(), PartitionSpec(), PartitionSpec()
     mesh, rules = active
-
-    def spec(names, shape):
-        got = tuple(sharding_rules.logical_to_spec(names, rules, mesh=mesh, shape=shape))
-        return got + (None,) * (len(shape) - len(got))
-
-    q = spec(("batch", "seq", "q_heads", "head_dim"), q_shape)
-    kv = spec(("batch", "seq", "kv_heads", "head_dim"), kv_shape)
+    q = sharding_rules.logical_to_spec(("batch", "seq", "q_heads", "head_dim"), rules, mesh=mesh, shape=q_shape)
+    kv = sharding_rules.logical_to_spec(("batch", "seq", "kv_heads", "head_dim"), rules, mesh=mesh, shape=kv_shape)
     if q[1] or q[3] or kv[1] or kv[3] or q[0] != kv[0] or not heads_follow(q[2], kv[2], kv_shape[2], mesh):
         return None
-    return PartitionSpec(*q), PartitionSpec(*kv), PartitionSpec(q[0], None)
+    return q, kv, PartitionSpec(q[0], None)
 
 
 def heads_follow(q_heads, kv_heads, n_kv_heads: int, mesh) -> bool:
@@ -303,8 +298,8 @@ def heads_follow(q_heads, kv_heads, n_kv_heads: int, mesh) -> bool:
 def _splash(q_btnh, k_bskh, v_bskh, segment_q_bt, segment_kv_bs, split):
     """splash over the local rows and heads of each device (`splash_split`), under `jax.shard_map` on a mesh."""
     q_spec, kv_spec, seg_spec = split
-    active = sharding_rules.active()
-    if active is None or active[0].size == 1:
+    active = sharding_rules.active_split()
+    if active is None:
         return _splash_local(q_btnh, k_bskh, v_bskh, segment_q_bt, segment_kv_bs)
     segments = () if segment_q_bt is None else (segment_q_bt, segment_kv_bs)
     run = lambda q, k, v, *seg: _splash_local(q, k, v, *(seg or (None, None)))  # noqa: E731

@@ -179,8 +179,7 @@ def _write_per_device(buf: jax.Array, new_bkth: jax.Array, start: jax.Array, i) 
     in place: under `jax.shard_map`, one `dynamic_update_slice` per local row at a static local index (the
     module doc's write, per device). None where the active rules split the layers, positions or head_dim."""
     mesh, table = rules.active()
-    spec = tuple(rules.logical_to_spec(CACHE_AXES, table, mesh=mesh, shape=buf.shape))
-    spec += (None,) * (5 - len(spec))
+    spec = rules.logical_to_spec(CACHE_AXES, table, mesh=mesh, shape=buf.shape)
     if spec[0] or spec[3] or spec[4]:
         return None
 
@@ -189,8 +188,8 @@ def _write_per_device(buf: jax.Array, new_bkth: jax.Array, start: jax.Array, i) 
             buf = jax.lax.dynamic_update_slice(buf, new_bkth[r][None, None], (i, r, 0, start[r], 0))
         return buf
 
-    specs = (PartitionSpec(*spec), PartitionSpec(*spec[1:3]), PartitionSpec(spec[1]), PartitionSpec())
-    run = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)
+    specs = (spec, PartitionSpec(*spec[1:3]), PartitionSpec(spec[1]), PartitionSpec())
+    run = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)
     return run(buf, new_bkth, start, jnp.asarray(i, jnp.int32))
 
 
@@ -209,10 +208,8 @@ def _write_layer(layer: jax.Array, new_bkth: jax.Array, start: jax.Array) -> jax
 def layer_splits_fit(q_bnh_shape, layer_shape) -> bool:
     """Whether the active sharding rules split a `[B, K, S, H]` cache layer by rows and kv heads alone, as the
     GPU decode kernel runs it (`paged_attention.layer_split`); True off a mesh."""
-    active = rules.active()
-    if active is None or active[0].size == 1:
-        return True
-    return paged_attention.layer_split(*active, q_bnh_shape, layer_shape) is not None
+    active = rules.active_split()
+    return active is None or paged_attention.layer_split(*active, q_bnh_shape, layer_shape) is not None
 
 
 def batch_is_split(buf: jax.Array) -> bool:

@@ -66,8 +66,8 @@ def decode(q_bnh, k_pool, v_pool, lengths_b, table_bm, *, kernel: str, pages_per
     `jax.shard_map` over the pool's kv-head split (`head_split`).
     """
     run = functools.partial(_decode, kernel=kernel, pages_per_block=pages_per_block)
-    active = sharding_rules.active()
-    if active is None or active[0].size == 1:
+    active = sharding_rules.active_split()
+    if active is None:
         return run(q_bnh, k_pool, v_pool, lengths_b, table_bm)
     mesh, rules = active
     split = head_split(mesh, rules, q_bnh.shape, k_pool.shape)
@@ -84,8 +84,8 @@ def decode(q_bnh, k_pool, v_pool, lengths_b, table_bm, *, kernel: str, pages_per
 def contiguous(q_bnh, k_bksh, v_bksh, lengths_b) -> jax.Array:
     """Attention of one query per row `[B, N, H]` over the first lengths_b[b] entries of its `[B, K, S, H]`
     layer (`contiguous_fits`), → `[B, N, H]`: the split-K Triton decode kernel (module doc)."""
-    active = sharding_rules.active()
-    if active is None or active[0].size == 1:
+    active = sharding_rules.active_split()
+    if active is None:
         return _contiguous(q_bnh, k_bksh, v_bksh, lengths_b)
     mesh, rules = active
     split = layer_split(mesh, rules, q_bnh.shape, k_bksh.shape)
@@ -110,12 +110,10 @@ def layer_split(mesh, rules, q_shape, layer_shape) -> tuple[PartitionSpec, Parti
     q_spec = sharding_rules.logical_to_spec(("batch", "q_heads", "head_dim"), rules, mesh=mesh, shape=q_shape)
     names = ("batch", "kv_heads", "cache_seq", "head_dim")
     layer_spec = sharding_rules.logical_to_spec(names, rules, mesh=mesh, shape=layer_shape)
-    padded = tuple(layer_spec) + (None,) * (4 - len(layer_spec))
-    q_padded = tuple(q_spec) + (None,) * (3 - len(q_spec))
-    heads = heads_follow(q_padded[1], padded[1], layer_shape[1], mesh)
-    if padded[2:] != (None, None) or q_padded[2] is not None or padded[0] != q_padded[0] or not heads:
+    heads = heads_follow(q_spec[1], layer_spec[1], layer_shape[1], mesh)
+    if layer_spec[2] or layer_spec[3] or q_spec[2] or layer_spec[0] != q_spec[0] or not heads:
         return None
-    return PartitionSpec(*q_padded), PartitionSpec(*padded)
+    return q_spec, layer_spec
 
 
 def _tiles(kv_len: int) -> tuple[int, int] | None:
@@ -152,10 +150,7 @@ def head_split(mesh, rules, q_shape, pool_shape) -> tuple[PartitionSpec, Partiti
     q_spec = sharding_rules.logical_to_spec(("batch", "q_heads", "head_dim"), rules, mesh=mesh, shape=q_shape)
     names = ("kv_heads", "batch", "cache_seq", "head_dim")
     pool_spec = sharding_rules.logical_to_spec(names, rules, mesh=mesh, shape=pool_shape)
-    q_heads = (tuple(q_spec) + (None,) * 3)[1]
-    if tuple(pool_spec)[1:] != (None,) * (len(pool_shape) - 1) or not heads_follow(
-        q_heads, pool_spec[0], pool_shape[0], mesh
-    ):
+    if any(pool_spec[1:]) or not heads_follow(q_spec[1], pool_spec[0], pool_shape[0], mesh):
         return None
     return q_spec, pool_spec
 

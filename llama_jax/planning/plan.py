@@ -117,19 +117,13 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _n_heads(args) -> int:
-    from llama_jax.model.config import model_config_from_file
-
-    return model_config_from_file(args.config).n_heads
-
-
-def _mesh_sizes(args) -> tuple[dict[str, int], Any]:
+def _mesh_sizes(args, n_heads: int) -> tuple[dict[str, int], Any]:
     from llama_jax.sharding import mesh as mesh_lib
 
     target = plan_target.resolve(args)
     if target is not None:
         try:
-            sizes = mesh_lib.parse_axes(args.mesh) if args.mesh else target.default_mesh(_n_heads(args))
+            sizes = mesh_lib.parse_axes(args.mesh) if args.mesh else target.default_mesh(n_heads)
         except ValueError as e:
             raise ValueError(f"--mesh: {e}") from None
         if math.prod(sizes.values()) != target.n_devices:
@@ -166,7 +160,10 @@ def _mesh_sizes(args) -> tuple[dict[str, int], Any]:
 
 
 def run(args) -> dict[str, Any]:
-    sizes, hardware = _mesh_sizes(args)
+    from llama_jax.model.config import model_config_from_file
+
+    config = model_config_from_file(args.config)
+    sizes, hardware = _mesh_sizes(args, config.n_heads)
     n_devices = math.prod(sizes.values())
     target, compiler = plan_target.compiler(hardware)
     if target is None:
@@ -176,12 +173,10 @@ def run(args) -> dict[str, Any]:
     import jax.numpy as jnp
 
     from llama_jax.model import quant, unstacked
-    from llama_jax.model.config import model_config_from_file
     from llama_jax.sharding import mesh as mesh_lib
     from llama_jax.weights import fp8 as fp8_lib
     from llama_jax.weights import placement
 
-    config = model_config_from_file(args.config)
     context = args.context
     prompt = args.prompt or context
     if prompt > context:

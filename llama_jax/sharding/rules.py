@@ -246,6 +246,13 @@ def active() -> tuple[Mesh, Rules] | None:
     return _ACTIVE.get()
 
 
+def active_split() -> tuple[Mesh, Rules] | None:
+    """The active (mesh, rules) where the mesh has more than one device; None where nothing is split (no
+    rules active, or one device): what a kernel run per device under `shard_map` asks first."""
+    ctx = _ACTIVE.get()
+    return None if ctx is None or ctx[0].size == 1 else ctx
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Pin an activation's sharding by logical names (identity when no rules are active).
 
